@@ -1,0 +1,69 @@
+// The one place op schemas live (DESIGN.md §4). Kernel files add TORCH_LIBRARY_IMPL(htc, CPU|CUDA, m);
+// Python (htc_kernels/ops.py) adds the fake and autograd registrations once per op.
+#include <torch/library.h>
+#include <torch/extension.h>
+
+#include <string>
+
+TORCH_LIBRARY(htc, m) {
+  // kinds [B, Skv] int8 (TokenKind), groups [B, Skv] int32 -> plan [B, ceil(q_len/block_q),
+  // ceil(Skv/block_k)] uint8 (TileKind). Queries are the last q_len positions of the key sequence.
+  m.def("star_plan(Tensor kinds, Tensor groups, int q_len, int block_q, int block_k, int topology)"
+        " -> Tensor");
+  // q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] (last dim contiguous) -> out [B, Hq, Sq, D] (q's dtype),
+  // lse [B, Hq, Sq] float32 (log-sum-exp of the scaled scores; -inf on PAD rows).
+  m.def("star_attention(Tensor q, Tensor k, Tensor v, Tensor kinds, Tensor groups, Tensor plan,"
+        " int block_q, int block_k, int topology, float scale) -> (Tensor, Tensor)");
+  // delta [B, Hq, Sq] float32 = rowsum(dout * out) - grad_lse -> dq, dk, dv (shapes/dtypes of q, k, v).
+  m.def("star_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta,"
+        " Tensor kinds, Tensor groups, Tensor plan, int block_q, int block_k, int topology,"
+        " float scale) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+std::string cpu_isa() {
+  std::string isa;
+#if defined(__AVX512F__)
+  isa += "avx512f ";
+#endif
+#if defined(__AVX512BF16__)
+  isa += "avx512bf16 ";
+#endif
+#if defined(__AVX2__)
+  isa += "avx2 ";
+#endif
+#if defined(__FMA__)
+  isa += "fma ";
+#endif
+#if defined(__ARM_NEON)
+  isa += "neon ";
+#endif
+  if (isa.empty()) return "baseline";
+  isa.pop_back();
+  return isa;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "htc_kernels compiled extension: build information; ops live in torch.ops.htc";
+  m.def("build_info", []() {
+    pybind11::dict info;
+#if defined(HTC_WITH_CUDA)
+    info["cuda"] = true;
+    info["cuda_archs"] = std::string(HTC_CUDA_ARCHS);
+#else
+    info["cuda"] = false;
+    info["cuda_archs"] = std::string();
+#endif
+    info["cpu_isa"] = cpu_isa();
+#if defined(_OPENMP)
+    info["openmp"] = true;
+#else
+    info["openmp"] = false;
+#endif
+    info["compiler"] = std::string(__VERSION__);
+    return info;
+  });
+}

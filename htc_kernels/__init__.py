@@ -1,0 +1,33 @@
+"""htc-kernels: kernels for hybrid token compression in vision-language models (HTC-VLM).
+
+Public API (DESIGN.md §3)::
+
+    hk.TokenKind, hk.StarLayout, hk.star_mask
+    hk.star_attention(q, k, v, layout, scale=None, backend="auto")
+    hk.star_attention_reference(q, k, v, layout, scale=None)
+    hk.info()
+"""
+
+from htc_kernels import _ext  # noqa: F401  (loads the extension, warns once if it cannot)
+from htc_kernels.layout import StarLayout, TokenKind, star_mask
+from htc_kernels.ops import star_attention
+from htc_kernels.reference import star_attention_reference
+
+__version__ = "0.1.0"
+
+
+def info() -> dict:
+    """Versions, extension status, compiled archs, CPU ISA and usable backends (see htc_kernels.info)."""
+    from htc_kernels.info import info as _info
+
+    return _info()
+
+
+__all__ = [
+    "StarLayout",
+    "TokenKind",
+    "info",
+    "star_attention",
+    "star_attention_reference",
+    "star_mask",
+]

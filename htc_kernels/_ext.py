@@ -1,0 +1,38 @@
+"""Loads the compiled extension once. If it cannot load, importing htc_kernels still works: one warning
+names the reason, and the reference/Triton backends remain usable."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+_C = None
+LOAD_ERROR: str | None = None
+
+if os.environ.get("HTC_NO_EXT") == "1":
+    LOAD_ERROR = "disabled by HTC_NO_EXT=1"
+else:
+    try:
+        import torch  # noqa: F401  (loads libtorch before the extension)
+
+        from htc_kernels import _C  # type: ignore[attr-defined,no-redef]
+    except Exception as exc:  # noqa: BLE001 (any import failure must degrade, not crash)
+        _C = None
+        LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+if LOAD_ERROR is not None:
+    warnings.warn(
+        f"htc_kernels: compiled extension not loaded ({LOAD_ERROR}); only the 'reference' and "
+        "'triton' backends are available. Rebuild with `make setup` or "
+        "`pip install -e . --no-build-isolation`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def build_info() -> dict:
+    return dict(_C.build_info()) if _C is not None else {}

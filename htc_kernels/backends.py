@@ -1,0 +1,58 @@
+"""Backend selection shared by every kernel family (DESIGN.md §4).
+
+Each backend says whether it can run a given call and, if not, why (xformers' ``not_supported_reasons``
+idea). ``backend="auto"`` takes the first backend of a family's priority list with no reasons; an
+explicit backend that cannot run raises a ValueError listing its reasons and the backends that could.
+Nothing falls back silently to a different computation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+BACKEND_NAMES = ("auto", "reference", "cpu", "triton", "cuda")
+
+
+class Backend:
+    """One implementation of one kernel family."""
+
+    name: str = ""
+
+    def not_supported_reasons(self, *args, **kwargs) -> list[str]:
+        raise NotImplementedError
+
+
+def triton_reasons(device) -> list[str]:
+    """Why Triton cannot run on ``device`` here ([] if it can)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return [f"triton is not installed ({exc})"]
+    if device.type == "cuda":
+        return []
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return []
+    return [f"triton needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors), got {device.type}"]
+
+
+def select(family: str, backends: Sequence[Backend], name: str, *args, **kwargs) -> Backend:
+    """The backend to run ``family`` with: ``name`` if it can run, else a ValueError saying why."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"{family}: unknown backend {name!r}; expected one of {BACKEND_NAMES}")
+    reasons = {be.name: be.not_supported_reasons(*args, **kwargs) for be in backends}
+    if name == "auto":
+        for be in backends:
+            if not reasons[be.name]:
+                return be
+        raise ValueError(f"{family}: no backend can run this call: {reasons}")
+    chosen = next((be for be in backends if be.name == name), None)
+    if chosen is None:
+        raise ValueError(f"{family}: backend {name!r} is not implemented for this op")
+    if reasons[name]:
+        usable = [n for n, r in reasons.items() if not r]
+        raise ValueError(
+            f"{family}: backend {name!r} cannot run this call: {'; '.join(reasons[name])}. "
+            f"Backends that can: {usable or 'none'}"
+        )
+    return chosen

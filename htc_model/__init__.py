@@ -1,0 +1,1 @@
+"""Thin HTC-VLM on transformers (not implemented yet: see the issues)."""
