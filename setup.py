@@ -3,6 +3,7 @@
 Environment:
   HTC_NO_EXT=1            pure-Python install (reference and Triton backends only)
   FORCE_CUDA=1            build the CUDA sources even if torch/toolkit detection says no
+  HTC_NO_CUDA=1           CPU kernels only (faster development builds; CI always builds CUDA)
   TORCH_CUDA_ARCH_LIST    CUDA archs (default "8.0;9.0")
   HTC_CPU_ARCH            value for -march (default "native": this is a from-source build for this machine)
   MAX_JOBS                parallel compile jobs (ninja), as in torch.utils.cpp_extension
@@ -24,7 +25,9 @@ def _extensions():
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     with_cuda = os.environ.get("FORCE_CUDA") == "1" or (
-        torch.version.cuda is not None and CUDA_HOME is not None
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and os.environ.get("HTC_NO_CUDA") != "1"
     )
     cpu_sources = sorted(
         s for s in glob.glob("csrc/**/*.cpp", recursive=True) if not s.startswith("csrc/tests/")
