@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -83,14 +84,19 @@ struct Rows {
   }
 };
 
-// Allowed-key mask of one CAUSAL or MASKED tile, key-major: mask[j * BQp + i]; returns the range
-// [jlo, jhi) of keys any row may attend (the tile is trimmed to it). This is star_allowed
-// (star_mask.h) specialised per key so the row loop vectorises; tests check it against the reference.
-inline void tile_mask(const Geometry& g, uint8_t tk, const int8_t* kinds, const int32_t* groups,
-                      const Rows& rows, int64_t k0, int64_t nk, uint8_t* mask, int64_t& jlo,
-                      int64_t& jhi) {
-  jlo = nk;
-  jhi = 0;
+// The part of a tile that has work: keys [jlo, jhi) and query rows [ilo, ihi) with any allowed pair.
+struct Span {
+  int64_t jlo, jhi, ilo, ihi;
+  bool empty() const { return jhi <= jlo; }
+};
+
+// Allowed-key mask of one CAUSAL or MASKED tile, key-major: mask[j * BQp + i], and the span of the
+// tile that has work (the GEMMs are trimmed to it). This is star_allowed (star_mask.h) specialised per
+// key so the row loop vectorises; tests check it against the reference.
+inline Span tile_mask(const Geometry& g, uint8_t tk, const int8_t* kinds, const int32_t* groups,
+                      const Rows& rows, int64_t k0, int64_t nk, uint8_t* mask, uint8_t* row_any) {
+  int64_t jlo = nk, jhi = 0;
+  std::fill(row_any, row_any + g.BQp, 0);
   const int32_t* pos = rows.pos.data();
   const int32_t* qkind = rows.kind.data();
   const int32_t* qgroup = rows.group.data();
@@ -129,8 +135,29 @@ inline void tile_mask(const Geometry& g, uint8_t tk, const int8_t* kinds, const 
     if (any) {
       jlo = std::min(jlo, j);
       jhi = j + 1;
+      for (int64_t i = 0; i < n; ++i) row_any[i] |= mj[i];
     }
   }
+  int64_t ilo = 0, ihi = 0;
+  while (ilo < rows.m && !row_any[ilo]) ++ilo;
+  for (int64_t i = ilo; i < rows.m; ++i)
+    if (row_any[i]) ihi = i + 1;
+  return {jlo, jhi, ilo, ihi};
+}
+
+// sT[j][i] = k_j . q_i for keys [0, nj) and rows [ilo, ihi) (at least those lanes): a GEMM over the
+// vector-aligned row range, or dot products when only a few rows have work (e.g. one <voco> row
+// against whole visual tiles), where a GEMM would compute a vector width of rows per useful one.
+inline void scores(const Geometry& g, float* sT, const float* key, int64_t ldk, const float* qT,
+                   const float* q_row, int64_t nj, const Span& sp) {
+  constexpr int64_t kThinRows = 2;
+  if (sp.ihi - sp.ilo <= kThinRows) {
+    for (int64_t i = sp.ilo; i < sp.ihi; ++i)
+      for (int64_t j = 0; j < nj; ++j) sT[j * g.BQp + i] = dot(key + j * ldk, q_row + i * g.Dp, g.Dp);
+    return;
+  }
+  const int64_t i0 = sp.ilo / kVL * kVL, i1 = round_up(sp.ihi, kVL);
+  gemm(sT + i0, g.BQp, key, ldk, 1, qT + i0, g.BQp, nj, i1 - i0, g.D, false);
 }
 
 inline void apply_mask(float* sT, const uint8_t* mask, int64_t nj, int64_t n) {
@@ -156,15 +183,14 @@ inline const float* key_rows(const T* base, int64_t stride, const Geometry& g, i
 }
 
 // The query tile (or dO tile) of `rows`, scaled by `mul`, row-major [BQp][Dp] and transposed [D][BQp].
+// Rows past rows.m keep stale finite values: they only feed lanes that are never read back.
 template <typename T>
 inline void load_tile(const T* base, int64_t stride, const Geometry& g, const Rows& rows, float mul,
                       float* row_major, float* transposed) {
-  std::fill(row_major, row_major + g.BQp * g.Dp, 0.f);
-  std::fill(transposed, transposed + g.D * g.BQp, 0.f);
-  for (int64_t i = 0; i < rows.m; ++i) {
+  for (int64_t i = 0; i < rows.m; ++i)
     load_row(base + (rows.r0 + i) * stride, row_major + i * g.Dp, g.D, g.Dp, mul);
-    for (int64_t d = 0; d < g.D; ++d) transposed[d * g.BQp + i] = row_major[i * g.Dp + d];
-  }
+  at::vec::transpose_mxn<float>(row_major, g.Dp, transposed, g.BQp, static_cast<int>(rows.m),
+                                static_cast<int>(g.D));
 }
 
 template <typename T>
@@ -182,7 +208,7 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
     const int64_t BQp = g.BQp, Dp = g.Dp;
     std::vector<float> q_row(BQp * Dp), qT(g.D * BQp), acc(BQp * Dp), sT(g.bk * BQp);
     std::vector<float> kbuf(g.bk * Dp), vbuf(g.bk * Dp), m_i(BQp), l_i(BQp), alpha(BQp);
-    std::vector<uint8_t> mask(g.bk * BQp);
+    std::vector<uint8_t> mask(g.bk * BQp), row_any(BQp);
     Rows rows;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (g.Hq * g.n_qt), h = (task / g.n_qt) % g.Hq, qt = task % g.n_qt;
@@ -219,17 +245,17 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
           }
           continue;
         }
-        int64_t jlo = 0, jhi = nk;
-        if (tk != kFull) tile_mask(g, tk, kin, grp, rows, k0, nk, mask.data(), jlo, jhi);
-        if (jhi <= jlo) continue;
-        const int64_t nj = jhi - jlo;
+        const Span sp = tk == kFull ? Span{0, nk, 0, rows.m}
+                                    : tile_mask(g, tk, kin, grp, rows, k0, nk, mask.data(), row_any.data());
+        if (sp.empty()) continue;
+        const int64_t nj = sp.jhi - sp.jlo, mi = sp.ihi - sp.ilo;
         int64_t ldk, ldv;
-        const float* kt_rows = key_rows(kh, k.stride(2), g, k0 + jlo, nj, kbuf.data(), &ldk);
-        const float* vt_rows = key_rows(vh, v.stride(2), g, k0 + jlo, nj, vbuf.data(), &ldv);
+        const float* kt_rows = key_rows(kh, k.stride(2), g, k0 + sp.jlo, nj, kbuf.data(), &ldk);
+        const float* vt_rows = key_rows(vh, v.stride(2), g, k0 + sp.jlo, nj, vbuf.data(), &ldv);
         // sT[j][i] = k_j . (scale q_i)
-        gemm(sT.data(), BQp, kt_rows, ldk, 1, qT.data(), BQp, nj, BQp, g.D, false);
-        if (tk != kFull) apply_mask(sT.data(), mask.data() + jlo * BQp, nj, BQp);
-        for (int64_t i0 = 0; i0 < BQp; i0 += kVL) {
+        scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp);
+        if (tk != kFull) apply_mask(sT.data(), mask.data() + sp.jlo * BQp, nj, BQp);
+        for (int64_t i0 = sp.ilo / kVL * kVL; i0 < sp.ihi; i0 += kVL) {
           const Vec m_old = Vec::loadu(m_i.data() + i0);
           Vec mx = m_old;
           for (int64_t j = 0; j < nj; ++j) mx = at::vec::maximum(mx, Vec::loadu(sT.data() + j * BQp + i0));
@@ -246,13 +272,13 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
           mx.store(m_i.data() + i0);
           a.store(alpha.data() + i0);
         }
-        for (int64_t i = 0; i < rows.m; ++i) {
+        for (int64_t i = sp.ilo; i < sp.ihi; ++i) {
           if (alpha[i] == 1.f) continue;
           const Vec a(alpha[i]);
           for (int64_t d = 0; d < Dp; d += kVL) (Vec::loadu(acc.data() + i * Dp + d) * a).store(acc.data() + i * Dp + d);
         }
         // acc[i][:] += sum_j p[j][i] v_j
-        gemm(acc.data(), Dp, sT.data(), 1, BQp, vt_rows, ldv, rows.m, Dp, nj, true);
+        gemm(acc.data() + sp.ilo * Dp, Dp, sT.data() + sp.ilo, 1, BQp, vt_rows, ldv, mi, Dp, nj, true);
       }
 
       T* oh = op + ((b * g.Hq + h) * g.Sq + rows.r0) * g.D;
@@ -288,7 +314,7 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
     std::vector<float> sT(g.bk * BQp), dpT(g.bk * BQp), kbuf(g.bk * Dp), vbuf(g.bk * Dp);
     std::vector<float> dk_acc(g.Skv * Dp), dv_acc(g.Skv * Dp), dq_acc(g.Sq * Dp);
     std::vector<float> lse_i(BQp), delta_i(BQp);
-    std::vector<uint8_t> mask(g.bk * BQp);
+    std::vector<uint8_t> mask(g.bk * BQp), row_any(BQp);
     Rows rows;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / g.Hkv, hk = task % g.Hkv, bl = g.plan_batch == 1 ? 0 : b;
@@ -335,29 +361,31 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
               }
               continue;
             }
-            int64_t jlo = 0, jhi = nk;
-            if (tk != kFull) tile_mask(g, tk, kin, grp, rows, k0, nk, mask.data(), jlo, jhi);
-            if (jhi <= jlo) continue;
-            const int64_t nj = jhi - jlo, j0 = k0 + jlo;
+            const Span sp = tk == kFull ? Span{0, nk, 0, rows.m}
+                                        : tile_mask(g, tk, kin, grp, rows, k0, nk, mask.data(), row_any.data());
+            if (sp.empty()) continue;
+            const int64_t nj = sp.jhi - sp.jlo, j0 = k0 + sp.jlo, mi = sp.ihi - sp.ilo;
             int64_t ldk, ldv;
             const float* kt_rows = key_rows(kh, k.stride(2), g, j0, nj, kbuf.data(), &ldk);
             const float* vt_rows = key_rows(vh, v.stride(2), g, j0, nj, vbuf.data(), &ldv);
-            gemm(sT.data(), BQp, kt_rows, ldk, 1, qT.data(), BQp, nj, BQp, g.D, false);
-            if (tk != kFull) apply_mask(sT.data(), mask.data() + jlo * BQp, nj, BQp);
-            gemm(dpT.data(), BQp, vt_rows, ldv, 1, doT.data(), BQp, nj, BQp, g.D, false);
+            scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp);
+            if (tk != kFull) apply_mask(sT.data(), mask.data() + sp.jlo * BQp, nj, BQp);
+            scores(g, dpT.data(), vt_rows, ldv, doT.data(), do_row.data(), nj, sp);
             for (int64_t j = 0; j < nj; ++j) {
               float* s = sT.data() + j * BQp;
               float* dpj = dpT.data() + j * BQp;
-              for (int64_t i0 = 0; i0 < BQp; i0 += kVL) {
+              for (int64_t i0 = sp.ilo / kVL * kVL; i0 < sp.ihi; i0 += kVL) {
                 const Vec p = (Vec::loadu(s + i0) - Vec::loadu(lse_i.data() + i0)).exp_u20();
                 p.store(s + i0);  // sT now holds P^T
                 (p * (Vec::loadu(dpj + i0) - Vec::loadu(delta_i.data() + i0))).store(dpj + i0);  // dS^T
               }
             }
             // dv_j += sum_i p_ji do_i ; dk_j += sum_i ds_ji (scale q_i) ; dq_i += sum_j ds_ji k_j
-            gemm(dv_acc.data() + j0 * Dp, Dp, sT.data(), BQp, 1, do_row.data(), Dp, nj, Dp, rows.m, true);
-            gemm(dk_acc.data() + j0 * Dp, Dp, dpT.data(), BQp, 1, q_row.data(), Dp, nj, Dp, rows.m, true);
-            gemm(dq_tile, Dp, dpT.data(), 1, BQp, kt_rows, ldk, rows.m, Dp, nj, true);
+            const float* p_rows = sT.data() + sp.ilo;
+            const float* ds_rows = dpT.data() + sp.ilo;
+            gemm(dv_acc.data() + j0 * Dp, Dp, p_rows, BQp, 1, do_row.data() + sp.ilo * Dp, Dp, nj, Dp, mi, true);
+            gemm(dk_acc.data() + j0 * Dp, Dp, ds_rows, BQp, 1, q_row.data() + sp.ilo * Dp, Dp, nj, Dp, mi, true);
+            gemm(dq_tile + sp.ilo * Dp, Dp, ds_rows, 1, BQp, kt_rows, ldk, mi, Dp, nj, true);
           }
         }
         T* dqh = dqp + (b * g.Hq + h) * g.Sq * g.D;
@@ -376,6 +404,17 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
 }
 
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// HTC_POISON_OUTPUTS=1 (tests): fill outputs with NaN before the kernel runs, so any element the
+// kernel fails to write shows up instead of passing with whatever the allocator left there.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  static const bool poison = [] {
+    const char* env = std::getenv("HTC_POISON_OUTPUTS");
+    return env != nullptr && env[0] == '1';
+  }();
+  return poison ? at::full(sizes, std::numeric_limits<float>::quiet_NaN(), options)
+                : at::empty(sizes, options);
+}
 
 Geometry make_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& plan,
                        int64_t block_q, int64_t block_k, int64_t topology, double scale) {
@@ -415,8 +454,8 @@ std::tuple<at::Tensor, at::Tensor> star_attention_cpu(const at::Tensor& q_in, co
   const auto groups_c = groups.contiguous();
   const auto plan_c = plan.contiguous();
   const Geometry g = make_geometry(q, k, plan_c, block_q, block_k, topology, scale);
-  auto out = at::empty(q.sizes(), q.options());
-  auto lse = at::empty({g.B, g.Hq, g.Sq}, q.options().dtype(at::kFloat));
+  auto out = new_output(q.sizes(), q.options());
+  auto lse = new_output({g.B, g.Hq, g.Sq}, q.options().dtype(at::kFloat));
   HTC_DISPATCH_KERNEL_TYPES(q.scalar_type(), "star_attention_cpu", [&] {
     forward_impl<scalar_t>(g, q, k, v, kinds_c.data_ptr<int8_t>(), groups_c.data_ptr<int32_t>(),
                            plan_c.data_ptr<uint8_t>(), out, lse);
@@ -437,9 +476,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> star_attention_backward_cpu(
   const auto groups_c = groups.contiguous();
   const auto plan_c = plan.contiguous();
   const Geometry g = make_geometry(q, k, plan_c, block_q, block_k, topology, scale);
-  auto dq = at::empty(q.sizes(), q.options());
-  auto dk = at::empty(k.sizes(), k.options());
-  auto dv = at::empty(v.sizes(), v.options());
+  auto dq = new_output(q.sizes(), q.options());
+  auto dk = new_output(k.sizes(), k.options());
+  auto dv = new_output(v.sizes(), v.options());
   HTC_DISPATCH_KERNEL_TYPES(q.scalar_type(), "star_attention_backward_cpu", [&] {
     backward_impl<scalar_t>(g, dout, q, k, v, lse_c.data_ptr<float>(), delta_c.data_ptr<float>(),
                             kinds_c.data_ptr<int8_t>(), groups_c.data_ptr<int32_t>(),
