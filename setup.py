@@ -25,9 +25,7 @@ def _extensions():
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     with_cuda = os.environ.get("FORCE_CUDA") == "1" or (
-        torch.version.cuda is not None
-        and CUDA_HOME is not None
-        and os.environ.get("HTC_NO_CUDA") != "1"
+        torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("HTC_NO_CUDA") != "1"
     )
     cpu_sources = sorted(
         s for s in glob.glob("csrc/**/*.cpp", recursive=True) if not s.startswith("csrc/tests/")
@@ -36,7 +34,14 @@ def _extensions():
         s for s in glob.glob("csrc/**/*.cu", recursive=True) if not s.startswith("csrc/tests/")
     )
     march = os.environ.get("HTC_CPU_ARCH", "native")
-    cxx = ["-O3", "-fopenmp", f"-march={march}", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
+    cxx = [
+        "-O3",
+        "-fopenmp",
+        f"-march={march}",
+        "-Wall",
+        "-Wno-unknown-pragmas",
+        "-Wno-maybe-uninitialized",
+    ]
     # CUDA sources include c10/cuda headers only (not ATen/cuda/CUDAContext.h): the toolkit on these
     # machines ships no cuSPARSE/cuBLAS headers, and the kernels need none of them.
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-diag-suppress=3189"]

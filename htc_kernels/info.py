@@ -25,7 +25,8 @@ def info() -> dict:
         "reference": "yes",
         "cpu": "yes" if _ext.available() else f"no: {_ext.LOAD_ERROR}",
         "cuda": (
-            "yes" if (build.get("cuda") and cuda_ok)
+            "yes"
+            if (build.get("cuda") and cuda_ok)
             else "no: " + ("no CUDA device" if build.get("cuda") else "extension built without CUDA")
         ),
         "triton": "; ".join(triton_reasons(torch.device("cuda" if cuda_ok else "cpu"))) or "yes",

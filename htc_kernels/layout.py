@@ -70,13 +70,13 @@ class StarLayout:
         if kinds.dim() != 2 or kinds.shape[1] == 0:
             raise ValueError(f"StarLayout: kinds must be [B, S] or [S] with S >= 1, got {tuple(kinds.shape)}")
         if topology not in TOPOLOGIES:
-            raise ValueError(f"StarLayout: unknown topology {topology!r}; expected one of {sorted(TOPOLOGIES)}")
+            raise ValueError(
+                f"StarLayout: unknown topology {topology!r}; expected one of {sorted(TOPOLOGIES)}"
+            )
         bad = (kinds < 0) | (kinds > TokenKind.PAD)
         if bool(bad.any()):
             b, p = (int(x) for x in bad.nonzero()[0])
-            raise ValueError(
-                f"StarLayout: kinds[{b}, {p}] = {int(kinds[b, p])} is not a TokenKind (0..3)"
-            )
+            raise ValueError(f"StarLayout: kinds[{b}, {p}] = {int(kinds[b, p])} is not a TokenKind (0..3)")
         kinds = kinds.to(torch.int8).contiguous()
         has_group = (kinds == TokenKind.VISUAL) | (kinds == TokenKind.VOCO)
         if groups is None:
@@ -91,7 +91,9 @@ class StarLayout:
         else:
             if not isinstance(groups, torch.Tensor) or groups.shape != kinds.shape:
                 shape = tuple(groups.shape) if isinstance(groups, torch.Tensor) else type(groups).__name__
-                raise ValueError(f"StarLayout: groups {shape} must have the shape of kinds {tuple(kinds.shape)}")
+                raise ValueError(
+                    f"StarLayout: groups {shape} must have the shape of kinds {tuple(kinds.shape)}"
+                )
             if groups.dtype.is_floating_point or groups.dtype == torch.bool:
                 raise ValueError(f"StarLayout: groups must be an integer tensor, got {groups.dtype}")
             if groups.device != kinds.device:
@@ -158,9 +160,7 @@ def _allowed(kinds: torch.Tensor, groups: torch.Tensor, q_len: int, topology_id:
     else:
         visual_visual = same_group
     key_visual = kk == TokenKind.VISUAL
-    visual_ok = torch.where(
-        kq == TokenKind.VISUAL, visual_visual, (kq == TokenKind.VOCO) & same_group
-    )
+    visual_ok = torch.where(kq == TokenKind.VISUAL, visual_visual, (kq == TokenKind.VOCO) & same_group)
     return causal & not_pad & torch.where(key_visual, visual_ok, torch.ones_like(visual_ok))
 
 

@@ -27,9 +27,7 @@ def _check_star_inputs(q, k, v, layout) -> None:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"star_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(
-                f"star_attention: {name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}"
-            )
+            raise ValueError(f"star_attention: {name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}")
         if not t.dtype.is_floating_point:
             raise ValueError(f"star_attention: {name} must be floating point, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -56,7 +54,9 @@ def _check_star_inputs(q, k, v, layout) -> None:
     if layout.batch_size not in (1, b):
         raise ValueError(f"star_attention: layout batch {layout.batch_size} != B={b} (or 1)")
     if not 1 <= sq <= skv:
-        raise ValueError(f"star_attention: need 1 <= Sq ({sq}) <= Skv ({skv}) (decode is bottom-right aligned)")
+        raise ValueError(
+            f"star_attention: need 1 <= Sq ({sq}) <= Skv ({skv}) (decode is bottom-right aligned)"
+        )
     if layout.device != q.device:
         raise ValueError(
             f"star_attention: layout on {layout.device} but q on {q.device}; use layout.to(q.device)"
@@ -93,8 +93,16 @@ class _CpuStar(Backend):
     def __call__(self, q, k, v, layout, scale):
         plan = layout.plan(q.shape[2], self.block_q, self.block_k)
         out, _ = torch.ops.htc.star_attention(
-            q, k, v, layout.kinds, layout.groups, plan, self.block_q, self.block_k,
-            layout.topology_id, scale,
+            q,
+            k,
+            v,
+            layout.kinds,
+            layout.groups,
+            plan,
+            self.block_q,
+            self.block_k,
+            layout.topology_id,
+            scale,
         )
         return out
 
@@ -113,7 +121,12 @@ class _NotYet(Backend):
         return reasons
 
 
-_STAR_BACKENDS = (_CpuStar(), _ReferenceStar(), _NotYet("triton", "GPU backends"), _NotYet("cuda", "GPU backends"))
+_STAR_BACKENDS = (
+    _CpuStar(),
+    _ReferenceStar(),
+    _NotYet("triton", "GPU backends"),
+    _NotYet("cuda", "GPU backends"),
+)
 
 
 def star_attention(

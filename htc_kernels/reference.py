@@ -10,7 +10,11 @@ from htc_kernels.layout import StarLayout, star_mask
 
 
 def star_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: StarLayout, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: StarLayout,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Attention under the star mask, materialising the ``[B, Hq, Sq, Skv]`` scores.
 

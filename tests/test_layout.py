@@ -88,7 +88,10 @@ def test_plan_is_exact(seed, topology):
     s = layout.seq_len
     for q_len, bq, bk in [(s, 16, 16), (s, 7, 5), (1, 64, 64), (max(1, s // 3), 8, 32)]:
         mask = hk.star_mask(layout, q_len)
-        for plan in (layout.plan(q_len, bq, bk), _plan_from_mask(layout.kinds, layout.groups, q_len, bq, bk, layout.topology_id)):
+        for plan in (
+            layout.plan(q_len, bq, bk),
+            _plan_from_mask(layout.kinds, layout.groups, q_len, bq, bk, layout.topology_id),
+        ):
             assert plan.shape == (3, -(-q_len // bq), -(-s // bk)) and plan.dtype == torch.uint8
             assert torch.equal(_tile_semantics(plan, layout.kinds, mask, q_len, bq, bk), mask)
             # Sparse, not just exact: a tile is SKIP exactly when it has no allowed element.
@@ -107,7 +110,12 @@ def test_plan_skips_and_diagonals_on_llava_shape():
 @pytest.mark.parametrize(
     "kinds, groups, topology, match",
     [
-        (torch.tensor([T, C, V]), None, "star", "VOCO token at position 1 of sample 0 has no VISUAL"),
+        (
+            torch.tensor([T, C, V]),
+            None,
+            "star",
+            "VOCO token at position 1 of sample 0 has no VISUAL",
+        ),
         (torch.tensor([T, 5]), None, "star", r"kinds\[0, 1\] = 5 is not a TokenKind"),
         (torch.tensor([T, V]), None, "ring", "unknown topology 'ring'"),
         (torch.tensor([0.0, 1.0]), None, "star", "integer tensor"),

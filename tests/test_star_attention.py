@@ -26,7 +26,11 @@ def make_qkv(b, hq, hkv, sq, skv, d, dtype, noncontig=False):
         k = torch.randn(b, skv, hkv, d).transpose(1, 2)
         v = torch.randn(b, skv, hkv, d * 2)[..., ::2].transpose(1, 2)  # last dim strided too
     else:
-        q, k, v = torch.randn(b, hq, sq, d), torch.randn(b, hkv, skv, d), torch.randn(b, hkv, skv, d)
+        q, k, v = (
+            torch.randn(b, hq, sq, d),
+            torch.randn(b, hkv, skv, d),
+            torch.randn(b, hkv, skv, d),
+        )
     return [x.to(dtype) for x in (q, k, v)]
 
 
@@ -115,7 +119,10 @@ def test_decode_bottom_right(q_len, side):
 
 
 def test_several_images_and_voco_tokens_both_paddings():
-    rows = [[T] * 5 + [V] * 70 + [C] * 3 + [T] * 2 + [V] * 65 + [C] * 2 + [T] * 9, [T] * 2 + [V] * 30 + [C] + [T] * 4]
+    rows = [
+        [T] * 5 + [V] * 70 + [C] * 3 + [T] * 2 + [V] * 65 + [C] * 2 + [T] * 9,
+        [T] * 2 + [V] * 30 + [C] + [T] * 4,
+    ]
     for side in ("left", "right"):
         for topology in ("star", "group"):
             layout = hk.StarLayout(pad_batch(rows, side), topology=topology)
@@ -158,7 +165,9 @@ def test_thread_count_does_not_change_results():
 
 def test_lse_gradient_is_exact():
     layout = hk.StarLayout(random_kinds(3, batch=2))
-    q, k, v = [x.requires_grad_() for x in make_qkv(2, 2, 2, layout.seq_len, layout.seq_len, 32, torch.float64)]
+    q, k, v = [
+        x.requires_grad_() for x in make_qkv(2, 2, 2, layout.seq_len, layout.seq_len, 32, torch.float64)
+    ]
     plan = layout.plan(layout.seq_len, 64, 64)
     args = (layout.kinds, layout.groups, plan, 64, 64, layout.topology_id, 0.2)
     qf, kf, vf = [x.detach().float().requires_grad_() for x in (q, k, v)]
@@ -190,8 +199,21 @@ def test_opcheck():
     delta = torch.randn_like(lse)
     torch.library.opcheck(
         torch.ops.htc.star_attention_backward,
-        (torch.randn_like(out), q.detach(), k.detach(), v.detach(), lse.detach(), delta,
-         layout.kinds, layout.groups, plan, 64, 64, 0, 0.25),
+        (
+            torch.randn_like(out),
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            lse.detach(),
+            delta,
+            layout.kinds,
+            layout.groups,
+            plan,
+            64,
+            64,
+            0,
+            0.25,
+        ),
     )
 
 
@@ -228,14 +250,26 @@ def bad_inputs():
     layout = hk.StarLayout(llava_kinds(prefix=2, visual=3, voco=1, suffix=2))  # S = 8
     q, k, v = make_qkv(1, 4, 2, 8, 8, 16, torch.float32)
     yield "4-D", (q[0], k, v, layout), {}
-    yield "not divisible", (q, k[:, :1].expand(1, 3, 8, 16), v[:, :1].expand(1, 3, 8, 16), layout), {}
-    yield "layout describes 8 keys but k has Skv=7", (q[:, :, :7], k[:, :, :7], v[:, :, :7], layout), {}
+    yield (
+        "not divisible",
+        (q, k[:, :1].expand(1, 3, 8, 16), v[:, :1].expand(1, 3, 8, 16), layout),
+        {},
+    )
+    yield (
+        "layout describes 8 keys but k has Skv=7",
+        (q[:, :, :7], k[:, :, :7], v[:, :, :7], layout),
+        {},
+    )
     yield "dtypes differ", (q.double(), k, v, layout), {}
     yield "Sq", (torch.randn(1, 4, 9, 16), k, v, layout), {}
     yield "must be a StarLayout", (q, k, v, llava_kinds()), {}
     yield "unknown backend 'gpu'", (q, k, v, layout), {"backend": "gpu"}
     yield "not implemented yet", (q, k, v, layout), {"backend": "cuda"}
-    yield "dtype torch.float64 not supported", (q.double(), k.double(), v.double(), layout), {"backend": "cpu"}
+    yield (
+        "dtype torch.float64 not supported",
+        (q.double(), k.double(), v.double(), layout),
+        {"backend": "cpu"},
+    )
     yield "layout batch 2", (q, k, v, hk.StarLayout(llava_kinds(2, 3, 1, 2).expand(2, -1))), {}
     yield "and v", (q, k, v[..., :8], layout), {}
 
