@@ -1,4 +1,4 @@
-"""Hugging Face ``transformers`` (5.x) drop-in: the ``"htc_star"`` attention and KV-cache compaction.
+"""Hugging Face ``transformers`` (5.x) drop-in: the ``"htc_star"`` attention and KV compaction.
 
 Importing this module registers (idempotently) an attention implementation and an attention-mask
 implementation named ``"htc_star"`` with ``transformers.AttentionInterface`` and
@@ -9,22 +9,25 @@ Usage::
     import htc_kernels as hk
     import htc_kernels.hf  # registers "htc_star"
 
-    hk.hf.enable_star_attention(model)            # "htc_star" on the language model of this instance
-    kinds = hk.hf.kinds_from_input_ids(ids, image_token_id=..., voco_token_id=..., attention_mask=mask)
-    out = model.generate(ids, attention_mask=mask, htc_kinds=kinds, max_new_tokens=32)  # compacts
+    hk.hf.enable_star_attention(model)  # "htc_star" on this instance's language model
+    kinds = hk.hf.kinds_from_input_ids(
+        ids, image_token_id=IMG, voco_token_id=VOCO, attention_mask=mask
+    )
+    out = model.generate(ids, attention_mask=mask, htc_kinds=kinds, max_new_tokens=32)
 
 How the pieces fit (transformers 5.x):
 
-* ``htc_kinds`` (``[B, S]`` :class:`~htc_kernels.TokenKind` of the prompt; optional ``htc_groups``,
-  ``htc_topology``, ``htc_backend``) is a forward kwarg; models built on ``AttentionInterface`` forward
-  it unchanged to every attention call. Positions after the prompt (generated tokens) are TEXT.
-* The mask function returns the 2-D padding mask ``[B, L]`` (``L`` = tokens seen so far, absolute),
-  a fresh tensor per forward; the attention function turns it into PAD kinds and caches the
-  :class:`~htc_kernels.StarLayout` on it, so the layout is built once per forward, not once per layer.
-* :class:`StarCache` is a ``DynamicCache`` whose layers remember the absolute position of every slot.
-  After each layer's attention, the attention function asks the cache to drop the VISUAL keys that no
-  later token can attend (DESIGN.md §2, "Compaction"). ``get_seq_length()`` stays absolute, so position
-  ids (RoPE) and ``generate``'s bookkeeping are unaffected by compaction.
+* ``htc_kinds`` (``[B, S]`` :class:`~htc_kernels.TokenKind` of the prompt; optional
+  ``htc_groups``, ``htc_topology``, ``htc_backend``) is a forward kwarg; models built on
+  ``AttentionInterface`` forward it unchanged to every attention call. Positions after the prompt
+  (generated tokens) are TEXT.
+* The mask function returns the 2-D padding mask ``[B, L]`` (``L`` = tokens seen so far,
+  absolute), a fresh tensor per forward; the attention function turns it into PAD kinds and caches
+  the :class:`~htc_kernels.StarLayout` on it: one layout per forward, not one per layer.
+* :class:`StarCache` is a ``DynamicCache`` whose layers remember the absolute position of every
+  slot. After each layer's attention, the attention function asks the cache to drop the VISUAL keys
+  that no later token can attend (DESIGN.md §2, "Compaction"). ``get_seq_length()`` stays absolute,
+  so position ids (RoPE) and ``generate``'s bookkeeping are unaffected by compaction.
 """
 
 from __future__ import annotations
@@ -64,9 +67,9 @@ __all__ = [
 ]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Building kinds from input_ids
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def _as_id_list(ids, name: str) -> list[int]:
@@ -79,7 +82,10 @@ def _as_id_list(ids, name: str) -> list[int]:
         if not out:
             raise ValueError(f"kinds_from_input_ids: {name} is empty")
         return out
-    raise ValueError(f"kinds_from_input_ids: {name} must be an int or a sequence of ints, got {type(ids).__name__}")
+    raise ValueError(
+        f"kinds_from_input_ids: {name} must be an int or a sequence of ints, "
+        f"got {type(ids).__name__}"
+    )
 
 
 def kinds_from_input_ids(
@@ -93,14 +99,14 @@ def kinds_from_input_ids(
     """``htc_kinds`` (LongTensor ``[B, S]``) for LLaVA-style ``input_ids``.
 
     Args:
-        input_ids: ``[B, S]`` (or ``[S]``) token ids in which every image is already expanded into its
-            visual tokens (what LLaVA's processor produces: ``image_seq_length`` copies of the image
-            token). Tokens equal to any of ``image_token_id`` become VISUAL (pass several ids when the
-            MGVQ anchor tokens and the CLIP patch placeholders have different ids).
+        input_ids: ``[B, S]`` (or ``[S]``) token ids in which every image is already expanded into
+            its visual tokens (what LLaVA's processor produces: ``image_seq_length`` copies of the
+            image token). Tokens equal to any of ``image_token_id`` become VISUAL (pass several ids
+            when the MGVQ anchor tokens and the CLIP patch placeholders have different ids).
         image_token_id: the id(s) of visual tokens. No default: models differ.
         voco_token_id: the id(s) of ``<voco>`` tokens (VOCO). ``None``: no VOCO tokens.
-        num_voco: if given, every VOCO run must have exactly this many tokens and every VISUAL run must
-            be followed by one (a ``ValueError`` says where not).
+        num_voco: if given, every VOCO run must have exactly this many tokens and every VISUAL run
+            must be followed by one (a ``ValueError`` says where not).
         attention_mask: optional ``[B, S]``; zeros become PAD.
 
     Everything else is TEXT. Groups follow the default rule (each VISUAL run is an image; a VOCO run
@@ -111,7 +117,9 @@ def kinds_from_input_ids(
     squeeze = input_ids.dim() == 1
     ids = input_ids[None] if squeeze else input_ids
     if ids.dim() != 2:
-        raise ValueError(f"kinds_from_input_ids: input_ids must be [B, S] or [S], got {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"kinds_from_input_ids: input_ids must be [B, S] or [S], got {tuple(input_ids.shape)}"
+        )
     image_ids = _as_id_list(image_token_id, "image_token_id")
     if not image_ids:
         raise ValueError("kinds_from_input_ids: image_token_id is required")
@@ -126,7 +134,8 @@ def kinds_from_input_ids(
         mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
         if mask.shape != ids.shape:
             raise ValueError(
-                f"kinds_from_input_ids: attention_mask {tuple(attention_mask.shape)} does not match "
+                f"kinds_from_input_ids: attention_mask {tuple(attention_mask.shape)} "
+                "does not match "
                 f"input_ids {tuple(input_ids.shape)}"
             )
         kinds[mask.to(ids.device) == 0] = int(TokenKind.PAD)
@@ -152,12 +161,16 @@ def _check_voco_runs(kinds: torch.Tensor, num_voco: int) -> None:
         for r, (kind, start, length) in enumerate(runs):
             if kind == TokenKind.VOCO and length != num_voco:
                 raise ValueError(
-                    f"kinds_from_input_ids: sample {b} has {length} <voco> tokens at position {start}, "
+                    f"kinds_from_input_ids: sample {b} has {length} <voco> tokens "
+                    f"at position {start}, "
                     f"expected num_voco={num_voco}"
                 )
-            if kind == TokenKind.VISUAL and (r + 1 >= len(runs) or runs[r + 1][0] != TokenKind.VOCO):
+            if kind == TokenKind.VISUAL and (
+                r + 1 >= len(runs) or runs[r + 1][0] != TokenKind.VOCO
+            ):
                 raise ValueError(
-                    f"kinds_from_input_ids: the image at position {start} of sample {b} is not followed by "
+                    f"kinds_from_input_ids: the image at position {start} of sample {b} "
+                    "is not followed by "
                     f"{num_voco} <voco> token(s); use insert_voco_tokens(...) to add them"
                 )
 
@@ -172,17 +185,23 @@ def insert_voco_tokens(
     pad_token_id: int = 0,
     padding_side: str = "left",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Insert ``num_voco`` copies of ``voco_token_id`` after every image (VISUAL run) of each sample.
+    """Insert ``num_voco`` copies of ``voco_token_id`` after every image (VISUAL run).
 
     Returns ``(input_ids, attention_mask)`` re-padded on ``padding_side`` with ``pad_token_id``
     (the input's padding, given by ``attention_mask``, is removed first).
     """
     if padding_side not in ("left", "right"):
-        raise ValueError(f"insert_voco_tokens: padding_side must be 'left' or 'right', got {padding_side!r}")
+        raise ValueError(
+            f"insert_voco_tokens: padding_side must be 'left' or 'right', got {padding_side!r}"
+        )
     if num_voco < 1:
         raise ValueError(f"insert_voco_tokens: num_voco must be >= 1, got {num_voco}")
     ids = input_ids[None] if input_ids.dim() == 1 else input_ids
-    mask = torch.ones_like(ids) if attention_mask is None else (attention_mask[None] if attention_mask.dim() == 1 else attention_mask)
+    mask = (
+        torch.ones_like(ids)
+        if attention_mask is None
+        else (attention_mask[None] if attention_mask.dim() == 1 else attention_mask)
+    )
     image_ids = set(_as_id_list(image_token_id, "image_token_id"))
     rows = []
     for row, m in zip(ids.tolist(), mask.tolist()):
@@ -203,17 +222,17 @@ def insert_voco_tokens(
     return new_ids, new_mask
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Compaction rule (pure functions of the layout of the absolute sequence)
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def _droppable(kinds: torch.Tensor, groups: torch.Tensor, processed: int) -> torch.Tensor:
     """``[B, S]`` bool: VISUAL positions no query at position >= ``processed`` can attend.
 
-    A VISUAL key of group g is visible only to VISUAL/VOCO queries of group g (DESIGN.md §2), so once
-    the last member of g lies before ``processed`` its VISUAL keys can go. ``kinds``/``groups`` describe
-    the whole prompt (positions after it are TEXT and join no group).
+    A VISUAL key of group g is visible only to VISUAL/VOCO queries of group g (DESIGN.md §2), so
+    once the last member of g lies before ``processed`` its VISUAL keys can go. ``kinds``/``groups``
+    describe the whole prompt (positions after it are TEXT and join no group).
     """
     b, s = kinds.shape
     visual = kinds == TokenKind.VISUAL
@@ -224,7 +243,9 @@ def _droppable(kinds: torch.Tensor, groups: torch.Tensor, processed: int) -> tor
     member = groups >= 0
     n_groups = int(g.max()) + 1
     last = torch.full((b, n_groups), -1, dtype=torch.long, device=kinds.device)
-    last = last.scatter_reduce(1, g, torch.where(member, pos, torch.full_like(pos, -1)), reduce="amax")
+    last = last.scatter_reduce(
+        1, g, torch.where(member, pos, torch.full_like(pos, -1)), reduce="amax"
+    )
     return visual & (last.gather(1, g) < processed)
 
 
@@ -240,27 +261,30 @@ class _Compaction:
 
 
 def _compaction(slots_full: torch.Tensor, drop: torch.Tensor) -> _Compaction | None:
-    """Slots ``[B, Skv]`` (absolute positions, -1 filler) minus the droppable ones, right-aligned."""
+    """Slots ``[B, Skv]`` (absolute positions, -1 filler) less droppable ones, right-aligned."""
     valid = slots_full >= 0
     keep = valid & ~drop.gather(1, slots_full.clamp(min=0))
     if bool(keep.all()):
         return None
     n_keep = int(keep.sum(1).max())
-    order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)  # dropped first, kept last, in order
+    order = torch.argsort(
+        keep.to(torch.int8), dim=1, stable=True
+    )  # dropped first, kept last, in order
     index = order[:, order.shape[1] - n_keep :]
     kept = keep.gather(1, index)
     slots = torch.where(kept, slots_full.gather(1, index), torch.full_like(index, -1))
     return _Compaction(index.contiguous(), slots.contiguous())
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # StarCache
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 class _StarStep:
     """Attached to the key tensor a :class:`StarLayer` returns: what the attention function needs to
-    know about the cache (which absolute position each key slot holds) and whom to tell to compact."""
+    know about the cache (which absolute position each key slot holds) and whom to tell to compact.
+    """
 
     __slots__ = ("layer", "owner", "p_before", "slots_prev", "slots_full")
 
@@ -290,6 +314,7 @@ class StarLayer(DynamicLayer):
         if self.slots is not None:
             new = torch.arange(p_before, self.cumulative_length, device=self.slots.device)
             slots_full = torch.cat([self.slots, new.expand(self.slots.shape[0], -1)], dim=1)
+            self.slots = slots_full
         keys._htc_star = _StarStep(self, p_before, self.slots, slots_full)
         return keys, values
 
@@ -342,13 +367,13 @@ class StarLayer(DynamicLayer):
 
 
 class StarCache(DynamicCache):
-    """A ``DynamicCache`` that drops the VISUAL keys/values no later token can attend (DESIGN.md §2).
+    """A ``DynamicCache`` that drops the VISUAL keys/values no later token can attend (DESIGN §2).
 
-    Use it with ``attn_implementation="htc_star"``: after each layer's attention the attention function
-    drops the slots of every image whose ``<voco>`` tokens (and visual tokens) have been processed. So
-    after a prefill, each sample holds ``S - #VISUAL`` slots (samples with fewer are left-filled with
-    PAD slots up to the longest). ``get_seq_length()`` stays the number of tokens seen, so position ids
-    remain absolute. With another attention implementation nothing is dropped.
+    Use it with ``attn_implementation="htc_star"``: after each layer's attention the attention
+    function drops the slots of every image whose ``<voco>`` tokens (and visual tokens) have been
+    processed. So after a prefill, each sample holds ``S - #VISUAL`` slots (samples with fewer are
+    left-filled with PAD slots up to the longest). ``get_seq_length()`` stays the number of tokens
+    seen, so position ids remain absolute. With another attention implementation nothing is dropped.
 
     Args:
         kinds, groups, topology: optional layout of the prompt, used when a forward gets no
@@ -362,9 +387,13 @@ class StarCache(DynamicCache):
             raise TypeError(f"StarCache: unexpected arguments {sorted(kwargs)}")
         if config is not None:
             text = config.get_text_config(decoder=True)
-            bad = sorted({t for t in (getattr(text, "layer_types", None) or []) if t != "full_attention"})
+            bad = sorted(
+                {t for t in (getattr(text, "layer_types", None) or []) if t != "full_attention"}
+            )
             if bad:
-                raise NotImplementedError(f"StarCache: only full-attention layers are supported, the model has {bad}")
+                raise NotImplementedError(
+                    f"StarCache: only full-attention layers are supported, the model has {bad}"
+                )
         Cache.__init__(self, layer_class_to_replicate=StarLayer)
         if kinds is not None:
             StarLayout(kinds, groups, topology)  # validate early
@@ -393,22 +422,27 @@ class StarCache(DynamicCache):
     def nbytes(self) -> int:
         """Bytes held by the keys and values of all layers."""
         return sum(
-            layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+            layer.keys.numel() * layer.keys.element_size()
+            + layer.values.numel() * layer.values.element_size()
             for layer in self.layers
             if getattr(layer, "is_initialized", False)
         )
 
 
-def compact_cache(past_key_values: Cache, kinds, groups=None, topology: str = "star", attention_mask=None) -> StarCache:
+def compact_cache(
+    past_key_values: Cache, kinds, groups=None, topology: str = "star", attention_mask=None
+) -> StarCache:
     """Drop, from every layer, the VISUAL slots no later token can attend; returns the cache to use.
 
-    ``kinds`` (``[B, S]``) describes the prompt (positions after it are TEXT). A :class:`StarCache` is
-    compacted in place and returned; a plain ``DynamicCache`` (full-attention layers only) is converted
-    into a :class:`StarCache` that takes over its tensors (keep using the returned object: it keeps the
-    position count absolute, a compacted plain ``DynamicCache`` could not).
+    ``kinds`` (``[B, S]``) describes the prompt (positions after it are TEXT). A :class:`StarCache`
+    is compacted in place and returned; a plain ``DynamicCache`` (full-attention layers only) is
+    converted into a :class:`StarCache` that takes over its tensors (keep using the returned object:
+    it keeps the position count absolute, a compacted plain ``DynamicCache`` could not).
     """
     if not isinstance(past_key_values, Cache):
-        raise ValueError(f"compact_cache: expected a transformers Cache, got {type(past_key_values).__name__}")
+        raise ValueError(
+            f"compact_cache: expected a transformers Cache, got {type(past_key_values).__name__}"
+        )
     if isinstance(past_key_values, StarCache):
         cache = past_key_values
     else:
@@ -437,13 +471,15 @@ def compact_cache(past_key_values: Cache, kinds, groups=None, topology: str = "s
     return cache
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Layout of one forward
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
-def _full_layout(kinds, groups, topology, padding_mask, batch, length, device, processed) -> StarLayout:
-    """Layout of the absolute sequence ``[0, max(len(kinds), length))`` (validated), PAD from the mask."""
+def _full_layout(
+    kinds, groups, topology, padding_mask, batch, length, device, processed
+) -> StarLayout:
+    """Layout of the absolute sequence ``[0, max(len(kinds), length))``, PAD from the mask."""
     if kinds is None:
         kinds = torch.zeros((batch, length), dtype=torch.int8, device=device)
     if not isinstance(kinds, torch.Tensor):
@@ -457,7 +493,9 @@ def _full_layout(kinds, groups, topology, padding_mask, batch, length, device, p
         kinds = kinds[None]
         groups = groups[None] if isinstance(groups, torch.Tensor) and groups.dim() == 1 else groups
     if kinds.dim() != 2 or kinds.shape[0] not in (1, batch):
-        raise ValueError(f"htc_star: htc_kinds must be [B, S] with B = {batch} (or 1), got {tuple(kinds.shape)}")
+        raise ValueError(
+            f"htc_star: htc_kinds must be [B, S] with B = {batch} (or 1), got {tuple(kinds.shape)}"
+        )
     s0 = kinds.shape[1]
     total = max(s0, length)
     kinds = kinds.to(torch.int8).expand(batch, -1)
@@ -482,7 +520,8 @@ def _check_kinds_length(s0: int, p_before: int, length: int, has_cache: bool) ->
     steps); it may be longer only when a cache carries the rest (chunked prefill)."""
     if s0 < length and s0 > p_before:
         raise ValueError(
-            f"htc_star: htc_kinds has {s0} positions but this forward covers positions [{p_before}, {length}): "
+            f"htc_star: htc_kinds has {s0} positions but this forward covers positions "
+            f"[{p_before}, {length}): "
             "htc_kinds must describe the whole prompt (its length must equal the input length)"
         )
     if s0 > length and not has_cache:
@@ -493,13 +532,16 @@ def _check_kinds_length(s0: int, p_before: int, length: int, has_cache: bool) ->
 
 
 class _ForwardContext:
-    """Everything derived from the layout for one forward: built at the first layer, reused by the rest."""
+    """Everything derived from the layout for one forward: built at layer 0, reused by the rest."""
 
-    __slots__ = ("layout", "compaction", "refs")
+    __slots__ = ("layout", "compaction", "slots_after", "refs")
 
-    def __init__(self, layout, compaction, refs):
+    def __init__(self, layout, compaction, slots_after, refs):
         self.layout = layout
         self.compaction = compaction
+        self.slots_after = (
+            slots_after  # shared by all layers (so the next forward's memo key matches)
+        )
         self.refs = refs  # keeps the tensors whose ids key the memo alive
 
 
@@ -514,11 +556,14 @@ def _context(query, key, padding_mask, kinds, groups, topology, step) -> _Forwar
         p_before = length - sq
         if skv != length:
             raise ValueError(
-                f"htc_star: the keys hold {skv} positions but {length} tokens were seen; a compacted cache "
+                f"htc_star: the keys hold {skv} positions but {length} tokens were seen; "
+                "a compacted cache "
                 "must be a hk.hf.StarCache (compact_cache returns one)"
             )
     if padding_mask is not None and padding_mask.shape[1] < length:
-        padding_mask = torch.nn.functional.pad(padding_mask, (0, length - padding_mask.shape[1]), value=True)
+        padding_mask = torch.nn.functional.pad(
+            padding_mask, (0, length - padding_mask.shape[1]), value=True
+        )
     if kinds is not None and isinstance(kinds, torch.Tensor):
         _check_kinds_length(kinds.shape[-1], p_before, length, step is not None)
     full = _full_layout(kinds, groups, topology, padding_mask, b, length, device, length)
@@ -533,20 +578,24 @@ def _context(query, key, padding_mask, kinds, groups, topology, step) -> _Forwar
             slots = slots.to(device)
         safe = slots.clamp(min=0)
         filler = slots < 0
-        k = torch.where(filler, torch.full_like(safe, int(TokenKind.PAD)), full.kinds.long().gather(1, safe))
+        k = torch.where(
+            filler, torch.full_like(safe, int(TokenKind.PAD)), full.kinds.long().gather(1, safe)
+        )
         g = torch.where(filler, torch.full_like(safe, -1), full.groups.long().gather(1, safe))
         layout = StarLayout(k, g.to(torch.int32), topology)
-    compaction = None
+    compaction, slots_after = None, slots
     if step is not None:
         if slots is None:
             slots = torch.arange(skv, device=device).expand(b, skv)
         compaction = _compaction(slots, _droppable(full.kinds, full.groups, length))
-    return _ForwardContext(layout, compaction, None)
+        if compaction is not None:
+            slots_after = compaction.slots
+    return _ForwardContext(layout, compaction, slots_after, None)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The attention and mask functions
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def star_attention_mask(
@@ -562,18 +611,25 @@ def star_attention_mask(
     """``AttentionMaskInterface`` entry for ``"htc_star"``: the 2-D padding mask ``[B, L]`` (bool,
     True = token), ``L = kv_offset + kv_length`` tokens seen so far, as a fresh tensor per forward.
 
-    Non-causal masks (e.g. a vision encoder running under ``"htc_star"``) get SDPA's mask instead, and
-    the attention function runs SDPA for them.
+    Non-causal masks (e.g. a vision encoder running under ``"htc_star"``) get SDPA's mask instead,
+    and the attention function runs SDPA for them.
     """
     if mask_function is not causal_mask_function:
         if getattr(mask_function, "__name__", "") == "bidirectional_mask_function":
             return sdpa_mask(
-                batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs,
+                batch_size=batch_size,
+                q_length=q_length,
+                kv_length=kv_length,
+                q_offset=q_offset,
+                kv_offset=kv_offset,
+                mask_function=mask_function,
+                attention_mask=attention_mask,
+                **kwargs,
             )
         raise NotImplementedError(
-            "htc_star: only causal full attention (plus the star mask) is supported; this model asked for "
-            f"a different mask ({getattr(mask_function, '__name__', mask_function)}: sliding window, packed "
+            "htc_star: only causal full attention (plus the star mask) is supported; this model "
+            f"asked for a different mask ({getattr(mask_function, '__name__', mask_function)}: "
+            "sliding window, packed "
             "sequences or a custom overlay). Pass a 2-D attention_mask and no packed position_ids."
         )
     device = kwargs.get("device", "cpu")
@@ -601,23 +657,38 @@ def star_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ):
-    """``AttentionInterface`` entry for ``"htc_star"``: q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]``
-    (GQA not expanded) -> ``([B, Sq, Hq, D], None)``. Reads ``htc_kinds`` / ``htc_groups`` /
-    ``htc_topology`` / ``htc_backend`` from the kwargs; without ``htc_kinds`` it is causal attention
-    with padding (every token TEXT)."""
+    """``AttentionInterface`` entry for ``"htc_star"``.
+
+    q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` (GQA not expanded) -> ``([B, Sq, Hq, D], None)``.
+    Reads ``htc_kinds`` / ``htc_groups`` / ``htc_topology`` / ``htc_backend`` from the kwargs;
+    without ``htc_kinds`` it is causal attention with padding (every token TEXT).
+    """
     is_causal = kwargs.get("is_causal")
     if is_causal is False or (is_causal is None and not getattr(module, "is_causal", True)):
-        return _sdpa_fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
-        shape = tuple(attention_mask.shape) if hasattr(attention_mask, "shape") else type(attention_mask).__name__
+        return _sdpa_fallback(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    if attention_mask is not None and (
+        not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2
+    ):
+        shape = (
+            tuple(attention_mask.shape)
+            if hasattr(attention_mask, "shape")
+            else type(attention_mask).__name__
+        )
         raise ValueError(
-            f"htc_star: got an attention mask of shape {shape}; htc_star builds the mask from htc_kinds and "
+            f"htc_star: got an attention mask of shape {shape}; htc_star builds the mask from "
+            "htc_kinds and "
             "takes padding from a 2-D attention_mask [B, S] (pass that, not a 4-D mask)"
         )
     if dropout and module.training:
-        raise NotImplementedError("htc_star: attention dropout is not supported (set attention_dropout=0)")
+        raise NotImplementedError(
+            "htc_star: attention dropout is not supported (set attention_dropout=0)"
+        )
     if kwargs.get("output_attentions"):
-        raise NotImplementedError("htc_star: output_attentions=True is not supported (the kernel never forms them)")
+        raise NotImplementedError(
+            "htc_star: output_attentions=True is not supported (the kernel never forms them)"
+        )
     step = getattr(key, "_htc_star", None)
     kinds = kwargs.get("htc_kinds")
     groups = kwargs.get("htc_groups")
@@ -632,7 +703,12 @@ def star_attention_forward(
 
     # Memo: the padding mask is one fresh tensor per forward, shared by all layers.
     memo_key = (
-        id(kinds), id(groups), topology, query.shape[0], query.shape[2], key.shape[2],
+        id(kinds),
+        id(groups),
+        topology,
+        query.shape[0],
+        query.shape[2],
+        key.shape[2],
         None if step is None else (step.p_before, id(step.slots_prev)),
     )
     memo = None
@@ -646,8 +722,11 @@ def star_attention_forward(
             memo[memo_key] = ctx
 
     out = star_attention(query, key, value, ctx.layout, scale=scaling, backend=backend)
-    if step is not None and ctx.compaction is not None:
-        step.layer.compact(ctx.compaction)
+    if step is not None:
+        if ctx.compaction is not None:
+            step.layer.compact(ctx.compaction)
+        elif ctx.slots_after is not None:
+            step.layer.slots = ctx.slots_after
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -661,9 +740,9 @@ def _register() -> None:
 _register()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # enable_star_attention
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def _language_model_impl(model) -> str | dict:
@@ -674,11 +753,14 @@ def _language_model_impl(model) -> str | dict:
 
 
 def enable_star_attention(model, backend: str | None = None):
-    """Switch ``model``'s language model to ``"htc_star"`` and make ``model.generate(..., htc_kinds=k)``
-    accept ``htc_*`` kwargs and compact the cache (it passes a fresh :class:`StarCache` unless the call
-    gives ``past_key_values`` or ``use_cache=False``). Only this instance is changed. Returns ``model``.
+    """Switch ``model``'s language model to ``"htc_star"``; ``model.generate(..., htc_kinds=k)``
+    then accepts ``htc_*`` kwargs and compacts the cache (it passes a fresh :class:`StarCache`
+    unless the call gives ``past_key_values`` or ``use_cache=False``). Only this instance is
+    changed (instance attributes ``generate`` and ``_validate_model_kwargs``, one forward pre-hook,
+    and its attention implementation). Returns ``model``.
 
-    ``backend``: the star_attention backend for this model's calls (default: ``hk.hf.DEFAULT_BACKEND``).
+    ``backend``: the star_attention backend for this model's calls (default:
+    ``hk.hf.DEFAULT_BACKEND``).
     """
     model.set_attn_implementation(_language_model_impl(model))
     if getattr(model, "_htc_star_enabled", False):
@@ -704,7 +786,9 @@ def enable_star_attention(model, backend: str | None = None):
             kinds = kwargs.get("htc_kinds")
             if kinds is not None:
                 ids = kwargs.get("input_ids", args[0] if args else None)
-                _validate_generate_kinds(model, kinds, ids, kwargs.get("htc_groups"), kwargs.get("htc_topology"))
+                _validate_generate_kinds(
+                    model, kinds, ids, kwargs.get("htc_groups"), kwargs.get("htc_topology")
+                )
             if model._htc_star_backend is not None and "htc_backend" not in kwargs:
                 kwargs["htc_backend"] = model._htc_star_backend
             if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
@@ -728,8 +812,11 @@ def _validate_generate_kinds(model, kinds, input_ids, groups, topology) -> None:
     if isinstance(input_ids, torch.Tensor):
         if kinds.shape[-1] != input_ids.shape[-1]:
             raise ValueError(
-                f"htc_star: htc_kinds has {kinds.shape[-1]} positions but input_ids has {input_ids.shape[-1]}"
+                f"htc_star: htc_kinds has {kinds.shape[-1]} positions but input_ids has "
+                f"{input_ids.shape[-1]}"
             )
         if kinds.device != input_ids.device:
-            raise ValueError(f"htc_star: htc_kinds is on {kinds.device}, input_ids on {input_ids.device}")
+            raise ValueError(
+                f"htc_star: htc_kinds is on {kinds.device}, input_ids on {input_ids.device}"
+            )
     StarLayout(kinds, groups, topology or "star")
