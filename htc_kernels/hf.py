@@ -614,6 +614,16 @@ def star_attention_mask(
     Non-causal masks (e.g. a vision encoder running under ``"htc_star"``) get SDPA's mask instead,
     and the attention function runs SDPA for them.
     """
+    config = kwargs.get("config")
+    window = getattr(config, "sliding_window", None) if config is not None else None
+    if mask_function is not causal_mask_function and window is not None:
+        if kv_offset + kv_length <= window:  # the window covers everything: the mask is causal
+            mask_function = causal_mask_function
+        else:
+            raise NotImplementedError(
+                f"htc_star: {kv_offset + kv_length} tokens exceed the model's sliding window "
+                f"({window}); star attention supports full causal attention only"
+            )
     if mask_function is not causal_mask_function:
         if getattr(mask_function, "__name__", "") == "bidirectional_mask_function":
             return sdpa_mask(

@@ -23,6 +23,8 @@ from transformers import (  # noqa: E402
     LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    MistralConfig,
+    MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -332,6 +334,28 @@ def test_hand_written_loop_with_compact_cache():
                 use_cache=True,
             )
     assert torch.equal(seq, expected)
+
+
+def test_mistral_sliding_window_wider_than_the_sequence():
+    cfg = MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=16,
+    )
+    model = MistralForCausalLM(cfg).eval()
+    ids, mask, kinds = _inputs(LAYOUTS["multi_image_multi_voco"])  # 13 tokens <= 16
+    with torch.no_grad():
+        ref = _dense_logits(model, ids, mask, kinds)
+        out = _star_logits(model, ids, mask, kinds)
+    keep = mask.bool()
+    assert _rel(out[keep], ref[keep]) <= 1e-4
+    model.config.sliding_window = 8
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="sliding window"):
+        _star_logits(model, ids, mask, kinds)
 
 
 def test_star_cache_rejects_sliding_window_models():
