@@ -310,12 +310,13 @@ class StarLayer(DynamicLayer):
         p_before = self.cumulative_length
         keys, values = super().update(key_states, value_states)
         self.cumulative_length = p_before + key_states.shape[-2]
-        slots_full = None
-        if self.slots is not None:
-            new = torch.arange(p_before, self.cumulative_length, device=self.slots.device)
-            slots_full = torch.cat([self.slots, new.expand(self.slots.shape[0], -1)], dim=1)
+        slots_prev, slots_full = self.slots, None
+        if slots_prev is not None:
+            new = torch.arange(p_before, self.cumulative_length, device=slots_prev.device)
+            slots_full = torch.cat([slots_prev, new.expand(slots_prev.shape[0], -1)], dim=1)
             self.slots = slots_full
-        keys._htc_star = _StarStep(self, p_before, self.slots, slots_full)
+        # slots_prev is shared by all layers (see _ForwardContext.slots_after): the memo key
+        keys._htc_star = _StarStep(self, p_before, slots_prev, slots_full)
         return keys, values
 
     def get_seq_length(self) -> int:

@@ -203,7 +203,19 @@ def test_layout_is_built_once_per_forward(monkeypatch):
     monkeypatch.setattr(hkhf, "_context", lambda *a: calls.append(1) or original(*a))
     with torch.no_grad():
         model(ids, attention_mask=mask, htc_kinds=kinds)
-    assert len(calls) == 1
+        assert len(calls) == 1
+        cache = hk.hf.StarCache()
+        out = model(
+            ids, attention_mask=mask, htc_kinds=kinds, past_key_values=cache, use_cache=True
+        )
+        assert len(calls) == 2
+        for step in range(3):  # decode steps, compacted cache: still one layout per forward
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = model(
+                nxt, attention_mask=mask, htc_kinds=kinds, past_key_values=cache, use_cache=True
+            )
+            assert len(calls) == 3 + step
 
 
 # --------------------------------------------------------------------------------------------------
