@@ -23,9 +23,22 @@ def info() -> dict:
     return _info()
 
 
+
+
+def __getattr__(name: str):
+    # `hk.hf` (the transformers integration) is imported on first use, so that `import htc_kernels`
+    # does not import transformers.
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module("htc_kernels.hf")
+    raise AttributeError(f"module 'htc_kernels' has no attribute {name!r}")
+
+
 __all__ = [
     "StarLayout",
     "TokenKind",
+    "hf",
     "info",
     "star_attention",
     "star_attention_reference",

@@ -1,0 +1,159 @@
+"""Hugging Face drop-in benchmark (issue 5): KV-cache bytes and decode time per token, with and
+without compaction, on a small random LLaMA (GQA) with a LLaVA-shaped prompt
+(35 text + 580 visual + 1 voco + 64 text = 680 tokens).
+
+Providers (same weights, same prompt; checked to give the same next-token logits before timing):
+    htc                         "htc_star" + hk.hf.StarCache (visual KV dropped after prefill)
+    htc_star full cache         "htc_star" + a plain DynamicCache (nothing dropped)
+    sdpa dense mask full cache  "sdpa" + the dense 4-D star mask + DynamicCache (VoCo-LLaMA's way)
+
+One round = ``TOKENS`` greedy decode steps from a copy of the prefilled cache (the copy is made in
+the untimed setup). ``extra_info``: ``cache_bytes`` after prefill, ``ms_per_token`` (mean round time
+/ TOKENS), ``label`` (the provider's long name), ``backend`` (star_attention backend used).
+Absolute times on the shared 2-core machines drift; compare providers within one run.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("pytest_benchmark")
+
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import htc_kernels as hk  # noqa: E402
+import htc_kernels.hf  # noqa: E402, F401
+
+T, V, C = int(hk.TokenKind.TEXT), int(hk.TokenKind.VISUAL), int(hk.TokenKind.VOCO)
+TOKENS = 8
+GROUP = "hf decode: llama-gqa 4L h512 llava-prompt 680"
+
+
+def _backend() -> str:
+    try:
+        ok = torch._C._dispatch_has_kernel_for_dispatch_key("htc::star_attention", "CPU")
+    except RuntimeError:
+        ok = False
+    return "auto" if ok else "reference"
+
+
+@pytest.fixture(scope="module")
+def setup_case():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    kinds = torch.tensor([[T] * 35 + [V] * 580 + [C] + [T] * 64])
+    ids = torch.randint(1, cfg.vocab_size, kinds.shape)
+    return model, ids, kinds
+
+
+def _dense(kinds):
+    allowed = hk.star_mask(hk.StarLayout(kinds))[:, None]
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+class _Provider:
+    def __init__(self, name, label, model, ids, kinds, backend):
+        self.name, self.label = name, label
+        self.model, self.ids, self.kinds, self.backend = model, ids, kinds, backend
+        self.star = name != "sdpa dense mask full cache"
+
+    def _forward(self, ids, kinds_seen, cache):
+        m = self.model
+        if self.star:
+            m.set_attn_implementation("htc_star")
+            return m(
+                ids,
+                htc_kinds=self.kinds,
+                htc_backend=self.backend,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        m.set_attn_implementation("sdpa")
+        mask = _dense(kinds_seen)[:, :, -ids.shape[1] :]
+        pos = torch.arange(kinds_seen.shape[1] - ids.shape[1], kinds_seen.shape[1])[None]
+        return m(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+
+    def prefill(self):
+        cache = hk.hf.StarCache() if self.name == "htc" else DynamicCache()
+        with torch.no_grad():
+            out = self._forward(self.ids, self.kinds, cache)
+        return out.logits[:, -1], cache
+
+    def decode(self, first_token, cache, steps):
+        kinds_seen = self.kinds
+        tok, logits = first_token, []
+        with torch.no_grad():
+            for _ in range(steps):
+                kinds_seen = torch.cat([kinds_seen, torch.full_like(tok, T)], 1)
+                out = self._forward(tok, kinds_seen, cache)
+                logits.append(out.logits[:, -1])
+                tok = out.logits[:, -1:].argmax(-1)
+        return torch.stack(logits, 1)
+
+
+def _cache_bytes(cache) -> int:
+    return sum(
+        layer.keys.numel() * layer.keys.element_size() * 2
+        for layer in cache.layers
+        if layer.is_initialized
+    )
+
+
+PROVIDERS = {
+    "htc": "htc_star+compaction",
+    "htc_star full cache": "htc_star full cache",
+    "sdpa dense mask full cache": "sdpa dense mask full cache",
+}
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_bench_hf_decode(benchmark, setup_case, provider):
+    model, ids, kinds = setup_case
+    backend = _backend()
+    prov = _Provider(provider, PROVIDERS[provider], model, ids, kinds, backend)
+    last, cache = prov.prefill()
+    first = last.argmax(-1, keepdim=True)
+
+    # correctness before timing: the dense-mask full-cache run is the oracle
+    oracle = _Provider("sdpa dense mask full cache", "", model, ids, kinds, backend)
+    ref_last, ref_cache = oracle.prefill()
+    ref = oracle.decode(first, ref_cache, 2)
+    got = prov.decode(first, copy.deepcopy(cache), 2)
+    assert ((last - ref_last).norm() / ref_last.norm()).item() <= 1e-4
+    assert ((got - ref).norm() / ref.norm()).item() <= 1e-4
+
+    n_visual = int((kinds == V).sum())
+    expected_len = ids.shape[1] - (n_visual if provider == "htc" else 0)
+    assert cache.layers[0].keys.shape[-2] == expected_len
+
+    benchmark.group = GROUP
+    benchmark.extra_info.update(
+        provider=provider,
+        label=PROVIDERS[provider],
+        backend=backend if prov.star else "sdpa",
+        cache_bytes=_cache_bytes(cache),
+        cache_positions=expected_len,
+        tokens_per_round=TOKENS,
+        threads=torch.get_num_threads(),
+    )
+    benchmark.pedantic(
+        prov.decode,
+        setup=lambda: ((first, copy.deepcopy(cache), TOKENS), {}),
+        rounds=5,
+        warmup_rounds=1,
+    )
+    benchmark.extra_info["ms_per_token"] = benchmark.stats.stats.mean * 1e3 / TOKENS

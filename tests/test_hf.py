@@ -1,0 +1,596 @@
+"""The Hugging Face drop-in (htc_kernels.hf): tiny random LLaMA / Qwen2 (GQA) / LLaVA models, CPU,
+offline.
+
+Oracle: the same model with attn_implementation="sdpa" fed the dense 4-D star mask (an additive
+float
+mask; fully masked PAD rows then give finite garbage, so only non-PAD positions are compared).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import (  # noqa: E402
+    CLIPVisionConfig,
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import htc_kernels as hk  # noqa: E402
+import htc_kernels.hf as hkhf  # noqa: E402
+
+T, V, C, P = (int(k) for k in hk.TokenKind)
+VOCAB = 64
+
+
+def _cpu_kernel_available() -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("htc::star_attention", "CPU")
+    except RuntimeError:
+        return False
+
+
+# The C++ "cpu" kernel is selected by backend="auto" once it is registered; until then the tests
+# run the
+# same integration code on the "reference" backend (auto would pick a cpu op with no kernel yet).
+BACKEND = "auto" if _cpu_kernel_available() else "reference"
+
+
+@pytest.fixture(autouse=True)
+def _backend(monkeypatch):
+    monkeypatch.setattr(hkhf, "DEFAULT_BACKEND", BACKEND)
+
+
+def _llama(**kw):
+    args = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=None,
+    )
+    cfg = LlamaConfig(**{**args, **kw})
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _qwen2():  # GQA: 6 query heads over 2 key/value heads
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=None,
+    )
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+MODELS = {"llama": _llama, "qwen2_gqa": _qwen2}
+
+# [B, S] kinds; left padding, right padding, several images, several voco tokens.
+LAYOUTS = {
+    "left_pad": [
+        [P, P, P, T, V, V, V, C, T, T, T],
+        [T, T, V, V, V, V, C, T, T, T, T],
+    ],
+    "right_pad": [
+        [T, V, V, V, C, T, T, P, P, P, P],
+        [T, T, T, V, V, C, C, T, T, T, T],
+    ],
+    "multi_image_multi_voco": [
+        [T, V, V, V, C, C, T, V, V, C, C, T, T],
+        [P, P, T, V, V, C, C, T, V, V, V, C, C],
+    ],
+}
+
+
+def _position_ids(mask):
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _dense_mask(kinds, topology="star"):
+    allowed = hk.star_mask(hk.StarLayout(kinds, topology=topology))[:, None]
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def _inputs(kinds):
+    kinds = torch.tensor(kinds)
+    mask = (kinds != P).long()
+    ids = torch.randint(2, VOCAB, kinds.shape)
+    return ids, mask, kinds
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _dense_logits(model, ids, mask, kinds, topology="star"):
+    model.set_attn_implementation("sdpa")
+    return model(
+        ids, attention_mask=_dense_mask(kinds, topology), position_ids=_position_ids(mask)
+    ).logits
+
+
+def _star_logits(model, ids, mask, kinds, topology="star"):
+    model.set_attn_implementation("htc_star")
+    return model(
+        ids,
+        attention_mask=mask,
+        position_ids=_position_ids(mask),
+        htc_kinds=kinds,
+        htc_topology=topology,
+    ).logits
+
+
+# --------------------------------------------------------------------------------------------------
+# Logits and gradients against SDPA with the dense star mask
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("topology", ["star", "group"])
+@pytest.mark.parametrize("case", sorted(LAYOUTS))
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_logits_match_dense_sdpa(arch, case, topology):
+    model = MODELS[arch]()
+    ids, mask, kinds = _inputs(LAYOUTS[case])
+    with torch.no_grad():
+        ref = _dense_logits(model, ids, mask, kinds, topology)
+        out = _star_logits(model, ids, mask, kinds, topology)
+    keep = mask.bool()
+    assert out[keep].isfinite().all()
+    assert _rel(out[keep], ref[keep]) <= 1e-4
+
+
+@pytest.mark.parametrize("topology", ["star", "group"])
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_gradients_match_dense_sdpa(arch, topology):
+    model = MODELS[arch]().train()
+    ids, mask, kinds = _inputs(LAYOUTS["multi_image_multi_voco"])
+    keep = mask.bool()
+
+    def grads(fn):
+        model.zero_grad()
+        logits = fn(model, ids, mask, kinds, topology)
+        logits[keep].float().pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref = grads(_dense_logits)
+    out = grads(_star_logits)
+    assert ref.keys() == out.keys() and len(ref) > 0
+    for name in ref:
+        assert _rel(out[name], ref[name]) <= 1e-4, name
+
+
+def test_without_kinds_is_causal_attention_with_padding():
+    model = _qwen2()
+    ids, mask, _ = _inputs(LAYOUTS["left_pad"])
+    pos = _position_ids(mask)
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        ref = model(ids, attention_mask=mask, position_ids=pos).logits
+        model.set_attn_implementation("htc_star")
+        out = model(ids, attention_mask=mask, position_ids=pos).logits
+    keep = mask.bool()
+    assert _rel(out[keep], ref[keep]) <= 1e-4
+
+
+def test_layout_is_built_once_per_forward(monkeypatch):
+    model = _llama(num_hidden_layers=3)
+    model.set_attn_implementation("htc_star")
+    ids, mask, kinds = _inputs(LAYOUTS["left_pad"])
+    calls = []
+    original = hkhf._context
+    monkeypatch.setattr(hkhf, "_context", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        model(ids, attention_mask=mask, htc_kinds=kinds)
+        assert len(calls) == 1
+        cache = hk.hf.StarCache()
+        out = model(
+            ids, attention_mask=mask, htc_kinds=kinds, past_key_values=cache, use_cache=True
+        )
+        assert len(calls) == 2
+        for step in range(3):  # decode steps, compacted cache: still one layout per forward
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = model(
+                nxt, attention_mask=mask, htc_kinds=kinds, past_key_values=cache, use_cache=True
+            )
+            assert len(calls) == 3 + step
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache compaction and generate
+# --------------------------------------------------------------------------------------------------
+
+
+def _dense_greedy(model, ids, mask, kinds, steps):
+    """Oracle: no cache, dense star mask over the whole sequence, generated tokens are TEXT."""
+    model.set_attn_implementation("sdpa")
+    seq, k, am = ids, kinds, mask
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(
+                seq, attention_mask=_dense_mask(k), position_ids=_position_ids(am)
+            ).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            k = torch.cat([k, torch.full_like(nxt, T)], 1)
+            am = torch.cat([am, torch.ones_like(nxt)], 1)
+    return seq
+
+
+@pytest.mark.parametrize("case", ["left_pad", "multi_image_multi_voco"])
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_generate_with_compaction_matches_dense_full_cache(arch, case):
+    model = MODELS[arch]()
+    ids, mask, kinds = _inputs(LAYOUTS[case])
+    steps = 6
+    expected = _dense_greedy(model, ids, mask, kinds, steps)
+    hk.hf.enable_star_attention(model)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        htc_kinds=kinds,
+        max_new_tokens=steps,
+        do_sample=False,
+        return_dict_in_generate=True,
+    )
+    assert torch.equal(out.sequences, expected)
+    cache = out.past_key_values
+    assert isinstance(cache, hk.hf.StarCache)
+    seen = ids.shape[1] + steps - 1  # the last generated token is never fed back
+    n_visual = (kinds == V).sum(1)
+    assert cache.get_seq_length() == seen
+    assert torch.equal(cache.valid_lengths(), seen - n_visual)
+    assert cache.stored_length() == int((seen - n_visual).max())
+    # the full-cache htc_star run (plain DynamicCache, nothing dropped) agrees too
+    full = model.generate(
+        ids,
+        attention_mask=mask,
+        htc_kinds=kinds,
+        max_new_tokens=steps,
+        do_sample=False,
+        past_key_values=DynamicCache(),
+    )
+    assert torch.equal(full, expected)
+
+
+def test_cache_after_prefill_holds_s_minus_visual():
+    model = _qwen2()
+    model.set_attn_implementation("htc_star")
+    ids, mask, kinds = _inputs(LAYOUTS["multi_image_multi_voco"])
+    cache = hk.hf.StarCache()
+    with torch.no_grad():
+        model(ids, attention_mask=mask, htc_kinds=kinds, past_key_values=cache, use_cache=True)
+    s = ids.shape[1]
+    n_visual = (kinds == V).sum(1)
+    assert cache.get_seq_length() == s  # absolute: position ids are not shifted
+    for layer_idx in range(len(cache.layers)):
+        assert torch.equal(cache.valid_lengths(layer_idx), s - n_visual)
+        assert cache.stored_length(layer_idx) == int((s - n_visual).max())
+        slots = cache.layers[layer_idx].slots
+        kept_kinds = torch.where(slots >= 0, kinds.gather(1, slots.clamp(min=0)), P)
+        assert not (kept_kinds == V).any()
+
+
+def test_generate_with_star_cache_kinds_without_enable():
+    """StarCache(kinds=...) carries the layout: no htc_* kwarg, so generate's kwarg check is
+    untouched."""
+    model = _llama()
+    ids, mask, kinds = _inputs(LAYOUTS["right_pad"][1:])  # one sample, no padding
+    expected = _dense_greedy(model, ids, mask, kinds, 4)
+    model.set_attn_implementation("htc_star")
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=4,
+        do_sample=False,
+        past_key_values=hk.hf.StarCache(kinds=kinds),
+        return_dict_in_generate=True,
+    )
+    assert torch.equal(out.sequences, expected)
+    assert out.past_key_values.stored_length() == ids.shape[1] + 3 - int((kinds == V).sum())
+
+
+def test_hand_written_loop_with_compact_cache():
+    model = _llama()
+    ids, mask, kinds = _inputs(LAYOUTS["left_pad"])
+    steps = 4
+    expected = _dense_greedy(model, ids, mask, kinds, steps)
+    model.set_attn_implementation("htc_star")
+    cache = DynamicCache()
+    seq, am = ids, mask
+    with torch.no_grad():
+        out = model(
+            ids,
+            attention_mask=am,
+            position_ids=_position_ids(am),
+            htc_kinds=kinds,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        assert cache.get_seq_length() == ids.shape[1]  # a plain DynamicCache keeps everything
+        cache = hk.hf.compact_cache(cache, kinds)
+        assert isinstance(cache, hk.hf.StarCache)
+        assert torch.equal(cache.valid_lengths(), ids.shape[1] - (kinds == V).sum(1))
+        for _ in range(steps):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            am = torch.cat([am, torch.ones_like(nxt)], 1)
+            out = model(
+                nxt,
+                attention_mask=am,
+                position_ids=_position_ids(am)[:, -1:],
+                htc_kinds=kinds,
+                past_key_values=cache,
+                use_cache=True,
+            )
+    assert torch.equal(seq, expected)
+
+
+def test_mistral_sliding_window_wider_than_the_sequence():
+    cfg = MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=16,
+    )
+    model = MistralForCausalLM(cfg).eval()
+    ids, mask, kinds = _inputs(LAYOUTS["multi_image_multi_voco"])  # 13 tokens <= 16
+    with torch.no_grad():
+        ref = _dense_logits(model, ids, mask, kinds)
+        out = _star_logits(model, ids, mask, kinds)
+    keep = mask.bool()
+    assert _rel(out[keep], ref[keep]) <= 1e-4
+    model.config.sliding_window = 8
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="sliding window"):
+        _star_logits(model, ids, mask, kinds)
+
+
+def test_star_cache_rejects_sliding_window_models():
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=1,
+    )
+    with pytest.raises(NotImplementedError, match="full-attention"):
+        hk.hf.StarCache(config=cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# LLaVA
+# --------------------------------------------------------------------------------------------------
+
+IMAGE_ID, VOCO_ID = 63, 62
+
+
+def _llava():
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=8,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE_ID, vision_feature_layer=-1
+    )
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+def test_llava_runs_with_htc_star_on_its_text_model():
+    model = _llava()
+    n_patches = 4  # (16 / 8) ** 2, the CLS feature is dropped ("default" strategy)
+    ids = torch.tensor([[5, 6, *[IMAGE_ID] * n_patches, VOCO_ID, 7, 8, 9]] * 2)
+    mask = torch.ones_like(ids)
+    mask[1, :1] = 0  # left padding
+    pixels = torch.randn(2, 3, 16, 16)
+    kinds = hk.hf.kinds_from_input_ids(
+        ids, image_token_id=IMAGE_ID, voco_token_id=VOCO_ID, num_voco=1, attention_mask=mask
+    )
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        ref = model(
+            input_ids=ids,
+            pixel_values=pixels,
+            attention_mask=_dense_mask(kinds),
+            position_ids=_position_ids(mask),
+        ).logits
+        hk.hf.enable_star_attention(model)
+        assert model.config.text_config._attn_implementation == "htc_star"
+        assert model.config.vision_config._attn_implementation == "sdpa"
+        out = model(
+            input_ids=ids,
+            pixel_values=pixels,
+            attention_mask=mask,
+            position_ids=_position_ids(mask),
+            htc_kinds=kinds,
+        ).logits
+    keep = mask.bool()
+    assert _rel(out[keep], ref[keep]) <= 1e-4
+    gen = model.generate(
+        input_ids=ids,
+        pixel_values=pixels,
+        attention_mask=mask,
+        htc_kinds=kinds,
+        max_new_tokens=3,
+        do_sample=False,
+        return_dict_in_generate=True,
+    )
+    assert gen.sequences.shape == (2, ids.shape[1] + 3)
+    seen = ids.shape[1] + 2  # prompt + the 2 generated tokens fed back
+    assert torch.equal(gen.past_key_values.valid_lengths(), torch.full((2,), seen - n_patches))
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad inputs: a clear error before any attention runs
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    calls = []
+    original = hkhf.star_attention
+    monkeypatch.setattr(
+        hkhf, "star_attention", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    return calls
+
+
+BAD_INPUTS = {
+    "wrong_length": (lambda k: k[:, :-2], "htc_kinds has 9 positions"),
+    "voco_without_image": (
+        lambda k: torch.tensor([[T, C, T, T, T, T, T, T, T, T, T]] * 2),
+        "no VISUAL run before",
+    ),
+    "other_device": (lambda k: k.to("meta"), "htc_kinds is on meta"),
+    "bad_batch": (lambda k: torch.cat([k, k, k]), r"htc_kinds must be \[B, S\]"),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_INPUTS))
+def test_bad_inputs_raise_before_attention(bad, attention_calls):
+    model = _llama()
+    model.set_attn_implementation("htc_star")
+    ids, mask, kinds = _inputs(LAYOUTS["left_pad"])
+    make, match = BAD_INPUTS[bad]
+    with torch.no_grad(), pytest.raises(ValueError, match=match):
+        model(ids, attention_mask=mask, htc_kinds=make(kinds))
+    assert attention_calls == []
+
+
+@pytest.mark.parametrize("bad", ["wrong_length", "voco_without_image", "other_device"])
+def test_bad_inputs_raise_in_generate(bad, attention_calls):
+    model = hk.hf.enable_star_attention(_llama())
+    ids, mask, kinds = _inputs(LAYOUTS["left_pad"])
+    make, _ = BAD_INPUTS[bad]
+    with pytest.raises(ValueError, match="htc_kinds|VISUAL"):
+        model.generate(
+            ids, attention_mask=mask, htc_kinds=make(kinds), max_new_tokens=2, do_sample=False
+        )
+    assert attention_calls == []
+
+
+def test_four_d_mask_is_rejected():
+    model = _llama()
+    model.set_attn_implementation("htc_star")
+    ids, mask, kinds = _inputs(LAYOUTS["left_pad"])
+    with torch.no_grad(), pytest.raises(ValueError, match="2-D attention_mask"):
+        model(ids, attention_mask=_dense_mask(kinds), htc_kinds=kinds)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers and registration
+# --------------------------------------------------------------------------------------------------
+
+
+def test_kinds_from_input_ids():
+    ids = torch.tensor([[0, 0, 5, 9, 9, 8, 9, 4, 4, 6], [5, 9, 9, 4, 4, 6, 9, 4, 4, 6]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 10])
+    kinds = hk.hf.kinds_from_input_ids(
+        ids, image_token_id=[9, 8], voco_token_id=4, num_voco=2, attention_mask=mask
+    )
+    assert kinds.tolist() == [[P, P, T, V, V, V, V, C, C, T], [T, V, V, C, C, T, V, C, C, T]]
+    assert kinds.dtype == torch.long
+    with pytest.raises(ValueError, match="expected num_voco=3"):
+        hk.hf.kinds_from_input_ids(ids[1:], image_token_id=[9, 8], voco_token_id=4, num_voco=3)
+    with pytest.raises(ValueError, match="not followed by"):
+        hk.hf.kinds_from_input_ids(
+            torch.tensor([5, 9, 9, 6]), image_token_id=9, voco_token_id=4, num_voco=1
+        )
+    with pytest.raises(ValueError, match="no VISUAL run before"):
+        hk.hf.kinds_from_input_ids(torch.tensor([5, 4, 9, 6]), image_token_id=9, voco_token_id=4)
+
+
+def test_insert_voco_tokens():
+    ids = torch.tensor([[0, 5, 9, 9, 6], [5, 9, 6, 9, 6]])
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    new_ids, new_mask = hk.hf.insert_voco_tokens(
+        ids, image_token_id=9, voco_token_id=4, num_voco=2, attention_mask=mask, pad_token_id=0
+    )
+    assert new_ids.tolist() == [[0, 0, 0, 5, 9, 9, 4, 4, 6], [5, 9, 4, 4, 6, 9, 4, 4, 6]]
+    assert new_mask.tolist() == [[0, 0, 0, 1, 1, 1, 1, 1, 1], [1] * 9]
+    right, _ = hk.hf.insert_voco_tokens(
+        ids,
+        image_token_id=9,
+        voco_token_id=4,
+        num_voco=1,
+        attention_mask=mask,
+        pad_token_id=0,
+        padding_side="right",
+    )
+    assert right.tolist() == [[5, 9, 9, 4, 6, 0, 0], [5, 9, 4, 6, 9, 4, 6]]
+
+
+def test_registration_is_idempotent():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    hkhf._register()
+    hkhf._register()
+    assert AttentionInterface._global_mapping["htc_star"] is hkhf.star_attention_forward
+    assert AttentionMaskInterface._global_mapping["htc_star"] is hkhf.star_attention_mask
+    assert "htc_star" not in (
+        set(AttentionInterface._global_mapping) - set(AttentionMaskInterface._global_mapping)
+    )
+
+
+def test_enable_star_attention_is_instance_local():
+    a, b = _llama(), _llama()
+    hk.hf.enable_star_attention(a)
+    hk.hf.enable_star_attention(a)  # idempotent
+    assert a.config._attn_implementation == "htc_star"
+    assert b.config._attn_implementation != "htc_star"
+    assert "generate" in a.__dict__ and "generate" not in b.__dict__
+    ids, mask, kinds = _inputs(LAYOUTS["left_pad"])
+    with pytest.raises(ValueError, match="not used by the model"):
+        b.generate(ids, attention_mask=mask, htc_kinds=kinds, max_new_tokens=1)
+
+
+def test_plain_import_does_not_import_transformers():
+    code = (
+        "import sys, htc_kernels; assert 'transformers' not in sys.modules; "
+        "htc_kernels.hf; assert 'transformers' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
