@@ -72,6 +72,12 @@ struct Geometry {
   int64_t B, Hq, Hkv, Sq, Skv, D, Dp, bq, bk, BQp, n_qt, n_kt, q_off, plan_batch;
   int topology;
   float scale;
+
+  // Parallel grain: problems below ~4M multiply-adds (typical decode steps) run on the calling
+  // thread, where waking the thread pool would cost more than the work itself.
+  int64_t grain(int64_t n_tasks) const {
+    return B * Hq * Sq * Skv * D < (int64_t{1} << 22) ? std::max<int64_t>(n_tasks, 1) : 1;
+  }
 };
 
 // Per query tile: key-sequence position, kind and group of each row (rows past the end are PAD).
@@ -215,7 +221,8 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
   float* lp = lse.data_ptr<float>();
   const int64_t group_size = g.Hq / g.Hkv;
 
-  at::parallel_for(0, g.B * g.Hq * g.n_qt, 1, [&](int64_t begin, int64_t end) {
+  const int64_t n_tasks = g.B * g.Hq * g.n_qt;
+  at::parallel_for(0, n_tasks, g.grain(n_tasks), [&](int64_t begin, int64_t end) {
     const int64_t BQp = g.BQp, Dp = g.Dp;
     std::vector<float> q_row(BQp * Dp), qT(g.D * BQp), acc(BQp * Dp), sT(g.bk * BQp);
     std::vector<float> kbuf(g.bk * Dp), vbuf(g.bk * Dp), m_i(BQp), l_i(BQp), alpha(BQp);
@@ -323,7 +330,8 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
   const int64_t group_size = g.Hq / g.Hkv;
 
   // One task owns a (batch, kv head): all its query heads, so dq, dk and dv need no atomics.
-  at::parallel_for(0, g.B * g.Hkv, 1, [&](int64_t begin, int64_t end) {
+  const int64_t n_tasks = g.B * g.Hkv;
+  at::parallel_for(0, n_tasks, g.grain(n_tasks), [&](int64_t begin, int64_t end) {
     const int64_t BQp = g.BQp, Dp = g.Dp;
     std::vector<float> q_row(BQp * Dp), qT(g.D * BQp), do_row(BQp * Dp), doT(g.D * BQp);
     std::vector<float> sT(g.bk * BQp), dpT(g.bk * BQp), kbuf(g.bk * Dp), vbuf(g.bk * Dp);
