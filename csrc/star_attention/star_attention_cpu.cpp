@@ -99,19 +99,25 @@ struct Rows {
   }
 };
 
-// The part of a tile that has work: keys [jlo, jhi) and query rows [ilo, ihi) with any allowed pair.
+// The part of a tile that has work: keys [jlo, jhi) and query rows [ilo, ihi) with any allowed pair
+// left for the GEMMs, and whether some rows were handed to the row-wise diagonal path instead.
 struct Span {
   int64_t jlo, jhi, ilo, ihi;
+  bool diag_rows;
   bool empty() const { return jhi <= jlo; }
 };
 
 // Allowed-key mask of one CAUSAL or MASKED tile, key-major: mask[j * BQp + i], and the span of the
 // tile that has work (the GEMMs are trimmed to it). This is star_allowed (star_mask.h) specialised per
 // key so the row loop vectorises; tests check it against the reference.
+// Rows whose only allowed key in the tile is their own position (visual rows in a tile that also holds
+// a <voco> or text row) are flagged in diag_only and removed from the mask: a row-wise dot handles
+// them, as in DIAG tiles, instead of a GEMM lane each.
 inline Span tile_mask(const Geometry& g, uint8_t tk, const int8_t* kinds, const int32_t* groups,
-                      const Rows& rows, int64_t k0, int64_t nk, uint8_t* mask, uint8_t* row_any) {
-  int64_t jlo = nk, jhi = 0;
-  std::fill(row_any, row_any + g.BQp, 0);
+                      const Rows& rows, int64_t k0, int64_t nk, uint8_t* mask, int32_t* row_count,
+                      uint8_t* diag_only) {
+  std::fill(row_count, row_count + g.BQp, 0);
+  std::fill(diag_only, diag_only + g.BQp, 0);
   const int32_t* pos = rows.pos.data();
   const int32_t* qkind = rows.kind.data();
   const int32_t* qgroup = rows.group.data();
@@ -119,45 +125,53 @@ inline Span tile_mask(const Geometry& g, uint8_t tk, const int8_t* kinds, const 
   for (int64_t j = 0; j < nk; ++j) {
     const int32_t pj = static_cast<int32_t>(k0 + j), kj = kinds[pj], gj = groups[pj];
     uint8_t* mj = mask + j * n;
-    int any = 0;
     if (tk == kCausal) {
-#pragma omp simd reduction(| : any)
-      for (int64_t i = 0; i < n; ++i) {
-        const int a = pj <= pos[i];
-        mj[i] = static_cast<uint8_t>(a);
-        any |= a;
-      }
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) mj[i] = static_cast<uint8_t>(pj <= pos[i]);
     } else if (kj == kPad) {
       for (int64_t i = 0; i < n; ++i) mj[i] = 0;
     } else if (kj != kVisual) {
-#pragma omp simd reduction(| : any)
-      for (int64_t i = 0; i < n; ++i) {
-        const int a = (pj <= pos[i]) & (qkind[i] != kPad);
-        mj[i] = static_cast<uint8_t>(a);
-        any |= a;
-      }
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) mj[i] = static_cast<uint8_t>((pj <= pos[i]) & (qkind[i] != kPad));
     } else {
       const int star = g.topology == kStar;
-#pragma omp simd reduction(| : any)
+#pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         const int same = qgroup[i] == gj;
         const int vis = (qkind[i] == kVisual) & (star ? (pj == pos[i]) : same);
-        const int a = (pj <= pos[i]) & (vis | ((qkind[i] == kVoco) & same));
-        mj[i] = static_cast<uint8_t>(a);
-        any |= a;
+        mj[i] = static_cast<uint8_t>((pj <= pos[i]) & (vis | ((qkind[i] == kVoco) & same)));
       }
     }
-    if (any) {
-      jlo = std::min(jlo, j);
-      jhi = j + 1;
-      for (int64_t i = 0; i < n; ++i) row_any[i] |= mj[i];
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) row_count[i] += mj[i];
+  }
+  bool diag_rows = false;
+  if (tk == kMasked) {
+    for (int64_t i = 0; i < rows.m; ++i) {
+      const int64_t j = pos[i] - k0;
+      if (row_count[i] == 1 && j >= 0 && j < nk && mask[j * n + i]) {
+        diag_only[i] = 1;
+        mask[j * n + i] = 0;
+        row_count[i] = 0;
+        diag_rows = true;
+      }
     }
   }
   int64_t ilo = 0, ihi = 0;
-  while (ilo < rows.m && !row_any[ilo]) ++ilo;
+  while (ilo < rows.m && row_count[ilo] == 0) ++ilo;
   for (int64_t i = ilo; i < rows.m; ++i)
-    if (row_any[i]) ihi = i + 1;
-  return {jlo, jhi, ilo, ihi};
+    if (row_count[i] != 0) ihi = i + 1;
+  int64_t jlo = nk, jhi = 0;
+  for (int64_t j = 0; j < nk && ihi > ilo; ++j) {
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t i = ilo; i < ihi; ++i) any |= mask[j * n + i];
+    if (any) {
+      jlo = std::min(jlo, j);
+      jhi = j + 1;
+    }
+  }
+  return {jlo, jhi, ilo, ihi, diag_rows};
 }
 
 // sT[j][i] = k_j . q_i for keys [0, nj) and rows [ilo, ihi) (at least those lanes): a GEMM over the
@@ -226,7 +240,8 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
     const int64_t BQp = g.BQp, Dp = g.Dp;
     std::vector<float> q_row(BQp * Dp), qT(g.D * BQp), acc(BQp * Dp), sT(g.bk * BQp);
     std::vector<float> kbuf(g.bk * Dp), vbuf(g.bk * Dp), m_i(BQp), l_i(BQp), alpha(BQp);
-    std::vector<uint8_t> mask(g.bk * BQp), row_any(BQp);
+    std::vector<uint8_t> mask(g.bk * BQp), diag_only(BQp);
+    std::vector<int32_t> row_count(BQp);
     Rows rows;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (g.Hq * g.n_qt), h = (task / g.n_qt) % g.Hq, qt = task % g.n_qt;
@@ -242,6 +257,19 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
       std::fill(m_i.begin(), m_i.end(), kNegInf);
       std::fill(l_i.begin(), l_i.end(), 0.f);
 
+      // Row i attends its own key p only within this tile: one dot, one online-softmax step.
+      auto diag_row = [&](int64_t i, int64_t p) {
+        int64_t ld;
+        const float* krow = key_rows(kh, k.stride(2), g, p, 1, kbuf.data(), &ld);
+        const float s = dot(q_row.data() + i * Dp, krow, Dp);
+        const float m_new = std::max(m_i[i], s);
+        const float a = std::exp(m_i[i] - m_new), e = std::exp(s - m_new);
+        l_i[i] = l_i[i] * a + e;
+        m_i[i] = m_new;
+        const float* vrow = key_rows(vh, v.stride(2), g, p, 1, vbuf.data(), &ld);
+        axpby(acc.data() + i * Dp, a, e, vrow, Dp);
+      };
+
       const uint8_t* tiles = plan + (bl * g.n_qt + qt) * g.n_kt;
       for (int64_t kt = 0; kt < g.n_kt; ++kt) {
         const uint8_t tk = tiles[kt];
@@ -255,20 +283,16 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
               prefetch_row(kh + (p + kPrefetchRows) * k.stride(2), g.D);
               prefetch_row(vh + (p + kPrefetchRows) * v.stride(2), g.D);
             }
-            int64_t ld;
-            const float* krow = key_rows(kh, k.stride(2), g, p, 1, kbuf.data(), &ld);
-            const float s = dot(q_row.data() + i * Dp, krow, Dp);
-            const float m_new = std::max(m_i[i], s);
-            const float a = std::exp(m_i[i] - m_new), e = std::exp(s - m_new);
-            l_i[i] = l_i[i] * a + e;
-            m_i[i] = m_new;
-            const float* vrow = key_rows(vh, v.stride(2), g, p, 1, vbuf.data(), &ld);
-            axpby(acc.data() + i * Dp, a, e, vrow, Dp);
+            diag_row(i, p);
           }
           continue;
         }
-        const Span sp = tk == kFull ? Span{0, nk, 0, rows.m}
-                                    : tile_mask(g, tk, kin, grp, rows, k0, nk, mask.data(), row_any.data());
+        const Span sp = tk == kFull ? Span{0, nk, 0, rows.m, false}
+                                    : tile_mask(g, tk, kin, grp, rows, k0, nk, mask.data(), row_count.data(),
+                                                diag_only.data());
+        if (sp.diag_rows)
+          for (int64_t i = 0; i < rows.m; ++i)
+            if (diag_only[i]) diag_row(i, rows.pos[i]);
         if (sp.empty()) continue;
         const int64_t nj = sp.jhi - sp.jlo, mi = sp.ihi - sp.ilo;
         int64_t ldk, ldv;
@@ -337,7 +361,8 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
     std::vector<float> sT(g.bk * BQp), dpT(g.bk * BQp), kbuf(g.bk * Dp), vbuf(g.bk * Dp);
     std::vector<float> dk_acc(g.Skv * Dp), dv_acc(g.Skv * Dp), dq_acc(g.Sq * Dp);
     std::vector<float> lse_i(BQp), delta_i(BQp);
-    std::vector<uint8_t> mask(g.bk * BQp), row_any(BQp);
+    std::vector<uint8_t> mask(g.bk * BQp), diag_only(BQp);
+    std::vector<int32_t> row_count(BQp);
     Rows rows;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / g.Hkv, hk = task % g.Hkv, bl = g.plan_batch == 1 ? 0 : b;
@@ -365,27 +390,33 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
             delta_i[i] = live ? dh[rows.r0 + i] : 0.f;
           }
           float* dq_tile = dq_acc.data() + rows.r0 * Dp;
+          // Row i against its own key p only: p = exp(s - lse), then the five products as row updates.
+          auto diag_row = [&](int64_t i, int64_t p) {
+            if (!std::isfinite(lse_i[i])) return;
+            int64_t ld;
+            const float* krow = key_rows(kh, k.stride(2), g, p, 1, kbuf.data(), &ld);
+            const float* vrow = key_rows(vh, v.stride(2), g, p, 1, vbuf.data(), &ld);
+            const float pr = std::exp(dot(q_row.data() + i * Dp, krow, Dp) - lse_i[i]);
+            const float ds = pr * (dot(do_row.data() + i * Dp, vrow, Dp) - delta_i[i]);
+            axpby(dv_acc.data() + p * Dp, 1.f, pr, do_row.data() + i * Dp, Dp);
+            axpby(dk_acc.data() + p * Dp, 1.f, ds, q_row.data() + i * Dp, Dp);
+            axpby(dq_tile + i * Dp, 1.f, ds, krow, Dp);
+          };
           for (int64_t kt = 0; kt < g.n_kt; ++kt) {
             const uint8_t tk = tiles[kt];
             if (tk == kSkip) continue;
             const int64_t k0 = kt * g.bk, nk = std::min(g.bk, g.Skv - k0);
             if (tk == kDiag) {
-              for (int64_t i = 0; i < rows.m; ++i) {
-                const int64_t p = rows.pos[i];
-                if (p < k0 || p >= k0 + nk || !std::isfinite(lse_i[i])) continue;
-                int64_t ld;
-                const float* krow = key_rows(kh, k.stride(2), g, p, 1, kbuf.data(), &ld);
-                const float* vrow = key_rows(vh, v.stride(2), g, p, 1, vbuf.data(), &ld);
-                const float pr = std::exp(dot(q_row.data() + i * Dp, krow, Dp) - lse_i[i]);
-                const float ds = pr * (dot(do_row.data() + i * Dp, vrow, Dp) - delta_i[i]);
-                axpby(dv_acc.data() + p * Dp, 1.f, pr, do_row.data() + i * Dp, Dp);
-                axpby(dk_acc.data() + p * Dp, 1.f, ds, q_row.data() + i * Dp, Dp);
-                axpby(dq_tile + i * Dp, 1.f, ds, krow, Dp);
-              }
+              for (int64_t i = 0; i < rows.m; ++i)
+                if (rows.pos[i] >= k0 && rows.pos[i] < k0 + nk) diag_row(i, rows.pos[i]);
               continue;
             }
-            const Span sp = tk == kFull ? Span{0, nk, 0, rows.m}
-                                        : tile_mask(g, tk, kin, grp, rows, k0, nk, mask.data(), row_any.data());
+            const Span sp = tk == kFull ? Span{0, nk, 0, rows.m, false}
+                                        : tile_mask(g, tk, kin, grp, rows, k0, nk, mask.data(),
+                                                    row_count.data(), diag_only.data());
+            if (sp.diag_rows)
+              for (int64_t i = 0; i < rows.m; ++i)
+                if (diag_only[i]) diag_row(i, rows.pos[i]);
             if (sp.empty()) continue;
             const int64_t nj = sp.jhi - sp.jlo, j0 = k0 + sp.jlo, mi = sp.ihi - sp.ilo;
             int64_t ldk, ldv;
