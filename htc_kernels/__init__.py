@@ -13,6 +13,7 @@ Public API (DESIGN.md §3)::
 
 from htc_kernels import _ext  # noqa: F401  (loads the extension, warns once if it cannot)
 from htc_kernels.layout import StarLayout, TokenKind, star_mask
+from htc_kernels.mgvq import GroupedQuantizer
 from htc_kernels.ops import mgvq_lookup, mgvq_lookup_reference, star_attention
 from htc_kernels.reference import star_attention_reference
 
@@ -27,6 +28,7 @@ def info() -> dict:
 
 
 __all__ = [
+    "GroupedQuantizer",
     "StarLayout",
     "TokenKind",
     "info",

@@ -190,9 +190,9 @@ if _ext.available():
     _register_star_ops()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # mgvq_lookup (issue 4)
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 _MGVQ_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MGVQ_NORM_EPS = 1e-12  # torch.nn.functional.normalize's clamp (MGVQ's l2norm)
@@ -229,7 +229,7 @@ def _check_mgvq_inputs(z, codebook, normalize) -> None:
 
 
 def _normalize_vjp(v: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """Backward of ``v / max(|v|, eps)`` along the last dim (zero gradient through a clamped norm)."""
+    """Backward of ``v / max(|v|, eps)`` along the last dim (no gradient through a clamped norm)."""
     n = v.norm(dim=-1, keepdim=True)
     inv = 1.0 / n.clamp_min(_MGVQ_NORM_EPS)
     y = v * inv
@@ -238,7 +238,7 @@ def _normalize_vjp(v: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 
 
 def mgvq_lookup_backward_reference(grad_codes, z, codebook, indices, normalize):
-    """Straight-through backward in PyTorch ops (O(N*G*d + G*K*d); used where no compiled op runs)."""
+    """Straight-through backward in PyTorch ops (O(N*G*d + G*K*d)), where no compiled op runs."""
     g, k, d = codebook.shape
     gc = grad_codes.float().reshape(-1, g, d)
     zf = z.float().reshape(-1, g, d)
@@ -323,7 +323,7 @@ class _CudaMgvq(_CpuMgvq):
 
 
 class _TritonMgvq(Backend):
-    """The Triton kernel (htc_kernels/triton/mgvq_lookup.py), registered as htc::mgvq_lookup_triton."""
+    """The Triton kernel (htc_kernels/triton/mgvq_lookup.py), op htc::mgvq_lookup_triton."""
 
     name = "triton"
 
@@ -372,13 +372,14 @@ def mgvq_lookup(
     Args:
         z: ``[..., G, d]`` latents (float32 / bfloat16 / float16 for the kernels; any float for
             ``"reference"``), any strides.
-        codebook: ``[G, K, d]``, same dtype and device (MGVQ's ``Embedding(G*K, d).weight.view(G, K, d)``).
-        normalize: True = cosine (MGVQ's ``l2_norm``: z and codes unit-normalised, largest dot product
-            wins, codes returned unit-normalised); False = squared L2 (raw codes returned).
+        codebook: ``[G, K, d]``, same dtype and device
+            (MGVQ's ``Embedding(G*K, d).weight.view(G, K, d)``).
+        normalize: True = cosine (MGVQ's ``l2_norm``: z and codes unit-normalised, largest dot
+            product wins, codes returned unit-normalised); False = squared L2 (raw codes returned).
         backend: ``"auto" | "reference" | "cpu" | "triton" | "cuda"``.
 
     Returns:
-        ``codes [..., G, d]`` (z's dtype), ``indices [..., G]`` int64 (index into the group's K codes).
+        ``codes [..., G, d]`` (z's dtype), ``indices [..., G]`` int64 (into the group's K codes).
         Ties break to the lowest index. Gradient: straight-through from codes to z (through z's
         normalisation when ``normalize``) and to the selected codebook rows (index-add, through the
         codes' normalisation).

@@ -1,6 +1,6 @@
 """mgvq_lookup: every backend against the float64 brute force (DESIGN.md §6), ties, batch shapes,
-gradients, opcheck, bad inputs. Triton runs under TRITON_INTERPRET=1 (the suite's command sets it; one
-test also launches a subprocess with it set, so the interpreter path is always exercised)."""
+gradients, opcheck, bad inputs. Triton runs under TRITON_INTERPRET=1 (the suite's command sets it;
+one test also launches a subprocess with it set, so the interpreter path is always exercised)."""
 
 import os
 import subprocess
@@ -25,12 +25,15 @@ TRITON_HERE = HAS_TRITON and not triton_reasons(torch.device("cpu"))
 
 
 def kernel_backends():
-    out = [pytest.param("cpu", marks=pytest.mark.skipif(not _ext.available(), reason="no extension"))]
+    out = [
+        pytest.param("cpu", marks=pytest.mark.skipif(not _ext.available(), reason="no extension"))
+    ]
     out.append(
         pytest.param(
             "triton",
             marks=pytest.mark.skipif(
-                not TRITON_HERE, reason="Triton needs TRITON_INTERPRET=1 on CPU (see the subprocess test)"
+                not TRITON_HERE,
+                reason="Triton needs TRITON_INTERPRET=1 on CPU (see the subprocess test)",
             ),
         )
     )
@@ -152,7 +155,7 @@ def test_ties_break_to_lowest_index(backend, normalize):
     G, K, d = 2, 200, 4
     cb = torch.randn(G, K, d)
     v = torch.randn(G, d)
-    # The same code at positions in the same SIMD lane (5, 21), another lane (6), other tiles (130, 199).
+    # The same code in one SIMD lane (5, 21), another lane (6), other tiles (130, 199).
     for pos in (199, 130, 21, 6, 5):
         cb[:, pos] = v
     z = v.clone().expand(3, G, d).clone()  # exact hit: score 1 (cosine) or distance 0 (L2)
@@ -266,7 +269,7 @@ def test_cpu_kernel_compiles_with_torch_compile():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_interpreter_subprocess():
-    """Always runs the Triton kernel under TRITON_INTERPRET=1, whatever this process's environment."""
+    """Always runs the Triton kernel under TRITON_INTERPRET=1, whatever this environment says."""
     code = (
         "import torch, htc_kernels as hk\n"
         "torch.manual_seed(1)\n"
@@ -284,9 +287,9 @@ def test_triton_interpreter_subprocess():
     assert "triton-interpreted-ok" in out.stdout
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # bad inputs
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

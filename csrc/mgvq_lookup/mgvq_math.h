@@ -9,6 +9,7 @@
 // A NaN or -inf score never wins; a token-group for which no code wins (non-finite z, or a codebook of
 // NaNs) gets index kNoCode.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #ifndef HTC_HD

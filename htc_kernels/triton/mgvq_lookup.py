@@ -1,9 +1,9 @@
 """Triton kernel for the MGVQ grouped nearest-code lookup (DESIGN.md §3–4).
 
 One program per (block of ``BLOCK_N`` tokens, group): the token block is normalised once, then the
-group's codebook is streamed in ``BLOCK_K`` tiles; each tile's scores ``[BLOCK_N, BLOCK_K]`` live only
-in registers and update a running (best score, lowest best index) per token. No N x K buffer. The
-selected code is gathered and written in the same program. Offsets are int64.
+group's codebook is streamed in ``BLOCK_K`` tiles; each tile's scores ``[BLOCK_N, BLOCK_K]`` live
+only in registers and update a running (best score, lowest best index) per token. No N x K buffer.
+The selected code is gathered and written in the same program. Offsets are int64.
 
 Score convention as csrc/mgvq_lookup/mgvq_math.h: cosine ``<z/|z|, c/|c|>``; squared L2
 ``<2z, c> - |c|^2``; larger wins; ties -> lowest index; NaN/-inf never win; a token-group where no
@@ -86,7 +86,7 @@ def tile_sizes(d: int) -> tuple[int, int, int]:
 def mgvq_lookup_triton(
     z: torch.Tensor, codebook: torch.Tensor, normalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """z ``[..., G, d]``, codebook ``[G, K, d]`` -> (codes ``[..., G, d]`` in z's dtype, indices int64)."""
+    """z ``[..., G, d]``, codebook ``[G, K, d]`` -> (codes ``[..., G, d]`` (z's dtype), indices)."""
     G, K, d = codebook.shape
     zc = z.contiguous()
     n = zc.numel() // (G * d)
@@ -101,13 +101,24 @@ def mgvq_lookup_triton(
     if n > 0:
         grid = (triton.cdiv(n, block_n), G)
         torch.library.wrap_triton(_mgvq_lookup_kernel)[grid](
-            zc, cbf, cbsq, codes, indices, n, G, K, d,
-            NORMALIZE=normalize, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d,
+            zc,
+            cbf,
+            cbsq,
+            codes,
+            indices,
+            n,
+            G,
+            K,
+            d,
+            NORMALIZE=normalize,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            BLOCK_D=block_d,
         )
     return codes.to(z.dtype), indices
 
 
 @mgvq_lookup_triton.register_fake
 def _(z, codebook, normalize):
-    # Explicit fake: under TRITON_INTERPRET=1 the traced body would run the interpreter on FakeTensors.
+    # Explicit fake: under TRITON_INTERPRET=1 the traced body would interpret on FakeTensors.
     return torch.empty_like(z), z.new_empty(z.shape[:-1], dtype=torch.int64)
