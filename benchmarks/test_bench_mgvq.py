@@ -18,6 +18,7 @@ drift; the ratios measured in the same run are what counts.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import time
 
@@ -70,6 +71,7 @@ def _rss_kb(field: str) -> int:
 def peak_extra_bytes(fn) -> int | None:
     """Resident-set high-water mark during fn() above the RSS before it (Linux only)."""
     try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap pages, so reuse is not hidden
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
     except OSError:

@@ -167,11 +167,15 @@ inline int64_t lookup(const float* z, int64_t N, int G, int64_t K, int d, bool n
   const int64_t nblk = packed_blocks(K);
   const int64_t n_chunks = (N + kChunk - 1) / kChunk;
   int64_t missing = 0;
-#pragma omp parallel reduction(+ : missing)
+  // Threads only for enough work (~>1 ms on one core): on small calls (one image) a thread team costs
+  // more than it saves, and on a shared, loaded machine waiting for a descheduled second thread costs
+  // milliseconds. Dynamic scheduling lets a running thread take the work of a late one.
+  const bool threaded = double(N) * G * K * d > 6.0e7;
+#pragma omp parallel reduction(+ : missing) if (threaded)
   {
     std::vector<float> zt(kChunk * d);
     int32_t bi[kChunk];
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 2)
     for (int64_t item = 0; item < n_chunks * G; ++item) {
       const int g = int(item % G);
       const int64_t n0 = (item / G) * kChunk, n1 = std::min(N, n0 + kChunk), nt = n1 - n0;
