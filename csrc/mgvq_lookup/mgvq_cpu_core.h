@@ -177,8 +177,11 @@ inline int64_t lookup(const float* z, int64_t N, int G, int64_t K, int d, bool n
     int32_t bi[kChunk];
 #pragma omp for schedule(dynamic, 2)
     for (int64_t item = 0; item < n_chunks * G; ++item) {
-      const int g = int(item % G);
-      const int64_t n0 = (item / G) * kChunk, n1 = std::min(N, n0 + kChunk), nt = n1 - n0;
+      // Group-major items: neighbouring items (and so the two threads, most of the time) work on
+      // different token ranges of one group, so they neither share output cache lines (an idx row is
+      // G int64 = one line for G = 8) nor evict each other's packed codebook.
+      const int g = int(item / n_chunks);
+      const int64_t n0 = (item % n_chunks) * kChunk, n1 = std::min(N, n0 + kChunk), nt = n1 - n0;
       for (int64_t t = 0; t < nt; ++t) {  // prepare: unit z (cosine) or raw z (L2)
         const float* src = z + ((n0 + t) * G + g) * d;
         float* dst = zt.data() + t * d;
