@@ -170,7 +170,7 @@ inline int64_t lookup(const float* z, int64_t N, int G, int64_t K, int d, bool n
   // Threads only for enough work (~>1 ms on one core): on small calls (one image) a thread team costs
   // more than it saves, and on a shared, loaded machine waiting for a descheduled second thread costs
   // milliseconds. Dynamic scheduling lets a running thread take the work of a late one.
-  const bool threaded = double(N) * G * K * d > 6.0e7;
+  [[maybe_unused]] const bool threaded = double(N) * G * K * d > 6.0e7;
 #pragma omp parallel reduction(+ : missing) if (threaded)
   {
     std::vector<float> zt(kChunk * d);
