@@ -169,13 +169,13 @@ inline int64_t lookup(const float* z, int64_t N, int G, int64_t K, int d, bool n
   int64_t missing = 0;
   // Threads only for enough work (~>1 ms on one core): on small calls (one image) a thread team costs
   // more than it saves, and on a shared, loaded machine waiting for a descheduled second thread costs
-  // milliseconds. Dynamic scheduling lets a running thread take the work of a late one.
+  // milliseconds.
   [[maybe_unused]] const bool threaded = double(N) * G * K * d > 6.0e7;
 #pragma omp parallel reduction(+ : missing) if (threaded)
   {
     std::vector<float> zt(kChunk * d);
     int32_t bi[kChunk];
-#pragma omp for schedule(dynamic, 2)
+#pragma omp for schedule(static)
     for (int64_t item = 0; item < n_chunks * G; ++item) {
       // Group-major items: neighbouring items (and so the two threads, most of the time) work on
       // different token ranges of one group, so they neither share output cache lines (an idx row is
