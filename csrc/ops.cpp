@@ -18,6 +18,14 @@ TORCH_LIBRARY(htc, m) {
   m.def("star_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta,"
         " Tensor kinds, Tensor groups, Tensor plan, int block_q, int block_k, int topology,"
         " float scale) -> (Tensor, Tensor, Tensor)");
+  // MGVQ grouped nearest-code lookup (DESIGN.md §3). z [..., G, d], codebook [G, K, d], same dtype
+  // -> codes [..., G, d] (z's dtype; unit-normalised codes when normalize), indices [...,  G] int64.
+  // normalize: cosine (largest <z/|z|, c/|c|>), else squared L2. Ties -> lowest index.
+  m.def("mgvq_lookup(Tensor z, Tensor codebook, bool normalize) -> (Tensor, Tensor)");
+  // Straight-through backward: grad_codes [..., G, d] -> grad_z (through z's normalisation when
+  // normalize), grad_codebook [G, K, d] (index-add onto the selected codes, through their normalisation).
+  m.def("mgvq_lookup_backward(Tensor grad_codes, Tensor z, Tensor codebook, Tensor indices,"
+        " bool normalize) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -5,12 +5,16 @@ Public API (DESIGN.md §3)::
     hk.TokenKind, hk.StarLayout, hk.star_mask
     hk.star_attention(q, k, v, layout, scale=None, backend="auto")
     hk.star_attention_reference(q, k, v, layout, scale=None)
+    hk.mgvq_lookup(z, codebook, normalize=True, backend="auto")
+    hk.mgvq_lookup_reference(z, codebook, normalize=True)
+    hk.GroupedQuantizer (htc_kernels.mgvq)
     hk.info()
 """
 
 from htc_kernels import _ext  # noqa: F401  (loads the extension, warns once if it cannot)
 from htc_kernels.layout import StarLayout, TokenKind, star_mask
-from htc_kernels.ops import star_attention
+from htc_kernels.mgvq import GroupedQuantizer
+from htc_kernels.ops import mgvq_lookup, mgvq_lookup_reference, star_attention
 from htc_kernels.reference import star_attention_reference
 
 __version__ = "0.1.0"
@@ -36,10 +40,13 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "GroupedQuantizer",
     "StarLayout",
     "TokenKind",
     "hf",
     "info",
+    "mgvq_lookup",
+    "mgvq_lookup_reference",
     "star_attention",
     "star_attention_reference",
     "star_mask",
