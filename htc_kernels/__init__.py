@@ -12,20 +12,13 @@ Public API (DESIGN.md §3)::
 """
 
 from htc_kernels import _ext  # noqa: F401  (loads the extension, warns once if it cannot)
+from htc_kernels._info import info
 from htc_kernels.layout import StarLayout, TokenKind, star_mask
 from htc_kernels.mgvq import GroupedQuantizer
 from htc_kernels.ops import mgvq_lookup, mgvq_lookup_reference, star_attention
 from htc_kernels.reference import star_attention_reference
 
 __version__ = "0.1.0"
-
-
-def info() -> dict:
-    """Versions, extension status, compiled archs, CPU ISA and usable backends (see htc_kernels.info)."""
-    from htc_kernels.info import info as _info
-
-    return _info()
-
 
 
 

@@ -8,6 +8,14 @@ import warnings
 
 _C = None
 LOAD_ERROR: str | None = None
+# Every schema of csrc/ops.cpp that htc_kernels/ops.py registers fake/autograd implementations for.
+REQUIRED_OPS = (
+    "star_plan",
+    "star_attention",
+    "star_attention_backward",
+    "mgvq_lookup",
+    "mgvq_lookup_backward",
+)
 
 if os.environ.get("HTC_NO_EXT") == "1":
     LOAD_ERROR = "disabled by HTC_NO_EXT=1"
@@ -16,6 +24,11 @@ else:
         import torch  # noqa: F401  (loads libtorch before the extension)
 
         from htc_kernels import _C  # type: ignore[attr-defined,no-redef]
+
+        # A stale build (sources newer than the .so) lacks schemas the Python side registers against.
+        missing = [op for op in REQUIRED_OPS if not hasattr(torch.ops.htc, op)]
+        if missing:
+            raise ImportError(f"stale build: ops {missing} missing from htc_kernels._C")
     except Exception as exc:  # noqa: BLE001 (any import failure must degrade, not crash)
         _C = None
         LOAD_ERROR = f"{type(exc).__name__}: {exc}"

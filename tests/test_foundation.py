@@ -64,3 +64,10 @@ def test_import_without_extension_warns_and_reference_works():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_info_callable_twice():
+    assert hk.info()["extension_loaded"] == hk.info()["extension_loaded"]
+    import htc_kernels.info  # noqa: F401  (the CLI module must not shadow the function)
+
+    assert callable(hk.info) and isinstance(hk.info(), dict)
