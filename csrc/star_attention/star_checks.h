@@ -24,3 +24,53 @@ inline void check_plan_args(const at::Tensor& kinds, const at::Tensor& groups, i
 }
 
 }  // namespace htc
+
+namespace htc {
+
+// q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D], kinds/groups [Bl, Skv] with Bl in {1, B}, plan
+// [Bl, ceil(Sq/block_q), ceil(Skv/block_k)] uint8.
+inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& kinds, const at::Tensor& groups,
+                                 const at::Tensor& plan, int64_t block_q, int64_t block_k,
+                                 int64_t topology) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "star_attention: q, k, v must be 4-D [B, H, S, D]");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "star_attention: q, k, v must share a dtype");
+  TORCH_CHECK(k.sizes() == v.sizes(), "star_attention: k ", k.sizes(), " and v ", v.sizes(), " differ");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3),
+              "star_attention: q and k disagree on batch or head dim");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "star_attention: query heads must be a multiple of key/value heads");
+  TORCH_CHECK(q.size(2) >= 1 && q.size(2) <= k.size(2), "star_attention: need 1 <= Sq <= Skv");
+  TORCH_CHECK(kinds.dim() == 2 && kinds.size(1) == k.size(2) &&
+                  (kinds.size(0) == 1 || kinds.size(0) == q.size(0)),
+              "star_attention: kinds must be [1 or B, Skv], got ", kinds.sizes());
+  TORCH_CHECK(kinds.scalar_type() == at::kChar && groups.scalar_type() == at::kInt &&
+                  groups.sizes() == kinds.sizes(),
+              "star_attention: kinds must be int8 and groups int32 of the same shape");
+  TORCH_CHECK(block_q >= 1 && block_k >= 1 && block_q <= 1024 && block_k <= 1024,
+              "star_attention: block sizes must be in [1, 1024]");
+  TORCH_CHECK(plan.scalar_type() == at::kByte && plan.dim() == 3 && plan.size(0) == kinds.size(0) &&
+                  plan.size(1) == (q.size(2) + block_q - 1) / block_q &&
+                  plan.size(2) == (k.size(2) + block_k - 1) / block_k,
+              "star_attention: plan ", plan.sizes(), " does not match the problem and block sizes");
+  TORCH_CHECK(topology == 0 || topology == 1, "star_attention: topology must be 0 or 1");
+  for (const at::Tensor* t : {&k, &v, &kinds, &groups, &plan})
+    TORCH_CHECK(t->device() == q.device(), "star_attention: all tensors must be on ", q.device());
+}
+
+inline void check_backward_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& lse,
+                                const at::Tensor& delta) {
+  TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type(),
+              "star_attention_backward: dout must match q");
+  const std::vector<int64_t> stat{q.size(0), q.size(1), q.size(2)};
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(stat) && lse.scalar_type() == at::kFloat,
+              "star_attention_backward: lse must be float32 [B, Hq, Sq]");
+  TORCH_CHECK(delta.sizes() == at::IntArrayRef(stat) && delta.scalar_type() == at::kFloat,
+              "star_attention_backward: delta must be float32 [B, Hq, Sq]");
+  TORCH_CHECK(dout.device() == q.device() && lse.device() == q.device() && delta.device() == q.device(),
+              "star_attention_backward: all tensors must be on ", q.device());
+}
+
+}  // namespace htc

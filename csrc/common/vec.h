@@ -1,0 +1,14 @@
+// at::vec for this build's ISA. Include this FIRST in a kernel translation unit (before any ATen
+// header), so that at::vec::Vectorized<float> is the AVX-512 (or AVX2) implementation selected by the
+// -march flags of setup.py, in an inline namespace of our own (no clash with libtorch's symbols).
+#pragma once
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define CPU_CAPABILITY_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2 1
+#endif
+#define CPU_CAPABILITY htc_native
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>

@@ -1,0 +1,458 @@
+// CPU star attention, forward and backward (DESIGN.md §2, §4): FlashAttention-2 style tiled online
+// softmax over the block plan. Skipped tiles cost nothing; DIAG tiles (visual self-only) cost a row-wise
+// dot; FULL/CAUSAL/MASKED tiles are fp32 micro-GEMMs over the key columns that can be attended (a MASKED
+// tile is trimmed to its first..last allowed key). Inputs fp32/bf16/fp16, accumulation in fp32. Only the
+// log-sum-exp is saved for backward; scratch is O(tile) per task plus O(S*D) per task in backward.
+//
+// Layouts inside a task: the query tile is kept transposed (qT [D][BQp]) so that scores are produced
+// key-major, sT[j][i] = k_j . q_i, with queries along the vector lanes; the online-softmax statistics of
+// a whole query tile are then plain vector ops over i.
+#include "common/vec.h"  // first: selects the at::vec ISA (see the header)
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "common/gemm.h"
+#include "star_attention/star_checks.h"
+#include "star_attention/star_mask.h"
+
+namespace htc {
+namespace {
+
+using cpu::gemm;
+using cpu::kVL;
+using cpu::round_up;
+using cpu::Vec;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+template <typename T>
+inline float to_f(T x) {
+  return static_cast<float>(x);
+}
+
+// dst[0:Dp] = src[0:D] * mul, zero padded.
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t D, int64_t Dp, float mul) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = to_f(src[d]) * mul;
+  for (int64_t d = D; d < Dp; ++d) dst[d] = 0.f;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {  // n % kVL == 0
+  Vec acc(0.f);
+  for (int64_t d = 0; d < n; d += kVL) acc = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc);
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+}
+
+inline void axpby(float* y, float beta, float alpha, const float* x, int64_t n) {  // y = beta*y + alpha*x
+  const Vec va(alpha), vb(beta);
+  for (int64_t d = 0; d < n; d += kVL)
+    at::vec::fmadd(va, Vec::loadu(x + d), vb * Vec::loadu(y + d)).store(y + d);
+}
+
+// Problem geometry shared by forward and backward.
+struct Geometry {
+  int64_t B, Hq, Hkv, Sq, Skv, D, Dp, bq, bk, BQp, n_qt, n_kt, q_off, plan_batch;
+  int topology;
+  float scale;
+};
+
+// Per query tile: key-sequence position, kind and group of each row (rows past the end are PAD).
+struct Rows {
+  std::vector<int32_t> pos, kind, group;
+  int64_t r0 = 0, m = 0;
+  void fill(const Geometry& g, const int8_t* kinds, const int32_t* groups, int64_t qt) {
+    pos.assign(g.BQp, -1);
+    kind.assign(g.BQp, kPad);
+    group.assign(g.BQp, -1);
+    r0 = qt * g.bq;
+    m = std::min(g.bq, g.Sq - r0);
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t p = r0 + i + g.q_off;
+      pos[i] = static_cast<int32_t>(p);
+      kind[i] = kinds[p];
+      group[i] = groups[p];
+    }
+  }
+};
+
+// Allowed-key mask of one CAUSAL or MASKED tile, key-major: mask[j * BQp + i]; returns the range
+// [jlo, jhi) of keys any row may attend (the tile is trimmed to it). This is star_allowed
+// (star_mask.h) specialised per key so the row loop vectorises; tests check it against the reference.
+inline void tile_mask(const Geometry& g, uint8_t tk, const int8_t* kinds, const int32_t* groups,
+                      const Rows& rows, int64_t k0, int64_t nk, uint8_t* mask, int64_t& jlo,
+                      int64_t& jhi) {
+  jlo = nk;
+  jhi = 0;
+  const int32_t* pos = rows.pos.data();
+  const int32_t* qkind = rows.kind.data();
+  const int32_t* qgroup = rows.group.data();
+  const int64_t n = g.BQp;
+  for (int64_t j = 0; j < nk; ++j) {
+    const int32_t pj = static_cast<int32_t>(k0 + j), kj = kinds[pj], gj = groups[pj];
+    uint8_t* mj = mask + j * n;
+    int any = 0;
+    if (tk == kCausal) {
+#pragma omp simd reduction(| : any)
+      for (int64_t i = 0; i < n; ++i) {
+        const int a = pj <= pos[i];
+        mj[i] = static_cast<uint8_t>(a);
+        any |= a;
+      }
+    } else if (kj == kPad) {
+      for (int64_t i = 0; i < n; ++i) mj[i] = 0;
+    } else if (kj != kVisual) {
+#pragma omp simd reduction(| : any)
+      for (int64_t i = 0; i < n; ++i) {
+        const int a = (pj <= pos[i]) & (qkind[i] != kPad);
+        mj[i] = static_cast<uint8_t>(a);
+        any |= a;
+      }
+    } else {
+      const int star = g.topology == kStar;
+#pragma omp simd reduction(| : any)
+      for (int64_t i = 0; i < n; ++i) {
+        const int same = qgroup[i] == gj;
+        const int vis = (qkind[i] == kVisual) & (star ? (pj == pos[i]) : same);
+        const int a = (pj <= pos[i]) & (vis | ((qkind[i] == kVoco) & same));
+        mj[i] = static_cast<uint8_t>(a);
+        any |= a;
+      }
+    }
+    if (any) {
+      jlo = std::min(jlo, j);
+      jhi = j + 1;
+    }
+  }
+}
+
+inline void apply_mask(float* sT, const uint8_t* mask, int64_t nj, int64_t n) {
+  for (int64_t j = 0; j < nj; ++j)
+    for (int64_t i = 0; i < n; ++i)
+      if (!mask[j * n + i]) sT[j * n + i] = kNegInf;
+}
+
+// Rows [k0, k0+nk) of one head of K or V as fp32 rows of stride *ld: the tensor itself when it is
+// fp32 with D a multiple of the vector width, else converted into `buf` (zero padded to Dp).
+template <typename T>
+inline const float* key_rows(const T* base, int64_t stride, const Geometry& g, int64_t k0, int64_t nk,
+                             float* buf, int64_t* ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (g.D == g.Dp) {
+      *ld = stride;
+      return base + k0 * stride;
+    }
+  }
+  for (int64_t j = 0; j < nk; ++j) load_row(base + (k0 + j) * stride, buf + j * g.Dp, g.D, g.Dp, 1.f);
+  *ld = g.Dp;
+  return buf;
+}
+
+// The query tile (or dO tile) of `rows`, scaled by `mul`, row-major [BQp][Dp] and transposed [D][BQp].
+template <typename T>
+inline void load_tile(const T* base, int64_t stride, const Geometry& g, const Rows& rows, float mul,
+                      float* row_major, float* transposed) {
+  std::fill(row_major, row_major + g.BQp * g.Dp, 0.f);
+  std::fill(transposed, transposed + g.D * g.BQp, 0.f);
+  for (int64_t i = 0; i < rows.m; ++i) {
+    load_row(base + (rows.r0 + i) * stride, row_major + i * g.Dp, g.D, g.Dp, mul);
+    for (int64_t d = 0; d < g.D; ++d) transposed[d * g.BQp + i] = row_major[i * g.Dp + d];
+  }
+}
+
+template <typename T>
+void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const int8_t* kinds, const int32_t* groups, const uint8_t* plan, at::Tensor& out,
+                  at::Tensor& lse) {
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  float* lp = lse.data_ptr<float>();
+  const int64_t group_size = g.Hq / g.Hkv;
+
+  at::parallel_for(0, g.B * g.Hq * g.n_qt, 1, [&](int64_t begin, int64_t end) {
+    const int64_t BQp = g.BQp, Dp = g.Dp;
+    std::vector<float> q_row(BQp * Dp), qT(g.D * BQp), acc(BQp * Dp), sT(g.bk * BQp);
+    std::vector<float> kbuf(g.bk * Dp), vbuf(g.bk * Dp), m_i(BQp), l_i(BQp), alpha(BQp);
+    std::vector<uint8_t> mask(g.bk * BQp);
+    Rows rows;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (g.Hq * g.n_qt), h = (task / g.n_qt) % g.Hq, qt = task % g.n_qt;
+      const int64_t hk = h / group_size, bl = g.plan_batch == 1 ? 0 : b;
+      const int8_t* kin = kinds + bl * g.Skv;
+      const int32_t* grp = groups + bl * g.Skv;
+      rows.fill(g, kin, grp, qt);
+      const T* qh = qp + b * q.stride(0) + h * q.stride(1);
+      const T* kh = kp + b * k.stride(0) + hk * k.stride(1);
+      const T* vh = vp + b * v.stride(0) + hk * v.stride(1);
+      load_tile(qh, q.stride(2), g, rows, g.scale, q_row.data(), qT.data());
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m_i.begin(), m_i.end(), kNegInf);
+      std::fill(l_i.begin(), l_i.end(), 0.f);
+
+      const uint8_t* tiles = plan + (bl * g.n_qt + qt) * g.n_kt;
+      for (int64_t kt = 0; kt < g.n_kt; ++kt) {
+        const uint8_t tk = tiles[kt];
+        if (tk == kSkip) continue;
+        const int64_t k0 = kt * g.bk, nk = std::min(g.bk, g.Skv - k0);
+        if (tk == kDiag) {
+          for (int64_t i = 0; i < rows.m; ++i) {
+            const int64_t p = rows.pos[i];
+            if (p < k0 || p >= k0 + nk || rows.kind[i] == kPad) continue;
+            int64_t ld;
+            const float* krow = key_rows(kh, k.stride(2), g, p, 1, kbuf.data(), &ld);
+            const float s = dot(q_row.data() + i * Dp, krow, Dp);
+            const float m_new = std::max(m_i[i], s);
+            const float a = std::exp(m_i[i] - m_new), e = std::exp(s - m_new);
+            l_i[i] = l_i[i] * a + e;
+            m_i[i] = m_new;
+            const float* vrow = key_rows(vh, v.stride(2), g, p, 1, vbuf.data(), &ld);
+            axpby(acc.data() + i * Dp, a, e, vrow, Dp);
+          }
+          continue;
+        }
+        int64_t jlo = 0, jhi = nk;
+        if (tk != kFull) tile_mask(g, tk, kin, grp, rows, k0, nk, mask.data(), jlo, jhi);
+        if (jhi <= jlo) continue;
+        const int64_t nj = jhi - jlo;
+        int64_t ldk, ldv;
+        const float* kt_rows = key_rows(kh, k.stride(2), g, k0 + jlo, nj, kbuf.data(), &ldk);
+        const float* vt_rows = key_rows(vh, v.stride(2), g, k0 + jlo, nj, vbuf.data(), &ldv);
+        // sT[j][i] = k_j . (scale q_i)
+        gemm(sT.data(), BQp, kt_rows, ldk, 1, qT.data(), BQp, nj, BQp, g.D, false);
+        if (tk != kFull) apply_mask(sT.data(), mask.data() + jlo * BQp, nj, BQp);
+        for (int64_t i0 = 0; i0 < BQp; i0 += kVL) {
+          const Vec m_old = Vec::loadu(m_i.data() + i0);
+          Vec mx = m_old;
+          for (int64_t j = 0; j < nj; ++j) mx = at::vec::maximum(mx, Vec::loadu(sT.data() + j * BQp + i0));
+          // Rows with nothing allowed yet keep m = -inf; exponentiate against 0 so they stay at 0.
+          const Vec ref = Vec::blendv(mx, Vec(0.f), mx == Vec(kNegInf));
+          const Vec a = (m_old - ref).exp_u20();
+          Vec sum(0.f);
+          for (int64_t j = 0; j < nj; ++j) {
+            const Vec e = (Vec::loadu(sT.data() + j * BQp + i0) - ref).exp_u20();
+            e.store(sT.data() + j * BQp + i0);
+            sum = sum + e;
+          }
+          (Vec::loadu(l_i.data() + i0) * a + sum).store(l_i.data() + i0);
+          mx.store(m_i.data() + i0);
+          a.store(alpha.data() + i0);
+        }
+        for (int64_t i = 0; i < rows.m; ++i) {
+          if (alpha[i] == 1.f) continue;
+          const Vec a(alpha[i]);
+          for (int64_t d = 0; d < Dp; d += kVL) (Vec::loadu(acc.data() + i * Dp + d) * a).store(acc.data() + i * Dp + d);
+        }
+        // acc[i][:] += sum_j p[j][i] v_j
+        gemm(acc.data(), Dp, sT.data(), 1, BQp, vt_rows, ldv, rows.m, Dp, nj, true);
+      }
+
+      T* oh = op + ((b * g.Hq + h) * g.Sq + rows.r0) * g.D;
+      float* lh = lp + (b * g.Hq + h) * g.Sq + rows.r0;
+      for (int64_t i = 0; i < rows.m; ++i) {
+        const bool empty = rows.kind[i] == kPad || l_i[i] == 0.f;
+        const float inv = empty ? 0.f : 1.f / l_i[i];
+        for (int64_t d = 0; d < g.D; ++d) oh[i * g.D + d] = static_cast<T>(acc[i * Dp + d] * inv);
+        lh[i] = empty ? kNegInf : m_i[i] + std::log(l_i[i]);
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const float* lse, const float* delta, const int8_t* kinds,
+                   const int32_t* groups, const uint8_t* plan, at::Tensor& dq, at::Tensor& dk,
+                   at::Tensor& dv) {
+  const T* dop = dout.data_ptr<T>();
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* dqp = dq.data_ptr<T>();
+  T* dkp = dk.data_ptr<T>();
+  T* dvp = dv.data_ptr<T>();
+  const int64_t group_size = g.Hq / g.Hkv;
+
+  // One task owns a (batch, kv head): all its query heads, so dq, dk and dv need no atomics.
+  at::parallel_for(0, g.B * g.Hkv, 1, [&](int64_t begin, int64_t end) {
+    const int64_t BQp = g.BQp, Dp = g.Dp;
+    std::vector<float> q_row(BQp * Dp), qT(g.D * BQp), do_row(BQp * Dp), doT(g.D * BQp);
+    std::vector<float> sT(g.bk * BQp), dpT(g.bk * BQp), kbuf(g.bk * Dp), vbuf(g.bk * Dp);
+    std::vector<float> dk_acc(g.Skv * Dp), dv_acc(g.Skv * Dp), dq_acc(g.Sq * Dp);
+    std::vector<float> lse_i(BQp), delta_i(BQp);
+    std::vector<uint8_t> mask(g.bk * BQp);
+    Rows rows;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / g.Hkv, hk = task % g.Hkv, bl = g.plan_batch == 1 ? 0 : b;
+      const int8_t* kin = kinds + bl * g.Skv;
+      const int32_t* grp = groups + bl * g.Skv;
+      const T* kh = kp + b * k.stride(0) + hk * k.stride(1);
+      const T* vh = vp + b * v.stride(0) + hk * v.stride(1);
+      std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
+      std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
+      for (int64_t h = hk * group_size; h < (hk + 1) * group_size; ++h) {
+        std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
+        const T* qh = qp + b * q.stride(0) + h * q.stride(1);
+        const T* doh = dop + b * dout.stride(0) + h * dout.stride(1);
+        const float* lh = lse + (b * g.Hq + h) * g.Sq;
+        const float* dh = delta + (b * g.Hq + h) * g.Sq;
+        for (int64_t qt = 0; qt < g.n_qt; ++qt) {
+          const uint8_t* tiles = plan + (bl * g.n_qt + qt) * g.n_kt;
+          rows.fill(g, kin, grp, qt);
+          load_tile(qh, q.stride(2), g, rows, g.scale, q_row.data(), qT.data());
+          load_tile(doh, dout.stride(2), g, rows, 1.f, do_row.data(), doT.data());
+          for (int64_t i = 0; i < BQp; ++i) {
+            // PAD rows (lse = -inf) and rows past the end get p = exp(s - inf) = 0.
+            const bool live = i < rows.m && rows.kind[i] != kPad && std::isfinite(lh[rows.r0 + i]);
+            lse_i[i] = live ? lh[rows.r0 + i] : std::numeric_limits<float>::infinity();
+            delta_i[i] = live ? dh[rows.r0 + i] : 0.f;
+          }
+          float* dq_tile = dq_acc.data() + rows.r0 * Dp;
+          for (int64_t kt = 0; kt < g.n_kt; ++kt) {
+            const uint8_t tk = tiles[kt];
+            if (tk == kSkip) continue;
+            const int64_t k0 = kt * g.bk, nk = std::min(g.bk, g.Skv - k0);
+            if (tk == kDiag) {
+              for (int64_t i = 0; i < rows.m; ++i) {
+                const int64_t p = rows.pos[i];
+                if (p < k0 || p >= k0 + nk || !std::isfinite(lse_i[i])) continue;
+                int64_t ld;
+                const float* krow = key_rows(kh, k.stride(2), g, p, 1, kbuf.data(), &ld);
+                const float* vrow = key_rows(vh, v.stride(2), g, p, 1, vbuf.data(), &ld);
+                const float pr = std::exp(dot(q_row.data() + i * Dp, krow, Dp) - lse_i[i]);
+                const float ds = pr * (dot(do_row.data() + i * Dp, vrow, Dp) - delta_i[i]);
+                axpby(dv_acc.data() + p * Dp, 1.f, pr, do_row.data() + i * Dp, Dp);
+                axpby(dk_acc.data() + p * Dp, 1.f, ds, q_row.data() + i * Dp, Dp);
+                axpby(dq_tile + i * Dp, 1.f, ds, krow, Dp);
+              }
+              continue;
+            }
+            int64_t jlo = 0, jhi = nk;
+            if (tk != kFull) tile_mask(g, tk, kin, grp, rows, k0, nk, mask.data(), jlo, jhi);
+            if (jhi <= jlo) continue;
+            const int64_t nj = jhi - jlo, j0 = k0 + jlo;
+            int64_t ldk, ldv;
+            const float* kt_rows = key_rows(kh, k.stride(2), g, j0, nj, kbuf.data(), &ldk);
+            const float* vt_rows = key_rows(vh, v.stride(2), g, j0, nj, vbuf.data(), &ldv);
+            gemm(sT.data(), BQp, kt_rows, ldk, 1, qT.data(), BQp, nj, BQp, g.D, false);
+            if (tk != kFull) apply_mask(sT.data(), mask.data() + jlo * BQp, nj, BQp);
+            gemm(dpT.data(), BQp, vt_rows, ldv, 1, doT.data(), BQp, nj, BQp, g.D, false);
+            for (int64_t j = 0; j < nj; ++j) {
+              float* s = sT.data() + j * BQp;
+              float* dpj = dpT.data() + j * BQp;
+              for (int64_t i0 = 0; i0 < BQp; i0 += kVL) {
+                const Vec p = (Vec::loadu(s + i0) - Vec::loadu(lse_i.data() + i0)).exp_u20();
+                p.store(s + i0);  // sT now holds P^T
+                (p * (Vec::loadu(dpj + i0) - Vec::loadu(delta_i.data() + i0))).store(dpj + i0);  // dS^T
+              }
+            }
+            // dv_j += sum_i p_ji do_i ; dk_j += sum_i ds_ji (scale q_i) ; dq_i += sum_j ds_ji k_j
+            gemm(dv_acc.data() + j0 * Dp, Dp, sT.data(), BQp, 1, do_row.data(), Dp, nj, Dp, rows.m, true);
+            gemm(dk_acc.data() + j0 * Dp, Dp, dpT.data(), BQp, 1, q_row.data(), Dp, nj, Dp, rows.m, true);
+            gemm(dq_tile, Dp, dpT.data(), 1, BQp, kt_rows, ldk, rows.m, Dp, nj, true);
+          }
+        }
+        T* dqh = dqp + (b * g.Hq + h) * g.Sq * g.D;
+        for (int64_t i = 0; i < g.Sq; ++i)
+          for (int64_t d = 0; d < g.D; ++d) dqh[i * g.D + d] = static_cast<T>(dq_acc[i * Dp + d] * g.scale);
+      }
+      T* dkh = dkp + (b * g.Hkv + hk) * g.Skv * g.D;
+      T* dvh = dvp + (b * g.Hkv + hk) * g.Skv * g.D;
+      for (int64_t j = 0; j < g.Skv; ++j)
+        for (int64_t d = 0; d < g.D; ++d) {
+          dkh[j * g.D + d] = static_cast<T>(dk_acc[j * Dp + d]);
+          dvh[j * g.D + d] = static_cast<T>(dv_acc[j * Dp + d]);
+        }
+    }
+  });
+}
+
+at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+Geometry make_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& plan,
+                       int64_t block_q, int64_t block_k, int64_t topology, double scale) {
+  Geometry g;
+  g.B = q.size(0);
+  g.Hq = q.size(1);
+  g.Sq = q.size(2);
+  g.D = q.size(3);
+  g.Hkv = k.size(1);
+  g.Skv = k.size(2);
+  g.Dp = round_up(g.D, kVL);
+  g.bq = block_q;
+  g.bk = block_k;
+  g.BQp = round_up(block_q, kVL);
+  g.n_qt = plan.size(1);
+  g.n_kt = plan.size(2);
+  g.q_off = g.Skv - g.Sq;
+  g.plan_batch = plan.size(0);
+  g.topology = static_cast<int>(topology);
+  g.scale = static_cast<float>(scale);
+  return g;
+}
+
+#define HTC_DISPATCH_KERNEL_TYPES(TYPE, NAME, ...)                                  \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)          \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)   \
+                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+std::tuple<at::Tensor, at::Tensor> star_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                      const at::Tensor& v_in, const at::Tensor& kinds,
+                                                      const at::Tensor& groups, const at::Tensor& plan,
+                                                      int64_t block_q, int64_t block_k,
+                                                      int64_t topology, double scale) {
+  check_attention_args(q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology);
+  const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  const auto kinds_c = kinds.contiguous();
+  const auto groups_c = groups.contiguous();
+  const auto plan_c = plan.contiguous();
+  const Geometry g = make_geometry(q, k, plan_c, block_q, block_k, topology, scale);
+  auto out = at::empty(q.sizes(), q.options());
+  auto lse = at::empty({g.B, g.Hq, g.Sq}, q.options().dtype(at::kFloat));
+  HTC_DISPATCH_KERNEL_TYPES(q.scalar_type(), "star_attention_cpu", [&] {
+    forward_impl<scalar_t>(g, q, k, v, kinds_c.data_ptr<int8_t>(), groups_c.data_ptr<int32_t>(),
+                           plan_c.data_ptr<uint8_t>(), out, lse);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> star_attention_backward_cpu(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& kinds, const at::Tensor& groups,
+    const at::Tensor& plan, int64_t block_q, int64_t block_k, int64_t topology, double scale) {
+  check_attention_args(q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology);
+  check_backward_args(dout_in, q_in, lse, delta);
+  const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  const auto dout = last_dim_contiguous(dout_in);
+  const auto lse_c = lse.contiguous(), delta_c = delta.contiguous();
+  const auto kinds_c = kinds.contiguous();
+  const auto groups_c = groups.contiguous();
+  const auto plan_c = plan.contiguous();
+  const Geometry g = make_geometry(q, k, plan_c, block_q, block_k, topology, scale);
+  auto dq = at::empty(q.sizes(), q.options());
+  auto dk = at::empty(k.sizes(), k.options());
+  auto dv = at::empty(v.sizes(), v.options());
+  HTC_DISPATCH_KERNEL_TYPES(q.scalar_type(), "star_attention_backward_cpu", [&] {
+    backward_impl<scalar_t>(g, dout, q, k, v, lse_c.data_ptr<float>(), delta_c.data_ptr<float>(),
+                            kinds_c.data_ptr<int8_t>(), groups_c.data_ptr<int32_t>(),
+                            plan_c.data_ptr<uint8_t>(), dq, dk, dv);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(htc, CPU, m) {
+  m.impl("star_attention", &star_attention_cpu);
+  m.impl("star_attention_backward", &star_attention_backward_cpu);
+}
+
+}  // namespace htc
