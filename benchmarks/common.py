@@ -164,6 +164,9 @@ mod, name = os.environ["HTC_PROBE_FN"].rsplit(":", 1)
 factory = getattr(importlib.import_module(mod), name)
 fn = factory(**json.loads(os.environ["HTC_PROBE_KWARGS"]))   # builds inputs; returns the call
 torch.set_num_threads(int(os.environ["HTC_PROBE_THREADS"]))
+if isinstance(fn, tuple):                                     # (warm-up on tiny inputs, call)
+    warm, fn = fn
+    warm()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")                                              # reset VmHWM to the current RSS
 base = status("VmRSS")
@@ -175,11 +178,12 @@ print(json.dumps({"extra": status("VmHWM") - base}))
 def peak_rss_extra_bytes(factory: str, threads: int = 1, **kwargs) -> int | None:
     """Whole-process cross-check of :func:`peak_alloc_bytes`: in a fresh Python process, build
     the inputs with ``factory`` (``"module:function"``, called with ``kwargs``, returning a
-    zero-argument callable), reset the RSS high-water mark (``/proc/self/clear_refs``), make ONE
-    call and return ``VmHWM - VmRSS_before``. Sees every page the call touched (malloc, thread
-    stacks, allocator arenas), at page granularity, first-call costs included. Pages freed memory
-    left resident before the call can be reused unseen, so it may under-count; ``None`` if there
-    is no /proc."""
+    zero-argument callable, or ``(warmup, call)``: the warm-up runs first so that code pages and
+    thread stacks are not counted), reset the RSS high-water mark (``/proc/self/clear_refs``),
+    make ONE call and return ``VmHWM - VmRSS_before``. Sees every page the call touched (malloc,
+    thread stacks, allocator arenas, code paged in), at page granularity. Memory freed but still
+    resident before the call can be reused unseen, so it may under-count; ``None`` without /proc.
+    """
     import json
     import subprocess
     import sys
