@@ -13,12 +13,21 @@ print them.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from benchmarks import common
 
 _RATES: dict | None = None
+_LOAD: dict = {}
+
+
+def pytest_sessionstart(session):
+    # Other processes competing for the cores make multi-threaded timings (and the thread-scaling
+    # ratio) unreliable; the report warns when the machine was busy before we started.
+    _LOAD["loadavg_at_start"] = list(os.getloadavg())
 
 
 @pytest.fixture(scope="session")
@@ -55,5 +64,8 @@ def peak_mem():
 def pytest_benchmark_update_machine_info(config, machine_info):
     if _RATES is not None:
         machine_info["htc_rates"] = dict(_RATES)
+    machine_info.update(_LOAD)
+    machine_info["loadavg_at_end"] = list(os.getloadavg())
+    machine_info["cpu_count"] = os.cpu_count()
     machine_info["torch"] = torch.__version__
     machine_info["torch_threads_default"] = common.default_threads()

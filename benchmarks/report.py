@@ -93,6 +93,15 @@ def render(data: dict, groups: dict[str, list[dict]]) -> str:
             f"bf16 GEMM {rates['bf16_gemm_gflops']:.0f} GFLOP/s, "
             f"copy {rates['copy_gbps']:.1f} GB/s (read+write)"
         )
+    start, cpus = mi.get("loadavg_at_start"), mi.get("cpu_count")
+    if start and cpus:
+        out.append(f"load average before the run: {start[0]:.2f} (1 min) on {cpus} CPUs")
+        if start[0] > 0.5:
+            out.append(
+                "WARNING: other processes were using the CPU when the run started; multi-threaded "
+                "timings and the thread-scaling ratio are unreliable (peers made of many small ops "
+                "suffer most). Re-run on an idle machine, or compare with --stat min."
+            )
     out.append(
         f"peer/htc: peer {STAT[:-3]} / htc {STAT[:-3]} (>1: htc is that many times faster). "
         f"x floor: {STAT[:-3]} / floor. IQR: of the rounds, relative to the median.\n"

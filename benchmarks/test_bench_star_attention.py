@@ -468,6 +468,7 @@ def run_case(
     info["shape"] = shape_str(case)
     info["allowed_frac_of_causal"] = round(pairs / (b * s * (s + 1) / 2), 4)
     info["floor_ms"] = floor_ms(flops, nbytes, dtype)
+    info["floor_flops"], info["floor_bytes"] = flops, nbytes
     info["rel_err"] = {kk: float(f"{vv:.3g}") for kk, vv in errs.items()}
     if provider == "htc":
         info["backend"] = HTC_BACKEND
