@@ -21,8 +21,10 @@ test-cpp:
 	ctest --test-dir build --output-on-failure
 
 bench: setup
-	$(PY) -m pytest benchmarks/ --benchmark-only -q -p no:randomly
-	$(PY) -m benchmarks.report
+	mkdir -p benchmarks/results
+	$(PY) -m pytest benchmarks/ --benchmark-only -q -p no:randomly \
+		--benchmark-json=benchmarks/results/latest.json
+	$(PY) -m benchmarks.report benchmarks/results/latest.json
 
 lint:
 	$(VENV)/bin/ruff check htc_kernels htc_model tests benchmarks

@@ -1,0 +1,1 @@
+"""Benchmark suites (pytest-benchmark) and the comparison report (python -m benchmarks.report)."""

@@ -1,0 +1,582 @@
+"""star_attention benchmarks (issue 3): our CPU kernel ("htc") against the ways people compute this
+attention today, on the shapes HTC-VLM runs.
+
+Providers (every one checked against the float64 dense reference before it is timed):
+    htc              hk.star_attention(backend="cpu"), the C++ kernel.
+                     HTC_BENCH_STAR_BACKEND=reference swaps in the dense reference as a stand-in
+                     (development only; the report flags it).
+    sdpa dense mask  F.scaled_dot_product_attention with the dense bool mask of hk.star_mask
+                     (what HF and VoCo-LLaMA do). Fully-masked PAD rows: torch's CPU SDPA
+                     returns 0 for them (the correctness check verifies it).
+    eager            matmul + masked_fill(finfo.min) + fp32 softmax + matmul (HF "eager"); PAD rows
+                     zeroed afterwards.
+    flex compiled    torch.compile(flex_attention) with a BlockMask built from the same rule
+                     (forward only: FlexAttention has no CPU backward). Compile time is not timed.
+    hand-split       the per-segment PyTorch a careful user writes (HandSplit below).
+
+Per-layout preprocessing (dense masks, block masks, hand-split indices, htc's block plan) is built
+once outside the timed region for every provider, as a model would do once per batch for all layers.
+
+Cases: "llava" is DESIGN §7's shape (B=1, 32 heads, D=128, 35 text + 580 visual + 1 voco + 64 text);
+"4img" (4 images, S=2455) and "batch8" (8 samples with different text lengths, right-padded) use
+8 heads so that ``make bench`` stays at a few minutes (per-head work is identical; ratios count).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import htc_kernels as hk
+from benchmarks import common
+from htc_kernels import _ext
+
+T, V, C, P = (
+    int(x) for x in (hk.TokenKind.TEXT, hk.TokenKind.VISUAL, hk.TokenKind.VOCO, hk.TokenKind.PAD)
+)
+HTC_BACKEND = os.environ.get("HTC_BENCH_STAR_BACKEND", "cpu")
+FAMILY = "star_attention"
+
+# --------------------------------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------------------------------
+
+
+def _llava_kinds(scale: int = 1) -> list[int]:
+    return [T] * (35 * scale) + [V] * (580 * scale) + [C] * scale + [T] * (64 * scale)
+
+
+def _four_image_kinds() -> list[int]:
+    kinds = [T] * 35
+    for _ in range(4):
+        kinds += [V] * 580 + [C] + [T] * 8
+    return kinds + [T] * 64
+
+
+def _batch8_kinds() -> list[list[int]]:
+    prefixes = [35, 20, 48, 27, 41, 33, 22, 50]
+    suffixes = [64, 17, 40, 9, 58, 31, 23, 46]
+    rows = [[T] * p + [V] * 580 + [C] + [T] * s for p, s in zip(prefixes, suffixes)]
+    width = max(len(r) for r in rows)
+    return [r + [P] * (width - len(r)) for r in rows]  # right padding (training batches)
+
+
+CASES = {
+    # name: (kinds, batch, heads, head_dim)
+    "llava": (_llava_kinds(), 1, 32, 128),
+    "4img": (_four_image_kinds(), 1, 8, 128),
+    "batch8": (_batch8_kinds(), 8, 8, 128),
+    # memory scaling: the LLaVA structure at S = 680 and x4 (S = 2720), 8 heads
+    "mem-680": (_llava_kinds(), 1, 8, 128),
+    "mem-2720": (_llava_kinds(4), 1, 8, 128),
+    # warms up code paths and threads in the RSS probe
+    "tiny": ([T] * 5 + [V] * 20 + [C] + [T] * 6, 1, 2, 128),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@functools.cache
+def layout_of(case: str) -> hk.StarLayout:
+    return hk.StarLayout(torch.tensor(CASES[case][0]), topology="star")
+
+
+@functools.cache
+def allowed_pairs(case: str) -> int:
+    """Allowed (i, j) pairs summed over the batch (per head)."""
+    kinds, b, _h, _d = CASES[case]
+    lay = layout_of(case)
+    n = int(hk.star_mask(lay).sum())
+    return n * (b // lay.batch_size)
+
+
+def shape_str(case: str) -> str:
+    kinds, b, h, d = CASES[case]
+    s = len(kinds[0]) if isinstance(kinds[0], list) else len(kinds)
+    return f"B={b} H={h} S={s} D={d}"
+
+
+@functools.cache
+def _inputs_fp32(case: str):
+    """q, k, v, dout in fp32 with values exactly representable in bf16, so that one float64
+    reference serves both dtypes."""
+    kinds, b, h, d = CASES[case]
+    s = layout_of(case).seq_len
+    g = torch.Generator().manual_seed(1234 + len(case))
+    return tuple(torch.randn(b, h, s, d, generator=g).bfloat16().float() for _ in range(4))
+
+
+def inputs(case: str, dtype: torch.dtype, requires_grad: bool):
+    q, k, v, dout = (x.to(dtype) for x in _inputs_fp32(case))
+    if requires_grad:
+        q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    return q, k, v, dout
+
+
+def _ref_fwd_bwd(case: str, dtype: torch.dtype, with_grad: bool):
+    """The dense reference's output (and dq, dk, dv), computed a few heads at a time (heads are
+    independent; keeps the S×S float64 intermediates of the S=2720 case at a few hundred MB)."""
+    q, k, v, dout = inputs(case, dtype, requires_grad=False)
+    b, h, s, _d = q.shape
+    chunk = max(1, int(2**28 // (b * s * s * 8)))
+    results = []
+    for h0 in range(0, h, chunk):
+        sl = slice(h0, min(h, h0 + chunk))
+        qc, kc, vc = (x[:, sl].clone().requires_grad_(with_grad) for x in (q, k, v))
+        with torch.enable_grad() if with_grad else torch.no_grad():
+            out = hk.star_attention_reference(qc, kc, vc, layout_of(case))
+            grads = torch.autograd.grad(out, (qc, kc, vc), dout[:, sl]) if with_grad else ()
+        results.append((out.detach(), *grads))
+    return tuple(torch.cat(parts, dim=1) for parts in zip(*results))
+
+
+@functools.cache
+def reference64(case: str, with_grad: bool):
+    return _ref_fwd_bwd(case, torch.float64, with_grad)
+
+
+@functools.cache
+def tolerances(case: str, dtype_name: str, with_grad: bool) -> tuple[float, ...]:
+    """DESIGN §6: fp32 1e-4 relative; bf16: 2× the error of the same dense PyTorch math done in
+    bf16, plus a 1e-3 floor (per output: out, dq, dk, dv)."""
+    n = 4 if with_grad else 1
+    if dtype_name == "fp32":
+        return (1e-4,) * n
+    low = _ref_fwd_bwd(case, DTYPES[dtype_name], with_grad)
+    return tuple(2 * common.rel_err(x, r) + 1e-3 for x, r in zip(low, reference64(case, with_grad)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Providers: each factory does the per-layout preprocessing and returns fn(q, k, v) -> out
+# --------------------------------------------------------------------------------------------------
+
+
+def make_htc(case: str):
+    if not _ext.available():
+        pytest.skip(f"htc_kernels compiled extension not loaded: {_ext.LOAD_ERROR}")
+    lay = layout_of(case)
+
+    def fn(q, k, v):
+        return hk.star_attention(q, k, v, lay, backend=HTC_BACKEND)
+
+    return fn
+
+
+def _keep_rows(case: str) -> torch.Tensor:
+    """[B, 1, S, 1] bool: query rows that are not PAD."""
+    return (layout_of(case).kinds != P)[:, None, :, None]
+
+
+def make_sdpa(case: str):
+    mask = hk.star_mask(layout_of(case))[:, None]  # [B or 1, 1, S, S]
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    return fn
+
+
+def make_eager(case: str):
+    lay = layout_of(case)
+    masked_out = ~hk.star_mask(lay)[:, None]
+    keep = _keep_rows(case)
+    scale = 1.0 / math.sqrt(CASES[case][3])
+
+    def fn(q, k, v):
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(masked_out, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v) * keep
+
+    return fn
+
+
+@functools.lru_cache(maxsize=1)
+def _flex_compiled():
+    import torch._inductor.config
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # In-process compilation: inductor's default pool of compile-worker subprocesses keeps warming
+    # up after the first compile and stole the CPU from the benchmarks that ran next (seen: 10x
+    # slower hand-split right after a flex compile). Compile time is never timed anyway.
+    torch._inductor.config.compile_threads = 1
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.cache
+def _flex_block_mask(case: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lay = layout_of(case)
+    kd, gr = lay.kinds.long(), lay.groups.long()
+    b = lay.batch_size
+
+    def mask_mod(bi, hi, qi, kj):
+        kq, kk = kd[bi, qi], kd[bi, kj]
+        ok = (kj <= qi) & (kq != P) & (kk != P)
+        visual_ok = torch.where(kq == V, kj == qi, (kq == C) & (gr[bi, qi] == gr[bi, kj]))
+        return ok & ((kk != V) | visual_ok)
+
+    s = lay.seq_len
+    return create_block_mask(mask_mod, b if b > 1 else None, None, s, s, device="cpu")
+
+
+@functools.lru_cache(maxsize=1)
+def flex_backward_reason() -> str | None:
+    """Why FlexAttention cannot do a backward on CPU (probed on tiny inputs), or None if it can."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q = torch.randn(1, 1, 16, 16, requires_grad=True)
+    try:
+        flex_attention(q, q.detach(), q.detach()).sum().backward()
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def make_flex(case: str):
+    """Compiled FlexAttention. Every (case, dtype) is a new compilation: dynamo's default recompile
+    limit (8) would be hit during the suite and flex would silently fall back to its unfused eager
+    path, so the limit is raised, and a fallback is turned into an error (checked on the first call
+    for each dtype)."""
+    from torch.nn.attention import flex_attention as flex_mod
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    bm = _flex_block_mask(case)
+    compiled = _flex_compiled()
+    checked: set[torch.dtype] = set()
+
+    def fn(q, k, v):
+        if q.dtype in checked:
+            return compiled(q, k, v, block_mask=bm)
+        flex_mod._WARNINGS_SHOWN.discard("flex_attention_performance")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="flex_attention called without torch.compile")
+            out = compiled(q, k, v, block_mask=bm)
+        checked.add(q.dtype)
+        return out
+
+    return fn
+
+
+class HandSplit:
+    """Per-segment PyTorch composition of star attention (star topology, any layout): per sample,
+
+    - text and voco rows: one causal SDPA over the compacted non-visual sequence (text never sees a
+      visual key, so dropping them and keeping the order is exact);
+    - voco rows, recomputed: SDPA over [own image's visual keys; non-visual keys] with a small mask;
+    - each visual run: its rows attend the non-visual keys before the run (one small GEMM, shared by
+      the run) plus themselves (a row-wise dot), one softmax over the concatenation;
+    - each piece is written into one preallocated output (zeros where there is padding).
+
+    All indices are precomputed per layout. Differentiable (plain autograd).
+    """
+
+    def __init__(self, layout: hk.StarLayout, head_dim: int):
+        if layout.topology != "star":
+            raise NotImplementedError("HandSplit implements the star topology only")
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.samples = [
+            self._plan(layout.kinds[b].long(), layout.groups[b].long())
+            for b in range(layout.batch_size)
+        ]
+        self.has_pad = bool((layout.kinds == P).any())
+
+    @staticmethod
+    def _plan(kinds: torch.Tensor, groups: torch.Tensor) -> dict:
+        s = kinds.numel()
+        nv_idx = ((kinds == T) | (kinds == C)).nonzero().flatten()
+        comp = torch.full((s,), -1, dtype=torch.long)  # position -> index in the compacted sequence
+        comp[nv_idx] = torch.arange(nv_idx.numel())
+        kl = kinds.tolist()
+        runs, vocos = [], []
+        i = 0
+        while i < s:
+            j = i
+            while j < s and kl[j] == kl[i] and (kl[i] != C or groups[j] == groups[i]):
+                j += 1
+            if kl[i] == V:
+                n_before = int(((kinds[:i] == T) | (kinds[:i] == C)).sum())
+                runs.append((i, j, n_before))
+            elif kl[i] == C:
+                vis = (
+                    ((kinds == V) & (groups == groups[i]) & (torch.arange(s) < i))
+                    .nonzero()
+                    .flatten()
+                )
+                qc = comp[i:j]  # compacted indices of these voco rows
+                n_keys = int(qc[-1]) + 1
+                causal = torch.arange(n_keys)[None, :] <= qc[:, None]
+                mask = torch.cat([torch.ones(j - i, vis.numel(), dtype=torch.bool), causal], dim=1)
+                vocos.append((vis, qc, n_keys, mask))
+            i = j
+        return {"nv": nv_idx, "runs": runs, "vocos": vocos}
+
+    def __call__(self, q, k, v):
+        b_sz, hq, s, d = q.shape
+        if k.shape[1] != hq:
+            k = k.repeat_interleave(hq // k.shape[1], dim=1)
+            v = v.repeat_interleave(hq // v.shape[1], dim=1)
+        out = q.new_zeros(b_sz, hq, s, d) if self.has_pad else q.new_empty(b_sz, hq, s, d)
+        for b in range(b_sz):
+            smp = self.samples[b if len(self.samples) > 1 else 0]
+            qb, kb, vb, ob = q[b], k[b], v[b], out[b]
+            nv = smp["nv"]
+            qn, kn, vn = qb.index_select(1, nv), kb.index_select(1, nv), vb.index_select(1, nv)
+            on = F.scaled_dot_product_attention(qn, kn, vn, is_causal=True)
+            for vis, qc, n_keys, mask in smp["vocos"]:
+                keys = torch.cat([kb.index_select(1, vis), kn[:, :n_keys]], dim=1)
+                vals = torch.cat([vb.index_select(1, vis), vn[:, :n_keys]], dim=1)
+                ov = F.scaled_dot_product_attention(
+                    qn.index_select(1, qc), keys, vals, attn_mask=mask
+                )
+                on = on.index_copy(1, qc, ov)
+            ob.index_copy_(1, nv, on)
+            for a, e, c in smp["runs"]:
+                qr, kr, vr = qb[:, a:e], kb[:, a:e], vb[:, a:e]
+                prefix = torch.matmul(qr, kn[:, :c].transpose(-1, -2)) * self.scale
+                own = (qr * kr).sum(-1, keepdim=True) * self.scale
+                p = torch.softmax(torch.cat([prefix, own], dim=-1), dim=-1, dtype=torch.float32)
+                p = p.to(q.dtype)
+                ob[:, a:e] = torch.baddbmm(p[..., c:] * vr, p[..., :c], vn[:, :c])
+        return out
+
+
+def make_handsplit(case: str):
+    return HandSplit(layout_of(case), CASES[case][3])
+
+
+PROVIDERS = {  # flex last in each group: its compilation must not disturb another's timing
+    "htc": make_htc,
+    "sdpa dense mask": make_sdpa,
+    "eager": make_eager,
+    "hand-split": make_handsplit,
+    "flex compiled": make_flex,
+}
+
+# --------------------------------------------------------------------------------------------------
+# Targets (issue 3), attached to the htc rows; report.py checks them
+# --------------------------------------------------------------------------------------------------
+
+
+def targets_for(case: str, dtype_name: str, mode: str) -> list[dict]:
+    t = []
+    if dtype_name == "fp32" and mode == "fwd" and case == "llava":
+        t += [
+            {"kind": "speedup", "peer": "sdpa dense mask", "min": 10.0},
+            {"kind": "speedup", "peer": "hand-split", "min": 2.5},
+            {"kind": "floor", "max": 3.0},
+        ]
+    if dtype_name == "fp32" and mode == "fwdbwd":
+        t.append({"kind": "speedup", "peer": "sdpa dense mask", "min": 5.0})
+    if dtype_name == "bf16":
+        t.append({"kind": "speedup", "peer": "sdpa dense mask", "min": 1.0})
+    return t
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmarks
+# --------------------------------------------------------------------------------------------------
+
+MODES = ("fwd", "fwdbwd")
+
+
+FULL = os.environ.get("HTC_BENCH_FULL") == "1"
+
+
+def _matrix():
+    for case in ("llava", "4img", "batch8"):
+        for dtype_name in DTYPES:
+            for mode in MODES:
+                for prov in PROVIDERS:
+                    if prov == "eager" and mode == "fwdbwd" and case != "llava" and not FULL:
+                        continue  # the slowest peer by far; HTC_BENCH_FULL=1 runs it
+                    yield pytest.param(
+                        case, dtype_name, mode, prov, id=f"{case}-{dtype_name}-{mode}-{prov}"
+                    )
+
+
+def _timed_call(fn, q, k, v, dout, mode):
+    if mode == "fwd":
+        return lambda: fn(q, k, v)  # run under torch.no_grad() by the caller
+    return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
+
+
+def _check(provider, case, dtype_name, mode, fn, q, k, v, dout):
+    with_grad = mode == "fwdbwd"
+    if with_grad:
+        out = fn(q, k, v)
+        got = (out.detach(), *torch.autograd.grad(out, (q, k, v), dout))
+    else:
+        with torch.no_grad():
+            got = (fn(q, k, v),)
+    refs = reference64(case, with_grad)
+    tols = tolerances(case, dtype_name, with_grad)
+    errs = {}
+    for name, x, r, tol in zip(("out", "dq", "dk", "dv"), got, refs, tols):
+        assert x.shape == r.shape and x.dtype == q.dtype, f"{provider}: {name} {x.shape} {x.dtype}"
+        errs[name] = common.rel_err(x, r)
+        assert errs[name] <= tol, (
+            f"{provider} is wrong on {case} {dtype_name} {mode}: {name} relative error "
+            f"{errs[name]:.3g} > {tol:.3g}"
+        )
+    return errs
+
+
+def run_case(
+    benchmark,
+    case,
+    dtype_name,
+    mode,
+    provider,
+    floor_ms,
+    peak_mem,
+    threads,
+    *,
+    group=None,
+    fn=None,
+    targets=None,
+    measure_mem=True,
+    budget_s=0.8,
+):
+    dtype = DTYPES[dtype_name]
+    benchmark.group = group or f"{FAMILY}: {case} {dtype_name} {mode}"
+    if fn is None:
+        fn = PROVIDERS[provider](case)
+    q, k, v, dout = inputs(case, dtype, requires_grad=(mode == "fwdbwd"))
+    errs = _check(provider, case, dtype_name, mode, fn, q, k, v, dout)  # also warms up / compiles
+    call = _timed_call(fn, q, k, v, dout, mode)
+    est = common.time_once(call)
+
+    b, h, d = CASES[case][1:]
+    s = layout_of(case).seq_len
+    pairs = allowed_pairs(case)
+    tensor_bytes = b * h * s * d * q.element_size()
+    if mode == "fwd":
+        flops, nbytes = 4 * d * h * pairs, 4 * tensor_bytes  # read q, k, v; write o
+    else:  # FA-2 accounting: backward = 2.5x the forward GEMM FLOPs; q,k,v,o,dO in, dq,dk,dv out
+        flops, nbytes = 14 * d * h * pairs, 12 * tensor_bytes
+
+    info = benchmark.extra_info
+    info["provider"] = provider
+    info["threads"] = torch.get_num_threads()
+    info["shape"] = shape_str(case)
+    info["allowed_frac_of_causal"] = round(pairs / (b * s * (s + 1) / 2), 4)
+    info["floor_ms"] = floor_ms(flops, nbytes, dtype)
+    info["floor_flops"], info["floor_bytes"] = flops, nbytes
+    info["rel_err"] = {kk: float(f"{vv:.3g}") for kk, vv in errs.items()}
+    if provider == "htc":
+        info["backend"] = HTC_BACKEND
+        info["targets"] = targets if targets is not None else targets_for(case, dtype_name, mode)
+    with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+        benchmark.pedantic(
+            call,
+            rounds=common.rounds_for(est, budget_s),
+            warmup_rounds=1 if est < 0.2 else 0,
+            iterations=1,
+        )
+    if measure_mem:
+        with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+            info["peak_extra_mem_bytes"] = peak_mem(call)
+    return info
+
+
+@pytest.mark.parametrize("case, dtype_name, mode, provider", list(_matrix()))
+def test_star_attention(benchmark, case, dtype_name, mode, provider, floor_ms, peak_mem, threads):
+    if provider == "flex compiled" and mode == "fwdbwd":
+        reason = flex_backward_reason()
+        if reason is not None:
+            pytest.skip(f"FlexAttention has no CPU backward ({reason})")
+    run_case(benchmark, case, dtype_name, mode, provider, floor_ms, peak_mem, threads)
+
+
+# Thread scaling: htc with all threads (the "htc" row) vs 1 thread, LLaVA fp32 forward.
+@pytest.mark.parametrize("nthreads", ["all", 1])
+def test_star_attention_threads(benchmark, nthreads, floor_ms, peak_mem, threads):
+    if threads < 2:
+        pytest.skip(f"thread scaling needs >= 2 threads, this run uses {threads}")
+    n = threads if nthreads == "all" else 1
+    name = "htc" if nthreads == "all" else "htc 1 thread"
+    targets = [{"kind": "speedup", "peer": "htc 1 thread", "min": 1.7}]
+    fn = make_htc("llava")
+    with common.num_threads(n):
+        run_case(
+            benchmark,
+            "llava",
+            "fp32",
+            "fwd",
+            name,
+            floor_ms,
+            peak_mem,
+            threads,
+            group=f"{FAMILY}: threads llava fp32 fwd ({threads} vs 1)",
+            fn=fn,
+            targets=targets,
+            measure_mem=False,
+        )
+
+
+# Peak extra memory vs S: the same structure at S=680 and S=2720 (linear growth: 4x; S^2: 16x).
+MEM_PROVIDERS = ("htc", "sdpa dense mask", "hand-split")
+
+
+def rss_factory(case: str, provider: str, dtype_name: str, mode: str):
+    """For common.peak_rss_extra_bytes (runs in a fresh process): (warm-up call on a tiny layout,
+    the measured call)."""
+
+    def make(c):
+        fn = PROVIDERS[provider](c)
+        q, k, v, dout = inputs(c, DTYPES[dtype_name], requires_grad=(mode == "fwdbwd"))
+        call = _timed_call(fn, q, k, v, dout, mode)
+
+        def run():
+            with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+                return call()
+
+        return run
+
+    return make("tiny"), make(case)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", ["mem-680", "mem-2720"])
+@pytest.mark.parametrize("provider", MEM_PROVIDERS)
+def test_star_attention_memory(benchmark, provider, case, mode, floor_ms, peak_mem, threads):
+    targets = []
+    if provider == "htc" and case == "mem-2720":
+        targets = [
+            {
+                "kind": "mem_growth",
+                "vs_group": f"{FAMILY}: mem S=680 fp32 {mode}",
+                "max": 6.0,
+                "note": "S x4: linear = 4x, S^2 = 16x",
+            }
+        ]
+    s = layout_of(case).seq_len
+    info = run_case(
+        benchmark,
+        case,
+        "fp32",
+        mode,
+        provider,
+        floor_ms,
+        peak_mem,
+        threads,
+        group=f"{FAMILY}: mem S={s} fp32 {mode}",
+        targets=targets,
+        budget_s=0.5,
+    )
+    if provider != "hand-split" and os.environ.get("HTC_BENCH_RSS", "1") == "1":
+        info["peak_rss_extra_bytes"] = common.peak_rss_extra_bytes(
+            f"{__name__}:rss_factory",
+            threads=threads,
+            case=case,
+            provider=provider,
+            dtype_name="fp32",
+            mode=mode,
+        )
