@@ -330,11 +330,16 @@ class HandSplit:
             qn, kn, vn = qb.index_select(1, nv), kb.index_select(1, nv), vb.index_select(1, nv)
             on = F.scaled_dot_product_attention(qn, kn, vn, is_causal=True)
             for vis, qc, n_keys, mask in smp["vocos"]:
-                keys = torch.cat([kb.index_select(1, vis), kn[:, :n_keys]], dim=1)
-                vals = torch.cat([vb.index_select(1, vis), vn[:, :n_keys]], dim=1)
-                ov = F.scaled_dot_product_attention(
-                    qn.index_select(1, qc), keys, vals, attn_mask=mask
-                )
+                # voco rows: one softmax over [own image's visual keys; earlier non-visual keys],
+                # computed as two score blocks (no gather or concatenation of the image's K/V).
+                a, e = int(vis[0]), int(vis[-1]) + 1  # the image is one contiguous VISUAL run
+                assert e - a == vis.numel(), "HandSplit assumes default grouping (contiguous images)"
+                qv = qn.index_select(1, qc)
+                s_vis = torch.matmul(qv, kb[:, a:e].transpose(-1, -2)) * self.scale
+                s_txt = torch.matmul(qv, kn[:, :n_keys].transpose(-1, -2)) * self.scale
+                s_txt = s_txt.masked_fill(~mask[:, e - a :], float("-inf"))
+                p = torch.softmax(torch.cat([s_vis, s_txt], dim=-1), dim=-1)
+                ov = torch.matmul(p[..., : e - a], vb[:, a:e]) + torch.matmul(p[..., e - a :], vn[:, :n_keys])
                 on = on.index_copy(1, qc, ov)
             ob.index_copy_(1, nv, on)
             for a, e, c in smp["runs"]:
