@@ -48,7 +48,7 @@ inline void load_row(const T* src, float* dst, int64_t D, int64_t Dp, float mul)
 
 // Software prefetch of one row a few rows ahead: DIAG tiles and tile loads stream rows from DRAM with
 // only a short computation per row, too little for the hardware prefetcher to hide the latency.
-constexpr int64_t kPrefetchRows = 4;
+constexpr int64_t kPrefetchRows = 8;
 template <typename T>
 inline void prefetch_row(const T* row, int64_t D) {
   const char* p = reinterpret_cast<const char*>(row);
@@ -190,9 +190,12 @@ inline void scores(const Geometry& g, float* sT, const float* key, int64_t ldk, 
 }
 
 inline void apply_mask(float* sT, const uint8_t* mask, int64_t nj, int64_t n) {
-  for (int64_t j = 0; j < nj; ++j)
-    for (int64_t i = 0; i < n; ++i)
-      if (!mask[j * n + i]) sT[j * n + i] = kNegInf;
+  for (int64_t j = 0; j < nj; ++j) {
+    float* s = sT + j * n;
+    const uint8_t* m = mask + j * n;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) s[i] = m[i] ? s[i] : kNegInf;
+  }
 }
 
 // Rows [k0, k0+nk) of one head of K or V as fp32 rows of stride *ld: the tensor itself when it is
@@ -239,7 +242,7 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
   at::parallel_for(0, n_tasks, g.grain(n_tasks), [&](int64_t begin, int64_t end) {
     const int64_t BQp = g.BQp, Dp = g.Dp;
     std::vector<float> q_row(BQp * Dp), qT(g.D * BQp), acc(BQp * Dp), sT(g.bk * BQp);
-    std::vector<float> kbuf(g.bk * Dp), vbuf(g.bk * Dp), m_i(BQp), l_i(BQp), alpha(BQp);
+    std::vector<float> kbuf(g.bk * Dp), vbuf(g.bk * Dp), m_i(BQp), l_i(BQp), alpha(BQp), s_diag(BQp);
     std::vector<uint8_t> mask(g.bk * BQp), diag_only(BQp);
     std::vector<int32_t> row_count(BQp);
     Rows rows;
@@ -257,17 +260,38 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
       std::fill(m_i.begin(), m_i.end(), kNegInf);
       std::fill(l_i.begin(), l_i.end(), 0.f);
 
-      // Row i attends its own key p only within this tile: one dot, one online-softmax step.
-      auto diag_row = [&](int64_t i, int64_t p) {
-        int64_t ld;
-        const float* krow = key_rows(kh, k.stride(2), g, p, 1, kbuf.data(), &ld);
-        const float s = dot(q_row.data() + i * Dp, krow, Dp);
-        const float m_new = std::max(m_i[i], s);
-        const float a = std::exp(m_i[i] - m_new), e = std::exp(s - m_new);
-        l_i[i] = l_i[i] * a + e;
-        m_i[i] = m_new;
-        const float* vrow = key_rows(vh, v.stride(2), g, p, 1, vbuf.data(), &ld);
-        axpby(acc.data() + i * Dp, a, e, vrow, Dp);
+      // Rows with sel[i] attend only their own key pos[i] within the current tile: one dot each, then
+      // the online-softmax step for all of them as vector ops over the tile's rows, then one axpy each.
+      auto diag_update = [&](const uint8_t* sel) {
+        int64_t lo = rows.m, hi = 0;
+        for (int64_t i = 0; i < BQp; ++i) {
+          s_diag[i] = kNegInf;
+          if (i >= rows.m || !sel[i]) continue;
+          const int64_t p = rows.pos[i];
+          if (i + kPrefetchRows < rows.m) prefetch_row(kh + (p + kPrefetchRows) * k.stride(2), g.D);
+          int64_t ld;
+          s_diag[i] = dot(q_row.data() + i * Dp, key_rows(kh, k.stride(2), g, p, 1, kbuf.data(), &ld), Dp);
+          lo = std::min(lo, i);
+          hi = i + 1;
+        }
+        if (hi == 0) return;
+        for (int64_t i0 = lo / kVL * kVL; i0 < hi; i0 += kVL) {
+          const Vec sd = Vec::loadu(s_diag.data() + i0), m_old = Vec::loadu(m_i.data() + i0);
+          const Vec mx = at::vec::maximum(m_old, sd);
+          const Vec ref = Vec::blendv(mx, Vec(0.f), mx == Vec(kNegInf));
+          const Vec a = (m_old - ref).exp_u20(), e = (sd - ref).exp_u20();
+          (Vec::loadu(l_i.data() + i0) * a + e).store(l_i.data() + i0);
+          mx.store(m_i.data() + i0);
+          a.store(alpha.data() + i0);
+          e.store(s_diag.data() + i0);
+        }
+        for (int64_t i = lo; i < hi; ++i) {
+          if (!sel[i]) continue;
+          const int64_t p = rows.pos[i];
+          if (i + kPrefetchRows < rows.m) prefetch_row(vh + (p + kPrefetchRows) * v.stride(2), g.D);
+          int64_t ld;
+          axpby(acc.data() + i * Dp, alpha[i], s_diag[i], key_rows(vh, v.stride(2), g, p, 1, vbuf.data(), &ld), Dp);
+        }
       };
 
       const uint8_t* tiles = plan + (bl * g.n_qt + qt) * g.n_kt;
@@ -276,23 +300,19 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
         if (tk == kSkip) continue;
         const int64_t k0 = kt * g.bk, nk = std::min(g.bk, g.Skv - k0);
         if (tk == kDiag) {
-          for (int64_t i = 0; i < rows.m; ++i) {
-            const int64_t p = rows.pos[i];
-            if (p < k0 || p >= k0 + nk || rows.kind[i] == kPad) continue;
-            if (p + kPrefetchRows < k0 + nk) {
-              prefetch_row(kh + (p + kPrefetchRows) * k.stride(2), g.D);
-              prefetch_row(vh + (p + kPrefetchRows) * v.stride(2), g.D);
-            }
-            diag_row(i, p);
-          }
+          for (int64_t i = 0; i < rows.m; ++i)
+            diag_only[i] = rows.pos[i] >= k0 && rows.pos[i] < k0 + nk && rows.kind[i] != kPad;
+          // The next task is usually the next query tile of this head: start fetching its rows while
+          // this memory-bound step runs.
+          for (int64_t i = 0; i < g.bq && rows.r0 + g.bq + i < g.Sq; ++i)
+            prefetch_row(qh + (rows.r0 + g.bq + i) * q.stride(2), g.D);
+          diag_update(diag_only.data());
           continue;
         }
         const Span sp = tk == kFull ? Span{0, nk, 0, rows.m, false}
                                     : tile_mask(g, tk, kin, grp, rows, k0, nk, mask.data(), row_count.data(),
                                                 diag_only.data());
-        if (sp.diag_rows)
-          for (int64_t i = 0; i < rows.m; ++i)
-            if (diag_only[i]) diag_row(i, rows.pos[i]);
+        if (sp.diag_rows) diag_update(diag_only.data());
         if (sp.empty()) continue;
         const int64_t nj = sp.jhi - sp.jlo, mi = sp.ihi - sp.ilo;
         int64_t ldk, ldv;
