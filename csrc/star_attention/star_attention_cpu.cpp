@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <limits>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #include "common/gemm.h"
@@ -174,6 +175,57 @@ inline Span tile_mask(const Geometry& g, uint8_t tk, const int8_t* kinds, const 
   return {jlo, jhi, ilo, ihi, diag_rows};
 }
 
+// Tile masks depend on the layout, not on the head: each thread computes a tile's mask once and reuses
+// it for every head it processes (tasks run head-major, so the same tiles come back once per head).
+// Bounded: past kMaxBytes of cached masks it recomputes instead of caching.
+class TileMaskCache {
+ public:
+  explicit TileMaskCache(const Geometry& g)
+      : g_(g), mask_(g.bk * g.BQp), diag_(g.BQp), row_count_(g.BQp) {}
+
+  // The span of (CAUSAL or MASKED) tile kt of query tile qt; *mask points at its mask rows [jlo, jhi)
+  // (row stride BQp) and *diag_only at the rows handed to the diagonal path.
+  Span get(uint8_t tk, const int8_t* kinds, const int32_t* groups, const Rows& rows, int64_t bl,
+           int64_t qt, int64_t kt, int64_t k0, int64_t nk, const uint8_t** mask,
+           const uint8_t** diag_only) {
+    const int64_t key = (bl * g_.n_qt + qt) * g_.n_kt + kt;
+    const auto it = index_.find(key);
+    if (it != index_.end()) {
+      *diag_only = arena_.data() + it->second.offset;
+      *mask = *diag_only + g_.BQp;
+      return it->second.span;
+    }
+    const Span sp = tile_mask(g_, tk, kinds, groups, rows, k0, nk, mask_.data(), row_count_.data(),
+                              diag_.data());
+    const int64_t rows_bytes = sp.empty() ? 0 : (sp.jhi - sp.jlo) * g_.BQp;
+    const int64_t bytes = g_.BQp + rows_bytes;
+    if (static_cast<int64_t>(arena_.size()) + bytes > kMaxBytes) {
+      *diag_only = diag_.data();
+      *mask = mask_.data() + (sp.empty() ? 0 : sp.jlo * g_.BQp);
+      return sp;
+    }
+    const size_t offset = arena_.size();
+    arena_.insert(arena_.end(), diag_.begin(), diag_.end());
+    if (rows_bytes) arena_.insert(arena_.end(), mask_.begin() + sp.jlo * g_.BQp, mask_.begin() + sp.jhi * g_.BQp);
+    index_.emplace(key, Entry{sp, offset});
+    *diag_only = arena_.data() + offset;
+    *mask = *diag_only + g_.BQp;
+    return sp;
+  }
+
+ private:
+  static constexpr int64_t kMaxBytes = int64_t{16} << 20;
+  struct Entry {
+    Span span;
+    size_t offset;
+  };
+  const Geometry& g_;
+  std::vector<uint8_t> mask_, diag_;
+  std::vector<int32_t> row_count_;
+  std::vector<uint8_t> arena_;
+  std::unordered_map<int64_t, Entry> index_;
+};
+
 // sT[j][i] = k_j . q_i for keys [0, nj) and rows [ilo, ihi) (at least those lanes): a GEMM over the
 // vector-aligned row range, or dot products when only a few rows have work (e.g. one <voco> row
 // against whole visual tiles), where a GEMM would compute a vector width of rows per useful one.
@@ -243,8 +295,8 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
     const int64_t BQp = g.BQp, Dp = g.Dp;
     std::vector<float> q_row(BQp * Dp), qT(g.D * BQp), acc(BQp * Dp), sT(g.bk * BQp);
     std::vector<float> kbuf(g.bk * Dp), vbuf(g.bk * Dp), m_i(BQp), l_i(BQp), alpha(BQp), s_diag(BQp);
-    std::vector<uint8_t> mask(g.bk * BQp), diag_only(BQp);
-    std::vector<int32_t> row_count(BQp);
+    std::vector<uint8_t> diag_only(BQp);
+    TileMaskCache masks(g);
     Rows rows;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (g.Hq * g.n_qt), h = (task / g.n_qt) % g.Hq, qt = task % g.n_qt;
@@ -309,10 +361,11 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
           diag_update(diag_only.data());
           continue;
         }
+        const uint8_t* tmask = nullptr;
+        const uint8_t* tdiag = nullptr;
         const Span sp = tk == kFull ? Span{0, nk, 0, rows.m, false}
-                                    : tile_mask(g, tk, kin, grp, rows, k0, nk, mask.data(), row_count.data(),
-                                                diag_only.data());
-        if (sp.diag_rows) diag_update(diag_only.data());
+                                    : masks.get(tk, kin, grp, rows, bl, qt, kt, k0, nk, &tmask, &tdiag);
+        if (sp.diag_rows) diag_update(tdiag);
         if (sp.empty()) continue;
         const int64_t nj = sp.jhi - sp.jlo, mi = sp.ihi - sp.ilo;
         int64_t ldk, ldv;
@@ -320,7 +373,7 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
         const float* vt_rows = key_rows(vh, v.stride(2), g, k0 + sp.jlo, nj, vbuf.data(), &ldv);
         // sT[j][i] = k_j . (scale q_i)
         scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp);
-        if (tk != kFull) apply_mask(sT.data(), mask.data() + sp.jlo * BQp, nj, BQp);
+        if (tk != kFull) apply_mask(sT.data(), tmask, nj, BQp);
         for (int64_t i0 = sp.ilo / kVL * kVL; i0 < sp.ihi; i0 += kVL) {
           const Vec m_old = Vec::loadu(m_i.data() + i0);
           Vec mx = m_old;
@@ -381,8 +434,7 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
     std::vector<float> sT(g.bk * BQp), dpT(g.bk * BQp), kbuf(g.bk * Dp), vbuf(g.bk * Dp);
     std::vector<float> dk_acc(g.Skv * Dp), dv_acc(g.Skv * Dp), dq_acc(g.Sq * Dp);
     std::vector<float> lse_i(BQp), delta_i(BQp);
-    std::vector<uint8_t> mask(g.bk * BQp), diag_only(BQp);
-    std::vector<int32_t> row_count(BQp);
+    TileMaskCache masks(g);
     Rows rows;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / g.Hkv, hk = task % g.Hkv, bl = g.plan_batch == 1 ? 0 : b;
@@ -431,19 +483,20 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
                 if (rows.pos[i] >= k0 && rows.pos[i] < k0 + nk) diag_row(i, rows.pos[i]);
               continue;
             }
+            const uint8_t* tmask = nullptr;
+            const uint8_t* tdiag = nullptr;
             const Span sp = tk == kFull ? Span{0, nk, 0, rows.m, false}
-                                        : tile_mask(g, tk, kin, grp, rows, k0, nk, mask.data(),
-                                                    row_count.data(), diag_only.data());
+                                        : masks.get(tk, kin, grp, rows, bl, qt, kt, k0, nk, &tmask, &tdiag);
             if (sp.diag_rows)
               for (int64_t i = 0; i < rows.m; ++i)
-                if (diag_only[i]) diag_row(i, rows.pos[i]);
+                if (tdiag[i]) diag_row(i, rows.pos[i]);
             if (sp.empty()) continue;
             const int64_t nj = sp.jhi - sp.jlo, j0 = k0 + sp.jlo, mi = sp.ihi - sp.ilo;
             int64_t ldk, ldv;
             const float* kt_rows = key_rows(kh, k.stride(2), g, j0, nj, kbuf.data(), &ldk);
             const float* vt_rows = key_rows(vh, v.stride(2), g, j0, nj, vbuf.data(), &ldv);
             scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp);
-            if (tk != kFull) apply_mask(sT.data(), mask.data() + sp.jlo * BQp, nj, BQp);
+            if (tk != kFull) apply_mask(sT.data(), tmask, nj, BQp);
             scores(g, dpT.data(), vt_rows, ldv, doT.data(), do_row.data(), nj, sp);
             for (int64_t j = 0; j < nj; ++j) {
               float* s = sT.data() + j * BQp;
