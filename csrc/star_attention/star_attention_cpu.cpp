@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <type_traits>
@@ -54,6 +55,23 @@ template <typename T>
 inline void prefetch_row(const T* row, int64_t D) {
   const char* p = reinterpret_cast<const char*>(row);
   for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+}
+
+// dst[0:D] = src[0:D] * mul in T. Output rows are written once and never read back here, so fp32
+// rows that are whole aligned cache lines go out with streaming stores (no read-for-ownership of the
+// destination lines: a third less DRAM traffic for the output).
+template <typename T>
+inline void store_row(T* dst, const float* src, int64_t D, float mul) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (D % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+      const __m512 m = _mm512_set1_ps(mul);
+      for (int64_t d = 0; d < D; d += 16) _mm512_stream_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(src + d), m));
+      return;
+    }
+  }
+#endif
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d] * mul);
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {  // n % kVL == 0
@@ -405,10 +423,13 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
       for (int64_t i = 0; i < rows.m; ++i) {
         const bool empty = rows.kind[i] == kPad || l_i[i] == 0.f;
         const float inv = empty ? 0.f : 1.f / l_i[i];
-        for (int64_t d = 0; d < g.D; ++d) oh[i * g.D + d] = static_cast<T>(acc[i * Dp + d] * inv);
+        store_row(oh + i * g.D, acc.data() + i * Dp, g.D, inv);
         lh[i] = empty ? kNegInf : m_i[i] + std::log(l_i[i]);
       }
     }
+#if defined(__AVX512F__)
+    _mm_sfence();  // streaming stores of store_row are visible before the op returns
+#endif
   });
 }
 
