@@ -20,6 +20,22 @@ from htc_kernels.reference import star_attention_reference
 # ----------------------------------------------------------------------------------------------------
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_EXT_CUDA = bool(_ext.build_info().get("cuda"))  # read once: pybind calls break torch.compile
+
+
+def _compiled_reasons(t: torch.Tensor, device_type: str) -> list[str]:
+    """Why the compiled (C++/CUDA) kernel for `device_type` cannot take tensor `t` ([] if it can)."""
+    reasons = []
+    if not _ext.available():
+        reasons.append(f"the compiled extension is not loaded ({_ext.LOAD_ERROR})")
+    elif device_type == "cuda" and not _EXT_CUDA:
+        reasons.append("the extension was built without CUDA")
+    if t.device.type != device_type:
+        where = "the CPU" if device_type == "cpu" else "a CUDA device"
+        reasons.append(f"tensors are on {t.device}, not {where}")
+    if t.dtype not in _KERNEL_DTYPES:
+        reasons.append(f"dtype {t.dtype} not supported (float32, bfloat16, float16)")
+    return reasons
 
 
 def _check_star_inputs(q, k, v, layout) -> None:
@@ -81,14 +97,7 @@ class _CpuStar(Backend):
     block_k = 64
 
     def not_supported_reasons(self, q, k, v, layout):
-        reasons = []
-        if not _ext.available():
-            reasons.append(f"the compiled extension is not loaded ({_ext.LOAD_ERROR})")
-        if q.device.type != "cpu":
-            reasons.append(f"tensors are on {q.device}, not the CPU")
-        if q.dtype not in _KERNEL_DTYPES:
-            reasons.append(f"dtype {q.dtype} not supported (float32, bfloat16, float16)")
-        return reasons
+        return _compiled_reasons(q, "cpu")
 
     def __call__(self, q, k, v, layout, scale):
         plan = layout.plan(q.shape[2], self.block_q, self.block_k)
@@ -207,9 +216,7 @@ if _ext.available():
 # mgvq_lookup (issue 4)
 # --------------------------------------------------------------------------------------------------
 
-_MGVQ_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MGVQ_NORM_EPS = 1e-12  # torch.nn.functional.normalize's clamp (MGVQ's l2norm)
-_MGVQ_EXT_CUDA = bool(_ext.build_info().get("cuda"))  # read once: pybind calls break torch.compile
 
 
 def _check_mgvq_inputs(z, codebook, normalize) -> None:
@@ -304,14 +311,7 @@ class _CpuMgvq(Backend):
     name = "cpu"
 
     def not_supported_reasons(self, z, codebook, normalize):
-        reasons = []
-        if not _ext.available():
-            reasons.append(f"the compiled extension is not loaded ({_ext.LOAD_ERROR})")
-        if z.device.type != "cpu":
-            reasons.append(f"tensors are on {z.device}, not the CPU")
-        if z.dtype not in _MGVQ_KERNEL_DTYPES:
-            reasons.append(f"dtype {z.dtype} not supported (float32, bfloat16, float16)")
-        return reasons
+        return _compiled_reasons(z, "cpu")
 
     def __call__(self, z, codebook, normalize):
         return torch.ops.htc.mgvq_lookup(z, codebook, normalize)
@@ -323,16 +323,7 @@ class _CudaMgvq(_CpuMgvq):
     name = "cuda"
 
     def not_supported_reasons(self, z, codebook, normalize):
-        reasons = []
-        if not _ext.available():
-            reasons.append(f"the compiled extension is not loaded ({_ext.LOAD_ERROR})")
-        elif not _MGVQ_EXT_CUDA:
-            reasons.append("the extension was built without CUDA")
-        if z.device.type != "cuda":
-            reasons.append(f"tensors are on {z.device}, not a CUDA device")
-        if z.dtype not in _MGVQ_KERNEL_DTYPES:
-            reasons.append(f"dtype {z.dtype} not supported (float32, bfloat16, float16)")
-        return reasons
+        return _compiled_reasons(z, "cuda")
 
 
 class _TritonMgvq(Backend):
@@ -344,7 +335,7 @@ class _TritonMgvq(Backend):
         reasons = triton_reasons(z.device)
         if not reasons and _triton_mgvq() is None:
             reasons.append(f"the Triton kernel failed to register ({_TRITON_MGVQ_ERROR})")
-        if z.dtype not in _MGVQ_KERNEL_DTYPES:
+        if z.dtype not in _KERNEL_DTYPES:
             reasons.append(f"dtype {z.dtype} not supported (float32, bfloat16, float16)")
         return reasons
 
@@ -419,8 +410,8 @@ def _mgvq_backward(ctx, grad_codes, grad_indices):
     if grad_codes is None:
         grad_codes = torch.zeros_like(z)
     use_op = _ext.available() and (
-        z.device.type == "cpu" or (z.device.type == "cuda" and _MGVQ_EXT_CUDA)
-    ) and z.dtype in _MGVQ_KERNEL_DTYPES
+        z.device.type == "cpu" or (z.device.type == "cuda" and _EXT_CUDA)
+    ) and z.dtype in _KERNEL_DTYPES
     if use_op:
         grad_z, grad_cb = torch.ops.htc.mgvq_lookup_backward(
             grad_codes, z, codebook, indices, ctx.normalize
