@@ -10,7 +10,7 @@ setup:
 	bash scripts/setup.sh
 
 # Full suite: Python tests (Triton kernels under the interpreter: no GPU here) and the C++ tests.
-test: setup test-cpp test-python
+test: setup lint test-cpp test-python
 
 test-python:
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/ -q

@@ -70,11 +70,7 @@ def floor_ms(flops: float, nbytes: float, dtype: torch.dtype = torch.float32, ra
     """Roofline floor in ms: ``max(flops / gemm_rate, nbytes / copy_rate)`` with this machine's
     measured rates (bf16/fp16 FLOPs at the bf16 GEMM rate, everything else at the sgemm rate)."""
     rates = rates or machine_rates()
-    gemm = (
-        rates["bf16_gemm_gflops"]
-        if dtype in (torch.bfloat16, torch.float16)
-        else rates["sgemm_gflops"]
-    )
+    gemm = rates["bf16_gemm_gflops"] if dtype in (torch.bfloat16, torch.float16) else rates["sgemm_gflops"]
     return max(flops / (gemm * 1e9), nbytes / (rates["copy_gbps"] * 1e9)) * 1e3
 
 

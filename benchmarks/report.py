@@ -131,9 +131,7 @@ def render(data: dict, groups: dict[str, list[dict]]) -> str:
                     _ms(floor),
                     f"{r[STAT] / floor:.1f}" if floor else "-",
                     _mem(info.get("peak_extra_mem_bytes")),
-                    _mem(info.get("peak_rss_extra_bytes"))
-                    if "peak_rss_extra_bytes" in info
-                    else "",
+                    _mem(info.get("peak_rss_extra_bytes")) if "peak_rss_extra_bytes" in info else "",
                     str(info.get("threads", "-")),
                 ]
             )

@@ -107,9 +107,7 @@ class _Provider:
 
 def _cache_bytes(cache) -> int:
     return sum(
-        layer.keys.numel() * layer.keys.element_size() * 2
-        for layer in cache.layers
-        if layer.is_initialized
+        layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.is_initialized
     )
 
 

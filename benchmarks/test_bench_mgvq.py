@@ -193,9 +193,7 @@ def _print_ratios(request):
     if tr is None or not _RESULTS:
         return
     tr.write_line("")
-    tr.write_line(
-        "mgvq_lookup: median ms, and each peer's time / htc's (same run; higher = htc faster)"
-    )
+    tr.write_line("mgvq_lookup: median ms, and each peer's time / htc's (same run; higher = htc faster)")
     for case, res in _RESULTS.items():
         if "htc" not in res:
             continue

@@ -37,9 +37,7 @@ import htc_kernels as hk
 from benchmarks import common
 from htc_kernels import _ext
 
-T, V, C, P = (
-    int(x) for x in (hk.TokenKind.TEXT, hk.TokenKind.VISUAL, hk.TokenKind.VOCO, hk.TokenKind.PAD)
-)
+T, V, C, P = (int(x) for x in (hk.TokenKind.TEXT, hk.TokenKind.VISUAL, hk.TokenKind.VOCO, hk.TokenKind.PAD))
 HTC_BACKEND = os.environ.get("HTC_BENCH_STAR_BACKEND", "cpu")
 FAMILY = "star_attention"
 
@@ -282,8 +280,7 @@ class HandSplit:
             raise NotImplementedError("HandSplit implements the star topology only")
         self.scale = 1.0 / math.sqrt(head_dim)
         self.samples = [
-            self._plan(layout.kinds[b].long(), layout.groups[b].long())
-            for b in range(layout.batch_size)
+            self._plan(layout.kinds[b].long(), layout.groups[b].long()) for b in range(layout.batch_size)
         ]
         self.has_pad = bool((layout.kinds == P).any())
 
@@ -304,11 +301,7 @@ class HandSplit:
                 n_before = int(((kinds[:i] == T) | (kinds[:i] == C)).sum())
                 runs.append((i, j, n_before))
             elif kl[i] == C:
-                vis = (
-                    ((kinds == V) & (groups == groups[i]) & (torch.arange(s) < i))
-                    .nonzero()
-                    .flatten()
-                )
+                vis = ((kinds == V) & (groups == groups[i]) & (torch.arange(s) < i)).nonzero().flatten()
                 qc = comp[i:j]  # compacted indices of these voco rows
                 n_keys = int(qc[-1]) + 1
                 causal = torch.arange(n_keys)[None, :] <= qc[:, None]
@@ -401,9 +394,7 @@ def _matrix():
                 for prov in PROVIDERS:
                     if prov == "eager" and mode == "fwdbwd" and case != "llava" and not FULL:
                         continue  # the slowest peer by far; HTC_BENCH_FULL=1 runs it
-                    yield pytest.param(
-                        case, dtype_name, mode, prov, id=f"{case}-{dtype_name}-{mode}-{prov}"
-                    )
+                    yield pytest.param(case, dtype_name, mode, prov, id=f"{case}-{dtype_name}-{mode}-{prov}")
 
 
 def _timed_call(fn, q, k, v, dout, mode):

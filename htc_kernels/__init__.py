@@ -21,7 +21,6 @@ from htc_kernels.reference import star_attention_reference
 __version__ = "0.1.0"
 
 
-
 def __getattr__(name: str):
     # `hk.hf` (the transformers integration) is imported on first use, so that `import htc_kernels`
     # does not import transformers.

@@ -83,8 +83,7 @@ def _as_id_list(ids, name: str) -> list[int]:
             raise ValueError(f"kinds_from_input_ids: {name} is empty")
         return out
     raise ValueError(
-        f"kinds_from_input_ids: {name} must be an int or a sequence of ints, "
-        f"got {type(ids).__name__}"
+        f"kinds_from_input_ids: {name} must be an int or a sequence of ints, got {type(ids).__name__}"
     )
 
 
@@ -165,9 +164,7 @@ def _check_voco_runs(kinds: torch.Tensor, num_voco: int) -> None:
                     f"at position {start}, "
                     f"expected num_voco={num_voco}"
                 )
-            if kind == TokenKind.VISUAL and (
-                r + 1 >= len(runs) or runs[r + 1][0] != TokenKind.VOCO
-            ):
+            if kind == TokenKind.VISUAL and (r + 1 >= len(runs) or runs[r + 1][0] != TokenKind.VOCO):
                 raise ValueError(
                     f"kinds_from_input_ids: the image at position {start} of sample {b} "
                     "is not followed by "
@@ -191,9 +188,7 @@ def insert_voco_tokens(
     (the input's padding, given by ``attention_mask``, is removed first).
     """
     if padding_side not in ("left", "right"):
-        raise ValueError(
-            f"insert_voco_tokens: padding_side must be 'left' or 'right', got {padding_side!r}"
-        )
+        raise ValueError(f"insert_voco_tokens: padding_side must be 'left' or 'right', got {padding_side!r}")
     if num_voco < 1:
         raise ValueError(f"insert_voco_tokens: num_voco must be >= 1, got {num_voco}")
     ids = input_ids[None] if input_ids.dim() == 1 else input_ids
@@ -243,9 +238,7 @@ def _droppable(kinds: torch.Tensor, groups: torch.Tensor, processed: int) -> tor
     member = groups >= 0
     n_groups = int(g.max()) + 1
     last = torch.full((b, n_groups), -1, dtype=torch.long, device=kinds.device)
-    last = last.scatter_reduce(
-        1, g, torch.where(member, pos, torch.full_like(pos, -1)), reduce="amax"
-    )
+    last = last.scatter_reduce(1, g, torch.where(member, pos, torch.full_like(pos, -1)), reduce="amax")
     return visual & (last.gather(1, g) < processed)
 
 
@@ -267,9 +260,7 @@ def _compaction(slots_full: torch.Tensor, drop: torch.Tensor) -> _Compaction | N
     if bool(keep.all()):
         return None
     n_keep = int(keep.sum(1).max())
-    order = torch.argsort(
-        keep.to(torch.int8), dim=1, stable=True
-    )  # dropped first, kept last, in order
+    order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)  # dropped first, kept last, in order
     index = order[:, order.shape[1] - n_keep :]
     kept = keep.gather(1, index)
     slots = torch.where(kept, slots_full.gather(1, index), torch.full_like(index, -1))
@@ -388,9 +379,7 @@ class StarCache(DynamicCache):
             raise TypeError(f"StarCache: unexpected arguments {sorted(kwargs)}")
         if config is not None:
             text = config.get_text_config(decoder=True)
-            bad = sorted(
-                {t for t in (getattr(text, "layer_types", None) or []) if t != "full_attention"}
-            )
+            bad = sorted({t for t in (getattr(text, "layer_types", None) or []) if t != "full_attention"})
             if bad:
                 raise NotImplementedError(
                     f"StarCache: only full-attention layers are supported, the model has {bad}"
@@ -477,9 +466,7 @@ def compact_cache(
 # --------------------------------------------------------------------------------------------------
 
 
-def _full_layout(
-    kinds, groups, topology, padding_mask, batch, length, device, processed
-) -> StarLayout:
+def _full_layout(kinds, groups, topology, padding_mask, batch, length, device, processed) -> StarLayout:
     """Layout of the absolute sequence ``[0, max(len(kinds), length))``, PAD from the mask."""
     if kinds is None:
         kinds = torch.zeros((batch, length), dtype=torch.int8, device=device)
@@ -540,9 +527,7 @@ class _ForwardContext:
     def __init__(self, layout, compaction, slots_after, refs):
         self.layout = layout
         self.compaction = compaction
-        self.slots_after = (
-            slots_after  # shared by all layers (so the next forward's memo key matches)
-        )
+        self.slots_after = slots_after  # shared by all layers (so the next forward's memo key matches)
         self.refs = refs  # keeps the tensors whose ids key the memo alive
 
 
@@ -562,9 +547,7 @@ def _context(query, key, padding_mask, kinds, groups, topology, step) -> _Forwar
                 "must be a hk.hf.StarCache (compact_cache returns one)"
             )
     if padding_mask is not None and padding_mask.shape[1] < length:
-        padding_mask = torch.nn.functional.pad(
-            padding_mask, (0, length - padding_mask.shape[1]), value=True
-        )
+        padding_mask = torch.nn.functional.pad(padding_mask, (0, length - padding_mask.shape[1]), value=True)
     if kinds is not None and isinstance(kinds, torch.Tensor):
         _check_kinds_length(kinds.shape[-1], p_before, length, step is not None)
     full = _full_layout(kinds, groups, topology, padding_mask, b, length, device, length)
@@ -579,9 +562,7 @@ def _context(query, key, padding_mask, kinds, groups, topology, step) -> _Forwar
             slots = slots.to(device)
         safe = slots.clamp(min=0)
         filler = slots < 0
-        k = torch.where(
-            filler, torch.full_like(safe, int(TokenKind.PAD)), full.kinds.long().gather(1, safe)
-        )
+        k = torch.where(filler, torch.full_like(safe, int(TokenKind.PAD)), full.kinds.long().gather(1, safe))
         g = torch.where(filler, torch.full_like(safe, -1), full.groups.long().gather(1, safe))
         layout = StarLayout(k, g.to(torch.int32), topology)
     compaction, slots_after = None, slots
@@ -683,9 +664,7 @@ def star_attention_forward(
         not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2
     ):
         shape = (
-            tuple(attention_mask.shape)
-            if hasattr(attention_mask, "shape")
-            else type(attention_mask).__name__
+            tuple(attention_mask.shape) if hasattr(attention_mask, "shape") else type(attention_mask).__name__
         )
         raise ValueError(
             f"htc_star: got an attention mask of shape {shape}; htc_star builds the mask from "
@@ -693,9 +672,7 @@ def star_attention_forward(
             "takes padding from a 2-D attention_mask [B, S] (pass that, not a 4-D mask)"
         )
     if dropout and module.training:
-        raise NotImplementedError(
-            "htc_star: attention dropout is not supported (set attention_dropout=0)"
-        )
+        raise NotImplementedError("htc_star: attention dropout is not supported (set attention_dropout=0)")
     if kwargs.get("output_attentions"):
         raise NotImplementedError(
             "htc_star: output_attentions=True is not supported (the kernel never forms them)"
@@ -823,11 +800,8 @@ def _validate_generate_kinds(model, kinds, input_ids, groups, topology) -> None:
     if isinstance(input_ids, torch.Tensor):
         if kinds.shape[-1] != input_ids.shape[-1]:
             raise ValueError(
-                f"htc_star: htc_kinds has {kinds.shape[-1]} positions but input_ids has "
-                f"{input_ids.shape[-1]}"
+                f"htc_star: htc_kinds has {kinds.shape[-1]} positions but input_ids has {input_ids.shape[-1]}"
             )
         if kinds.device != input_ids.device:
-            raise ValueError(
-                f"htc_star: htc_kinds is on {kinds.device}, input_ids on {input_ids.device}"
-            )
+            raise ValueError(f"htc_star: htc_kinds is on {kinds.device}, input_ids on {input_ids.device}")
     StarLayout(kinds, groups, topology or "star")

@@ -409,17 +409,15 @@ def _mgvq_backward(ctx, grad_codes, grad_indices):
     z, codebook, indices = ctx.saved_tensors
     if grad_codes is None:
         grad_codes = torch.zeros_like(z)
-    use_op = _ext.available() and (
-        z.device.type == "cpu" or (z.device.type == "cuda" and _EXT_CUDA)
-    ) and z.dtype in _KERNEL_DTYPES
+    use_op = (
+        _ext.available()
+        and (z.device.type == "cpu" or (z.device.type == "cuda" and _EXT_CUDA))
+        and z.dtype in _KERNEL_DTYPES
+    )
     if use_op:
-        grad_z, grad_cb = torch.ops.htc.mgvq_lookup_backward(
-            grad_codes, z, codebook, indices, ctx.normalize
-        )
+        grad_z, grad_cb = torch.ops.htc.mgvq_lookup_backward(grad_codes, z, codebook, indices, ctx.normalize)
     else:
-        grad_z, grad_cb = mgvq_lookup_backward_reference(
-            grad_codes, z, codebook, indices, ctx.normalize
-        )
+        grad_z, grad_cb = mgvq_lookup_backward_reference(grad_codes, z, codebook, indices, ctx.normalize)
     return grad_z, grad_cb, None
 
 
@@ -432,9 +430,7 @@ def _register_mgvq_ops() -> None:
     def _(grad_codes, z, codebook, indices, normalize):
         return torch.empty_like(z), torch.empty_like(codebook)
 
-    torch.library.register_autograd(
-        "htc::mgvq_lookup", _mgvq_backward, setup_context=_mgvq_setup_context
-    )
+    torch.library.register_autograd("htc::mgvq_lookup", _mgvq_backward, setup_context=_mgvq_setup_context)
 
 
 if _ext.available():

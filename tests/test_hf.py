@@ -126,9 +126,7 @@ def _rel(a, b):
 
 def _dense_logits(model, ids, mask, kinds, topology="star"):
     model.set_attn_implementation("sdpa")
-    return model(
-        ids, attention_mask=_dense_mask(kinds, topology), position_ids=_position_ids(mask)
-    ).logits
+    return model(ids, attention_mask=_dense_mask(kinds, topology), position_ids=_position_ids(mask)).logits
 
 
 def _star_logits(model, ids, mask, kinds, topology="star"):
@@ -205,16 +203,12 @@ def test_layout_is_built_once_per_forward(monkeypatch):
         model(ids, attention_mask=mask, htc_kinds=kinds)
         assert len(calls) == 1
         cache = hk.hf.StarCache()
-        out = model(
-            ids, attention_mask=mask, htc_kinds=kinds, past_key_values=cache, use_cache=True
-        )
+        out = model(ids, attention_mask=mask, htc_kinds=kinds, past_key_values=cache, use_cache=True)
         assert len(calls) == 2
         for step in range(3):  # decode steps, compacted cache: still one layout per forward
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             nxt = out.logits[:, -1:].argmax(-1)
-            out = model(
-                nxt, attention_mask=mask, htc_kinds=kinds, past_key_values=cache, use_cache=True
-            )
+            out = model(nxt, attention_mask=mask, htc_kinds=kinds, past_key_values=cache, use_cache=True)
             assert len(calls) == 3 + step
 
 
@@ -229,9 +223,7 @@ def _dense_greedy(model, ids, mask, kinds, steps):
     seq, k, am = ids, kinds, mask
     with torch.no_grad():
         for _ in range(steps):
-            logits = model(
-                seq, attention_mask=_dense_mask(k), position_ids=_position_ids(am)
-            ).logits
+            logits = model(seq, attention_mask=_dense_mask(k), position_ids=_position_ids(am)).logits
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], 1)
             k = torch.cat([k, torch.full_like(nxt, T)], 1)
@@ -472,9 +464,7 @@ def test_llava_runs_with_htc_star_on_its_text_model():
 def attention_calls(monkeypatch):
     calls = []
     original = hkhf.star_attention
-    monkeypatch.setattr(
-        hkhf, "star_attention", lambda *a, **k: calls.append(1) or original(*a, **k)
-    )
+    monkeypatch.setattr(hkhf, "star_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
     return calls
 
 
@@ -506,9 +496,7 @@ def test_bad_inputs_raise_in_generate(bad, attention_calls):
     ids, mask, kinds = _inputs(LAYOUTS["left_pad"])
     make, _ = BAD_INPUTS[bad]
     with pytest.raises(ValueError, match="htc_kinds|VISUAL"):
-        model.generate(
-            ids, attention_mask=mask, htc_kinds=make(kinds), max_new_tokens=2, do_sample=False
-        )
+        model.generate(ids, attention_mask=mask, htc_kinds=make(kinds), max_new_tokens=2, do_sample=False)
     assert attention_calls == []
 
 
@@ -536,9 +524,7 @@ def test_kinds_from_input_ids():
     with pytest.raises(ValueError, match="expected num_voco=3"):
         hk.hf.kinds_from_input_ids(ids[1:], image_token_id=[9, 8], voco_token_id=4, num_voco=3)
     with pytest.raises(ValueError, match="not followed by"):
-        hk.hf.kinds_from_input_ids(
-            torch.tensor([5, 9, 9, 6]), image_token_id=9, voco_token_id=4, num_voco=1
-        )
+        hk.hf.kinds_from_input_ids(torch.tensor([5, 9, 9, 6]), image_token_id=9, voco_token_id=4, num_voco=1)
     with pytest.raises(ValueError, match="no VISUAL run before"):
         hk.hf.kinds_from_input_ids(torch.tensor([5, 4, 9, 6]), image_token_id=9, voco_token_id=4)
 

@@ -25,9 +25,7 @@ TRITON_HERE = HAS_TRITON and not triton_reasons(torch.device("cpu"))
 
 
 def kernel_backends():
-    out = [
-        pytest.param("cpu", marks=pytest.mark.skipif(not _ext.available(), reason="no extension"))
-    ]
+    out = [pytest.param("cpu", marks=pytest.mark.skipif(not _ext.available(), reason="no extension"))]
     out.append(
         pytest.param(
             "triton",
