@@ -365,6 +365,8 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
       };
 
       const uint8_t* tiles = plan + (bl * g.n_qt + qt) * g.n_kt;
+      const int64_t next_r0 = rows.r0 + g.bq;
+      bool next_prefetched = false, next_v_prefetched = false;
       for (int64_t kt = 0; kt < g.n_kt; ++kt) {
         const uint8_t tk = tiles[kt];
         if (tk == kSkip) continue;
@@ -390,6 +392,13 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
         const float* kt_rows = key_rows(kh, k.stride(2), g, k0 + sp.jlo, nj, kbuf.data(), &ldk);
         const float* vt_rows = key_rows(vh, v.stride(2), g, k0 + sp.jlo, nj, vbuf.data(), &ldv);
         // sT[j][i] = k_j . (scale q_i)
+        // While this tile's GEMMs run, fetch the keys/values the next query tile's diagonal will need
+        // (the rows at its own positions), which otherwise arrive from DRAM one by one.
+        if (!next_prefetched && next_r0 < g.Sq) {
+          next_prefetched = true;
+          for (int64_t i = 0; i < g.bq && next_r0 + i < g.Sq; ++i)
+            prefetch_row(kh + (next_r0 + i + g.q_off) * k.stride(2), g.D);
+        }
         scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp);
         if (tk != kFull) apply_mask(sT.data(), tmask, nj, BQp);
         for (int64_t i0 = sp.ilo / kVL * kVL; i0 < sp.ihi; i0 += kVL) {
@@ -415,6 +424,11 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
           for (int64_t d = 0; d < Dp; d += kVL) (Vec::loadu(acc.data() + i * Dp + d) * a).store(acc.data() + i * Dp + d);
         }
         // acc[i][:] += sum_j p[j][i] v_j
+        if (!next_v_prefetched && next_r0 < g.Sq) {
+          next_v_prefetched = true;
+          for (int64_t i = 0; i < g.bq && next_r0 + i < g.Sq; ++i)
+            prefetch_row(vh + (next_r0 + i + g.q_off) * v.stride(2), g.D);
+        }
         gemm(acc.data() + sp.ilo * Dp, Dp, sT.data() + sp.ilo, 1, BQp, vt_rows, ldv, mi, Dp, nj, true);
       }
 
