@@ -248,7 +248,7 @@ class TileMaskCache {
 // vector-aligned row range, or dot products when only a few rows have work (e.g. one <voco> row
 // against whole visual tiles), where a GEMM would compute a vector width of rows per useful one.
 inline void scores(const Geometry& g, float* sT, const float* key, int64_t ldk, const float* qT,
-                   const float* q_row, int64_t nj, const Span& sp) {
+                   const float* q_row, int64_t nj, const Span& sp, cpu::PrefetchStream* pf = nullptr) {
   constexpr int64_t kThinRows = 2;
   if (sp.ihi - sp.ilo <= kThinRows) {
     for (int64_t i = sp.ilo; i < sp.ihi; ++i)
@@ -256,7 +256,7 @@ inline void scores(const Geometry& g, float* sT, const float* key, int64_t ldk, 
     return;
   }
   const int64_t i0 = sp.ilo / kVL * kVL, i1 = round_up(sp.ihi, kVL);
-  gemm(sT + i0, g.BQp, key, ldk, 1, qT + i0, g.BQp, nj, i1 - i0, g.D, false);
+  gemm(sT + i0, g.BQp, key, ldk, 1, qT + i0, g.BQp, nj, i1 - i0, g.D, false, pf);
 }
 
 inline void apply_mask(float* sT, const uint8_t* mask, int64_t nj, int64_t n) {
@@ -336,6 +336,8 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
         int64_t lo = rows.m, hi = 0;
         for (int64_t i = 0; i < BQp; ++i) {
           s_diag[i] = kNegInf;
+          // Spread over this memory-bound loop: the next query tile's rows (usually the next task's).
+          if (rows.r0 + g.bq + i < g.Sq && i < g.bq) prefetch_row(qh + (rows.r0 + g.bq + i) * q.stride(2), g.D);
           if (i >= rows.m || !sel[i]) continue;
           const int64_t p = rows.pos[i];
           if (i + kPrefetchRows < rows.m) prefetch_row(kh + (p + kPrefetchRows) * k.stride(2), g.D);
@@ -365,8 +367,13 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
       };
 
       const uint8_t* tiles = plan + (bl * g.n_qt + qt) * g.n_kt;
-      const int64_t next_r0 = rows.r0 + g.bq;
-      bool next_prefetched = false, next_v_prefetched = false;
+      // The next task is usually the next query tile of this head. While this tile's GEMMs run, stream
+      // in the K/V rows at its positions (its diagonal, read row by row from DRAM otherwise).
+      const int64_t next_r0 = rows.r0 + g.bq, next_rows = std::max<int64_t>(0, std::min(g.bq, g.Sq - next_r0));
+      cpu::PrefetchStream next_k(kh + (next_r0 + g.q_off) * k.stride(2), k.stride(2) * sizeof(T), next_rows,
+                                 g.D * sizeof(T));
+      cpu::PrefetchStream next_v(vh + (next_r0 + g.q_off) * v.stride(2), v.stride(2) * sizeof(T), next_rows,
+                                 g.D * sizeof(T));
       for (int64_t kt = 0; kt < g.n_kt; ++kt) {
         const uint8_t tk = tiles[kt];
         if (tk == kSkip) continue;
@@ -374,10 +381,6 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
         if (tk == kDiag) {
           for (int64_t i = 0; i < rows.m; ++i)
             diag_only[i] = rows.pos[i] >= k0 && rows.pos[i] < k0 + nk && rows.kind[i] != kPad;
-          // The next task is usually the next query tile of this head: start fetching its rows while
-          // this memory-bound step runs.
-          for (int64_t i = 0; i < g.bq && rows.r0 + g.bq + i < g.Sq; ++i)
-            prefetch_row(qh + (rows.r0 + g.bq + i) * q.stride(2), g.D);
           diag_update(diag_only.data());
           continue;
         }
@@ -392,14 +395,7 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
         const float* kt_rows = key_rows(kh, k.stride(2), g, k0 + sp.jlo, nj, kbuf.data(), &ldk);
         const float* vt_rows = key_rows(vh, v.stride(2), g, k0 + sp.jlo, nj, vbuf.data(), &ldv);
         // sT[j][i] = k_j . (scale q_i)
-        // While this tile's GEMMs run, fetch the keys/values the next query tile's diagonal will need
-        // (the rows at its own positions), which otherwise arrive from DRAM one by one.
-        if (!next_prefetched && next_r0 < g.Sq) {
-          next_prefetched = true;
-          for (int64_t i = 0; i < g.bq && next_r0 + i < g.Sq; ++i)
-            prefetch_row(kh + (next_r0 + i + g.q_off) * k.stride(2), g.D);
-        }
-        scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp);
+        scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp, &next_k);
         if (tk != kFull) apply_mask(sT.data(), tmask, nj, BQp);
         for (int64_t i0 = sp.ilo / kVL * kVL; i0 < sp.ihi; i0 += kVL) {
           const Vec m_old = Vec::loadu(m_i.data() + i0);
@@ -424,12 +420,7 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
           for (int64_t d = 0; d < Dp; d += kVL) (Vec::loadu(acc.data() + i * Dp + d) * a).store(acc.data() + i * Dp + d);
         }
         // acc[i][:] += sum_j p[j][i] v_j
-        if (!next_v_prefetched && next_r0 < g.Sq) {
-          next_v_prefetched = true;
-          for (int64_t i = 0; i < g.bq && next_r0 + i < g.Sq; ++i)
-            prefetch_row(vh + (next_r0 + i + g.q_off) * v.stride(2), g.D);
-        }
-        gemm(acc.data() + sp.ilo * Dp, Dp, sT.data() + sp.ilo, 1, BQp, vt_rows, ldv, mi, Dp, nj, true);
+        gemm(acc.data() + sp.ilo * Dp, Dp, sT.data() + sp.ilo, 1, BQp, vt_rows, ldv, mi, Dp, nj, true, &next_v);
       }
 
       T* oh = op + ((b * g.Hq + h) * g.Sq + rows.r0) * g.D;
