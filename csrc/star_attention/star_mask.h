@@ -2,7 +2,9 @@
 // Torch-free and host/device: the CPU kernels, the CUDA kernels and the C++ unit tests all include
 // this one header, so the rule every backend applies is written exactly once.
 #pragma once
+#include <climits>
 #include <cstdint>
+#include <vector>
 
 #if defined(__CUDACC__)
 #define HTC_HD __host__ __device__ __forceinline__
@@ -30,30 +32,61 @@ HTC_HD bool star_allowed(int64_t i, int64_t j, int8_t ki, int32_t gi, int8_t kj,
   return true;
 }
 
-// Classify one tile: query rows [r0, r1) (key-sequence positions r + q_offset) against keys [k0, k1).
-// `kinds`/`groups` describe one sample's key sequence. Fast paths decide homogeneous tiles without
-// touching every element; mixed tiles are decided element-wise with an early exit.
-HTC_HD uint8_t classify_tile(const int8_t* kinds, const int32_t* groups, int64_t q_offset,
-                             int64_t r0, int64_t r1, int64_t k0, int64_t k1, int topology) {
+// What a contiguous run of positions holds, for the fast paths of classify_tile.
+struct RangeSummary {
+  bool pad = false, text_only = true, visual_only = true;
+  bool plain = true;                                  // no VISUAL and no PAD token
+  int32_t gmin = INT32_MAX, gmax = INT32_MIN;         // groups of all tokens (-1: TEXT/PAD)
+  int32_t voco_gmin = INT32_MAX, voco_gmax = INT32_MIN;  // groups of the VOCO tokens
+  int32_t img_gmin = INT32_MAX, img_gmax = INT32_MIN;    // groups of the VISUAL and VOCO tokens
+};
+
+HTC_HD RangeSummary summarize(const int8_t* kinds, const int32_t* groups, int64_t begin, int64_t end) {
+  RangeSummary r;
+  for (int64_t p = begin; p < end; ++p) {
+    r.pad |= kinds[p] == kPad;
+    r.text_only &= kinds[p] == kText;
+    r.visual_only &= kinds[p] == kVisual;
+    r.plain &= kinds[p] == kText || kinds[p] == kVoco;
+    r.gmin = groups[p] < r.gmin ? groups[p] : r.gmin;
+    r.gmax = groups[p] > r.gmax ? groups[p] : r.gmax;
+    if (kinds[p] == kVoco) {
+      r.voco_gmin = groups[p] < r.voco_gmin ? groups[p] : r.voco_gmin;
+      r.voco_gmax = groups[p] > r.voco_gmax ? groups[p] : r.voco_gmax;
+    }
+    if (kinds[p] == kVoco || kinds[p] == kVisual) {
+      r.img_gmin = groups[p] < r.img_gmin ? groups[p] : r.img_gmin;
+      r.img_gmax = groups[p] > r.img_gmax ? groups[p] : r.img_gmax;
+    }
+  }
+  return r;
+}
+
+// Classify one tile: query rows [r0, r1) (key-sequence positions r + q_offset) against keys [k0, k1),
+// given the summaries of both ranges. `kinds`/`groups` describe one sample's key sequence. Fast paths
+// decide homogeneous tiles from the summaries; mixed tiles are decided element-wise with an early exit.
+HTC_HD uint8_t classify_tile(const int8_t* kinds, const int32_t* groups, int64_t q_offset, int64_t r0,
+                             int64_t r1, int64_t k0, int64_t k1, int topology, const RangeSummary& q,
+                             const RangeSummary& k) {
   const int64_t p0 = r0 + q_offset, p1 = r1 + q_offset;  // query positions [p0, p1)
   if (k0 > p1 - 1) return kSkip;                         // entirely above the diagonal
-
-  bool q_pad = false, q_text_only = true, q_visual_only = true;
-  for (int64_t p = p0; p < p1; ++p) {
-    q_pad |= kinds[p] == kPad;
-    q_text_only &= kinds[p] == kText;
-    q_visual_only &= kinds[p] == kVisual;
-  }
-  bool k_plain = true, k_visual_only = true;  // plain: no VISUAL and no PAD keys
-  for (int64_t j = k0; j < k1; ++j) {
-    k_plain &= kinds[j] == kText || kinds[j] == kVoco;
-    k_visual_only &= kinds[j] == kVisual;
-  }
-  if (k_plain && !q_pad) return k1 - 1 <= p0 ? kFull : kCausal;
-  if (k_visual_only && q_text_only) return kSkip;
-  if (k_visual_only && q_visual_only && topology == kStar) {
+  if (k.plain && !q.pad) return k1 - 1 <= p0 ? kFull : kCausal;
+  if (k.visual_only && q.text_only) return kSkip;
+  if (k.visual_only && q.visual_only && topology == kStar) {
     if (k1 <= p0 || k0 >= p1) return kSkip;  // diagonal does not cross the tile
     return kDiag;
+  }
+  if (k.visual_only && q.visual_only) {  // group topology: visual tokens see their own image
+    if (q.gmax < k.gmin || k.gmax < q.gmin) return kSkip;
+    if (q.gmin == q.gmax && k.gmin == k.gmax) return k1 - 1 <= p0 ? kFull : kCausal;
+  }
+  if (k.visual_only) {
+    // Only VISUAL rows (their diagonal in "star", their image in "group") and VOCO rows of the same
+    // image can see visual keys: skip when no such row overlaps the keys' images.
+    const bool diagonal_crosses = k1 > p0 && k0 < p1;
+    const bool voco_hit = !(q.voco_gmax < k.gmin || k.gmax < q.voco_gmin);
+    const bool image_hit = !(q.img_gmax < k.gmin || k.gmax < q.img_gmin);
+    if (topology == kStar ? !diagonal_crosses && !voco_hit : !image_hit) return kSkip;
   }
 
   bool any = false, all = true, causal = true, diag = true;
@@ -74,20 +107,43 @@ HTC_HD uint8_t classify_tile(const int8_t* kinds, const int32_t* groups, int64_t
   return kMasked;
 }
 
-// The whole plan of one sample: out[qt * n_kt + kt] for query tiles of `block_q` rows (of q_len rows,
-// bottom-right aligned to the seq_len keys) and key tiles of `block_k` keys.
+// The same, summarising both ranges first (one tile on its own, e.g. one CUDA thread per tile).
+HTC_HD uint8_t classify_tile(const int8_t* kinds, const int32_t* groups, int64_t q_offset, int64_t r0,
+                             int64_t r1, int64_t k0, int64_t k1, int topology) {
+  return classify_tile(kinds, groups, q_offset, r0, r1, k0, k1, topology,
+                       summarize(kinds, groups, r0 + q_offset, r1 + q_offset), summarize(kinds, groups, k0, k1));
+}
+
+// Row qt of one sample's plan: out[kt] for every key tile, with query tiles of `block_q` rows (of
+// q_len rows, bottom-right aligned to the seq_len keys) and key tiles of `block_k` keys.
+// `key_summaries` holds summarize() of every key tile (computed once per sample by the caller).
+inline void plan_row(const int8_t* kinds, const int32_t* groups, int64_t seq_len, int64_t q_len,
+                     int64_t block_q, int64_t block_k, int topology, const RangeSummary* key_summaries,
+                     int64_t qt, uint8_t* out) {
+  const int64_t n_kt = (seq_len + block_k - 1) / block_k, q_offset = seq_len - q_len;
+  const int64_t r0 = qt * block_q, r1 = r0 + block_q < q_len ? r0 + block_q : q_len;
+  const RangeSummary q = summarize(kinds, groups, r0 + q_offset, r1 + q_offset);
+  for (int64_t kt = 0; kt < n_kt; ++kt) {
+    const int64_t k0 = kt * block_k, k1 = k0 + block_k < seq_len ? k0 + block_k : seq_len;
+    out[kt] = classify_tile(kinds, groups, q_offset, r0, r1, k0, k1, topology, q, key_summaries[kt]);
+  }
+}
+
+inline void summarize_key_tiles(const int8_t* kinds, const int32_t* groups, int64_t seq_len, int64_t block_k,
+                                RangeSummary* out) {
+  for (int64_t k0 = 0, kt = 0; k0 < seq_len; k0 += block_k, ++kt)
+    out[kt] = summarize(kinds, groups, k0, k0 + block_k < seq_len ? k0 + block_k : seq_len);
+}
+
+// The whole plan of one sample: out[qt * n_kt + kt].
 inline void build_star_plan(const int8_t* kinds, const int32_t* groups, int64_t seq_len,
                             int64_t q_len, int64_t block_q, int64_t block_k, int topology,
                             uint8_t* out) {
   const int64_t n_qt = (q_len + block_q - 1) / block_q, n_kt = (seq_len + block_k - 1) / block_k;
-  const int64_t q_offset = seq_len - q_len;
-  for (int64_t qt = 0; qt < n_qt; ++qt) {
-    const int64_t r0 = qt * block_q, r1 = r0 + block_q < q_len ? r0 + block_q : q_len;
-    for (int64_t kt = 0; kt < n_kt; ++kt) {
-      const int64_t k0 = kt * block_k, k1 = k0 + block_k < seq_len ? k0 + block_k : seq_len;
-      out[qt * n_kt + kt] = classify_tile(kinds, groups, q_offset, r0, r1, k0, k1, topology);
-    }
-  }
+  std::vector<RangeSummary> keys(n_kt);
+  summarize_key_tiles(kinds, groups, seq_len, block_k, keys.data());
+  for (int64_t qt = 0; qt < n_qt; ++qt)
+    plan_row(kinds, groups, seq_len, q_len, block_q, block_k, topology, keys.data(), qt, out + qt * n_kt);
 }
 
 }  // namespace htc

@@ -1,7 +1,10 @@
 // CPU implementation of htc::star_plan: the per-layout block plan (DESIGN.md §4).
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <vector>
 
 #include "star_attention/star_mask.h"
 #include "star_attention/star_checks.h"
@@ -20,10 +23,17 @@ at::Tensor star_plan_cpu(const at::Tensor& kinds, const at::Tensor& groups, int6
   const int8_t* kp = kinds_c.data_ptr<int8_t>();
   const int32_t* gp = groups_c.data_ptr<int32_t>();
   uint8_t* out = plan.data_ptr<uint8_t>();
-  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      build_star_plan(kp + b * seq_len, gp + b * seq_len, seq_len, q_len, block_q, block_k,
-                      static_cast<int>(topology), out + b * n_qt * n_kt);
+  // Key-tile summaries once per sample, then one task per (sample, query tile); small plans stay on
+  // the calling thread.
+  std::vector<RangeSummary> keys(batch * n_kt);
+  for (int64_t b = 0; b < batch; ++b)
+    summarize_key_tiles(kp + b * seq_len, gp + b * seq_len, seq_len, block_k, keys.data() + b * n_kt);
+  const int64_t grain = batch * n_qt * n_kt < 4096 ? std::max<int64_t>(batch * n_qt, 1) : 1;
+  at::parallel_for(0, batch * n_qt, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / n_qt;
+      plan_row(kp + b * seq_len, gp + b * seq_len, seq_len, q_len, block_q, block_k, static_cast<int>(topology),
+               keys.data() + b * n_kt, t % n_qt, out + t * n_kt);
     }
   });
   return plan;
