@@ -14,8 +14,10 @@ TORCH_LIBRARY(htc, m) {
   // lse [B, Hq, Sq] float32 (log-sum-exp of the scaled scores; -inf on PAD rows).
   m.def("star_attention(Tensor q, Tensor k, Tensor v, Tensor kinds, Tensor groups, Tensor plan,"
         " int block_q, int block_k, int topology, float scale) -> (Tensor, Tensor)");
-  // delta [B, Hq, Sq] float32 = rowsum(dout * out) - grad_lse -> dq, dk, dv (shapes/dtypes of q, k, v).
-  m.def("star_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor delta,"
+  // out/lse: the forward's outputs; grad_lse [B, Hq, Sq] float32 or None: the gradient reaching lse
+  // directly -> dq, dk, dv (shapes/dtypes of q, k, v).
+  m.def("star_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " Tensor? grad_lse,"
         " Tensor kinds, Tensor groups, Tensor plan, int block_q, int block_k, int topology,"
         " float scale) -> (Tensor, Tensor, Tensor)");
   // MGVQ grouped nearest-code lookup (DESIGN.md §3). z [..., G, d], codebook [G, K, d], same dtype

@@ -178,7 +178,7 @@ def _register_star_ops() -> None:
         return out, q.new_empty((b, h, s), dtype=torch.float32)
 
     @torch.library.register_fake("htc::star_attention_backward")
-    def _(dout, q, k, v, lse, delta, kinds, groups, plan, block_q, block_k, topology, scale):
+    def _(dout, q, k, v, out, lse, grad_lse, kinds, groups, plan, block_q, block_k, topology, scale):
         return (
             torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
@@ -195,13 +195,10 @@ def _register_star_ops() -> None:
         q, k, v, out, lse, kinds, groups, plan = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        # delta_i = sum_d dO_id O_id (FlashAttention-2), minus the gradient reaching lse directly
-        # (d lse_i / d s_ij = p_ij), so both outputs are differentiated exactly.
-        delta = (grad_out.float() * out.float()).sum(-1)
-        if grad_lse is not None:
-            delta = delta - grad_lse
+        # The kernel forms delta_i = dO_i . O_i - grad_lse_i itself (FlashAttention-2, plus the gradient
+        # reaching lse directly), so both outputs are differentiated exactly without an extra pass.
         dq, dk, dv = torch.ops.htc.star_attention_backward(
-            grad_out, q, k, v, lse, delta, kinds, groups, plan, *ctx.args
+            grad_out, q, k, v, out, lse, grad_lse, kinds, groups, plan, *ctx.args
         )
         return dq, dk, dv, None, None, None, None, None, None, None
 

@@ -196,7 +196,7 @@ def test_opcheck():
         torch.ops.htc.star_attention, (q, k, v, layout.kinds, layout.groups, plan, 64, 64, 0, 0.25)
     )
     out, lse = torch.ops.htc.star_attention(q, k, v, layout.kinds, layout.groups, plan, 64, 64, 0, 0.25)
-    delta = torch.randn_like(lse)
+    grad_lse = torch.randn_like(lse)
     torch.library.opcheck(
         torch.ops.htc.star_attention_backward,
         (
@@ -204,8 +204,9 @@ def test_opcheck():
             q.detach(),
             k.detach(),
             v.detach(),
+            out.detach(),
             lse.detach(),
-            delta,
+            grad_lse,
             layout.kinds,
             layout.groups,
             plan,

@@ -440,10 +440,12 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
 
 template <typename T>
 void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                   const at::Tensor& v, const float* lse, const float* delta, const int8_t* kinds,
+                   const at::Tensor& v, const at::Tensor& out, const float* lse, const float* grad_lse,
+                   const int8_t* kinds,
                    const int32_t* groups, const uint8_t* plan, at::Tensor& dq, at::Tensor& dk,
                    at::Tensor& dv) {
   const T* dop = dout.data_ptr<T>();
+  const T* op = out.data_ptr<T>();
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
@@ -459,7 +461,7 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
     std::vector<float> q_row(BQp * Dp), qT(g.D * BQp), do_row(BQp * Dp), doT(g.D * BQp);
     std::vector<float> sT(g.bk * BQp), dpT(g.bk * BQp), kbuf(g.bk * Dp), vbuf(g.bk * Dp);
     std::vector<float> dk_acc(g.Skv * Dp), dv_acc(g.Skv * Dp), dq_acc(g.Sq * Dp);
-    std::vector<float> lse_i(BQp), delta_i(BQp);
+    std::vector<float> lse_i(BQp), delta_i(BQp), o_row(Dp);
     TileMaskCache masks(g);
     Rows rows;
     for (int64_t task = begin; task < end; ++task) {
@@ -475,7 +477,8 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
         const T* qh = qp + b * q.stride(0) + h * q.stride(1);
         const T* doh = dop + b * dout.stride(0) + h * dout.stride(1);
         const float* lh = lse + (b * g.Hq + h) * g.Sq;
-        const float* dh = delta + (b * g.Hq + h) * g.Sq;
+        const T* oh = op + b * out.stride(0) + h * out.stride(1);
+        const float* glh = grad_lse ? grad_lse + (b * g.Hq + h) * g.Sq : nullptr;
         for (int64_t qt = 0; qt < g.n_qt; ++qt) {
           const uint8_t* tiles = plan + (bl * g.n_qt + qt) * g.n_kt;
           rows.fill(g, kin, grp, qt);
@@ -485,7 +488,12 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
             // PAD rows (lse = -inf) and rows past the end get p = exp(s - inf) = 0.
             const bool live = i < rows.m && rows.kind[i] != kPad && std::isfinite(lh[rows.r0 + i]);
             lse_i[i] = live ? lh[rows.r0 + i] : std::numeric_limits<float>::infinity();
-            delta_i[i] = live ? dh[rows.r0 + i] : 0.f;
+            delta_i[i] = 0.f;
+            if (!live) continue;
+            // delta_i = dO_i . O_i (FlashAttention-2), minus the gradient reaching lse_i directly
+            // (d lse_i / d s_ij = p_ij), so both outputs are differentiated exactly.
+            load_row(oh + (rows.r0 + i) * out.stride(2), o_row.data(), g.D, Dp, 1.f);
+            delta_i[i] = dot(do_row.data() + i * Dp, o_row.data(), Dp) - (glh ? glh[rows.r0 + i] : 0.f);
           }
           float* dq_tile = dq_acc.data() + rows.r0 * Dp;
           // Row i against its own key p only: p = exp(s - lse), then the five products as row updates.
@@ -618,13 +626,15 @@ std::tuple<at::Tensor, at::Tensor> star_attention_cpu(const at::Tensor& q_in, co
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> star_attention_backward_cpu(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& kinds, const at::Tensor& groups,
-    const at::Tensor& plan, int64_t block_q, int64_t block_k, int64_t topology, double scale) {
+    const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& kinds, const at::Tensor& groups, const at::Tensor& plan, int64_t block_q,
+    int64_t block_k, int64_t topology, double scale) {
   check_attention_args(q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology);
-  check_backward_args(dout_in, q_in, lse, delta);
+  check_backward_args(dout_in, q_in, out_in, lse, grad_lse);
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
-  const auto dout = last_dim_contiguous(dout_in);
-  const auto lse_c = lse.contiguous(), delta_c = delta.contiguous();
+  const auto dout = last_dim_contiguous(dout_in), out = last_dim_contiguous(out_in);
+  const auto lse_c = lse.contiguous();
+  const auto grad_lse_c = grad_lse ? grad_lse->contiguous() : at::Tensor();
   const auto kinds_c = kinds.contiguous();
   const auto groups_c = groups.contiguous();
   const auto plan_c = plan.contiguous();
@@ -633,7 +643,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> star_attention_backward_cpu(
   auto dk = new_output(k.sizes(), k.options());
   auto dv = new_output(v.sizes(), v.options());
   HTC_DISPATCH_KERNEL_TYPES(q.scalar_type(), "star_attention_backward_cpu", [&] {
-    backward_impl<scalar_t>(g, dout, q, k, v, lse_c.data_ptr<float>(), delta_c.data_ptr<float>(),
+    backward_impl<scalar_t>(g, dout, q, k, v, out, lse_c.data_ptr<float>(),
+                            grad_lse_c.defined() ? grad_lse_c.data_ptr<float>() : nullptr,
                             kinds_c.data_ptr<int8_t>(), groups_c.data_ptr<int32_t>(),
                             plan_c.data_ptr<uint8_t>(), dq, dk, dv);
   });

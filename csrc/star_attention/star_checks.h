@@ -5,6 +5,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
+#include <vector>
+
 namespace htc {
 
 inline void check_plan_args(const at::Tensor& kinds, const at::Tensor& groups, int64_t q_len,
@@ -60,16 +63,20 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const
     TORCH_CHECK(t->device() == q.device(), "star_attention: all tensors must be on ", q.device());
 }
 
-inline void check_backward_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& lse,
-                                const at::Tensor& delta) {
+inline void check_backward_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out,
+                                const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse) {
   TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type(),
               "star_attention_backward: dout must match q");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
+              "star_attention_backward: out must match q");
   const std::vector<int64_t> stat{q.size(0), q.size(1), q.size(2)};
   TORCH_CHECK(lse.sizes() == at::IntArrayRef(stat) && lse.scalar_type() == at::kFloat,
               "star_attention_backward: lse must be float32 [B, Hq, Sq]");
-  TORCH_CHECK(delta.sizes() == at::IntArrayRef(stat) && delta.scalar_type() == at::kFloat,
-              "star_attention_backward: delta must be float32 [B, Hq, Sq]");
-  TORCH_CHECK(dout.device() == q.device() && lse.device() == q.device() && delta.device() == q.device(),
+  TORCH_CHECK(!grad_lse || (grad_lse->sizes() == at::IntArrayRef(stat) && grad_lse->scalar_type() == at::kFloat),
+              "star_attention_backward: grad_lse must be float32 [B, Hq, Sq]");
+  for (const at::Tensor* t : {&dout, &out, &lse})
+    TORCH_CHECK(t->device() == q.device(), "star_attention_backward: all tensors must be on ", q.device());
+  TORCH_CHECK(!grad_lse || grad_lse->device() == q.device(),
               "star_attention_backward: all tensors must be on ", q.device());
 }
 
