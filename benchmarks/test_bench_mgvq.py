@@ -46,7 +46,6 @@ _RESULTS: dict[str, dict[str, float]] = {}
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="the compiled extension is not loaded")
 
 
-@functools.cache
 def _rss_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
