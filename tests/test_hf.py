@@ -54,7 +54,8 @@ def _backend(monkeypatch):
     monkeypatch.setattr(hkhf, "DEFAULT_BACKEND", BACKEND)
 
 
-def _llama(**kw):
+def _tiny_config(config_cls, **overrides):
+    """A tiny random config of `config_cls` (2 layers, 4 heads, hidden 32) with `overrides`."""
     args = dict(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -62,25 +63,20 @@ def _llama(**kw):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=None,
     )
-    cfg = LlamaConfig(**{**args, **kw})
-    return LlamaForCausalLM(cfg).eval()
+    return config_cls(**{**args, **overrides})
+
+
+_TOKEN_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=None)
+
+
+def _llama(**kw):
+    return LlamaForCausalLM(_tiny_config(LlamaConfig, **_TOKEN_IDS, **kw)).eval()
 
 
 def _qwen2():  # GQA: 6 query heads over 2 key/value heads
-    cfg = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=None,
+    cfg = _tiny_config(
+        Qwen2Config, hidden_size=48, num_attention_heads=6, num_key_value_heads=2, **_TOKEN_IDS
     )
     return Qwen2ForCausalLM(cfg).eval()
 
@@ -341,15 +337,7 @@ def test_hand_written_loop_with_compact_cache():
 
 
 def test_mistral_sliding_window_wider_than_the_sequence():
-    cfg = MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=16,
-    )
+    cfg = _tiny_config(MistralConfig, num_key_value_heads=2, sliding_window=16)
     model = MistralForCausalLM(cfg).eval()
     ids, mask, kinds = _inputs(LAYOUTS["multi_image_multi_voco"])  # 13 tokens <= 16
     with torch.no_grad():
@@ -363,16 +351,8 @@ def test_mistral_sliding_window_wider_than_the_sequence():
 
 
 def test_star_cache_rejects_sliding_window_models():
-    cfg = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        use_sliding_window=True,
-        sliding_window=4,
-        max_window_layers=1,
+    cfg = _tiny_config(
+        Qwen2Config, num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1
     )
     with pytest.raises(NotImplementedError, match="full-attention"):
         hk.hf.StarCache(config=cfg)
