@@ -1,5 +1,5 @@
 // The one place op schemas live (DESIGN.md §4). Kernel files add TORCH_LIBRARY_IMPL(htc, CPU|CUDA, m);
-// Python (htc_kernels/ops.py) adds the fake and autograd registrations once per op.
+// Python (htc_kernels/star_attention.py, mgvq_lookup.py) adds the fake and autograd registrations once per op.
 #include <torch/library.h>
 #include <torch/extension.h>
 

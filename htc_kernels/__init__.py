@@ -15,8 +15,9 @@ from htc_kernels import _ext  # noqa: F401  (loads the extension, warns once if 
 from htc_kernels._info import info
 from htc_kernels.layout import StarLayout, TokenKind, star_mask
 from htc_kernels.mgvq import GroupedQuantizer
-from htc_kernels.ops import mgvq_lookup, mgvq_lookup_reference, star_attention
+from htc_kernels.mgvq_lookup import mgvq_lookup, mgvq_lookup_reference
 from htc_kernels.reference import star_attention_reference
+from htc_kernels.star_attention import star_attention
 
 __version__ = "0.1.0"
 

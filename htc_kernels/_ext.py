@@ -8,7 +8,8 @@ import warnings
 
 _C = None
 LOAD_ERROR: str | None = None
-# Every schema of csrc/ops.cpp that htc_kernels/ops.py registers fake/autograd implementations for.
+# Every schema of csrc/ops.cpp that htc_kernels/star_attention.py and mgvq_lookup.py register
+# fake/autograd implementations for.
 REQUIRED_OPS = (
     "star_plan",
     "star_attention",

@@ -11,7 +11,28 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import torch
+
+from htc_kernels import _ext
+
 BACKEND_NAMES = ("auto", "reference", "cpu", "triton", "cuda")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+EXT_CUDA = bool(_ext.build_info().get("cuda"))  # read once: pybind calls break torch.compile
+
+
+def compiled_reasons(t: torch.Tensor, device_type: str) -> list[str]:
+    """Why the compiled (C++/CUDA) kernel for `device_type` cannot take tensor `t` ([] if it can)."""
+    reasons = []
+    if not _ext.available():
+        reasons.append(f"the compiled extension is not loaded ({_ext.LOAD_ERROR})")
+    elif device_type == "cuda" and not EXT_CUDA:
+        reasons.append("the extension was built without CUDA")
+    if t.device.type != device_type:
+        where = "the CPU" if device_type == "cpu" else "a CUDA device"
+        reasons.append(f"tensors are on {t.device}, not {where}")
+    if t.dtype not in KERNEL_DTYPES:
+        reasons.append(f"dtype {t.dtype} not supported (float32, bfloat16, float16)")
+    return reasons
 
 
 class Backend:

@@ -46,7 +46,7 @@ from transformers.masking_utils import (
 )
 
 from htc_kernels.layout import StarLayout, TokenKind
-from htc_kernels.ops import star_attention
+from htc_kernels.star_attention import star_attention
 
 ATTN_IMPLEMENTATION = "htc_star"
 #: Backend used by the attention function unless a call passes ``htc_backend=...``.

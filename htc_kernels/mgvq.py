@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from htc_kernels.ops import mgvq_lookup
+from htc_kernels.mgvq_lookup import mgvq_lookup
 
 
 class QuantizerOutput(NamedTuple):
