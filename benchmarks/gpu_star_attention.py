@@ -720,7 +720,13 @@ def environment() -> dict:
         env["htc_kernels"] = {"error": _short(exc)}
     env["env_vars"] = {
         k: os.environ.get(k)
-        for k in ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
+        for k in (
+            "CUDA_HOME",
+            "TORCH_CUDA_ARCH_LIST",
+            "TRITON_INTERPRET",
+            "HTC_POISON_OUTPUTS",
+            "CUDA_VISIBLE_DEVICES",
+        )
     }
     return env
 
@@ -766,7 +772,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
-    stem = f"gpu-{slug(torch.cuda.get_device_name(0))}" if cuda else "smoke-cpu"
+    device = torch.device("cuda" if cuda else "cpu")
+    if args.smoke:
+        stem = f"smoke-{device.type}"
+    else:
+        stem = f"gpu-{slug(torch.cuda.get_device_name(0))}" if cuda else "no-gpu"
     if args.print_stem:
         print(stem)
         return 0
@@ -781,7 +791,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start = time.monotonic()
     deadline = start + args.budget_s if args.budget_s else math.inf
-    device = torch.device("cuda" if cuda else "cpu")
     cases = SMOKE_CASES if args.smoke else GPU_CASES
     units = [(c, m) for c, m in FULL_UNITS if c in cases]
     if args.quick:
@@ -797,7 +806,6 @@ def main(argv: list[str] | None = None) -> int:
         providers = [p for p in providers if p in args.providers.split(",")]
     if args.smoke:
         timer = Timer(device, warmup_ms=0, rep_ms=0, min_reps=2, max_reps=2, flush=False, est_calls=1)
-        stem = "smoke-" + device.type
     elif args.quick:
         timer = Timer(device, warmup_ms=10, rep_ms=40, flush=not args.no_flush)
     else:
@@ -811,6 +819,8 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     print(f"[bench] {env['device']}: torch {env['torch']}, triton {env['packages']['triton']}, "
           f"missing: {', '.join(env['missing']) or 'nothing'}", flush=True)  # fmt: skip
+    if os.environ.get("HTC_POISON_OUTPUTS") == "1":
+        print("[bench] WARNING: HTC_POISON_OUTPUTS=1: htc kernels fill their outputs with NaN first (timed)")
     rates = measure_rates(device, timer, args.smoke)
     print(f"[bench] copy {rates['copy_bytes_per_s'] / 1e12:.3f} TB/s, bf16 GEMM "
           f"{rates['bf16_gemm_flop_per_s'] / 1e12:.1f} TFLOP/s", flush=True)  # fmt: skip
