@@ -38,7 +38,7 @@ def image_kinds(
     n_images: int, prefix: int = 35, visual: int = 580, voco: int = 1, between: int = 8, suffix: int = 64
 ) -> list[int]:
     """A text prefix, then ``n_images`` x (visual run, voco run, ``between`` text), then a text suffix.
-    With the defaults: 4 images -> S = 2455, 16 images -> S = 9523."""
+    With the defaults, 4 images: S = 2455; 16 images with ``between=13``: S = 9603."""
     kinds = [T] * prefix
     for _ in range(n_images):
         kinds += [V] * visual + [C] * voco + [T] * between
@@ -121,13 +121,18 @@ def flex_provider(block_mask, compiled):
     fallback is turned into an error (checked on the first call for each dtype)."""
     from torch.nn.attention import flex_attention as flex_mod
 
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    cfg = torch._dynamo.config
+    for limit in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(cfg, limit):
+            setattr(cfg, limit, max(getattr(cfg, limit), 64))
+            break
+    shown = getattr(flex_mod, "_WARNINGS_SHOWN", set())  # warn-once registry (absent in older torch)
     checked: set[torch.dtype] = set()
 
     def fn(q, k, v):
         if q.dtype in checked:
             return compiled(q, k, v, block_mask=block_mask)
-        flex_mod._WARNINGS_SHOWN.discard("flex_attention_performance")
+        shown.discard("flex_attention_performance")
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message="flex_attention called without torch.compile")
             out = compiled(q, k, v, block_mask=block_mask)
