@@ -23,7 +23,8 @@
 #   --smoke       no GPU needed: the whole script on this machine, the benchmark in --smoke mode
 # Environment: PYTHON (default: the first of python3, .venv/bin/python, python that imports torch),
 #   TORCH_CUDA_ARCH_LIST (default: this device's capability, e.g. 9.0), MAX_JOBS (default: nproc),
-#   CUDA_HOME (default: /usr/local/cuda if it has nvcc, else from the nvcc on PATH), OUT.
+#   CUDA_HOME (default: /usr/local/cuda if it has nvcc, else from the nvcc on PATH), OUT,
+#   HTC_GPU_CHECK_PYTEST_ARGS (extra pytest arguments, e.g. "-n 4" where pytest-xdist is installed).
 set -uo pipefail # no -e: phases record their failures and the script goes on
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD
@@ -179,13 +180,15 @@ banner "3/6 GPU tests"
 t=$(date +%s)
 BENCH_RESERVE=$([ "$QUICK" = 1 ] && echo 120 || echo 180)
 GPU_TESTS=(tests/test_star_attention.py tests/test_mgvq_lookup.py)
+read -r -a PYTEST_ARGS <<<"${HTC_GPU_CHECK_PYTEST_ARGS:-}"
 : >"$LOG_TESTS"
 if [ "$SKIP_TESTS" = 1 ]; then
   record tests "skipped (--skip-tests)" 0
 else
   limit=$(clamp $(($(left) - BENCH_RESERVE)) 60 240)
   echo "pytest ${GPU_TESTS[*]} (limit $limit s)" | tee -a "$LOG_TESTS"
-  timeout "$limit" "$PY" -m pytest "${GPU_TESTS[@]}" -q -p no:cacheprovider 2>&1 | tee -a "$LOG_TESTS" | tail -n 25
+  timeout "$limit" "$PY" -m pytest "${GPU_TESTS[@]}" -q -p no:cacheprovider ${PYTEST_ARGS[@]+"${PYTEST_ARGS[@]}"} \
+    2>&1 | tee -a "$LOG_TESTS" | tail -n 25
   rc=${PIPESTATUS[0]}
   record tests "$(status_of "$rc" "$limit"): $(tail -n1 "$LOG_TESTS")" $(($(date +%s) - t))
 fi
@@ -221,7 +224,7 @@ elif ((limit < 45)); then
 else
   limit=$(clamp "$limit" 45 180)
   echo "pytest tests/ without those two (limit $limit s)" | tee -a "$LOG_TESTS"
-  timeout "$limit" "$PY" -m pytest tests/ -q -p no:cacheprovider \
+  timeout "$limit" "$PY" -m pytest tests/ -q -p no:cacheprovider ${PYTEST_ARGS[@]+"${PYTEST_ARGS[@]}"} \
     "${GPU_TESTS[@]/#/--ignore=}" 2>&1 | tee -a "$LOG_TESTS" | tail -n 15
   rc=${PIPESTATUS[0]}
   record tests-all "$(status_of "$rc" "$limit"): $(tail -n1 "$LOG_TESTS")" $(($(date +%s) - t))
@@ -254,4 +257,8 @@ echo
 echo "==== gpu_check summary ($(elapsed) s, budget $BUDGET s; python $PY)"
 printf '%s\n' "${SUMMARY[@]}"
 echo "results: $MD and $RES/$STEM.json"
+if [ -f "$MD" ]; then
+  echo "targets:"
+  grep -E '^- \*\*(PASS|FAIL|N/A)\*\*' "$MD" | cut -c1-240
+fi
 exit "$FAILED"
