@@ -163,7 +163,7 @@ else
     echo "WARNING: ninja not found: torch builds serially (slow)"
   limit=$(clamp $(($(left) - 180)) 120 300)
   echo "MAX_JOBS=$MAX_JOBS, time limit $limit s, log $LOG_BUILD"
-  timeout "$limit" "$PY" setup.py build_ext --inplace >"$LOG_BUILD" 2>&1
+  timeout -k 15 "$limit" "$PY" setup.py build_ext --inplace >"$LOG_BUILD" 2>&1
   rc=$?
   grep -E 'warning|error' "$LOG_BUILD" | grep -v '^\s*$' | head -n 30
   [ "$rc" != 0 ] && tail -n 40 "$LOG_BUILD"
@@ -187,7 +187,7 @@ if [ "$SKIP_TESTS" = 1 ]; then
 else
   limit=$(clamp $(($(left) - BENCH_RESERVE)) 60 240)
   echo "pytest ${GPU_TESTS[*]} (limit $limit s)" | tee -a "$LOG_TESTS"
-  timeout "$limit" "$PY" -m pytest "${GPU_TESTS[@]}" -q -p no:cacheprovider ${PYTEST_ARGS[@]+"${PYTEST_ARGS[@]}"} \
+  timeout -k 15 "$limit" "$PY" -m pytest "${GPU_TESTS[@]}" -q -p no:cacheprovider ${PYTEST_ARGS[@]+"${PYTEST_ARGS[@]}"} \
     2>&1 | tee -a "$LOG_TESTS" | tail -n 25
   rc=${PIPESTATUS[0]}
   record tests "$(status_of "$rc" "$limit"): $(tail -n1 "$LOG_TESTS")" $(($(date +%s) - t))
@@ -202,7 +202,7 @@ budget=$(($(left) - 20))
 BENCH_ARGS=(--out "$RES" --budget-s "$budget" ${SMOKE_ARG[@]+"${SMOKE_ARG[@]}"})
 [ "$QUICK" = 1 ] && BENCH_ARGS+=(--quick)
 echo "python -m benchmarks.gpu_star_attention ${BENCH_ARGS[*]}"
-timeout $((budget + 120)) "$PY" -m benchmarks.gpu_star_attention "${BENCH_ARGS[@]}" 2>&1 | tee "$LOG_BENCH"
+timeout -k 15 $((budget + 120)) "$PY" -m benchmarks.gpu_star_attention "${BENCH_ARGS[@]}" 2>&1 | tee "$LOG_BENCH"
 rc=${PIPESTATUS[0]}
 case "$rc" in
   0) st=ok ;;
@@ -224,7 +224,7 @@ elif ((limit < 45)); then
 else
   limit=$(clamp "$limit" 45 180)
   echo "pytest tests/ without those two (limit $limit s)" | tee -a "$LOG_TESTS"
-  timeout "$limit" "$PY" -m pytest tests/ -q -p no:cacheprovider ${PYTEST_ARGS[@]+"${PYTEST_ARGS[@]}"} \
+  timeout -k 15 "$limit" "$PY" -m pytest tests/ -q -p no:cacheprovider ${PYTEST_ARGS[@]+"${PYTEST_ARGS[@]}"} \
     "${GPU_TESTS[@]/#/--ignore=}" 2>&1 | tee -a "$LOG_TESTS" | tail -n 15
   rc=${PIPESTATUS[0]}
   record tests-all "$(status_of "$rc" "$limit"): $(tail -n1 "$LOG_TESTS")" $(($(date +%s) - t))
