@@ -598,7 +598,20 @@ def render_unit(u: dict) -> list[str]:
         cells.append("" if peak is None else f"{peak / 2**20:.0f}")
         cells.append(_status(r))
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    floor_rows = (
+        ("floor: HBM at the measured copy rate", f["hbm_measured_us"]),
+        (f"floor: HBM at {SPEC['hbm_bytes_per_s'] / 1e12:.2f} TB/s", f["hbm_spec_us"]),
+        ("floor: FLOPs at the measured GEMM rate", f["flop_measured_us"]),
+    )
+    for name, us in floor_rows:  # bounds, not measurements: "speed-up" < 1 = htc's share of the floor
+        cells = [name, _fmt(us / 1e3), _fmt(us, 4), _fmt(us / f["floor_us"])]
+        cells += [f"{us / 1e3 / o['median_ms']:.2f}×" for o in ours]
+        lines.append("| " + " | ".join(cells + ["", "", "bound, not measured"]) + " |")
     lines.append("")
+    if ours:
+        lines.append(
+            "Floor rows are bounds, not measurements: their speed-up is floor / htc (1.00× = at the floor)."
+        )
     if any(r["provider"] in DIFFERENT_WORK for r in rows):
         lines.append(
             "† dense causal attention: different (more) work, a lower bound; checked against causal "
