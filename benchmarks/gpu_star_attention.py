@@ -268,10 +268,12 @@ def _xformers(unit: Unit):
     return star_peers.xformers_bias(unit.layout, unit.case.batch, unit.case.heads, DTYPE)
 
 
-PROVIDERS: dict[str, Callable[[Unit], Callable]] = {  # run in this order; ours last (a CUDA fault
-    "sdpa dense mask": lambda u: star_peers.sdpa_dense_mask(u.layout),  # in a kernel poisons the
-    "sdpa causal (flash)": lambda u: star_peers.sdpa_causal_flash(u.layout),  # context for all
-    "xformers bias": _xformers,  # that follow)
+# Run in this order, ours last: a fault in a new CUDA kernel poisons the context for every later call,
+# so the peers' numbers come first.
+PROVIDERS: dict[str, Callable[[Unit], Callable]] = {
+    "sdpa dense mask": lambda u: star_peers.sdpa_dense_mask(u.layout),
+    "sdpa causal (flash)": lambda u: star_peers.sdpa_causal_flash(u.layout),
+    "xformers bias": _xformers,
     "flex compiled": _flex,
     "htc triton": _htc("triton"),
     "htc cuda": _htc("cuda"),
@@ -361,6 +363,7 @@ class Timer:
             "p20_ms": ms[int(0.2 * (reps - 1))],
             "p80_ms": ms[int(0.8 * (reps - 1))],
             "reps": reps,
+            "samples_ms": [round(x, 5) for x in ms],  # sorted
         }
 
 
@@ -456,15 +459,18 @@ def run_provider(name: str, unit: Unit, timer: Timer, deadline: float) -> dict:
     except Exception as exc:  # noqa: BLE001
         return {**row, "status": "ERROR", "reason": _short(exc)}
 
-    refs, tols = references(unit, causal=name in DIFFERENT_WORK)
     errs, bad = {}, []
-    for oname, x, r, tol in zip(OUTPUTS, got, refs, tols):
-        if x.shape != r.shape or x.dtype != DTYPE:
-            bad.append(f"{oname} is {tuple(x.shape)} {x.dtype}, expected {tuple(r.shape)} {DTYPE}")
-            continue
-        errs[oname] = common.rel_err(x, r)
-        if not errs[oname] <= tol:
-            bad.append(f"{oname} relative error {errs[oname]:.3g} > tolerance {tol:.3g}")
+    try:
+        refs, tols = references(unit, causal=name in DIFFERENT_WORK)
+        for oname, x, r, tol in zip(OUTPUTS, got, refs, tols):
+            if x.shape != r.shape or x.dtype != DTYPE:
+                bad.append(f"{oname} is {tuple(x.shape)} {x.dtype}, expected {tuple(r.shape)} {DTYPE}")
+                continue
+            errs[oname] = common.rel_err(x, r)
+            if not errs[oname] <= tol:
+                bad.append(f"{oname} relative error {errs[oname]:.3g} > tolerance {tol:.3g}")
+    except Exception as exc:  # noqa: BLE001 (e.g. out of memory in the float64 reference)
+        return {**row, "status": "ERROR", "reason": "while checking against the reference: " + _short(exc)}
     row["rel_err"] = errs
     row["tolerance"] = dict(zip(OUTPUTS, tols))
     del got
@@ -867,16 +873,20 @@ def main(argv: list[str] | None = None) -> int:
             continue
         case = cases[case_name]
         t0 = time.monotonic()
-        unit = make_unit(case, mode, device, args.smoke)
+        try:
+            unit = make_unit(case, mode, device, args.smoke)
+            pairs = unit.allowed_pairs  # summed over the batch, per head
+        except Exception as exc:  # noqa: BLE001 (e.g. a CUDA error left by an earlier unit)
+            report["not_run"].append((case_name, mode, "ERROR setting it up: " + _short(exc)))
+            continue
         entry = {
             "case": case.name,
             "mode": mode,
             "shape": case.shape,
             "layout_text": case.layout_text,
-            "allowed_pairs_per_head": unit.allowed_pairs,  # summed over the batch
-            "allowed_frac_of_s2": unit.allowed_pairs / (case.batch * case.seq_len**2),
-            "allowed_frac_of_causal": unit.allowed_pairs
-            / (case.batch * case.seq_len * (case.seq_len + 1) / 2),
+            "allowed_pairs_per_head": pairs,
+            "allowed_frac_of_s2": pairs / (case.batch * case.seq_len**2),
+            "allowed_frac_of_causal": pairs / (case.batch * case.seq_len * (case.seq_len + 1) / 2),
             "floors": floors(unit, rates),
             "rows": [],
         }
@@ -902,6 +912,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench] wrote {md} and {js} ({report['seconds']:.0f} s)")
     failed = [(u["case"], u["mode"], r["provider"], r["status"]) for u in report["units"] for r in u["rows"]]
     failed = [f for f in failed if f[3] in ("WRONG", "ERROR")]
+    failed += [(c, m, "(unit)", "ERROR") for c, m, why in report["not_run"] if why.startswith("ERROR")]
     for f in failed:
         print(f"[bench] {f[3]}: {f[0]} {f[1]} {f[2]}", file=sys.stderr)
     return 3 if failed else 0

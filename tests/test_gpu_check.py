@@ -71,6 +71,27 @@ def test_benchmark_smoke_writes_tables_and_json(tmp_path):
         assert f"| {name}" in md
 
 
+def test_benchmark_reports_wrong_and_failing_providers(tmp_path, monkeypatch):
+    def broken(unit):
+        def fn(q, k, v):
+            raise RuntimeError("kernel exploded")
+
+        return fn
+
+    fake = {"wrong": lambda unit: lambda q, k, v: q + 0 * (k + v), "broken": broken}  # not attention
+    monkeypatch.setattr(g, "PROVIDERS", fake)
+    argv = ["--smoke", "--cases", "llava-b16", "--providers", "wrong,broken", "--out", str(tmp_path)]
+    assert g.main(argv) == 3
+    stem = "smoke-cuda" if torch.cuda.is_available() else "smoke-cpu"
+    data = json.loads((tmp_path / f"{stem}.json").read_text())
+    for u in data["units"]:
+        rows = {r["provider"]: r for r in u["rows"]}
+        assert rows["wrong"]["status"] == "WRONG" and "median_ms" not in rows["wrong"]  # not timed
+        assert "relative error" in rows["wrong"]["reason"]
+        assert rows["broken"]["status"] == "ERROR" and "kernel exploded" in rows["broken"]["reason"]
+    assert "WRONG: out relative error" in (tmp_path / f"{stem}.md").read_text()
+
+
 def _unit(case, mode, times_us: dict, hbm_spec_us=100.0):
     rows = [{"provider": p, "status": "ok", "median_ms": t / 1e3} for p, t in times_us.items()]
     rows.append({"provider": "xformers bias", "status": "SKIP", "reason": "not installed"})
