@@ -118,6 +118,7 @@ fi
 SMOKE_ARG=()
 [ "$SMOKE" = 1 ] && SMOKE_ARG=(--smoke)
 STEM=$("$PY" -m benchmarks.gpu_star_attention --print-stem ${SMOKE_ARG[@]+"${SMOKE_ARG[@]}"} 2>/dev/null | tail -n1)
+STEM=${STEM:-gpu-unknown} # the benchmark module failed to import: its phase will say why
 RES=benchmarks/results
 mkdir -p "$RES"
 LOG_BUILD=$RES/$STEM-build.log LOG_TESTS=$RES/$STEM-tests.log LOG_BENCH=$RES/$STEM-bench.log
