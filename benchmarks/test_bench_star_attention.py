@@ -27,34 +27,22 @@ from __future__ import annotations
 import functools
 import math
 import os
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import htc_kernels as hk
-from benchmarks import common
+from benchmarks import common, star_peers
+from benchmarks.star_peers import C, P, T, V
 from htc_kernels import _ext
 
-T, V, C, P = (int(x) for x in (hk.TokenKind.TEXT, hk.TokenKind.VISUAL, hk.TokenKind.VOCO, hk.TokenKind.PAD))
 HTC_BACKEND = os.environ.get("HTC_BENCH_STAR_BACKEND", "cpu")
 FAMILY = "star_attention"
 
 # --------------------------------------------------------------------------------------------------
 # Cases
 # --------------------------------------------------------------------------------------------------
-
-
-def _llava_kinds(scale: int = 1) -> list[int]:
-    return [T] * (35 * scale) + [V] * (580 * scale) + [C] * scale + [T] * (64 * scale)
-
-
-def _four_image_kinds() -> list[int]:
-    kinds = [T] * 35
-    for _ in range(4):
-        kinds += [V] * 580 + [C] + [T] * 8
-    return kinds + [T] * 64
 
 
 def _batch8_kinds() -> list[list[int]]:
@@ -67,12 +55,12 @@ def _batch8_kinds() -> list[list[int]]:
 
 CASES = {
     # name: (kinds, batch, heads, head_dim)
-    "llava": (_llava_kinds(), 1, 32, 128),
-    "4img": (_four_image_kinds(), 1, 8, 128),
+    "llava": (star_peers.llava_kinds(), 1, 32, 128),
+    "4img": (star_peers.image_kinds(4), 1, 8, 128),
     "batch8": (_batch8_kinds(), 8, 8, 128),
     # memory scaling: the LLaVA structure at S = 680 and x4 (S = 2720), 8 heads
-    "mem-680": (_llava_kinds(), 1, 8, 128),
-    "mem-2720": (_llava_kinds(4), 1, 8, 128),
+    "mem-680": (star_peers.llava_kinds(), 1, 8, 128),
+    "mem-2720": (star_peers.llava_kinds(4), 1, 8, 128),
     # warms up code paths and threads in the RSS probe
     "tiny": ([T] * 5 + [V] * 20 + [C] + [T] * 6, 1, 2, 128),
 }
@@ -165,33 +153,12 @@ def make_htc(case: str):
     return fn
 
 
-def _keep_rows(case: str) -> torch.Tensor:
-    """[B, 1, S, 1] bool: query rows that are not PAD."""
-    return (layout_of(case).kinds != P)[:, None, :, None]
-
-
 def make_sdpa(case: str):
-    mask = hk.star_mask(layout_of(case))[:, None]  # [B or 1, 1, S, S]
-
-    def fn(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-    return fn
+    return star_peers.sdpa_dense_mask(layout_of(case))
 
 
 def make_eager(case: str):
-    lay = layout_of(case)
-    masked_out = ~hk.star_mask(lay)[:, None]
-    keep = _keep_rows(case)
-    scale = 1.0 / math.sqrt(CASES[case][3])
-
-    def fn(q, k, v):
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-        scores = scores.masked_fill(masked_out, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(probs, v) * keep
-
-    return fn
+    return star_peers.eager_attention(layout_of(case), CASES[case][3])
 
 
 @functools.lru_cache(maxsize=1)
@@ -208,58 +175,12 @@ def _flex_compiled():
 
 @functools.cache
 def _flex_block_mask(case: str):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    lay = layout_of(case)
-    kd, gr = lay.kinds.long(), lay.groups.long()
-    b = lay.batch_size
-
-    def mask_mod(bi, hi, qi, kj):
-        kq, kk = kd[bi, qi], kd[bi, kj]
-        ok = (kj <= qi) & (kq != P) & (kk != P)
-        visual_ok = torch.where(kq == V, kj == qi, (kq == C) & (gr[bi, qi] == gr[bi, kj]))
-        return ok & ((kk != V) | visual_ok)
-
-    s = lay.seq_len
-    return create_block_mask(mask_mod, b if b > 1 else None, None, s, s, device="cpu")
-
-
-@functools.lru_cache(maxsize=1)
-def flex_backward_reason() -> str | None:
-    """Why FlexAttention cannot do a backward on CPU (probed on tiny inputs), or None if it can."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    q = torch.randn(1, 1, 16, 16, requires_grad=True)
-    try:
-        flex_attention(q, q.detach(), q.detach()).sum().backward()
-    except Exception as exc:  # noqa: BLE001
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    return star_peers.flex_block_mask(layout_of(case))
 
 
 def make_flex(case: str):
-    """Compiled FlexAttention. Every (case, dtype) is a new compilation: dynamo's default recompile
-    limit (8) would be hit during the suite and flex would silently fall back to its unfused eager
-    path, so the limit is raised, and a fallback is turned into an error (checked on the first call
-    for each dtype)."""
-    from torch.nn.attention import flex_attention as flex_mod
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    bm = _flex_block_mask(case)
-    compiled = _flex_compiled()
-    checked: set[torch.dtype] = set()
-
-    def fn(q, k, v):
-        if q.dtype in checked:
-            return compiled(q, k, v, block_mask=bm)
-        flex_mod._WARNINGS_SHOWN.discard("flex_attention_performance")
-        with warnings.catch_warnings():
-            warnings.filterwarnings("error", message="flex_attention called without torch.compile")
-            out = compiled(q, k, v, block_mask=bm)
-        checked.add(q.dtype)
-        return out
-
-    return fn
+    """Compiled FlexAttention (see star_peers.flex_provider)."""
+    return star_peers.flex_provider(_flex_block_mask(case), _flex_compiled())
 
 
 class HandSplit:
@@ -534,7 +455,7 @@ def rss_factory(case: str, provider: str, dtype_name: str, mode: str):
 @pytest.mark.parametrize("case, dtype_name, mode, provider", list(_matrix()))
 def test_star_attention(benchmark, case, dtype_name, mode, provider, floor_ms, peak_mem, threads):
     if provider == "flex compiled" and mode == "fwdbwd":
-        reason = flex_backward_reason()
+        reason = star_peers.flex_backward_reason("cpu")
         if reason is not None:
             pytest.skip(f"FlexAttention has no CPU backward ({reason})")
     run_case(benchmark, case, dtype_name, mode, provider, floor_ms, peak_mem, threads)

@@ -1,0 +1,265 @@
+#!/usr/bin/env bash
+# GPU check (issue 8): one command for a machine with a CUDA GPU and no network. Run from anywhere:
+#
+#   bash scripts/gpu_check.sh [--quick] [--skip-build] [--skip-tests] [--smoke]
+#
+# Phases (each timed; a failing phase is recorded and the next ones still run; exit 1 at the end if
+# any failed, 2 if torch sees no GPU):
+#   1 env    nvidia-smi, python/torch/CUDA/triton/xformers/... versions, what is missing (~5 s)
+#   2 build  htc_kernels._C in place (`setup.py build_ext --inplace`, no pip, no network) against the
+#            torch that is there, nvcc for this device's arch only, MAX_JOBS=nproc (~1-3 min)
+#   3 tests  pytest tests/test_star_attention.py tests/test_mgvq_lookup.py on the GPU (~1-2 min)
+#   4 bench  python -m benchmarks.gpu_star_attention -> benchmarks/results/gpu-<device>.md/.json (~2-4 min)
+#   5 tests  the rest of tests/, only if the budget has time left (not with --quick)
+#   6 copy   results and logs to $OUT when it is set (the device tool returns files from there)
+# Whole run: under 8 minutes on an H100. Budget HTC_GPU_CHECK_BUDGET_S (default 400 s): each phase gets
+# a time limit from what is left, and the benchmark starts no new measurement once it is spent (the one
+# in flight, at worst a ~1 min FlexAttention compile, finishes).
+#
+# Options:
+#   --quick       no phase 5; bench: only the units with targets, fewer repetitions
+#   --skip-build  use the extension already built in place (htc_kernels/_C*.so)
+#   --skip-tests  no pytest phase
+#   --smoke       no GPU needed: the whole script on this machine, the benchmark in --smoke mode
+# Environment: PYTHON (default: the first of python3, .venv/bin/python, python that imports torch),
+#   TORCH_CUDA_ARCH_LIST (default: this device's capability, e.g. 9.0), MAX_JOBS (default: nproc),
+#   CUDA_HOME (default: /usr/local/cuda if it has nvcc, else from the nvcc on PATH), OUT,
+#   HTC_GPU_CHECK_PYTEST_ARGS (extra pytest arguments, e.g. "-n 4" where pytest-xdist is installed).
+set -uo pipefail # no -e: phases record their failures and the script goes on
+cd "$(dirname "$0")/.." || exit 2
+ROOT=$PWD
+
+QUICK=0 SKIP_BUILD=0 SKIP_TESTS=0 SMOKE=0
+for arg in "$@"; do
+  case "$arg" in
+    --quick) QUICK=1 ;;
+    --skip-build) SKIP_BUILD=1 ;;
+    --skip-tests) SKIP_TESTS=1 ;;
+    --smoke) SMOKE=1 ;;
+    -h | --help)
+      sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+      exit 0
+      ;;
+    *)
+      echo "gpu_check: unknown option $arg (see --help)" >&2
+      exit 2
+      ;;
+  esac
+done
+
+BUDGET=${HTC_GPU_CHECK_BUDGET_S:-400}
+T0=$(date +%s)
+FAILED=0
+SUMMARY=()
+
+elapsed() { echo $(($(date +%s) - T0)); }
+left() { echo $((BUDGET - $(elapsed))); }
+banner() { printf '\n==== [gpu_check %4ss] %s\n' "$(elapsed)" "$*"; }
+# record PHASE STATUS SECONDS: one summary line; any status other than ok/skipped marks the run failed
+record() {
+  SUMMARY+=("$(printf '%-10s %5ss  %s' "$1" "$3" "$2")")
+  case "$2" in ok* | skipped*) ;; *) FAILED=1 ;; esac
+}
+# clamp N LO HI
+clamp() {
+  local n=$1
+  ((n < $2)) && n=$2
+  ((n > $3)) && n=$3
+  echo "$n"
+}
+status_of() { # exit code -> words
+  case "$1" in
+    0) echo ok ;;
+    124 | 137) echo "TIMED OUT (limit $2 s)" ;;
+    *) echo "FAILED (exit $1)" ;;
+  esac
+}
+
+# ---------------------------------------------------------------------------------------------- python
+pick_python() {
+  local p
+  for p in ${PYTHON:-} python3 .venv/bin/python python; do
+    if command -v "$p" >/dev/null 2>&1 && "$p" -c 'import torch' >/dev/null 2>&1; then
+      echo "$p"
+      return 0
+    fi
+  done
+  return 1
+}
+if ! PY=$(pick_python); then
+  echo "gpu_check: no python with torch found (tried: ${PYTHON:-} python3 .venv/bin/python python)" >&2
+  exit 2
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" # the in-place build, and `-m benchmarks...`
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET # Triton runs compiled on the GPU (the CPU interpreter would skip CUDA tests)
+
+# ----------------------------------------------------------------------------------------- 1 env
+banner "1/6 environment"
+t=$(date +%s)
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi || echo "(nvidia-smi failed: exit $?)"
+  nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version,clocks.sm,clocks.mem \
+    --format=csv 2>/dev/null || true
+else
+  echo "nvidia-smi: not on PATH"
+fi
+echo "python: $PY ($("$PY" -c 'import sys; print(sys.version.split()[0])'))"
+for tool in nvcc cmake ninja g++ shellcheck; do
+  printf '%-10s %s\n' "$tool:" "$(command -v "$tool" || echo 'not found')"
+done
+"$PY" -m benchmarks.gpu_star_attention --env 2>&1 | grep -v '^\s*$'
+HAS_CUDA=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
+if [ "$HAS_CUDA" != 1 ] && [ "$SMOKE" != 1 ]; then
+  echo "gpu_check: torch ($("$PY" -c 'import torch; print(torch.__version__, torch.version.cuda)')) sees no" \
+    "CUDA device. This script is for a GPU machine; on a CPU-only machine use --smoke." >&2
+  exit 2
+fi
+SMOKE_ARG=()
+[ "$SMOKE" = 1 ] && SMOKE_ARG=(--smoke)
+STEM=$("$PY" -m benchmarks.gpu_star_attention --print-stem ${SMOKE_ARG[@]+"${SMOKE_ARG[@]}"} 2>/dev/null | tail -n1)
+STEM=${STEM:-gpu-unknown} # the benchmark module failed to import: its phase will say why
+RES=benchmarks/results
+mkdir -p "$RES"
+LOG_BUILD=$RES/$STEM-build.log LOG_TESTS=$RES/$STEM-tests.log LOG_BENCH=$RES/$STEM-bench.log
+echo "results: $RES/$STEM.md, .json; logs: $RES/$STEM-{build,tests,bench}.log"
+record env ok $(($(date +%s) - t))
+
+# ----------------------------------------------------------------------------------------- 2 build
+banner "2/6 build htc_kernels._C in place"
+t=$(date +%s)
+if [ "$SKIP_BUILD" = 1 ]; then
+  record build "skipped (--skip-build)" 0
+else
+  if [ -z "${CUDA_HOME:-}" ]; then
+    if [ -x /usr/local/cuda/bin/nvcc ]; then
+      CUDA_HOME=/usr/local/cuda
+    elif command -v nvcc >/dev/null 2>&1; then
+      CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+    fi
+  fi
+  NOTE=""
+  if [ "$HAS_CUDA" = 1 ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
+    export CUDA_HOME
+    if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+      TORCH_CUDA_ARCH_LIST=$("$PY" -c \
+        'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+    fi
+    export TORCH_CUDA_ARCH_LIST
+    unset HTC_NO_CUDA
+    NVCC_CUDA=$("$CUDA_HOME/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')
+    TORCH_CUDA=$("$PY" -c 'import torch; print(torch.version.cuda)')
+    echo "CUDA_HOME=$CUDA_HOME (nvcc $NVCC_CUDA; torch built with CUDA $TORCH_CUDA)" \
+      "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+    [ "${NVCC_CUDA%%.*}" != "${TORCH_CUDA%%.*}" ] &&
+      echo "WARNING: nvcc $NVCC_CUDA and torch's CUDA $TORCH_CUDA differ in major version; the build may fail"
+    NOTE="CUDA arch $TORCH_CUDA_ARCH_LIST"
+  else
+    export HTC_NO_CUDA=1
+    NOTE="CPU kernels only: $([ "$HAS_CUDA" = 1 ] && echo 'no nvcc found' || echo 'no GPU')"
+    echo "WARNING: $NOTE; the cuda backend will be skipped"
+  fi
+  export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  command -v ninja >/dev/null 2>&1 || "$PY" -c 'import ninja' 2>/dev/null ||
+    echo "WARNING: ninja not found: torch builds serially (slow)"
+  limit=$(clamp $(($(left) - 180)) 120 300)
+  echo "MAX_JOBS=$MAX_JOBS, time limit $limit s, log $LOG_BUILD"
+  timeout -k 15 "$limit" "$PY" setup.py build_ext --inplace >"$LOG_BUILD" 2>&1
+  rc=$?
+  grep -E 'warning|error' "$LOG_BUILD" | grep -v '^\s*$' | head -n 30
+  [ "$rc" != 0 ] && tail -n 40 "$LOG_BUILD"
+  "$PY" -m htc_kernels.info 2>&1
+  st=$(status_of "$rc" "$limit")
+  if [ "$rc" = 0 ] && ! "$PY" -c 'import sys; from htc_kernels import _ext; sys.exit(not _ext.available())' 2>/dev/null; then
+    st="FAILED (built, but htc_kernels._C does not load)"
+  fi
+  record build "$st; $NOTE" $(($(date +%s) - t))
+fi
+
+# ----------------------------------------------------------------------------------------- 3 tests
+banner "3/6 GPU tests"
+t=$(date +%s)
+BENCH_RESERVE=$([ "$QUICK" = 1 ] && echo 120 || echo 180)
+GPU_TESTS=(tests/test_star_attention.py tests/test_mgvq_lookup.py)
+read -r -a PYTEST_ARGS <<<"${HTC_GPU_CHECK_PYTEST_ARGS:-}"
+: >"$LOG_TESTS"
+if [ "$SKIP_TESTS" = 1 ]; then
+  record tests "skipped (--skip-tests)" 0
+else
+  limit=$(clamp $(($(left) - BENCH_RESERVE)) 60 240)
+  echo "pytest ${GPU_TESTS[*]} (limit $limit s)" | tee -a "$LOG_TESTS"
+  timeout -k 15 "$limit" "$PY" -m pytest "${GPU_TESTS[@]}" -q -p no:cacheprovider ${PYTEST_ARGS[@]+"${PYTEST_ARGS[@]}"} \
+    2>&1 | tee -a "$LOG_TESTS" | tail -n 25
+  rc=${PIPESTATUS[0]}
+  record tests "$(status_of "$rc" "$limit"): $(tail -n1 "$LOG_TESTS")" $(($(date +%s) - t))
+fi
+
+# ----------------------------------------------------------------------------------------- 4 bench
+banner "4/6 benchmark"
+t=$(date +%s)
+unset HTC_POISON_OUTPUTS # tests poison kernel outputs with NaN (an extra pass): never while timing
+budget=$(($(left) - 20))
+((budget < 90)) && budget=90
+BENCH_ARGS=(--out "$RES" --budget-s "$budget" ${SMOKE_ARG[@]+"${SMOKE_ARG[@]}"})
+[ "$QUICK" = 1 ] && BENCH_ARGS+=(--quick)
+echo "python -m benchmarks.gpu_star_attention ${BENCH_ARGS[*]}"
+timeout -k 15 $((budget + 120)) "$PY" -m benchmarks.gpu_star_attention "${BENCH_ARGS[@]}" 2>&1 | tee "$LOG_BENCH"
+rc=${PIPESTATUS[0]}
+case "$rc" in
+  0) st=ok ;;
+  3) st="FAILED: a provider was WRONG or raised (see the tables)" ;;
+  *) st=$(status_of "$rc" $((budget + 120))) ;;
+esac
+record bench "$st" $(($(date +%s) - t))
+
+# ----------------------------------------------------------------------------------------- 5 tests-all
+banner "5/6 the rest of tests/"
+t=$(date +%s)
+limit=$(($(left) - 10))
+if [ "$SKIP_TESTS" = 1 ]; then
+  record tests-all "skipped (--skip-tests)" 0
+elif [ "$QUICK" = 1 ]; then
+  record tests-all "skipped (--quick)" 0
+elif ((limit < 45)); then
+  record tests-all "skipped (budget: $((limit + 10)) s left)" 0
+else
+  limit=$(clamp "$limit" 45 180)
+  echo "pytest tests/ without those two (limit $limit s)" | tee -a "$LOG_TESTS"
+  timeout -k 15 "$limit" "$PY" -m pytest tests/ -q -p no:cacheprovider ${PYTEST_ARGS[@]+"${PYTEST_ARGS[@]}"} \
+    "${GPU_TESTS[@]/#/--ignore=}" 2>&1 | tee -a "$LOG_TESTS" | tail -n 15
+  rc=${PIPESTATUS[0]}
+  record tests-all "$(status_of "$rc" "$limit"): $(tail -n1 "$LOG_TESTS")" $(($(date +%s) - t))
+fi
+
+# ----------------------------------------------------------------------------------------- 6 copy
+banner "6/6 results"
+MD=$RES/$STEM.md
+if [ -f "$MD" ]; then
+  {
+    echo
+    echo "## scripts/gpu_check.sh"
+    echo
+    echo "Options: ${*:-none}; $(elapsed) s in all. Logs: \`$STEM-{build,tests,bench}.log\`."
+    echo
+    echo '```'
+    printf '%s\n' "${SUMMARY[@]}"
+    echo '```'
+  } >>"$MD"
+fi
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  for f in "$MD" "$RES/$STEM.json" "$LOG_BUILD" "$LOG_TESTS" "$LOG_BENCH"; do
+    [ -f "$f" ] && cp "$f" "$OUT/"
+  done
+  echo "copied results and logs to $OUT"
+fi
+
+echo
+echo "==== gpu_check summary ($(elapsed) s, budget $BUDGET s; python $PY)"
+printf '%s\n' "${SUMMARY[@]}"
+echo "results: $MD and $RES/$STEM.json"
+if [ -f "$MD" ]; then
+  echo "targets:"
+  grep -E '^- \*\*(PASS|FAIL|N/A)\*\*' "$MD" | cut -c1-240
+fi
+exit "$FAILED"

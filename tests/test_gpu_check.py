@@ -1,0 +1,143 @@
+"""scripts/gpu_check.sh and its benchmark (benchmarks/gpu_star_attention.py) must not rot between the
+rare runs on a GPU: the benchmark's --smoke mode runs its whole pipeline here (tiny shapes; providers
+that need CUDA are skipped with the reason), the target arithmetic is checked on made-up numbers, and
+the script passes bash's syntax check (and shellcheck where it is installed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) does not put the root on the path
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import gpu_star_attention as g  # noqa: E402
+
+
+def test_benchmark_smoke_writes_tables_and_json(tmp_path):
+    assert g.main(["--smoke", "--quick", "--out", str(tmp_path)]) == 0  # no WRONG or ERROR row
+    stem = "smoke-cuda" if torch.cuda.is_available() else "smoke-cpu"
+    md = (tmp_path / f"{stem}.md").read_text()
+    data = json.loads((tmp_path / f"{stem}.json").read_text())
+
+    assert data["smoke"] is True
+    env = data["environment"]
+    for key in ("python", "torch", "torch_cuda", "device", "packages", "missing", "htc_kernels"):
+        assert key in env
+    assert data["rates"]["copy_bytes_per_s"] > 0 and data["rates"]["bf16_gemm_flop_per_s"] > 0
+    assert [(u["case"], u["mode"]) for u in data["units"]] == list(g.QUICK_UNITS)
+    providers = [*g.PROVIDERS, g.STAND_IN]
+    for u in data["units"]:
+        f = u["floors"]
+        assert f["bytes"] > 0 and f["flops"] > 0 and f["floor_us"] >= f["hbm_measured_us"] > 0
+        assert 0 < u["allowed_frac_of_causal"] <= 1
+        rows = {r["provider"]: r for r in u["rows"]}
+        assert list(rows) == providers
+        for name, r in rows.items():
+            assert r["status"] in ("ok", "SKIP"), (u["case"], u["mode"], name, r)
+            if r["status"] == "SKIP":
+                assert r["reason"].strip(), f"{name} skipped without a reason"
+            else:
+                assert r["median_ms"] > 0 and r["reps"] >= 2
+                assert all(r["rel_err"][k] <= r["tolerance"][k] for k in r["rel_err"])
+                assert len(r["rel_err"]) == (4 if u["mode"] == "fwdbwd" else 1)
+        for name in ("sdpa dense mask", "sdpa causal (flash)", g.STAND_IN):
+            assert rows[name]["status"] == "ok", (name, rows[name])
+        if not torch.cuda.is_available():
+            assert "cuda" in rows["htc cuda"]["reason"]
+            assert "CUDA" in rows["xformers bias"]["reason"] or "xformers" in rows["xformers bias"]["reason"]
+        if u["mode"] == "fwd":  # eager flex checks the mask_mod and block mask of the GPU runs
+            assert rows["flex compiled"]["status"] == "ok"
+            assert u["notes"]["flex_block_mask_ms"]["first"] > 0
+
+    stand_in = [t for t in data["targets"] if t["htc"] == g.STAND_IN]
+    assert len(stand_in) == len(g.TARGETS)
+    assert all(t["verdict"] in ("PASS", "FAIL", "N/A") and t["detail"] for t in data["targets"])
+
+    assert md.startswith("# star_attention on ")
+    assert "## Targets" in md and "## Results" in md
+    for case, mode in g.QUICK_UNITS:
+        assert f"### {case} {g.MODES[mode]}: " in md
+    assert md.count("| provider | median ms | µs | × floor |") == len(g.QUICK_UNITS)
+    for name in providers:
+        assert f"| {name}" in md
+
+
+def test_benchmark_reports_wrong_and_failing_providers(tmp_path, monkeypatch):
+    def broken(unit):
+        def fn(q, k, v):
+            raise RuntimeError("kernel exploded")
+
+        return fn
+
+    fake = {"wrong": lambda unit: lambda q, k, v: q + 0 * (k + v), "broken": broken}  # not attention
+    monkeypatch.setattr(g, "PROVIDERS", fake)
+    argv = ["--smoke", "--cases", "llava-b16", "--providers", "wrong,broken", "--out", str(tmp_path)]
+    assert g.main(argv) == 3
+    stem = "smoke-cuda" if torch.cuda.is_available() else "smoke-cpu"
+    data = json.loads((tmp_path / f"{stem}.json").read_text())
+    for u in data["units"]:
+        rows = {r["provider"]: r for r in u["rows"]}
+        assert rows["wrong"]["status"] == "WRONG" and "median_ms" not in rows["wrong"]  # not timed
+        assert "relative error" in rows["wrong"]["reason"]
+        assert rows["broken"]["status"] == "ERROR" and "kernel exploded" in rows["broken"]["reason"]
+    assert "WRONG: out relative error" in (tmp_path / f"{stem}.md").read_text()
+
+
+def _unit(case, mode, times_us: dict, hbm_spec_us=100.0):
+    rows = [{"provider": p, "status": "ok", "median_ms": t / 1e3} for p, t in times_us.items()]
+    rows.append({"provider": "xformers bias", "status": "SKIP", "reason": "not installed"})
+    return {"case": case, "mode": mode, "floors": {"hbm_spec_us": hbm_spec_us}, "rows": rows}
+
+
+def test_targets_arithmetic():
+    units = [
+        _unit("llava-b16", "fwd", {"htc cuda": 120.0, "flex compiled": 150.0, "sdpa dense mask": 700.0}),
+        _unit("llava-b16", "fwdbwd", {"htc cuda": 460.0, "flex compiled": 1000.0, "sdpa dense mask": 2000.0}),
+        _unit("16img", "fwd", {"htc cuda": 100.0, "sdpa causal (flash)": 950.0}),
+    ]
+    units[0]["rows"].append({"provider": "htc triton", "status": "SKIP", "reason": "no triton"})
+    res = g.check_targets(units)
+    cuda = {(t["case"], t["mode"], t["kind"], t["peer"]): t for t in res if t["htc"] == "htc cuda"}
+    verdicts = {k: v["verdict"] for k, v in cuda.items()}
+    assert verdicts == {
+        ("llava-b16", "fwd", "floor", None): "PASS",  # 120 <= 1.3 x 100
+        ("llava-b16", "fwdbwd", "max_us", None): "FAIL",  # 460 > 450
+        ("llava-b16", "fwd", "speedup", "flex compiled"): "FAIL",  # 1.25x < 1.3x
+        ("llava-b16", "fwdbwd", "speedup", "flex compiled"): "PASS",
+        ("llava-b16", "fwd", "speedup", "sdpa dense mask"): "PASS",  # 5.83x
+        ("llava-b16", "fwdbwd", "speedup", "sdpa dense mask"): "FAIL",  # 4.35x
+        ("16img", "fwd", "speedup", "flex compiled"): "N/A",  # flex not in that unit
+        ("16img", "fwd", "speedup", "sdpa causal (flash)"): "PASS",  # 9.5x
+    }
+    assert cuda[("llava-b16", "fwd", "floor", None)]["measured"] == pytest.approx(1.2)
+    triton = [t for t in res if t["htc"] == "htc triton"]
+    assert len(triton) == 1 and triton[0]["verdict"] == "N/A" and "no triton" in triton[0]["detail"]
+
+
+def test_script_syntax_and_options():
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash is not installed")
+    subprocess.run([bash, "-n", str(SCRIPT)], check=True)
+    help_text = subprocess.run([bash, str(SCRIPT), "--help"], capture_output=True, text=True, check=True)
+    for opt in ("--quick", "--skip-build", "--skip-tests", "--smoke"):
+        assert opt in help_text.stdout
+    bad = subprocess.run([bash, str(SCRIPT), "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown option" in bad.stderr
+
+
+def test_script_shellcheck():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed")
+    res = subprocess.run([shellcheck, "-S", "warning", str(SCRIPT)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout
