@@ -108,52 +108,25 @@ def _dot_kept(acc, a, b, keep, R: tl.constexpr, PREC: tl.constexpr):
 # ------------------------------------------------------------------------------------------------
 
 
+# fmt: off
 @triton.jit
 def _star_fwd_kernel(
-    Q,
-    K,
-    V,
-    O,
-    LSE,  # q [B,Hq,Sq,D], k/v [B,Hkv,Skv,D] (any strides), out like q, lse [B,Hq,Sq] fp32
-    KINDS,
-    GROUPS,  # [Bp, Skv] int8 / int32
-    TILES,
-    NTILES,  # row lists [Bp, n_qt, n_kt] int32 (kt << 3 | kind), counts [Bp, n_qt] int32
-    sqb,
-    sqh,
-    sqs,
-    sqd,
-    skb,
-    skh,
-    sks,
-    skd,
-    svb,
-    svh,
-    svs,
-    svd,
-    sob,
-    soh,
-    sos,
-    sod,
-    slb,
-    slh,
+    Q, K, V, O, LSE,  # q [B,Hq,Sq,D], k/v [B,Hkv,Skv,D] (any strides), out like q, lse [B,Hq,Sq] fp32
+    KINDS, GROUPS,  # [Bp, Skv] int8 / int32
+    TILES, NTILES,  # row lists [Bp, n_qt, n_kt] int32 (kt << 3 | kind), counts [Bp, n_qt] int32
+    sqb, sqh, sqs, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    sob, soh, sos, sod,
+    slb, slh,
     s_lay,  # batch stride of kinds/groups (0: one layout for the batch)
-    stb,
-    str_,
-    snb,  # TILES batch/row strides, NTILES batch stride
-    Hq,
-    GROUP,
-    Sq,
-    Skv,
-    D,
-    n_cols,
-    qk_scale,  # qk_scale = softmax scale * log2(e)
-    TOPOLOGY: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr,
+    stb, str_, snb,  # TILES batch/row strides, NTILES batch stride (0 when shared by the batch)
+    Hq, GROUP, Sq, Skv, D, n_cols,
+    qk_scale,  # softmax scale * log2(e)
+    TOPOLOGY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, F32_DOTS: tl.constexpr,
 ):
+    # fmt: on
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
@@ -173,6 +146,7 @@ def _star_fwd_kernel(
     rows64 = rows.to(tl.int64)
     q_ptrs = Q + b * sqb + h * sqh + rows64[:, None] * sqs + dd[None, :] * sqd
     q = tl.load(q_ptrs, mask=live_q[:, None] & d_in[None, :], other=0.0)
+    q = q.to(tl.float32) if F32_DOTS else q
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
 
@@ -211,6 +185,8 @@ def _star_fwd_kernel(
             cols64 = cols.to(tl.int64)
             k = tl.load(k_base + cols64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0)
             v = tl.load(v_base + cols64[:, None] * svs + dd[None, :] * svd, mask=ld, other=0.0)
+            k = k.to(tl.float32) if F32_DOTS else k
+            v = v.to(tl.float32) if F32_DOTS else v
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             ok = _allowed(
                 pos_q[:, None],
@@ -249,32 +225,18 @@ def _star_fwd_kernel(
 # ------------------------------------------------------------------------------------------------
 
 
+# fmt: off
 @triton.jit
 def _star_bwd_delta_kernel(
-    O,
-    DO,
-    GLSE,
-    DELTA,
-    KINDS,  # out/dO [B,Hq,Sq,D], grad_lse/delta [B,Hq,Sq] fp32
-    sob,
-    soh,
-    sos,
-    sod,
-    sdb,
-    sdh,
-    sds,
-    sdd,
-    sgb,
-    sgh,
+    O, DO, GLSE, DELTA, KINDS,  # out/dO [B,Hq,Sq,D], grad_lse [B,Hq,Sq] fp32, delta [B,Hq,Sq] fp32 out
+    sob, soh, sos, sod,
+    sdb, sdh, sds, sdd,
+    sgb, sgh,
     s_lay,
-    Hq,
-    Sq,
-    Skv,
-    D,
-    HAS_GLSE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    Hq, Sq, Skv, D,
+    HAS_GLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # fmt: on
     """delta = rowsum(dO * O) - grad_lse on live rows, 0 on PAD rows (whose dO is never read)."""
     qt = tl.program_id(0)
     bh = tl.program_id(1)
@@ -295,59 +257,23 @@ def _star_bwd_delta_kernel(
     tl.store(DELTA + (b * Hq + h) * Sq + rows, tl.where(live, delta, 0.0), mask=row_in)
 
 
+# fmt: off
 @triton.jit
 def _star_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    KINDS,
-    GROUPS,
-    TILES,
-    NTILES,
-    sqb,
-    sqh,
-    sqs,
-    sqd,
-    skb,
-    skh,
-    sks,
-    skd,
-    svb,
-    svh,
-    svs,
-    svd,
-    sdb,
-    sdh,
-    sds,
-    sdd,
-    slb,
-    slh,
-    sqgb,
-    sqgh,
-    sqgs,
-    sqgd,  # dq strides
-    s_lay,
-    stb,
-    str_,
-    snb,
-    Hq,
-    GROUP,
-    Sq,
-    Skv,
-    D,
-    n_cols,
-    qk_scale,
-    scale,
-    TOPOLOGY: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr,
+    Q, K, V, DO, LSE, DELTA, DQ,
+    KINDS, GROUPS, TILES, NTILES,  # as in _star_fwd_kernel
+    sqb, sqh, sqs, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    sdb, sdh, sds, sdd,
+    slb, slh,
+    sqgb, sqgh, sqgs, sqgd,  # dq
+    s_lay, stb, str_, snb,
+    Hq, GROUP, Sq, Skv, D, n_cols, qk_scale, scale,
+    TOPOLOGY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, F32_DOTS: tl.constexpr,
 ):
+    # fmt: on
     """dQ of one query tile of one head: dq_i = scale * sum_j dS_ij k_j over the tile's row list."""
     qt = tl.program_id(0)
     bh = tl.program_id(1)
@@ -369,6 +295,8 @@ def _star_bwd_dq_kernel(
     ldq = live_q[:, None] & d_in[None, :]
     q = tl.load(Q + b * sqb + h * sqh + rows64[:, None] * sqs + dd[None, :] * sqd, mask=ldq, other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + rows64[:, None] * sds + dd[None, :] * sdd, mask=ldq, other=0.0)
+    q = q.to(tl.float32) if F32_DOTS else q
+    do = do.to(tl.float32) if F32_DOTS else do
     lse2 = tl.load(LSE + b * slb + h * slh + rows, mask=live_q, other=0.0) * _LOG2E_C
     delta = tl.load(DELTA + (b * Hq + h) * Sq + rows, mask=live_q, other=0.0)
     k_base = K + b * skb + hk * skh
@@ -389,7 +317,7 @@ def _star_bwd_dq_kernel(
             kd = tl.load(k_base + pos64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0).to(tl.float32)
             vd = tl.load(v_base + pos64[:, None] * svs + dd[None, :] * svd, mask=ld, other=0.0).to(tl.float32)
             sd = tl.sum(q.to(tl.float32) * kd, axis=1) * qk_scale
-            pd = tl.where(on, tl.exp2(sd - lse2), 0.0)
+            pd = tl.exp2(tl.where(on, sd - lse2, float("-inf")))
             dpd = tl.sum(do.to(tl.float32) * vd, axis=1)
             dsd = tl.where(on, pd * (dpd - delta), 0.0)
             dq += dsd[:, None] * kd
@@ -402,6 +330,8 @@ def _star_bwd_dq_kernel(
             cols64 = cols.to(tl.int64)
             k = tl.load(k_base + cols64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0)
             v = tl.load(v_base + cols64[:, None] * svs + dd[None, :] * svd, mask=ld, other=0.0)
+            k = k.to(tl.float32) if F32_DOTS else k
+            v = v.to(tl.float32) if F32_DOTS else v
             ok = _allowed(
                 pos_q[:, None],
                 kind_q[:, None],
@@ -413,7 +343,7 @@ def _star_bwd_dq_kernel(
                 TOPOLOGY,
             )
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+            p = tl.exp2(tl.where(ok, s - lse2[:, None], float("-inf")))
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
             if tk == _FULL:
@@ -425,65 +355,25 @@ def _star_bwd_dq_kernel(
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
 
 
+# fmt: off
 @triton.jit
 def _star_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,
-    KINDS,
-    GROUPS,
-    TILES,
-    NTILES,  # column lists [Bp, n_kt, n_qt] (qt << 3 | kind), counts [Bp, n_kt]
-    sqb,
-    sqh,
-    sqs,
-    sqd,
-    skb,
-    skh,
-    sks,
-    skd,
-    svb,
-    svh,
-    svs,
-    svd,
-    sdb,
-    sdh,
-    sds,
-    sdd,
-    slb,
-    slh,
-    skgb,
-    skgh,
-    skgs,
-    skgd,  # dk strides
-    svgb,
-    svgh,
-    svgs,
-    svgd,  # dv strides
-    s_lay,
-    stb,
-    str_,
-    snb,
-    Hq,
-    Hkv,
-    GROUP,
-    Sq,
-    Skv,
-    D,
-    n_rows,
-    qk_scale,
-    scale,
-    TOPOLOGY: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr,
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    KINDS, GROUPS,
+    TILES, NTILES,  # column lists [Bp, n_kt, n_qt] int32 (qt << 3 | kind), counts [Bp, n_kt]
+    sqb, sqh, sqs, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    sdb, sdh, sds, sdd,
+    slb, slh,
+    skgb, skgh, skgs, skgd,  # dk
+    svgb, svgh, svgs, svgd,  # dv
+    s_lay, stb, str_, snb,
+    Hq, Hkv, GROUP, Sq, Skv, D, n_rows, qk_scale, scale,
+    TOPOLOGY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, F32_DOTS: tl.constexpr,
 ):
+    # fmt: on
     """dK, dV of one key tile of one kv head: the query tiles of its column list, for each of them
     every query head of the GQA group (one writer per dK/dV row: no atomics, fixed order)."""
     kt = tl.program_id(0)
@@ -504,6 +394,8 @@ def _star_bwd_dkdv_kernel(
     ldk = live_k[:, None] & d_in[None, :]
     k = tl.load(K + b * skb + hk * skh + cols64[:, None] * sks + dd[None, :] * skd, mask=ldk, other=0.0)
     v = tl.load(V + b * svb + hk * svh + cols64[:, None] * svs + dd[None, :] * svd, mask=ldk, other=0.0)
+    k = k.to(tl.float32) if F32_DOTS else k
+    v = v.to(tl.float32) if F32_DOTS else v
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # The query row at key j's own position (DIAG partner): global row j - q_off.
@@ -533,7 +425,7 @@ def _star_bwd_dkdv_kernel(
                 qf = qd.to(tl.float32)
                 dof = dod.to(tl.float32)
                 sd = tl.sum(qf * k.to(tl.float32), axis=1) * qk_scale
-                pd = tl.where(on, tl.exp2(sd - lse2), 0.0)
+                pd = tl.exp2(tl.where(on, sd - lse2, float("-inf")))
                 dpd = tl.sum(dof * v.to(tl.float32), axis=1)
                 dsd = tl.where(on, pd * (dpd - delta), 0.0)
                 dv += pd[:, None] * dof
@@ -566,10 +458,12 @@ def _star_bwd_dkdv_kernel(
                 do = tl.load(
                     DO + b * sdb + h * sdh + rows64[:, None] * sds + dd[None, :] * sdd, mask=ldq, other=0.0
                 )
+                q = q.to(tl.float32) if F32_DOTS else q
+                do = do.to(tl.float32) if F32_DOTS else do
                 lse2 = tl.load(LSE + b * slb + h * slh + rows, mask=live_q, other=0.0) * _LOG2E_C
                 delta = tl.load(DELTA + (b * Hq + h) * Sq + rows, mask=live_q, other=0.0)
                 sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-                pT = tl.where(okT, tl.exp2(sT - lse2[None, :]), 0.0)
+                pT = tl.exp2(tl.where(okT, sT - lse2[None, :], float("-inf")))
                 dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
                 dsT = tl.where(okT, pT * (dpT - delta[None, :]), 0.0)
                 if tk == _FULL:
@@ -647,9 +541,10 @@ _TILE_TABLE = {
         (256, TileConfig(32, 32, 4, 8, 1), TileConfig(32, 32, 8, 8, 1)),
     ),
 }
-# Under TRITON_INTERPRET=1 (CPU tests): the smallest tiles tl.dot takes, so small test shapes still
-# span many tiles of every kind.
-_INTERPRETER_TILES = TileConfig(16, 16, 1, 1, 1)
+# Under TRITON_INTERPRET=1 (CPU tests): small tiles, so small test shapes still span several tiles of
+# every kind. Not 16: the interpreter's cost is per operation, whatever the tile size (32 halves the
+# suite's time against 16).
+_INTERPRETER_TILES = TileConfig(32, 32, 1, 1, 1)
 # Decode (few query rows): tl.dot's minimum M instead of rows that would be masked away.
 _DECODE_BLOCK_Q = 16
 
@@ -661,11 +556,12 @@ def interpreting() -> bool:
 def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device, q_len: int) -> TileConfig:
     """The tile configuration for one call (block sizes fix the plan the call needs)."""
     if device.type != "cuda":
-        return _INTERPRETER_TILES
-    major, _minor = torch.cuda.get_device_capability(device)
-    rows = _TILE_TABLE["sm90" if major >= 9 else "sm80"]
-    d_pad = max(16, triton.next_power_of_2(head_dim))
-    cfg = next(fp32 if dtype == torch.float32 else half for dmax, half, fp32 in rows if d_pad <= dmax)
+        cfg = _INTERPRETER_TILES
+    else:
+        major, _minor = torch.cuda.get_device_capability(device)
+        rows = _TILE_TABLE["sm90" if major >= 9 else "sm80"]
+        d_pad = max(16, triton.next_power_of_2(head_dim))
+        cfg = next(fp32 if dtype == torch.float32 else half for dmax, half, fp32 in rows if d_pad <= dmax)
     if q_len <= _DECODE_BLOCK_Q:
         cfg = dataclasses.replace(cfg, block_q=_DECODE_BLOCK_Q)
     return cfg
@@ -734,6 +630,12 @@ def _check_args(q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, bl
             raise ValueError(f"star_attention_triton: all tensors must be on {q.device}")
 
 
+def _f32_dots(dtype: torch.dtype) -> bool:
+    # Triton's interpreter (3.8) runs tl.dot on bf16 tiles as integer products of their bit patterns:
+    # there (only), bf16 tiles are widened to fp32 before the dots (exact products either way).
+    return dtype == torch.bfloat16 and interpreting()
+
+
 def _prec(dtype: torch.dtype) -> str:
     # fp32: IEEE products and sums (no TF32) to hold the 1e-4 tolerance; 16-bit operands are exact
     # in any mode, "tf32" is Triton's default name for the tensor-core path.
@@ -775,7 +677,7 @@ def star_attention_triton(
         lay, tb, q_tiles.stride(1), nb,
         hq, hq // hkv, sq, skv, d, q_tiles.shape[2], scale * _LOG2E,
         TOPOLOGY=topology, BLOCK_M=block_q, BLOCK_N=block_k,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), PREC=_prec(q.dtype),
+        BLOCK_D=max(16, triton.next_power_of_2(d)), PREC=_prec(q.dtype), F32_DOTS=_f32_dots(q.dtype),
         **_launch(q.device, d, q.dtype, sq, backward=False),
     )  # fmt: skip
     return out, lse
@@ -836,7 +738,10 @@ def star_attention_triton_backward(
         hq, sq, skv, d,
         HAS_GLSE=grad_lse is not None, BLOCK_M=block_q, BLOCK_D=block_d, num_warps=launch["num_warps"],
     )  # fmt: skip
-    common = dict(TOPOLOGY=topology, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, PREC=_prec(q.dtype))
+    common = dict(
+        TOPOLOGY=topology, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, PREC=_prec(q.dtype),
+        F32_DOTS=_f32_dots(q.dtype),
+    )  # fmt: skip
     tb = 0 if q_tiles.shape[0] == 1 else q_tiles.stride(0)
     nb = 0 if q_counts.shape[0] == 1 else q_counts.stride(0)
     torch.library.wrap_triton(_star_bwd_dq_kernel)[(q_tiles.shape[1], b * hq)](
