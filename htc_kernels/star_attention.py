@@ -113,7 +113,8 @@ class _TritonStar(Backend):
         if k.shape[2] >= 2**31:
             reasons.append(f"Skv = {k.shape[2]} positions do not fit the kernels' int32 positions")
         if q.device.type == "cuda" and not reasons:
-            major, minor = torch.cuda.get_device_capability(q.device)
+            index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+            major, minor = _triton_star().cuda_capability(index)
             if major < 8:
                 reasons.append(f"the Triton kernel needs compute capability >= 8.0, got {major}.{minor}")
         return reasons

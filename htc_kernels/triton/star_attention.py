@@ -80,26 +80,35 @@ def _allowed(pos_q, kind_q, grp_q, pos_k, kind_k, grp_k, tile_kind, TOPOLOGY: tl
 
 
 @triton.jit
-def _dot_kept(acc, a, b, keep, R: tl.constexpr, PREC: tl.constexpr):
+def _dot_kept(acc, a, b, keep, PREC: tl.constexpr):
     """``acc + a @ b`` with a ``[X, R]``, b ``[R, D]``, keep ``[X, R]`` bool (a is 0 where not keep).
 
     Equal to ``tl.dot`` when b is finite. A non-finite entry of b reaches exactly the rows x with
-    ``keep[x, r]`` (IEEE: the kept weight times inf/NaN) and no other: the dot sees b with its
-    non-finite entries zeroed, and a rare branch (a tile holding inf/NaN) adds those entries'
-    products one reduction index at a time. fp32 accumulation.
+    ``keep[x, r]`` and no other: the dot sees b with its non-finite entries zeroed, and, only when the
+    tile holds one (a rare branch), the IEEE value of the kept non-finite products is added: for each
+    (x, d), NaN if some kept product is NaN (a NaN, or a zero weight times an infinity) or infinities
+    of both signs meet, else the sign of the infinities. The counts come from 0/1 indicator dots
+    (exact in fp16 with fp32 accumulation), so the branch costs six small dots, no loop.
     """
     finite = tl.abs(b.to(tl.float32)) < float("inf")
     acc = tl.dot(a, tl.where(finite, b, tl.zeros_like(b)), acc, input_precision=PREC)
-    n_bad = tl.sum(tl.where(finite, 0, 1))
-    if n_bad > 0:
-        idx = tl.arange(0, R)
-        bad = tl.where(finite, 0.0, b.to(tl.float32))
+    if tl.sum(tl.where(finite, 0, 1)) > 0:
+        bf = b.to(tl.float32)
+        b_nan = (bf != bf).to(tl.float16)
+        b_pos = (bf == float("inf")).to(tl.float16)
+        b_neg = (bf == float("-inf")).to(tl.float16)
         af = a.to(tl.float32)
-        for r in range(R):
-            a_col = tl.sum(tl.where(idx[None, :] == r, af, 0.0), axis=1)
-            keep_col = tl.sum(tl.where((idx[None, :] == r) & keep, 1, 0), axis=1) > 0
-            b_row = tl.sum(tl.where(idx[:, None] == r, bad, 0.0), axis=0)
-            acc += tl.where(keep_col[:, None], a_col[:, None] * b_row[None, :], 0.0)
+        w = keep.to(tl.float16)
+        w_pos = (keep & (af > 0)).to(tl.float16)
+        w_neg = (keep & (af < 0)).to(tl.float16)
+        w_zero = (keep & (af == 0)).to(tl.float16)
+        n_nan = tl.dot(w, b_nan) + tl.dot(w_zero, b_pos + b_neg)
+        n_pos = tl.dot(w_pos, b_pos) + tl.dot(w_neg, b_neg)
+        n_neg = tl.dot(w_pos, b_neg) + tl.dot(w_neg, b_pos)
+        fix = tl.where(n_pos > 0, float("inf"), 0.0)
+        fix = tl.where(n_neg > 0, float("-inf"), fix)
+        fix = tl.where((n_nan > 0) | ((n_pos > 0) & (n_neg > 0)), float("nan"), fix)
+        acc += fix
     return acc
 
 
@@ -208,7 +217,7 @@ def _star_fwd_kernel(
             if tk == _FULL:  # FULL: every live row attends every loaded key
                 acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
             else:
-                acc = _dot_kept(acc, p.to(v.dtype), v, ok, BLOCK_N, PREC)
+                acc = _dot_kept(acc, p.to(v.dtype), v, ok, PREC)
             m_i = m_new
 
     empty = l_i == 0.0  # PAD rows (every live row attends at least its own position)
@@ -349,7 +358,7 @@ def _star_bwd_dq_kernel(
             if tk == _FULL:
                 dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
             else:
-                dq = _dot_kept(dq, ds.to(k.dtype), k, ok, BLOCK_N, PREC)
+                dq = _dot_kept(dq, ds.to(k.dtype), k, ok, PREC)
 
     dq_ptrs = DQ + b * sqgb + h * sqgh + rows64[:, None] * sqgs + dd[None, :] * sqgd
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
@@ -470,8 +479,8 @@ def _star_bwd_dkdv_kernel(
                     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
                     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
                 else:
-                    dv = _dot_kept(dv, pT.to(do.dtype), do, okT, BLOCK_M, PREC)
-                    dk = _dot_kept(dk, dsT.to(q.dtype), q, okT, BLOCK_M, PREC)
+                    dv = _dot_kept(dv, pT.to(do.dtype), do, okT, PREC)
+                    dk = _dot_kept(dk, dsT.to(q.dtype), q, okT, PREC)
 
     st = col_in[:, None] & d_in[None, :]
     dk_ptrs = DK + b * skgb + hk * skgh + cols64[:, None] * skgs + dd[None, :] * skgd
@@ -549,8 +558,18 @@ _INTERPRETER_TILES = TileConfig(32, 32, 1, 1, 1)
 _DECODE_BLOCK_Q = 16
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@torch.compiler.assume_constant_result
+def cuda_capability(index: int) -> tuple[int, int]:
+    """Compute capability of CUDA device ``index`` (a constant to torch.compile: no graph break)."""
+    return torch.cuda.get_device_capability(index)
 
 
 def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device, q_len: int) -> TileConfig:
@@ -558,7 +577,7 @@ def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device, q_len: 
     if device.type != "cuda":
         cfg = _INTERPRETER_TILES
     else:
-        major, _minor = torch.cuda.get_device_capability(device)
+        major, _minor = cuda_capability(_index(device))
         rows = _TILE_TABLE["sm90" if major >= 9 else "sm80"]
         d_pad = max(16, triton.next_power_of_2(head_dim))
         cfg = next(fp32 if dtype == torch.float32 else half for dmax, half, fp32 in rows if d_pad <= dmax)
