@@ -558,28 +558,33 @@ def test_masked_means_never_read(backend, dtype, request):
 
 @needs_triton
 def test_triton_attended_non_finite_values_propagate():
-    """The other half of the contract: a NaN/Inf a query does attend reaches its output and gradients
-    (the kernels zero non-finite values only for pairs that are masked)."""
+    """The other half of the contract: a NaN/Inf a query does attend reaches its output with IEEE
+    semantics (the kernels zero non-finite values only for the pairs that are masked)."""
     layout = hk.StarLayout(llava_kinds(prefix=5, visual=50, voco=1, suffix=9)).to(TRITON_DEVICE)
     s = layout.seq_len
     q, k, v = make_qkv(1, 1, 1, s, s, 16, torch.float32, device=TRITON_DEVICE)
-    text_key = 5 + 50 + 1 + 2  # seen by the rows after it only (a partly attended column)
-    vis_key = 5 + 20  # seen by its own row and the <voco> row
     v = v.clone()
-    v[0, 0, text_key, 3] = float("nan")
-    v[0, 0, vis_key, 5] = float("inf")
-    out = hk.star_attention(q, k, v, layout, backend="triton")
+    v[0, 0, 5 + 50 + 1 + 2, 3] = float("nan")  # a suffix text key: only the rows after it see it
+    v[0, 0, 5 + 20, 5] = float("inf")  # a visual key: its own row and the <voco> row see it
+    v[0, 0, 2, 5] = float("-inf")  # a prefix key seen by every later row: -inf, or NaN where +inf meets it
+    v[0, 0, 5 + 30, 7] = float("-inf")  # another visual key, alone: -inf in its row and the <voco> row
+    out = hk.star_attention(q, k, v, layout, backend="triton")[0, 0].double()
     allowed = hk.star_mask(layout)[0]
-    for key, col in ((text_key, 3), (vis_key, 5)):
-        sees = allowed[:, key]
-        assert not torch.isfinite(out[0, 0, sees, col]).any()
-        assert torch.isfinite(out[0, 0, ~sees, col]).all()
+    scores = (q[0, 0].double() @ k[0, 0].double().T / 4).masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(scores, -1)
+    want = torch.where(allowed[..., None], p[..., None] * v[0, 0].double()[None], 0).sum(1)  # [S, D]
+    for pattern in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(pattern(out), pattern(want)), pattern.__name__
+    assert torch.isnan(want).sum() > 2 and torch.isinf(want).sum() > 2  # the case covers all three
+    finite = torch.isfinite(want)
+    assert rel(out[finite], want[finite]) < 1e-5
+    # dq of the rows that see a NaN key is NaN; of the others, finite
     qg, kg = q.clone().requires_grad_(), k.clone()
-    kg[0, 0, text_key, 0] = float("nan")
+    kg[0, 0, 5 + 50 + 1 + 2, 0] = float("nan")
     kg.requires_grad_()
-    hk.star_attention(qg, kg, v.nan_to_num(), layout, backend="triton").sum().backward()
-    sees = allowed[:, text_key]
-    assert not torch.isfinite(qg.grad[0, 0, sees]).all(-1).any()  # dq = sum_j dS_ij k_j
+    hk.star_attention(qg, kg, v.nan_to_num(0, 0, 0), layout, backend="triton").sum().backward()
+    sees = allowed[:, 5 + 50 + 1 + 2]
+    assert torch.isnan(qg.grad[0, 0, sees]).all()
     assert torch.isfinite(qg.grad[0, 0, ~sees]).all()
 
 

@@ -84,30 +84,32 @@ def _dot_kept(acc, a, b, keep, PREC: tl.constexpr):
     """``acc + a @ b`` with a ``[X, R]``, b ``[R, D]``, keep ``[X, R]`` bool (a is 0 where not keep).
 
     Equal to ``tl.dot`` when b is finite. A non-finite entry of b reaches exactly the rows x with
-    ``keep[x, r]`` and no other: the dot sees b with its non-finite entries zeroed, and, only when the
+    ``keep[x, r]`` and no other: the dot sees b with its non-finite entries zeroed and, only when the
     tile holds one (a rare branch), the IEEE value of the kept non-finite products is added: for each
-    (x, d), NaN if some kept product is NaN (a NaN, or a zero weight times an infinity) or infinities
-    of both signs meet, else the sign of the infinities. The counts come from 0/1 indicator dots
-    (exact in fp16 with fp32 accumulation), so the branch costs six small dots, no loop.
+    (x, d), NaN if some kept product is NaN (a NaN, or a zero weight times an infinity) or infinities of
+    both signs meet, else the infinity's sign. One accumulator counts them in fields of one number,
+    ``(+inf products) + 256 (-inf products) + 65536 (NaN products)``, through 0/1 indicator dots whose
+    operands are powers of two (exact in TF32, exact sums in fp32 for R <= 128): no loop, and no more
+    live registers than the common path.
     """
     finite = tl.abs(b.to(tl.float32)) < float("inf")
     acc = tl.dot(a, tl.where(finite, b, tl.zeros_like(b)), acc, input_precision=PREC)
     if tl.sum(tl.where(finite, 0, 1)) > 0:
         bf = b.to(tl.float32)
-        b_nan = (bf != bf).to(tl.float16)
-        b_pos = (bf == float("inf")).to(tl.float16)
-        b_neg = (bf == float("-inf")).to(tl.float16)
+        b_pos = (bf == float("inf")).to(tl.float32)
+        b_neg = (bf == float("-inf")).to(tl.float32)
         af = a.to(tl.float32)
-        w = keep.to(tl.float16)
-        w_pos = (keep & (af > 0)).to(tl.float16)
-        w_neg = (keep & (af < 0)).to(tl.float16)
-        w_zero = (keep & (af == 0)).to(tl.float16)
-        n_nan = tl.dot(w, b_nan) + tl.dot(w_zero, b_pos + b_neg)
-        n_pos = tl.dot(w_pos, b_pos) + tl.dot(w_neg, b_neg)
-        n_neg = tl.dot(w_pos, b_neg) + tl.dot(w_neg, b_pos)
+        code = tl.dot((keep & (af > 0)).to(tl.float32), b_pos + 256.0 * b_neg, input_precision="tf32")
+        code = tl.dot((keep & (af < 0)).to(tl.float32), b_neg + 256.0 * b_pos, code, input_precision="tf32")
+        code = tl.dot(keep.to(tl.float32), 65536.0 * (bf != bf).to(tl.float32), code, input_precision="tf32")
+        code = tl.dot(
+            (keep & (af == 0)).to(tl.float32), 65536.0 * (b_pos + b_neg), code, input_precision="tf32"
+        )
+        n_neg = tl.floor(code * (1.0 / 256.0))  # exact below 65536
+        n_pos = code - 256.0 * n_neg
         fix = tl.where(n_pos > 0, float("inf"), 0.0)
         fix = tl.where(n_neg > 0, float("-inf"), fix)
-        fix = tl.where((n_nan > 0) | ((n_pos > 0) & (n_neg > 0)), float("nan"), fix)
+        fix = tl.where((code >= 65536.0) | ((n_pos > 0) & (n_neg > 0)), float("nan"), fix)
         acc += fix
     return acc
 
