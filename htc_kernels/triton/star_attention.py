@@ -32,8 +32,8 @@ Offsets are int64 (strides may exceed 2**31 elements); any strides, including a 
 
 from __future__ import annotations
 
-import dataclasses
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -519,8 +519,7 @@ def tile_lists(plan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return q_tiles, q_counts, k_tiles, k_counts
 
 
-@dataclasses.dataclass(frozen=True)
-class TileConfig:
+class TileConfig(NamedTuple):  # a NamedTuple: torch.compile traces its construction without a break
     block_q: int  # BLOCK_M: query rows per tile (also the plan's block_q)
     block_k: int  # BLOCK_N: keys per tile (also the plan's block_k)
     warps_fwd: int
@@ -528,7 +527,8 @@ class TileConfig:
     stages: int
 
 
-# (max padded head dim, 16-bit config, fp32 config) per arch. Why these numbers:
+# (max head dim, 16-bit config, fp32 config) per arch; D is padded to a power of two in registers.
+# Why these numbers:
 # - Square 64-tiles are the plan's granularity (as the CPU kernel's): at the LLaVA shape the visual
 #   block's diagonal then falls in DIAG tiles done row-wise, and 64 rows are enough for mma.sync /
 #   wgmma M. Larger tiles would turn more DIAG/SKIP tiles into MASKED ones (the workload is
@@ -537,9 +537,11 @@ class TileConfig:
 #   [BLOCK_N, D] live while it streams q/dO tiles; at D=256 (or fp32 at D>64, whose IEEE dots run on
 #   FMA units with fp32 operands) 64-row tiles would spill, so they shrink to 32.
 # - More warps for the backward (three dots per tile against the forward's two) at D >= 128.
-# - Stages: the visiting loop branches per tile kind, so Triton does not software-pipeline its loads;
-#   a second stage only helps the dense text tiles; sm80 has less shared memory (164 KB vs 228 KB)
-#   and keeps one stage at D > 128.
+# - Stages: the visiting loop branches per tile kind, so Triton does not software-pipeline its loads
+#   (latency is hidden by occupancy instead: many small programs); sm80 has less shared memory
+#   (164 KB vs 228 KB) and keeps one stage at D > 128.
+# These are register/shared-memory budgets, not measurements: no GPU has run this table yet. The GPU
+# check (issue 8) should time neighbours (BLOCK 32/64/128, warps 4/8) at the LLaVA shape and fix it.
 _TILE_TABLE = {
     "sm90": (
         (64, TileConfig(64, 64, 4, 4, 2), TileConfig(64, 64, 4, 4, 1)),
@@ -580,11 +582,12 @@ def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device, q_len: 
         cfg = _INTERPRETER_TILES
     else:
         major, _minor = cuda_capability(_index(device))
-        rows = _TILE_TABLE["sm90" if major >= 9 else "sm80"]
-        d_pad = max(16, triton.next_power_of_2(head_dim))
-        cfg = next(fp32 if dtype == torch.float32 else half for dmax, half, fp32 in rows if d_pad <= dmax)
+        cfg = None
+        for d_max, half, fp32 in _TILE_TABLE["sm90" if major >= 9 else "sm80"]:
+            if cfg is None and head_dim <= d_max:
+                cfg = fp32 if dtype == torch.float32 else half
     if q_len <= _DECODE_BLOCK_Q:
-        cfg = dataclasses.replace(cfg, block_q=_DECODE_BLOCK_Q)
+        cfg = TileConfig(_DECODE_BLOCK_Q, *cfg[1:])
     return cfg
 
 
@@ -684,6 +687,7 @@ def star_attention_triton(
     :func:`tile_lists` -> out ``[B, Hq, Sq, D]`` (q's dtype), lse ``[B, Hq, Sq]`` float32 (natural
     log; -inf on PAD rows). k_tiles/k_counts are unused here (the backward reads them)."""
     _check_args(q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, block_q, block_k, topology)
+    kinds, groups, q_tiles, q_counts = (t.contiguous() for t in (kinds, groups, q_tiles, q_counts))
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     out = _new_output(q.shape, q.dtype, q.device)
@@ -745,6 +749,9 @@ def star_attention_triton_backward(
         raise ValueError("star_attention_triton_backward: grad_lse must be shaped like lse")
     lse = lse.float().contiguous()
     grad_lse = None if grad_lse is None else grad_lse.float().contiguous()
+    kinds, groups, q_tiles, q_counts, k_tiles, k_counts = (
+        t.contiguous() for t in (kinds, groups, q_tiles, q_counts, k_tiles, k_counts)
+    )
     dq = _new_output(q.shape, q.dtype, q.device)
     dk = _new_output(k.shape, k.dtype, k.device)
     dv = _new_output(v.shape, v.dtype, v.device)
