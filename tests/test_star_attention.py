@@ -133,9 +133,13 @@ def test_random_layouts_fp32(backend, seed, topology):
 @pytest.mark.parametrize("topology", ["star", "group"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dtypes(backend, dtype, topology):
-    layout = hk.StarLayout(random_kinds(100, batch=2, max_visual=70), topology=topology)
+    kinds = random_kinds(100, batch=2, max_visual=70)
+    if small(backend):
+        kinds = kinds[:1]  # the interpreter: one sample (the one with images; padding is tested elsewhere)
+    layout = hk.StarLayout(kinds, topology=topology)
     hq, hkv = (2, 1) if small(backend) else (4, 2)
-    q, k, v = make_qkv(2, hq, hkv, layout.seq_len, layout.seq_len, 64, dtype, device=device_of(backend))
+    b = kinds.shape[0]
+    q, k, v = make_qkv(b, hq, hkv, layout.seq_len, layout.seq_len, 64, dtype, device=device_of(backend))
     check(q, k, v, layout, backend=backend)
 
 
@@ -511,6 +515,7 @@ def _poison_case(device):
     return layout, poison, clean_rows, clean_keys
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter: inf * 0
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_means_never_read(backend, dtype, request):

@@ -138,8 +138,11 @@ def _star_fwd_kernel(
     PREC: tl.constexpr, F32_DOTS: tl.constexpr,
 ):
     # fmt: on
-    qt = tl.program_id(0)
-    bh = tl.program_id(1)
+    n_qt = tl.cdiv(Sq, BLOCK_M)
+    # 1-D grid, tile index fastest (consecutive programs share a head's K/V in L2); CUDA caps grid.y
+    # at 65535, which B * H can exceed.
+    qt = tl.program_id(0) % n_qt
+    bh = tl.program_id(0) // n_qt
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     hk = h // GROUP
@@ -249,8 +252,9 @@ def _star_bwd_delta_kernel(
 ):
     # fmt: on
     """delta = rowsum(dO * O) - grad_lse on live rows, 0 on PAD rows (whose dO is never read)."""
-    qt = tl.program_id(0)
-    bh = tl.program_id(1)
+    n_qt = tl.cdiv(Sq, BLOCK_M)
+    qt = tl.program_id(0) % n_qt
+    bh = tl.program_id(0) // n_qt
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -286,8 +290,11 @@ def _star_bwd_dq_kernel(
 ):
     # fmt: on
     """dQ of one query tile of one head: dq_i = scale * sum_j dS_ij k_j over the tile's row list."""
-    qt = tl.program_id(0)
-    bh = tl.program_id(1)
+    n_qt = tl.cdiv(Sq, BLOCK_M)
+    # 1-D grid, tile index fastest (consecutive programs share a head's K/V in L2); CUDA caps grid.y
+    # at 65535, which B * H can exceed.
+    qt = tl.program_id(0) % n_qt
+    bh = tl.program_id(0) // n_qt
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     hk = h // GROUP
@@ -387,8 +394,9 @@ def _star_bwd_dkdv_kernel(
     # fmt: on
     """dK, dV of one key tile of one kv head: the query tiles of its column list, for each of them
     every query head of the GQA group (one writer per dK/dV row: no atomics, fixed order)."""
-    kt = tl.program_id(0)
-    bh = tl.program_id(1)
+    n_kt = tl.cdiv(Skv, BLOCK_N)
+    kt = tl.program_id(0) % n_kt
+    bh = tl.program_id(0) // n_kt
     b = (bh // Hkv).to(tl.int64)
     hk = (bh % Hkv).to(tl.int64)
     q_off = Skv - Sq
@@ -695,7 +703,7 @@ def star_attention_triton(
     lay = 0 if kinds.shape[0] == 1 else kinds.stride(0)
     tb = 0 if q_tiles.shape[0] == 1 else q_tiles.stride(0)
     nb = 0 if q_counts.shape[0] == 1 else q_counts.stride(0)
-    grid = (q_tiles.shape[1], b * hq)
+    grid = (q_tiles.shape[1] * b * hq,)
     torch.library.wrap_triton(_star_fwd_kernel)[grid](
         q, k, v, out, lse, kinds, groups, q_tiles, q_counts,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
@@ -760,7 +768,7 @@ def star_attention_triton_backward(
     block_d = max(16, triton.next_power_of_2(d))
     lay = 0 if kinds.shape[0] == 1 else kinds.stride(0)
     glse = lse if grad_lse is None else grad_lse
-    torch.library.wrap_triton(_star_bwd_delta_kernel)[(triton.cdiv(sq, block_q), b * hq)](
+    torch.library.wrap_triton(_star_bwd_delta_kernel)[(triton.cdiv(sq, block_q) * b * hq,)](
         out, dout, glse, delta, kinds,
         *out.stride(), *dout.stride(), glse.stride(0), glse.stride(1), lay,
         hq, sq, skv, d,
@@ -772,7 +780,7 @@ def star_attention_triton_backward(
     )  # fmt: skip
     tb = 0 if q_tiles.shape[0] == 1 else q_tiles.stride(0)
     nb = 0 if q_counts.shape[0] == 1 else q_counts.stride(0)
-    torch.library.wrap_triton(_star_bwd_dq_kernel)[(q_tiles.shape[1], b * hq)](
+    torch.library.wrap_triton(_star_bwd_dq_kernel)[(q_tiles.shape[1] * b * hq,)](
         q, k, v, dout, lse, delta, dq, kinds, groups, q_tiles, q_counts,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1), *dq.stride(),
         lay, tb, q_tiles.stride(1), nb,
@@ -781,7 +789,7 @@ def star_attention_triton_backward(
     )  # fmt: skip
     tb = 0 if k_tiles.shape[0] == 1 else k_tiles.stride(0)
     nb = 0 if k_counts.shape[0] == 1 else k_counts.stride(0)
-    torch.library.wrap_triton(_star_bwd_dkdv_kernel)[(k_tiles.shape[1], b * hkv)](
+    torch.library.wrap_triton(_star_bwd_dkdv_kernel)[(k_tiles.shape[1] * b * hkv,)](
         q, k, v, dout, lse, delta, dk, dv, kinds, groups, k_tiles, k_counts,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1),
         *dk.stride(), *dv.stride(),
