@@ -129,23 +129,23 @@ class _TritonStar(Backend):
         return out
 
 
+_TRITON_STAR = None
 _TRITON_STAR_ERROR: str | None = None
-_TRITON_STAR_LOADED = False
 
 
 def _triton_star():
-    """Imports (once) the Triton kernels and registers their op's autograd; None if that fails."""
-    global _TRITON_STAR_ERROR, _TRITON_STAR_LOADED
-    if not _TRITON_STAR_LOADED:
-        _TRITON_STAR_LOADED = True
+    """The Triton kernels' module, imported on first use (its import registers the ops and their
+    autograd; importing triton and the op machinery costs seconds, so not at ``import htc_kernels``);
+    None if that fails."""
+    global _TRITON_STAR, _TRITON_STAR_ERROR
+    if _TRITON_STAR is None and _TRITON_STAR_ERROR is None:
         try:
             from htc_kernels.triton import star_attention as mod
 
-            mod.register_autograd()
-            _triton_star.module = mod
+            _TRITON_STAR = mod
         except Exception as exc:  # noqa: BLE001 (report the reason through not_supported_reasons)
             _TRITON_STAR_ERROR = f"{type(exc).__name__}: {exc}"
-    return getattr(_triton_star, "module", None)
+    return _TRITON_STAR
 
 
 def _triton_tile_lists(layout: StarLayout, q_len: int, block_q: int, block_k: int):

@@ -826,6 +826,6 @@ def _backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, *([None] * 10)
 
 
-def register_autograd() -> None:
-    """Called once by htc_kernels.star_attention when it first loads this module."""
-    torch.library.register_autograd("htc::star_attention_triton", _backward, setup_context=_setup_context)
+# At import, not on first call: torch.compile cannot trace a registration, but it runs an import natively,
+# so a first call inside a compiled region still compiles without a graph break.
+torch.library.register_autograd("htc::star_attention_triton", _backward, setup_context=_setup_context)
