@@ -662,6 +662,15 @@ def _check_args(q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, bl
             raise ValueError(f"star_attention_triton: all tensors must be on {q.device}")
 
 
+def _block_d(d) -> int:
+    """D padded to a power of two, at least tl.dot's 16 (comparisons only: d may be a SymInt when
+    torch.compile traces the op with dynamic shapes)."""
+    block = 16
+    while block < d:
+        block *= 2
+    return block
+
+
 def _f32_dots(dtype: torch.dtype) -> bool:
     # Triton's interpreter (3.8) runs tl.dot on bf16 tiles as integer products of their bit patterns:
     # there (only), bf16 tiles are widened to fp32 before the dots (exact products either way).
@@ -710,7 +719,7 @@ def star_attention_triton(
         lay, tb, q_tiles.stride(1), nb,
         hq, hq // hkv, sq, skv, d, q_tiles.shape[2], scale * _LOG2E,
         TOPOLOGY=topology, BLOCK_M=block_q, BLOCK_N=block_k,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), PREC=_prec(q.dtype), F32_DOTS=_f32_dots(q.dtype),
+        BLOCK_D=_block_d(d), PREC=_prec(q.dtype), F32_DOTS=_f32_dots(q.dtype),
         **_launch(q.device, d, q.dtype, sq, backward=False),
     )  # fmt: skip
     return out, lse
@@ -765,7 +774,7 @@ def star_attention_triton_backward(
     dv = _new_output(v.shape, v.dtype, v.device)
     delta = _new_output((b, hq, sq), torch.float32, q.device)
     launch = _launch(q.device, d, q.dtype, sq, backward=True)
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = _block_d(d)
     lay = 0 if kinds.shape[0] == 1 else kinds.stride(0)
     glse = lse if grad_lse is None else grad_lse
     torch.library.wrap_triton(_star_bwd_delta_kernel)[(triton.cdiv(sq, block_q) * b * hq,)](
