@@ -60,7 +60,7 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
-def _allowed(pos_q, kind_q, grp_q, pos_k, kind_k, grp_k, tile_kind, TOPOLOGY: tl.constexpr):
+def _allowed(pos_q, kind_q, grp_q, pos_k, kind_k, grp_k, tile_kind, topology):
     """Which (query, key) pairs of one non-DIAG tile may attend: bool, broadcast of the operands.
 
     pos/kind/grp are broadcastable ([M, 1] against [1, N] or the transpose). Rows past Sq and keys past
@@ -70,10 +70,7 @@ def _allowed(pos_q, kind_q, grp_q, pos_k, kind_k, grp_k, tile_kind, TOPOLOGY: tl
     ok = (pos_k <= pos_q) & (kind_q != _PAD)
     if tile_kind == _MASKED:
         same_group = grp_q == grp_k
-        if TOPOLOGY == 0:
-            visual_ok = pos_k == pos_q
-        else:
-            visual_ok = same_group
+        visual_ok = tl.where(topology == 0, pos_k == pos_q, same_group)  # star: self only; group: image
         vis = tl.where(kind_q == _VISUAL, visual_ok, (kind_q == _VOCO) & same_group)
         ok = ok & (kind_k != _PAD) & ((kind_k != _VISUAL) | vis)
     return ok
@@ -119,8 +116,13 @@ def _dot_kept(acc, a, b, keep, PREC: tl.constexpr):
 # ------------------------------------------------------------------------------------------------
 
 
+# Sizes that change from call to call (every decode step) are not specialised on (divisibility by 16),
+# so one compiled kernel serves them all; strides and D keep Triton's specialisation (vector loads).
+# do_not_specialize: sizes that change from call to call (every decode step) and the topology get no
+# specialisation (Triton's "== 1" and "% 16 == 0" variants), so one compiled kernel serves them all;
+# strides and D keep theirs (they decide vectorised loads).
 # fmt: off
-@triton.jit
+@triton.jit(do_not_specialize=("Hq", "Sq", "Skv", "n_cols", "topology"))
 def _star_fwd_kernel(
     Q, K, V, O, LSE,  # q [B,Hq,Sq,D], k/v [B,Hkv,Skv,D] (any strides), out like q, lse [B,Hq,Sq] fp32
     KINDS, GROUPS,  # [Bp, Skv] int8 / int32
@@ -134,7 +136,8 @@ def _star_fwd_kernel(
     stb, str_, snb,  # TILES batch/row strides, NTILES batch stride (0 when shared by the batch)
     Hq, GROUP, Sq, Skv, D, n_cols,
     qk_scale,  # softmax scale * log2(e)
-    TOPOLOGY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    topology,  # 0 star, 1 group (runtime: one compiled kernel for both)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr, F32_DOTS: tl.constexpr,
 ):
     # fmt: on
@@ -210,7 +213,7 @@ def _star_fwd_kernel(
                 kind_k[None, :],
                 grp_k[None, :],
                 tk,
-                TOPOLOGY,
+                topology,
             )
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -240,7 +243,7 @@ def _star_fwd_kernel(
 
 
 # fmt: off
-@triton.jit
+@triton.jit(do_not_specialize=("Hq", "Sq", "Skv"))
 def _star_bwd_delta_kernel(
     O, DO, GLSE, DELTA, KINDS,  # out/dO [B,Hq,Sq,D], grad_lse [B,Hq,Sq] fp32, delta [B,Hq,Sq] fp32 out
     sob, soh, sos, sod,
@@ -273,7 +276,7 @@ def _star_bwd_delta_kernel(
 
 
 # fmt: off
-@triton.jit
+@triton.jit(do_not_specialize=("Hq", "Sq", "Skv", "n_cols", "topology"))
 def _star_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     KINDS, GROUPS, TILES, NTILES,  # as in _star_fwd_kernel
@@ -285,7 +288,8 @@ def _star_bwd_dq_kernel(
     sqgb, sqgh, sqgs, sqgd,  # dq
     s_lay, stb, str_, snb,
     Hq, GROUP, Sq, Skv, D, n_cols, qk_scale, scale,
-    TOPOLOGY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    topology,  # 0 star, 1 group (runtime: one compiled kernel for both)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr, F32_DOTS: tl.constexpr,
 ):
     # fmt: on
@@ -358,7 +362,7 @@ def _star_bwd_dq_kernel(
                 kind_k[None, :],
                 grp_k[None, :],
                 tk,
-                TOPOLOGY,
+                topology,
             )
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             p = tl.exp2(tl.where(ok, s - lse2[:, None], float("-inf")))
@@ -374,7 +378,7 @@ def _star_bwd_dq_kernel(
 
 
 # fmt: off
-@triton.jit
+@triton.jit(do_not_specialize=("Hq", "Hkv", "Sq", "Skv", "n_rows", "topology"))
 def _star_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     KINDS, GROUPS,
@@ -388,7 +392,8 @@ def _star_bwd_dkdv_kernel(
     svgb, svgh, svgs, svgd,  # dv
     s_lay, stb, str_, snb,
     Hq, Hkv, GROUP, Sq, Skv, D, n_rows, qk_scale, scale,
-    TOPOLOGY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    topology,  # 0 star, 1 group (runtime: one compiled kernel for both)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PREC: tl.constexpr, F32_DOTS: tl.constexpr,
 ):
     # fmt: on
@@ -465,7 +470,7 @@ def _star_bwd_dkdv_kernel(
                 kind_k[:, None],
                 grp_k[:, None],
                 tk,
-                TOPOLOGY,
+                topology,
             )
             rows64 = rows.to(tl.int64)
             ldq = live_q[:, None] & d_in[None, :]
@@ -717,8 +722,8 @@ def star_attention_triton(
         q, k, v, out, lse, kinds, groups, q_tiles, q_counts,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
         lay, tb, q_tiles.stride(1), nb,
-        hq, hq // hkv, sq, skv, d, q_tiles.shape[2], scale * _LOG2E,
-        TOPOLOGY=topology, BLOCK_M=block_q, BLOCK_N=block_k,
+        hq, hq // hkv, sq, skv, d, q_tiles.shape[2], scale * _LOG2E, topology,
+        BLOCK_M=block_q, BLOCK_N=block_k,
         BLOCK_D=_block_d(d), PREC=_prec(q.dtype), F32_DOTS=_f32_dots(q.dtype),
         **_launch(q.device, d, q.dtype, sq, backward=False),
     )  # fmt: skip
@@ -784,7 +789,7 @@ def star_attention_triton_backward(
         HAS_GLSE=grad_lse is not None, BLOCK_M=block_q, BLOCK_D=block_d, num_warps=launch["num_warps"],
     )  # fmt: skip
     common = dict(
-        TOPOLOGY=topology, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, PREC=_prec(q.dtype),
+        BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, PREC=_prec(q.dtype),
         F32_DOTS=_f32_dots(q.dtype),
     )  # fmt: skip
     tb = 0 if q_tiles.shape[0] == 1 else q_tiles.stride(0)
@@ -793,7 +798,7 @@ def star_attention_triton_backward(
         q, k, v, dout, lse, delta, dq, kinds, groups, q_tiles, q_counts,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1), *dq.stride(),
         lay, tb, q_tiles.stride(1), nb,
-        hq, hq // hkv, sq, skv, d, q_tiles.shape[2], scale * _LOG2E, scale,
+        hq, hq // hkv, sq, skv, d, q_tiles.shape[2], scale * _LOG2E, scale, topology,
         **launch, **common,
     )  # fmt: skip
     tb = 0 if k_tiles.shape[0] == 1 else k_tiles.stride(0)
@@ -803,7 +808,7 @@ def star_attention_triton_backward(
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1),
         *dk.stride(), *dv.stride(),
         lay, tb, k_tiles.stride(1), nb,
-        hq, hkv, hq // hkv, sq, skv, d, k_tiles.shape[2], scale * _LOG2E, scale,
+        hq, hkv, hq // hkv, sq, skv, d, k_tiles.shape[2], scale * _LOG2E, scale, topology,
         **launch, **common,
     )  # fmt: skip
     return dq, dk, dv
