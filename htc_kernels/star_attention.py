@@ -11,7 +11,7 @@ import math
 import torch
 
 from htc_kernels import _ext
-from htc_kernels.backends import Backend, compiled_reasons, select, triton_reasons
+from htc_kernels.backends import KERNEL_DTYPES, Backend, compiled_reasons, select, triton_reasons
 from htc_kernels.layout import StarLayout
 from htc_kernels.reference import star_attention_reference
 
@@ -94,6 +94,75 @@ class _CpuStar(Backend):
         return out
 
 
+class _TritonStar(Backend):
+    """The Triton kernels (htc_kernels/triton/star_attention.py), ops htc::star_attention_triton and
+    htc::star_attention_triton_backward: CUDA devices, or CPU tensors under TRITON_INTERPRET=1."""
+
+    name = "triton"
+    max_head_dim = 256  # the kernels keep [tile, D] operands and accumulators in registers
+
+    def not_supported_reasons(self, q, k, v, layout):
+        reasons = triton_reasons(q.device)
+        if not reasons and _triton_star() is None:
+            reasons.append(f"the Triton kernel failed to load ({_TRITON_STAR_ERROR})")
+        if q.dtype not in KERNEL_DTYPES:
+            reasons.append(f"dtype {q.dtype} not supported (float32, bfloat16, float16)")
+        d = q.shape[-1]
+        if not 1 <= d <= self.max_head_dim:
+            reasons.append(f"head dim {d} not supported (1..{self.max_head_dim})")
+        if k.shape[2] >= 2**31:
+            reasons.append(f"Skv = {k.shape[2]} positions do not fit the kernels' int32 positions")
+        if q.device.type == "cuda" and not reasons:
+            index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+            major, minor = _triton_star().cuda_capability(index)
+            if major < 8:
+                reasons.append(f"the Triton kernel needs compute capability >= 8.0, got {major}.{minor}")
+        return reasons
+
+    def __call__(self, q, k, v, layout, scale):
+        mod = _triton_star()
+        cfg = mod.tile_config(q.shape[-1], q.dtype, q.device, q.shape[2])
+        lists = _triton_tile_lists(layout, q.shape[2], cfg.block_q, cfg.block_k)
+        out, _ = torch.ops.htc.star_attention_triton(
+            q, k, v, layout.kinds, layout.groups, *lists, cfg.block_q, cfg.block_k, layout.topology_id, scale
+        )
+        return out
+
+
+_TRITON_STAR = None
+_TRITON_STAR_ERROR: str | None = None
+
+
+def _triton_star():
+    """The Triton kernels' module, imported on first use (its import registers the ops and their
+    autograd; importing triton and the op machinery costs seconds, so not at ``import htc_kernels``);
+    None if that fails."""
+    global _TRITON_STAR, _TRITON_STAR_ERROR
+    if _TRITON_STAR is None and _TRITON_STAR_ERROR is None:
+        try:
+            from htc_kernels.triton import star_attention as mod
+
+            _TRITON_STAR = mod
+        except Exception as exc:  # noqa: BLE001 (report the reason through not_supported_reasons)
+            _TRITON_STAR_ERROR = f"{type(exc).__name__}: {exc}"
+    return _TRITON_STAR
+
+
+def _triton_tile_lists(layout: StarLayout, q_len: int, block_q: int, block_k: int):
+    """The Triton kernels' tile lists of ``layout.plan(q_len, block_q, block_k)``, built once per layout
+    and block sizes (like the plan itself): no per-call work but a dict lookup."""
+    cache = getattr(layout, "_triton_tile_lists", None)
+    if cache is None:
+        cache = {}
+        layout._triton_tile_lists = cache
+    key = (q_len, block_q, block_k)
+    lists = cache.get(key)
+    if lists is None:
+        lists = _triton_star().tile_lists(layout.plan(q_len, block_q, block_k))
+        cache[key] = lists
+    return lists
+
+
 class _NotYet(Backend):
     """A backend named in the API whose kernel for this family has not landed yet."""
 
@@ -102,18 +171,14 @@ class _NotYet(Backend):
         self._issue = issue
 
     def not_supported_reasons(self, q, k, v, layout):
-        reasons = [f"the {self.name} star_attention kernel is not implemented yet ({self._issue})"]
-        if self.name == "triton":
-            reasons += triton_reasons(q.device)
-        return reasons
+        return [f"the {self.name} star_attention kernel is not implemented yet ({self._issue})"]
 
 
-_STAR_BACKENDS = (
-    _CpuStar(),
-    _ReferenceStar(),
-    _NotYet("triton", "GPU backends"),
-    _NotYet("cuda", "GPU backends"),
-)
+# "auto" takes the first backend that can run. CPU tensors: the C++ kernel. CUDA tensors: Triton before
+# the reference; where the CUDA C++ kernel goes (issue 8: the one measured faster per arch) is decided
+# when it lands.
+_STAR_CPU_ORDER = (_CpuStar(), _ReferenceStar(), _TritonStar(), _NotYet("cuda", "GPU backends"))
+_STAR_GPU_ORDER = (_TritonStar(), _ReferenceStar(), _CpuStar(), _NotYet("cuda", "GPU backends"))
 
 
 def star_attention(
@@ -139,7 +204,8 @@ def star_attention(
     """
     _check_star_inputs(q, k, v, layout)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    be = select("star_attention", _STAR_BACKENDS, backend, q, k, v, layout)
+    order = _STAR_GPU_ORDER if q.device.type == "cuda" else _STAR_CPU_ORDER
+    be = select("star_attention", order, backend, q, k, v, layout)
     return be(q, k, v, layout, scale)
 
 

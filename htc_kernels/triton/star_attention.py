@@ -1,0 +1,845 @@
+"""Triton star attention, forward and backward (DESIGN.md §2, §4; issue 8).
+
+Data flow: layout -> block plan (uint8 ``[Bp, n_qt, n_kt]`` of TileKind) -> *tile lists* -> kernels.
+The tile lists (:func:`tile_lists`) are the plan compacted per row: for query tile ``qt`` the non-SKIP
+key tiles in ascending order, each entry ``kt << 3 | kind`` (int32), plus a count; the backward's
+key-side lists are the same compaction of the plan's transpose. Kernels walk only these entries, so
+a SKIP tile is never loaded, never tested, never looped over (the LLaVA-shape plan is ~90% SKIP).
+
+Per visited tile, by kind:
+  FULL    one ``tl.dot`` pair, no mask (only the causal/PAD-row select, one compare per score).
+  CAUSAL  the same with ``j <= i``.
+  MASKED  the normative rule evaluated per element from the tile's kinds/groups (:func:`_allowed`).
+  DIAG    visual self-attention (star topology): each row meets only its own key, so the tile is
+          row-wise work on CUDA cores (a D-long dot and an axpy per row), never a tensor-core GEMM.
+
+Forward: one program per (query tile, batch x query head); FlashAttention-2 online softmax in
+base 2 with fp32 statistics and accumulator; writes out (q's dtype) and lse (float32, natural log,
+-inf on PAD rows). Backward, deterministic (no atomics, a fixed visiting order): a row kernel forms
+delta = rowsum(dO * O) - grad_lse; a dQ kernel per (query tile, query head) walks the row lists; a
+dK/dV kernel per (key tile, batch x kv head) walks the key tile's column list and, for each visited
+query tile, every query head of its GQA group, so each dK/dV row has exactly one writer.
+
+"Masked means never read" (DESIGN.md §2): scores are masked with ``tl.where`` (a select, so a NaN
+score at a masked pair disappears); q/k/v/dO rows at PAD positions are never loaded (masked loads
+give exact zeros); a V (forward), K (dQ), or Q/dO (dK/dV) row that some rows of a tile attend and
+others may not is the 0 * NaN hazard of ``tl.dot``: :func:`_dot_kept` feeds the dot finite values
+only and adds the non-finite entries' products back for the pairs that are allowed, in a branch
+taken only when the tile holds a non-finite value (one tile-wide check per operand).
+
+Offsets are int64 (strides may exceed 2**31 elements); any strides, including a non-unit last one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from htc_kernels.layout import TileKind, TokenKind
+
+# TokenKind / TileKind values as compile-time constants of the kernels.
+_VISUAL = tl.constexpr(int(TokenKind.VISUAL))
+_VOCO = tl.constexpr(int(TokenKind.VOCO))
+_PAD = tl.constexpr(int(TokenKind.PAD))
+_FULL = tl.constexpr(int(TileKind.FULL))
+_DIAG = tl.constexpr(int(TileKind.DIAG))
+_MASKED = tl.constexpr(int(TileKind.MASKED))
+_LOG2E_C = tl.constexpr(1.4426950408889634)
+_LN2_C = tl.constexpr(0.6931471805599453)
+_LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+
+# ------------------------------------------------------------------------------------------------
+# device helpers
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _allowed(pos_q, kind_q, grp_q, pos_k, kind_k, grp_k, tile_kind, topology):
+    """Which (query, key) pairs of one non-DIAG tile may attend: bool, broadcast of the operands.
+
+    pos/kind/grp are broadcastable ([M, 1] against [1, N] or the transpose). Rows past Sq and keys past
+    Skv arrive with kind PAD. FULL and CAUSAL tiles need only causality (they hold no PAD key a live
+    row could reach, and out-of-range keys lie past every live row); MASKED tiles apply DESIGN.md §2.
+    """
+    ok = (pos_k <= pos_q) & (kind_q != _PAD)
+    if tile_kind == _MASKED:
+        same_group = grp_q == grp_k
+        visual_ok = tl.where(topology == 0, pos_k == pos_q, same_group)  # star: self only; group: image
+        vis = tl.where(kind_q == _VISUAL, visual_ok, (kind_q == _VOCO) & same_group)
+        ok = ok & (kind_k != _PAD) & ((kind_k != _VISUAL) | vis)
+    return ok
+
+
+@triton.jit
+def _dot_kept(acc, a, b, keep, PREC: tl.constexpr):
+    """``acc + a @ b`` with a ``[X, R]``, b ``[R, D]``, keep ``[X, R]`` bool (a is 0 where not keep).
+
+    Equal to ``tl.dot`` when b is finite. A non-finite entry of b reaches exactly the rows x with
+    ``keep[x, r]`` and no other: the dot sees b with its non-finite entries zeroed and, only when the
+    tile holds one (a rare branch), the IEEE value of the kept non-finite products is added: for each
+    (x, d), NaN if some kept product is NaN (a NaN, or a zero weight times an infinity) or infinities of
+    both signs meet, else the infinity's sign. One accumulator counts them in fields of one number,
+    ``(+inf products) + 256 (-inf products) + 65536 (NaN products)``, through 0/1 indicator dots whose
+    operands are powers of two (exact in TF32, exact sums in fp32 for R <= 128): no loop, and no more
+    live registers than the common path.
+    """
+    finite = tl.abs(b.to(tl.float32)) < float("inf")
+    acc = tl.dot(a, tl.where(finite, b, tl.zeros_like(b)), acc, input_precision=PREC)
+    if tl.sum(tl.where(finite, 0, 1)) > 0:
+        bf = b.to(tl.float32)
+        b_pos = (bf == float("inf")).to(tl.float32)
+        b_neg = (bf == float("-inf")).to(tl.float32)
+        af = a.to(tl.float32)
+        code = tl.dot((keep & (af > 0)).to(tl.float32), b_pos + 256.0 * b_neg, input_precision="tf32")
+        code = tl.dot((keep & (af < 0)).to(tl.float32), b_neg + 256.0 * b_pos, code, input_precision="tf32")
+        code = tl.dot(keep.to(tl.float32), 65536.0 * (bf != bf).to(tl.float32), code, input_precision="tf32")
+        code = tl.dot(
+            (keep & (af == 0)).to(tl.float32), 65536.0 * (b_pos + b_neg), code, input_precision="tf32"
+        )
+        n_neg = tl.floor(code * (1.0 / 256.0))  # exact below 65536
+        n_pos = code - 256.0 * n_neg
+        fix = tl.where(n_pos > 0, float("inf"), 0.0)
+        fix = tl.where(n_neg > 0, float("-inf"), fix)
+        fix = tl.where((code >= 65536.0) | ((n_pos > 0) & (n_neg > 0)), float("nan"), fix)
+        acc += fix
+    return acc
+
+
+# ------------------------------------------------------------------------------------------------
+# forward
+# ------------------------------------------------------------------------------------------------
+
+
+# Sizes that change from call to call (every decode step) are not specialised on (divisibility by 16),
+# so one compiled kernel serves them all; strides and D keep Triton's specialisation (vector loads).
+# do_not_specialize: sizes that change from call to call (every decode step) and the topology get no
+# specialisation (Triton's "== 1" and "% 16 == 0" variants), so one compiled kernel serves them all;
+# strides and D keep theirs (they decide vectorised loads).
+# fmt: off
+@triton.jit(do_not_specialize=("Hq", "Sq", "Skv", "n_cols", "topology"))
+def _star_fwd_kernel(
+    Q, K, V, O, LSE,  # q [B,Hq,Sq,D], k/v [B,Hkv,Skv,D] (any strides), out like q, lse [B,Hq,Sq] fp32
+    KINDS, GROUPS,  # [Bp, Skv] int8 / int32
+    TILES, NTILES,  # row lists [Bp, n_qt, n_kt] int32 (kt << 3 | kind), counts [Bp, n_qt] int32
+    sqb, sqh, sqs, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    sob, soh, sos, sod,
+    slb, slh,
+    s_lay,  # batch stride of kinds/groups (0: one layout for the batch)
+    stb, str_, snb,  # TILES batch/row strides, NTILES batch stride (0 when shared by the batch)
+    Hq, GROUP, Sq, Skv, D, n_cols,
+    qk_scale,  # softmax scale * log2(e)
+    topology,  # 0 star, 1 group (runtime: one compiled kernel for both)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, F32_DOTS: tl.constexpr,
+):
+    # fmt: on
+    n_qt = tl.cdiv(Sq, BLOCK_M)
+    # 1-D grid, tile index fastest (consecutive programs share a head's K/V in L2); CUDA caps grid.y
+    # at 65535, which B * H can exceed.
+    qt = tl.program_id(0) % n_qt
+    bh = tl.program_id(0) // n_qt
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    hk = h // GROUP
+    q_off = Skv - Sq
+
+    rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < Sq
+    pos_q = rows + q_off
+    lay = b * s_lay
+    kind_q = tl.load(KINDS + lay + pos_q, mask=row_in, other=_PAD).to(tl.int32)
+    grp_q = tl.load(GROUPS + lay + pos_q, mask=row_in, other=-1)
+    live_q = kind_q != _PAD
+    dd = tl.arange(0, BLOCK_D)
+    d_in = dd < D
+    rows64 = rows.to(tl.int64)
+    q_ptrs = Q + b * sqb + h * sqh + rows64[:, None] * sqs + dd[None, :] * sqd
+    q = tl.load(q_ptrs, mask=live_q[:, None] & d_in[None, :], other=0.0)
+    q = q.to(tl.float32) if F32_DOTS else q
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    n = tl.minimum(tl.load(NTILES + b * snb + qt), n_cols)
+    tile_row = TILES + b * stb + qt * str_
+    for t in range(n):
+        e = tl.load(tile_row + t)
+        kt = e >> 3
+        tk = e & 7
+        k0 = kt * BLOCK_N
+        if tk == _DIAG:  # DIAG: row i meets only key pos_q[i], when that key lies in this tile
+            on = live_q & (pos_q >= k0) & (pos_q < k0 + BLOCK_N)
+            pos64 = pos_q.to(tl.int64)
+            ld = on[:, None] & d_in[None, :]
+            kd = tl.load(k_base + pos64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0)
+            vd = tl.load(v_base + pos64[:, None] * svs + dd[None, :] * svd, mask=ld, other=0.0)
+            sd = tl.sum(q.to(tl.float32) * kd.to(tl.float32), axis=1) * qk_scale
+            sd = tl.where(on, sd, float("-inf"))
+            m_new = tl.maximum(m_i, sd)
+            ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - ref)
+            pd = tl.exp2(sd - ref)
+            l_i = l_i * alpha + pd
+            acc = acc * alpha[:, None] + pd[:, None] * vd.to(tl.float32)
+            m_i = m_new
+        else:
+            cols = k0 + tl.arange(0, BLOCK_N)
+            col_in = cols < Skv
+            kind_k = tl.load(KINDS + lay + cols, mask=col_in, other=_PAD).to(tl.int32)
+            grp_k = tl.load(GROUPS + lay + cols, mask=col_in, other=-1)
+            ld = (kind_k != _PAD)[:, None] & d_in[None, :]  # PAD keys are never read
+            cols64 = cols.to(tl.int64)
+            k = tl.load(k_base + cols64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0)
+            v = tl.load(v_base + cols64[:, None] * svs + dd[None, :] * svd, mask=ld, other=0.0)
+            k = k.to(tl.float32) if F32_DOTS else k
+            v = v.to(tl.float32) if F32_DOTS else v
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            ok = _allowed(
+                pos_q[:, None],
+                kind_q[:, None],
+                grp_q[:, None],
+                cols[None, :],
+                kind_k[None, :],
+                grp_k[None, :],
+                tk,
+                topology,
+            )
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - ref)
+            p = tl.exp2(s - ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            if tk == _FULL:  # FULL: every live row attends every loaded key
+                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+            else:
+                acc = _dot_kept(acc, p.to(v.dtype), v, ok, PREC)
+            m_i = m_new
+
+    empty = l_i == 0.0  # PAD rows (every live row attends at least its own position)
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
+    o_ptrs = O + b * sob + h * soh + rows64[:, None] * sos + dd[None, :] * sod
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2_C)
+    tl.store(LSE + b * slb + h * slh + rows, lse, mask=row_in)
+
+
+# ------------------------------------------------------------------------------------------------
+# backward
+# ------------------------------------------------------------------------------------------------
+
+
+# fmt: off
+@triton.jit(do_not_specialize=("Hq", "Sq", "Skv"))
+def _star_bwd_delta_kernel(
+    O, DO, GLSE, DELTA, KINDS,  # out/dO [B,Hq,Sq,D], grad_lse [B,Hq,Sq] fp32, delta [B,Hq,Sq] fp32 out
+    sob, soh, sos, sod,
+    sdb, sdh, sds, sdd,
+    sgb, sgh,
+    s_lay,
+    Hq, Sq, Skv, D,
+    HAS_GLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # fmt: on
+    """delta = rowsum(dO * O) - grad_lse on live rows, 0 on PAD rows (whose dO is never read)."""
+    n_qt = tl.cdiv(Sq, BLOCK_M)
+    qt = tl.program_id(0) % n_qt
+    bh = tl.program_id(0) // n_qt
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < Sq
+    kind_q = tl.load(KINDS + b * s_lay + rows + (Skv - Sq), mask=row_in, other=_PAD)
+    live = kind_q != _PAD
+    dd = tl.arange(0, BLOCK_D)
+    ld = live[:, None] & (dd < D)[None, :]
+    rows64 = rows.to(tl.int64)
+    o = tl.load(O + b * sob + h * soh + rows64[:, None] * sos + dd[None, :] * sod, mask=ld, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rows64[:, None] * sds + dd[None, :] * sdd, mask=ld, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    if HAS_GLSE:
+        delta -= tl.load(GLSE + b * sgb + h * sgh + rows, mask=live, other=0.0)
+    tl.store(DELTA + (b * Hq + h) * Sq + rows, tl.where(live, delta, 0.0), mask=row_in)
+
+
+# fmt: off
+@triton.jit(do_not_specialize=("Hq", "Sq", "Skv", "n_cols", "topology"))
+def _star_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    KINDS, GROUPS, TILES, NTILES,  # as in _star_fwd_kernel
+    sqb, sqh, sqs, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    sdb, sdh, sds, sdd,
+    slb, slh,
+    sqgb, sqgh, sqgs, sqgd,  # dq
+    s_lay, stb, str_, snb,
+    Hq, GROUP, Sq, Skv, D, n_cols, qk_scale, scale,
+    topology,  # 0 star, 1 group (runtime: one compiled kernel for both)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, F32_DOTS: tl.constexpr,
+):
+    # fmt: on
+    """dQ of one query tile of one head: dq_i = scale * sum_j dS_ij k_j over the tile's row list."""
+    n_qt = tl.cdiv(Sq, BLOCK_M)
+    # 1-D grid, tile index fastest (consecutive programs share a head's K/V in L2); CUDA caps grid.y
+    # at 65535, which B * H can exceed.
+    qt = tl.program_id(0) % n_qt
+    bh = tl.program_id(0) // n_qt
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    hk = h // GROUP
+    q_off = Skv - Sq
+
+    rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < Sq
+    pos_q = rows + q_off
+    lay = b * s_lay
+    kind_q = tl.load(KINDS + lay + pos_q, mask=row_in, other=_PAD).to(tl.int32)
+    grp_q = tl.load(GROUPS + lay + pos_q, mask=row_in, other=-1)
+    live_q = kind_q != _PAD
+    dd = tl.arange(0, BLOCK_D)
+    d_in = dd < D
+    rows64 = rows.to(tl.int64)
+    ldq = live_q[:, None] & d_in[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + rows64[:, None] * sqs + dd[None, :] * sqd, mask=ldq, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + rows64[:, None] * sds + dd[None, :] * sdd, mask=ldq, other=0.0)
+    q = q.to(tl.float32) if F32_DOTS else q
+    do = do.to(tl.float32) if F32_DOTS else do
+    lse2 = tl.load(LSE + b * slb + h * slh + rows, mask=live_q, other=0.0) * _LOG2E_C
+    delta = tl.load(DELTA + (b * Hq + h) * Sq + rows, mask=live_q, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    n = tl.minimum(tl.load(NTILES + b * snb + qt), n_cols)
+    tile_row = TILES + b * stb + qt * str_
+    for t in range(n):
+        e = tl.load(tile_row + t)
+        kt = e >> 3
+        tk = e & 7
+        k0 = kt * BLOCK_N
+        if tk == _DIAG:  # DIAG
+            on = live_q & (pos_q >= k0) & (pos_q < k0 + BLOCK_N)
+            pos64 = pos_q.to(tl.int64)
+            ld = on[:, None] & d_in[None, :]
+            kd = tl.load(k_base + pos64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0).to(tl.float32)
+            vd = tl.load(v_base + pos64[:, None] * svs + dd[None, :] * svd, mask=ld, other=0.0).to(tl.float32)
+            sd = tl.sum(q.to(tl.float32) * kd, axis=1) * qk_scale
+            pd = tl.exp2(tl.where(on, sd - lse2, float("-inf")))
+            dpd = tl.sum(do.to(tl.float32) * vd, axis=1)
+            dsd = tl.where(on, pd * (dpd - delta), 0.0)
+            dq += dsd[:, None] * kd
+        else:
+            cols = k0 + tl.arange(0, BLOCK_N)
+            col_in = cols < Skv
+            kind_k = tl.load(KINDS + lay + cols, mask=col_in, other=_PAD).to(tl.int32)
+            grp_k = tl.load(GROUPS + lay + cols, mask=col_in, other=-1)
+            ld = (kind_k != _PAD)[:, None] & d_in[None, :]
+            cols64 = cols.to(tl.int64)
+            k = tl.load(k_base + cols64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0)
+            v = tl.load(v_base + cols64[:, None] * svs + dd[None, :] * svd, mask=ld, other=0.0)
+            k = k.to(tl.float32) if F32_DOTS else k
+            v = v.to(tl.float32) if F32_DOTS else v
+            ok = _allowed(
+                pos_q[:, None],
+                kind_q[:, None],
+                grp_q[:, None],
+                cols[None, :],
+                kind_k[None, :],
+                grp_k[None, :],
+                tk,
+                topology,
+            )
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            p = tl.exp2(tl.where(ok, s - lse2[:, None], float("-inf")))
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
+            if tk == _FULL:
+                dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+            else:
+                dq = _dot_kept(dq, ds.to(k.dtype), k, ok, PREC)
+
+    dq_ptrs = DQ + b * sqgb + h * sqgh + rows64[:, None] * sqgs + dd[None, :] * sqgd
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
+
+
+# fmt: off
+@triton.jit(do_not_specialize=("Hq", "Hkv", "Sq", "Skv", "n_rows", "topology"))
+def _star_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    KINDS, GROUPS,
+    TILES, NTILES,  # column lists [Bp, n_kt, n_qt] int32 (qt << 3 | kind), counts [Bp, n_kt]
+    sqb, sqh, sqs, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    sdb, sdh, sds, sdd,
+    slb, slh,
+    skgb, skgh, skgs, skgd,  # dk
+    svgb, svgh, svgs, svgd,  # dv
+    s_lay, stb, str_, snb,
+    Hq, Hkv, GROUP, Sq, Skv, D, n_rows, qk_scale, scale,
+    topology,  # 0 star, 1 group (runtime: one compiled kernel for both)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, F32_DOTS: tl.constexpr,
+):
+    # fmt: on
+    """dK, dV of one key tile of one kv head: the query tiles of its column list, for each of them
+    every query head of the GQA group (one writer per dK/dV row: no atomics, fixed order)."""
+    n_kt = tl.cdiv(Skv, BLOCK_N)
+    kt = tl.program_id(0) % n_kt
+    bh = tl.program_id(0) // n_kt
+    b = (bh // Hkv).to(tl.int64)
+    hk = (bh % Hkv).to(tl.int64)
+    q_off = Skv - Sq
+
+    cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_in = cols < Skv
+    lay = b * s_lay
+    kind_k = tl.load(KINDS + lay + cols, mask=col_in, other=_PAD).to(tl.int32)
+    grp_k = tl.load(GROUPS + lay + cols, mask=col_in, other=-1)
+    live_k = kind_k != _PAD
+    dd = tl.arange(0, BLOCK_D)
+    d_in = dd < D
+    cols64 = cols.to(tl.int64)
+    ldk = live_k[:, None] & d_in[None, :]
+    k = tl.load(K + b * skb + hk * skh + cols64[:, None] * sks + dd[None, :] * skd, mask=ldk, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + cols64[:, None] * svs + dd[None, :] * svd, mask=ldk, other=0.0)
+    k = k.to(tl.float32) if F32_DOTS else k
+    v = v.to(tl.float32) if F32_DOTS else v
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # The query row at key j's own position (DIAG partner): global row j - q_off.
+    own_row = cols - q_off
+    own64 = own_row.to(tl.int64)
+
+    n = tl.minimum(tl.load(NTILES + b * snb + kt), n_rows)
+    tile_col = TILES + b * stb + kt * str_
+    for t in range(n):
+        e = tl.load(tile_col + t)
+        qt = e >> 3
+        tk = e & 7
+        r0 = qt * BLOCK_M
+        if tk == _DIAG:  # DIAG: key j meets only the query row at its own position, if in this tile
+            on = live_k & (own_row >= r0) & (own_row < r0 + BLOCK_M) & (own_row >= 0) & (own_row < Sq)
+            ld = on[:, None] & d_in[None, :]
+            for g in range(GROUP):
+                h = hk * GROUP + g
+                qd = tl.load(
+                    Q + b * sqb + h * sqh + own64[:, None] * sqs + dd[None, :] * sqd, mask=ld, other=0.0
+                )
+                dod = tl.load(
+                    DO + b * sdb + h * sdh + own64[:, None] * sds + dd[None, :] * sdd, mask=ld, other=0.0
+                )
+                lse2 = tl.load(LSE + b * slb + h * slh + own_row, mask=on, other=0.0) * _LOG2E_C
+                delta = tl.load(DELTA + (b * Hq + h) * Sq + own_row, mask=on, other=0.0)
+                qf = qd.to(tl.float32)
+                dof = dod.to(tl.float32)
+                sd = tl.sum(qf * k.to(tl.float32), axis=1) * qk_scale
+                pd = tl.exp2(tl.where(on, sd - lse2, float("-inf")))
+                dpd = tl.sum(dof * v.to(tl.float32), axis=1)
+                dsd = tl.where(on, pd * (dpd - delta), 0.0)
+                dv += pd[:, None] * dof
+                dk += dsd[:, None] * qf
+        else:
+            rows = r0 + tl.arange(0, BLOCK_M)
+            row_in = rows < Sq
+            pos_q = rows + q_off
+            kind_q = tl.load(KINDS + lay + pos_q, mask=row_in, other=_PAD).to(tl.int32)
+            grp_q = tl.load(GROUPS + lay + pos_q, mask=row_in, other=-1)
+            live_q = kind_q != _PAD
+            # Transposed orientation: [keys, rows].
+            okT = _allowed(
+                pos_q[None, :],
+                kind_q[None, :],
+                grp_q[None, :],
+                cols[:, None],
+                kind_k[:, None],
+                grp_k[:, None],
+                tk,
+                topology,
+            )
+            rows64 = rows.to(tl.int64)
+            ldq = live_q[:, None] & d_in[None, :]
+            for g in range(GROUP):
+                h = hk * GROUP + g
+                q = tl.load(
+                    Q + b * sqb + h * sqh + rows64[:, None] * sqs + dd[None, :] * sqd, mask=ldq, other=0.0
+                )
+                do = tl.load(
+                    DO + b * sdb + h * sdh + rows64[:, None] * sds + dd[None, :] * sdd, mask=ldq, other=0.0
+                )
+                q = q.to(tl.float32) if F32_DOTS else q
+                do = do.to(tl.float32) if F32_DOTS else do
+                lse2 = tl.load(LSE + b * slb + h * slh + rows, mask=live_q, other=0.0) * _LOG2E_C
+                delta = tl.load(DELTA + (b * Hq + h) * Sq + rows, mask=live_q, other=0.0)
+                sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+                pT = tl.exp2(tl.where(okT, sT - lse2[None, :], float("-inf")))
+                dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+                dsT = tl.where(okT, pT * (dpT - delta[None, :]), 0.0)
+                if tk == _FULL:
+                    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+                    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
+                else:
+                    dv = _dot_kept(dv, pT.to(do.dtype), do, okT, PREC)
+                    dk = _dot_kept(dk, dsT.to(q.dtype), q, okT, PREC)
+
+    st = col_in[:, None] & d_in[None, :]
+    dk_ptrs = DK + b * skgb + hk * skgh + cols64[:, None] * skgs + dd[None, :] * skgd
+    dv_ptrs = DV + b * svgb + hk * svgh + cols64[:, None] * svgs + dd[None, :] * svgd
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=st)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=st)
+
+
+# ------------------------------------------------------------------------------------------------
+# tile lists and tile configurations (host side)
+# ------------------------------------------------------------------------------------------------
+
+
+def _compact(plan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """plan ``[Bp, R, C]`` uint8 -> entries ``[Bp, R, C]`` int32 (``c << 3 | kind`` of the non-SKIP
+    tiles of each row, ascending c, then zeros) and counts ``[Bp, R]`` int32. Torch ops only, no host
+    sync (a stable sort moves the non-SKIP tiles to the front), so it runs where the plan lives."""
+    kind = plan.to(torch.int32)
+    col = torch.arange(plan.shape[-1], device=plan.device, dtype=torch.int32)
+    live = kind != int(TileKind.SKIP)
+    order = torch.sort((~live).to(torch.int32), dim=-1, stable=True).indices
+    entries = torch.gather(col * 8 + kind, -1, order)
+    counts = live.sum(-1, dtype=torch.int32)
+    entries = torch.where(torch.gather(live, -1, order), entries, torch.zeros_like(entries))
+    return entries.contiguous(), counts.contiguous()
+
+
+def tile_lists(plan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernels' sparse form of a block plan ``[Bp, n_qt, n_kt]``: row lists ``[Bp, n_qt, n_kt]``
+    and counts ``[Bp, n_qt]`` (forward, dQ), column lists ``[Bp, n_kt, n_qt]`` and counts
+    ``[Bp, n_kt]`` (dK/dV), all int32."""
+    q_tiles, q_counts = _compact(plan)
+    k_tiles, k_counts = _compact(plan.transpose(1, 2))
+    return q_tiles, q_counts, k_tiles, k_counts
+
+
+class TileConfig(NamedTuple):  # a NamedTuple: torch.compile traces its construction without a break
+    block_q: int  # BLOCK_M: query rows per tile (also the plan's block_q)
+    block_k: int  # BLOCK_N: keys per tile (also the plan's block_k)
+    warps_fwd: int
+    warps_bwd: int
+    stages: int
+
+
+# (max head dim, 16-bit config, fp32 config) per arch; D is padded to a power of two in registers.
+# Why these numbers:
+# - Square 64-tiles are the plan's granularity (as the CPU kernel's): at the LLaVA shape the visual
+#   block's diagonal then falls in DIAG tiles done row-wise, and 64 rows are enough for mma.sync /
+#   wgmma M. Larger tiles would turn more DIAG/SKIP tiles into MASKED ones (the workload is
+#   memory-bound: work skipped beats tensor-core efficiency).
+# - Registers bound the tile: the dK/dV program keeps k, v and two fp32 accumulators of
+#   [BLOCK_N, D] live while it streams q/dO tiles; at D=256 (or fp32 at D>64, whose IEEE dots run on
+#   FMA units with fp32 operands) 64-row tiles would spill, so they shrink to 32.
+# - More warps for the backward (three dots per tile against the forward's two) at D >= 128.
+# - Stages: the visiting loop branches per tile kind, so Triton does not software-pipeline its loads
+#   (latency is hidden by occupancy instead: many small programs); sm80 has less shared memory
+#   (164 KB vs 228 KB) and keeps one stage at D > 128.
+# These are register/shared-memory budgets, not measurements: no GPU has run this table yet. The GPU
+# check (issue 8) should time neighbours (BLOCK 32/64/128, warps 4/8) at the LLaVA shape and fix it.
+_TILE_TABLE = {
+    "sm90": (
+        (64, TileConfig(64, 64, 4, 4, 2), TileConfig(64, 64, 4, 4, 1)),
+        (128, TileConfig(64, 64, 4, 8, 2), TileConfig(32, 32, 4, 4, 1)),
+        (256, TileConfig(32, 32, 4, 8, 2), TileConfig(32, 32, 8, 8, 1)),
+    ),
+    "sm80": (
+        (64, TileConfig(64, 64, 4, 4, 2), TileConfig(64, 64, 4, 4, 1)),
+        (128, TileConfig(64, 64, 4, 8, 2), TileConfig(32, 32, 4, 4, 1)),
+        (256, TileConfig(32, 32, 4, 8, 1), TileConfig(32, 32, 8, 8, 1)),
+    ),
+}
+# Under TRITON_INTERPRET=1 (CPU tests): small tiles, so small test shapes still span several tiles of
+# every kind. Not 16: the interpreter's cost is per operation, whatever the tile size (32 halves the
+# suite's time against 16).
+_INTERPRETER_TILES = TileConfig(32, 32, 1, 1, 1)
+# Decode (few query rows): tl.dot's minimum M instead of rows that would be masked away.
+_DECODE_BLOCK_Q = 16
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@torch.compiler.assume_constant_result
+def cuda_capability(index: int) -> tuple[int, int]:
+    """Compute capability of CUDA device ``index`` (a constant to torch.compile: no graph break)."""
+    return torch.cuda.get_device_capability(index)
+
+
+def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device, q_len: int) -> TileConfig:
+    """The tile configuration for one call (block sizes fix the plan the call needs)."""
+    if device.type != "cuda":
+        cfg = _INTERPRETER_TILES
+    else:
+        major, _minor = cuda_capability(_index(device))
+        cfg = None
+        for d_max, half, fp32 in _TILE_TABLE["sm90" if major >= 9 else "sm80"]:
+            if cfg is None and head_dim <= d_max:
+                cfg = fp32 if dtype == torch.float32 else half
+    if q_len <= _DECODE_BLOCK_Q:
+        cfg = TileConfig(_DECODE_BLOCK_Q, *cfg[1:])
+    return cfg
+
+
+def _launch(device: torch.device, head_dim: int, dtype: torch.dtype, q_len: int, backward: bool) -> dict:
+    """num_warps / num_stages of one launch (the block sizes arrive with the tile lists)."""
+    cfg = tile_config(head_dim, dtype, device, q_len)
+    return {"num_warps": cfg.warps_bwd if backward else cfg.warps_fwd, "num_stages": cfg.stages}
+
+
+# ------------------------------------------------------------------------------------------------
+# ops
+# ------------------------------------------------------------------------------------------------
+
+
+def _new_output(shape, dtype, device) -> torch.Tensor:
+    # HTC_POISON_OUTPUTS=1 (tests): NaN-filled, so an element a kernel fails to write cannot pass.
+    if os.environ.get("HTC_POISON_OUTPUTS") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _check_args(q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, block_q, block_k, topology):
+    """Shape/dtype checks of a raw op call (the public function has validated already): ValueError."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
+        raise ValueError("star_attention_triton: q, k, v must be 4-D [B, H, S, D] with k.shape == v.shape")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"star_attention_triton: q, k, v must share a dtype among fp32/bf16/fp16, got {q.dtype}"
+        )
+    b, hq, sq, d = q.shape
+    bk_, hkv, skv, dk = k.shape
+    if bk_ != b or dk != d or hkv == 0 or hq % hkv or not 1 <= sq <= skv or not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"star_attention_triton: q {tuple(q.shape)}, k {tuple(k.shape)}: need equal B and D "
+            f"(1 <= D <= {MAX_HEAD_DIM}), Hq % Hkv == 0, 1 <= Sq <= Skv"
+        )
+    bp = kinds.shape[0] if kinds.dim() == 2 else -1
+    if (
+        kinds.dtype != torch.int8
+        or groups.dtype != torch.int32
+        or kinds.dim() != 2
+        or groups.shape != kinds.shape
+        or kinds.shape[1] != skv
+        or bp not in (1, b)
+    ):
+        raise ValueError("star_attention_triton: kinds int8 / groups int32 must be [1 or B, Skv]")
+    for blk in (block_q, block_k):
+        if blk not in (16, 32, 64, 128):
+            raise ValueError(f"star_attention_triton: block sizes must be 16, 32, 64 or 128, got {blk}")
+    n_qt, n_kt = -(-sq // block_q), -(-skv // block_k)
+    want = ((bp, n_qt, n_kt), (bp, n_qt), (bp, n_kt, n_qt), (bp, n_kt))
+    for name, t, shape in zip(
+        ("q_tiles", "q_counts", "k_tiles", "k_counts"), (q_tiles, q_counts, k_tiles, k_counts), want
+    ):
+        if t.dtype != torch.int32 or tuple(t.shape) != shape:
+            raise ValueError(
+                f"star_attention_triton: {name} must be int32 {shape} (tile_lists of the plan for these "
+                f"block sizes), got {t.dtype} {tuple(t.shape)}"
+            )
+    if topology not in (0, 1):
+        raise ValueError(f"star_attention_triton: topology must be 0 (star) or 1 (group), got {topology}")
+    for t in (k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts):
+        if t.device != q.device:
+            raise ValueError(f"star_attention_triton: all tensors must be on {q.device}")
+
+
+def _block_d(d) -> int:
+    """D padded to a power of two, at least tl.dot's 16 (comparisons only: d may be a SymInt when
+    torch.compile traces the op with dynamic shapes)."""
+    block = 16
+    while block < d:
+        block *= 2
+    return block
+
+
+def _f32_dots(dtype: torch.dtype) -> bool:
+    # Triton's interpreter (3.8) runs tl.dot on bf16 tiles as integer products of their bit patterns:
+    # there (only), bf16 tiles are widened to fp32 before the dots (exact products either way).
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # fp32: IEEE products and sums (no TF32) to hold the 1e-4 tolerance; 16-bit operands are exact
+    # in any mode, "tf32" is Triton's default name for the tensor-core path.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@torch.library.triton_op("htc::star_attention_triton", mutates_args=())
+def star_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kinds: torch.Tensor,
+    groups: torch.Tensor,
+    q_tiles: torch.Tensor,
+    q_counts: torch.Tensor,
+    k_tiles: torch.Tensor,
+    k_counts: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    topology: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward. q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` (fp32/bf16/fp16, any strides), kinds
+    int8 / groups int32 ``[Bp, Skv]``, tile lists of the plan for (Sq, block_q, block_k) from
+    :func:`tile_lists` -> out ``[B, Hq, Sq, D]`` (q's dtype), lse ``[B, Hq, Sq]`` float32 (natural
+    log; -inf on PAD rows). k_tiles/k_counts are unused here (the backward reads them)."""
+    _check_args(q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, block_q, block_k, topology)
+    kinds, groups, q_tiles, q_counts = (t.contiguous() for t in (kinds, groups, q_tiles, q_counts))
+    b, hq, sq, d = q.shape
+    hkv, skv = k.shape[1], k.shape[2]
+    out = _new_output(q.shape, q.dtype, q.device)
+    lse = _new_output((b, hq, sq), torch.float32, q.device)
+    lay = 0 if kinds.shape[0] == 1 else kinds.stride(0)
+    tb = 0 if q_tiles.shape[0] == 1 else q_tiles.stride(0)
+    nb = 0 if q_counts.shape[0] == 1 else q_counts.stride(0)
+    grid = (q_tiles.shape[1] * b * hq,)
+    torch.library.wrap_triton(_star_fwd_kernel)[grid](
+        q, k, v, out, lse, kinds, groups, q_tiles, q_counts,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
+        lay, tb, q_tiles.stride(1), nb,
+        hq, hq // hkv, sq, skv, d, q_tiles.shape[2], scale * _LOG2E, topology,
+        BLOCK_M=block_q, BLOCK_N=block_k,
+        BLOCK_D=_block_d(d), PREC=_prec(q.dtype), F32_DOTS=_f32_dots(q.dtype),
+        **_launch(q.device, d, q.dtype, sq, backward=False),
+    )  # fmt: skip
+    return out, lse
+
+
+@star_attention_triton.register_fake
+def _(q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, block_q, block_k, topology, scale):
+    # Explicit fake: under TRITON_INTERPRET=1 the traced body would interpret on FakeTensors.
+    b, hq, sq, _d = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (b, hq, sq), dtype=torch.float32
+    )
+
+
+@torch.library.triton_op("htc::star_attention_triton_backward", mutates_args=())
+def star_attention_triton_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    kinds: torch.Tensor,
+    groups: torch.Tensor,
+    q_tiles: torch.Tensor,
+    q_counts: torch.Tensor,
+    k_tiles: torch.Tensor,
+    k_counts: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    topology: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of :func:`star_attention_triton`: dout like out (any strides), out/lse from the
+    forward, grad_lse ``[B, Hq, Sq]`` float32 or None (the gradient reaching lse directly) ->
+    dq, dk, dv (shapes and dtypes of q, k, v). Deterministic: no atomics."""
+    _check_args(q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, block_q, block_k, topology)
+    b, hq, sq, d = q.shape
+    hkv, skv = k.shape[1], k.shape[2]
+    if dout.shape != q.shape or out.shape != q.shape or lse.shape != (b, hq, sq):
+        raise ValueError("star_attention_triton_backward: dout/out must be shaped like q and lse [B, Hq, Sq]")
+    if grad_lse is not None and grad_lse.shape != lse.shape:
+        raise ValueError("star_attention_triton_backward: grad_lse must be shaped like lse")
+    lse = lse.float().contiguous()
+    grad_lse = None if grad_lse is None else grad_lse.float().contiguous()
+    kinds, groups, q_tiles, q_counts, k_tiles, k_counts = (
+        t.contiguous() for t in (kinds, groups, q_tiles, q_counts, k_tiles, k_counts)
+    )
+    dq = _new_output(q.shape, q.dtype, q.device)
+    dk = _new_output(k.shape, k.dtype, k.device)
+    dv = _new_output(v.shape, v.dtype, v.device)
+    delta = _new_output((b, hq, sq), torch.float32, q.device)
+    launch = _launch(q.device, d, q.dtype, sq, backward=True)
+    block_d = _block_d(d)
+    lay = 0 if kinds.shape[0] == 1 else kinds.stride(0)
+    glse = lse if grad_lse is None else grad_lse
+    torch.library.wrap_triton(_star_bwd_delta_kernel)[(triton.cdiv(sq, block_q) * b * hq,)](
+        out, dout, glse, delta, kinds,
+        *out.stride(), *dout.stride(), glse.stride(0), glse.stride(1), lay,
+        hq, sq, skv, d,
+        HAS_GLSE=grad_lse is not None, BLOCK_M=block_q, BLOCK_D=block_d, num_warps=launch["num_warps"],
+    )  # fmt: skip
+    common = dict(
+        BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, PREC=_prec(q.dtype),
+        F32_DOTS=_f32_dots(q.dtype),
+    )  # fmt: skip
+    tb = 0 if q_tiles.shape[0] == 1 else q_tiles.stride(0)
+    nb = 0 if q_counts.shape[0] == 1 else q_counts.stride(0)
+    torch.library.wrap_triton(_star_bwd_dq_kernel)[(q_tiles.shape[1] * b * hq,)](
+        q, k, v, dout, lse, delta, dq, kinds, groups, q_tiles, q_counts,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1), *dq.stride(),
+        lay, tb, q_tiles.stride(1), nb,
+        hq, hq // hkv, sq, skv, d, q_tiles.shape[2], scale * _LOG2E, scale, topology,
+        **launch, **common,
+    )  # fmt: skip
+    tb = 0 if k_tiles.shape[0] == 1 else k_tiles.stride(0)
+    nb = 0 if k_counts.shape[0] == 1 else k_counts.stride(0)
+    torch.library.wrap_triton(_star_bwd_dkdv_kernel)[(k_tiles.shape[1] * b * hkv,)](
+        q, k, v, dout, lse, delta, dk, dv, kinds, groups, k_tiles, k_counts,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1),
+        *dk.stride(), *dv.stride(),
+        lay, tb, k_tiles.stride(1), nb,
+        hq, hkv, hq // hkv, sq, skv, d, k_tiles.shape[2], scale * _LOG2E, scale, topology,
+        **launch, **common,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+@star_attention_triton_backward.register_fake
+def _(dout, q, k, v, out, lse, grad_lse, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, *args):
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, block_q, block_k, topology, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kinds, groups, q_tiles, q_counts, k_tiles, k_counts)
+    ctx.args = (block_q, block_k, topology, scale)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, kinds, groups, q_tiles, q_counts, k_tiles, k_counts = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.htc.star_attention_triton_backward(
+        grad_out, q, k, v, out, lse, grad_lse, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, *ctx.args
+    )
+    return dq, dk, dv, *([None] * 10)
+
+
+# At import, not on first call: torch.compile cannot trace a registration, but it runs an import natively,
+# so a first call inside a compiled region still compiles without a graph break.
+torch.library.register_autograd("htc::star_attention_triton", _backward, setup_context=_setup_context)
