@@ -181,9 +181,9 @@ def _star_fwd_kernel(
         if tk == _DIAG:  # DIAG: row i meets only key pos_q[i], when that key lies in this tile
             on = live_q & (pos_q >= k0) & (pos_q < k0 + BLOCK_N)
             pos64 = pos_q.to(tl.int64)
-            ld = on[:, None] & d_in[None, :]
-            kd = tl.load(k_base + pos64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0)
-            vd = tl.load(v_base + pos64[:, None] * svs + dd[None, :] * svd, mask=ld, other=0.0)
+            ld_diag = on[:, None] & d_in[None, :]
+            kd = tl.load(k_base + pos64[:, None] * sks + dd[None, :] * skd, mask=ld_diag, other=0.0)
+            vd = tl.load(v_base + pos64[:, None] * svs + dd[None, :] * svd, mask=ld_diag, other=0.0)
             sd = tl.sum(q.to(tl.float32) * kd.to(tl.float32), axis=1) * qk_scale
             sd = tl.where(on, sd, float("-inf"))
             m_new = tl.maximum(m_i, sd)
@@ -335,9 +335,11 @@ def _star_bwd_dq_kernel(
         if tk == _DIAG:  # DIAG
             on = live_q & (pos_q >= k0) & (pos_q < k0 + BLOCK_N)
             pos64 = pos_q.to(tl.int64)
-            ld = on[:, None] & d_in[None, :]
-            kd = tl.load(k_base + pos64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0).to(tl.float32)
-            vd = tl.load(v_base + pos64[:, None] * svs + dd[None, :] * svd, mask=ld, other=0.0).to(tl.float32)
+            ld_diag = on[:, None] & d_in[None, :]
+            kd = tl.load(k_base + pos64[:, None] * sks + dd[None, :] * skd, mask=ld_diag, other=0.0)
+            kd = kd.to(tl.float32)
+            vd = tl.load(v_base + pos64[:, None] * svs + dd[None, :] * svd, mask=ld_diag, other=0.0)
+            vd = vd.to(tl.float32)
             sd = tl.sum(q.to(tl.float32) * kd, axis=1) * qk_scale
             pd = tl.exp2(tl.where(on, sd - lse2, float("-inf")))
             dpd = tl.sum(do.to(tl.float32) * vd, axis=1)
@@ -435,14 +437,14 @@ def _star_bwd_dkdv_kernel(
         r0 = qt * BLOCK_M
         if tk == _DIAG:  # DIAG: key j meets only the query row at its own position, if in this tile
             on = live_k & (own_row >= r0) & (own_row < r0 + BLOCK_M) & (own_row >= 0) & (own_row < Sq)
-            ld = on[:, None] & d_in[None, :]
+            ld_diag = on[:, None] & d_in[None, :]
             for g in range(GROUP):
                 h = hk * GROUP + g
                 qd = tl.load(
-                    Q + b * sqb + h * sqh + own64[:, None] * sqs + dd[None, :] * sqd, mask=ld, other=0.0
+                    Q + b * sqb + h * sqh + own64[:, None] * sqs + dd[None, :] * sqd, mask=ld_diag, other=0.0
                 )
                 dod = tl.load(
-                    DO + b * sdb + h * sdh + own64[:, None] * sds + dd[None, :] * sdd, mask=ld, other=0.0
+                    DO + b * sdb + h * sdh + own64[:, None] * sds + dd[None, :] * sdd, mask=ld_diag, other=0.0
                 )
                 lse2 = tl.load(LSE + b * slb + h * slh + own_row, mask=on, other=0.0) * _LOG2E_C
                 delta = tl.load(DELTA + (b * Hq + h) * Sq + own_row, mask=on, other=0.0)
@@ -553,18 +555,21 @@ class TileConfig(NamedTuple):  # a NamedTuple: torch.compile traces its construc
 # - Stages: the visiting loop branches per tile kind, so Triton does not software-pipeline its loads
 #   (latency is hidden by occupancy instead: many small programs); sm80 has less shared memory
 #   (164 KB vs 228 KB) and keeps one stage at D > 128.
-# These are register/shared-memory budgets, not measurements: no GPU has run this table yet. The GPU
+# - 32-row tiles run with 2 warps: measured on an H100 (triton 3.6, 2026-11-22), fp32 32x32 tiles at
+#   D=128 with 4 warps gave wrong outputs (rel. error ~1) and NaN gradients, with 2 warps exact
+#   (≤ 6e-7); 4 and 8 warps at D=256 failed the same tests. A compiler issue we did not isolate.
+# These are register/shared-memory budgets, not tuned measurements. The GPU
 # check (issue 8) should time neighbours (BLOCK 32/64/128, warps 4/8) at the LLaVA shape and fix it.
 _TILE_TABLE = {
     "sm90": (
         (64, TileConfig(64, 64, 4, 4, 2), TileConfig(64, 64, 4, 4, 1)),
-        (128, TileConfig(64, 64, 4, 8, 2), TileConfig(32, 32, 4, 4, 1)),
-        (256, TileConfig(32, 32, 4, 8, 2), TileConfig(32, 32, 8, 8, 1)),
+        (128, TileConfig(64, 64, 4, 8, 2), TileConfig(32, 32, 2, 2, 1)),
+        (256, TileConfig(32, 32, 2, 2, 2), TileConfig(32, 32, 2, 2, 1)),
     ),
     "sm80": (
         (64, TileConfig(64, 64, 4, 4, 2), TileConfig(64, 64, 4, 4, 1)),
-        (128, TileConfig(64, 64, 4, 8, 2), TileConfig(32, 32, 4, 4, 1)),
-        (256, TileConfig(32, 32, 4, 8, 1), TileConfig(32, 32, 8, 8, 1)),
+        (128, TileConfig(64, 64, 4, 8, 2), TileConfig(32, 32, 2, 2, 1)),
+        (256, TileConfig(32, 32, 2, 2, 1), TileConfig(32, 32, 2, 2, 1)),
     ),
 }
 # Under TRITON_INTERPRET=1 (CPU tests): small tiles, so small test shapes still span several tiles of
