@@ -212,7 +212,7 @@ class MGVQConfig:
             if ch != w:
                 bad(f"stage {i} ({d} blocks of width {w}) receives {ch} channels from the previous stage")
             if b != "ResBlock" and w < HEAD_DIM:
-                bad(f"stage {i}: {b} needs width >= {HEAD_DIM} (one attention head of dim {HEAD_DIM}), got {w}")
+                bad(f"stage {i}: {b} needs width >= {HEAD_DIM} (one attention head of {HEAD_DIM}), got {w}")
             if i < n - 1:
                 nxt = self.width_list[i + 1]
                 if nxt % 4 or (4 * w) % nxt:
@@ -418,7 +418,7 @@ class RMSNorm2d(nn.Module):
 
 
 class ConvLayer(nn.Module):
-    """"Same"-padded conv, then optional RMSNorm2d, then optional activation (``conv``, ``norm``)."""
+    """A "same"-padded conv, then optional RMSNorm2d, then optional activation (``conv``, ``norm``)."""
 
     def __init__(
         self,
@@ -692,7 +692,9 @@ def to_mgvq_pixels(
     if not dtype.is_floating_point:
         raise ValueError(f"to_mgvq_pixels: dtype must be a floating-point dtype, got {dtype}")
     if images.dtype == torch.uint8 and source != "uint8":
-        raise ValueError(f"to_mgvq_pixels: a torch.uint8 tensor holds 0..255 values: use source='uint8', not {source!r}")
+        raise ValueError(
+            f"to_mgvq_pixels: a torch.uint8 tensor holds 0..255 values: use source='uint8', not {source!r}"
+        )
     if images.dtype != torch.uint8 and not images.dtype.is_floating_point:
         raise ValueError(f"to_mgvq_pixels: images must be uint8 or floating point, got {images.dtype}")
     x = images.to(torch.float32)  # compute in fp32 whatever the output dtype
@@ -712,7 +714,7 @@ def to_mgvq_pixels(
     if lo < -RANGE_TOL or hi > 1 + RANGE_TOL:
         raw_lo, raw_hi = (float(v) for v in torch.aminmax(x))
         raise ValueError(
-            f"to_mgvq_pixels: with source={source!r} the images map to [{lo:.4g}, {hi:.4g}] instead of [0, 1] "
+            f"to_mgvq_pixels: with source={source!r} the images map to [{lo:.4g}, {hi:.4g}], not [0, 1] "
             f"(input range [{raw_lo:.4g}, {raw_hi:.4g}]); {_guess_source(raw_lo, raw_hi)}"
         )
     return (unit.clamp(0.0, 1.0) * 2.0 - 1.0).to(dtype)
@@ -806,7 +808,9 @@ class MGVQTokenizer(nn.Module):
         """Validate ``pixels`` against the input contract (module docstring); returns them, clamped
         for ``out_of_range="clamp"``."""
         if out_of_range not in _OUT_OF_RANGE:
-            raise ValueError(f"MGVQTokenizer: out_of_range must be one of {_OUT_OF_RANGE}, got {out_of_range!r}")
+            raise ValueError(
+                f"MGVQTokenizer: out_of_range must be one of {_OUT_OF_RANGE}, got {out_of_range!r}"
+            )
         if not isinstance(pixels, torch.Tensor):
             raise ValueError(f"MGVQTokenizer: pixels must be a torch.Tensor, got {type(pixels).__name__}")
         cin = self.config.in_channels
@@ -891,7 +895,9 @@ class MGVQTokenizer(nn.Module):
         (and, when the shapes fit a released model, naming it).
         """
         if not isinstance(state_dict, Mapping):
-            raise ValueError(f"MGVQTokenizer.load_state_dict: expected a mapping, got {type(state_dict).__name__}")
+            raise ValueError(
+                f"MGVQTokenizer.load_state_dict: expected a mapping, got {type(state_dict).__name__}"
+            )
         if strict:
             self._check_state_dict(state_dict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -1023,7 +1029,9 @@ def _read_checkpoint(path: str, device) -> tuple[dict[str, torch.Tensor], str | 
         try:
             from safetensors import safe_open
         except ImportError as exc:  # pragma: no cover (a dev dependency)
-            raise ValueError("MGVQTokenizer.from_pretrained: reading .safetensors needs `pip install safetensors`") from exc
+            raise ValueError(
+                "MGVQTokenizer.from_pretrained: reading .safetensors needs `pip install safetensors`"
+            ) from exc
         with safe_open(path, framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
             sd = {k: f.get_tensor(k) for k in f.keys()}
