@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from htc_kernels.mgvq import GroupedQuantizer
+from htc_kernels.mgvq_lookup import mgvq_lookup
 
 logger = logging.getLogger(__name__)
 
@@ -867,10 +868,25 @@ class MGVQTokenizer(nn.Module):
         """Nearest code per group (cosine) of ``latent [B, C, h, w]``, in the codebook's dtype with
         autocast off. Returns ``quant [B, C, h, w]`` (codebook dtype; straight-through gradient to
         the latent) and ``indices [B, h*w, G]`` int64."""
-        cb_dtype = self.quantize.embedding.weight.dtype
+        q = self.quantize
+        z = latent.to(q.embedding.weight.dtype)
         with torch.autocast(latent.device.type, enabled=False):
-            out = self.quantize(latent.to(cb_dtype))
-        return MGVQEncoding(out.quant, out.indices)
+            if self.training or (torch.is_grad_enabled() and z.requires_grad):
+                out = q(z)  # straight-through gradient (and the losses GroupedQuantizer computes)
+                return MGVQEncoding(out.quant, out.indices)
+            # Inference: the same lookup GroupedQuantizer.forward makes, without its training-only
+            # work (two loss terms, re-normalising the latent and the selected codes), which costs
+            # ~2x the lookup itself on CPU.
+            tokens, _ = q._tokens(z)  # [B, h*w, C], with GroupedQuantizer's shape checks
+            b, n, c = tokens.shape
+            codes, indices = mgvq_lookup(
+                tokens.reshape(b, n, q.groups, q.dim),
+                q.codebook().detach(),
+                normalize=q.l2_norm,
+                backend=q.backend,
+            )
+            quant = codes.reshape(b, n, c).transpose(1, 2).reshape(z.shape)
+        return MGVQEncoding(quant, indices)
 
     def encode(self, pixels: torch.Tensor, out_of_range: str = "raise") -> MGVQEncoding:
         """``pixels [B, 3, H, W]`` in ``[-1, 1]`` -> ``(quant [B, C, H/f, W/f], indices [B, H/f * W/f, G])``.

@@ -521,6 +521,20 @@ def test_gradients_reach_the_encoder(tiny):
     assert model.quantize.embedding.weight.grad is None  # codes train through the losses only
 
 
+def test_inference_path_equals_grouped_quantizer(tiny):
+    """Without grad, quantize_latent calls mgvq_lookup directly (skipping the training losses):
+    the same quant and indices as GroupedQuantizer.forward."""
+    model, fx = tiny
+    latent = fx["latent"]
+    with torch.no_grad():
+        fast = model.quantize_latent(latent)
+    full = model.quantize(latent.clone().requires_grad_())
+    assert torch.equal(fast.indices, full.indices)
+    assert torch.equal(fast.quant, full.quant.detach())
+    slow = model.quantize_latent(latent.clone().requires_grad_())  # grad path: through the module
+    assert slow.quant.requires_grad and torch.equal(slow.indices, fast.indices)
+
+
 def test_rmsnorm_and_attention_branches_match_definitions():
     """RMSNorm2d and both attention branches against direct float64 transcriptions of the spec."""
     from htc_model.mgvq import LiteMLA, RMSNorm2d
