@@ -505,6 +505,34 @@ def test_torch_compile_fullgraph(tiny):
     torch.testing.assert_close(quant, ref.quant, rtol=1e-5, atol=1e-6)
 
 
+def test_lookup_fake_strides_match_the_kernel():
+    """torch.compile(backend="inductor") asserts that a custom op's outputs have the strides its
+    fake implementation promised. The encoder hands mgvq_lookup a transposed view of the latent;
+    the kernels return contiguous outputs, so the fakes must too (they used to mirror z's strides,
+    and compiling MGVQTokenizer.encode with inductor failed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import htc_kernels as hk
+
+    z = torch.randn(2, 32, 5, 5).flatten(2).transpose(1, 2).reshape(2, 25, 8, 4)  # as in encode()
+    assert not z.is_contiguous()
+    cb = torch.randn(8, 16, 4)
+    codes, idx = hk.mgvq_lookup(z, cb, backend="cpu")
+    grads = torch.ops.htc.mgvq_lookup_backward(torch.randn_like(codes), z, cb, idx, True)
+    with FakeTensorMode() as mode:
+        fz, fcb = mode.from_tensor(z), mode.from_tensor(cb)
+        fcodes, fidx = hk.mgvq_lookup(fz, fcb, backend="cpu")
+        fgrads = torch.ops.htc.mgvq_lookup_backward(mode.from_tensor(codes), fz, fcb, fidx, True)
+    assert (fcodes.stride(), fidx.stride()) == (codes.stride(), idx.stride())
+    assert [g.stride() for g in fgrads] == [g.stride() for g in grads]
+    from htc_kernels.mgvq_lookup import _triton_mgvq
+
+    if _triton_mgvq() is not None:  # the Triton op's fake (its kernel allocates contiguous outputs)
+        with FakeTensorMode() as mode:
+            tcodes, tidx = torch.ops.htc.mgvq_lookup_triton(mode.from_tensor(z), mode.from_tensor(cb), True)
+        assert tcodes.is_contiguous() and tidx.is_contiguous()
+
+
 def test_gradients_reach_the_encoder(tiny):
     """Straight-through: a loss on quant trains the encoder (e.g. fine-tuning the tokenizer)."""
     weights, fx, config = _fixture(MGVQ_FIXTURE)
