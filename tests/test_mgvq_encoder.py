@@ -155,7 +155,7 @@ def test_336_gives_21x21_latent_of_14112_values():
     assert quant.shape == (2, 32, 21, 21) and quant.dtype == torch.float32
     assert indices.shape == (2, 441, 8) and indices.dtype == torch.int64
     assert quant[0].numel() == 14112
-    assert MGVQTokenizer.latent_shape(model, 336, 336) == (32, 21, 21)
+    assert model.latent_shape(336, 336) == (32, 21, 21)
 
 
 def test_336_real_compute_small_widths():
