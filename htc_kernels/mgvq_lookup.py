@@ -217,13 +217,15 @@ def _mgvq_backward(ctx, grad_codes, grad_indices):
 
 
 def _register_mgvq_ops() -> None:
+    # Outputs are contiguous whatever z's strides (the kernels allocate them with at::empty(sizes));
+    # empty_like(z) would mirror a transposed z and make inductor's output-stride assertion fail.
     @torch.library.register_fake("htc::mgvq_lookup")
     def _(z, codebook, normalize):
-        return torch.empty_like(z), z.new_empty(z.shape[:-1], dtype=torch.int64)
+        return z.new_empty(z.shape), z.new_empty(z.shape[:-1], dtype=torch.int64)
 
     @torch.library.register_fake("htc::mgvq_lookup_backward")
     def _(grad_codes, z, codebook, indices, normalize):
-        return torch.empty_like(z), torch.empty_like(codebook)
+        return z.new_empty(z.shape), codebook.new_empty(codebook.shape)
 
     torch.library.register_autograd("htc::mgvq_lookup", _mgvq_backward, setup_context=_mgvq_setup_context)
 

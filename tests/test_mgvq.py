@@ -7,21 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import htc_kernels as hk
+from tests.shared_data import MGVQ_FIXTURE, MGVQ_FIXTURE_F8
 
-
-def _shared_dir() -> str:
-    """The team's shared folder (MGVQ fixtures from the official code): $HTC_SHARED_DIR, else
-    ../shared beside the checkout, else /work/shared (CI runs a clone elsewhere on this machine)."""
-    candidates = [
-        os.environ.get("HTC_SHARED_DIR", ""),
-        os.path.join(os.path.dirname(__file__), "..", "..", "shared"),
-        "/work/shared",
-    ]
-    return next((c for c in candidates if c and os.path.isdir(os.path.join(c, "mgvq"))), candidates[1])
-
-
-FIXTURE = os.path.join(_shared_dir(), "mgvq", "mgvq_tiny_fixture.safetensors")
-FIXTURE_F8 = FIXTURE.replace("mgvq_tiny_fixture", "mgvq_tiny_f8_g4_fixture")
+FIXTURE, FIXTURE_F8 = MGVQ_FIXTURE, MGVQ_FIXTURE_F8
 
 
 def test_state_dict_layout_matches_official():

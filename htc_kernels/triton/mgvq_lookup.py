@@ -121,4 +121,5 @@ def mgvq_lookup_triton(
 @mgvq_lookup_triton.register_fake
 def _(z, codebook, normalize):
     # Explicit fake: under TRITON_INTERPRET=1 the traced body would interpret on FakeTensors.
-    return torch.empty_like(z), z.new_empty(z.shape[:-1], dtype=torch.int64)
+    # Contiguous outputs, as the kernel writes them (not empty_like: z may be a transposed view).
+    return z.new_empty(z.shape), z.new_empty(z.shape[:-1], dtype=torch.int64)
