@@ -243,6 +243,7 @@ struct Case {
   int B = 1, Hq = 2, Hkv = 1, Sq = 0, Skv = 0, D = 64, plan_batch = 1, topology = 0, n_split = 1;
   bool strided = false;   // q/k/v stored [B, S, H, D] (HF's transpose(1, 2) views)
   bool poison = false;    // NaN/Inf in keys/values that the checked rows may not attend
+  bool backward = true;   // also dQ, dK, dV (with grad_lse, and NaN grad_out / grad_lse on PAD rows)
   float scale = 0.125f;
   uint64_t seed = 1;
 };
@@ -288,11 +289,156 @@ void fill(const Case& c, std::mt19937& rng, Tensors<E>& t) {
   make(t.v, t.v_s, c.Hkv, c.Skv);
 }
 
+// Backward on the emulator (delta, dQ, dK/dV kernels, from the forward's own out and lse) against
+// float64 gradients of sum(dO . O) + sum(grad_lse . lse). grad_out and grad_lse are NaN on PAD rows.
+// Rows attending a poisoned key, and keys such rows attend, are not compared (their gradients are
+// legitimately NaN); everything else must be finite and close.
+template <Elt E, int D>
+void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const std::vector<char>& poisoned,
+                    sc::StarParams p, const std::vector<typename EltT<E>::Store>& out, const std::vector<float>& lse) {
+  using Store = typename EltT<E>::Store;
+  using Dq = sc::DqCfg<E, D>;
+  using Dkv = sc::DkvCfg<E, D>;
+  std::mt19937 rng(static_cast<uint32_t>(c.seed * 31 + 7));
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const int64_t rows = static_cast<int64_t>(c.B) * c.Hq * c.Sq;
+  auto row_pad = [&](int b, int i) {
+    const int bl = c.plan_batch == 1 ? 0 : b;
+    return L.kinds[static_cast<size_t>(bl) * c.Skv + i + c.Skv - c.Sq] == htc::kPad;
+  };
+  std::vector<Store> dout(static_cast<size_t>(rows) * D);
+  std::vector<float> glse(rows), delta(rows, NAN);
+  for (int b = 0; b < c.B; ++b)
+    for (int h = 0; h < c.Hq; ++h)
+      for (int i = 0; i < c.Sq; ++i) {
+        const int64_t row = (static_cast<int64_t>(b) * c.Hq + h) * c.Sq + i;
+        const bool pad = row_pad(b, i);
+        glse[row] = pad ? NAN : 0.5f * nd(rng);
+        for (int d = 0; d < D; ++d) dout[row * D + d] = sc::from_f<E>(pad ? NAN : nd(rng));
+      }
+  std::vector<Store> dq(t.q.size(), sc::from_f<E>(NAN)), dk(t.k.size(), sc::from_f<E>(NAN)),
+      dv(t.v.size(), sc::from_f<E>(NAN));
+  p.dout = dout.data();
+  p.do_sb = static_cast<int64_t>(c.Hq) * c.Sq * D, p.do_sh = static_cast<int64_t>(c.Sq) * D, p.do_ss = D;
+  p.o = out.data();
+  p.o_sb = p.do_sb, p.o_sh = p.do_sh, p.o_ss = p.do_ss;
+  p.lse_in = lse.data();
+  p.grad_lse = glse.data();
+  p.delta = delta.data();
+  p.dq = dq.data();
+  p.dk = dk.data();
+  p.dv = dv.data();
+  p.n_split = 1;
+  emu::add_global_range(dout.data(), dout.size() * sizeof(Store));
+  emu::launch((rows + 7) / 8, 256, 0, [&](int tid, int64_t blk, unsigned char*) {
+    sc::star_delta_warp<E, D>(p, blk * 8 + tid / 32, tid % 32);
+  });
+  const int64_t dq_grid = static_cast<int64_t>(c.B) * c.Hq * ((c.Sq + Dq::BQ - 1) / Dq::BQ);
+  emu::launch(dq_grid, Dq::kThreads, Dq::kSmemBytes,
+              [&](int tid, int64_t blk, unsigned char* smem) { sc::star_row_block<Dq>(p, smem, tid, blk); });
+  const int64_t kv_grid = static_cast<int64_t>(c.B) * c.Hkv * p.n_kt;
+  emu::launch(kv_grid, Dkv::kThreads, Dkv::kSmemBytes,
+              [&](int tid, int64_t blk, unsigned char* smem) { sc::star_key_block<Dkv>(p, smem, tid, blk); });
+
+  // float64 reference
+  auto Q = [&](int b, int h, int i, int d) { return double(sc::to_f<E>(t.q[b * t.q_s[0] + h * t.q_s[1] + i * t.q_s[2] + d])); };
+  auto K = [&](int b, int h, int j, int d) { return double(sc::to_f<E>(t.k[b * t.k_s[0] + h * t.k_s[1] + j * t.k_s[2] + d])); };
+  auto V = [&](int b, int h, int j, int d) { return double(sc::to_f<E>(t.v[b * t.v_s[0] + h * t.v_s[1] + j * t.v_s[2] + d])); };
+  std::vector<double> rdq(t.q.size(), 0.0), rdk(t.k.size(), 0.0), rdv(t.v.size(), 0.0);
+  std::vector<char> bad_row(rows, 0), bad_key(static_cast<size_t>(c.B) * c.Skv, 0);
+  for (int b = 0; b < c.B; ++b)
+    for (int j = 0; j < c.Skv; ++j) bad_key[static_cast<size_t>(b) * c.Skv + j] = poisoned[static_cast<size_t>(b) * c.Skv + j];
+  for (int b = 0; b < c.B; ++b)
+    for (int h = 0; h < c.Hq; ++h) {
+      const int hk = h / (c.Hq / c.Hkv);
+      for (int i = 0; i < c.Sq; ++i) {
+        const int64_t row = (static_cast<int64_t>(b) * c.Hq + h) * c.Sq + i;
+        if (row_pad(b, i)) continue;
+        std::vector<double> s(c.Skv, -INFINITY), pr(c.Skv, 0.0);
+        double mx = -INFINITY;
+        bool bad = false;
+        for (int j = 0; j < c.Skv; ++j) {
+          if (!allowed_at(L, c, b, i, j)) continue;
+          bad |= poisoned[static_cast<size_t>(b) * c.Skv + j] != 0;
+          double a = 0;
+          for (int d = 0; d < D; ++d) a += Q(b, h, i, d) * K(b, hk, j, d);
+          s[j] = a * c.scale;
+          mx = std::max(mx, s[j]);
+        }
+        if (bad) {
+          bad_row[row] = 1;
+          for (int j = 0; j < c.Skv; ++j)
+            if (allowed_at(L, c, b, i, j)) bad_key[static_cast<size_t>(b) * c.Skv + j] = 1;
+          continue;
+        }
+        double l = 0;
+        for (int j = 0; j < c.Skv; ++j)
+          if (s[j] > -INFINITY) l += std::exp(s[j] - mx);
+        const double lse_ref = mx + std::log(l);
+        std::vector<double> o(D, 0.0);
+        for (int j = 0; j < c.Skv; ++j) {
+          if (s[j] == -INFINITY) continue;
+          pr[j] = std::exp(s[j] - lse_ref);
+          for (int d = 0; d < D; ++d) o[d] += pr[j] * V(b, hk, j, d);
+        }
+        double dlt = -double(glse[row]);
+        for (int d = 0; d < D; ++d) dlt += double(sc::to_f<E>(dout[row * D + d])) * o[d];
+        for (int j = 0; j < c.Skv; ++j) {
+          if (pr[j] == 0.0) continue;
+          double dpj = 0;
+          for (int d = 0; d < D; ++d) dpj += double(sc::to_f<E>(dout[row * D + d])) * V(b, hk, j, d);
+          const double ds = pr[j] * (dpj - dlt);
+          for (int d = 0; d < D; ++d) {
+            rdq[b * t.q_s[0] + h * t.q_s[1] + i * t.q_s[2] + d] += c.scale * ds * K(b, hk, j, d);
+            rdk[b * t.k_s[0] + hk * t.k_s[1] + j * t.k_s[2] + d] += c.scale * ds * Q(b, h, i, d);
+            rdv[b * t.v_s[0] + hk * t.v_s[1] + j * t.v_s[2] + d] += pr[j] * double(sc::to_f<E>(dout[row * D + d]));
+          }
+        }
+      }
+    }
+  // compare (dq/dk/dv are written contiguous [B, H, S, D]; the reference follows the input strides)
+  auto compare = [&](const char* what, const std::vector<Store>& got, const std::vector<double>& want,
+                     const int64_t (&st)[3], int H, int S, auto skip, auto zero) {
+    double e2 = 0, r2 = 0;
+    int nonfinite = 0, nonzero = 0;
+    for (int b = 0; b < c.B; ++b)
+      for (int h = 0; h < H; ++h)
+        for (int i = 0; i < S; ++i) {
+          if (skip(b, h, i)) continue;
+          for (int d = 0; d < D; ++d) {
+            const double g = sc::to_f<E>(got[((static_cast<int64_t>(b) * H + h) * S + i) * D + d]);
+            const double w = want[b * st[0] + h * st[1] + i * st[2] + d];
+            if (!std::isfinite(g)) ++nonfinite;
+            if (zero(b, h, i) && g != 0.0) ++nonzero;
+            e2 += (g - w) * (g - w);
+            r2 += w * w;
+          }
+        }
+    const double rel = std::sqrt(e2 / std::max(r2, 1e-30));
+    const double tol = E == Elt::kF32 ? 2e-5 : E == Elt::kF16 ? 5e-3 : 3e-2;
+    std::printf("    %s rel %.2e%s\n", what, rel, rel <= tol && !nonfinite && !nonzero ? "" : "  <-- FAIL");
+    EXPECT(nonfinite == 0, "%s %s: %d non-finite gradient entries", c.name.c_str(), what, nonfinite);
+    EXPECT(nonzero == 0, "%s %s: %d non-zero entries on PAD rows/keys", c.name.c_str(), what, nonzero);
+    EXPECT(rel <= tol, "%s %s: relative error %g > %g", c.name.c_str(), what, rel, tol);
+  };
+  auto key_pad = [&](int b, int j) {
+    const int bl = c.plan_batch == 1 ? 0 : b;
+    return L.kinds[static_cast<size_t>(bl) * c.Skv + j] == htc::kPad;
+  };
+  compare("dq", dq, rdq, t.q_s, c.Hq, c.Sq,
+          [&](int b, int h, int i) { return bad_row[(static_cast<int64_t>(b) * c.Hq + h) * c.Sq + i] != 0; },
+          [&](int b, int, int i) { return row_pad(b, i); });
+  auto kskip = [&](int b, int, int j) { return bad_key[static_cast<size_t>(b) * c.Skv + j] != 0; };
+  auto kzero = [&](int b, int, int j) { return key_pad(b, j); };
+  compare("dk", dk, rdk, t.k_s, c.Hkv, c.Skv, kskip, kzero);
+  compare("dv", dv, rdv, t.v_s, c.Hkv, c.Skv, kskip, kzero);
+}
+
 template <Elt E, int D>
 void run_case(const Case& c) {
   using Store = typename EltT<E>::Store;
   constexpr int BK = sc::fwd_block_k(E, D);
-  using Cfg = sc::FwdCfg<E, D, BK>;
+  using Cfg = sc::FwdCfg<E, D>;
   std::mt19937 rng(static_cast<uint32_t>(c.seed));
   Layout L;
   for (int bl = 0; bl < c.plan_batch; ++bl) {
@@ -358,6 +504,7 @@ void run_case(const Case& c) {
   p.plan = plan.data();
   p.B = c.B, p.Hq = c.Hq, p.Hkv = c.Hkv, p.Sq = c.Sq, p.Skv = c.Skv, p.n_qt = n_qt, p.n_kt = n_kt;
   p.q_off = c.Skv - c.Sq, p.plan_batch = c.plan_batch, p.topology = c.topology, p.n_split = c.n_split;
+  p.scale = c.scale;
   p.scale_log2 = c.scale * htc::tile::kLog2e;
 
   emu::clear_global_ranges();
@@ -367,7 +514,7 @@ void run_case(const Case& c) {
   emu::set_scheduling_seed(c.seed * 7919);
   const int64_t grid = static_cast<int64_t>(c.B) * c.Hq * n_qt * c.n_split;
   emu::launch(grid, Cfg::kThreads, Cfg::kSmemBytes,
-              [&](int tid, int64_t blk, unsigned char* smem) { sc::star_fwd_block<Cfg>(p, smem, tid, blk); });
+              [&](int tid, int64_t blk, unsigned char* smem) { sc::star_row_block<Cfg>(p, smem, tid, blk); });
   if (c.n_split > 1) {
     const int64_t n = rows * (D / 4);
     for (int64_t i = 0; i < n; ++i) sc::star_combine_thread<E, D>(p, i);
@@ -436,6 +583,7 @@ void run_case(const Case& c) {
               rel <= tol && lse_err <= (E == Elt::kF32 ? 5e-6 : 1e-3) ? "" : "  <-- FAIL");
   EXPECT(rel <= tol, "%s: relative error %g > %g", c.name.c_str(), rel, tol);
   EXPECT(lse_err <= (E == Elt::kF32 ? 5e-6 : 1e-3), "%s: lse error %g", c.name.c_str(), lse_err);
+  if (c.backward) check_backward<E, D>(c, L, t, poisoned, p, out, lse);
 }
 
 template <Elt E>
