@@ -94,6 +94,57 @@ class _CpuStar(Backend):
         return out
 
 
+# The CUDA kernels' head dims and key-tile sizes (csrc/star_attention/star_attention_kernel.cuh:
+# supported_head_dim, fwd_block_k; the op refuses plans built with other block sizes).
+_CUDA_HEAD_DIMS = (64, 80, 96, 128, 256)
+
+
+def _cuda_block_k(dtype: torch.dtype, head_dim: int) -> int:
+    if dtype == torch.float32:
+        return 16  # three bf16 terms per operand: small key tiles keep the kernel within 255 registers
+    return 64 if head_dim <= 128 else 32
+
+
+class _CudaStar(Backend):
+    """The CUDA C++ kernel (csrc/star_attention/star_attention_cuda.cu): mma.sync tensor cores
+    (fp32 as three bf16 terms), sm_80+, head dims 64/80/96/128/256; block_q 64, block_k by dtype
+    and head dim."""
+
+    name = "cuda"
+    block_q = 64
+
+    def not_supported_reasons(self, q, k, v, layout):
+        reasons = compiled_reasons(q, "cuda")
+        d = q.shape[-1]
+        if d not in _CUDA_HEAD_DIMS:
+            dims = ", ".join(map(str, _CUDA_HEAD_DIMS))
+            reasons.append(f"head dim {d} not supported by the CUDA kernel ({dims})")
+        if q.device.type == "cuda" and torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(q.device)
+            if major < 8:
+                reasons.append(
+                    f"GPU compute capability {major}.{minor} < 8.0 (the kernel needs sm_80+ tensor cores)"
+                )
+        return reasons
+
+    def __call__(self, q, k, v, layout, scale):
+        block_k = _cuda_block_k(q.dtype, q.shape[-1])
+        plan = layout.plan(q.shape[2], self.block_q, block_k)
+        out, _ = torch.ops.htc.star_attention(
+            q,
+            k,
+            v,
+            layout.kinds,
+            layout.groups,
+            plan,
+            self.block_q,
+            block_k,
+            layout.topology_id,
+            scale,
+        )
+        return out
+
+
 class _NotYet(Backend):
     """A backend named in the API whose kernel for this family has not landed yet."""
 
@@ -108,11 +159,13 @@ class _NotYet(Backend):
         return reasons
 
 
+# "auto" takes the first backend without reasons: the compiled kernels before the dense reference
+# (on CUDA tensors: the CUDA kernel; not yet measured against Triton on a GPU).
 _STAR_BACKENDS = (
     _CpuStar(),
+    _CudaStar(),
     _ReferenceStar(),
     _NotYet("triton", "GPU backends"),
-    _NotYet("cuda", "GPU backends"),
 )
 
 

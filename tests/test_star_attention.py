@@ -13,6 +13,22 @@ from tests.layouts import C, P, T, V, llava_kinds, pad_batch, random_kinds, rand
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"extension not loaded: {_ext.LOAD_ERROR}")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Compiled backends the matrix runs against. "cuda" needs a GPU; without one it is still compiled and
+# its kernels run on the host SIMT emulator in ctest (csrc/tests/test_star_cuda_kernels.cpp).
+NO_GPU = "no CUDA device: the CUDA backend is compiled (and emulated in ctest) but cannot run here"
+BACKENDS = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)),
+]
+CUDA_HEAD_DIMS = (64, 80, 96, 128, 256)
+
+
+def on_device(x, device):
+    """x on `device` with x's strides (non-contiguous inputs stay non-contiguous)."""
+    if x.device == torch.device(device):
+        return x
+    y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device)
+    return y.copy_(x)
 
 
 def rel(a, b, floor=1e-30):
@@ -34,11 +50,17 @@ def make_qkv(b, hq, hkv, sq, skv, d, dtype, noncontig=False):
     return [x.to(dtype) for x in (q, k, v)]
 
 
-def check(q, k, v, layout, scale=None, grads=True):
+def check(q, k, v, layout, scale=None, grads=True, backend="cpu"):
     """Forward and all three gradients vs the float64 reference; low precision vs the same math in
-    that dtype (error <= 2x PyTorch's own error in that dtype, plus a small floor)."""
-    q, k, v = [x.detach().requires_grad_(grads) for x in (q, k, v)]
-    out = hk.star_attention(q, k, v, layout, scale=scale, backend="cpu")
+    that dtype (error <= 2x PyTorch's own error in that dtype, plus a small floor). Inputs on the CPU;
+    backend "cuda" runs on GPU copies (same strides), compared on the CPU."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    if backend == "cuda" and q.shape[-1] not in CUDA_HEAD_DIMS:
+        pytest.skip(f"head dim {q.shape[-1]} is not one the CUDA kernel is built for {CUDA_HEAD_DIMS}")
+    qd, kd, vd = [on_device(x.detach(), device).requires_grad_(grads) for x in (q, k, v)]
+    q, k, v = [x.detach() for x in (q, k, v)]
+    out_d = hk.star_attention(qd, kd, vd, layout.to(device), scale=scale, backend=backend)
+    out = out_d.detach().cpu()
     assert out.dtype == q.dtype and out.shape == q.shape
     assert torch.isfinite(out).all()
     q64, k64, v64 = [x.detach().double().requires_grad_(grads) for x in (q, k, v)]
@@ -57,7 +79,7 @@ def check(q, k, v, layout, scale=None, grads=True):
     if not grads:
         return
     g = torch.randn_like(ref)
-    out.backward(g.to(out.dtype))
+    out_d.backward(g.to(out.dtype).to(device))
     ref.backward(g)
     if same_dtype is not None:
         same_dtype.backward(g.to(out.dtype))
@@ -65,35 +87,39 @@ def check(q, k, v, layout, scale=None, grads=True):
     # the scale of its siblings, not against its own rounding noise.
     floor = max(0.1 * max(x.grad.norm().item() for x in (q64, k64, v64)), 1e-30)
     low = {"dq": ql, "dk": kl, "dv": vl} if same_dtype is not None else {}
-    for name, ours, want in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
-        assert torch.isfinite(ours.grad).all(), name
+    for name, ours, want in (("dq", qd, q64), ("dk", kd, k64), ("dv", vd, v64)):
+        grad = ours.grad.cpu()
+        assert torch.isfinite(grad).all(), name
         base = rel(low[name].grad, want.grad, floor) if low else 0
-        err = rel(ours.grad, want.grad, floor)
+        err = rel(grad, want.grad, floor)
         assert err <= tol(base), f"{name}: {err:.2e} vs allowed {tol(base):.2e}"
-    assert (q.grad.transpose(1, 2)[pad_rows] == 0).all()
+    assert (qd.grad.cpu().transpose(1, 2)[pad_rows] == 0).all()
 
 
 @pytest.mark.parametrize("topology", ["star", "group"])
 @pytest.mark.parametrize("seed", range(10))
-def test_random_layouts_fp32(seed, topology):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_layouts_fp32(seed, topology, backend):
     kinds = random_kinds(seed, batch=3)
     layout = hk.StarLayout(kinds, topology=topology)
     d = [64, 32, 40, 128, 8][seed % 5]
     hq, hkv = [(2, 2), (4, 2), (4, 1)][seed % 3]
     q, k, v = make_qkv(3, hq, hkv, layout.seq_len, layout.seq_len, d, torch.float32, noncontig=seed % 2 == 1)
-    check(q, k, v, layout, scale=None if seed % 4 else 0.3)
+    check(q, k, v, layout, scale=None if seed % 4 else 0.3, backend=backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("topology", ["star", "group"])
-def test_dtypes(dtype, topology):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dtypes(dtype, topology, backend):
     layout = hk.StarLayout(random_kinds(100, batch=2, max_visual=70), topology=topology)
     q, k, v = make_qkv(2, 4, 2, layout.seq_len, layout.seq_len, 64, dtype)
-    check(q, k, v, layout)
+    check(q, k, v, layout, backend=backend)
 
 
 @pytest.mark.parametrize("seq", [1, 7, 97, 577])
-def test_odd_sizes(seq):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_odd_sizes(seq, backend):
     rng = random.Random(seq)
     kinds = [T] * min(seq, 3)
     while len(kinds) < seq:
@@ -103,22 +129,24 @@ def test_odd_sizes(seq):
         pass
     layout = hk.StarLayout(kinds)
     q, k, v = make_qkv(1, 2, 1, seq, seq, 48, torch.float32)
-    check(q, k, v, layout)
+    check(q, k, v, layout, backend=backend)
 
 
 @pytest.mark.parametrize("q_len", [1, 2, 65, 130])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_decode_bottom_right(q_len, side):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_bottom_right(q_len, side, backend):
     rng = random.Random(q_len)
     samples = [random_sample(rng, max_visual=50) for _ in range(2)]
     kinds = pad_batch(samples, side, total=max(map(len, samples)) + 3)
     layout = hk.StarLayout(kinds)
     q_len = min(q_len, layout.seq_len)
     q, k, v = make_qkv(2, 4, 2, q_len, layout.seq_len, 64, torch.float32)
-    check(q, k, v, layout)
+    check(q, k, v, layout, backend=backend)
 
 
-def test_several_images_and_voco_tokens_both_paddings():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_several_images_and_voco_tokens_both_paddings(backend):
     rows = [
         [T] * 5 + [V] * 70 + [C] * 3 + [T] * 2 + [V] * 65 + [C] * 2 + [T] * 9,
         [T] * 2 + [V] * 30 + [C] + [T] * 4,
@@ -127,26 +155,29 @@ def test_several_images_and_voco_tokens_both_paddings():
         for topology in ("star", "group"):
             layout = hk.StarLayout(pad_batch(rows, side), topology=topology)
             q, k, v = make_qkv(2, 4, 4, layout.seq_len, layout.seq_len, 64, torch.float32)
-            check(q, k, v, layout)
+            check(q, k, v, layout, backend=backend)
 
 
-def test_layout_broadcast_over_batch():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layout_broadcast_over_batch(backend):
     layout = hk.StarLayout(llava_kinds(prefix=5, visual=100, voco=2, suffix=7))
     q, k, v = make_qkv(3, 2, 2, layout.seq_len, layout.seq_len, 32, torch.float32)
-    check(q, k, v, layout)
+    check(q, k, v, layout, backend=backend)
 
 
-def test_llava_shape_fp32_forward():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_llava_shape_fp32_forward(backend):
     layout = hk.StarLayout(llava_kinds())
     q, k, v = make_qkv(1, 8, 8, 680, 680, 128, torch.float32)
-    check(q, k, v, layout, grads=False)
+    check(q, k, v, layout, grads=False, backend=backend)
 
 
-def test_all_pad_sample_outputs_zero():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_pad_sample_outputs_zero(backend):
     kinds = pad_batch([[T, V, V, C, T], [P] * 5], "right")
     layout = hk.StarLayout(kinds)
     q, k, v = make_qkv(2, 2, 2, 5, 5, 16, torch.float32)
-    check(q, k, v, layout)
+    check(q, k, v, layout, backend=backend)
 
 
 def test_thread_count_does_not_change_results():
@@ -265,7 +296,7 @@ def bad_inputs():
     yield "Sq", (torch.randn(1, 4, 9, 16), k, v, layout), {}
     yield "must be a StarLayout", (q, k, v, llava_kinds()), {}
     yield "unknown backend 'gpu'", (q, k, v, layout), {"backend": "gpu"}
-    yield "not implemented yet", (q, k, v, layout), {"backend": "cuda"}
+    yield "not a CUDA device", (q, k, v, layout), {"backend": "cuda"}
     yield (
         "dtype torch.float64 not supported",
         (q.double(), k.double(), v.double(), layout),
@@ -297,3 +328,101 @@ def test_op_level_checks_raise_not_crash():
     wrong_plan = layout.plan(8, 4, 4)
     with pytest.raises(RuntimeError, match="plan"):
         torch.ops.htc.star_attention(q, k, v, layout.kinds, layout.groups, wrong_plan, 64, 64, 0, 0.25)
+
+
+# ---- CUDA backend specifics (the matrix above runs it too, when a GPU is present) ----
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+
+
+def test_cuda_backend_refuses_cpu_tensors_and_says_why():
+    layout = hk.StarLayout(llava_kinds(prefix=2, visual=3, voco=1, suffix=2))
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 64, torch.float32)
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run this call: .*not a CUDA device") as info:
+        hk.star_attention(q, k, v, layout, backend="cuda")
+    assert "Backends that can: ['cpu', 'reference']" in str(info.value)
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 48, torch.float32)
+    with pytest.raises(ValueError, match="head dim 48 not supported by the CUDA kernel"):
+        hk.star_attention(q, k, v, layout, backend="cuda")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", CUDA_HEAD_DIMS)
+def test_cuda_head_dims(dtype, d):
+    layout = hk.StarLayout(
+        random_kinds(40 + d, batch=2, max_visual=90), topology="group" if d % 3 else "star"
+    )
+    q, k, v = make_qkv(2, 4, 2, layout.seq_len, layout.seq_len, d, dtype, noncontig=d == 80)
+    check(q, k, v, layout, backend="cuda")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_masked_keys_and_values_are_never_read(dtype):
+    """NaN/Inf in keys/values a query may not attend, and in grad_out at PAD rows, change nothing."""
+    rows = [[T] * 3 + [V] * 70 + [C] + [T] * 9, [T] * 2 + [V] * 30 + [C] + [T] * 4]
+    layout = hk.StarLayout(pad_batch(rows, "left")).to("cuda")
+    s = layout.seq_len
+    q, k, v = [x.cuda() for x in make_qkv(2, 4, 2, s, s, 64, dtype)]
+    kinds = layout.kinds.cpu()
+    # poison: PAD keys, every VISUAL key and the last TEXT key
+    bad = (kinds == P) | (kinds == V)
+    bad[:, -1] = True
+    kp, vp = k.clone(), v.clone()
+    for b in range(2):
+        idx = bad[b].nonzero().flatten().cuda()
+        kp[b][:, idx] = float("nan")
+        vp[b][:, idx] = float("inf")
+    mask = hk.star_mask(layout).cpu()  # [B, Sq, Skv]
+    clean_rows = ~(mask & bad[:, None, :]).any(-1)  # rows that attend no poisoned key
+    ref = hk.star_attention(q, k, v, layout, backend="cuda")
+    out = hk.star_attention(q, kp, vp, layout, backend="cuda")
+    rows_ok = clean_rows[:, None, :, None].expand_as(out.cpu())
+    assert torch.equal(out.cpu()[rows_ok], ref.cpu()[rows_ok])
+    # grad_out at PAD rows never reaches any gradient
+    qg, kg, vg = [x.detach().requires_grad_() for x in (q, k, v)]
+    g = torch.randn_like(q)
+    hk.star_attention(qg, kg, vg, layout, backend="cuda").backward(g)
+    grads = [x.grad.clone() for x in (qg, kg, vg)]
+    pad = (layout.kinds == P)[:, None, :, None].expand_as(g)
+    g2 = g.masked_fill(pad, float("nan"))
+    for x in (qg, kg, vg):
+        x.grad = None
+    hk.star_attention(qg, kg, vg, layout, backend="cuda").backward(g2)
+    for before, x in zip(grads, (qg, kg, vg)):
+        assert torch.equal(before, x.grad)
+
+
+@needs_gpu
+def test_cuda_opcheck_lse_and_split_k():
+    """The raw op: opcheck, lse against float64, and decode shapes that take the split-K path."""
+    layout = hk.StarLayout(random_kinds(5, batch=2, max_visual=150)).to("cuda")
+    s = layout.seq_len
+    q, k, v = [x.cuda().requires_grad_() for x in make_qkv(2, 4, 2, s, s, 64, torch.float32)]
+    plan = layout.plan(s, 64, 16)  # the CUDA kernel's tiles for fp32
+    args = (layout.kinds, layout.groups, plan, 64, 16, layout.topology_id, 0.25)
+    torch.library.opcheck(torch.ops.htc.star_attention, (q, k, v, *args))
+    out, lse = torch.ops.htc.star_attention(q, k, v, *args)
+    grad_lse = torch.randn_like(lse)
+    torch.library.opcheck(
+        torch.ops.htc.star_attention_backward,
+        (
+            torch.randn_like(out),
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            out.detach(),
+            lse.detach(),
+            grad_lse,
+            *args,
+        ),
+    )
+    mask = hk.star_mask(layout)[:, None]
+    sc = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * 0.25
+    ref_lse = torch.logsumexp(sc.masked_fill(~mask, float("-inf")), -1)
+    live = torch.isfinite(ref_lse)
+    assert torch.equal(live, torch.isfinite(lse))
+    assert rel(lse[live], ref_lse[live]) < 1e-5
+    for q_len in (1, 3):  # B*H*n_qt = 8 CTAs: split-K over the key tiles
+        qd = q[:, :, -q_len:].detach()
+        check(qd.cpu(), k.detach().cpu(), v.detach().cpu(), layout.to("cpu"), backend="cuda")

@@ -31,6 +31,9 @@ HTC_DEV float shfl_idx(float v, int src_lane) { return __shfl_sync(0xffffffffu, 
 HTC_DEV unsigned ballot(int pred) { return __ballot_sync(0xffffffffu, pred); }
 HTC_DEV bool any_warp(int pred) { return __any_sync(0xffffffffu, pred) != 0; }
 HTC_DEV int popc(unsigned x) { return __popc(x); }
+// Makes x opaque to the optimiser: it is materialised here as one register and cannot be recomputed
+// from (or kept as) its ingredients later. Used on packed mask words that must not be re-expanded.
+HTC_DEV void opaque(unsigned& x) { asm volatile("" : "+r"(x)); }
 
 HTC_DEV uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 

@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 
@@ -123,82 +124,109 @@ void check_device(const at::Tensor& q, const DeviceInfo& info, const char* op) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The checks and parameters shared by forward and backward. Keeps the tensors it reads alive.
+struct Problem {
+  at::Tensor q, k, v, kinds, groups, plan;
+  star_cuda::StarParams p{};
+  const DeviceInfo* info = nullptr;
+  int dev = 0;
+  int64_t B = 0, Hq = 0, Hkv = 0, Sq = 0, Skv = 0, D = 0;
+};
+
+Problem prepare(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                const at::Tensor& kinds, const at::Tensor& groups, const at::Tensor& plan, int64_t block_q,
+                int64_t block_k, int64_t topology, double scale) {
+  check_attention_args(q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology);
+  TORCH_CHECK(q_in.is_cuda(), op, " (CUDA): tensors are on ", q_in.device());
+  Problem pr;
+  pr.dev = q_in.get_device();
+  pr.info = &device_info(pr.dev);
+  check_device(q_in, *pr.info, op);
+  const Elt elt = elt_of(q_in.scalar_type());
+  pr.D = q_in.size(3);
+  TORCH_CHECK(star_cuda::supported_head_dim(static_cast<int>(pr.D)), op, " (CUDA): head dim ", pr.D,
+              " not supported (64, 80, 96, 128, 256)");
+  const int64_t want_bk = star_cuda::fwd_block_k(elt, static_cast<int>(pr.D));
+  TORCH_CHECK(block_q == 64 && block_k == want_bk, op, " (CUDA): this kernel takes plans with block_q=64, block_k=",
+              want_bk, " for ", q_in.scalar_type(), " D=", pr.D, "; got ", block_q, ", ", block_k);
+  pr.B = q_in.size(0), pr.Hq = q_in.size(1), pr.Sq = q_in.size(2), pr.Hkv = k_in.size(1), pr.Skv = k_in.size(2);
+  TORCH_CHECK(pr.Skv <= std::numeric_limits<int32_t>::max() / 2 && pr.B * pr.Hq <= std::numeric_limits<int32_t>::max(),
+              op, " (CUDA): problem too large (Skv = ", pr.Skv, ", B*Hq = ", pr.B * pr.Hq, ")");
+  pr.q = readable(q_in), pr.k = readable(k_in), pr.v = readable(v_in);
+  pr.kinds = kinds.contiguous(), pr.groups = groups.contiguous(), pr.plan = plan.contiguous();
+  star_cuda::StarParams& p = pr.p;
+  p.q = pr.q.data_ptr();
+  p.k = pr.k.data_ptr();
+  p.v = pr.v.data_ptr();
+  p.q_sb = pr.q.stride(0), p.q_sh = pr.q.stride(1), p.q_ss = pr.q.stride(2);
+  p.k_sb = pr.k.stride(0), p.k_sh = pr.k.stride(1), p.k_ss = pr.k.stride(2);
+  p.v_sb = pr.v.stride(0), p.v_sh = pr.v.stride(1), p.v_ss = pr.v.stride(2);
+  p.kinds = pr.kinds.data_ptr<int8_t>();
+  p.groups = pr.groups.data_ptr<int32_t>();
+  p.plan = pr.plan.data_ptr<uint8_t>();
+  p.B = static_cast<int>(pr.B), p.Hq = static_cast<int>(pr.Hq), p.Hkv = static_cast<int>(pr.Hkv);
+  p.Sq = static_cast<int>(pr.Sq), p.Skv = static_cast<int>(pr.Skv);
+  p.n_qt = static_cast<int>(plan.size(1)), p.n_kt = static_cast<int>(plan.size(2));
+  p.q_off = static_cast<int>(pr.Skv - pr.Sq), p.plan_batch = static_cast<int>(plan.size(0));
+  p.topology = static_cast<int>(topology);
+  p.n_split = 1;
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale) * tile::kLog2e;
+  return pr;
+}
+
+// Launches `kernel` with its dynamic shared memory (raising the per-kernel limit once per device).
+template <class Kernel>
+void launch(Kernel kernel, int64_t grid, int threads, size_t smem, const Problem& pr, cudaStream_t stream,
+            uint64_t& smem_set, std::mutex& mu) {
+  TORCH_CHECK(grid <= std::numeric_limits<int32_t>::max(), "star_attention (CUDA): grid too large (", grid, ")");
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    set_smem(kernel, smem, *pr.info, pr.dev, smem_set);
+  }
+  kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(pr.p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::tuple<at::Tensor, at::Tensor> star_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                        const at::Tensor& v_in, const at::Tensor& kinds,
                                                        const at::Tensor& groups, const at::Tensor& plan,
                                                        int64_t block_q, int64_t block_k, int64_t topology,
                                                        double scale) {
-  check_attention_args(q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology);
-  TORCH_CHECK(q_in.is_cuda(), "star_attention (CUDA): tensors are on ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const int dev = q_in.get_device();
-  const DeviceInfo& info = device_info(dev);
-  check_device(q_in, info, "star_attention");
-  const Elt elt = elt_of(q_in.scalar_type());
-  const int64_t D = q_in.size(3);
-  TORCH_CHECK(star_cuda::supported_head_dim(static_cast<int>(D)), "star_attention (CUDA): head dim ", D,
-              " not supported (64, 80, 96, 128, 256)");
-  const int64_t want_bk = star_cuda::fwd_block_k(elt, static_cast<int>(D));
-  TORCH_CHECK(block_q == 64 && block_k == want_bk, "star_attention (CUDA): this kernel takes plans with block_q=64, "
-              "block_k=", want_bk, " for ", q_in.scalar_type(), " D=", D, "; got ", block_q, ", ", block_k);
-  const int64_t B = q_in.size(0), Hq = q_in.size(1), Sq = q_in.size(2), Hkv = k_in.size(1), Skv = k_in.size(2);
-  TORCH_CHECK(Skv < (int64_t{1} << 28) * want_bk && Skv <= std::numeric_limits<int32_t>::max(),
-              "star_attention (CUDA): sequence too long (", Skv, ")");
-
+  Problem pr = prepare("star_attention", q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology, scale);
   auto out = new_output(q_in.sizes(), q_in.options());
-  auto lse = new_output({B, Hq, Sq}, q_in.options().dtype(at::kFloat));
+  auto lse = new_output({pr.B, pr.Hq, pr.Sq}, q_in.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
-  const auto q = readable(q_in), k = readable(k_in), v = readable(v_in);
-  const auto kinds_c = kinds.contiguous(), groups_c = groups.contiguous(), plan_c = plan.contiguous();
-
-  star_cuda::StarParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_ss = q.stride(2);
-  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_ss = k.stride(2);
-  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_ss = v.stride(2);
+  star_cuda::StarParams& p = pr.p;
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.kinds = kinds_c.data_ptr<int8_t>();
-  p.groups = groups_c.data_ptr<int32_t>();
-  p.plan = plan_c.data_ptr<uint8_t>();
-  p.B = static_cast<int>(B), p.Hq = static_cast<int>(Hq), p.Hkv = static_cast<int>(Hkv);
-  p.Sq = static_cast<int>(Sq), p.Skv = static_cast<int>(Skv);
-  p.n_qt = static_cast<int>(plan.size(1)), p.n_kt = static_cast<int>(plan.size(2));
-  p.q_off = static_cast<int>(Skv - Sq), p.plan_batch = static_cast<int>(plan.size(0));
-  p.topology = static_cast<int>(topology);
-  p.scale_log2 = static_cast<float>(scale) * tile::kLog2e;
 
   // Split-K when the (batch, head, query tile) CTAs cannot fill the GPU (decode, small B*H): each
   // split takes a contiguous, count-balanced share of a tile's non-SKIP key tiles.
-  const int64_t ctas = B * Hq * p.n_qt;
+  const int64_t ctas = pr.B * pr.Hq * p.n_qt;
   int64_t n_split = 1;
-  if (ctas < info.sms) n_split = std::max<int64_t>(1, std::min<int64_t>({ceil_div(2 * info.sms, ctas), ceil_div(p.n_kt, 2), kMaxSplit}));
+  if (ctas < pr.info->sms)
+    n_split = std::max<int64_t>(1, std::min<int64_t>({ceil_div(2 * pr.info->sms, ctas), ceil_div(p.n_kt, 2), kMaxSplit}));
   p.n_split = static_cast<int>(n_split);
-  TORCH_CHECK(ctas * n_split <= std::numeric_limits<int32_t>::max(), "star_attention (CUDA): grid too large");
   at::Tensor o_part, lse_part;
   if (n_split > 1) {
-    o_part = at::empty({n_split, B, Hq, Sq, D}, q.options().dtype(at::kFloat));
-    lse_part = at::empty({n_split, B, Hq, Sq}, q.options().dtype(at::kFloat));
+    o_part = at::empty({n_split, pr.B, pr.Hq, pr.Sq, pr.D}, out.options().dtype(at::kFloat));
+    lse_part = at::empty({n_split, pr.B, pr.Hq, pr.Sq}, out.options().dtype(at::kFloat));
     p.o_part = o_part.data_ptr<float>();
     p.lse_part = lse_part.data_ptr<float>();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(q.scalar_type(), D, [&](auto elt_c, auto dim_c) {
+  dispatch(pr.q.scalar_type(), pr.D, [&](auto elt_c, auto dim_c) {
     constexpr Elt E = decltype(elt_c)::value;
     constexpr int Dim = decltype(dim_c)::value;
-    using Cfg = star_cuda::FwdCfg<E, Dim, star_cuda::fwd_block_k(E, Dim)>;
+    using Cfg = star_cuda::FwdCfg<E, Dim>;
     static uint64_t smem_set = 0;
     static std::mutex mu;
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      set_smem(star_cuda::star_fwd_kernel<Cfg>, Cfg::kSmemBytes, info, dev, smem_set);
-    }
-    star_cuda::star_fwd_kernel<Cfg><<<static_cast<unsigned>(ctas * n_split), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(star_cuda::star_row_kernel<Cfg>, ctas * n_split * Cfg::kOSplit, Cfg::kThreads, Cfg::kSmemBytes, pr, stream,
+           smem_set, mu);
     if (n_split > 1) {
-      const int64_t n = B * Hq * Sq * (Dim / 4);
+      const int64_t n = pr.B * pr.Hq * pr.Sq * (Dim / 4);
       star_cuda::star_combine_kernel<E, Dim><<<static_cast<unsigned>(ceil_div(n, 256)), 256, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -206,8 +234,58 @@ std::tuple<at::Tensor, at::Tensor> star_attention_cuda(const at::Tensor& q_in, c
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> star_attention_backward_cuda(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& kinds, const at::Tensor& groups, const at::Tensor& plan, int64_t block_q, int64_t block_k,
+    int64_t topology, double scale) {
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  Problem pr = prepare("star_attention_backward", q_in, k_in, v_in, kinds, groups, plan, block_q, block_k,
+                       topology, scale);
+  check_backward_args(dout_in, q_in, out_in, lse, grad_lse);
+  auto dq = new_output(q_in.sizes(), q_in.options());
+  auto dk = new_output(k_in.sizes(), k_in.options());
+  auto dv = new_output(v_in.sizes(), v_in.options());
+  if (dq.numel() == 0) return {dq, dk.zero_(), dv.zero_()};
+  const auto dout = readable(dout_in), out = readable(out_in);
+  const auto lse_c = lse.contiguous();
+  const auto grad_lse_c = grad_lse ? grad_lse->contiguous() : at::Tensor();
+  auto delta = at::empty({pr.B, pr.Hq, pr.Sq}, lse_c.options());
+  star_cuda::StarParams& p = pr.p;
+  p.dout = dout.data_ptr();
+  p.do_sb = dout.stride(0), p.do_sh = dout.stride(1), p.do_ss = dout.stride(2);
+  p.o = out.data_ptr();
+  p.o_sb = out.stride(0), p.o_sh = out.stride(1), p.o_ss = out.stride(2);
+  p.lse_in = lse_c.data_ptr<float>();
+  p.grad_lse = grad_lse_c.defined() ? grad_lse_c.data_ptr<float>() : nullptr;
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch(pr.q.scalar_type(), pr.D, [&](auto elt_c, auto dim_c) {
+    constexpr Elt E = decltype(elt_c)::value;
+    constexpr int Dim = decltype(dim_c)::value;
+    using Dq = star_cuda::DqCfg<E, Dim>;
+    using Dkv = star_cuda::DkvCfg<E, Dim>;
+    const int64_t rows = pr.B * pr.Hq * pr.Sq;
+    star_cuda::star_delta_kernel<E, Dim><<<static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    static uint64_t smem_dq = 0, smem_kv = 0;
+    static std::mutex mu;
+    launch(star_cuda::star_row_kernel<Dq>, pr.B * pr.Hq * ceil_div(pr.Sq, Dq::BQ) * Dq::kOSplit, Dq::kThreads,
+           Dq::kSmemBytes, pr, stream, smem_dq, mu);
+    launch(star_cuda::star_key_kernel<Dkv>, pr.B * pr.Hkv * p.n_kt, Dkv::kThreads, Dkv::kSmemBytes, pr, stream,
+           smem_kv, mu);
+  });
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(htc, CUDA, m) { m.impl("star_attention", &star_attention_cuda); }
+TORCH_LIBRARY_IMPL(htc, CUDA, m) {
+  m.impl("star_attention", &star_attention_cuda);
+  m.impl("star_attention_backward", &star_attention_backward_cuda);
+}
 
 }  // namespace htc

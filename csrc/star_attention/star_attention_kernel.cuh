@@ -257,6 +257,17 @@ HTC_UNROLL
   for (int k = 0; k < T; ++k) a[k][3] = r[k];
 }
 
+// A compiler fence every N unrolled steps (N = 0: none). Fully unrolled loops over D let the compiler
+// hoist every load of a row ahead of its use; at large D beside D/2 accumulator registers that
+// spills. __syncwarp orders memory for the compiler, so loads stay within their group of N steps.
+// Must be reached by the whole warp (callers keep their control flow warp-uniform).
+template <int N>
+HTC_DEV void fence_every(int step) {
+  if constexpr (N > 0) {
+    if (step % N == N - 1) simt::sync_warp();
+  }
+}
+
 HTC_DEV float quad_sum(float x) {
   x += simt::shfl_xor(x, 1);
   x += simt::shfl_xor(x, 2);
@@ -389,15 +400,17 @@ HTC_DEV void stream_items(const uint8_t* line, int64_t stride, int n, int lo, in
   }
 }
 
-// 16-byte copies of `rows` rows of D elements from global (row stride `gstride`) into shared (row
-// stride LD); row r is read only when ok(r), else zero-filled.
+// 16-byte copies of `rows` rows of D elements from global (row r at base + (row0 + r) * gstride) into
+// shared (row stride LD); row r is read only when ok(r), else zero-filled (the copy then names `base`,
+// a valid address, and reads nothing).
 template <int NT, int D, int LD, class Store, class Ok>
-HTC_DEV void copy_rows(Store* dst, const Store* src, int64_t gstride, int rows, int tid, Ok&& ok) {
+HTC_DEV void copy_rows(Store* dst, const Store* base, int row0, int64_t gstride, int rows, int tid, Ok&& ok) {
   constexpr int kChunk = 16 / static_cast<int>(sizeof(Store)), kRowChunks = D / kChunk;
   for (int c = tid; c < rows * kRowChunks; c += NT) {
     const int r = c / kRowChunks, cc = c - r * kRowChunks;
     const bool use = ok(r);
-    simt::cp_async16(dst + r * LD + cc * kChunk, use ? src + r * gstride + cc * kChunk : src, use ? 16 : 0);
+    simt::cp_async16(dst + r * LD + cc * kChunk, use ? base + (row0 + r) * gstride + cc * kChunk : base,
+                     use ? 16 : 0);
   }
 }
 
@@ -430,14 +443,21 @@ HTC_DEV void zero_nonfinite_rows(typename EltT<E>::Store* s, int rows, int8_t* b
 // Query-tile kernels: the forward and the backward's dQ. One CTA of kWarps warps per (batch, query
 // head, BQ = 16 kWarps query rows[, split]); warp w owns rows 16w..16w+15, two rows per lane.
 
-template <Elt E, int D_, int BK_, int kWarps_, bool kDq_>
+// kOSplit > 1: that many CTAs per row tile, each accumulating D / kOSplit output columns (scores are
+// formed over the full D by each): halves the accumulator registers where they would not fit.
+template <Elt E, int D_, int BK_, int kWarps_, bool kDq_, int kOSplit_ = 1>
 struct RowCfg {
   static constexpr Elt kElt = E;
   using Store = typename EltT<E>::Store;
   static constexpr int kTerms = EltT<E>::kTerms;
   static constexpr bool kDq = kDq_;
   static constexpr int D = D_, BK = BK_, kWarps = kWarps_, kThreads = 32 * kWarps_, BQ = 16 * kWarps_;
-  static_assert(D % 16 == 0 && BK % 16 == 0 && BK <= 64 && 64 % BQ == 0, "tile shape");
+  static constexpr int kOSplit = kOSplit_, DO = D_ / kOSplit_;
+  // Keys per compute sub-block: the whole tile in the forward; at most 32 (16 at D >= 128) for dq,
+  // whose scores and dP are live together.
+  static constexpr int KS = !kDq_ ? BK_ : (D_ >= 128 ? 16 : (BK_ < 32 ? BK_ : 32));
+  static_assert(D % 16 == 0 && BK % 16 == 0 && BK <= 64 && 64 % BQ == 0 && DO % 16 == 0, "tile shape");
+  static_assert(KS % 16 == 0 && BK % KS == 0, "key sub-block");
   // Shared rows padded by 16 bytes (bf16/fp16) or 32 bytes (fp32): the 8 rows of an ldmatrix, and
   // the float2 fragment loads of a half-warp, hit distinct banks.
   static constexpr int kLd = D + 8;
@@ -460,15 +480,17 @@ struct RowCfg {
 // Head dims and key-tile sizes the CUDA kernels are built for (the Python backend mirrors this table:
 // htc_kernels/star_attention.py, _cuda_block_k). Plans always have 64-row query tiles.
 constexpr int fwd_block_k(Elt e, int d) {
-  if (e == Elt::kF32) return d <= 128 ? 32 : 16;
+  if (e == Elt::kF32) return 16;  // three bf16 terms per operand: small key tiles fit 255 registers
   return d <= 128 ? 64 : 32;
 }
 constexpr bool supported_head_dim(int d) { return d == 64 || d == 80 || d == 96 || d == 128 || d == 256; }
+// fp32 at D = 256: output columns in two halves (128 accumulators and three-term operands exceed 255
+// registers); the dQ kernel also keeps Q and dO tiles of 32 rows (two warps) to fit sm_80's 163 KB.
 template <Elt E, int D>
-using FwdCfg = RowCfg<E, D, fwd_block_k(E, D), 4, false>;
-// fp32 at D = 256 keeps Q and dO tiles of 32 rows (two warps) to fit sm_80's 163 KB of shared memory.
+using FwdCfg = RowCfg<E, D, fwd_block_k(E, D), 4, false, (E == Elt::kF32 && D > 128) ? 2 : 1>;
 template <Elt E, int D>
-using DqCfg = RowCfg<E, D, fwd_block_k(E, D), (E == Elt::kF32 && D > 128) ? 2 : 4, true>;
+using DqCfg = RowCfg<E, D, fwd_block_k(E, D), (E == Elt::kF32 && D > 128) ? 2 : 4, true,
+                     (E == Elt::kF32 && D > 128) ? 2 : 1>;
 
 template <class C>
 HTC_DEV void star_row_block(const StarParams& p, unsigned char* smem, int tid, int64_t bid) {
@@ -476,13 +498,20 @@ HTC_DEV void star_row_block(const StarParams& p, unsigned char* smem, int tid, i
   constexpr Elt E = C::kElt;
   constexpr bool kDq = C::kDq;
   constexpr int T = C::kTerms, D = C::D, BK = C::BK, BQ = C::BQ, LD = C::kLd, NT = C::kThreads;
-  constexpr int NF_S = BK / 8, NF_O = D / 8;
-  [[maybe_unused]] constexpr int kUnrollK = D >= 256 ? 2 : D / 16, kUnrollDot = D >= 256 ? 4 : NF_O;
+  constexpr int KS = C::KS, NF_S = KS / 8, NF_O = C::DO / 8, NF_FULL = D / 8;
+  // Unrolling limits where registers are tight (fp32 carries every operand as three bf16 terms).
+  [[maybe_unused]] constexpr int kUnrollK = E == Elt::kF32 ? 1 : (D >= 256 || (kDq && D >= 128)) ? 2 : D / 16;
+  constexpr bool kTight = E == Elt::kF32 && D >= 256;  // the most registers: 128 accumulators, 3 terms
+  [[maybe_unused]] constexpr int kUnrollDot = kTight ? 2 : (D >= 256 || E == Elt::kF32) ? 4 : NF_FULL;
+  constexpr int kFence = kTight ? 4 : (D >= 256 || E == Elt::kF32) ? 8 : 0;
+  constexpr int kFenceProd = kTight ? 1 : E == Elt::kF32 ? 2 : (D >= 256 ? 4 : 0);  // second product's loop
   const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
 
   const int n_rt = (p.Sq + BQ - 1) / BQ;  // row tiles of this kernel (BQ may be half a plan tile)
-  const int split = static_cast<int>(bid % p.n_split);
-  int64_t rest = bid / p.n_split;
+  const int o0 = static_cast<int>(bid % C::kOSplit) * C::DO;  // this CTA's output columns [o0, o0 + DO)
+  int64_t rest = bid / C::kOSplit;
+  const int split = static_cast<int>(rest % p.n_split);
+  rest /= p.n_split;
   const int rt = static_cast<int>(rest % n_rt);
   rest /= n_rt;
   const int h = static_cast<int>(rest % p.Hq);
@@ -515,10 +544,10 @@ HTC_DEV void star_row_block(const StarParams& p, unsigned char* smem, int tid, i
   // Query (and dO) rows -> shared; rows past Sq and PAD rows are zero-filled, never read: a PAD
   // row's q, and its grad_out, may hold anything (DESIGN.md §2).
   auto live_row = [&](int r) { return r0 + r < p.Sq && kin[r0 + r + p.q_off] != kPad; };
-  copy_rows<NT, D, LD>(sQ, qg + r0 * p.q_ss, p.q_ss, BQ, tid, live_row);
+  copy_rows<NT, D, LD>(sQ, qg, r0, p.q_ss, BQ, tid, live_row);
   if constexpr (kDq) {
     const Store* dog = static_cast<const Store*>(p.dout) + b * p.do_sb + h * p.do_sh;
-    copy_rows<NT, D, LD>(sDo, dog + r0 * p.do_ss, p.do_ss, BQ, tid, live_row);
+    copy_rows<NT, D, LD>(sDo, dog, r0, p.do_ss, BQ, tid, live_row);
   }
   simt::cp_async_commit();
 
@@ -555,8 +584,8 @@ HTC_UNROLL
   auto issue = [&](int entry, int /*sub*/, int st) {
     const int k0 = (entry >> 3) * BK;
     auto live_key = [&](int r) { return k0 + r < p.Skv && kin[k0 + r] != kPad; };
-    copy_rows<NT, D, LD>(sK(st), kg + k0 * p.k_ss, p.k_ss, BK, tid, live_key);
-    copy_rows<NT, D, LD>(sV(st), vg + k0 * p.v_ss, p.v_ss, BK, tid, live_key);
+    copy_rows<NT, D, LD>(sK(st), kg, k0, p.k_ss, BK, tid, live_key);
+    copy_rows<NT, D, LD>(sV(st), vg, k0, p.v_ss, BK, tid, live_key);
     if (tid < BK) {
       const int j = k0 + tid;
       sKind[st * BK + tid] = j < p.Skv ? kin[j] : static_cast<int8_t>(kPad);
@@ -596,7 +625,7 @@ HTC_UNROLL
         const Store* vrow = tV + jr * LD;
         float part = 0.f, part_dp = 0.f;
         HTC_UNROLL_N(kUnrollDot)
-        for (int n = 0; n < NF_O; ++n) {
+        for (int n = 0; n < NF_FULL; ++n) {
           const int col = n * 8 + 2 * t;
           part += to_f<E>(qrow[col]) * to_f<E>(krow[col]) + to_f<E>(qrow[col + 1]) * to_f<E>(krow[col + 1]);
           if constexpr (kDq) {
@@ -605,31 +634,35 @@ HTC_UNROLL
           }
         }
         const float s = quad_sum(part) * p.scale_log2;
+        // The updates select (rows not on the diagonal keep acc; what they read is never used), so
+        // control flow stays warp-uniform for the fences.
         if constexpr (kDq) {
           const float dpv = quad_sum(part_dp);
-          if (on) {
-            const float pr = exp2f(s - lse2[hh]);
-            const float ds = pr * (dpv - delta[hh]);
+          const float pr = exp2f(s - lse2[hh]);
+          const float ds = pr * (dpv - delta[hh]);
 HTC_UNROLL
-            for (int n = 0; n < NF_O; ++n) {
-              const int col = n * 8 + 2 * t;
-              acc[n][2 * hh] += ds * to_f<E>(krow[col]);
-              acc[n][2 * hh + 1] += ds * to_f<E>(krow[col + 1]);
-            }
+          for (int n = 0; n < NF_O; ++n) {
+            const int col = o0 + n * 8 + 2 * t;
+            const float k0v = to_f<E>(krow[col]), k1v = to_f<E>(krow[col + 1]);
+            acc[n][2 * hh] = on ? acc[n][2 * hh] + ds * k0v : acc[n][2 * hh];
+            acc[n][2 * hh + 1] = on ? acc[n][2 * hh + 1] + ds * k1v : acc[n][2 * hh + 1];
+            fence_every<kFence>(n);
           }
         } else {
           (void)part_dp;
+          const tile::RowStep u = tile::row_step(m_run[hh], s);
+          const float pr = exp2f(s - u.ref);
           if (on) {
-            const tile::RowStep u = tile::row_step(m_run[hh], s);
-            const float pr = exp2f(s - u.ref);
             l_run[hh] = l_run[hh] * u.alpha + (t == 0 ? pr : 0.f);
             m_run[hh] = u.m_new;
+          }
 HTC_UNROLL
-            for (int n = 0; n < NF_O; ++n) {
-              const int col = n * 8 + 2 * t;
-              acc[n][2 * hh] = acc[n][2 * hh] * u.alpha + pr * to_f<E>(vrow[col]);
-              acc[n][2 * hh + 1] = acc[n][2 * hh + 1] * u.alpha + pr * to_f<E>(vrow[col + 1]);
-            }
+          for (int n = 0; n < NF_O; ++n) {
+            const int col = o0 + n * 8 + 2 * t;
+            const float v0 = to_f<E>(vrow[col]), v1 = to_f<E>(vrow[col + 1]);
+            acc[n][2 * hh] = on ? acc[n][2 * hh] * u.alpha + pr * v0 : acc[n][2 * hh];
+            acc[n][2 * hh + 1] = on ? acc[n][2 * hh + 1] * u.alpha + pr * v1 : acc[n][2 * hh + 1];
+            fence_every<kFence>(n);
           }
         }
       }
@@ -644,150 +677,157 @@ HTC_UNROLL
       if (kind == kCausal) return j <= pos[hh];
       return star_allowed(pos[hh], j, rkind[hh], rgrp[hh], tKind[col], tGrp[col], p.topology);
     };
-    unsigned bits = 0;
-HTC_UNROLL
-    for (int n = 0; n < NF_S; ++n)
-HTC_UNROLL
-      for (int e4 = 0; e4 < 4; ++e4)
-        bits |= static_cast<unsigned>(allowed(e4 >> 1, n * 8 + 2 * t + (e4 & 1))) << (n * 4 + e4);
-    const bool active = simt::any_warp(bits != 0);  // does any row of this warp see this tile?
-    auto bit = [&](int n, int e4) { return ((bits >> (n * 4 + e4)) & 1u) != 0; };
 
-    // S = Q K^T (and dP = dO V^T for dq)
-    float s[NF_S][4], dp[kDq ? NF_S : 1][4];
-    if (active) {
+    // The tile in sub-blocks of KS keys (dq: fewer score and dP registers live at once); not
+    // unrolled, or the compiler interleaves the sub-blocks and the saving is gone.
+    HTC_UNROLL_N(1)
+    for (int c0 = 0; c0 < BK; c0 += KS) {
+      unsigned bits = 0;
 HTC_UNROLL
       for (int n = 0; n < NF_S; ++n)
 HTC_UNROLL
-        for (int e4 = 0; e4 < 4; ++e4) {
-          s[n][e4] = 0.f;
-          if constexpr (kDq) dp[n][e4] = 0.f;
-        }
-      // Partial unrolling at large D: a fully unrolled k loop keeps many fragments in flight, which
-      // at D = 256 (128 accumulator registers) pushes the kernel past 255 registers.
-      HTC_UNROLL_N(kUnrollK)
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[T][4], ad[T][4];
-        load_a<E>(a, sQ, LD, warp * 16, kk * 16, lane);
-        if constexpr (kDq) load_a<E>(ad, sDo, LD, warp * 16, kk * 16, lane);
-HTC_UNROLL
-        for (int np = 0; np < NF_S / 2; ++np) {
-          uint32_t b0[T][2], b1[T][2];
-          load_b_nk<E>(b0, b1, tK, LD, np * 16, kk * 16, lane);
-          mma_terms<E>(s[2 * np], a, b0);
-          mma_terms<E>(s[2 * np + 1], a, b1);
-          if constexpr (kDq) {
-            load_b_nk<E>(b0, b1, tV, LD, np * 16, kk * 16, lane);
-            mma_terms<E>(dp[2 * np], ad, b0);
-            mma_terms<E>(dp[2 * np + 1], ad, b1);
-          }
-        }
-      }
-      if constexpr (kDq) {
-        // dS = P (dP - delta), P = exp2(s - lse2); masked pairs are 0 by select.
+        for (int e4 = 0; e4 < 4; ++e4)
+          bits |= static_cast<unsigned>(allowed(e4 >> 1, c0 + n * 8 + 2 * t + (e4 & 1))) << (n * 4 + e4);
+      simt::opaque(bits);  // one register across the MMAs, not its ingredients (spills otherwise)
+      const bool active = simt::any_warp(bits != 0);  // does any row of this warp see these keys?
+      auto bit = [&](int n, int e4) { return ((bits >> (n * 4 + e4)) & 1u) != 0; };
+
+      // S = Q K^T (and dP = dO V^T for dq) over the sub-block's keys
+      float s[NF_S][4], dp[kDq ? NF_S : 1][4];
+      if (active) {
 HTC_UNROLL
         for (int n = 0; n < NF_S; ++n)
 HTC_UNROLL
           for (int e4 = 0; e4 < 4; ++e4) {
-            const int hh = e4 >> 1;
-            const float pr = exp2f(s[n][e4] * p.scale_log2 - lse2[hh]);
-            s[n][e4] = bit(n, e4) ? pr * (dp[n][e4] - delta[hh]) : 0.f;
+            s[n][e4] = 0.f;
+            if constexpr (kDq) dp[n][e4] = 0.f;
           }
-      } else {
-        // Online softmax (log2 domain); masked scores never reach exp or a product.
+        // Partial unrolling at large D: a fully unrolled k loop keeps many fragments in flight, which
+        // at D = 256 (128 accumulator registers) pushes the kernel past 255 registers.
+        HTC_UNROLL_N(kUnrollK)
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t a[T][4], ad[T][4];
+          load_a<E>(a, sQ, LD, warp * 16, kk * 16, lane);
+          if constexpr (kDq) load_a<E>(ad, sDo, LD, warp * 16, kk * 16, lane);
 HTC_UNROLL
-        for (int hh = 0; hh < 2; ++hh) {
-          float mx = tile::neg_inf();
+          for (int np = 0; np < NF_S / 2; ++np) {
+            uint32_t b0[T][2], b1[T][2];
+            load_b_nk<E>(b0, b1, tK, LD, c0 + np * 16, kk * 16, lane);
+            mma_terms<E>(s[2 * np], a, b0);
+            mma_terms<E>(s[2 * np + 1], a, b1);
+            if constexpr (kDq) {
+              load_b_nk<E>(b0, b1, tV, LD, c0 + np * 16, kk * 16, lane);
+              mma_terms<E>(dp[2 * np], ad, b0);
+              mma_terms<E>(dp[2 * np + 1], ad, b1);
+            }
+          }
+        }
+        if constexpr (kDq) {
+          // dS = P (dP - delta), P = exp2(s - lse2); masked pairs are 0 by select.
 HTC_UNROLL
           for (int n = 0; n < NF_S; ++n)
 HTC_UNROLL
-            for (int c = 0; c < 2; ++c) {
-              const int e4 = 2 * hh + c;
-              const float x = bit(n, e4) ? s[n][e4] * p.scale_log2 : tile::neg_inf();
-              s[n][e4] = x;
-              mx = fmaxf(mx, x);
+            for (int e4 = 0; e4 < 4; ++e4) {
+              const int hh = e4 >> 1;
+              const float pr = exp2f(s[n][e4] * p.scale_log2 - lse2[hh]);
+              s[n][e4] = bit(n, e4) ? pr * (dp[n][e4] - delta[hh]) : 0.f;
             }
-          const tile::RowStep u = tile::row_step(m_run[hh], quad_max(mx));
-          float sum = 0.f;
+        } else {
+          // Online softmax (log2 domain); masked scores never reach exp or a product.
 HTC_UNROLL
-          for (int n = 0; n < NF_S; ++n)
+          for (int hh = 0; hh < 2; ++hh) {
+            float mx = tile::neg_inf();
 HTC_UNROLL
-            for (int c = 0; c < 2; ++c) {
-              const int e4 = 2 * hh + c;
-              const float pr = bit(n, e4) ? exp2f(s[n][e4] - u.ref) : 0.f;
-              s[n][e4] = pr;
-              sum += pr;
+            for (int n = 0; n < NF_S; ++n)
+HTC_UNROLL
+              for (int c = 0; c < 2; ++c) {
+                const int e4 = 2 * hh + c;
+                const float x = bit(n, e4) ? s[n][e4] * p.scale_log2 : tile::neg_inf();
+                s[n][e4] = x;
+                mx = fmaxf(mx, x);
+              }
+            const tile::RowStep u = tile::row_step(m_run[hh], quad_max(mx));
+            float sum = 0.f;
+HTC_UNROLL
+            for (int n = 0; n < NF_S; ++n)
+HTC_UNROLL
+              for (int c = 0; c < 2; ++c) {
+                const int e4 = 2 * hh + c;
+                const float pr = bit(n, e4) ? exp2f(s[n][e4] - u.ref) : 0.f;
+                s[n][e4] = pr;
+                sum += pr;
+              }
+            l_run[hh] = l_run[hh] * u.alpha + sum;
+            m_run[hh] = u.m_new;
+HTC_UNROLL
+            for (int n = 0; n < NF_O; ++n) {
+              acc[n][2 * hh] *= u.alpha;
+              acc[n][2 * hh + 1] *= u.alpha;
             }
-          l_run[hh] = l_run[hh] * u.alpha + sum;
-          m_run[hh] = u.m_new;
+          }
+        }
+      }
+
+      // The right factor of the second product: V (forward) or K (dq). For dq, the sub-block's
+      // non-finite K rows are zeroed only now that every warp has used them for its scores.
+      Store* tR = kDq ? tK : tV;
+      if (kDq && any_bad) {
+        simt::sync_block();
+        zero_nonfinite_rows<E, D, LD>(tK + c0 * LD, KS, sBad + c0, tid);
+        simt::sync_block();
+      }
+      if (!active) continue;
+
+      if (any_bad) {
+        // Exact contribution of the zeroed non-finite rows of the right factor, to the rows allowed
+        // to attend them (before the product: s is then consumed by it, not kept alive across it).
+        const Store* rg = kDq ? kg : vg;
+        const int64_t rs = kDq ? p.k_ss : p.v_ss;
+        for (int jl = 0; jl < KS && c0 + jl < nk; ++jl) {
+          const int j = c0 + jl;
+          if (!sBad[j]) continue;
+          // The coefficient of (row, j) is held by lane (g, (jl%8)/2) in fragment jl/8. Shuffle every
+          // fragment's candidate and select after the shuffle: selecting a register by a run-time
+          // index first would move s[][] to local memory.
+          float pj[2] = {0.f, 0.f};
+          const int owner = (lane & ~3) | ((jl & 7) >> 1);
+HTC_UNROLL
+          for (int n = 0; n < NF_S; ++n) {
+            const float q0 = simt::shfl_idx((jl & 1) ? s[n][1] : s[n][0], owner);
+            const float q1 = simt::shfl_idx((jl & 1) ? s[n][3] : s[n][2], owner);
+            pj[0] = n == (jl >> 3) ? q0 : pj[0];
+            pj[1] = n == (jl >> 3) ? q1 : pj[1];
+          }
+          const Store* row = rg + static_cast<int64_t>(k0 + j) * rs;
+          // Select, not multiply: a row that may not attend j adds exactly 0. Control flow stays
+          // warp-uniform (for the fences below).
+          const bool ok0 = allowed(0, j), ok1 = allowed(1, j);
 HTC_UNROLL
           for (int n = 0; n < NF_O; ++n) {
-            acc[n][2 * hh] *= u.alpha;
-            acc[n][2 * hh + 1] *= u.alpha;
+            const int col = o0 + n * 8 + 2 * t;
+            const float v0 = to_f<E>(row[col]), v1 = to_f<E>(row[col + 1]);
+            acc[n][0] += ok0 ? pj[0] * v0 : 0.f;
+            acc[n][1] += ok0 ? pj[0] * v1 : 0.f;
+            acc[n][2] += ok1 ? pj[1] * v0 : 0.f;
+            acc[n][3] += ok1 ? pj[1] * v1 : 0.f;
+            fence_every<8>(n);
           }
         }
       }
-    }
 
-    // The right factor of the second product: V (forward) or K (dq). For dq, non-finite K rows are
-    // zeroed only now that every warp has used K for its scores.
-    Store* tR = kDq ? tK : tV;
-    if (kDq && any_bad) {
-      simt::sync_block();
-      zero_nonfinite_rows<E, D, LD>(tK, BK, sBad, tid);
-      simt::sync_block();
-    }
-    if (!active) return;
-
-    if (any_bad) {
-      // Exact contribution of the zeroed non-finite rows of the right factor, to the rows allowed
-      // to attend them (before the product: s is then consumed by it, not kept alive across it).
-      const Store* rg = kDq ? kg : vg;
-      const int64_t rs = kDq ? p.k_ss : p.v_ss;
-      for (int j = 0; j < nk; ++j) {
-        if (!sBad[j]) continue;
-        // The coefficient of (row, j) is held by lane (g, (j%8)/2) in fragment j/8. Shuffle every
-        // fragment's candidate and select after the shuffle: selecting a register by a run-time
-        // index first would move s[][] to local memory.
-        float pj[2] = {0.f, 0.f};
-        const int owner = (lane & ~3) | ((j & 7) >> 1);
+      // acc += P V (forward) or dS K (dq) over the sub-block's keys
 HTC_UNROLL
-        for (int n = 0; n < NF_S; ++n) {
-          const float c0 = simt::shfl_idx((j & 1) ? s[n][1] : s[n][0], owner);
-          const float c1 = simt::shfl_idx((j & 1) ? s[n][3] : s[n][2], owner);
-          pj[0] = n == (j >> 3) ? c0 : pj[0];
-          pj[1] = n == (j >> 3) ? c1 : pj[1];
+      for (int kk = 0; kk < KS / 16; ++kk) {
+        uint32_t a[T][4];
+        pack_a_from_c<E>(a, s[2 * kk], s[2 * kk + 1]);
+HTC_UNROLL
+        for (int np = 0; np < NF_O / 2; ++np) {
+          uint32_t b0[T][2], b1[T][2];
+          load_b_kn<E>(b0, b1, tR, LD, c0 + kk * 16, o0 + np * 16, lane);
+          mma_terms<E>(acc[2 * np], a, b0);
+          mma_terms<E>(acc[2 * np + 1], a, b1);
+          fence_every<kFenceProd>(np);
         }
-        const Store* row = rg + static_cast<int64_t>(k0 + j) * rs;
-        // Select, not multiply: a row that may not attend j adds exactly 0. Control flow stays
-        // warp-uniform (for the fences below).
-        const bool ok0 = allowed(0, j), ok1 = allowed(1, j);
-HTC_UNROLL
-        for (int n = 0; n < NF_O; ++n) {
-          const int col = n * 8 + 2 * t;
-          const float v0 = to_f<E>(row[col]), v1 = to_f<E>(row[col + 1]);
-          acc[n][0] += ok0 ? pj[0] * v0 : 0.f;
-          acc[n][1] += ok0 ? pj[0] * v1 : 0.f;
-          acc[n][2] += ok1 ? pj[1] * v0 : 0.f;
-          acc[n][3] += ok1 ? pj[1] * v1 : 0.f;
-          // A compiler fence every 8 fragments: hoisting all loads of the row ahead of their use
-          // would need D more registers beside the D/2 accumulators (spills at D = 256).
-          if (n % 8 == 7) simt::sync_warp();
-        }
-      }
-    }
-
-    // acc += P V (forward) or dS K (dq)
-HTC_UNROLL
-    for (int kk = 0; kk < BK / 16; ++kk) {
-      uint32_t a[T][4];
-      pack_a_from_c<E>(a, s[2 * kk], s[2 * kk + 1]);
-HTC_UNROLL
-      for (int np = 0; np < NF_O / 2; ++np) {
-        uint32_t b0[T][2], b1[T][2];
-        load_b_kn<E>(b0, b1, tR, LD, kk * 16, np * 16, lane);
-        mma_terms<E>(acc[2 * np], a, b0);
-        mma_terms<E>(acc[2 * np + 1], a, b1);
       }
     }
   };
@@ -823,7 +863,7 @@ HTC_UNROLL
       Store* srow = sQ + (warp * 16 + g + 8 * hh) * LD;
 HTC_UNROLL
       for (int n = 0; n < NF_O; ++n) {
-        const int col = n * 8 + 2 * t;
+        const int col = o0 + n * 8 + 2 * t;
         // Rows past Sq and PAD rows: exact zeros by select (a factor 0 would keep a NaN).
         srow[col] = from_f<E>(alive[hh] ? acc[n][2 * hh] * inv[hh] : 0.f);
         srow[col + 1] = from_f<E>(alive[hh] ? acc[n][2 * hh + 1] * inv[hh] : 0.f);
@@ -831,15 +871,16 @@ HTC_UNROLL
     }
     simt::sync_warp();
     Store* out = static_cast<Store*>(kDq ? p.dq : p.out);
-    for (int c = lane; c < 16 * C::kRowChunks; c += 32) {
-      const int r = c / C::kRowChunks, cc = c % C::kRowChunks, i = r0 + warp * 16 + r;
-      if (i < p.Sq) simt::copy16(out + (row_base + i) * D + cc * C::kChunk, sQ + (warp * 16 + r) * LD + cc * C::kChunk);
+    constexpr int kOutChunks = C::DO / C::kChunk;
+    for (int c = lane; c < 16 * kOutChunks; c += 32) {
+      const int r = c / kOutChunks, col = o0 + (c % kOutChunks) * C::kChunk, i = r0 + warp * 16 + r;
+      if (i < p.Sq) simt::copy16(out + (row_base + i) * D + col, sQ + (warp * 16 + r) * LD + col);
     }
     if constexpr (!kDq) {
 HTC_UNROLL
       for (int hh = 0; hh < 2; ++hh) {
         const int i = r0 + warp * 16 + g + 8 * hh;
-        if (t == 0 && i < p.Sq) p.lse[row_base + i] = lse[hh];
+        if (t == 0 && o0 == 0 && i < p.Sq) p.lse[row_base + i] = lse[hh];
       }
     }
   } else {
@@ -851,11 +892,11 @@ HTC_UNROLL
       float* orow = p.o_part + (part + row_base + i) * D;
 HTC_UNROLL
       for (int n = 0; n < NF_O; ++n) {
-        const int col = n * 8 + 2 * t;
+        const int col = o0 + n * 8 + 2 * t;
         orow[col] = alive[hh] ? acc[n][2 * hh] * inv[hh] : 0.f;
         orow[col + 1] = alive[hh] ? acc[n][2 * hh + 1] * inv[hh] : 0.f;
       }
-      if (t == 0) p.lse_part[part + row_base + i] = lse[hh];
+      if (t == 0 && o0 == 0) p.lse_part[part + row_base + i] = lse[hh];
     }
   }
 }
@@ -872,9 +913,12 @@ struct KeyCfg {
   static constexpr Elt kElt = E;
   using Store = typename EltT<E>::Store;
   static constexpr int kTerms = EltT<E>::kTerms;
-  static constexpr int D = D_, BK = BK_, QS = QS_, kThreads = 128, kWarps = 4;
-  static constexpr int kKeyGroups = BK / 16, kDSplit = kWarps / kKeyGroups, DS = D / kDSplit;
-  static_assert(BK % 16 == 0 && kWarps % kKeyGroups == 0 && D % kDSplit == 0 && DS % 8 == 0, "tile shape");
+  // Up to 4 warps: BK/16 key groups x kDSplit slices of D (slices of whole 8-column fragments).
+  static constexpr int D = D_, BK = BK_, QS = QS_;
+  static constexpr int kKeyGroups = BK / 16;
+  static constexpr int kDSplit = 4 / kKeyGroups >= 4 && D % 32 == 0 ? 4 : (4 / kKeyGroups >= 2 && D % 16 == 0 ? 2 : 1);
+  static constexpr int kWarps = kKeyGroups * kDSplit, kThreads = 32 * kWarps, DS = D / kDSplit;
+  static_assert(BK % 16 == 0 && kWarps <= 4 && DS % 8 == 0, "tile shape");
   static_assert(QS % 16 == 0 && 64 % QS == 0, "query sub-tile");
   static constexpr int kLd = D + 8;
   static constexpr int kChunk = 16 / static_cast<int>(sizeof(Store));
@@ -890,8 +934,9 @@ struct KeyCfg {
   static constexpr size_t kOffCounts = kOffList + kListWindow * sizeof(int);
   static constexpr size_t kSmemBytes = kOffCounts + 16 * sizeof(int);
 };
+// Query sub-tiles of 16 rows where registers are tight (fp32's three-term operands; D >= 96).
 template <Elt E, int D>
-using DkvCfg = KeyCfg<E, D, fwd_block_k(E, D), (E == Elt::kF32 && D > 128) ? 16 : 32>;
+using DkvCfg = KeyCfg<E, D, fwd_block_k(E, D), (E == Elt::kF32 || D >= 96) ? 16 : 32>;
 
 template <class C>
 HTC_DEV void star_key_block(const StarParams& p, unsigned char* smem, int tid, int64_t bid) {
@@ -900,7 +945,8 @@ HTC_DEV void star_key_block(const StarParams& p, unsigned char* smem, int tid, i
   constexpr int T = C::kTerms, D = C::D, BK = C::BK, QS = C::QS, LD = C::kLd, NT = C::kThreads;
   constexpr int DS = C::DS, NF_Q = QS / 8, NF_D = DS / 8, NF_FULL = D / 8;
   const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  [[maybe_unused]] constexpr int kUnrollK = D >= 256 ? 2 : D / 16;
+  [[maybe_unused]] constexpr int kUnrollK = E == Elt::kF32 ? 1 : D >= 128 ? 2 : D / 16;
+  constexpr int kFenceProd = E == Elt::kF32 ? 2 : 0;
   const int kgrp = warp / C::kDSplit, d0 = (warp % C::kDSplit) * DS;
 
   const int kt = static_cast<int>(bid % p.n_kt);
@@ -929,8 +975,8 @@ HTC_DEV void star_key_block(const StarParams& p, unsigned char* smem, int tid, i
   const Store* kg = static_cast<const Store*>(p.k) + b * p.k_sb + hk * p.k_sh;
   const Store* vg = static_cast<const Store*>(p.v) + b * p.v_sb + hk * p.v_sh;
   auto live_key = [&](int r) { return k0 + r < p.Skv && kin[k0 + r] != kPad; };
-  copy_rows<NT, D, LD>(sK, kg + k0 * p.k_ss, p.k_ss, BK, tid, live_key);
-  copy_rows<NT, D, LD>(sV, vg + k0 * p.v_ss, p.v_ss, BK, tid, live_key);
+  copy_rows<NT, D, LD>(sK, kg, k0, p.k_ss, BK, tid, live_key);
+  copy_rows<NT, D, LD>(sV, vg, k0, p.v_ss, BK, tid, live_key);
   simt::cp_async_commit();
 
   // This lane's two keys: kgrp*16 + g (+8) of the tile.
@@ -963,8 +1009,8 @@ HTC_UNROLL
     auto issue = [&](int entry, int sub, int st) {
       const int i0 = (entry >> 3) * 64 + sub * QS;
       auto live = [&](int r) { return i0 + r < p.Sq && kin[i0 + r + p.q_off] != kPad; };
-      copy_rows<NT, D, LD>(sQ(st), qg + i0 * p.q_ss, p.q_ss, QS, tid, live);
-      copy_rows<NT, D, LD>(sDo(st), dog + i0 * p.do_ss, p.do_ss, QS, tid, live);
+      copy_rows<NT, D, LD>(sQ(st), qg, i0, p.q_ss, QS, tid, live);
+      copy_rows<NT, D, LD>(sDo(st), dog, i0, p.do_ss, QS, tid, live);
       if (tid < QS) {
         const int i = i0 + tid;
         const bool in = i < p.Sq;
@@ -1039,6 +1085,7 @@ HTC_UNROLL
 HTC_UNROLL
         for (int e4 = 0; e4 < 4; ++e4)
           bits |= static_cast<unsigned>(allowed(e4 >> 1, n * 8 + 2 * t + (e4 & 1))) << (n * 4 + e4);
+      simt::opaque(bits);  // one register across the MMAs, not its ingredients (spills otherwise)
       if (!simt::any_warp(bits != 0)) return;
 
       // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys (full D).
@@ -1089,6 +1136,7 @@ HTC_UNROLL
           load_b_kn<E>(b0, b1, tQ, LD, kk * 16, d0 + np * 16, lane);
           mma_terms<E>(dk[2 * np], as, b0);
           mma_terms<E>(dk[2 * np + 1], as, b1);
+          fence_every<kFenceProd>(np);
         }
         if constexpr (NF_D % 2 == 1) {  // an odd number of 8-column fragments in the slice
           uint32_t b0[T][2];
@@ -1175,7 +1223,7 @@ HTC_UNROLL
 
 #if defined(__CUDACC__)
 // The __global__ entry points (1-D grids; the bodies above take thread and block indices).
-// Forward (C = FwdCfg) and dQ (C = DqCfg): grid B * Hq * ceil(Sq / C::BQ) [* n_split].
+// Forward (C = FwdCfg) and dQ (C = DqCfg): grid B * Hq * ceil(Sq / C::BQ) * n_split * C::kOSplit.
 template <class C>
 __global__ void __launch_bounds__(C::kThreads, 1) star_row_kernel(const StarParams p) {
   extern __shared__ __align__(16) unsigned char smem[];

@@ -358,6 +358,7 @@ inline unsigned ballot(int pred) {
 }
 inline bool any_warp(int pred) { return ballot(pred) != 0; }
 inline int popc(unsigned x) { return __builtin_popcount(x); }
+inline void opaque(unsigned&) {}
 
 inline void copy16(void* dst, const void* src) { std::memcpy(dst, src, 16); }
 inline U128 load16(const void* src) {
