@@ -129,6 +129,57 @@ class _TritonStar(Backend):
         return out
 
 
+# The CUDA kernels' head dims and key-tile sizes (csrc/star_attention/star_attention_kernel.cuh:
+# supported_head_dim, fwd_block_k; the op refuses plans built with other block sizes).
+_CUDA_HEAD_DIMS = (64, 80, 96, 128, 256)
+
+
+def _cuda_block_k(dtype: torch.dtype, head_dim: int) -> int:
+    if dtype == torch.float32:
+        return 16  # three bf16 terms per operand: small key tiles keep the kernel within 255 registers
+    return 64 if head_dim <= 128 else 32
+
+
+class _CudaStar(Backend):
+    """The CUDA C++ kernel (csrc/star_attention/star_attention_cuda.cu): mma.sync tensor cores
+    (fp32 as three bf16 terms), sm_80+, head dims 64/80/96/128/256; block_q 64, block_k by dtype
+    and head dim."""
+
+    name = "cuda"
+    block_q = 64
+
+    def not_supported_reasons(self, q, k, v, layout):
+        reasons = compiled_reasons(q, "cuda")
+        d = q.shape[-1]
+        if d not in _CUDA_HEAD_DIMS:
+            dims = ", ".join(map(str, _CUDA_HEAD_DIMS))
+            reasons.append(f"head dim {d} not supported by the CUDA kernel ({dims})")
+        if q.device.type == "cuda" and torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(q.device)
+            if major < 8:
+                reasons.append(
+                    f"GPU compute capability {major}.{minor} < 8.0 (the kernel needs sm_80+ tensor cores)"
+                )
+        return reasons
+
+    def __call__(self, q, k, v, layout, scale):
+        block_k = _cuda_block_k(q.dtype, q.shape[-1])
+        plan = layout.plan(q.shape[2], self.block_q, block_k)
+        out, _ = torch.ops.htc.star_attention(
+            q,
+            k,
+            v,
+            layout.kinds,
+            layout.groups,
+            plan,
+            self.block_q,
+            block_k,
+            layout.topology_id,
+            scale,
+        )
+        return out
+
+
 _TRITON_STAR = None
 _TRITON_STAR_ERROR: str | None = None
 
@@ -163,22 +214,10 @@ def _triton_tile_lists(layout: StarLayout, q_len: int, block_q: int, block_k: in
     return lists
 
 
-class _NotYet(Backend):
-    """A backend named in the API whose kernel for this family has not landed yet."""
-
-    def __init__(self, name: str, issue: str):
-        self.name = name
-        self._issue = issue
-
-    def not_supported_reasons(self, q, k, v, layout):
-        return [f"the {self.name} star_attention kernel is not implemented yet ({self._issue})"]
-
-
-# "auto" takes the first backend that can run. CPU tensors: the C++ kernel. CUDA tensors: Triton before
-# the reference; where the CUDA C++ kernel goes (issue 8: the one measured faster per arch) is decided
-# when it lands.
-_STAR_CPU_ORDER = (_CpuStar(), _ReferenceStar(), _TritonStar(), _NotYet("cuda", "GPU backends"))
-_STAR_GPU_ORDER = (_TritonStar(), _ReferenceStar(), _CpuStar(), _NotYet("cuda", "GPU backends"))
+# "auto" takes the first backend that can run. CPU tensors: the C++ kernel. CUDA tensors: see
+# _STAR_GPU_ORDER.
+_STAR_CPU_ORDER = (_CpuStar(), _ReferenceStar(), _TritonStar(), _CudaStar())
+_STAR_GPU_ORDER = (_TritonStar(), _CudaStar(), _ReferenceStar(), _CpuStar())
 
 
 def star_attention(

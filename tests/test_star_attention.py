@@ -32,21 +32,26 @@ INTERPRETED = TRITON_DEVICE.type == "cpu"  # Triton cases run in the interpreter
 
 needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"extension not loaded: {_ext.LOAD_ERROR}")
 needs_triton = pytest.mark.skipif(bool(TRITON_WHY_NOT), reason=f"Triton cannot run here: {TRITON_WHY_NOT}")
-MARKS = {"cpu": needs_ext, "triton": needs_triton}
+# "cuda" needs a GPU; without one it is still compiled and its kernels run on the host SIMT emulator in
+# ctest (csrc/tests/test_star_cuda_kernels.cpp).
+NO_GPU = "no CUDA device: the CUDA backend is compiled (and emulated in ctest) but cannot run here"
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+CUDA_HEAD_DIMS = (64, 80, 96, 128, 256)
+MARKS = {"cpu": needs_ext, "triton": needs_triton, "cuda": needs_gpu}
 BACKENDS = [pytest.param(name, marks=mark) for name, mark in MARKS.items()]
 
 
 def per_backend(cpu_values, triton_values):
     """(backend, value) cases: every value for the C++ kernel, ``triton_values`` for Triton when it
     runs in the interpreter (all of ``cpu_values`` on a GPU)."""
-    values = {"cpu": cpu_values, "triton": triton_values if INTERPRETED else cpu_values}
+    values = {"cpu": cpu_values, "triton": triton_values if INTERPRETED else cpu_values, "cuda": cpu_values}
     return [
         pytest.param(name, x, marks=MARKS[name], id=f"{name}-{x}") for name in MARKS for x in values[name]
     ]
 
 
 def device_of(backend: str) -> torch.device:
-    return TRITON_DEVICE if backend == "triton" else torch.device("cpu")
+    return {"triton": TRITON_DEVICE, "cuda": torch.device("cuda")}.get(backend, torch.device("cpu"))
 
 
 def small(backend: str) -> bool:
@@ -79,6 +84,8 @@ def make_qkv(b, hq, hkv, sq, skv, d, dtype, noncontig=False, device="cpu"):
 def check(q, k, v, layout, scale=None, grads=True, backend="cpu"):
     """Forward and all three gradients of ``backend`` vs the float64 reference; low precision vs the
     same math in that dtype (error <= 2x PyTorch's own error in that dtype, plus a small floor)."""
+    if backend == "cuda" and q.shape[-1] not in CUDA_HEAD_DIMS:
+        pytest.skip(f"head dim {q.shape[-1]} is not one the CUDA kernel is built for {CUDA_HEAD_DIMS}")
     layout = layout.to(q.device)
     q, k, v = [x.detach().requires_grad_(grads) for x in (q, k, v)]
     out = hk.star_attention(q, k, v, layout, scale=scale, backend=backend)
@@ -391,7 +398,7 @@ def bad_inputs():
     yield "Sq", (torch.randn(1, 4, 9, 16), k, v, layout), {}
     yield "must be a StarLayout", (q, k, v, llava_kinds()), {}
     yield "unknown backend 'gpu'", (q, k, v, layout), {"backend": "gpu"}
-    yield "not implemented yet", (q, k, v, layout), {"backend": "cuda"}
+    yield "not a CUDA device", (q, k, v, layout), {"backend": "cuda"}
     yield (
         "dtype torch.float64 not supported",
         (q.double(), k.double(), v.double(), layout),
@@ -635,3 +642,97 @@ def test_triton_interpreter_subprocess():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "triton-interpreted-ok" in out.stdout
+
+
+def test_cuda_backend_refuses_cpu_tensors_and_says_why():
+    layout = hk.StarLayout(llava_kinds(prefix=2, visual=3, voco=1, suffix=2))
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 64, torch.float32)
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run this call: .*not a CUDA device") as info:
+        hk.star_attention(q, k, v, layout, backend="cuda")
+    assert "Backends that can: ['cpu', 'reference'" in str(info.value)
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 48, torch.float32)
+    with pytest.raises(ValueError, match="head dim 48 not supported by the CUDA kernel"):
+        hk.star_attention(q, k, v, layout, backend="cuda")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", CUDA_HEAD_DIMS)
+def test_cuda_head_dims(dtype, d):
+    layout = hk.StarLayout(
+        random_kinds(40 + d, batch=2, max_visual=90), topology="group" if d % 3 else "star"
+    )
+    q, k, v = make_qkv(2, 4, 2, layout.seq_len, layout.seq_len, d, dtype, noncontig=d == 80)
+    check(q, k, v, layout, backend="cuda")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_masked_keys_and_values_are_never_read(dtype):
+    """NaN/Inf in keys/values a query may not attend, and in grad_out at PAD rows, change nothing."""
+    rows = [[T] * 3 + [V] * 70 + [C] + [T] * 9, [T] * 2 + [V] * 30 + [C] + [T] * 4]
+    layout = hk.StarLayout(pad_batch(rows, "left")).to("cuda")
+    s = layout.seq_len
+    q, k, v = [x.cuda() for x in make_qkv(2, 4, 2, s, s, 64, dtype)]
+    kinds = layout.kinds.cpu()
+    # poison: PAD keys, every VISUAL key and the last TEXT key
+    bad = (kinds == P) | (kinds == V)
+    bad[:, -1] = True
+    kp, vp = k.clone(), v.clone()
+    for b in range(2):
+        idx = bad[b].nonzero().flatten().cuda()
+        kp[b][:, idx] = float("nan")
+        vp[b][:, idx] = float("inf")
+    mask = hk.star_mask(layout).cpu()  # [B, Sq, Skv]
+    clean_rows = ~(mask & bad[:, None, :]).any(-1)  # rows that attend no poisoned key
+    ref = hk.star_attention(q, k, v, layout, backend="cuda")
+    out = hk.star_attention(q, kp, vp, layout, backend="cuda")
+    rows_ok = clean_rows[:, None, :, None].expand_as(out.cpu())
+    assert torch.equal(out.cpu()[rows_ok], ref.cpu()[rows_ok])
+    # grad_out at PAD rows never reaches any gradient
+    qg, kg, vg = [x.detach().requires_grad_() for x in (q, k, v)]
+    g = torch.randn_like(q)
+    hk.star_attention(qg, kg, vg, layout, backend="cuda").backward(g)
+    grads = [x.grad.clone() for x in (qg, kg, vg)]
+    pad = (layout.kinds == P)[:, None, :, None].expand_as(g)
+    g2 = g.masked_fill(pad, float("nan"))
+    for x in (qg, kg, vg):
+        x.grad = None
+    hk.star_attention(qg, kg, vg, layout, backend="cuda").backward(g2)
+    for before, x in zip(grads, (qg, kg, vg)):
+        assert torch.equal(before, x.grad)
+
+
+@needs_gpu
+def test_cuda_opcheck_lse_and_split_k():
+    """The raw op: opcheck, lse against float64, and decode shapes that take the split-K path."""
+    layout = hk.StarLayout(random_kinds(5, batch=2, max_visual=150)).to("cuda")
+    s = layout.seq_len
+    q, k, v = [x.cuda().requires_grad_() for x in make_qkv(2, 4, 2, s, s, 64, torch.float32)]
+    plan = layout.plan(s, 64, 16)  # the CUDA kernel's tiles for fp32
+    args = (layout.kinds, layout.groups, plan, 64, 16, layout.topology_id, 0.25)
+    torch.library.opcheck(torch.ops.htc.star_attention, (q, k, v, *args))
+    out, lse = torch.ops.htc.star_attention(q, k, v, *args)
+    grad_lse = torch.randn_like(lse)
+    torch.library.opcheck(
+        torch.ops.htc.star_attention_backward,
+        (
+            torch.randn_like(out),
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            out.detach(),
+            lse.detach(),
+            grad_lse,
+            *args,
+        ),
+    )
+    mask = hk.star_mask(layout)[:, None]
+    sc = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * 0.25
+    ref_lse = torch.logsumexp(sc.masked_fill(~mask, float("-inf")), -1)
+    live = torch.isfinite(ref_lse)
+    assert torch.equal(live, torch.isfinite(lse))
+    assert rel(lse[live], ref_lse[live]) < 1e-5
+    for q_len in (1, 3):  # B*H*n_qt = 8 CTAs: split-K over the key tiles
+        qd = q[:, :, -q_len:].detach()
+        check(qd, k.detach(), v.detach(), layout, backend="cuda")

@@ -1,0 +1,1250 @@
+// CUDA star attention, torch-free (DESIGN.md §2, §4): the kernel bodies, written against
+// common/simt.h so that nvcc compiles them for sm_80/sm_90 and the ctests run the same source on the
+// host emulator (csrc/tests/simt_emulator.h). Included by star_attention_cuda.cu (torch glue), by the
+// standalone ptxas report (csrc/tests/cuda_standalone.cu) and by csrc/tests/test_star_cuda_kernels.cpp.
+//
+// Forward (FlashAttention-2 structure, block plan driven):
+//  - one CTA of 4 warps per (batch, query head, 64-row query tile[, split]); warp w owns rows
+//    16w..16w+15, two rows per lane in the mma.m16n8k16 accumulator layout;
+//  - the plan row of the tile is compacted in shared memory into the list of non-SKIP key tiles
+//    (in windows of 256 entries), so skipped tiles cost one byte read and are never loaded;
+//  - K/V tiles of BK keys stream through a 2-stage cp.async pipeline (16-byte copies, rows of PAD keys
+//    and past the end zero-filled: never read);
+//  - FULL/CAUSAL/MASKED tiles: S = Q K^T and O += P V on tensor cores (bf16/fp16 operands; fp32 inputs
+//    as three bf16 terms, star_tile_math.h), the mask applied per element by select (star_allowed
+//    for MASKED), online softmax in registers; a warp whose rows see nothing in the tile skips it;
+//  - DIAG tiles (visual rows that attend only themselves): a row-wise dot on CUDA cores, one quad of
+//    lanes per row, no MMA;
+//  - "masked means never read": masked scores are replaced (select), PAD query rows are zero-filled on
+//    load, and in CAUSAL/MASKED tiles a V row holding Inf/NaN is zeroed in shared memory before the
+//    P V product (0 * NaN would leak into every row) and added back exactly, from global memory, only
+//    to the rows allowed to attend it;
+//  - split-K (decode, small B*H): CTA `split` of n_split takes a contiguous share of the tile list
+//    (balanced by count) and writes a normalised fp32 partial and its lse; star_combine_thread merges
+//    them in split order (deterministic).
+//
+// Backward (deterministic, no atomics; the same plan, read row-wise for dQ and column-wise for dK/dV):
+//  - star_delta_warp: delta = dO.O - grad_lse per live row (0 on PAD rows);
+//  - star_row_block<DqCfg>: the forward's structure per query tile; S, P = exp2(S - lse) and
+//    dP = dO V^T on tensor cores, dS = P (dP - delta), dQ += dS K;
+//  - star_key_block: per (batch, kv head, key tile), over the GQA group's heads and the plan column's
+//    query tiles in a fixed order: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q.
+//  DIAG tiles take the row-wise path in both. Non-finite K rows in dQ's dS K product are handled like
+//  V rows in the forward (zeroed, exact contribution added back to the rows that may attend them).
+#pragma once
+#include <climits>
+#include <cstdint>
+
+#include "common/half_bits.h"
+#include "common/simt.h"
+#include "star_attention/star_mask.h"
+#include "star_attention/star_tile_math.h"
+
+#if defined(__CUDACC__)
+#define HTC_PRAGMA_(x) _Pragma(#x)
+#define HTC_UNROLL_N(n) HTC_PRAGMA_(unroll n)
+#else
+#define HTC_UNROLL_N(n)
+#endif
+
+namespace htc::star_cuda {
+
+// ---------------------------------------------------------------------------------------------------
+// Element types
+
+enum class Elt : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+template <Elt E>
+struct EltT;
+template <>
+struct EltT<Elt::kF32> {
+  using Store = float;
+  static constexpr int kTerms = 3;  // fp32 -> hi + mid + lo bf16 (star_tile_math.h: split3)
+  static constexpr bool kFp16Mma = false;
+};
+template <>
+struct EltT<Elt::kBF16> {
+  using Store = uint16_t;
+  static constexpr int kTerms = 1;
+  static constexpr bool kFp16Mma = false;
+};
+template <>
+struct EltT<Elt::kF16> {
+  using Store = uint16_t;
+  static constexpr int kTerms = 1;
+  static constexpr bool kFp16Mma = true;
+};
+
+template <Elt E>
+HTC_DEV float to_f(typename EltT<E>::Store x) {
+  if constexpr (E == Elt::kF32) return x;
+  else if constexpr (E == Elt::kBF16) return bits::bf16_to_float(x);
+  else return bits::f16_to_float(x);
+}
+template <Elt E>
+HTC_DEV typename EltT<E>::Store from_f(float x) {
+  if constexpr (E == Elt::kF32) return x;
+  else if constexpr (E == Elt::kBF16) return bits::float_to_bf16(x);
+  else return bits::float_to_f16(x);
+}
+
+// Any Inf/NaN among the 16 bytes?
+template <Elt E>
+HTC_DEV bool nonfinite16(const simt::U128& v) {
+  bool bad = false;
+HTC_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (E == Elt::kF32) {
+      bad |= bits::nonfinite_f32(v.w[i]);
+    } else if constexpr (E == Elt::kBF16) {
+      bad |= bits::nonfinite_bf16(static_cast<uint16_t>(v.w[i])) | bits::nonfinite_bf16(static_cast<uint16_t>(v.w[i] >> 16));
+    } else {
+      bad |= bits::nonfinite_f16(static_cast<uint16_t>(v.w[i])) | bits::nonfinite_f16(static_cast<uint16_t>(v.w[i] >> 16));
+    }
+  }
+  return bad;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// MMA fragments (per lane: g = lane/4, t = lane%4). A 16x16: rows g, g+8; cols 2t, 2t+1 (+8).
+// B 16x8: k rows 2t, 2t+1 (+8), col g. C 16x8: rows g (c0, c1), g+8 (c2, c3); cols 2t, 2t+1.
+// For fp32 every operand register exists kTerms = 3 times (hi, mid, lo).
+
+template <Elt E>
+HTC_DEV void pack_terms(uint32_t (&r)[EltT<E>::kTerms], float lo, float hi) {
+  if constexpr (E == Elt::kF32) {
+    const tile::Split3 a = tile::split3(lo), b = tile::split3(hi);
+    r[0] = a.hi | (static_cast<uint32_t>(b.hi) << 16);
+    r[1] = a.mid | (static_cast<uint32_t>(b.mid) << 16);
+    r[2] = a.lo | (static_cast<uint32_t>(b.lo) << 16);
+  } else if constexpr (E == Elt::kBF16) {
+    r[0] = simt::pack_bf16(lo, hi);
+  } else {
+    r[0] = simt::pack_f16(lo, hi);
+  }
+}
+
+// d += a * b, over the kept products of the terms (small ones first).
+template <Elt E>
+HTC_DEV void mma_terms(float (&d)[4], const uint32_t (&a)[EltT<E>::kTerms][4],
+                       const uint32_t (&b)[EltT<E>::kTerms][2]) {
+  constexpr bool h = EltT<E>::kFp16Mma;
+  if constexpr (EltT<E>::kTerms == 3) {
+    simt::mma16816<h>(d, a[1], b[1]);
+    simt::mma16816<h>(d, a[0], b[2]);
+    simt::mma16816<h>(d, a[2], b[0]);
+    simt::mma16816<h>(d, a[0], b[1]);
+    simt::mma16816<h>(d, a[1], b[0]);
+    simt::mma16816<h>(d, a[0], b[0]);
+  } else {
+    simt::mma16816<h>(d, a[0], b[0]);
+  }
+}
+
+// A operand: rows row0..row0+15, cols col0..col0+15 of a row-major shared matrix (row stride ld).
+template <Elt E>
+HTC_DEV void load_a(uint32_t (&a)[EltT<E>::kTerms][4], const typename EltT<E>::Store* s, int ld, int row0,
+                    int col0, int lane) {
+  if constexpr (E == Elt::kF32) {
+    const int g = lane >> 2, t = lane & 3;
+HTC_UNROLL
+    for (int q = 0; q < 4; ++q) {
+      const float* p = s + (row0 + g + (q & 1) * 8) * ld + col0 + 2 * t + (q >> 1) * 8;
+      uint32_t r[3];
+      pack_terms<E>(r, p[0], p[1]);
+HTC_UNROLL
+      for (int k = 0; k < 3; ++k) a[k][q] = r[k];
+    }
+  } else {
+    simt::ldsm_x4(a[0], s + (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + col0 + (lane >> 4) * 8);
+  }
+}
+
+// B operands of two n-fragments (n0..n0+7, n0+8..n0+15) for k = k0..k0+15 from a shared matrix stored
+// [n][k] row-major (the right factor of A M^T: keys of S = Q K^T).
+template <Elt E>
+HTC_DEV void load_b_nk(uint32_t (&b0)[EltT<E>::kTerms][2], uint32_t (&b1)[EltT<E>::kTerms][2],
+                       const typename EltT<E>::Store* s, int ld, int n0, int k0, int lane) {
+  if constexpr (E == Elt::kF32) {
+    const int g = lane >> 2, t = lane & 3;
+HTC_UNROLL
+    for (int f = 0; f < 2; ++f)
+HTC_UNROLL
+      for (int q = 0; q < 2; ++q) {
+        const float* p = s + (n0 + f * 8 + g) * ld + k0 + 2 * t + q * 8;
+        uint32_t r[3];
+        pack_terms<E>(r, p[0], p[1]);
+HTC_UNROLL
+        for (int k = 0; k < 3; ++k) (f ? b1 : b0)[k][q] = r[k];
+      }
+  } else {
+    uint32_t r[4];
+    simt::ldsm_x4(r, s + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
+    b0[0][0] = r[0];
+    b0[0][1] = r[1];
+    b1[0][0] = r[2];
+    b1[0][1] = r[3];
+  }
+}
+
+// B operands of two n-fragments (n0.., n0+8..) for k = k0..k0+15 from a shared matrix stored [k][n]
+// row-major (the right factor of P M: values of O = P V).
+template <Elt E>
+HTC_DEV void load_b_kn(uint32_t (&b0)[EltT<E>::kTerms][2], uint32_t (&b1)[EltT<E>::kTerms][2],
+                       const typename EltT<E>::Store* s, int ld, int k0, int n0, int lane) {
+  if constexpr (E == Elt::kF32) {
+    const int g = lane >> 2, t = lane & 3;
+HTC_UNROLL
+    for (int f = 0; f < 2; ++f)
+HTC_UNROLL
+      for (int q = 0; q < 2; ++q) {
+        const float* p = s + (k0 + 2 * t + q * 8) * ld + n0 + f * 8 + g;
+        uint32_t r[3];
+        pack_terms<E>(r, p[0], p[ld]);
+HTC_UNROLL
+        for (int k = 0; k < 3; ++k) (f ? b1 : b0)[k][q] = r[k];
+      }
+  } else {
+    uint32_t r[4];
+    simt::ldsm_x4_t(r, s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
+    b0[0][0] = r[0];
+    b0[0][1] = r[1];
+    b1[0][0] = r[2];
+    b1[0][1] = r[3];
+  }
+}
+
+// One n-fragment (n0..n0+7) of the same, for slices with an odd number of 8-column fragments.
+template <Elt E>
+HTC_DEV void load_b_kn1(uint32_t (&b0)[EltT<E>::kTerms][2], const typename EltT<E>::Store* s, int ld, int k0,
+                        int n0, int lane) {
+  if constexpr (E == Elt::kF32) {
+    const int g = lane >> 2, t = lane & 3;
+HTC_UNROLL
+    for (int q = 0; q < 2; ++q) {
+      const float* p = s + (k0 + 2 * t + q * 8) * ld + n0 + g;
+      uint32_t r[3];
+      pack_terms<E>(r, p[0], p[ld]);
+HTC_UNROLL
+      for (int k = 0; k < 3; ++k) b0[k][q] = r[k];
+    }
+  } else {
+    // x2: lanes 0-15 address rows k0..k0+15 (lanes 16-31 repeat them; their addresses are unused)
+    uint32_t r[2];
+    simt::ldsm_x2_t(r, s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0);
+    b0[0][0] = r[0];
+    b0[0][1] = r[1];
+  }
+}
+
+// A operand of P (16 rows x 16 keys) from the fp32 accumulators of n-fragments 2kk and 2kk+1: the
+// C layout of two adjacent 8-column fragments is the A layout of one 16-column step.
+template <Elt E>
+HTC_DEV void pack_a_from_c(uint32_t (&a)[EltT<E>::kTerms][4], const float (&c0)[4], const float (&c1)[4]) {
+  constexpr int T = EltT<E>::kTerms;
+  uint32_t r[T];
+  pack_terms<E>(r, c0[0], c0[1]);
+HTC_UNROLL
+  for (int k = 0; k < T; ++k) a[k][0] = r[k];
+  pack_terms<E>(r, c0[2], c0[3]);
+HTC_UNROLL
+  for (int k = 0; k < T; ++k) a[k][1] = r[k];
+  pack_terms<E>(r, c1[0], c1[1]);
+HTC_UNROLL
+  for (int k = 0; k < T; ++k) a[k][2] = r[k];
+  pack_terms<E>(r, c1[2], c1[3]);
+HTC_UNROLL
+  for (int k = 0; k < T; ++k) a[k][3] = r[k];
+}
+
+// A compiler fence every N unrolled steps (N = 0: none). Fully unrolled loops over D let the compiler
+// hoist every load of a row ahead of its use; at large D beside D/2 accumulator registers that
+// spills. __syncwarp orders memory for the compiler, so loads stay within their group of N steps.
+// Must be reached by the whole warp (callers keep their control flow warp-uniform).
+template <int N>
+HTC_DEV void fence_every(int step) {
+  if constexpr (N > 0) {
+    if (step % N == N - 1) simt::sync_warp();
+  }
+}
+
+HTC_DEV float quad_sum(float x) {
+  x += simt::shfl_xor(x, 1);
+  x += simt::shfl_xor(x, 2);
+  return x;
+}
+HTC_DEV float quad_max(float x) {
+  x = fmaxf(x, simt::shfl_xor(x, 1));
+  x = fmaxf(x, simt::shfl_xor(x, 2));
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Plan compaction: the non-SKIP entries of a plan row (forward: stride 1) or column (backward: stride
+// n_kt), as entries (index << 3) | kind in shared memory. Kinds other than FULL/CAUSAL/DIAG are
+// treated as MASKED, which evaluates the rule per element and is exact for any tile.
+
+constexpr int kListWindow = 256;
+
+HTC_DEV int entry_kind(uint8_t v) { return v <= kMasked ? static_cast<int>(v) : static_cast<int>(kMasked); }
+
+// Number of non-SKIP entries among the n entries (block-uniform result).
+template <int NT>
+HTC_DEV int count_nonskip(const uint8_t* row, int64_t stride, int n, int tid) {
+  int total = 0;
+  for (int w0 = 0; w0 < n; w0 += NT) {
+    const int x = w0 + tid;
+    total += simt::sync_block_count(x < n && row[static_cast<int64_t>(x) * stride] != kSkip);
+  }
+  return total;
+}
+
+// Compacts the window [w0, w0 + kListWindow) of the n entries into `list`, keeping the entries whose
+// rank among all non-SKIP entries is in [lo, hi); `seen` counts the non-SKIP entries before w0 and is
+// advanced past the window. `counts` is shared scratch of kListWindow/32 ints. Returns the number of
+// entries written (block-uniform); begins and ends with a block barrier.
+template <int NT>
+HTC_DEV int compact_window(const uint8_t* row, int64_t stride, int n, int w0, int lo, int hi, int& seen,
+                           int* list, int* counts, int tid) {
+  constexpr int R = kListWindow / NT, W = NT / 32;
+  const int lane = tid & 31, warp = tid >> 5;
+  int entry[R];
+  unsigned bal[R];
+  simt::sync_block();  // the previous window's list and counts are no longer read
+HTC_UNROLL
+  for (int r = 0; r < R; ++r) {
+    const int x = w0 + r * NT + tid;
+    const int v = x < n ? static_cast<int>(row[static_cast<int64_t>(x) * stride]) : static_cast<int>(kSkip);
+    entry[r] = v != kSkip ? (x << 3) | entry_kind(static_cast<uint8_t>(v)) : -1;
+    bal[r] = simt::ballot(v != kSkip);
+    if (lane == 0) counts[r * W + warp] = simt::popc(bal[r]);
+  }
+  simt::sync_block();
+  const int start = lo > seen ? lo : seen;
+  int base = seen;
+HTC_UNROLL
+  for (int r = 0; r < R; ++r) {
+    int before = base;
+    for (int w = 0; w < warp; ++w) before += counts[r * W + w];
+    const int rank = before + simt::popc(bal[r] & ((1u << lane) - 1u));
+    if (entry[r] >= 0 && rank >= lo && rank < hi) list[rank - start] = entry[r];
+    for (int w = 0; w < W; ++w) base += counts[r * W + w];
+  }
+  seen = base;
+  const int end = base < hi ? base : hi;
+  simt::sync_block();  // the list is visible to every warp
+  return end > start ? end - start : 0;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Parameters (element strides; the last dimension is contiguous, rows 16-byte aligned).
+
+struct StarParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_sb, q_sh, q_ss;  // batch, head, sequence strides of q (elements)
+  int64_t k_sb, k_sh, k_ss;
+  int64_t v_sb, v_sh, v_ss;
+  void* out;        // forward: [B, Hq, Sq, D] contiguous, q's dtype
+  float* lse;       // forward: [B, Hq, Sq]
+  float* o_part;    // split-K: [n_split, B, Hq, Sq, D] fp32 (normalised partial outputs)
+  float* lse_part;  // split-K: [n_split, B, Hq, Sq]
+  // backward
+  const void* dout;  // [B, Hq, Sq, D], strides below
+  int64_t do_sb, do_sh, do_ss;
+  const void* o;     // the forward's output, strides below
+  int64_t o_sb, o_sh, o_ss;
+  const float* lse_in;    // the forward's lse [B, Hq, Sq] contiguous
+  const float* grad_lse;  // [B, Hq, Sq] contiguous, or null
+  float* delta;           // [B, Hq, Sq]: dO.O - grad_lse on live rows, 0 elsewhere
+  void* dq;               // [B, Hq, Sq, D] contiguous
+  void* dk;               // [B, Hkv, Skv, D] contiguous
+  void* dv;
+  const int8_t* kinds;    // [plan_batch, Skv]
+  const int32_t* groups;  // [plan_batch, Skv]
+  const uint8_t* plan;    // [plan_batch, n_qt, n_kt], tiles of 64 query rows x BK keys
+  int B, Hq, Hkv, Sq, Skv, n_qt, n_kt, q_off, plan_batch, topology, n_split;
+  float scale;       // softmax scale
+  float scale_log2;  // softmax scale * log2(e)
+};
+
+// ---------------------------------------------------------------------------------------------------
+// The pipeline shared by every kernel: the non-SKIP entries of a plan line (a row, stride 1: the key
+// tiles of a query tile; or a column, stride n_kt: the query tiles of a key tile) are compacted window
+// by window; entry e expands to n_sub items (sub-tiles), streamed through a 2-stage cp.async pipeline.
+//   issue(entry, sub, stage): this thread's copies of one item into `stage` (no commit);
+//   check(entry, sub, stage): a per-thread predicate on the landed item (e.g. "my V chunks hold
+//     Inf/NaN"), OR-reduced over the block by the barrier that publishes the stage;
+//   body(entry, sub, stage, any): the item's work, called by every thread (block-uniform).
+// Only entries whose rank among all non-SKIP entries is in [lo, hi) are streamed (split-K).
+template <int NT, class Issue, class Check, class Body>
+HTC_DEV void stream_items(const uint8_t* line, int64_t stride, int n, int lo, int hi, int n_sub, int* list,
+                          int* counts, int tid, Issue&& issue, Check&& check, Body&& body) {
+  int seen = 0;
+  for (int w0 = 0; w0 < n && seen < hi; w0 += kListWindow) {
+    const int n_list = compact_window<NT>(line, stride, n, w0, lo, hi, seen, list, counts, tid);
+    const int items = n_list * n_sub;
+    if (items == 0) continue;
+    issue(list[0], 0, 0);
+    simt::cp_async_commit();
+    for (int it = 0; it < items; ++it) {
+      const int e = it / n_sub, u = it - e * n_sub, st = it & 1;
+      simt::cp_async_wait<0>();
+      // Barrier: item `it` is visible to every thread, and every warp is done with the other stage.
+      const int any = simt::sync_block_or(check(list[e], u, st));
+      if (it + 1 < items) issue(list[(it + 1) / n_sub], (it + 1) % n_sub, st ^ 1);
+      simt::cp_async_commit();
+      body(list[e], u, st, any);
+    }
+  }
+}
+
+// 16-byte copies of `rows` rows of D elements from global (row r at base + (row0 + r) * gstride) into
+// shared (row stride LD); row r is read only when ok(r), else zero-filled (the copy then names `base`,
+// a valid address, and reads nothing).
+template <int NT, int D, int LD, class Store, class Ok>
+HTC_DEV void copy_rows(Store* dst, const Store* base, int row0, int64_t gstride, int rows, int tid, Ok&& ok) {
+  constexpr int kChunk = 16 / static_cast<int>(sizeof(Store)), kRowChunks = D / kChunk;
+  for (int c = tid; c < rows * kRowChunks; c += NT) {
+    const int r = c / kRowChunks, cc = c - r * kRowChunks;
+    const bool use = ok(r);
+    simt::cp_async16(dst + r * LD + cc * kChunk, use ? base + (row0 + r) * gstride + cc * kChunk : base,
+                     use ? 16 : 0);
+  }
+}
+
+// Inf/NaN among the chunks this thread copied with copy_rows (same partition of the work).
+template <Elt E, int NT, int D, int LD>
+HTC_DEV bool my_rows_nonfinite(const typename EltT<E>::Store* s, int rows, int tid) {
+  constexpr int kChunk = 16 / static_cast<int>(sizeof(typename EltT<E>::Store)), kRowChunks = D / kChunk;
+  bool bad = false;
+  for (int c = tid; c < rows * kRowChunks; c += NT) {
+    const int r = c / kRowChunks, cc = c - r * kRowChunks;
+    bad |= nonfinite16<E>(simt::load16(s + r * LD + cc * kChunk));
+  }
+  return bad;
+}
+
+// Zeroes the rows of a shared [rows][LD] tile that hold an Inf/NaN and flags them in bad[] (threads
+// 0..rows-1, one row each). The MMA would otherwise spread 0 * NaN over every output row.
+template <Elt E, int D, int LD>
+HTC_DEV void zero_nonfinite_rows(typename EltT<E>::Store* s, int rows, int8_t* bad, int tid) {
+  constexpr int kChunk = 16 / static_cast<int>(sizeof(typename EltT<E>::Store)), kRowChunks = D / kChunk;
+  if (tid >= rows) return;
+  bool b = false;
+  for (int cc = 0; cc < kRowChunks; ++cc) b |= nonfinite16<E>(simt::load16(s + tid * LD + cc * kChunk));
+  bad[tid] = b;
+  if (b)
+    for (int d = 0; d < D; ++d) s[tid * LD + d] = from_f<E>(0.f);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Query-tile kernels: the forward and the backward's dQ. One CTA of kWarps warps per (batch, query
+// head, BQ = 16 kWarps query rows[, split]); warp w owns rows 16w..16w+15, two rows per lane.
+
+// kOSplit > 1: that many CTAs per row tile, each accumulating D / kOSplit output columns (scores are
+// formed over the full D by each): halves the accumulator registers where they would not fit.
+template <Elt E, int D_, int BK_, int kWarps_, bool kDq_, int kOSplit_ = 1>
+struct RowCfg {
+  static constexpr Elt kElt = E;
+  using Store = typename EltT<E>::Store;
+  static constexpr int kTerms = EltT<E>::kTerms;
+  static constexpr bool kDq = kDq_;
+  static constexpr int D = D_, BK = BK_, kWarps = kWarps_, kThreads = 32 * kWarps_, BQ = 16 * kWarps_;
+  static constexpr int kOSplit = kOSplit_, DO = D_ / kOSplit_;
+  // Keys per compute sub-block: the whole tile in the forward; at most 32 (16 at D >= 128) for dq,
+  // whose scores and dP are live together.
+  static constexpr int KS = !kDq_ ? BK_ : (D_ >= 128 ? 16 : (BK_ < 32 ? BK_ : 32));
+  static_assert(D % 16 == 0 && BK % 16 == 0 && BK <= 64 && 64 % BQ == 0 && DO % 16 == 0, "tile shape");
+  static_assert(KS % 16 == 0 && BK % KS == 0, "key sub-block");
+  // Shared rows padded by 16 bytes (bf16/fp16) or 32 bytes (fp32): the 8 rows of an ldmatrix, and
+  // the float2 fragment loads of a half-warp, hit distinct banks.
+  static constexpr int kLd = D + 8;
+  static constexpr int kChunk = 16 / static_cast<int>(sizeof(Store));
+  static constexpr int kRowChunks = D / kChunk;
+  static constexpr size_t kQBytes = size_t{BQ} * kLd * sizeof(Store);
+  static constexpr size_t kTileBytes = size_t{BK} * kLd * sizeof(Store);
+  // Layout: Q | dO (dq only) | K0 V0 | K1 V1 | key kinds [2][BK] | key groups [2][BK] | bad [BK] |
+  // list | counts
+  static constexpr size_t kOffDo = kQBytes;
+  static constexpr size_t kOffK = kQBytes * (kDq ? 2 : 1);
+  static constexpr size_t kOffMeta = kOffK + 4 * kTileBytes;
+  static constexpr size_t kOffGroups = kOffMeta + 2 * BK;
+  static constexpr size_t kOffBad = kOffGroups + 2 * BK * sizeof(int32_t);
+  static constexpr size_t kOffList = (kOffBad + BK + 15) / 16 * 16;
+  static constexpr size_t kOffCounts = kOffList + kListWindow * sizeof(int);
+  static constexpr size_t kSmemBytes = kOffCounts + 16 * sizeof(int);
+};
+
+// Head dims and key-tile sizes the CUDA kernels are built for (the Python backend mirrors this table:
+// htc_kernels/star_attention.py, _cuda_block_k). Plans always have 64-row query tiles.
+constexpr int fwd_block_k(Elt e, int d) {
+  if (e == Elt::kF32) return 16;  // three bf16 terms per operand: small key tiles fit 255 registers
+  return d <= 128 ? 64 : 32;
+}
+constexpr bool supported_head_dim(int d) { return d == 64 || d == 80 || d == 96 || d == 128 || d == 256; }
+// fp32 at D = 256: output columns in two halves (128 accumulators and three-term operands exceed 255
+// registers); the dQ kernel also keeps Q and dO tiles of 32 rows (two warps) to fit sm_80's 163 KB.
+template <Elt E, int D>
+using FwdCfg = RowCfg<E, D, fwd_block_k(E, D), 4, false, (E == Elt::kF32 && D > 128) ? 2 : 1>;
+template <Elt E, int D>
+using DqCfg = RowCfg<E, D, fwd_block_k(E, D), (E == Elt::kF32 && D > 128) ? 2 : 4, true,
+                     (E == Elt::kF32 && D > 128) ? 2 : 1>;
+
+template <class C>
+HTC_DEV void star_row_block(const StarParams& p, unsigned char* smem, int tid, int64_t bid) {
+  using Store = typename C::Store;
+  constexpr Elt E = C::kElt;
+  constexpr bool kDq = C::kDq;
+  constexpr int T = C::kTerms, D = C::D, BK = C::BK, BQ = C::BQ, LD = C::kLd, NT = C::kThreads;
+  constexpr int KS = C::KS, NF_S = KS / 8, NF_O = C::DO / 8, NF_FULL = D / 8;
+  // Unrolling limits where registers are tight (fp32 carries every operand as three bf16 terms).
+  [[maybe_unused]] constexpr int kUnrollK = E == Elt::kF32 ? 1 : (D >= 256 || (kDq && D >= 128)) ? 2 : D / 16;
+  constexpr bool kTight = E == Elt::kF32 && D >= 256;  // the most registers: 128 accumulators, 3 terms
+  [[maybe_unused]] constexpr int kUnrollDot = kTight ? 2 : (D >= 256 || E == Elt::kF32) ? 4 : NF_FULL;
+  constexpr int kFence = kTight ? 4 : (D >= 256 || E == Elt::kF32) ? 8 : 0;
+  constexpr int kFenceProd = kTight ? 1 : E == Elt::kF32 ? 2 : (D >= 256 ? 4 : 0);  // second product's loop
+  const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+
+  const int n_rt = (p.Sq + BQ - 1) / BQ;  // row tiles of this kernel (BQ may be half a plan tile)
+  const int o0 = static_cast<int>(bid % C::kOSplit) * C::DO;  // this CTA's output columns [o0, o0 + DO)
+  int64_t rest = bid / C::kOSplit;
+  const int split = static_cast<int>(rest % p.n_split);
+  rest /= p.n_split;
+  const int rt = static_cast<int>(rest % n_rt);
+  rest /= n_rt;
+  const int h = static_cast<int>(rest % p.Hq);
+  const int b = static_cast<int>(rest / p.Hq);
+  const int hk = h / (p.Hq / p.Hkv);
+  const int bl = p.plan_batch == 1 ? 0 : b;
+  const int r0 = rt * BQ;
+  const int8_t* kin = p.kinds + static_cast<int64_t>(bl) * p.Skv;
+  const int32_t* grp = p.groups + static_cast<int64_t>(bl) * p.Skv;
+  // A plan tile's kind holds for any subset of its rows, so a BQ < 64 row tile uses its tile's row.
+  const uint8_t* plan_row = p.plan + (static_cast<int64_t>(bl) * p.n_qt + r0 / 64) * p.n_kt;
+
+  Store* sQ = reinterpret_cast<Store*>(smem);
+  Store* sDo = reinterpret_cast<Store*>(smem + C::kOffDo);
+  // Stage st: K at kOffK + 2 st kTileBytes, V right after (computed, not an array of pointers: a
+  // run-time index into one would live in local memory).
+  auto sK = [&](int st) { return reinterpret_cast<Store*>(smem + C::kOffK + 2 * st * C::kTileBytes); };
+  auto sV = [&](int st) { return reinterpret_cast<Store*>(smem + C::kOffK + (2 * st + 1) * C::kTileBytes); };
+  int8_t* sKind = reinterpret_cast<int8_t*>(smem + C::kOffMeta);
+  int32_t* sGrp = reinterpret_cast<int32_t*>(smem + C::kOffGroups);
+  int8_t* sBad = reinterpret_cast<int8_t*>(smem + C::kOffBad);
+  int* sList = reinterpret_cast<int*>(smem + C::kOffList);
+  int* sCounts = reinterpret_cast<int*>(smem + C::kOffCounts);
+
+  const Store* qg = static_cast<const Store*>(p.q) + b * p.q_sb + h * p.q_sh;
+  const Store* kg = static_cast<const Store*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const Store* vg = static_cast<const Store*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  const int64_t row_base = (static_cast<int64_t>(b) * p.Hq + h) * p.Sq;
+
+  // Query (and dO) rows -> shared; rows past Sq and PAD rows are zero-filled, never read: a PAD
+  // row's q, and its grad_out, may hold anything (DESIGN.md §2).
+  auto live_row = [&](int r) { return r0 + r < p.Sq && kin[r0 + r + p.q_off] != kPad; };
+  copy_rows<NT, D, LD>(sQ, qg, r0, p.q_ss, BQ, tid, live_row);
+  if constexpr (kDq) {
+    const Store* dog = static_cast<const Store*>(p.dout) + b * p.do_sb + h * p.do_sh;
+    copy_rows<NT, D, LD>(sDo, dog, r0, p.do_ss, BQ, tid, live_row);
+  }
+  simt::cp_async_commit();
+
+  // This lane's two rows: local rows warp*16 + g (+8).
+  int pos[2], rgrp[2];
+  int8_t rkind[2];
+  bool alive[2];
+  float lse2[2] = {0.f, 0.f}, delta[2] = {0.f, 0.f};  // dq: lse * log2(e) and delta of the rows
+HTC_UNROLL
+  for (int hh = 0; hh < 2; ++hh) {
+    const int i = r0 + warp * 16 + g + 8 * hh;
+    pos[hh] = i + p.q_off;
+    const bool in = i < p.Sq;
+    rkind[hh] = in ? kin[pos[hh]] : static_cast<int8_t>(kPad);
+    rgrp[hh] = in ? grp[pos[hh]] : -1;
+    alive[hh] = in && rkind[hh] != kPad;
+    if constexpr (kDq) {
+      if (alive[hh]) {
+        lse2[hh] = p.lse_in[row_base + i] * tile::kLog2e;
+        delta[hh] = p.delta[row_base + i];
+      }
+    }
+  }
+
+  // Forward: the output accumulator; dq: the dQ accumulator.
+  float acc[NF_O][4];
+HTC_UNROLL
+  for (int n = 0; n < NF_O; ++n)
+HTC_UNROLL
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+  float m_run[2] = {tile::neg_inf(), tile::neg_inf()}, l_run[2] = {0.f, 0.f};
+
+  // Key tile `kt` -> stage `st` (PAD keys and keys past Skv zero-filled) with its keys' kinds/groups.
+  auto issue = [&](int entry, int /*sub*/, int st) {
+    const int k0 = (entry >> 3) * BK;
+    auto live_key = [&](int r) { return k0 + r < p.Skv && kin[k0 + r] != kPad; };
+    copy_rows<NT, D, LD>(sK(st), kg, k0, p.k_ss, BK, tid, live_key);
+    copy_rows<NT, D, LD>(sV(st), vg, k0, p.v_ss, BK, tid, live_key);
+    if (tid < BK) {
+      const int j = k0 + tid;
+      sKind[st * BK + tid] = j < p.Skv ? kin[j] : static_cast<int8_t>(kPad);
+      sGrp[st * BK + tid] = j < p.Skv ? grp[j] : -1;
+    }
+  };
+  // Tiles where some row may not attend some key can meet non-finite values that must stay unread:
+  // V in the forward's P V, K in the dq's dS K (scores are masked by select, which needs nothing).
+  auto check = [&](int entry, int /*sub*/, int st) {
+    const int kind = entry & 7;
+    if (kind != kCausal && kind != kMasked) return false;
+    return my_rows_nonfinite<E, NT, D, LD>(kDq ? sK(st) : sV(st), BK, tid);
+  };
+
+  auto body = [&](int entry, int /*sub*/, int st, int any_bad) {
+    const int kind = entry & 7, k0 = (entry >> 3) * BK;
+    const int nk = p.Skv - k0 < BK ? p.Skv - k0 : BK;
+    Store* tK = sK(st);
+    Store* tV = sV(st);
+    const int8_t* tKind = sKind + st * BK;
+    const int32_t* tGrp = sGrp + st * BK;
+    if (!kDq && any_bad) {
+      zero_nonfinite_rows<E, D, LD>(tV, BK, sBad, tid);
+      simt::sync_block();
+    }
+
+    if (kind == kDiag) {
+      // Each live row whose own key lies in this tile: one score (row-wise dot on CUDA cores, a quad
+      // of lanes per row), then one online-softmax step (forward) or one gradient step (dq).
+HTC_UNROLL
+      for (int hh = 0; hh < 2; ++hh) {
+        const int jl = pos[hh] - k0;
+        const bool on = alive[hh] && jl >= 0 && jl < nk;
+        const int jr = on ? jl : 0;
+        const Store* qrow = sQ + (warp * 16 + g + 8 * hh) * LD;
+        const Store* krow = tK + jr * LD;
+        const Store* vrow = tV + jr * LD;
+        float part = 0.f, part_dp = 0.f;
+        HTC_UNROLL_N(kUnrollDot)
+        for (int n = 0; n < NF_FULL; ++n) {
+          const int col = n * 8 + 2 * t;
+          part += to_f<E>(qrow[col]) * to_f<E>(krow[col]) + to_f<E>(qrow[col + 1]) * to_f<E>(krow[col + 1]);
+          if constexpr (kDq) {
+            const Store* dorow = sDo + (warp * 16 + g + 8 * hh) * LD;
+            part_dp += to_f<E>(dorow[col]) * to_f<E>(vrow[col]) + to_f<E>(dorow[col + 1]) * to_f<E>(vrow[col + 1]);
+          }
+        }
+        const float s = quad_sum(part) * p.scale_log2;
+        // The updates select (rows not on the diagonal keep acc; what they read is never used), so
+        // control flow stays warp-uniform for the fences.
+        if constexpr (kDq) {
+          const float dpv = quad_sum(part_dp);
+          const float pr = exp2f(s - lse2[hh]);
+          const float ds = pr * (dpv - delta[hh]);
+HTC_UNROLL
+          for (int n = 0; n < NF_O; ++n) {
+            const int col = o0 + n * 8 + 2 * t;
+            const float k0v = to_f<E>(krow[col]), k1v = to_f<E>(krow[col + 1]);
+            acc[n][2 * hh] = on ? acc[n][2 * hh] + ds * k0v : acc[n][2 * hh];
+            acc[n][2 * hh + 1] = on ? acc[n][2 * hh + 1] + ds * k1v : acc[n][2 * hh + 1];
+            fence_every<kFence>(n);
+          }
+        } else {
+          (void)part_dp;
+          const tile::RowStep u = tile::row_step(m_run[hh], s);
+          const float pr = exp2f(s - u.ref);
+          if (on) {
+            l_run[hh] = l_run[hh] * u.alpha + (t == 0 ? pr : 0.f);
+            m_run[hh] = u.m_new;
+          }
+HTC_UNROLL
+          for (int n = 0; n < NF_O; ++n) {
+            const int col = o0 + n * 8 + 2 * t;
+            const float v0 = to_f<E>(vrow[col]), v1 = to_f<E>(vrow[col + 1]);
+            acc[n][2 * hh] = on ? acc[n][2 * hh] * u.alpha + pr * v0 : acc[n][2 * hh];
+            acc[n][2 * hh + 1] = on ? acc[n][2 * hh + 1] * u.alpha + pr * v1 : acc[n][2 * hh + 1];
+            fence_every<kFence>(n);
+          }
+        }
+      }
+      return;
+    }
+
+    // May row hh of this lane attend column `col` of the tile? (star_mask.h rule, by tile kind)
+    auto allowed = [&](int hh, int col) {
+      const int j = k0 + col;
+      if (!alive[hh] || col >= nk) return false;
+      if (kind == kFull) return true;
+      if (kind == kCausal) return j <= pos[hh];
+      return star_allowed(pos[hh], j, rkind[hh], rgrp[hh], tKind[col], tGrp[col], p.topology);
+    };
+
+    // The tile in sub-blocks of KS keys (dq: fewer score and dP registers live at once); not
+    // unrolled, or the compiler interleaves the sub-blocks and the saving is gone.
+    HTC_UNROLL_N(1)
+    for (int c0 = 0; c0 < BK; c0 += KS) {
+      unsigned bits = 0;
+HTC_UNROLL
+      for (int n = 0; n < NF_S; ++n)
+HTC_UNROLL
+        for (int e4 = 0; e4 < 4; ++e4)
+          bits |= static_cast<unsigned>(allowed(e4 >> 1, c0 + n * 8 + 2 * t + (e4 & 1))) << (n * 4 + e4);
+      simt::opaque(bits);  // one register across the MMAs, not its ingredients (spills otherwise)
+      const bool active = simt::any_warp(bits != 0);  // does any row of this warp see these keys?
+      auto bit = [&](int n, int e4) { return ((bits >> (n * 4 + e4)) & 1u) != 0; };
+
+      // S = Q K^T (and dP = dO V^T for dq) over the sub-block's keys
+      float s[NF_S][4], dp[kDq ? NF_S : 1][4];
+      if (active) {
+HTC_UNROLL
+        for (int n = 0; n < NF_S; ++n)
+HTC_UNROLL
+          for (int e4 = 0; e4 < 4; ++e4) {
+            s[n][e4] = 0.f;
+            if constexpr (kDq) dp[n][e4] = 0.f;
+          }
+        // Partial unrolling at large D: a fully unrolled k loop keeps many fragments in flight, which
+        // at D = 256 (128 accumulator registers) pushes the kernel past 255 registers.
+        HTC_UNROLL_N(kUnrollK)
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t a[T][4], ad[T][4];
+          load_a<E>(a, sQ, LD, warp * 16, kk * 16, lane);
+          if constexpr (kDq) load_a<E>(ad, sDo, LD, warp * 16, kk * 16, lane);
+HTC_UNROLL
+          for (int np = 0; np < NF_S / 2; ++np) {
+            uint32_t b0[T][2], b1[T][2];
+            load_b_nk<E>(b0, b1, tK, LD, c0 + np * 16, kk * 16, lane);
+            mma_terms<E>(s[2 * np], a, b0);
+            mma_terms<E>(s[2 * np + 1], a, b1);
+            if constexpr (kDq) {
+              load_b_nk<E>(b0, b1, tV, LD, c0 + np * 16, kk * 16, lane);
+              mma_terms<E>(dp[2 * np], ad, b0);
+              mma_terms<E>(dp[2 * np + 1], ad, b1);
+            }
+          }
+        }
+        if constexpr (kDq) {
+          // dS = P (dP - delta), P = exp2(s - lse2); masked pairs are 0 by select.
+HTC_UNROLL
+          for (int n = 0; n < NF_S; ++n)
+HTC_UNROLL
+            for (int e4 = 0; e4 < 4; ++e4) {
+              const int hh = e4 >> 1;
+              const float pr = exp2f(s[n][e4] * p.scale_log2 - lse2[hh]);
+              s[n][e4] = bit(n, e4) ? pr * (dp[n][e4] - delta[hh]) : 0.f;
+            }
+        } else {
+          // Online softmax (log2 domain); masked scores never reach exp or a product.
+HTC_UNROLL
+          for (int hh = 0; hh < 2; ++hh) {
+            float mx = tile::neg_inf();
+HTC_UNROLL
+            for (int n = 0; n < NF_S; ++n)
+HTC_UNROLL
+              for (int c = 0; c < 2; ++c) {
+                const int e4 = 2 * hh + c;
+                const float x = bit(n, e4) ? s[n][e4] * p.scale_log2 : tile::neg_inf();
+                s[n][e4] = x;
+                mx = fmaxf(mx, x);
+              }
+            const tile::RowStep u = tile::row_step(m_run[hh], quad_max(mx));
+            float sum = 0.f;
+HTC_UNROLL
+            for (int n = 0; n < NF_S; ++n)
+HTC_UNROLL
+              for (int c = 0; c < 2; ++c) {
+                const int e4 = 2 * hh + c;
+                const float pr = bit(n, e4) ? exp2f(s[n][e4] - u.ref) : 0.f;
+                s[n][e4] = pr;
+                sum += pr;
+              }
+            l_run[hh] = l_run[hh] * u.alpha + sum;
+            m_run[hh] = u.m_new;
+HTC_UNROLL
+            for (int n = 0; n < NF_O; ++n) {
+              acc[n][2 * hh] *= u.alpha;
+              acc[n][2 * hh + 1] *= u.alpha;
+            }
+          }
+        }
+      }
+
+      // The right factor of the second product: V (forward) or K (dq). For dq, the sub-block's
+      // non-finite K rows are zeroed only now that every warp has used them for its scores.
+      Store* tR = kDq ? tK : tV;
+      if (kDq && any_bad) {
+        simt::sync_block();
+        zero_nonfinite_rows<E, D, LD>(tK + c0 * LD, KS, sBad + c0, tid);
+        simt::sync_block();
+      }
+      if (!active) continue;
+
+      if (any_bad) {
+        // Exact contribution of the zeroed non-finite rows of the right factor, to the rows allowed
+        // to attend them (before the product: s is then consumed by it, not kept alive across it).
+        const Store* rg = kDq ? kg : vg;
+        const int64_t rs = kDq ? p.k_ss : p.v_ss;
+        for (int jl = 0; jl < KS && c0 + jl < nk; ++jl) {
+          const int j = c0 + jl;
+          if (!sBad[j]) continue;
+          // The coefficient of (row, j) is held by lane (g, (jl%8)/2) in fragment jl/8. Shuffle every
+          // fragment's candidate and select after the shuffle: selecting a register by a run-time
+          // index first would move s[][] to local memory.
+          float pj[2] = {0.f, 0.f};
+          const int owner = (lane & ~3) | ((jl & 7) >> 1);
+HTC_UNROLL
+          for (int n = 0; n < NF_S; ++n) {
+            const float q0 = simt::shfl_idx((jl & 1) ? s[n][1] : s[n][0], owner);
+            const float q1 = simt::shfl_idx((jl & 1) ? s[n][3] : s[n][2], owner);
+            pj[0] = n == (jl >> 3) ? q0 : pj[0];
+            pj[1] = n == (jl >> 3) ? q1 : pj[1];
+          }
+          const Store* row = rg + static_cast<int64_t>(k0 + j) * rs;
+          // Select, not multiply: a row that may not attend j adds exactly 0. Control flow stays
+          // warp-uniform (for the fences below).
+          const bool ok0 = allowed(0, j), ok1 = allowed(1, j);
+HTC_UNROLL
+          for (int n = 0; n < NF_O; ++n) {
+            const int col = o0 + n * 8 + 2 * t;
+            const float v0 = to_f<E>(row[col]), v1 = to_f<E>(row[col + 1]);
+            acc[n][0] += ok0 ? pj[0] * v0 : 0.f;
+            acc[n][1] += ok0 ? pj[0] * v1 : 0.f;
+            acc[n][2] += ok1 ? pj[1] * v0 : 0.f;
+            acc[n][3] += ok1 ? pj[1] * v1 : 0.f;
+            fence_every<8>(n);
+          }
+        }
+      }
+
+      // acc += P V (forward) or dS K (dq) over the sub-block's keys
+HTC_UNROLL
+      for (int kk = 0; kk < KS / 16; ++kk) {
+        uint32_t a[T][4];
+        pack_a_from_c<E>(a, s[2 * kk], s[2 * kk + 1]);
+HTC_UNROLL
+        for (int np = 0; np < NF_O / 2; ++np) {
+          uint32_t b0[T][2], b1[T][2];
+          load_b_kn<E>(b0, b1, tR, LD, c0 + kk * 16, o0 + np * 16, lane);
+          mma_terms<E>(acc[2 * np], a, b0);
+          mma_terms<E>(acc[2 * np + 1], a, b1);
+          fence_every<kFenceProd>(np);
+        }
+      }
+    }
+  };
+
+  // Split-K share of the non-SKIP tiles (balanced by count; forward only).
+  int lo = 0, hi = INT_MAX;
+  if (p.n_split > 1) {
+    const int total = count_nonskip<NT>(plan_row, 1, p.n_kt, tid);
+    lo = static_cast<int>(static_cast<int64_t>(total) * split / p.n_split);
+    hi = static_cast<int>(static_cast<int64_t>(total) * (split + 1) / p.n_split);
+  }
+  stream_items<NT>(plan_row, 1, p.n_kt, lo, hi, 1, sList, sCounts, tid, issue, check, body);
+
+  // Epilogue. The Q rows of this warp become its output staging area (after the Q copies landed:
+  // a tile with no work never waited for them).
+  simt::cp_async_wait<0>();
+  simt::sync_block();
+  float inv[2] = {1.f, 1.f}, lse[2] = {0.f, 0.f};
+  if constexpr (!kDq) {
+HTC_UNROLL
+    for (int hh = 0; hh < 2; ++hh) {
+      const float l = quad_sum(l_run[hh]);
+      const bool ok = alive[hh] && l > 0.f;
+      inv[hh] = ok ? 1.f / l : 0.f;
+      lse[hh] = ok ? tile::row_lse(m_run[hh], l) : tile::neg_inf();
+    }
+  } else {
+    inv[0] = inv[1] = p.scale;  // dQ = scale * sum_j dS_ij k_j
+  }
+  if (kDq || p.n_split == 1) {
+HTC_UNROLL
+    for (int hh = 0; hh < 2; ++hh) {
+      Store* srow = sQ + (warp * 16 + g + 8 * hh) * LD;
+HTC_UNROLL
+      for (int n = 0; n < NF_O; ++n) {
+        const int col = o0 + n * 8 + 2 * t;
+        // Rows past Sq and PAD rows: exact zeros by select (a factor 0 would keep a NaN).
+        srow[col] = from_f<E>(alive[hh] ? acc[n][2 * hh] * inv[hh] : 0.f);
+        srow[col + 1] = from_f<E>(alive[hh] ? acc[n][2 * hh + 1] * inv[hh] : 0.f);
+      }
+    }
+    simt::sync_warp();
+    Store* out = static_cast<Store*>(kDq ? p.dq : p.out);
+    constexpr int kOutChunks = C::DO / C::kChunk;
+    for (int c = lane; c < 16 * kOutChunks; c += 32) {
+      const int r = c / kOutChunks, col = o0 + (c % kOutChunks) * C::kChunk, i = r0 + warp * 16 + r;
+      if (i < p.Sq) simt::copy16(out + (row_base + i) * D + col, sQ + (warp * 16 + r) * LD + col);
+    }
+    if constexpr (!kDq) {
+HTC_UNROLL
+      for (int hh = 0; hh < 2; ++hh) {
+        const int i = r0 + warp * 16 + g + 8 * hh;
+        if (t == 0 && o0 == 0 && i < p.Sq) p.lse[row_base + i] = lse[hh];
+      }
+    }
+  } else {
+    const int64_t part = static_cast<int64_t>(split) * p.B * p.Hq * p.Sq;
+HTC_UNROLL
+    for (int hh = 0; hh < 2; ++hh) {
+      const int i = r0 + warp * 16 + g + 8 * hh;
+      if (i >= p.Sq) continue;
+      float* orow = p.o_part + (part + row_base + i) * D;
+HTC_UNROLL
+      for (int n = 0; n < NF_O; ++n) {
+        const int col = o0 + n * 8 + 2 * t;
+        orow[col] = alive[hh] ? acc[n][2 * hh] * inv[hh] : 0.f;
+        orow[col + 1] = alive[hh] ? acc[n][2 * hh + 1] * inv[hh] : 0.f;
+      }
+      if (t == 0 && o0 == 0) p.lse_part[part + row_base + i] = lse[hh];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward, key-tile kernel: dK and dV of BK keys of one (batch, kv head), owning every query head of
+// its GQA group and every query tile that sees these keys (the plan's column), in a fixed order: no
+// atomics, deterministic. Warps: BK/16 key groups x kDSplit slices of D (every warp forms the full
+// S^T and dP^T of its 16 keys; it accumulates dK, dV for its D slice). Query tiles are streamed in
+// sub-tiles of QS rows.
+
+template <Elt E, int D_, int BK_, int QS_>
+struct KeyCfg {
+  static constexpr Elt kElt = E;
+  using Store = typename EltT<E>::Store;
+  static constexpr int kTerms = EltT<E>::kTerms;
+  // Up to 4 warps: BK/16 key groups x kDSplit slices of D (slices of whole 8-column fragments).
+  static constexpr int D = D_, BK = BK_, QS = QS_;
+  static constexpr int kKeyGroups = BK / 16;
+  static constexpr int kDSplit = 4 / kKeyGroups >= 4 && D % 32 == 0 ? 4 : (4 / kKeyGroups >= 2 && D % 16 == 0 ? 2 : 1);
+  static constexpr int kWarps = kKeyGroups * kDSplit, kThreads = 32 * kWarps, DS = D / kDSplit;
+  static_assert(BK % 16 == 0 && kWarps <= 4 && DS % 8 == 0, "tile shape");
+  static_assert(QS % 16 == 0 && 64 % QS == 0, "query sub-tile");
+  static constexpr int kLd = D + 8;
+  static constexpr int kChunk = 16 / static_cast<int>(sizeof(Store));
+  static constexpr int kRowChunks = D / kChunk;
+  static constexpr size_t kKeyBytes = size_t{BK} * kLd * sizeof(Store);
+  static constexpr size_t kSubBytes = size_t{QS} * kLd * sizeof(Store);
+  // Layout: K | V | (Q0 dO0) (Q1 dO1) | row meta [2][QS]: pos, group, lse2, delta (4 B each), kind
+  // (1 B) | list | counts
+  static constexpr size_t kOffSub = 2 * kKeyBytes;
+  static constexpr size_t kOffMeta = kOffSub + 4 * kSubBytes;
+  static constexpr size_t kOffKind = kOffMeta + 4 * 2 * QS * 4;
+  static constexpr size_t kOffList = (kOffKind + 2 * QS + 15) / 16 * 16;
+  static constexpr size_t kOffCounts = kOffList + kListWindow * sizeof(int);
+  static constexpr size_t kSmemBytes = kOffCounts + 16 * sizeof(int);
+};
+// Query sub-tiles of 16 rows where registers are tight (fp32's three-term operands; D >= 96).
+template <Elt E, int D>
+using DkvCfg = KeyCfg<E, D, fwd_block_k(E, D), (E == Elt::kF32 || D >= 96) ? 16 : 32>;
+
+template <class C>
+HTC_DEV void star_key_block(const StarParams& p, unsigned char* smem, int tid, int64_t bid) {
+  using Store = typename C::Store;
+  constexpr Elt E = C::kElt;
+  constexpr int T = C::kTerms, D = C::D, BK = C::BK, QS = C::QS, LD = C::kLd, NT = C::kThreads;
+  constexpr int DS = C::DS, NF_Q = QS / 8, NF_D = DS / 8, NF_FULL = D / 8;
+  const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  [[maybe_unused]] constexpr int kUnrollK = E == Elt::kF32 ? 1 : D >= 128 ? 2 : D / 16;
+  constexpr int kFenceProd = E == Elt::kF32 ? 2 : 0;
+  const int kgrp = warp / C::kDSplit, d0 = (warp % C::kDSplit) * DS;
+
+  const int kt = static_cast<int>(bid % p.n_kt);
+  int64_t rest = bid / p.n_kt;
+  const int hk = static_cast<int>(rest % p.Hkv);
+  const int b = static_cast<int>(rest / p.Hkv);
+  const int group = p.Hq / p.Hkv;
+  const int bl = p.plan_batch == 1 ? 0 : b;
+  const int k0 = kt * BK;
+  const int8_t* kin = p.kinds + static_cast<int64_t>(bl) * p.Skv;
+  const int32_t* grp = p.groups + static_cast<int64_t>(bl) * p.Skv;
+  const uint8_t* plan_col = p.plan + static_cast<int64_t>(bl) * p.n_qt * p.n_kt + kt;
+
+  Store* sK = reinterpret_cast<Store*>(smem);
+  Store* sV = reinterpret_cast<Store*>(smem + C::kKeyBytes);
+  auto sQ = [&](int st) { return reinterpret_cast<Store*>(smem + C::kOffSub + 2 * st * C::kSubBytes); };
+  auto sDo = [&](int st) { return reinterpret_cast<Store*>(smem + C::kOffSub + (2 * st + 1) * C::kSubBytes); };
+  int32_t* mPos = reinterpret_cast<int32_t*>(smem + C::kOffMeta);             // [2][QS]
+  int32_t* mGrp = mPos + 2 * QS;                                              // [2][QS]
+  float* mLse2 = reinterpret_cast<float*>(mGrp + 2 * QS);                     // [2][QS]
+  float* mDelta = mLse2 + 2 * QS;                                             // [2][QS]
+  int8_t* mKind = reinterpret_cast<int8_t*>(smem + C::kOffKind);              // [2][QS]
+  int* sList = reinterpret_cast<int*>(smem + C::kOffList);
+  int* sCounts = reinterpret_cast<int*>(smem + C::kOffCounts);
+
+  const Store* kg = static_cast<const Store*>(p.k) + b * p.k_sb + hk * p.k_sh;
+  const Store* vg = static_cast<const Store*>(p.v) + b * p.v_sb + hk * p.v_sh;
+  auto live_key = [&](int r) { return k0 + r < p.Skv && kin[k0 + r] != kPad; };
+  copy_rows<NT, D, LD>(sK, kg, k0, p.k_ss, BK, tid, live_key);
+  copy_rows<NT, D, LD>(sV, vg, k0, p.v_ss, BK, tid, live_key);
+  simt::cp_async_commit();
+
+  // This lane's two keys: kgrp*16 + g (+8) of the tile.
+  int kpos[2], kgr[2];
+  int8_t kkind[2];
+  bool kalive[2];
+HTC_UNROLL
+  for (int hh = 0; hh < 2; ++hh) {
+    const int j = k0 + kgrp * 16 + g + 8 * hh;
+    kpos[hh] = j;
+    const bool in = j < p.Skv;
+    kkind[hh] = in ? kin[j] : static_cast<int8_t>(kPad);
+    kgr[hh] = in ? grp[j] : -1;
+    kalive[hh] = in && kkind[hh] != kPad;
+  }
+
+  float dk[NF_D][4], dv[NF_D][4];
+HTC_UNROLL
+  for (int n = 0; n < NF_D; ++n)
+HTC_UNROLL
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+
+  for (int h = hk * group; h < (hk + 1) * group; ++h) {
+    const Store* qg = static_cast<const Store*>(p.q) + b * p.q_sb + h * p.q_sh;
+    const Store* dog = static_cast<const Store*>(p.dout) + b * p.do_sb + h * p.do_sh;
+    const int64_t row_base = (static_cast<int64_t>(b) * p.Hq + h) * p.Sq;
+
+    // Sub-tile `sub` of query tile entry>>3 -> stage st: Q and dO rows (PAD rows and rows past Sq
+    // zero-filled: never read) and the rows' position, kind, group, lse (log2) and delta.
+    auto issue = [&](int entry, int sub, int st) {
+      const int i0 = (entry >> 3) * 64 + sub * QS;
+      auto live = [&](int r) { return i0 + r < p.Sq && kin[i0 + r + p.q_off] != kPad; };
+      copy_rows<NT, D, LD>(sQ(st), qg, i0, p.q_ss, QS, tid, live);
+      copy_rows<NT, D, LD>(sDo(st), dog, i0, p.do_ss, QS, tid, live);
+      if (tid < QS) {
+        const int i = i0 + tid;
+        const bool in = i < p.Sq;
+        const int8_t kind = in ? kin[i + p.q_off] : static_cast<int8_t>(kPad);
+        const bool ok = in && kind != kPad;
+        mPos[st * QS + tid] = i + p.q_off;
+        mKind[st * QS + tid] = kind;
+        mGrp[st * QS + tid] = in ? grp[i + p.q_off] : -1;
+        mLse2[st * QS + tid] = ok ? p.lse_in[row_base + i] * tile::kLog2e : 0.f;
+        mDelta[st * QS + tid] = ok ? p.delta[row_base + i] : 0.f;
+      }
+    };
+    auto check = [&](int, int, int) { return false; };
+
+    auto body = [&](int entry, int sub, int st, int) {
+      const int kind = entry & 7, i0 = (entry >> 3) * 64 + sub * QS;
+      if (i0 >= p.Sq) return;  // a sub-tile past the last query row
+      const Store* tQ = sQ(st);
+      const Store* tDo = sDo(st);
+      const int32_t* tPos = mPos + st * QS;
+      const int32_t* tGrp = mGrp + st * QS;
+      const int8_t* tKind = mKind + st * QS;
+      const float* tLse2 = mLse2 + st * QS;
+      const float* tDelta = mDelta + st * QS;
+
+      if (kind == kDiag) {
+        // Each live key whose own query row lies in this sub-tile: p, dp by row-wise dots over D (a
+        // quad of lanes per key), then dV += p dO, dK += dS q on this warp's slice of D.
+HTC_UNROLL
+        for (int hh = 0; hh < 2; ++hh) {
+          const int il = kpos[hh] - p.q_off - i0;
+          const bool on = kalive[hh] && il >= 0 && il < QS && tKind[il >= 0 && il < QS ? il : 0] != kPad;
+          const int ir = on ? il : 0;
+          const Store* qrow = tQ + ir * LD;
+          const Store* dorow = tDo + ir * LD;
+          const Store* krow = sK + (kgrp * 16 + g + 8 * hh) * LD;
+          const Store* vrow = sV + (kgrp * 16 + g + 8 * hh) * LD;
+          float ps = 0.f, pd = 0.f;
+HTC_UNROLL
+          for (int n = 0; n < NF_FULL; ++n) {
+            const int col = n * 8 + 2 * t;
+            ps += to_f<E>(qrow[col]) * to_f<E>(krow[col]) + to_f<E>(qrow[col + 1]) * to_f<E>(krow[col + 1]);
+            pd += to_f<E>(dorow[col]) * to_f<E>(vrow[col]) + to_f<E>(dorow[col + 1]) * to_f<E>(vrow[col + 1]);
+          }
+          const float s = quad_sum(ps) * p.scale_log2, dpv = quad_sum(pd);
+          if (on) {
+            const float pr = exp2f(s - tLse2[ir]);
+            const float ds = pr * (dpv - tDelta[ir]);
+HTC_UNROLL
+            for (int n = 0; n < NF_D; ++n) {
+              const int col = d0 + n * 8 + 2 * t;
+              dv[n][2 * hh] += pr * to_f<E>(dorow[col]);
+              dv[n][2 * hh + 1] += pr * to_f<E>(dorow[col + 1]);
+              dk[n][2 * hh] += ds * to_f<E>(qrow[col]);
+              dk[n][2 * hh + 1] += ds * to_f<E>(qrow[col + 1]);
+            }
+          }
+        }
+        return;
+      }
+
+      // May key hh of this lane be attended by query column `col` of the sub-tile?
+      auto allowed = [&](int hh, int col) {
+        if (!kalive[hh] || tKind[col] == kPad) return false;
+        if (kind == kFull) return true;
+        if (kind == kCausal) return kpos[hh] <= tPos[col];
+        return star_allowed(tPos[col], kpos[hh], tKind[col], tGrp[col], kkind[hh], kgr[hh], p.topology);
+      };
+      unsigned bits = 0;
+HTC_UNROLL
+      for (int n = 0; n < NF_Q; ++n)
+HTC_UNROLL
+        for (int e4 = 0; e4 < 4; ++e4)
+          bits |= static_cast<unsigned>(allowed(e4 >> 1, n * 8 + 2 * t + (e4 & 1))) << (n * 4 + e4);
+      simt::opaque(bits);  // one register across the MMAs, not its ingredients (spills otherwise)
+      if (!simt::any_warp(bits != 0)) return;
+
+      // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys (full D).
+      float s[NF_Q][4], dp[NF_Q][4];
+HTC_UNROLL
+      for (int n = 0; n < NF_Q; ++n)
+HTC_UNROLL
+        for (int e4 = 0; e4 < 4; ++e4) s[n][e4] = dp[n][e4] = 0.f;
+      HTC_UNROLL_N(kUnrollK)
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t ak[T][4], av[T][4];
+        load_a<E>(ak, sK, LD, kgrp * 16, kk * 16, lane);
+        load_a<E>(av, sV, LD, kgrp * 16, kk * 16, lane);
+HTC_UNROLL
+        for (int np = 0; np < NF_Q / 2; ++np) {
+          uint32_t b0[T][2], b1[T][2];
+          load_b_nk<E>(b0, b1, tQ, LD, np * 16, kk * 16, lane);
+          mma_terms<E>(s[2 * np], ak, b0);
+          mma_terms<E>(s[2 * np + 1], ak, b1);
+          load_b_nk<E>(b0, b1, tDo, LD, np * 16, kk * 16, lane);
+          mma_terms<E>(dp[2 * np], av, b0);
+          mma_terms<E>(dp[2 * np + 1], av, b1);
+        }
+      }
+      // P^T and dS^T (masked pairs: 0 by select, so NaN/Inf in masked scores goes nowhere).
+HTC_UNROLL
+      for (int n = 0; n < NF_Q; ++n)
+HTC_UNROLL
+        for (int e4 = 0; e4 < 4; ++e4) {
+          const int col = n * 8 + 2 * t + (e4 & 1);
+          const float pr = exp2f(s[n][e4] * p.scale_log2 - tLse2[col]);
+          const bool a = ((bits >> (n * 4 + e4)) & 1u) != 0;
+          s[n][e4] = a ? pr : 0.f;
+          dp[n][e4] = a ? pr * (dp[n][e4] - tDelta[col]) : 0.f;
+        }
+      // dV += P^T dO, dK += dS^T Q on this warp's slice of D.
+HTC_UNROLL
+      for (int kk = 0; kk < QS / 16; ++kk) {
+        uint32_t ap[T][4], as[T][4];
+        pack_a_from_c<E>(ap, s[2 * kk], s[2 * kk + 1]);
+        pack_a_from_c<E>(as, dp[2 * kk], dp[2 * kk + 1]);
+HTC_UNROLL
+        for (int np = 0; np < NF_D / 2; ++np) {
+          uint32_t b0[T][2], b1[T][2];
+          load_b_kn<E>(b0, b1, tDo, LD, kk * 16, d0 + np * 16, lane);
+          mma_terms<E>(dv[2 * np], ap, b0);
+          mma_terms<E>(dv[2 * np + 1], ap, b1);
+          load_b_kn<E>(b0, b1, tQ, LD, kk * 16, d0 + np * 16, lane);
+          mma_terms<E>(dk[2 * np], as, b0);
+          mma_terms<E>(dk[2 * np + 1], as, b1);
+          fence_every<kFenceProd>(np);
+        }
+        if constexpr (NF_D % 2 == 1) {  // an odd number of 8-column fragments in the slice
+          uint32_t b0[T][2];
+          load_b_kn1<E>(b0, tDo, LD, kk * 16, d0 + (NF_D - 1) * 8, lane);
+          mma_terms<E>(dv[NF_D - 1], ap, b0);
+          load_b_kn1<E>(b0, tQ, LD, kk * 16, d0 + (NF_D - 1) * 8, lane);
+          mma_terms<E>(dk[NF_D - 1], as, b0);
+        }
+      }
+    };
+    stream_items<NT>(plan_col, p.n_kt, p.n_qt, 0, INT_MAX, 64 / QS, sList, sCounts, tid, issue, check, body);
+  }
+
+  // Epilogue: stage dK (x scale) and dV in the K / V tiles (each warp its own keys and D slice), then
+  // 16-byte stores of the rows inside the sequence.
+  simt::cp_async_wait<0>();
+  simt::sync_block();
+HTC_UNROLL
+  for (int hh = 0; hh < 2; ++hh) {
+    const int r = kgrp * 16 + g + 8 * hh;
+HTC_UNROLL
+    for (int n = 0; n < NF_D; ++n) {
+      const int col = d0 + n * 8 + 2 * t;
+      // Keys nobody attends (PAD, past the end) get exact zeros by select.
+      sK[r * LD + col] = from_f<E>(kalive[hh] ? dk[n][2 * hh] * p.scale : 0.f);
+      sK[r * LD + col + 1] = from_f<E>(kalive[hh] ? dk[n][2 * hh + 1] * p.scale : 0.f);
+      sV[r * LD + col] = from_f<E>(kalive[hh] ? dv[n][2 * hh] : 0.f);
+      sV[r * LD + col + 1] = from_f<E>(kalive[hh] ? dv[n][2 * hh + 1] : 0.f);
+    }
+  }
+  simt::sync_block();
+  Store* dkg = static_cast<Store*>(p.dk) + ((static_cast<int64_t>(b) * p.Hkv + hk) * p.Skv + k0) * D;
+  Store* dvg = static_cast<Store*>(p.dv) + ((static_cast<int64_t>(b) * p.Hkv + hk) * p.Skv + k0) * D;
+  for (int c = tid; c < BK * C::kRowChunks; c += NT) {
+    const int r = c / C::kRowChunks, cc = c % C::kRowChunks;
+    if (k0 + r >= p.Skv) continue;
+    simt::copy16(dkg + r * D + cc * C::kChunk, sK + r * LD + cc * C::kChunk);
+    simt::copy16(dvg + r * D + cc * C::kChunk, sV + r * LD + cc * C::kChunk);
+  }
+}
+
+// Backward preprocessing: delta_i = dO_i . O_i - grad_lse_i on live rows (FlashAttention-2, plus the
+// gradient reaching lse directly), 0 on PAD rows whatever their dO holds. One warp per row.
+template <Elt E, int D>
+HTC_DEV void star_delta_warp(const StarParams& p, int64_t row, int lane) {
+  using Store = typename EltT<E>::Store;
+  const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Sq;
+  if (row >= rows) return;
+  const int i = static_cast<int>(row % p.Sq);
+  const int h = static_cast<int>((row / p.Sq) % p.Hq);
+  const int b = static_cast<int>(row / (static_cast<int64_t>(p.Sq) * p.Hq));
+  const int bl = p.plan_batch == 1 ? 0 : b;
+  const bool live = p.kinds[static_cast<int64_t>(bl) * p.Skv + i + p.q_off] != kPad;
+  const Store* dorow = static_cast<const Store*>(p.dout) + b * p.do_sb + h * p.do_sh + i * p.do_ss;
+  const Store* orow = static_cast<const Store*>(p.o) + b * p.o_sb + h * p.o_sh + i * p.o_ss;
+  float acc = 0.f;
+  for (int d = lane; d < D; d += 32) acc += to_f<E>(dorow[d]) * to_f<E>(orow[d]);
+  for (int m = 16; m >= 1; m >>= 1) acc += simt::shfl_xor(acc, m);
+  if (lane == 0) p.delta[row] = live ? acc - (p.grad_lse ? p.grad_lse[row] : 0.f) : 0.f;
+}
+
+// Split-K combine: one thread per (row, 4 columns) of [rows = B*Hq*Sq, D]; partials in split order.
+template <Elt E, int D>
+HTC_DEV void star_combine_thread(const StarParams& p, int64_t idx) {
+  using Store = typename EltT<E>::Store;
+  const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Sq;
+  if (idx >= rows * (D / 4)) return;
+  const int64_t row = idx / (D / 4);
+  const int c0 = static_cast<int>(idx % (D / 4)) * 4;
+  const float lse = tile::combine_lse(p.lse_part + row, rows, p.n_split);
+  float o[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int k = 0; k < p.n_split; ++k) {
+    const float w = tile::combine_weight(p.lse_part[k * rows + row], lse);
+    if (w == 0.f) continue;  // a split that saw nothing (its partial is 0; skip 0 * anything)
+    const float* src = p.o_part + (k * rows + row) * D + c0;
+HTC_UNROLL
+    for (int d = 0; d < 4; ++d) o[d] += w * src[d];
+  }
+  Store* out = static_cast<Store*>(p.out) + row * D + c0;
+HTC_UNROLL
+  for (int d = 0; d < 4; ++d) out[d] = from_f<E>(o[d]);
+  if (c0 == 0) p.lse[row] = lse;
+}
+
+#if defined(__CUDACC__)
+// The __global__ entry points (1-D grids; the bodies above take thread and block indices).
+// Forward (C = FwdCfg) and dQ (C = DqCfg): grid B * Hq * ceil(Sq / C::BQ) * n_split * C::kOSplit.
+template <class C>
+__global__ void __launch_bounds__(C::kThreads, 1) star_row_kernel(const StarParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  star_row_block<C>(p, smem, static_cast<int>(threadIdx.x), static_cast<int64_t>(blockIdx.x));
+}
+// dK, dV (C = DkvCfg): grid B * Hkv * n_kt.
+template <class C>
+__global__ void __launch_bounds__(C::kThreads, 1) star_key_kernel(const StarParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  star_key_block<C>(p, smem, static_cast<int>(threadIdx.x), static_cast<int64_t>(blockIdx.x));
+}
+// Split-K combine: grid ceil(B * Hq * Sq * D / 4 / 256) x 256 threads.
+template <Elt E, int D>
+__global__ void __launch_bounds__(256) star_combine_kernel(const StarParams p) {
+  star_combine_thread<E, D>(p, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
+}
+// delta: one warp per row, 8 warps per block.
+template <Elt E, int D>
+__global__ void __launch_bounds__(256) star_delta_kernel(const StarParams p) {
+  star_delta_warp<E, D>(p, static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32, static_cast<int>(threadIdx.x % 32));
+}
+#endif
+
+}  // namespace htc::star_cuda

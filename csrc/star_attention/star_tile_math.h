@@ -1,0 +1,75 @@
+// Per-row attention math shared by the star_attention kernels, host and device (torch-free), written
+// once and unit-tested on the host (csrc/tests/test_star_cuda_kernels.cpp) against float64:
+//  - the online-softmax step (running max in the log2 domain, rescale factor, empty-row handling);
+//  - the log-sum-exp of a finished row;
+//  - the deterministic split-K combine of partial rows (fixed order, no atomics);
+//  - the three-term bf16 split of fp32 values used to run fp32 attention on bf16 tensor cores.
+// Rows that have seen no allowed key keep m = -inf and exponentiate against 0, so they stay exactly 0
+// (never -inf - -inf = NaN); their lse is -inf (PAD rows, DESIGN.md §2).
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "common/half_bits.h"
+#include "star_attention/star_mask.h"  // HTC_HD
+
+namespace htc::tile {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+HTC_HD float neg_inf() { return -__builtin_huge_valf(); }
+
+// Exponent reference for a running max: 0 while the row has no allowed key yet.
+HTC_HD float softmax_ref(float m) { return m == neg_inf() ? 0.f : m; }
+
+// One online-softmax step of a row: the tile's max of the (log2-scaled, masked: -inf) scores joins
+// the running max. The caller multiplies its accumulator and partial sum by `alpha` and takes
+// p = exp2(s - ref) for every allowed score (0 for masked ones, chosen by select, never multiplied).
+struct RowStep {
+  float m_new, ref, alpha;
+};
+HTC_HD RowStep row_step(float m_old, float tile_max) {
+  RowStep r;
+  r.m_new = fmaxf(m_old, tile_max);
+  r.ref = softmax_ref(r.m_new);
+  r.alpha = exp2f(m_old - r.ref);
+  return r;
+}
+
+// Natural-log log-sum-exp of a finished row (max m in the log2 domain, sum l of exp2(s - m));
+// -inf for a row that attended nothing.
+HTC_HD float row_lse(float m, float l) { return l > 0.f ? (m + log2f(l)) * kLn2 : neg_inf(); }
+
+// Split-K combine. Partial k of a row covers a disjoint set of keys and reports its normalised output
+// o_k and its natural-log lse_k (-inf and o_k = 0 when it saw no allowed key). Returns the row's lse;
+// the combined output is sum_k weight(lse_k, lse) * o_k, summed in k order (deterministic).
+HTC_HD float combine_lse(const float* lse, int64_t stride, int n) {
+  float mx = neg_inf();
+  for (int k = 0; k < n; ++k) mx = fmaxf(mx, lse[k * stride]);
+  if (mx == neg_inf()) return neg_inf();
+  float sum = 0.f;
+  for (int k = 0; k < n; ++k) sum += expf(lse[k * stride] - mx);
+  return mx + logf(sum);
+}
+HTC_HD float combine_weight(float lse_k, float lse_total) {
+  return lse_total == neg_inf() ? 0.f : expf(lse_k - lse_total);
+}
+
+// fp32 x = hi + mid + lo, each a bf16 (8 significant bits), |x - hi - mid - lo| <= 2^-24 |x| for
+// normal x. Both subtractions are exact in fp32. Products of two split values keep the six terms of
+// order >= 2^-16 (hi*hi, hi*mid, mid*hi, hi*lo, lo*hi, mid*mid): error ~2^-22 per product, against
+// ~2^-9 for plain bf16 and ~2^-12 for TF32 — enough for the 1e-4 fp32 contract with margin.
+struct Split3 {
+  uint16_t hi, mid, lo;
+};
+HTC_HD Split3 split3(float x) {
+  Split3 s;
+  s.hi = bits::float_to_bf16(x);
+  const float r1 = x - bits::bf16_to_float(s.hi);
+  s.mid = bits::float_to_bf16(r1);
+  s.lo = bits::float_to_bf16(r1 - bits::bf16_to_float(s.mid));
+  return s;
+}
+
+}  // namespace htc::tile

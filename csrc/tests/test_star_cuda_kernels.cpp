@@ -1,0 +1,674 @@
+// ctest: the CUDA star_attention kernels and their shared math, run on the host.
+//  1. Shared math (star_tile_math.h, half_bits.h) against float64 / the compiler's _Float16.
+//  2. The kernel bodies of star_attention_kernel.cuh executed by the SIMT emulator
+//     (simt_emulator.h: fibers, PTX fragment semantics, randomised thread order, cp.async landing at
+//     the wait) on random star layouts, against a float64 dense reference: fp32/bf16/fp16, every
+//     head dim, GQA, decode (Sq < Skv), left/right padding, both topologies, strided inputs, split-K,
+//     and NaN/Inf planted in keys/values that the checked rows may not attend.
+// Nothing here needs a GPU; what it cannot show is listed in the report of the branch (timing, the
+// hardware's own MMA accumulation order, real memory ordering).
+//
+//   HTC_EMU_QUICK=1   fewer cases (used while iterating)
+#include "tests/simt_emulator.h"  // first: provides the simt primitives on the host
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "star_attention/star_attention_kernel.cuh"
+#include "star_attention/star_mask.h"
+#include "star_attention/star_tile_math.h"
+
+namespace {
+
+using htc::star_cuda::Elt;
+using htc::star_cuda::EltT;
+namespace sc = htc::star_cuda;
+namespace emu = htc::simt::emu;
+
+int failures = 0;
+#define EXPECT(cond, ...)                       \
+  do {                                          \
+    if (!(cond)) {                              \
+      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+      std::printf(__VA_ARGS__);                 \
+      std::printf("\n");                        \
+      ++failures;                               \
+    }                                           \
+  } while (0)
+
+const bool kQuick = std::getenv("HTC_EMU_QUICK") != nullptr;
+
+// ------------------------------------------------------------------------------------------------
+// 1. Shared math
+
+void test_conversions() {
+  // bf16: every pattern round-trips; float -> bf16 is round-to-nearest-even.
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const float f = htc::bits::bf16_to_float(static_cast<uint16_t>(h));
+    if (std::isnan(f)) continue;
+    EXPECT(htc::bits::float_to_bf16(f) == h, "bf16 round trip %04x", h);
+  }
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<uint32_t> any;
+  for (int i = 0; i < 200000; ++i) {
+    const float f = htc::bits::as_float(any(rng));
+    if (std::isnan(f)) continue;
+    // bf16 reference: the nearest of the two neighbours, ties to the even one.
+    const uint16_t lo = static_cast<uint16_t>(htc::bits::as_u32(f) >> 16);
+    const uint16_t hi = static_cast<uint16_t>(lo + 1);
+    if (std::isinf(f)) continue;
+    // The pattern after the largest finite bf16 is infinity; for rounding it stands for 2^128.
+    auto value = [](uint16_t h) {
+      const float x = htc::bits::bf16_to_float(h);
+      return std::isinf(x) ? std::copysign(std::ldexp(1.0, 128), double(x)) : double(x);
+    };
+    const double dl = std::fabs(value(lo) - f), dh = std::fabs(value(hi) - f);
+    const uint16_t want = (dl < dh || (dl == dh && (lo & 1) == 0)) ? lo : hi;
+    const uint16_t got = htc::bits::float_to_bf16(f);
+    EXPECT(got == want, "bf16 rounding of %a: %04x vs %04x", f, got, want);
+#if defined(__FLT16_MAX__)
+    const _Float16 ref = static_cast<_Float16>(f);
+    uint16_t ref_bits;
+    std::memcpy(&ref_bits, &ref, 2);
+    EXPECT(htc::bits::float_to_f16(f) == ref_bits, "f16 rounding of %a: %04x vs %04x", f,
+           htc::bits::float_to_f16(f), ref_bits);
+#endif
+  }
+#if defined(__FLT16_MAX__)
+  for (uint32_t h = 0; h < 65536; ++h) {
+    _Float16 x;
+    const uint16_t hb = static_cast<uint16_t>(h);
+    std::memcpy(&x, &hb, 2);
+    const float want = static_cast<float>(x), got = htc::bits::f16_to_float(hb);
+    EXPECT((std::isnan(want) && std::isnan(got)) || want == got, "f16 -> f32 %04x", h);
+  }
+  // Small values around the subnormal range of fp16.
+  std::uniform_real_distribution<float> tiny(-1e-4f, 1e-4f);
+  for (int i = 0; i < 100000; ++i) {
+    const float f = tiny(rng);
+    const _Float16 ref = static_cast<_Float16>(f);
+    uint16_t ref_bits;
+    std::memcpy(&ref_bits, &ref, 2);
+    EXPECT(htc::bits::float_to_f16(f) == ref_bits, "f16 subnormal rounding of %a", f);
+  }
+#endif
+  // Non-finite detection.
+  EXPECT(htc::bits::nonfinite_bf16(0x7f80) && htc::bits::nonfinite_bf16(0xffc1) && !htc::bits::nonfinite_bf16(0x7f7f),
+         "bf16 nonfinite");
+  EXPECT(htc::bits::nonfinite_f16(0x7c00) && htc::bits::nonfinite_f16(0xfe00) && !htc::bits::nonfinite_f16(0x7bff),
+         "f16 nonfinite");
+  EXPECT(htc::bits::nonfinite_f32(0x7f800000u) && !htc::bits::nonfinite_f32(0x7f7fffffu), "f32 nonfinite");
+}
+
+void test_split3() {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::uniform_real_distribution<float> ex(-30.f, 30.f);
+  double worst = 0, worst_prod = 0;
+  for (int i = 0; i < 200000; ++i) {
+    const float x = nd(rng) * std::exp2(ex(rng)), y = nd(rng) * std::exp2(ex(rng));
+    const auto a = htc::tile::split3(x), b = htc::tile::split3(y);
+    auto f = [](uint16_t h) { return double(htc::bits::bf16_to_float(h)); };
+    const double rx = f(a.hi) + f(a.mid) + f(a.lo);
+    worst = std::max(worst, std::fabs(rx - x) / std::fabs(double(x)));
+    // the six kept products, as the tensor cores form them (exact products, fp32 sums)
+    const double prod = f(a.hi) * f(b.hi) + f(a.hi) * f(b.mid) + f(a.mid) * f(b.hi) + f(a.hi) * f(b.lo) +
+                        f(a.lo) * f(b.hi) + f(a.mid) * f(b.mid);
+    worst_prod = std::max(worst_prod, std::fabs(prod - double(x) * y) / std::fabs(double(x) * y));
+  }
+  EXPECT(worst <= std::exp2(-24), "split3 reconstruction error %g", worst);
+  EXPECT(worst_prod <= std::exp2(-21), "split3 product error %g", worst_prod);
+  std::printf("split3: reconstruction error <= %.3g, product error <= %.3g\n", worst, worst_prod);
+}
+
+// Online softmax over random chunkings of a row (masked entries, empty chunks, all-masked rows) vs
+// float64; then the same rows split into parts and merged with the split-K combine.
+void test_online_softmax_and_combine() {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0.f, 3.f);
+  double worst_o = 0, worst_l = 0, worst_co = 0, worst_cl = 0;
+  for (int trial = 0; trial < 3000; ++trial) {
+    const int n = 1 + static_cast<int>(rng() % 300), dv = 4;
+    std::vector<float> s(n), v(static_cast<size_t>(n) * dv);
+    std::vector<char> allow(n);
+    const int mode = trial % 4;  // 0: dense, 1: sparse, 2: nothing allowed, 3: one allowed
+    for (int j = 0; j < n; ++j) {
+      s[j] = nd(rng);
+      allow[j] = mode == 0 ? 1 : mode == 1 ? (rng() % 5 == 0) : 0;
+      for (int d = 0; d < dv; ++d) v[j * dv + d] = nd(rng);
+    }
+    if (mode == 3) allow[rng() % n] = 1;
+    // float64 reference (natural log domain)
+    double mx = -INFINITY;
+    for (int j = 0; j < n; ++j)
+      if (allow[j]) mx = std::max(mx, double(s[j]));
+    double l = 0, o[4] = {0, 0, 0, 0};
+    for (int j = 0; j < n; ++j)
+      if (allow[j]) {
+        const double e = std::exp(double(s[j]) - mx);
+        l += e;
+        for (int d = 0; d < dv; ++d) o[d] += e * v[j * dv + d];
+      }
+    const bool empty = l == 0;
+    const double ref_lse = empty ? -INFINITY : mx + std::log(l);
+    // kernel math: scores in the log2 domain, chunks of random size
+    auto run = [&](int j0, int j1, float* out, float* lse_out) {
+      float m = htc::tile::neg_inf(), lsum = 0, acc[4] = {0, 0, 0, 0};
+      for (int c0 = j0; c0 < j1;) {
+        const int c1 = std::min(j1, c0 + 1 + static_cast<int>(rng() % 70));
+        float tmax = htc::tile::neg_inf();
+        for (int j = c0; j < c1; ++j)
+          if (allow[j]) tmax = std::max(tmax, s[j] * htc::tile::kLog2e);
+        const auto u = htc::tile::row_step(m, tmax);
+        float sum = 0;
+        for (int d = 0; d < dv; ++d) acc[d] *= u.alpha;
+        for (int j = c0; j < c1; ++j) {
+          const float p = allow[j] ? exp2f(s[j] * htc::tile::kLog2e - u.ref) : 0.f;
+          sum += p;
+          if (allow[j])
+            for (int d = 0; d < dv; ++d) acc[d] += p * v[j * dv + d];
+        }
+        lsum = lsum * u.alpha + sum;
+        m = u.m_new;
+        c0 = c1;
+      }
+      const float inv = lsum > 0 ? 1.f / lsum : 0.f;
+      for (int d = 0; d < dv; ++d) out[d] = acc[d] * inv;
+      *lse_out = htc::tile::row_lse(m, lsum);
+    };
+    float out[4], lse;
+    run(0, n, out, &lse);
+    if (empty) {
+      EXPECT(lse == htc::tile::neg_inf() && out[0] == 0 && out[3] == 0, "empty row: lse %g out %g", lse, out[0]);
+    } else {
+      worst_l = std::max(worst_l, std::fabs(lse - ref_lse) / std::max(1.0, std::fabs(ref_lse)));
+      for (int d = 0; d < dv; ++d) worst_o = std::max(worst_o, std::fabs(out[d] - o[d] / l) / (std::fabs(o[d] / l) + 1e-3));
+    }
+    // split-K: up to 5 parts (some empty), combined in order
+    const int parts = 1 + static_cast<int>(rng() % 5);
+    std::vector<float> po(static_cast<size_t>(parts) * dv), pl(parts);
+    for (int k = 0; k < parts; ++k) run(n * k / parts, n * (k + 1) / parts, &po[k * dv], &pl[k]);
+    const float clse = htc::tile::combine_lse(pl.data(), 1, parts);
+    float co[4] = {0, 0, 0, 0};
+    for (int k = 0; k < parts; ++k) {
+      const float w = htc::tile::combine_weight(pl[k], clse);
+      if (w == 0.f) continue;
+      for (int d = 0; d < dv; ++d) co[d] += w * po[k * dv + d];
+    }
+    if (empty) {
+      EXPECT(clse == htc::tile::neg_inf() && co[0] == 0, "empty combined row");
+    } else {
+      worst_cl = std::max(worst_cl, std::fabs(clse - ref_lse) / std::max(1.0, std::fabs(ref_lse)));
+      for (int d = 0; d < dv; ++d) worst_co = std::max(worst_co, std::fabs(co[d] - o[d] / l) / (std::fabs(o[d] / l) + 1e-3));
+    }
+  }
+  EXPECT(worst_o < 1e-4 && worst_l < 1e-5, "online softmax: out %g lse %g", worst_o, worst_l);
+  EXPECT(worst_co < 1e-4 && worst_cl < 1e-5, "split-K combine: out %g lse %g", worst_co, worst_cl);
+  std::printf("online softmax: out %.2g lse %.2g; combine: out %.2g lse %.2g (relative)\n", worst_o, worst_l,
+              worst_co, worst_cl);
+}
+
+// ------------------------------------------------------------------------------------------------
+// 2. Kernels on the emulator
+
+// A random sample: text, images (VISUAL run + VOCO run), text between, padding on one side.
+void random_layout(std::mt19937& rng, int min_len, std::vector<int8_t>& kinds, std::vector<int32_t>& groups,
+                   bool left_pad, int pad) {
+  kinds.clear();
+  groups.clear();
+  auto push = [&](int8_t k, int32_t g, int n) {
+    for (int i = 0; i < n; ++i) kinds.push_back(k), groups.push_back(g);
+  };
+  if (left_pad) push(htc::kPad, -1, pad);
+  push(htc::kText, -1, static_cast<int>(rng() % 10));
+  const int n_img = 1 + static_cast<int>(rng() % 3);
+  for (int g = 0; g < n_img; ++g) {
+    push(htc::kVisual, g, 1 + static_cast<int>(rng() % 80));
+    push(htc::kVoco, g, static_cast<int>(rng() % 3));
+    push(htc::kText, -1, static_cast<int>(rng() % 6));
+  }
+  push(htc::kText, -1, 1 + static_cast<int>(rng() % 8));
+  while (static_cast<int>(kinds.size()) + (left_pad ? 0 : pad) < min_len) push(htc::kText, -1, 1);
+  if (!left_pad) push(htc::kPad, -1, pad);
+}
+
+struct Case {
+  std::string name;
+  int B = 1, Hq = 2, Hkv = 1, Sq = 0, Skv = 0, D = 64, plan_batch = 1, topology = 0, n_split = 1;
+  bool strided = false;   // q/k/v stored [B, S, H, D] (HF's transpose(1, 2) views)
+  bool poison = false;    // NaN/Inf in keys/values that the checked rows may not attend
+  bool backward = true;   // also dQ, dK, dV (with grad_lse, and NaN grad_out / grad_lse on PAD rows)
+  float scale = 0.125f;
+  uint64_t seed = 1;
+};
+
+struct Layout {
+  std::vector<int8_t> kinds;    // [plan_batch, Skv]
+  std::vector<int32_t> groups;  // [plan_batch, Skv]
+};
+
+bool allowed_at(const Layout& L, const Case& c, int b, int64_t qi, int64_t j) {
+  const int bl = c.plan_batch == 1 ? 0 : b;
+  const int8_t* k = L.kinds.data() + static_cast<size_t>(bl) * c.Skv;
+  const int32_t* g = L.groups.data() + static_cast<size_t>(bl) * c.Skv;
+  const int64_t p = qi + c.Skv - c.Sq;
+  return htc::star_allowed(p, j, k[p], g[p], k[j], g[j], c.topology);
+}
+
+template <Elt E>
+struct Tensors {
+  using Store = typename EltT<E>::Store;
+  std::vector<Store> q, k, v;
+  int64_t q_s[3], k_s[3], v_s[3];  // batch, head, seq strides
+};
+
+template <Elt E>
+void fill(const Case& c, std::mt19937& rng, Tensors<E>& t) {
+  std::normal_distribution<float> nd(0.f, 1.f);
+  auto make = [&](std::vector<typename EltT<E>::Store>& x, int64_t (&st)[3], int H, int S) {
+    x.resize(static_cast<size_t>(c.B) * H * S * c.D);
+    for (auto& e : x) e = sc::from_f<E>(nd(rng));
+    if (c.strided) {  // storage [B, S, H, D]
+      st[0] = static_cast<int64_t>(S) * H * c.D;
+      st[1] = c.D;
+      st[2] = static_cast<int64_t>(H) * c.D;
+    } else {
+      st[0] = static_cast<int64_t>(H) * S * c.D;
+      st[1] = static_cast<int64_t>(S) * c.D;
+      st[2] = c.D;
+    }
+  };
+  make(t.q, t.q_s, c.Hq, c.Sq);
+  make(t.k, t.k_s, c.Hkv, c.Skv);
+  make(t.v, t.v_s, c.Hkv, c.Skv);
+}
+
+// Backward on the emulator (delta, dQ, dK/dV kernels, from the forward's own out and lse) against
+// float64 gradients of sum(dO . O) + sum(grad_lse . lse). grad_out and grad_lse are NaN on PAD rows.
+// Rows attending a poisoned key, and keys such rows attend, are not compared (their gradients are
+// legitimately NaN); everything else must be finite and close.
+template <Elt E, int D>
+void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const std::vector<char>& poisoned,
+                    sc::StarParams p, const std::vector<typename EltT<E>::Store>& out, const std::vector<float>& lse) {
+  using Store = typename EltT<E>::Store;
+  using Dq = sc::DqCfg<E, D>;
+  using Dkv = sc::DkvCfg<E, D>;
+  std::mt19937 rng(static_cast<uint32_t>(c.seed * 31 + 7));
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const int64_t rows = static_cast<int64_t>(c.B) * c.Hq * c.Sq;
+  auto row_pad = [&](int b, int i) {
+    const int bl = c.plan_batch == 1 ? 0 : b;
+    return L.kinds[static_cast<size_t>(bl) * c.Skv + i + c.Skv - c.Sq] == htc::kPad;
+  };
+  std::vector<Store> dout(static_cast<size_t>(rows) * D);
+  std::vector<float> glse(rows), delta(rows, NAN);
+  for (int b = 0; b < c.B; ++b)
+    for (int h = 0; h < c.Hq; ++h)
+      for (int i = 0; i < c.Sq; ++i) {
+        const int64_t row = (static_cast<int64_t>(b) * c.Hq + h) * c.Sq + i;
+        const bool pad = row_pad(b, i);
+        glse[row] = pad ? NAN : 0.5f * nd(rng);
+        for (int d = 0; d < D; ++d) dout[row * D + d] = sc::from_f<E>(pad ? NAN : nd(rng));
+      }
+  std::vector<Store> dq(t.q.size(), sc::from_f<E>(NAN)), dk(t.k.size(), sc::from_f<E>(NAN)),
+      dv(t.v.size(), sc::from_f<E>(NAN));
+  p.dout = dout.data();
+  p.do_sb = static_cast<int64_t>(c.Hq) * c.Sq * D, p.do_sh = static_cast<int64_t>(c.Sq) * D, p.do_ss = D;
+  p.o = out.data();
+  p.o_sb = p.do_sb, p.o_sh = p.do_sh, p.o_ss = p.do_ss;
+  p.lse_in = lse.data();
+  p.grad_lse = glse.data();
+  p.delta = delta.data();
+  p.dq = dq.data();
+  p.dk = dk.data();
+  p.dv = dv.data();
+  p.n_split = 1;
+  emu::add_global_range(dout.data(), dout.size() * sizeof(Store));
+  emu::launch((rows + 7) / 8, 256, 0, [&](int tid, int64_t blk, unsigned char*) {
+    sc::star_delta_warp<E, D>(p, blk * 8 + tid / 32, tid % 32);
+  });
+  const int64_t dq_grid = static_cast<int64_t>(c.B) * c.Hq * ((c.Sq + Dq::BQ - 1) / Dq::BQ) * Dq::kOSplit;
+  emu::launch(dq_grid, Dq::kThreads, Dq::kSmemBytes,
+              [&](int tid, int64_t blk, unsigned char* smem) { sc::star_row_block<Dq>(p, smem, tid, blk); });
+  const int64_t kv_grid = static_cast<int64_t>(c.B) * c.Hkv * p.n_kt;
+  emu::launch(kv_grid, Dkv::kThreads, Dkv::kSmemBytes,
+              [&](int tid, int64_t blk, unsigned char* smem) { sc::star_key_block<Dkv>(p, smem, tid, blk); });
+
+  // float64 reference
+  auto Q = [&](int b, int h, int i, int d) { return double(sc::to_f<E>(t.q[b * t.q_s[0] + h * t.q_s[1] + i * t.q_s[2] + d])); };
+  auto K = [&](int b, int h, int j, int d) { return double(sc::to_f<E>(t.k[b * t.k_s[0] + h * t.k_s[1] + j * t.k_s[2] + d])); };
+  auto V = [&](int b, int h, int j, int d) { return double(sc::to_f<E>(t.v[b * t.v_s[0] + h * t.v_s[1] + j * t.v_s[2] + d])); };
+  std::vector<double> rdq(t.q.size(), 0.0), rdk(t.k.size(), 0.0), rdv(t.v.size(), 0.0);
+  std::vector<char> bad_row(rows, 0), bad_key(static_cast<size_t>(c.B) * c.Skv, 0);
+  for (int b = 0; b < c.B; ++b)
+    for (int j = 0; j < c.Skv; ++j) bad_key[static_cast<size_t>(b) * c.Skv + j] = poisoned[static_cast<size_t>(b) * c.Skv + j];
+  for (int b = 0; b < c.B; ++b)
+    for (int h = 0; h < c.Hq; ++h) {
+      const int hk = h / (c.Hq / c.Hkv);
+      for (int i = 0; i < c.Sq; ++i) {
+        const int64_t row = (static_cast<int64_t>(b) * c.Hq + h) * c.Sq + i;
+        if (row_pad(b, i)) continue;
+        std::vector<double> s(c.Skv, -INFINITY), pr(c.Skv, 0.0);
+        double mx = -INFINITY;
+        bool bad = false;
+        for (int j = 0; j < c.Skv; ++j) {
+          if (!allowed_at(L, c, b, i, j)) continue;
+          bad |= poisoned[static_cast<size_t>(b) * c.Skv + j] != 0;
+          double a = 0;
+          for (int d = 0; d < D; ++d) a += Q(b, h, i, d) * K(b, hk, j, d);
+          s[j] = a * c.scale;
+          mx = std::max(mx, s[j]);
+        }
+        if (bad) {
+          bad_row[row] = 1;
+          for (int j = 0; j < c.Skv; ++j)
+            if (allowed_at(L, c, b, i, j)) bad_key[static_cast<size_t>(b) * c.Skv + j] = 1;
+          continue;
+        }
+        double l = 0;
+        for (int j = 0; j < c.Skv; ++j)
+          if (s[j] > -INFINITY) l += std::exp(s[j] - mx);
+        const double lse_ref = mx + std::log(l);
+        std::vector<double> o(D, 0.0);
+        for (int j = 0; j < c.Skv; ++j) {
+          if (s[j] == -INFINITY) continue;
+          pr[j] = std::exp(s[j] - lse_ref);
+          for (int d = 0; d < D; ++d) o[d] += pr[j] * V(b, hk, j, d);
+        }
+        double dlt = -double(glse[row]);
+        for (int d = 0; d < D; ++d) dlt += double(sc::to_f<E>(dout[row * D + d])) * o[d];
+        for (int j = 0; j < c.Skv; ++j) {
+          if (pr[j] == 0.0) continue;
+          double dpj = 0;
+          for (int d = 0; d < D; ++d) dpj += double(sc::to_f<E>(dout[row * D + d])) * V(b, hk, j, d);
+          const double ds = pr[j] * (dpj - dlt);
+          for (int d = 0; d < D; ++d) {
+            rdq[b * t.q_s[0] + h * t.q_s[1] + i * t.q_s[2] + d] += c.scale * ds * K(b, hk, j, d);
+            rdk[b * t.k_s[0] + hk * t.k_s[1] + j * t.k_s[2] + d] += c.scale * ds * Q(b, h, i, d);
+            rdv[b * t.v_s[0] + hk * t.v_s[1] + j * t.v_s[2] + d] += pr[j] * double(sc::to_f<E>(dout[row * D + d]));
+          }
+        }
+      }
+    }
+  // compare (dq/dk/dv are written contiguous [B, H, S, D]; the reference follows the input strides)
+  auto compare = [&](const char* what, const std::vector<Store>& got, const std::vector<double>& want,
+                     const int64_t (&st)[3], int H, int S, auto skip, auto zero) {
+    double e2 = 0, r2 = 0;
+    int nonfinite = 0, nonzero = 0;
+    for (int b = 0; b < c.B; ++b)
+      for (int h = 0; h < H; ++h)
+        for (int i = 0; i < S; ++i) {
+          if (skip(b, h, i)) continue;
+          for (int d = 0; d < D; ++d) {
+            const double g = sc::to_f<E>(got[((static_cast<int64_t>(b) * H + h) * S + i) * D + d]);
+            const double w = want[b * st[0] + h * st[1] + i * st[2] + d];
+            if (!std::isfinite(g)) ++nonfinite;
+            if (zero(b, h, i) && g != 0.0) ++nonzero;
+            e2 += (g - w) * (g - w);
+            r2 += w * w;
+          }
+        }
+    const double rel = std::sqrt(e2 / std::max(r2, 1e-30));
+    const double tol = E == Elt::kF32 ? 2e-5 : E == Elt::kF16 ? 5e-3 : 3e-2;
+    std::printf("    %s rel %.2e%s\n", what, rel, rel <= tol && !nonfinite && !nonzero ? "" : "  <-- FAIL");
+    EXPECT(nonfinite == 0, "%s %s: %d non-finite gradient entries", c.name.c_str(), what, nonfinite);
+    EXPECT(nonzero == 0, "%s %s: %d non-zero entries on PAD rows/keys", c.name.c_str(), what, nonzero);
+    EXPECT(rel <= tol, "%s %s: relative error %g > %g", c.name.c_str(), what, rel, tol);
+  };
+  auto key_pad = [&](int b, int j) {
+    const int bl = c.plan_batch == 1 ? 0 : b;
+    return L.kinds[static_cast<size_t>(bl) * c.Skv + j] == htc::kPad;
+  };
+  compare("dq", dq, rdq, t.q_s, c.Hq, c.Sq,
+          [&](int b, int h, int i) { return bad_row[(static_cast<int64_t>(b) * c.Hq + h) * c.Sq + i] != 0; },
+          [&](int b, int, int i) { return row_pad(b, i); });
+  auto kskip = [&](int b, int, int j) { return bad_key[static_cast<size_t>(b) * c.Skv + j] != 0; };
+  auto kzero = [&](int b, int, int j) { return key_pad(b, j); };
+  compare("dk", dk, rdk, t.k_s, c.Hkv, c.Skv, kskip, kzero);
+  compare("dv", dv, rdv, t.v_s, c.Hkv, c.Skv, kskip, kzero);
+}
+
+template <Elt E, int D>
+void run_case(const Case& c) {
+  using Store = typename EltT<E>::Store;
+  constexpr int BK = sc::fwd_block_k(E, D);
+  using Cfg = sc::FwdCfg<E, D>;
+  std::mt19937 rng(static_cast<uint32_t>(c.seed));
+  Layout L;
+  for (int bl = 0; bl < c.plan_batch; ++bl) {
+    std::vector<int8_t> k;
+    std::vector<int32_t> g;
+    random_layout(rng, c.Skv, k, g, bl % 2 == 1, static_cast<int>(rng() % 7));
+    k.resize(c.Skv, htc::kText);  // keep the requested length (a cut image is still a valid layout)
+    g.resize(c.Skv, -1);
+    L.kinds.insert(L.kinds.end(), k.begin(), k.end());
+    L.groups.insert(L.groups.end(), g.begin(), g.end());
+  }
+  Tensors<E> t;
+  fill<E>(c, rng, t);
+
+  // Poison keys/values that some rows may not attend with NaN/Inf in K and V; rows that do attend
+  // one are not compared (their output is legitimately non-finite).
+  std::vector<char> poisoned(static_cast<size_t>(c.B) * c.Skv, 0);
+  if (c.poison) {
+    for (int b = 0; b < c.B; ++b)
+      for (int j = 0; j < c.Skv; ++j) {
+        const int bl = c.plan_batch == 1 ? 0 : b;
+        const int8_t kj = L.kinds[static_cast<size_t>(bl) * c.Skv + j];
+        const int32_t gj = L.groups[static_cast<size_t>(bl) * c.Skv + j];
+        // PAD keys; a third of image 0's visual keys (masked for text rows and the other visual rows,
+        // in MASKED tiles); the last text key (masked for every earlier row of its tile: CAUSAL).
+        const bool last_text = kj == htc::kText && j == c.Skv - 1;
+        if (kj == htc::kPad || (kj == htc::kVisual && gj == 0 && rng() % 3 == 0) || last_text) {
+          poisoned[static_cast<size_t>(b) * c.Skv + j] = 1;
+          for (int hk = 0; hk < c.Hkv; ++hk)
+            for (int d = 0; d < D; ++d) {
+              const float bad = (d % 3 == 0) ? NAN : (d % 3 == 1 ? INFINITY : -INFINITY);
+              if (rng() % 2) t.k[b * t.k_s[0] + hk * t.k_s[1] + j * t.k_s[2] + d] = sc::from_f<E>(bad);
+              if (d % 5 == 0 || rng() % 2) t.v[b * t.v_s[0] + hk * t.v_s[1] + j * t.v_s[2] + d] = sc::from_f<E>(bad);
+            }
+        }
+      }
+  }
+
+  // Plan with the kernel's tile sizes.
+  const int n_qt = (c.Sq + 63) / 64, n_kt = (c.Skv + BK - 1) / BK;
+  std::vector<uint8_t> plan(static_cast<size_t>(c.plan_batch) * n_qt * n_kt);
+  for (int bl = 0; bl < c.plan_batch; ++bl)
+    htc::build_star_plan(L.kinds.data() + static_cast<size_t>(bl) * c.Skv, L.groups.data() + static_cast<size_t>(bl) * c.Skv,
+                         c.Skv, c.Sq, 64, BK, c.topology, plan.data() + static_cast<size_t>(bl) * n_qt * n_kt);
+
+  const int64_t rows = static_cast<int64_t>(c.B) * c.Hq * c.Sq;
+  std::vector<Store> out(static_cast<size_t>(rows) * D, sc::from_f<E>(NAN));
+  std::vector<float> lse(rows, NAN), o_part, lse_part;
+  if (c.n_split > 1) {
+    o_part.assign(static_cast<size_t>(c.n_split) * rows * D, NAN);
+    lse_part.assign(static_cast<size_t>(c.n_split) * rows, NAN);
+  }
+  sc::StarParams p{};
+  p.q = t.q.data();
+  p.k = t.k.data();
+  p.v = t.v.data();
+  p.q_sb = t.q_s[0], p.q_sh = t.q_s[1], p.q_ss = t.q_s[2];
+  p.k_sb = t.k_s[0], p.k_sh = t.k_s[1], p.k_ss = t.k_s[2];
+  p.v_sb = t.v_s[0], p.v_sh = t.v_s[1], p.v_ss = t.v_s[2];
+  p.out = out.data();
+  p.lse = lse.data();
+  p.o_part = o_part.data();
+  p.lse_part = lse_part.data();
+  p.kinds = L.kinds.data();
+  p.groups = L.groups.data();
+  p.plan = plan.data();
+  p.B = c.B, p.Hq = c.Hq, p.Hkv = c.Hkv, p.Sq = c.Sq, p.Skv = c.Skv, p.n_qt = n_qt, p.n_kt = n_kt;
+  p.q_off = c.Skv - c.Sq, p.plan_batch = c.plan_batch, p.topology = c.topology, p.n_split = c.n_split;
+  p.scale = c.scale;
+  p.scale_log2 = c.scale * htc::tile::kLog2e;
+
+  emu::clear_global_ranges();
+  emu::add_global_range(t.q.data(), t.q.size() * sizeof(Store));
+  emu::add_global_range(t.k.data(), t.k.size() * sizeof(Store));
+  emu::add_global_range(t.v.data(), t.v.size() * sizeof(Store));
+  emu::set_scheduling_seed(c.seed * 7919);
+  const int64_t grid = static_cast<int64_t>(c.B) * c.Hq * n_qt * c.n_split * Cfg::kOSplit;
+  emu::launch(grid, Cfg::kThreads, Cfg::kSmemBytes,
+              [&](int tid, int64_t blk, unsigned char* smem) { sc::star_row_block<Cfg>(p, smem, tid, blk); });
+  if (c.n_split > 1) {
+    const int64_t n = rows * (D / 4);
+    for (int64_t i = 0; i < n; ++i) sc::star_combine_thread<E, D>(p, i);
+  }
+
+  // float64 reference on the (rounded) inputs; rows attending a poisoned key are skipped.
+  double err2 = 0, ref2 = 0, lse_err = 0;
+  int checked = 0, skipped = 0;
+  for (int b = 0; b < c.B; ++b)
+    for (int h = 0; h < c.Hq; ++h) {
+      const int hk = h / (c.Hq / c.Hkv);
+      for (int i = 0; i < c.Sq; ++i) {
+        const int64_t row = (static_cast<int64_t>(b) * c.Hq + h) * c.Sq + i;
+        bool attends_poison = false;
+        std::vector<double> s(c.Skv, -INFINITY);
+        double mx = -INFINITY;
+        for (int j = 0; j < c.Skv; ++j) {
+          if (!allowed_at(L, c, b, i, j)) continue;
+          attends_poison |= poisoned[static_cast<size_t>(b) * c.Skv + j] != 0;
+          double acc = 0;
+          for (int d = 0; d < D; ++d)
+            acc += double(sc::to_f<E>(t.q[b * t.q_s[0] + h * t.q_s[1] + i * t.q_s[2] + d])) *
+                   double(sc::to_f<E>(t.k[b * t.k_s[0] + hk * t.k_s[1] + j * t.k_s[2] + d]));
+          s[j] = acc * c.scale;
+          mx = std::max(mx, s[j]);
+        }
+        if (attends_poison) {
+          ++skipped;
+          continue;
+        }
+        ++checked;
+        std::vector<double> o(D, 0.0);
+        double l = 0;
+        for (int j = 0; j < c.Skv; ++j) {
+          if (s[j] == -INFINITY) continue;
+          const double e = std::exp(s[j] - mx);
+          l += e;
+          for (int d = 0; d < D; ++d) o[d] += e * double(sc::to_f<E>(t.v[b * t.v_s[0] + hk * t.v_s[1] + j * t.v_s[2] + d]));
+        }
+        const double ref_lse = l > 0 ? mx + std::log(l) : -INFINITY;
+        if (l == 0) {
+          EXPECT(lse[row] == -INFINITY, "%s: empty row %lld lse %g", c.name.c_str(), static_cast<long long>(row), lse[row]);
+        } else {
+          lse_err = std::max(lse_err, std::fabs(lse[row] - ref_lse) / std::max(1.0, std::fabs(ref_lse)));
+        }
+        for (int d = 0; d < D; ++d) {
+          const double want = l > 0 ? o[d] / l : 0.0;
+          const double got = sc::to_f<E>(out[row * D + d]);
+          if (l == 0) {
+            EXPECT(got == 0.0, "%s: empty/PAD row %lld col %d = %g (want exact 0)", c.name.c_str(),
+                   static_cast<long long>(row), d, got);
+            continue;
+          }
+          if (!std::isfinite(got)) {
+            EXPECT(false, "%s: non-finite output row %lld col %d", c.name.c_str(), static_cast<long long>(row), d);
+            return;
+          }
+          err2 += (got - want) * (got - want);
+          ref2 += want * want;
+        }
+      }
+    }
+  const double rel = ref2 > 0 ? std::sqrt(err2 / ref2) : std::sqrt(err2);
+  const double tol = E == Elt::kF32 ? 2e-6 : E == Elt::kF16 ? 2e-3 : 1.2e-2;
+  std::printf("%-44s rel %.2e lse %.2e (%d rows, %d skipped)%s\n", c.name.c_str(), rel, lse_err, checked, skipped,
+              rel <= tol && lse_err <= (E == Elt::kF32 ? 5e-6 : 1e-3) ? "" : "  <-- FAIL");
+  EXPECT(rel <= tol, "%s: relative error %g > %g", c.name.c_str(), rel, tol);
+  EXPECT(lse_err <= (E == Elt::kF32 ? 5e-6 : 1e-3), "%s: lse error %g", c.name.c_str(), lse_err);
+  if (c.backward) check_backward<E, D>(c, L, t, poisoned, p, out, lse);
+}
+
+template <Elt E>
+void run_dim(int D, const Case& c) {
+  switch (D) {
+    case 64: return run_case<E, 64>(c);
+    case 80: return run_case<E, 80>(c);
+    case 96: return run_case<E, 96>(c);
+    case 128: return run_case<E, 128>(c);
+    case 256: return run_case<E, 256>(c);
+    default: std::abort();
+  }
+}
+
+void run(Elt e, const Case& c) {
+  switch (e) {
+    case Elt::kF32: return run_dim<Elt::kF32>(c.D, c);
+    case Elt::kBF16: return run_dim<Elt::kBF16>(c.D, c);
+    case Elt::kF16: return run_dim<Elt::kF16>(c.D, c);
+  }
+}
+
+const char* elt_name(Elt e) { return e == Elt::kF32 ? "fp32" : e == Elt::kBF16 ? "bf16" : "fp16"; }
+
+void test_forward_kernels() {
+  const Elt elts[] = {Elt::kBF16, Elt::kF16, Elt::kF32};
+  const int dims[] = {64, 80, 96, 128, 256};
+  int n = 0;
+  for (Elt e : elts)
+    for (int d : dims) {
+      if (kQuick && d != 64 && d != 80) continue;
+      Case c;
+      c.D = d;
+      c.seed = 100 + n++;
+      c.B = 2;
+      c.Hq = 2;
+      c.Hkv = d == 96 ? 2 : 1;  // GQA 2:1 except at d = 96
+      c.Skv = c.Sq = 100 + 37 * (n % 3);
+      c.plan_batch = 2;
+      c.topology = n % 2;
+      c.strided = n % 3 == 1;
+      c.scale = 1.f / std::sqrt(static_cast<float>(d));
+      c.name = std::string(elt_name(e)) + " D=" + std::to_string(d) + (c.topology ? " group" : " star") +
+               (c.strided ? " strided" : "") + " S=" + std::to_string(c.Skv);
+      run(e, c);
+    }
+  // Decode (bottom-right aligned) with and without split-K; poisoned masked keys/values.
+  for (Elt e : elts) {
+    if (kQuick && e == Elt::kF32) continue;
+    for (int variant = 0; variant < 4; ++variant) {
+      Case c;
+      c.D = variant % 2 ? 128 : 64;
+      c.seed = 500 + variant + 10 * static_cast<int>(e);
+      c.B = 2;
+      c.Hq = 4;
+      c.Hkv = 2;
+      c.Skv = 150 + 23 * variant;
+      c.Sq = variant == 0 ? 1 : variant == 1 ? 3 : variant == 2 ? 70 : c.Skv;
+      c.plan_batch = variant == 3 ? 1 : 2;
+      c.topology = variant % 2;
+      c.n_split = variant <= 1 ? 3 : (variant == 2 ? 2 : 1);
+      c.poison = true;
+      c.scale = variant == 3 ? 0.3f : 1.f / std::sqrt(static_cast<float>(c.D));
+      c.name = std::string(elt_name(e)) + " decode Sq=" + std::to_string(c.Sq) + "/" + std::to_string(c.Skv) +
+               " split=" + std::to_string(c.n_split) + " poison";
+      run(e, c);
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  test_conversions();
+  test_split3();
+  test_online_softmax_and_combine();
+  test_forward_kernels();
+  std::printf("emulated warp collectives: %llu\n", static_cast<unsigned long long>(emu::M().collectives));
+  if (failures) {
+    std::printf("%d failure(s)\n", failures);
+    return 1;
+  }
+  std::printf("all star CUDA kernel tests passed\n");
+  return 0;
+}
