@@ -54,6 +54,13 @@ def device_of(backend: str) -> torch.device:
     return {"triton": TRITON_DEVICE, "cuda": torch.device("cuda")}.get(backend, torch.device("cpu"))
 
 
+def on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """x on ``device`` with x's strides (non-contiguous inputs stay non-contiguous)."""
+    if x.device == device:
+        return x
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device).copy_(x)
+
+
 def small(backend: str) -> bool:
     """Shrink this case (the Triton interpreter)?"""
     return backend == "triton" and INTERPRETED
@@ -86,6 +93,7 @@ def check(q, k, v, layout, scale=None, grads=True, backend="cpu"):
     same math in that dtype (error <= 2x PyTorch's own error in that dtype, plus a small floor)."""
     if backend == "cuda" and q.shape[-1] not in CUDA_HEAD_DIMS:
         pytest.skip(f"head dim {q.shape[-1]} is not one the CUDA kernel is built for {CUDA_HEAD_DIMS}")
+    q, k, v = [on_device(x, device_of(backend)) for x in (q, k, v)]
     layout = layout.to(q.device)
     q, k, v = [x.detach().requires_grad_(grads) for x in (q, k, v)]
     out = hk.star_attention(q, k, v, layout, scale=scale, backend=backend)
@@ -351,7 +359,8 @@ def test_torch_compile_fullgraph(backend):
     dev = device_of(backend)
     layout = hk.StarLayout(random_kinds(11, batch=2, max_visual=30)).to(dev)
     s = layout.seq_len
-    q, k, v = make_qkv(2, 4, 2, s, s, 32, torch.float32, device=dev)
+    d = 64 if backend == "cuda" else 32  # the CUDA kernel's smallest head dim
+    q, k, v = make_qkv(2, 4, 2, s, s, d, torch.float32, device=dev)
 
     def f(q, k, v):
         return hk.star_attention(q, k, v, layout, backend=backend).sum(-1) * 2
@@ -532,8 +541,9 @@ def test_masked_means_never_read(backend, dtype, request):
     dev = device_of(backend)
     layout, poison, clean_rows, clean_keys = _poison_case(dev)
     b, s = layout.kinds.shape
-    q, k, v = make_qkv(b, 2, 1, s, s, 32, dtype, device=dev)
-    g = torch.randn(b, 2, s, 32).to(dev, dtype)
+    d = 64 if backend == "cuda" else 32  # the CUDA kernel's smallest head dim
+    q, k, v = make_qkv(b, 2, 1, s, s, d, dtype, device=dev)
+    g = torch.randn(b, 2, s, d).to(dev, dtype)
     pad_rows = layout.kinds == P
 
     def run(q, k, v, g):
