@@ -2,6 +2,7 @@
 // Python) with a message naming the problem; the Python wrappers validate first and raise ValueError,
 // these are the last line for direct torch.ops.htc callers.
 #pragma once
+#include <ATen/ATen.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -31,6 +32,15 @@ inline void check_plan_args(const at::Tensor& kinds, const at::Tensor& groups, i
               "star_plan: block sizes must be in [1, ", kMaxBlock, "], got block_q=", block_q,
               ", block_k=", block_k);
   TORCH_CHECK(topology == 0 || topology == 1, "star_plan: topology must be 0 (star) or 1 (group)");
+}
+
+// Every kind is a TokenKind (0..3). Reads the values (a device sync on a GPU): CPU entry points call it.
+inline void check_kinds_values(const char* op, const at::Tensor& kinds) {
+  if (kinds.numel() == 0) return;
+  const auto [lo, hi] = at::aminmax(kinds);
+  TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() <= 3, op,
+              ": kinds must hold TokenKind values 0..3 (TEXT, VISUAL, VOCO, PAD), got values in [",
+              lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
 }
 
 }  // namespace htc

@@ -15,6 +15,7 @@ namespace {
 at::Tensor star_plan_cpu(const at::Tensor& kinds, const at::Tensor& groups, int64_t q_len,
                          int64_t block_q, int64_t block_k, int64_t topology) {
   check_plan_args(kinds, groups, q_len, block_q, block_k, topology);
+  check_kinds_values("star_plan", kinds);
   const auto kinds_c = kinds.contiguous();
   const auto groups_c = groups.contiguous();
   const int64_t batch = kinds.size(0), seq_len = kinds.size(1);
