@@ -173,8 +173,11 @@ def test_huge_block_sizes_are_rejected_not_a_crash():
         "print('bounded-ok')\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package_root = os.path.dirname(os.path.dirname(hk.__file__))  # this htc_kernels (e.g. make test-asan's)
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=package_root
+    )
     assert out.returncode == 0 and "bounded-ok" in out.stdout, (
         out.returncode,
         out.stdout,
