@@ -639,8 +639,9 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
             if (tk != kFull) apply_mask(sT.data(), tmask, nj, BQp);
             scores(g, dpT.data(), vt_rows, ldv, doT.data(), do_row.data(), nj, sp);
             // Masked pairs (score -inf after apply_mask) get dS = 0 by select, not p * (dp - delta) = 0 *
-            // (dO . v_j), which is NaN when v_j is not finite (masked means never read).
-            const bool select = tk != kFull;
+            // (dO . v_j), which is NaN when v_j is not finite (masked means never read). Only partial
+            // spans hold masked pairs among the rows and keys the GEMMs read.
+            const bool select = sp.partial;
             for (int64_t j = 0; j < nj; ++j) {
               float* s = sT.data() + j * BQp;
               float* dpj = dpT.data() + j * BQp;
