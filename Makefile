@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export CUDA_HOME ?= /usr/local/cuda
 export OMP_NUM_THREADS ?= $(shell nproc)
 
-.PHONY: setup test test-python test-cpp bench lint clean
+.PHONY: setup test test-python test-cpp test-asan bench lint clean
 
 setup:
 	bash scripts/setup.sh
@@ -19,6 +19,24 @@ test-cpp:
 	cmake -S . -B build -DCMAKE_BUILD_TYPE=Release > build-cmake.log 2>&1 || (cat build-cmake.log; exit 1)
 	cmake --build build -j 2
 	ctest --test-dir build --output-on-failure
+
+# The raw-op fuzz test and the kernel tests against an AddressSanitizer build of the CPU kernels. The
+# ASan build (HTC_ASAN=1, setup.py) goes to build/asan/lib together with a copy of the Python package;
+# pytest runs from there so that copy is the one imported. Python leaks by design: no leak check.
+ASAN_LIB := build/asan/lib
+# libstdc++ too: ASan's __cxa_throw interceptor must find it at start-up (python itself is C), or the
+# first C++ exception (a TORCH_CHECK) aborts the process.
+ASAN_PRELOAD = "$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)"
+ASAN_TESTS := tests/test_fuzz.py tests/test_star_attention.py tests/test_mgvq_lookup.py tests/test_layout.py
+test-asan: setup
+	HTC_ASAN=1 HTC_NO_CUDA=1 $(PY) setup.py -q build --build-base build/asan/tmp --build-lib $(ASAN_LIB)
+	cd $(ASAN_LIB) && LD_PRELOAD=$(ASAN_PRELOAD) ASAN_OPTIONS=detect_leaks=0 \
+		PYTHONPATH=$(CURDIR) TRITON_INTERPRET=1 HTC_FUZZ_SECONDS=$${HTC_FUZZ_SECONDS:-10} \
+		$(abspath $(PY)) -c "import htc_kernels as hk, sys; from htc_kernels import _ext; \
+		assert _ext.available() and hk.__file__.startswith('$(abspath $(ASAN_LIB))'), (hk.__file__, _ext.LOAD_ERROR)"
+	cd $(ASAN_LIB) && LD_PRELOAD=$(ASAN_PRELOAD) ASAN_OPTIONS=detect_leaks=0 \
+		PYTHONPATH=$(CURDIR) TRITON_INTERPRET=1 HTC_FUZZ_SECONDS=$${HTC_FUZZ_SECONDS:-10} \
+		$(abspath $(PY)) -m pytest -p no:cacheprovider -q $(addprefix $(CURDIR)/,$(ASAN_TESTS))
 
 bench: setup
 	mkdir -p benchmarks/results

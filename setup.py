@@ -7,6 +7,9 @@ Environment:
   TORCH_CUDA_ARCH_LIST    CUDA archs (default "8.0;9.0")
   HTC_CPU_ARCH            value for -march (default "native": this is a from-source build for this machine)
   MAX_JOBS                parallel compile jobs (ninja), as in torch.utils.cpp_extension
+  HTC_ASAN=1              CPU kernels built with AddressSanitizer (-O1 -g -fsanitize=address); load them
+                          with libasan preloaded. `make test-asan` builds one into build/asan and runs
+                          the fuzz and kernel tests on it.
 """
 
 import glob
@@ -45,6 +48,10 @@ def _extensions():
     # CUDA sources include c10/cuda headers only (not ATen/cuda/CUDAContext.h): the toolkit on these
     # machines ships no cuSPARSE/cuBLAS headers, and the kernels need none of them.
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-diag-suppress=3189"]
+    link = ["-fopenmp"]
+    if os.environ.get("HTC_ASAN") == "1":
+        cxx = [f for f in cxx if f != "-O3"] + ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
+        link += ["-fsanitize=address"]
     macros = []
     if with_cuda:
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
@@ -58,7 +65,7 @@ def _extensions():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=macros,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

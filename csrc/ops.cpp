@@ -11,7 +11,10 @@ TORCH_LIBRARY(htc, m) {
   m.def("star_plan(Tensor kinds, Tensor groups, int q_len, int block_q, int block_k, int topology)"
         " -> Tensor");
   // q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] (last dim contiguous) -> out [B, Hq, Sq, D] (q's dtype),
-  // lse [B, Hq, Sq] float32 (log-sum-exp of the scaled scores; -inf on PAD rows).
+  // lse [B, Hq, Sq] float32 (log-sum-exp of the scaled scores; -inf on PAD rows). `plan` must be
+  // star_plan's for these kinds/groups/block sizes/topology (shapes are checked, tile kinds are trusted;
+  // a value outside TileKind is evaluated element-wise). Masked keys/values and PAD rows are never read
+  // into a result (DESIGN.md §2).
   m.def("star_attention(Tensor q, Tensor k, Tensor v, Tensor kinds, Tensor groups, Tensor plan,"
         " int block_q, int block_k, int topology, float scale) -> (Tensor, Tensor)");
   // out/lse: the forward's outputs; grad_lse [B, Hq, Sq] float32 or None: the gradient reaching lse

@@ -45,7 +45,7 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
-from htc_kernels.layout import StarLayout, TokenKind
+from htc_kernels.layout import StarLayout, TokenKind, orphan_voco
 from htc_kernels.star_attention import star_attention
 
 ATTN_IMPLEMENTATION = "htc_star"
@@ -189,14 +189,34 @@ def insert_voco_tokens(
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"insert_voco_tokens: padding_side must be 'left' or 'right', got {padding_side!r}")
-    if num_voco < 1:
-        raise ValueError(f"insert_voco_tokens: num_voco must be >= 1, got {num_voco}")
+    if not isinstance(num_voco, int) or num_voco < 1:
+        raise ValueError(f"insert_voco_tokens: num_voco must be an int >= 1, got {num_voco!r}")
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.dtype.is_floating_point
+        or input_ids.dtype.is_complex
+    ):
+        raise ValueError("insert_voco_tokens: input_ids must be an integer torch.Tensor [B, S] or [S]")
+    if input_ids.dim() not in (1, 2):
+        raise ValueError(
+            f"insert_voco_tokens: input_ids must be [B, S] or [S], got shape {tuple(input_ids.shape)} "
+            "(one row of token ids per sample)"
+        )
     ids = input_ids[None] if input_ids.dim() == 1 else input_ids
-    mask = (
-        torch.ones_like(ids)
-        if attention_mask is None
-        else (attention_mask[None] if attention_mask.dim() == 1 else attention_mask)
-    )
+    if attention_mask is None:
+        mask = torch.ones_like(ids)
+    else:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise ValueError(
+                "insert_voco_tokens: attention_mask must be a torch.Tensor, "
+                f"got {type(attention_mask).__name__}"
+            )
+        mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
+        if mask.shape != ids.shape:
+            raise ValueError(
+                f"insert_voco_tokens: attention_mask {tuple(attention_mask.shape)} must have the shape of "
+                f"input_ids {tuple(input_ids.shape)}"
+            )
     image_ids = set(_as_id_list(image_token_id, "image_token_id"))
     rows = []
     for row, m in zip(ids.tolist(), mask.tolist()):
@@ -564,6 +584,10 @@ def _context(query, key, padding_mask, kinds, groups, topology, step) -> _Forwar
         filler = slots < 0
         k = torch.where(filler, torch.full_like(safe, int(TokenKind.PAD)), full.kinds.long().gather(1, safe))
         g = torch.where(filler, torch.full_like(safe, -1), full.groups.long().gather(1, safe))
+        # Compaction dropped the images of processed <voco> tokens. Without its image's VISUAL keys a
+        # VOCO token attends exactly what a TEXT token does, as query and as key (DESIGN.md §2), and
+        # StarLayout rejects a VOCO token without its image, so those become TEXT.
+        k = torch.where(orphan_voco(k, g), torch.full_like(k, int(TokenKind.TEXT)), k)
         layout = StarLayout(k, g.to(torch.int32), topology)
     compaction, slots_after = None, slots
     if step is not None:

@@ -32,6 +32,9 @@ class TileKind(enum.IntEnum):
 
 
 TOPOLOGIES = {"star": 0, "group": 1}
+MAX_BLOCK = 1024  # largest block size of a plan; mirrors kMaxBlock in csrc/star_attention/star_mask.h
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
 def _default_groups(kinds: torch.Tensor) -> torch.Tensor:
@@ -45,64 +48,131 @@ def _default_groups(kinds: torch.Tensor) -> torch.Tensor:
     return torch.where(has_group, run_index, torch.full_like(run_index, -1)).to(torch.int32)
 
 
+def orphan_voco(kinds: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """``[B, S]`` bool: VOCO tokens with no VISUAL token of their group before them in their sample.
+
+    ``kinds``/``groups`` are ``[B, S]`` integer tensors; groups of VISUAL/VOCO tokens must lie in
+    ``[-1, 2**31)`` (-1 never matches an image). Such a VOCO token sees no image: StarLayout rejects it.
+    """
+    b, s = kinds.shape
+    voco = kinds == TokenKind.VOCO
+    if not bool(voco.any()):
+        return voco
+    visual = kinds == TokenKind.VISUAL
+    pos = torch.arange(s, device=kinds.device).expand(b, s)
+    # One int64 key per (sample, group): groups fit 32 bits (+1 shifts -1 to 0), so keys never collide.
+    key = torch.arange(b, device=kinds.device)[:, None] * 2**33 + (groups.long() + 1)
+    images, inverse = torch.unique(key[visual], return_inverse=True)  # sorted
+    first = torch.full(images.shape, s, dtype=torch.long, device=kinds.device)
+    first = first.scatter_reduce(0, inverse, pos[visual], reduce="amin")
+    voco_key, voco_pos = key[voco], pos[voco]
+    found = torch.zeros_like(voco_key, dtype=torch.bool)
+    if images.numel():
+        at = torch.searchsorted(images, voco_key).clamp(max=images.numel() - 1)
+        found = (images[at] == voco_key) & (first[at] < voco_pos)
+    out = torch.zeros_like(voco)
+    out[voco] = ~found
+    return out
+
+
+def _versions(*tensors: torch.Tensor) -> tuple:
+    """In-place modification counters (None for inference tensors, which do not keep one)."""
+    return tuple(None if t.is_inference() else t._version for t in tensors)
+
+
+def _check_int_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(
+            f"StarLayout: {name} must be a torch.Tensor, got {type(t).__name__}; pass torch.tensor({name})"
+        )
+    if t.dtype not in _INT_DTYPES:
+        raise ValueError(
+            f"StarLayout: {name} must be an integer tensor (int8..int64 or uint8), got {t.dtype}"
+        )
+    if t.device.type == "meta":
+        raise ValueError(
+            f"StarLayout: {name} is on the meta device; a layout is validated and planned from its "
+            "values, so build it from CPU or CUDA tensors (move it later with layout.to(device))"
+        )
+
+
 class StarLayout:
     """Token kinds (and groups) of a batch of key sequences.
 
     Args:
         kinds: integer tensor ``[B, S]`` or ``[S]`` of :class:`TokenKind` values.
         groups: optional integer tensor of the same shape: the image each VISUAL/VOCO token belongs to
-            (compared for equality within a sample only). Default: see :func:`_default_groups`.
+            (compared for equality within a sample only; VISUAL/VOCO need ``0 <= group < 2**31``, and
+            every VOCO token a VISUAL token of its group before it). Values at TEXT/PAD positions are
+            ignored but must fit int32. Default: see :func:`_default_groups`.
         topology: ``"star"`` (visual tokens see only themselves, the paper's mask) or ``"group"``
             (visual tokens see their whole image, the "full graph" ablation).
 
     Attributes: ``kinds`` int8 ``[B, S]``, ``groups`` int32 ``[B, S]`` (both contiguous, on the
     device of the input), ``topology`` (str), ``topology_id`` (int), ``batch_size``, ``seq_len``.
+    The layout owns copies of ``kinds``/``groups`` (the caller's tensors may change afterwards);
+    modifying ``layout.kinds`` or ``layout.groups`` in place is an error the next time it is used.
     """
 
     def __init__(self, kinds: torch.Tensor, groups: torch.Tensor | None = None, topology: str = "star"):
-        if not isinstance(kinds, torch.Tensor):
-            raise ValueError(f"StarLayout: kinds must be a torch.Tensor, got {type(kinds).__name__}")
-        if kinds.dtype.is_floating_point or kinds.dtype.is_complex or kinds.dtype == torch.bool:
-            raise ValueError(f"StarLayout: kinds must be an integer tensor, got {kinds.dtype}")
+        _check_int_tensor("kinds", kinds)
+        if groups is not None:
+            _check_int_tensor("groups", groups)
+        if not isinstance(topology, str) or topology not in TOPOLOGIES:
+            raise ValueError(
+                f"StarLayout: unknown topology {topology!r}; expected one of {sorted(TOPOLOGIES)}"
+            )
         if kinds.dim() == 1:
             kinds = kinds.unsqueeze(0)
             groups = groups.unsqueeze(0) if groups is not None and groups.dim() == 1 else groups
         if kinds.dim() != 2 or kinds.shape[1] == 0:
             raise ValueError(f"StarLayout: kinds must be [B, S] or [S] with S >= 1, got {tuple(kinds.shape)}")
-        if topology not in TOPOLOGIES:
-            raise ValueError(
-                f"StarLayout: unknown topology {topology!r}; expected one of {sorted(TOPOLOGIES)}"
-            )
         bad = (kinds < 0) | (kinds > TokenKind.PAD)
         if bool(bad.any()):
             b, p = (int(x) for x in bad.nonzero()[0])
             raise ValueError(f"StarLayout: kinds[{b}, {p}] = {int(kinds[b, p])} is not a TokenKind (0..3)")
-        kinds = kinds.to(torch.int8).contiguous()
+        # Owned copies: the caller's tensor (possibly already int8) may be edited after validation.
+        kinds = kinds.contiguous().to(torch.int8, copy=True)
         has_group = (kinds == TokenKind.VISUAL) | (kinds == TokenKind.VOCO)
+        explicit = groups
         if groups is None:
             groups = _default_groups(kinds)
-            orphan = (kinds == TokenKind.VOCO) & (groups < 0)
-            if bool(orphan.any()):
-                b, p = (int(x) for x in orphan.nonzero()[0])
-                raise ValueError(
-                    f"StarLayout: VOCO token at position {p} of sample {b} has no VISUAL run before it "
-                    "(a <voco> token compresses the image that precedes it)"
-                )
         else:
-            if not isinstance(groups, torch.Tensor) or groups.shape != kinds.shape:
-                shape = tuple(groups.shape) if isinstance(groups, torch.Tensor) else type(groups).__name__
+            if groups.shape != kinds.shape:
                 raise ValueError(
-                    f"StarLayout: groups {shape} must have the shape of kinds {tuple(kinds.shape)}"
+                    f"StarLayout: groups {tuple(groups.shape)} must have the shape of kinds "
+                    f"{tuple(kinds.shape)}"
                 )
-            if groups.dtype.is_floating_point or groups.dtype == torch.bool:
-                raise ValueError(f"StarLayout: groups must be an integer tensor, got {groups.dtype}")
             if groups.device != kinds.device:
                 raise ValueError(f"StarLayout: groups on {groups.device}, kinds on {kinds.device}")
-            if bool((has_group & (groups < 0)).any()):
-                raise ValueError("StarLayout: VISUAL and VOCO tokens need a group >= 0")
-            groups = torch.where(has_group, groups, torch.full_like(groups, -1)).to(torch.int32).contiguous()
+            wide = groups.long()
+            # Kernels keep groups in int32: a wider value would be truncated (2**32 -> 0 merges images).
+            out_of_range = (wide < _INT32_MIN) | (wide > _INT32_MAX)
+            if bool(out_of_range.any()):
+                b, p = (int(x) for x in out_of_range.nonzero()[0])
+                raise ValueError(
+                    f"StarLayout: groups[{b}, {p}] = {int(wide[b, p])} does not fit int32; "
+                    "use group ids in [0, 2**31) (e.g. the image index)"
+                )
+            negative = has_group & (wide < 0)
+            if bool(negative.any()):
+                b, p = (int(x) for x in negative.nonzero()[0])
+                raise ValueError(
+                    "StarLayout: VISUAL and VOCO tokens need a group >= 0; "
+                    f"groups[{b}, {p}] = {int(wide[b, p])}"
+                )
+            groups = torch.where(has_group, wide, torch.full_like(wide, -1)).to(torch.int32).contiguous()
+        orphan = orphan_voco(kinds, groups)
+        if bool(orphan.any()):
+            b, p = (int(x) for x in orphan.nonzero()[0])
+            what = "run" if explicit is None else f"token of its group {int(groups[b, p])}"
+            raise ValueError(
+                f"StarLayout: VOCO token at position {p} of sample {b} has no VISUAL {what} before it "
+                "(a <voco> token compresses the image that precedes it)"
+            )
         self.kinds = kinds
         self.groups = groups
+        self._versions = _versions(kinds, groups)
         self.topology = topology
         self.topology_id = TOPOLOGIES[topology]
         self.batch_size, self.seq_len = kinds.shape
@@ -112,8 +182,20 @@ class StarLayout:
     def device(self) -> torch.device:
         return self.kinds.device
 
+    def check_unmodified(self) -> None:
+        """ValueError if ``kinds``/``groups`` were modified in place since validation (the cached plans
+        and the validation would be stale). Eager only: under torch.compile the layout is a constant."""
+        if torch.compiler.is_compiling():
+            return
+        if _versions(self.kinds, self.groups) != self._versions:
+            raise ValueError(
+                "StarLayout: layout.kinds or layout.groups was modified in place after validation; "
+                "build a new StarLayout from the new kinds/groups"
+            )
+
     def to(self, device) -> StarLayout:
         """The same layout on another device (block plans are rebuilt there on demand)."""
+        self.check_unmodified()
         device = torch.device(device)
         if device == self.device:
             return self
@@ -122,11 +204,21 @@ class StarLayout:
     def plan(self, q_len: int, block_q: int, block_k: int) -> torch.Tensor:
         """Block plan ``[B, ceil(q_len/block_q), ceil(S/block_k)]`` uint8 of :class:`TileKind`.
 
-        Computed once per (q_len, block sizes) and cached. The backward pass reads the same tensor
-        column-wise (its transpose); the tile kinds are symmetric, so no second plan is needed.
+        ``q_len`` in ``[1, S]``, block sizes in ``[1, MAX_BLOCK]`` (Python ints). Computed once per
+        (q_len, block sizes) and cached. The backward pass reads the same tensor column-wise (its
+        transpose); the tile kinds are symmetric, so no second plan is needed.
         """
+        for name, value in (("q_len", q_len), ("block_q", block_q), ("block_k", block_k)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"StarLayout.plan: {name} must be an int, got {type(value).__name__}")
         if not 1 <= q_len <= self.seq_len:
             raise ValueError(f"StarLayout.plan: q_len {q_len} must be in [1, {self.seq_len}]")
+        if not (1 <= block_q <= MAX_BLOCK and 1 <= block_k <= MAX_BLOCK):
+            raise ValueError(
+                f"StarLayout.plan: block sizes must be in [1, {MAX_BLOCK}], got block_q={block_q}, "
+                f"block_k={block_k}"
+            )
+        self.check_unmodified()
         key = (q_len, block_q, block_k)
         cached = self._plans.get(key)
         if cached is None:
@@ -197,4 +289,5 @@ def star_mask(layout: StarLayout, q_len: int | None = None) -> torch.Tensor:
     q_len = layout.seq_len if q_len is None else q_len
     if not 1 <= q_len <= layout.seq_len:
         raise ValueError(f"star_mask: q_len {q_len} must be in [1, {layout.seq_len}]")
+    layout.check_unmodified()
     return _allowed(layout.kinds, layout.groups, q_len, layout.topology_id)

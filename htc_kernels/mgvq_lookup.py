@@ -6,12 +6,15 @@ once per op (DESIGN.md §3–4).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from htc_kernels import _ext
 from htc_kernels.backends import EXT_CUDA, KERNEL_DTYPES, Backend, compiled_reasons, select, triton_reasons
 
 _MGVQ_NORM_EPS = 1e-12  # torch.nn.functional.normalize's clamp (MGVQ's l2norm)
+_MGVQ_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _check_mgvq_inputs(z, codebook, normalize) -> None:
@@ -20,6 +23,11 @@ def _check_mgvq_inputs(z, codebook, normalize) -> None:
             raise ValueError(f"mgvq_lookup: {name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.dtype.is_floating_point:
             raise ValueError(f"mgvq_lookup: {name} must be floating point, got {t.dtype}")
+        if t.dtype not in _MGVQ_DTYPES:
+            raise ValueError(
+                f"mgvq_lookup: {name} has dtype {t.dtype}; supported: float32, bfloat16, float16 "
+                "(and float64 on backend='reference'); cast z and codebook first"
+            )
     if codebook.dim() != 3:
         raise ValueError(
             f"mgvq_lookup: codebook must be 3-D [G, K, d], got shape {tuple(codebook.shape)} "
@@ -43,13 +51,78 @@ def _check_mgvq_inputs(z, codebook, normalize) -> None:
         raise ValueError(f"mgvq_lookup: normalize must be a bool, got {type(normalize).__name__}")
 
 
+def pow2_scale(m: torch.Tensor) -> torch.Tensor:
+    """The power of two ``s`` with ``m * s`` in [1, 2) for each ``m >= 0`` (1 where ``m == 0``), its
+    exponent clamped so that ``s`` is a normal number of m's dtype (csrc/mgvq_lookup/mgvq_math.h).
+    Scaling by it is exact: squares formed after it cannot overflow, and equal the unscaled ones times
+    ``s**2`` bit for bit wherever those do not overflow or underflow."""
+    _, e = torch.frexp(m)  # m = mantissa * 2**e, mantissa in [0.5, 1)
+    lim = int(math.log2(torch.finfo(m.dtype).max)) - 1  # 126 for float32: s and 1/s stay normal
+    s = torch.ldexp(torch.ones_like(m), (1 - e).clamp(-lim, lim))
+    return torch.where(m == 0, torch.ones_like(m), s)
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    """``v / max(|v|, eps)`` along the last dim (F.normalize, MGVQ's l2norm) without overflow for any
+    finite v: |v| is formed from ``v * s`` (:func:`pow2_scale` of max |v_j|). Differentiable, with
+    F.normalize's gradient (none through a clamped norm)."""
+    s = pow2_scale(v.detach().abs().amax(-1, keepdim=True))
+    vs = v * s
+    n_s = vs.norm(dim=-1, keepdim=True)  # = s |v|
+    clamped = ~(n_s > _MGVQ_NORM_EPS * s)
+    # Both branches are evaluated: keep the unselected one finite so its zero gradient stays zero.
+    return torch.where(clamped, v / _MGVQ_NORM_EPS, vs / torch.where(clamped, torch.ones_like(n_s), n_s))
+
+
 def _normalize_vjp(v: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """Backward of ``v / max(|v|, eps)`` along the last dim (no gradient through a clamped norm)."""
-    n = v.norm(dim=-1, keepdim=True)
-    inv = 1.0 / n.clamp_min(_MGVQ_NORM_EPS)
+    s = pow2_scale(v.abs().amax(-1, keepdim=True))
+    n_s = (v * s).norm(dim=-1, keepdim=True)  # = s |v|, without overflow
+    clamped = ~(n_s > _MGVQ_NORM_EPS * s)
+    inv = torch.where(clamped, torch.full_like(n_s, 1 / _MGVQ_NORM_EPS), s / n_s)
     y = v * inv
-    proj = torch.where(n > _MGVQ_NORM_EPS, y * (y * dy).sum(-1, keepdim=True), torch.zeros_like(y))
+    proj = torch.where(clamped, torch.zeros_like(y), y * (y * dy).sum(-1, keepdim=True))
     return inv * (dy - proj)
+
+
+def l2_group_scales(codebook: torch.Tensor) -> torch.Tensor:
+    """``[G]``: the squared-L2 scale of each group (its codes and the tokens against them are scaled by
+    it): :func:`pow2_scale` of the group's largest finite |c_j| (NaN/Inf rows are never selected)."""
+    finite = torch.isfinite(codebook).all(-1, keepdim=True)
+    return pow2_scale(torch.where(finite, codebook.abs(), torch.zeros_like(codebook)).amax(dim=(1, 2)))
+
+
+def l2_token_limit(d: int) -> float:
+    """Largest |z_j * scale| a token may have in the squared-L2 kernels (mgvq_math.h l2_token_limit)."""
+    return float(torch.finfo(torch.float32).max) / (8.0 * (d + 1))
+
+
+def _first_bad(flags: torch.Tensor, g: int) -> tuple[int, int]:
+    first = int(flags.reshape(-1).nonzero()[0, 0])
+    return first // g, first % g
+
+
+def _raise_no_code(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> None:
+    """Some token-group got no code (index < 0): raise why (the messages of mgvq_checks.h)."""
+    g, _, d = codebook.shape
+    n, gi = _first_bad(indices < 0, g)
+    zrow = z.reshape(-1, g, d)[n, gi].float()
+    if not bool(torch.isfinite(zrow).all()):
+        raise ValueError(
+            f"mgvq_lookup: z contains NaN/Inf (first at token {n}, group {gi}); "
+            "the lookup needs finite latents"
+        )
+    cb = codebook[gi].float()
+    finite = torch.isfinite(cb).all(-1, keepdim=True)
+    if not bool(finite.any()):
+        raise ValueError(f"mgvq_lookup: every code of group {gi} is NaN/Inf: no code can be selected")
+    cmax = float(torch.where(finite, cb.abs(), torch.zeros_like(cb)).max())
+    raise ValueError(
+        f"mgvq_lookup: z at token {n}, group {gi} (max |z| = {float(zrow.abs().max()):.6g}) is too large "
+        f"for the squared-L2 score against the codes of group {gi} (max |c| = {cmax:.6g}): it would "
+        "overflow float32. Scale z and the codebook by a common factor (the nearest code does not change) "
+        "or use normalize=True"
+    )
 
 
 def mgvq_lookup_backward_reference(grad_codes, z, codebook, indices, normalize):
@@ -75,17 +148,31 @@ def mgvq_lookup_reference(
     ``normalize``) selected codes, exactly; their gradient reaches z straight-through (through z's
     normalisation) and the codebook through the gather. Ties -> lowest index (``torch.argmax``).
     """
-    if not torch.isfinite(z).all():
-        raise ValueError("mgvq_lookup: z contains NaN/Inf")
-    zn = torch.nn.functional.normalize(z, dim=-1) if normalize else z
-    cbn = torch.nn.functional.normalize(codebook, dim=-1) if normalize else codebook
-    if normalize:
-        scores = torch.einsum("...gd,gkd->...gk", zn, cbn)
-    else:
-        scores = -(zn.unsqueeze(-2) - cbn).pow(2).sum(-1)
-    scores = torch.nan_to_num(scores.detach(), nan=float("-inf"))
-    indices = scores.argmax(-1)
-    sel = cbn[torch.arange(codebook.shape[0], device=z.device), indices]
+    g, _, d = codebook.shape
+    bad = ~torch.isfinite(z).all(-1)
+    if bool(bad.any()):
+        n, gi = _first_bad(bad, g)
+        raise ValueError(
+            f"mgvq_lookup: z contains NaN/Inf (first at token {n}, group {gi}); "
+            "the lookup needs finite latents"
+        )
+    # No overflow for any finite input: cosine is scale-invariant (_unit scales each vector), and
+    # squared L2 is invariant under a common scale of z and the group's codes (per token-group here).
+    zn = _unit(z) if normalize else z
+    cbn = _unit(codebook) if normalize else codebook
+    with torch.no_grad():
+        if normalize:
+            scores = torch.einsum("...gd,gkd->...gk", zn, cbn)
+        else:
+            finite = torch.isfinite(codebook).all(-1, keepdim=True)
+            cmax = torch.where(finite, codebook.abs(), torch.zeros_like(codebook)).amax(dim=(1, 2))  # [G]
+            t = pow2_scale(torch.maximum(z.abs().amax(-1), cmax)).unsqueeze(-1)  # [..., G, 1]
+            scores = -((z * t).unsqueeze(-2) - codebook * t.unsqueeze(-1)).pow(2).sum(-1)
+        scores = torch.nan_to_num(scores, nan=float("-inf"))
+        indices = torch.where((scores == float("-inf")).all(-1), -1, scores.argmax(-1))
+        if bool((indices < 0).any()):
+            _raise_no_code(z, codebook, indices)
+    sel = cbn[torch.arange(g, device=z.device), indices]
     codes = sel + (zn - zn.detach())  # value exactly sel; gradient straight-through to z
     return codes, indices
 
@@ -135,7 +222,12 @@ class _TritonMgvq(Backend):
         return reasons
 
     def __call__(self, z, codebook, normalize):
-        return torch.ops.htc.mgvq_lookup_triton(z, codebook, normalize)
+        codes, indices = torch.ops.htc.mgvq_lookup_triton(z, codebook, normalize)
+        # The kernel marks token-groups with no code -1; raise like the CPU kernel (one host sync; a
+        # graph break under torch.compile: a silent -1 would be a wrong result).
+        if indices.numel() and bool((indices < 0).any()):
+            _raise_no_code(z, codebook, indices)
+        return codes, indices
 
 
 _TRITON_MGVQ_ERROR: str | None = None
@@ -183,9 +275,13 @@ def mgvq_lookup(
         normalisation when ``normalize``) and to the selected codebook rows (index-add, through the
         codes' normalisation).
 
-    Non-finite values: NaN/Inf in z raise a ValueError on the CPU kernel and the reference; the
-    GPU kernels (no host sync) return index -1 and NaN codes for such token-groups. A codebook row
-    whose score is NaN is never selected.
+    No overflow for any finite input: squares are formed after an exact power-of-two scaling (per
+    vector for cosine, per group of codes and its tokens for squared L2).
+
+    Errors (ValueError, every backend; on a GPU this costs one host sync per call): NaN/Inf in z; a
+    group whose codes are all NaN/Inf; squared L2 only, a token whose magnitude against its group's
+    codes would overflow float32 even after scaling (|z| ~ 1e37 / d times the codes'), with the fix
+    in the message. A codebook row holding NaN/Inf is never selected.
     """
     _check_mgvq_inputs(z, codebook, normalize)
     order = _MGVQ_GPU_ORDER if z.device.type == "cuda" else _MGVQ_CPU_ORDER

@@ -20,6 +20,12 @@ def star_attention_reference(
 
     q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` (any floating dtype; computed in that dtype) ->
     ``[B, Hq, Sq, D]``. PAD query rows are exactly zero with zero gradient. Differentiable.
+
+    Masked means never read (DESIGN.md §2): a query's output and every gradient are independent of
+    the keys and values it may not attend (NaN/Inf included), of q at PAD rows, and of the output
+    gradient at PAD rows. Dense products would multiply masked zeros by NaN, so PAD query rows enter
+    them as zeros and non-finite K/V rows as zeros; the exact contribution of such a key is added back
+    column by column, read only at the query rows the mask allows (rare: only poisoned inputs).
     """
     b, hq, sq, d = q.shape
     hkv = k.shape[1]
@@ -28,9 +34,30 @@ def star_attention_reference(
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
     mask = star_mask(layout, sq).expand(b, -1, -1)[:, None]  # [B, 1, Sq, Skv]
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    row_ok = mask.any(-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(~row_ok, 0.0), dim=-1)
-    out = torch.matmul(probs, v)
-    return torch.where(row_ok, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    row_ok = mask.any(-1, keepdim=True)  # [B, 1, Sq, 1]: False exactly on PAD rows
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    q = torch.where(row_ok, q, zero)
+    bad_k = ~torch.isfinite(k).all(-1)  # [B, Hq, Skv]
+    bad_v = ~torch.isfinite(v).all(-1)
+    k_fin = torch.where(bad_k[..., None], zero, k)
+    v_fin = torch.where(bad_v[..., None], zero, v)
+    scores = torch.matmul(q, k_fin.transpose(-1, -2)) * scale
+    rows = torch.arange(sq, device=q.device)
+    for n, h, j in bad_k.nonzero().tolist():  # exact scores of a non-finite key, allowed rows only
+        k_sel = torch.where(mask[n, 0, :, j, None], k[n, h, j], zero)  # [Sq, D]
+        col = (q[n, h] * k_sel).sum(-1) * scale
+        scores = scores.index_put((_idx(n, q), _idx(h, q), rows, _idx(j, q)), col)
+    scores = torch.where(mask, scores, torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+    # Masked probabilities are 0 by select: a row that attends a non-finite score is NaN throughout.
+    probs = torch.where(mask, torch.softmax(torch.where(row_ok, scores, zero), dim=-1), zero)
+    out = torch.matmul(probs, v_fin)
+    for n, h, j in bad_v.nonzero().tolist():  # p_ij * v_j of a non-finite value row, allowed rows only
+        v_sel = torch.where(mask[n, 0, :, j, None], v[n, h, j], zero)  # [Sq, D]
+        out = out.index_put(
+            (_idx(n, q), _idx(h, q)), (probs[n, h, :, j, None] * v_sel)[None], accumulate=True
+        )
+    return torch.where(row_ok, out, zero)
+
+
+def _idx(i: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([i], device=like.device)

@@ -15,6 +15,8 @@ from htc_kernels.backends import KERNEL_DTYPES, Backend, compiled_reasons, selec
 from htc_kernels.layout import StarLayout
 from htc_kernels.reference import star_attention_reference
 
+_STAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
 
 def _check_star_inputs(q, k, v, layout) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -22,8 +24,11 @@ def _check_star_inputs(q, k, v, layout) -> None:
             raise ValueError(f"star_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"star_attention: {name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}")
-        if not t.dtype.is_floating_point:
-            raise ValueError(f"star_attention: {name} must be floating point, got {t.dtype}")
+        if t.dtype not in _STAR_DTYPES:
+            raise ValueError(
+                f"star_attention: {name} has dtype {t.dtype}; supported: float32, bfloat16, float16 "
+                "(and float64 on backend='reference'); cast q, k, v first (e.g. q.to(torch.bfloat16))"
+            )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"star_attention: dtypes differ: q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -31,6 +36,8 @@ def _check_star_inputs(q, k, v, layout) -> None:
     if k.shape != v.shape:
         raise ValueError(f"star_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must match")
     b, hq, sq, d = q.shape
+    if d == 0:
+        raise ValueError(f"star_attention: head dim D must be >= 1, got q {tuple(q.shape)}")
     if k.shape[0] != b or k.shape[3] != d:
         raise ValueError(
             f"star_attention: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head dim"

@@ -560,3 +560,15 @@ def test_plain_import_does_not_import_transformers():
         "htc_kernels.hf; assert 'transformers' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_insert_voco_tokens_bad_inputs_are_value_errors():
+    ids = torch.tensor([[5, 9, 9, 6]])
+    with pytest.raises(ValueError, match=r"input_ids must be \[B, S\] or \[S\], got shape \(1, 1, 4\)"):
+        hk.hf.insert_voco_tokens(ids[None], image_token_id=9, voco_token_id=4)
+    with pytest.raises(ValueError, match="integer torch.Tensor"):
+        hk.hf.insert_voco_tokens(ids.float(), image_token_id=9, voco_token_id=4)
+    with pytest.raises(
+        ValueError, match=r"attention_mask \(1, 3\) must have the shape of input_ids \(1, 4\)"
+    ):
+        hk.hf.insert_voco_tokens(ids, image_token_id=9, voco_token_id=4, attention_mask=torch.ones(1, 3))

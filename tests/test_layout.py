@@ -1,6 +1,9 @@
 """StarLayout, star_mask and the block plan (DESIGN.md §2, §4)."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -137,3 +140,138 @@ def test_explicit_groups_and_to():
     m = hk.star_mask(layout)[0]
     assert m[2, 1] and not m[3, 1] and m[4, 3] and not m[4, 1]
     assert layout.to("cpu") is layout
+
+
+# --------------------------------------------------------------------------------------------------
+# Hardening (issue 9)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_huge_block_sizes_are_rejected_not_a_crash():
+    """(S + block_k - 1) / block_k overflowed to 0 tiles and the plan builder wrote into an empty vector
+    (SIGSEGV); a huge block_q gave a plan with 0 query tiles. Run in a subprocess: a crash must fail
+    this test, not the test session."""
+    code = (
+        "import torch, htc_kernels as hk\n"
+        "from htc_kernels import _ext\n"
+        "from tests.layouts import random_kinds\n"
+        "layout = hk.StarLayout(random_kinds(1, batch=2))\n"
+        "s = layout.seq_len\n"
+        "for bq, bk in [(64, 2**63 - 10), (2**63 - 10, 64), (1025, 64), (64, 0), (-1, 64)]:\n"
+        "    try:\n"
+        "        layout.plan(s, bq, bk)\n"
+        "        raise SystemExit(f'plan accepted {bq}, {bk}')\n"
+        "    except ValueError as e:\n"
+        "        assert 'block sizes must be in [1, 1024]' in str(e), e\n"
+        "    if _ext.available():\n"
+        "        try:\n"
+        "            torch.ops.htc.star_plan(layout.kinds, layout.groups, s, bq, bk, 0)\n"
+        "            raise SystemExit(f'star_plan accepted {bq}, {bk}')\n"
+        "        except RuntimeError as e:\n"
+        "            assert 'block sizes must be in [1, 1024]' in str(e), e\n"
+        "assert layout.plan(s, 1024, 1024).shape == (2, 1, 1)\n"
+        "print('bounded-ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package_root = os.path.dirname(os.path.dirname(hk.__file__))  # this htc_kernels (e.g. make test-asan's)
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=package_root
+    )
+    assert out.returncode == 0 and "bounded-ok" in out.stdout, (
+        out.returncode,
+        out.stdout,
+        out.stderr[-2000:],
+    )
+
+
+def test_plan_rejects_non_int_sizes():
+    layout = hk.StarLayout(llava_kinds(2, 3, 1, 2))
+    for args in [(8.0, 4, 4), (8, True, 4), (8, 4, "4")]:
+        with pytest.raises(ValueError, match="must be an int"):
+            layout.plan(*args)
+
+
+def test_layout_owns_copies_of_its_tensors():
+    """An int8 contiguous kinds tensor was kept by reference: editing it afterwards bypassed validation
+    and left the cached plan stale (silently wrong attention)."""
+    kinds = llava_kinds(3, 70, 1, 5).to(torch.int8)
+    groups = hk.StarLayout(kinds).groups.clone()
+    layout = hk.StarLayout(kinds, groups)
+    before = layout.plan(layout.seq_len, 16, 16).clone()
+    kinds[10] = 9  # not a TokenKind
+    kinds[40:60] = T
+    groups[5:8] = 7
+    assert int(layout.kinds.max()) <= P and torch.equal(
+        layout.kinds[0], llava_kinds(3, 70, 1, 5).to(torch.int8)
+    )
+    assert torch.equal(layout.plan(layout.seq_len, 16, 16), before)
+    assert torch.equal(hk.star_mask(layout), brute_mask(layout.kinds, layout.groups, "star"))
+
+
+def test_layout_tensors_modified_in_place_are_an_error():
+    layout = hk.StarLayout(llava_kinds(3, 70, 1, 5))
+    layout.plan(layout.seq_len, 16, 16)
+    layout.kinds[0, 10] = T
+    with pytest.raises(ValueError, match="modified in place"):
+        layout.plan(layout.seq_len, 16, 16)
+    with pytest.raises(ValueError, match="modified in place"):
+        hk.star_mask(layout)
+
+
+@pytest.mark.parametrize(
+    "groups, match",
+    [
+        ([9, 2**32, 2**32, 0, 0, 1, 9], r"groups\[0, 1\] = 4294967296 does not fit int32"),  # was 0: merged
+        ([9, 2**31, 2**31, 0, 0, 1, 9], r"groups\[0, 1\] = 2147483648 does not fit int32"),  # was negative
+        ([-(2**31) - 1, 0, 0, 1, 1, 1, 9], "does not fit int32"),  # TEXT: ignored, but still a bug
+        ([9, 0, 0, -1, -1, 1, 9], r"need a group >= 0; groups\[0, 3\] = -1"),
+    ],
+)
+def test_groups_out_of_int32_range_are_rejected(groups, match):
+    kinds = torch.tensor([T, V, V, V, V, C, T])
+    with pytest.raises(ValueError, match=match):
+        hk.StarLayout(kinds, torch.tensor(groups, dtype=torch.int64), topology="group")
+
+
+def test_explicit_groups_voco_needs_its_image_before_it():
+    kinds = torch.tensor([[T, V, V, C, T, V, C, T]])
+    ok = hk.StarLayout(kinds, torch.tensor([[0, 3, 3, 3, 0, 5, 5, 0]]))
+    assert ok.groups.tolist() == [[-1, 3, 3, 3, -1, 5, 5, -1]]
+    with pytest.raises(
+        ValueError, match="VOCO token at position 6 of sample 0 has no VISUAL token of its group 4"
+    ):
+        hk.StarLayout(kinds, torch.tensor([[0, 3, 3, 3, 0, 5, 4, 0]]))  # group 4 has no image
+    with pytest.raises(
+        ValueError, match="VOCO token at position 1 of sample 1 has no VISUAL token of its group 2"
+    ):
+        two = torch.tensor([[T, V, C, T], [T, C, V, T]])
+        hk.StarLayout(two, torch.tensor([[0, 2, 2, 0], [0, 2, 2, 0]]))  # sample 1: image after its voco
+    with pytest.raises(ValueError, match="sample 1 has no VISUAL token of its group 0"):
+        two = torch.tensor([[T, V, C, T], [T, T, C, T]])
+        hk.StarLayout(two, torch.tensor([[0, 0, 0, 0], [0, 0, 0, 0]]))  # sample 0's image does not count
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"kinds": torch.tensor([T, V, C], device="meta")}, "kinds is on the meta device"),
+        (
+            {"kinds": torch.tensor([T, V, C]), "groups": torch.tensor([0, 0, 0], device="meta")},
+            "groups is on the meta device",
+        ),
+        ({"kinds": torch.tensor([T, V, C]), "groups": [0, 0, 0]}, r"groups must be a torch.Tensor, got list"),
+        ({"kinds": [T, V, C]}, r"kinds must be a torch.Tensor, got list"),
+        ({"kinds": torch.tensor([T, V, C]), "topology": ["star"]}, r"unknown topology \['star'\]"),
+        ({"kinds": torch.tensor([T, V, C]), "groups": torch.tensor([0.0, 0.0, 0.0])}, "integer tensor"),
+    ],
+)
+def test_unclear_layout_errors_are_value_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hk.StarLayout(**kwargs)
+
+
+def test_layout_to_meta_is_a_value_error():
+    layout = hk.StarLayout(torch.tensor([T, V, C]))
+    with pytest.raises(ValueError, match="meta device"):
+        layout.to("meta")

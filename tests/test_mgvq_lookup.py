@@ -89,7 +89,7 @@ def check_lookup(z, cb, normalize, codes, idx):
     assert torch.equal(idx[clear], ref_idx[clear])
     assert clear.float().mean() > 0.5  # the test is not vacuous
     # Codes are the selected (unit-normalised) codebook rows.
-    cbn = F.normalize(cb.float(), dim=-1) if normalize else cb.float()
+    cbn = F.normalize(cb.double(), dim=-1).float() if normalize else cb.float()  # float32 |c|^2 may overflow
     expect = cbn[torch.arange(G), idx]
     torch.testing.assert_close(codes.float(), expect.to(codes.dtype).float(), rtol=1e-6, atol=1e-7)
 
@@ -334,20 +334,15 @@ def test_bad_dtypes_devices_backends():
 
 
 @pytest.mark.parametrize("backend", [*kernel_backends(), "reference"])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_z(backend, bad):
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_z(backend, normalize, bad):
+    """Every backend raises (Inf with normalize=False used to pick index 1; Triton returned index -1)."""
     z = torch.randn(10, 2, 4)
     cb = torch.randn(2, 8, 4)
     z[3, 1, 2] = bad
-    if backend == "triton":  # GPU kernels do not sync: documented index -1 and NaN codes
-        codes, idx = hk.mgvq_lookup(z, cb, backend=backend)
-        assert idx[3, 1] == -1 and torch.isnan(codes[3, 1]).all()
-        mask = torch.ones_like(idx, dtype=torch.bool)
-        mask[3, 1] = False
-        assert bool((idx[mask] >= 0).all())
-        return
-    with pytest.raises(ValueError, match="NaN/Inf"):
-        hk.mgvq_lookup(z, cb, backend=backend)
+    with pytest.raises(ValueError, match=r"z contains NaN/Inf.*token 3, group 1"):
+        hk.mgvq_lookup(z, cb, normalize=normalize, backend=backend)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
@@ -357,3 +352,88 @@ def test_nan_code_never_selected(backend):
     cb[:, 7] = float("nan")  # the exact match is NaN: never chosen
     _, idx = hk.mgvq_lookup(z, cb, backend=backend)
     assert (idx != 7).all() and (idx >= 0).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Hardening (issue 9): no overflow for any finite input, or a clear refusal
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", [*kernel_backends(), "reference"])
+@pytest.mark.parametrize(
+    "normalize, scale",
+    # Cosine only upwards: vectors shorter than eps = 1e-12 are divided by eps (F.normalize semantics).
+    [(True, 2.0**70), (True, 2.0**120), (False, 2.0**70), (False, 2.0**120), (False, 2.0**-100)],
+)
+def test_scale_invariance_power_of_two(backend, normalize, scale):
+    """Scaling z and the codebook by a power of two changes no index (exact in binary floating point):
+    |x| > ~1.8e19 used to overflow x^2 (cosine picked index 0 everywhere, L2 reported NaN/Inf)."""
+    z = torch.randn(40, 3, 5)
+    cb = torch.randn(3, 37, 5)
+    _, idx = hk.mgvq_lookup(z, cb, normalize=normalize, backend=backend)
+    codes, idx_scaled = hk.mgvq_lookup(z * scale, cb * scale, normalize=normalize, backend=backend)
+    assert torch.equal(idx_scaled, idx)
+    if not normalize:
+        assert torch.equal(codes, cb[torch.arange(3), idx] * scale)
+
+
+@pytest.mark.parametrize("backend", [*kernel_backends(), "reference"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_large_finite_inputs_match_bruteforce(backend, normalize):
+    z = torch.randn(50, 2, 4) * 3e25
+    cb = torch.randn(2, 40, 4) * 1e25
+    cb[:, 11] = z[7]  # an exact match: distance 0 (L2), cosine 1
+    codes, idx = hk.mgvq_lookup(z, cb, normalize=normalize, backend=backend)
+    assert bool((idx[7] == 11).all())
+    check_lookup(z, cb, normalize, codes, idx)
+    if normalize:  # cosine ignores |z|: huge and tiny z (below eps: z / eps) keep their direction
+        for factor in (1e37, 1e-30):
+            codes, idx = hk.mgvq_lookup(z / 3e25 * factor, cb, normalize=True, backend=backend)
+            check_lookup(z, cb, True, codes, idx)  # the cosine ranking of z itself
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_l2_overflow_is_refused_with_the_reason(backend):
+    """Squared L2 of a token ~1e38 against codes ~1 cannot be formed in float32: a clear refusal."""
+    z = torch.randn(6, 2, 4)
+    z[4, 0] = 3e38
+    cb = torch.randn(2, 16, 4)
+    with pytest.raises(ValueError, match=r"token 4, group 0.*overflow.*normalize=True"):
+        hk.mgvq_lookup(z, cb, normalize=False, backend=backend)
+    hk.mgvq_lookup(z, cb, normalize=True, backend=backend)  # cosine: fine
+
+
+@pytest.mark.parametrize("backend", [*kernel_backends(), "reference"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_non_finite_codebook_rows_are_never_selected_and_all_bad_raises(backend, normalize):
+    z = torch.randn(9, 2, 4)
+    cb = torch.randn(2, 20, 4)
+    z[5, 0] = cb[0, 3]  # its nearest code, until that code holds an Inf
+    cb[0, 3, 1] = float("inf")
+    cb[1, :, 2] = float("nan")  # every code of group 1
+    with pytest.raises(ValueError, match="every code of group 1 is NaN/Inf"):
+        hk.mgvq_lookup(z, cb, normalize=normalize, backend=backend)
+    cb[1, :, 2] = 0.5
+    _, idx = hk.mgvq_lookup(z, cb, normalize=normalize, backend=backend)
+    assert bool((idx[:, 0] != 3).all())
+
+
+@pytest.mark.skipif(not _ext.available(), reason="no extension")
+def test_backward_op_checks_the_indices_shape():
+    z = torch.randn(3, 2, 4)
+    cb = torch.randn(2, 8, 4)
+    _, idx = torch.ops.htc.mgvq_lookup(z, cb, True)
+    g = torch.randn_like(z)
+    with pytest.raises(
+        ValueError, match=r"indices must be int64 of shape z.shape\[:-1\] = \[3, 2\], got Long \[2, 3\]"
+    ):
+        torch.ops.htc.mgvq_lookup_backward(g, z, cb, idx.T.contiguous(), True)
+    with pytest.raises(ValueError, match="indices must be int64"):
+        torch.ops.htc.mgvq_lookup_backward(g, z, cb, idx.int(), True)
+
+
+def test_unsupported_float_dtype_is_a_value_error():
+    z = torch.randn(3, 2, 4).to(torch.float8_e4m3fn)
+    cb = torch.randn(2, 8, 4).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="float8_e4m3fn.*float32, bfloat16, float16"):
+        hk.mgvq_lookup(z, cb)

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <limits>
+#include <vector>
 
 namespace htc {
 
@@ -34,11 +35,34 @@ inline void check_mgvq_backward_args(const char* op, const at::Tensor& grad_code
   check_mgvq_args(op, z, codebook);
   TORCH_CHECK_VALUE(grad_codes.sizes() == z.sizes(), op, ": grad_codes ", grad_codes.sizes(),
                     " must have z's shape ", z.sizes());
-  TORCH_CHECK_VALUE(indices.scalar_type() == at::kLong && indices.dim() == z.dim() - 1 &&
-                        indices.numel() * z.size(-1) == z.numel(),
-                    op, ": indices must be int64 of shape z.shape[:-1]");
+  const auto want = z.sizes().slice(0, z.dim() - 1);
+  TORCH_CHECK_VALUE(indices.scalar_type() == at::kLong && indices.sizes() == want, op,
+                    ": indices must be int64 of shape z.shape[:-1] = ", want, ", got ",
+                    indices.scalar_type(), " ", indices.sizes());
   TORCH_CHECK_VALUE(grad_codes.device() == z.device() && indices.device() == z.device(), op,
                     ": all tensors must be on one device");
+}
+
+// Some token-group got no code (index < 0 in idx): raise the reason as a ValueError. zf [N, G, d] and
+// cbf [G, K, d] float32 (any device), idx [N, G] (any shape of N * G elements). The messages match
+// htc_kernels/mgvq_lookup.py (_raise_no_code), which the Triton backend uses.
+[[noreturn]] inline void raise_no_code(const at::Tensor& zf, const at::Tensor& cbf, const at::Tensor& idx) {
+  const int64_t G = cbf.size(0), d = cbf.size(2);
+  const int64_t first = (idx.reshape({-1}) < 0).nonzero()[0][0].item<int64_t>();
+  const int64_t n = first / G, g = first % G;
+  const at::Tensor zrow = zf.reshape({-1, G, d})[n][g];
+  TORCH_CHECK_VALUE(zrow.isfinite().all().item<bool>(), "mgvq_lookup: z contains NaN/Inf (first at token ",
+                    n, ", group ", g, "); the lookup needs finite latents");
+  TORCH_CHECK_VALUE(cbf[g].isfinite().all(-1).any().item<bool>(), "mgvq_lookup: every code of group ", g,
+                    " is NaN/Inf: no code can be selected");
+  const auto finite_rows = cbf[g].isfinite().all(-1, true);
+  const double zmax = zrow.abs().max().item<double>();
+  const double cmax = at::where(finite_rows, cbf[g].abs(), at::zeros({}, cbf.options())).max().item<double>();
+  TORCH_CHECK_VALUE(false, "mgvq_lookup: z at token ", n, ", group ", g, " (max |z| = ", zmax,
+                    ") is too large for the squared-L2 score against the codes of group ", g, " (max |c| = ",
+                    cmax, "): it would overflow float32. Scale z and the codebook by a common factor (the "
+                    "nearest code does not change) or use normalize=True");
+  TORCH_CHECK(false, "unreachable");
 }
 
 }  // namespace htc

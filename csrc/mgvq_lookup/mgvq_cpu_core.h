@@ -11,6 +11,7 @@
 //   * Scores are fmaf chains in coordinate order, bit-identical to mgvq::score_cos / score_l2.
 // No N x K buffer exists anywhere.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -46,10 +47,26 @@ inline int64_t packed_size(int G, int64_t K, int d, bool normalize) {
   return int64_t(G) * packed_blocks(K) * packed_rows(d, normalize) * kW;
 }
 
+// Squared L2: the scale of group g's codes and tokens (mgvq_math.h), from its largest finite |c_j|.
+// Rows with a NaN/Inf never win, so they do not set the scale. group_scale: [G].
+inline void l2_group_scales(const float* cb, int G, int64_t K, int d, float* group_scale) {
+  for (int g = 0; g < G; ++g) {
+    float m = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* c = cb + (int64_t(g) * K + k) * d;
+      bool finite = true;
+      for (int j = 0; j < d; ++j) finite &= std::isfinite(c[j]);
+      if (finite) m = std::max(m, max_abs(c, d));
+    }
+    group_scale[g] = pow2_scale(m);
+  }
+}
+
 // cb [G][K][d] (contiguous fp32) -> packed (packed_size floats) and rowmajor [G][K][d]: the codes the
-// lookup returns (unit-normalised when `normalize`, else a copy).
+// lookup returns (unit-normalised when `normalize`, else a copy). Squared L2 also needs group_scale
+// [G] from l2_group_scales: the packed codes are scaled by it (-|s c|^2, then 2 s c_j).
 inline void pack_codebook(const float* cb, int G, int64_t K, int d, bool normalize, float* packed,
-                          float* rowmajor) {
+                          float* rowmajor, const float* group_scale = nullptr) {
   const int rows = packed_rows(d, normalize);
   const int64_t nblk = packed_blocks(K);
   const float qnan = std::numeric_limits<float>::quiet_NaN();
@@ -65,19 +82,20 @@ inline void pack_codebook(const float* cb, int G, int64_t K, int d, bool normali
       }
       const float* c = cb + (g * K + k) * d;
       float* out = rowmajor + (g * K + k) * d;
-      float ss = 0.f;
-      for (int j = 0; j < d; ++j) ss = fmaf(c[j], c[j], ss);
       if (normalize) {
-        const float inv = inv_norm(ss);
+        const float inv = inv_norm(c, d);
         for (int j = 0; j < d; ++j) {
           out[j] = c[j] * inv;
           blk[j * kW + l] = out[j];
         }
       } else {
+        const float sc = group_scale[g];
+        float ss = 0.f;
+        for (int j = 0; j < d; ++j) ss = fmaf(c[j] * sc, c[j] * sc, ss);
         blk[l] = -ss;
         for (int j = 0; j < d; ++j) {
           out[j] = c[j];
-          blk[(j + 1) * kW + l] = 2.f * c[j];
+          blk[(j + 1) * kW + l] = 2.f * (c[j] * sc);
         }
       }
     }
@@ -157,11 +175,12 @@ inline void search_dispatch(const float* zt, int64_t n_tok, const float* pk, int
   }
 }
 
-// z [N][G][d] fp32 contiguous; packed/rowmajor from pack_codebook. Writes idx [N][G] (kNoCode where no
-// code wins) and, if codes != nullptr, codes [N][G][d] (NaN where no code wins). Returns the number of
-// token-groups with no winning code.
+// z [N][G][d] fp32 contiguous; packed/rowmajor (and, squared L2, group_scale) from pack_codebook.
+// Writes idx [N][G] (kNoCode where no code wins) and, if codes != nullptr, codes [N][G][d] (NaN where
+// no code wins). Returns the number of token-groups with no winning code.
 inline int64_t lookup(const float* z, int64_t N, int G, int64_t K, int d, bool normalize,
-                      const float* packed, const float* rowmajor, int64_t* idx, float* codes) {
+                      const float* packed, const float* rowmajor, int64_t* idx, float* codes,
+                      const float* group_scale = nullptr) {
   constexpr int64_t kChunk = 64;  // tokens per work item
   const int rows = packed_rows(d, normalize);
   const int64_t nblk = packed_blocks(K);
@@ -171,6 +190,7 @@ inline int64_t lookup(const float* z, int64_t N, int G, int64_t K, int d, bool n
   // more than it saves, and on a shared, loaded machine waiting for a descheduled second thread costs
   // milliseconds.
   [[maybe_unused]] const bool threaded = double(N) * G * K * d > 6.0e7;
+  const float limit = l2_token_limit(d);
 #pragma omp parallel reduction(+ : missing) if (threaded)
   {
     std::vector<float> zt(kChunk * d);
@@ -182,16 +202,21 @@ inline int64_t lookup(const float* z, int64_t N, int G, int64_t K, int d, bool n
       // G int64 = one line for G = 8) nor evict each other's packed codebook.
       const int g = int(item / n_chunks);
       const int64_t n0 = (item % n_chunks) * kChunk, n1 = std::min(N, n0 + kChunk), nt = n1 - n0;
-      for (int64_t t = 0; t < nt; ++t) {  // prepare: unit z (cosine) or raw z (L2)
+      for (int64_t t = 0; t < nt; ++t) {  // prepare: unit z (cosine) or z scaled as its group (L2)
         const float* src = z + ((n0 + t) * G + g) * d;
         float* dst = zt.data() + t * d;
-        float inv = 1.f;
         if (normalize) {
-          float ss = 0.f;
-          for (int j = 0; j < d; ++j) ss = fmaf(src[j], src[j], ss);
-          inv = inv_norm(ss);
+          const float inv = inv_norm(src, d);
+          for (int j = 0; j < d; ++j) dst[j] = src[j] * inv;
+        } else {
+          bool ok = true;  // finite and within the overflow-free range (NaN compares false)
+          for (int j = 0; j < d; ++j) {
+            dst[j] = src[j] * group_scale[g];
+            ok &= std::fabs(dst[j]) <= limit;
+          }
+          if (!ok)  // no code wins: reported as an error by the caller
+            for (int j = 0; j < d; ++j) dst[j] = std::numeric_limits<float>::quiet_NaN();
         }
-        for (int j = 0; j < d; ++j) dst[j] = src[j] * inv;
       }
       const float* pk = packed + int64_t(g) * nblk * rows * kW;
       if (normalize)

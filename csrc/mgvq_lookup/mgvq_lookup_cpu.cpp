@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <vector>
 
 #include "mgvq_lookup/mgvq_checks.h"
 #include "mgvq_lookup/mgvq_cpu_core.h"
@@ -21,8 +22,10 @@ std::tuple<at::Tensor, at::Tensor> mgvq_lookup_cpu(const at::Tensor& z, const at
   const auto cbf = codebook.to(at::kFloat).contiguous();
   auto packed = at::empty({mgvq::packed_size(int(G), K, int(d), normalize)}, cbf.options());
   auto rowmajor = at::empty({G, K, d}, cbf.options());
+  std::vector<float> group_scale(G, 1.f);
+  if (!normalize) mgvq::l2_group_scales(cbf.data_ptr<float>(), int(G), K, int(d), group_scale.data());
   mgvq::pack_codebook(cbf.data_ptr<float>(), int(G), K, int(d), normalize,
-                      packed.data_ptr<float>(), rowmajor.data_ptr<float>());
+                      packed.data_ptr<float>(), rowmajor.data_ptr<float>(), group_scale.data());
   auto idx_sizes = z.sizes().vec();
   idx_sizes.pop_back();
   auto indices = at::empty(idx_sizes, z.options().dtype(at::kLong));
@@ -30,13 +33,8 @@ std::tuple<at::Tensor, at::Tensor> mgvq_lookup_cpu(const at::Tensor& z, const at
   auto codes = at::empty(z.sizes(), zf.options());
   const int64_t missing = mgvq::lookup(zf.data_ptr<float>(), N, int(G), K, int(d), normalize,
                                        packed.data_ptr<float>(), rowmajor.data_ptr<float>(),
-                                       indices.data_ptr<int64_t>(), codes.data_ptr<float>());
-  if (missing > 0) {
-    const int64_t first = (indices.reshape({-1}) < 0).nonzero()[0][0].item<int64_t>();
-    TORCH_CHECK_VALUE(false, "mgvq_lookup: ", missing, " token-group(s) have no code with a finite ",
-                      "score (first: flat token ", first / G, ", group ", first % G,
-                      "); z contains NaN/Inf there, or every code of that group is NaN");
-  }
+                                       indices.data_ptr<int64_t>(), codes.data_ptr<float>(), group_scale.data());
+  if (missing > 0) raise_no_code(zf, cbf, indices);
   return {direct ? codes : codes.to(z.scalar_type()), indices};
 }
 

@@ -20,7 +20,7 @@ inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThrea
 
 template <int D, bool Norm>
 void launch_lookup(const float* z, const float* prep, const float* code_src, int code_stride,
-                   int64_t N, int G, int64_t K, int d, int64_t* idx, float* codes,
+                   int64_t N, int G, int64_t K, int d, const float* gmax, int64_t* idx, float* codes,
                    cudaStream_t stream) {
   const int R = Norm ? d : d + 1;
   const size_t smem = sizeof(float) * (size_t(mgvq::kTileK) * R + (D > 0 ? 0 : mgvq::kLookupThreads * d));
@@ -32,20 +32,20 @@ void launch_lookup(const float* z, const float* prep, const float* code_src, int
   const dim3 grid(static_cast<unsigned>((N + mgvq::kLookupThreads - 1) / mgvq::kLookupThreads),
                   static_cast<unsigned>(G));
   kernel<<<grid, mgvq::kLookupThreads, smem, stream>>>(z, prep, code_src, code_stride, N, G, K, d,
-                                                       idx, codes);
+                                                       gmax, idx, codes);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <bool Norm>
 void dispatch_lookup(const float* z, const float* prep, const float* code_src, int code_stride,
-                     int64_t N, int G, int64_t K, int d, int64_t* idx, float* codes,
+                     int64_t N, int G, int64_t K, int d, const float* gm, int64_t* idx, float* codes,
                      cudaStream_t s) {
   switch (d) {
-    case 4: return launch_lookup<4, Norm>(z, prep, code_src, code_stride, N, G, K, d, idx, codes, s);
-    case 8: return launch_lookup<8, Norm>(z, prep, code_src, code_stride, N, G, K, d, idx, codes, s);
-    case 16: return launch_lookup<16, Norm>(z, prep, code_src, code_stride, N, G, K, d, idx, codes, s);
-    case 32: return launch_lookup<32, Norm>(z, prep, code_src, code_stride, N, G, K, d, idx, codes, s);
-    default: return launch_lookup<0, Norm>(z, prep, code_src, code_stride, N, G, K, d, idx, codes, s);
+    case 4: return launch_lookup<4, Norm>(z, prep, code_src, code_stride, N, G, K, d, gm, idx, codes, s);
+    case 8: return launch_lookup<8, Norm>(z, prep, code_src, code_stride, N, G, K, d, gm, idx, codes, s);
+    case 16: return launch_lookup<16, Norm>(z, prep, code_src, code_stride, N, G, K, d, gm, idx, codes, s);
+    case 32: return launch_lookup<32, Norm>(z, prep, code_src, code_stride, N, G, K, d, gm, idx, codes, s);
+    default: return launch_lookup<0, Norm>(z, prep, code_src, code_stride, N, G, K, d, gm, idx, codes, s);
   }
 }
 
@@ -62,9 +62,14 @@ std::tuple<at::Tensor, at::Tensor> mgvq_lookup_cuda(const at::Tensor& z, const a
   const auto cbf = codebook.to(at::kFloat).contiguous();
   const int R = normalize ? int(d) : int(d) + 1;
   auto prep = at::empty({G * K * R}, cbf.options());
+  // Squared L2: each group's largest finite |c_j| sets its scale (mgvq_math.h); rows with NaN/Inf never win.
+  const auto gmax = normalize ? at::zeros({G}, cbf.options())
+                              : at::where(cbf.isfinite().all(-1, true), cbf.abs(), at::zeros({}, cbf.options()))
+                                    .amax({1, 2})
+                                    .contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
   mgvq::mgvq_prepare_kernel<<<blocks_for(G * K), kThreads, 0, stream>>>(
-      cbf.data_ptr<float>(), G * K, int(d), normalize, prep.data_ptr<float>());
+      cbf.data_ptr<float>(), G * K, K, int(d), normalize, gmax.data_ptr<float>(), prep.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto idx_sizes = z.sizes().vec();
   idx_sizes.pop_back();
@@ -74,11 +79,14 @@ std::tuple<at::Tensor, at::Tensor> mgvq_lookup_cuda(const at::Tensor& z, const a
     const float* code_src = normalize ? prep.data_ptr<float>() : cbf.data_ptr<float>();
     if (normalize)
       dispatch_lookup<true>(zf.data_ptr<float>(), prep.data_ptr<float>(), code_src, R, N, int(G), K,
-                            int(d), indices.data_ptr<int64_t>(), codes.data_ptr<float>(), stream);
+                            int(d), gmax.data_ptr<float>(), indices.data_ptr<int64_t>(),
+                            codes.data_ptr<float>(), stream);
     else
       dispatch_lookup<false>(zf.data_ptr<float>(), prep.data_ptr<float>(), code_src, int(d), N,
-                             int(G), K, int(d), indices.data_ptr<int64_t>(), codes.data_ptr<float>(),
-                             stream);
+                             int(G), K, int(d), gmax.data_ptr<float>(), indices.data_ptr<int64_t>(),
+                             codes.data_ptr<float>(), stream);
+    // Raise like the CPU kernel where a token-group got no code (one host sync per call).
+    if ((indices < 0).any().item<bool>()) raise_no_code(zf, cbf, indices);
   }
   return {codes.to(z.scalar_type()), indices};
 }

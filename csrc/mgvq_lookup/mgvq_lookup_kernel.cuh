@@ -10,21 +10,23 @@
 namespace htc {
 namespace mgvq {
 
-// Prepared codebook rows [G*K][R]: cosine R = d (unit code); squared L2 R = d + 1 (-|c|^2, then 2c).
-__global__ void mgvq_prepare_kernel(const float* __restrict__ cb, int64_t GK, int d, bool normalize,
-                                    float* __restrict__ prep) {
+// Prepared codebook rows [G*K][R]: cosine R = d (unit code); squared L2 R = d + 1 (-|s c|^2, then
+// 2 s c) with s = pow2_scale(gmax[group]) (gmax [G]: the group's largest finite |c_j|; squared L2 only).
+__global__ void mgvq_prepare_kernel(const float* __restrict__ cb, int64_t GK, int64_t K, int d, bool normalize,
+                                    const float* __restrict__ gmax, float* __restrict__ prep) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= GK) return;
   const float* c = cb + r * d;
-  float ss = 0.f;
-  for (int j = 0; j < d; ++j) ss = fmaf(c[j], c[j], ss);
   if (normalize) {
-    const float inv = inv_norm(ss);
+    const float inv = inv_norm(c, d);
     for (int j = 0; j < d; ++j) prep[r * d + j] = c[j] * inv;
   } else {
+    const float s = pow2_scale(gmax[r / K]);
+    float ss = 0.f;
+    for (int j = 0; j < d; ++j) ss = fmaf(c[j] * s, c[j] * s, ss);
     float* o = prep + r * (d + 1);
     o[0] = -ss;
-    for (int j = 0; j < d; ++j) o[j + 1] = 2.f * c[j];
+    for (int j = 0; j < d; ++j) o[j + 1] = 2.f * (c[j] * s);
   }
 }
 
@@ -34,13 +36,16 @@ constexpr int kTileK = 256;          // codes per shared-memory tile
 // Grid (ceil(N / kLookupThreads), G). Each block streams its group's prepared codebook through shared
 // memory in kTileK-code tiles; each thread keeps its token (registers when D > 0, else shared memory)
 // and a running (best score, lowest index). Writes idx [N][G] (kNoCode when nothing wins) and codes
-// [N][G][d] from code_src rows (stride code_stride; NaN when nothing wins).
+// [N][G][d] from code_src rows (stride code_stride; NaN when nothing wins). Squared L2: tokens are
+// scaled like their group's codes (gmax, as mgvq_prepare_kernel), and one beyond l2_token_limit gets
+// kNoCode (its score would overflow).
 // Dynamic shared memory: kTileK * R floats (+ kLookupThreads * d floats when D == 0).
 template <int D, bool Norm>
 __global__ void __launch_bounds__(kLookupThreads)
     mgvq_lookup_kernel(const float* __restrict__ z, const float* __restrict__ prep,
                        const float* __restrict__ code_src, int code_stride, int64_t N, int G,
-                       int64_t K, int d_rt, int64_t* __restrict__ idx, float* __restrict__ codes) {
+                       int64_t K, int d_rt, const float* __restrict__ gmax, int64_t* __restrict__ idx,
+                       float* __restrict__ codes) {
   extern __shared__ float smem[];
   const int d = D > 0 ? D : d_rt;
   const int R = Norm ? d : d + 1;
@@ -49,14 +54,20 @@ __global__ void __launch_bounds__(kLookupThreads)
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kLookupThreads + threadIdx.x;
   const bool active = n < N;
   const float* zp = z + (n * G + g) * d;
-  // Token: unit z (cosine) or raw z (L2), in registers (D > 0) or this thread's shared slot.
+  // Token: unit z (cosine) or z scaled like its group's codes (L2), in registers (D > 0) or this
+  // thread's shared slot. An L2 token that is not finite or out of range becomes NaN: no code wins.
   float zr[D > 0 ? D : 1];
   float* zs = smem + kTileK * R + threadIdx.x * d;
   float inv = 1.f;
-  if (Norm && active) {
-    float ss = 0.f;
-    for (int j = 0; j < d; ++j) ss = fmaf(zp[j], zp[j], ss);
-    inv = inv_norm(ss);
+  if (active) {
+    if (Norm) {
+      inv = inv_norm(zp, d);
+    } else {
+      inv = pow2_scale(gmax[g]);
+      const float limit = l2_token_limit(d);
+      for (int j = 0; j < d; ++j)
+        if (!(fabsf(zp[j] * inv) <= limit)) inv = __int_as_float(0x7fc00000);
+    }
   }
   if (D > 0) {
 #pragma unroll

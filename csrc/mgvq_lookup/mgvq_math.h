@@ -6,11 +6,20 @@
 //   cosine (normalize=true):  score(z, c) = <z/|z|, c/|c|>                (|.| clamped to >= kNormEps)
 //   squared L2 (normalize=false): score(z, c) = <z, 2c> - |c|^2 = |z|^2 - |z - c|^2
 // so the arg-max of the score is the arg-min of the distance. Ties break to the lowest code index.
-// A NaN or -inf score never wins; a token-group for which no code wins (non-finite z, or a codebook of
-// NaNs) gets index kNoCode.
+// A NaN or -inf score never wins; a token-group for which no code wins gets index kNoCode (non-finite
+// z, a group whose codes are all NaN/Inf, or, squared L2 only, a token too large for float32 against
+// its group's codes: see l2_token_limit). Callers report it as an error.
+//
+// No overflow for finite inputs: squares are formed of values scaled by a power of two s (pow2_scale)
+// with max|v| * s in [1, 2). Cosine is scale-invariant, so each vector is scaled by its own s; squared
+// L2 is invariant under a common scale, so a group's codes and every token against them are scaled by
+// the group's s. Power-of-two scaling is exact: where the unscaled formula neither overflows nor
+// underflows, results are bit-identical to it.
 #pragma once
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #ifndef HTC_HD
 #if defined(__CUDACC__)
@@ -27,13 +36,60 @@ namespace mgvq {
 constexpr float kNormEps = 1e-12f;
 constexpr int32_t kNoCode = -1;
 
-// 1 / max(sqrt(sumsq), eps), and whether the clamp is active (its gradient through |v| is then 0).
-HTC_HD float inv_norm(float sumsq, bool* clamped = nullptr) {
-  const float n = sqrtf(sumsq);
-  const bool c = !(n > kNormEps);
-  if (clamped) *clamped = c;
-  return 1.0f / (c ? kNormEps : n);
+HTC_HD uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+#endif
 }
+
+HTC_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+#endif
+}
+
+// The power of two s with max_abs * s in [1, 2) (max_abs >= 0), its exponent clamped to [-126, 126]
+// so s is a normal float (denormal max_abs: s = 2^126; Inf/NaN: s = 2^-126, the result stays
+// non-finite); 1 for max_abs = 0.
+HTC_HD float pow2_scale(float max_abs) {
+  if (max_abs == 0.f) return 1.f;
+  int e = static_cast<int>((float_bits(max_abs) >> 23) & 0xffu);  // biased exponent
+  e = e < 1 ? 1 : (e > 253 ? 253 : e);
+  return bits_float(static_cast<uint32_t>(254 - e) << 23);  // 2^(127 - e)
+}
+
+// max_j |v_j| (NaN propagates: the scale of a NaN vector is irrelevant, its scores are NaN anyway).
+HTC_HD float max_abs(const float* v, int d) {
+  float m = 0.f;
+  for (int j = 0; j < d; ++j) m = fabsf(v[j]) > m ? fabsf(v[j]) : m;
+  return m;
+}
+
+// 1 / max(|v|, eps) for any finite v without overflow, and whether the clamp is active (its gradient
+// through |v| is then 0). |v| is formed as sqrt(sum (s v_j)^2) / s (s = pow2_scale(max|v_j|)), so the
+// result is bit-identical to 1 / max(sqrt(sum v_j^2), eps) wherever that does not overflow/underflow.
+// Non-finite v: 0 (Inf) or 1/eps (NaN); either way v * inv_norm is not finite.
+HTC_HD float inv_norm(const float* v, int d, bool* clamped = nullptr) {
+  const float s = pow2_scale(max_abs(v, d));
+  float ss = 0.f;
+  for (int j = 0; j < d; ++j) ss = fmaf(v[j] * s, v[j] * s, ss);
+  const float n_s = sqrtf(ss);  // = s |v|, exactly
+  const bool c = !(n_s > kNormEps * s);
+  if (clamped) *clamped = c;
+  return c ? 1.0f / kNormEps : s * (1.0f / n_s);
+}
+
+// Squared L2: tokens scaled by their group's s (pow2_scale of the group's largest finite |c_j|) must
+// stay within this bound, so that |<z, 2c>| + |c|^2 <= 4 d limit + 4 d < FLT_MAX (scaled codes < 2).
+HTC_HD float l2_token_limit(int d) { return FLT_MAX / (8.0f * (static_cast<float>(d) + 1.0f)); }
 
 // Strictly better (value, index) pair: higher score, or equal score with a lower index. Start from
 // (-inf, kNoCode): NaN and -inf scores never win, so "no code" survives only if no score is > -inf.
@@ -55,12 +111,10 @@ HTC_HD float score_l2(const float* z, const float* c2, float neg_c_sq, int d) {
   return s;
 }
 
-// Backward of y = v * inv_norm(|v|) for one vector: dv = inv * (dy - y * <y, dy>) (clamped: inv*dy).
+// Backward of y = v * inv_norm(v) for one vector: dv = inv * (dy - y * <y, dy>) (clamped: inv*dy).
 HTC_HD void normalize_backward(const float* v, const float* dy, int d, float* dv) {
-  float ss = 0.f;
-  for (int j = 0; j < d; ++j) ss = fmaf(v[j], v[j], ss);
   bool clamped = false;
-  const float inv = inv_norm(ss, &clamped);
+  const float inv = inv_norm(v, d, &clamped);
   float ydy = 0.f;
   if (!clamped)
     for (int j = 0; j < d; ++j) ydy = fmaf(v[j] * inv, dy[j], ydy);

@@ -95,7 +95,9 @@ struct Geometry {
   // Parallel grain: problems below ~4M multiply-adds (typical decode steps) run on the calling
   // thread, where waking the thread pool would cost more than the work itself.
   int64_t grain(int64_t n_tasks) const {
-    return B * Hq * Sq * Skv * D < (int64_t{1} << 22) ? std::max<int64_t>(n_tasks, 1) : 1;
+    // In double: the product of five sizes can exceed int64 on huge (but valid) problems.
+    const double work = static_cast<double>(B) * Hq * Sq * Skv * D;
+    return work < static_cast<double>(int64_t{1} << 22) ? std::max<int64_t>(n_tasks, 1) : 1;
   }
 };
 
@@ -119,14 +121,18 @@ struct Rows {
 };
 
 // The part of a tile that has work: keys [jlo, jhi) and query rows [ilo, ihi) with any allowed pair
-// left for the GEMMs, and whether some rows were handed to the row-wise diagonal path instead.
+// left for the GEMMs, whether some rows were handed to the row-wise diagonal path instead, and whether
+// the GEMMs' rectangle holds masked pairs ("partial"): there a product with a masked operand is 0 only
+// if that operand is finite (masked means never read: see forward_impl/backward_impl).
 struct Span {
   int64_t jlo, jhi, ilo, ihi;
   bool diag_rows;
+  bool partial;
   bool empty() const { return jhi <= jlo; }
 };
 
-// Allowed-key mask of one CAUSAL or MASKED tile, key-major: mask[j * BQp + i], and the span of the
+// Allowed-key mask of one CAUSAL or MASKED tile (any other non-SKIP/FULL/DIAG value of a raw caller's
+// plan is evaluated element-wise too), key-major: mask[j * BQp + i], and the span of the
 // tile that has work (the GEMMs are trimmed to it). This is star_allowed (star_mask.h) specialised per
 // key so the row loop vectorises; tests check it against the reference.
 // Rows whose only allowed key in the tile is their own position (visual rows in a tile that also holds
@@ -190,7 +196,14 @@ inline Span tile_mask(const Geometry& g, uint8_t tk, const int8_t* kinds, const 
       jhi = j + 1;
     }
   }
-  return {jlo, jhi, ilo, ihi, diag_rows};
+  bool partial = false;
+  for (int64_t j = jlo; j < jhi && !partial; ++j) {
+    int all = 1;
+#pragma omp simd reduction(& : all)
+    for (int64_t i = ilo; i < ihi; ++i) all &= mask[j * n + i];
+    partial = !all;
+  }
+  return {jlo, jhi, ilo, ihi, diag_rows, partial};
 }
 
 // Tile masks depend on the layout, not on the head: each thread computes a tile's mask once and reuses
@@ -268,6 +281,81 @@ inline void apply_mask(float* sT, const uint8_t* mask, int64_t nj, int64_t n) {
   }
 }
 
+// --- Masked means never read (DESIGN.md §2) -------------------------------------------------------
+// Masked pairs are excluded by select (scores -> -inf, p = 0, dS -> 0), but inside a GEMM 0 * NaN =
+// NaN: a non-finite K/V row that some row of the GEMM may not attend would still reach that row.
+// PAD query rows are loaded as zeros (load_tile); FULL tiles have no masked pair; in the other tiles
+// whose GEMM rectangle holds a masked pair (Span::partial) the K or V rows a GEMM multiplies by those
+// zeros are checked for finiteness (each row once per head and thread), and a tile with a non-finite
+// one takes gemm_except_bad: exact, and rare.
+
+// Is row[0:D] all finite? Bit test of the exponent (integer ops only, so it vectorises).
+template <typename T>
+inline bool row_is_finite(const T* row, int64_t D) {
+  int bad = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    typedef uint32_t __attribute__((__may_alias__)) u32;
+    const u32* u = reinterpret_cast<const u32*>(row);
+    for (int64_t d = 0; d < D; ++d) bad |= (u[d] & 0x7f800000u) == 0x7f800000u;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (int64_t d = 0; d < D; ++d) bad |= (row[d].x & 0x7f80u) == 0x7f80u;
+  } else {
+    static_assert(std::is_same_v<T, c10::Half>);
+    for (int64_t d = 0; d < D; ++d) bad |= (row[d].x & 0x7c00u) == 0x7c00u;
+  }
+  return !bad;
+}
+
+// Finiteness of the rows of one (batch, kv head) of K or V, computed on first use and remembered
+// while the owner stays the same.
+class FiniteRows {
+ public:
+  void own(int64_t owner, int64_t n_rows) {
+    if (owner == owner_) return;
+    owner_ = owner;
+    state_.assign(n_rows, kUnknown);
+  }
+  // Rows [j0, j0 + n) of `base` (row stride `stride`, D elements): are they all finite?
+  template <typename T>
+  bool all_finite(const T* base, int64_t stride, int64_t D, int64_t j0, int64_t n) {
+    bool ok = true;
+    for (int64_t j = j0; j < j0 + n; ++j) {
+      if (state_[j] == kUnknown) state_[j] = row_is_finite(base + j * stride, D) ? kFinite : kBad;
+      ok &= state_[j] == kFinite;
+    }
+    return ok;
+  }
+  bool finite(int64_t j) const { return state_[j] == kFinite; }  // rows all_finite has seen
+
+ private:
+  static constexpr int8_t kUnknown = -1, kBad = 0, kFinite = 1;
+  int64_t owner_ = -1;
+  std::vector<int8_t> state_;
+};
+
+// C[i][:] += sum_j W[j * BQp + i] * R_j over rows i in [ilo, ihi) and keys j in [0, nj) (the forward's
+// acc += P V and the backward's dq += dS K) in a partial tile where some R_j (row k0 + j of `base`) is
+// not finite. W is 0 at masked pairs, but 0 * NaN = NaN: the GEMM runs on R with those rows zeroed,
+// then each of them is added to the rows i that may attend it (mask[j * BQp + i]) only.
+template <typename T>
+inline void gemm_except_bad(const Geometry& g, float* C, const float* W, const uint8_t* mask, const T* base,
+                            int64_t stride, int64_t k0, int64_t nj, int64_t ilo, int64_t ihi,
+                            const FiniteRows& fin, float* buf, float* row) {
+  for (int64_t j = 0; j < nj; ++j) {
+    if (fin.finite(k0 + j))
+      load_row(base + (k0 + j) * stride, buf + j * g.Dp, g.D, g.Dp, 1.f);
+    else
+      std::fill(buf + j * g.Dp, buf + (j + 1) * g.Dp, 0.f);
+  }
+  gemm(C + ilo * g.Dp, g.Dp, W + ilo, 1, g.BQp, buf, g.Dp, ihi - ilo, g.Dp, nj, true);
+  for (int64_t j = 0; j < nj; ++j) {
+    if (fin.finite(k0 + j)) continue;
+    load_row(base + (k0 + j) * stride, row, g.D, g.Dp, 1.f);
+    for (int64_t i = ilo; i < ihi; ++i)
+      if (mask[j * g.BQp + i]) axpby(C + i * g.Dp, 1.f, W[j * g.BQp + i], row, g.Dp);
+  }
+}
+
 // Rows [k0, k0+nk) of one head of K or V as fp32 rows of stride *ld: the tensor itself when it is
 // fp32 with D a multiple of the vector width, else converted into `buf` (zero padded to Dp).
 template <typename T>
@@ -285,13 +373,17 @@ inline const float* key_rows(const T* base, int64_t stride, const Geometry& g, i
 }
 
 // The query tile (or dO tile) of `rows`, scaled by `mul`, row-major [BQp][Dp] and transposed [D][BQp].
-// Rows past rows.m keep stale finite values: they only feed lanes that are never read back.
+// Rows past rows.m keep stale finite values: they only feed lanes that are never read back. PAD rows
+// are zeros whatever the tensor holds there: they share GEMMs with other rows (masked means never read).
 template <typename T>
 inline void load_tile(const T* base, int64_t stride, const Geometry& g, const Rows& rows, float mul,
                       float* row_major, float* transposed) {
   for (int64_t i = 0; i < rows.m; ++i) {
     if (i + kPrefetchRows < rows.m) prefetch_row(base + (rows.r0 + i + kPrefetchRows) * stride, g.D);
-    load_row(base + (rows.r0 + i) * stride, row_major + i * g.Dp, g.D, g.Dp, mul);
+    if (rows.kind[i] == kPad)
+      std::fill(row_major + i * g.Dp, row_major + (i + 1) * g.Dp, 0.f);
+    else
+      load_row(base + (rows.r0 + i) * stride, row_major + i * g.Dp, g.D, g.Dp, mul);
   }
   at::vec::transpose_mxn<float>(row_major, g.Dp, transposed, g.BQp, static_cast<int>(rows.m),
                                 static_cast<int>(g.D));
@@ -313,14 +405,17 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
     const int64_t BQp = g.BQp, Dp = g.Dp;
     std::vector<float> q_row(BQp * Dp), qT(g.D * BQp), acc(BQp * Dp), sT(g.bk * BQp);
     std::vector<float> kbuf(g.bk * Dp), vbuf(g.bk * Dp), m_i(BQp), l_i(BQp), alpha(BQp), s_diag(BQp);
+    std::vector<float> bad_row(Dp);
     std::vector<uint8_t> diag_only(BQp);
     TileMaskCache masks(g);
+    FiniteRows v_finite;
     Rows rows;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (g.Hq * g.n_qt), h = (task / g.n_qt) % g.Hq, qt = task % g.n_qt;
       const int64_t hk = h / group_size, bl = g.plan_batch == 1 ? 0 : b;
       const int8_t* kin = kinds + bl * g.Skv;
       const int32_t* grp = groups + bl * g.Skv;
+      v_finite.own(b * g.Hkv + hk, g.Skv);
       rows.fill(g, kin, grp, qt);
       const T* qh = qp + b * q.stride(0) + h * q.stride(1);
       const T* kh = kp + b * k.stride(0) + hk * k.stride(1);
@@ -386,14 +481,17 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
         }
         const uint8_t* tmask = nullptr;
         const uint8_t* tdiag = nullptr;
-        const Span sp = tk == kFull ? Span{0, nk, 0, rows.m, false}
+        const Span sp = tk == kFull ? Span{0, nk, 0, rows.m, false, false}
                                     : masks.get(tk, kin, grp, rows, bl, qt, kt, k0, nk, &tmask, &tdiag);
         if (sp.diag_rows) diag_update(tdiag);
         if (sp.empty()) continue;
         const int64_t nj = sp.jhi - sp.jlo, mi = sp.ihi - sp.ilo;
-        int64_t ldk, ldv;
+        // Scores of masked pairs are replaced by select (a non-finite K row is harmless there); the
+        // P V GEMM multiplies V rows by p = 0 at masked pairs, so in partial tiles they must be finite.
+        const bool v_ok = !sp.partial || v_finite.all_finite(vh, v.stride(2), g.D, k0 + sp.jlo, nj);
+        int64_t ldk, ldv = 0;
         const float* kt_rows = key_rows(kh, k.stride(2), g, k0 + sp.jlo, nj, kbuf.data(), &ldk);
-        const float* vt_rows = key_rows(vh, v.stride(2), g, k0 + sp.jlo, nj, vbuf.data(), &ldv);
+        const float* vt_rows = v_ok ? key_rows(vh, v.stride(2), g, k0 + sp.jlo, nj, vbuf.data(), &ldv) : nullptr;
         // sT[j][i] = k_j . (scale q_i)
         scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp, &next_k);
         if (tk != kFull) apply_mask(sT.data(), tmask, nj, BQp);
@@ -420,13 +518,19 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
           for (int64_t d = 0; d < Dp; d += kVL) (Vec::loadu(acc.data() + i * Dp + d) * a).store(acc.data() + i * Dp + d);
         }
         // acc[i][:] += sum_j p[j][i] v_j
-        gemm(acc.data() + sp.ilo * Dp, Dp, sT.data() + sp.ilo, 1, BQp, vt_rows, ldv, mi, Dp, nj, true, &next_v);
+        if (v_ok)
+          gemm(acc.data() + sp.ilo * Dp, Dp, sT.data() + sp.ilo, 1, BQp, vt_rows, ldv, mi, Dp, nj, true, &next_v);
+        else
+          gemm_except_bad(g, acc.data(), sT.data(), tmask, vh, v.stride(2), k0 + sp.jlo, nj, sp.ilo, sp.ihi,
+                          v_finite, vbuf.data(), bad_row.data());
       }
 
       T* oh = op + ((b * g.Hq + h) * g.Sq + rows.r0) * g.D;
       float* lh = lp + (b * g.Hq + h) * g.Sq + rows.r0;
       for (int64_t i = 0; i < rows.m; ++i) {
         const bool empty = rows.kind[i] == kPad || l_i[i] == 0.f;
+        // Zeros by select, not acc * 0: a row with nothing to attend outputs 0 whatever acc holds.
+        if (empty) std::fill(acc.begin() + i * Dp, acc.begin() + (i + 1) * Dp, 0.f);
         const float inv = empty ? 0.f : 1.f / l_i[i];
         store_row(oh + i * g.D, acc.data() + i * Dp, g.D, inv);
         lh[i] = empty ? kNegInf : m_i[i] + std::log(l_i[i]);
@@ -461,11 +565,13 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
     std::vector<float> q_row(BQp * Dp), qT(g.D * BQp), do_row(BQp * Dp), doT(g.D * BQp);
     std::vector<float> sT(g.bk * BQp), dpT(g.bk * BQp), kbuf(g.bk * Dp), vbuf(g.bk * Dp);
     std::vector<float> dk_acc(g.Skv * Dp), dv_acc(g.Skv * Dp), dq_acc(g.Sq * Dp);
-    std::vector<float> lse_i(BQp), delta_i(BQp), o_row(Dp);
+    std::vector<float> lse_i(BQp), delta_i(BQp), o_row(Dp), bad_row(Dp);
     TileMaskCache masks(g);
+    FiniteRows k_finite;
     Rows rows;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / g.Hkv, hk = task % g.Hkv, bl = g.plan_batch == 1 ? 0 : b;
+      k_finite.own(task, g.Skv);
       const int8_t* kin = kinds + bl * g.Skv;
       const int32_t* grp = groups + bl * g.Skv;
       const T* kh = kp + b * k.stride(0) + hk * k.stride(1);
@@ -519,7 +625,7 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
             }
             const uint8_t* tmask = nullptr;
             const uint8_t* tdiag = nullptr;
-            const Span sp = tk == kFull ? Span{0, nk, 0, rows.m, false}
+            const Span sp = tk == kFull ? Span{0, nk, 0, rows.m, false, false}
                                         : masks.get(tk, kin, grp, rows, bl, qt, kt, k0, nk, &tmask, &tdiag);
             if (sp.diag_rows)
               for (int64_t i = 0; i < rows.m; ++i)
@@ -532,13 +638,19 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
             scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp);
             if (tk != kFull) apply_mask(sT.data(), tmask, nj, BQp);
             scores(g, dpT.data(), vt_rows, ldv, doT.data(), do_row.data(), nj, sp);
+            // Masked pairs (score -inf after apply_mask) get dS = 0 by select, not p * (dp - delta) = 0 *
+            // (dO . v_j), which is NaN when v_j is not finite (masked means never read). Only partial
+            // spans hold masked pairs among the rows and keys the GEMMs read.
+            const bool select = sp.partial;
             for (int64_t j = 0; j < nj; ++j) {
               float* s = sT.data() + j * BQp;
               float* dpj = dpT.data() + j * BQp;
               for (int64_t i0 = sp.ilo / kVL * kVL; i0 < sp.ihi; i0 += kVL) {
-                const Vec p = (Vec::loadu(s + i0) - Vec::loadu(lse_i.data() + i0)).exp_u20();
+                const Vec sv = Vec::loadu(s + i0);
+                const Vec p = (sv - Vec::loadu(lse_i.data() + i0)).exp_u20();
                 p.store(s + i0);  // sT now holds P^T
-                (p * (Vec::loadu(dpj + i0) - Vec::loadu(delta_i.data() + i0))).store(dpj + i0);  // dS^T
+                const Vec ds = p * (Vec::loadu(dpj + i0) - Vec::loadu(delta_i.data() + i0));
+                (select ? Vec::blendv(ds, Vec(0.f), sv == Vec(kNegInf)) : ds).store(dpj + i0);  // dS^T
               }
             }
             // dv_j += sum_i p_ji do_i ; dk_j += sum_i ds_ji (scale q_i) ; dq_i += sum_j ds_ji k_j
@@ -546,12 +658,21 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
             const float* ds_rows = dpT.data() + sp.ilo;
             gemm(dv_acc.data() + j0 * Dp, Dp, p_rows, BQp, 1, do_row.data() + sp.ilo * Dp, Dp, nj, Dp, mi, true);
             gemm(dk_acc.data() + j0 * Dp, Dp, ds_rows, BQp, 1, q_row.data() + sp.ilo * Dp, Dp, nj, Dp, mi, true);
-            gemm(dq_tile + sp.ilo * Dp, Dp, ds_rows, 1, BQp, kt_rows, ldk, mi, Dp, nj, true);
+            // dv and dk GEMMs multiply by zeros only rows of dO and q (PAD rows are loaded as zeros); the
+            // dq GEMM multiplies K rows by dS = 0 at masked pairs, so in partial tiles they must be finite.
+            if (!sp.partial || k_finite.all_finite(kh, k.stride(2), g.D, j0, nj))
+              gemm(dq_tile + sp.ilo * Dp, Dp, ds_rows, 1, BQp, kt_rows, ldk, mi, Dp, nj, true);
+            else
+              gemm_except_bad(g, dq_tile, dpT.data(), tmask, kh, k.stride(2), j0, nj, sp.ilo, sp.ihi, k_finite,
+                              kbuf.data(), bad_row.data());
           }
         }
         T* dqh = dqp + (b * g.Hq + h) * g.Sq * g.D;
-        for (int64_t i = 0; i < g.Sq; ++i)
-          for (int64_t d = 0; d < g.D; ++d) dqh[i * g.D + d] = static_cast<T>(dq_acc[i * Dp + d] * g.scale);
+        for (int64_t i = 0; i < g.Sq; ++i) {
+          const bool pad = kin[i + g.q_off] == kPad;  // zero gradient by select, whatever q holds there
+          for (int64_t d = 0; d < g.D; ++d)
+            dqh[i * g.D + d] = pad ? static_cast<T>(0.f) : static_cast<T>(dq_acc[i * Dp + d] * g.scale);
+        }
       }
       T* dkh = dkp + (b * g.Hkv + hk) * g.Skv * g.D;
       T* dvh = dvp + (b * g.Hkv + hk) * g.Skv * g.D;
@@ -610,6 +731,7 @@ std::tuple<at::Tensor, at::Tensor> star_attention_cpu(const at::Tensor& q_in, co
                                                       int64_t block_q, int64_t block_k,
                                                       int64_t topology, double scale) {
   check_attention_args(q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology);
+  check_kinds_values("star_attention", kinds);
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const auto kinds_c = kinds.contiguous();
   const auto groups_c = groups.contiguous();
@@ -631,6 +753,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> star_attention_backward_cpu(
     int64_t block_k, int64_t topology, double scale) {
   check_attention_args(q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology);
   check_backward_args(dout_in, q_in, out_in, lse, grad_lse);
+  check_kinds_values("star_attention_backward", kinds);
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const auto dout = last_dim_contiguous(dout_in), out = last_dim_contiguous(out_in);
   const auto lse_c = lse.contiguous();

@@ -2,11 +2,16 @@
 // Python) with a message naming the problem; the Python wrappers validate first and raise ValueError,
 // these are the last line for direct torch.ops.htc callers.
 #pragma once
+#include <ATen/ATen.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
+#include <limits>
 #include <optional>
 #include <vector>
+
+#include "star_attention/star_mask.h"
 
 namespace htc {
 
@@ -22,8 +27,20 @@ inline void check_plan_args(const at::Tensor& kinds, const at::Tensor& groups, i
   TORCH_CHECK(groups.device() == kinds.device(), "star_plan: kinds and groups on different devices");
   TORCH_CHECK(q_len >= 1 && q_len <= kinds.size(1), "star_plan: q_len ", q_len,
               " must be in [1, S=", kinds.size(1), "]");
-  TORCH_CHECK(block_q >= 1 && block_k >= 1, "star_plan: block sizes must be positive");
+  // Bounded like the attention ops': a plan is only ever consumed with the block sizes it was built for.
+  TORCH_CHECK(block_q >= 1 && block_k >= 1 && block_q <= kMaxBlock && block_k <= kMaxBlock,
+              "star_plan: block sizes must be in [1, ", kMaxBlock, "], got block_q=", block_q,
+              ", block_k=", block_k);
   TORCH_CHECK(topology == 0 || topology == 1, "star_plan: topology must be 0 (star) or 1 (group)");
+}
+
+// Every kind is a TokenKind (0..3). Reads the values (a device sync on a GPU): CPU entry points call it.
+inline void check_kinds_values(const char* op, const at::Tensor& kinds) {
+  if (kinds.numel() == 0) return;
+  const auto [lo, hi] = at::aminmax(kinds);
+  TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() <= 3, op,
+              ": kinds must hold TokenKind values 0..3 (TEXT, VISUAL, VOCO, PAD), got values in [",
+              lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
 }
 
 }  // namespace htc
@@ -46,17 +63,21 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0,
               "star_attention: query heads must be a multiple of key/value heads");
   TORCH_CHECK(q.size(2) >= 1 && q.size(2) <= k.size(2), "star_attention: need 1 <= Sq <= Skv");
+  TORCH_CHECK(q.size(3) >= 1, "star_attention: head dim D must be >= 1, got ", q.size(3));
+  // Kernels keep key-sequence positions in int32.
+  TORCH_CHECK(k.size(2) <= std::numeric_limits<int32_t>::max(), "star_attention: Skv = ", k.size(2),
+              " exceeds the int32 position range");
   TORCH_CHECK(kinds.dim() == 2 && kinds.size(1) == k.size(2) &&
                   (kinds.size(0) == 1 || kinds.size(0) == q.size(0)),
               "star_attention: kinds must be [1 or B, Skv], got ", kinds.sizes());
   TORCH_CHECK(kinds.scalar_type() == at::kChar && groups.scalar_type() == at::kInt &&
                   groups.sizes() == kinds.sizes(),
               "star_attention: kinds must be int8 and groups int32 of the same shape");
-  TORCH_CHECK(block_q >= 1 && block_k >= 1 && block_q <= 1024 && block_k <= 1024,
-              "star_attention: block sizes must be in [1, 1024]");
+  TORCH_CHECK(block_q >= 1 && block_k >= 1 && block_q <= kMaxBlock && block_k <= kMaxBlock,
+              "star_attention: block sizes must be in [1, ", kMaxBlock, "], got block_q=", block_q,
+              ", block_k=", block_k);
   TORCH_CHECK(plan.scalar_type() == at::kByte && plan.dim() == 3 && plan.size(0) == kinds.size(0) &&
-                  plan.size(1) == (q.size(2) + block_q - 1) / block_q &&
-                  plan.size(2) == (k.size(2) + block_k - 1) / block_k,
+                  plan.size(1) == ceil_div(q.size(2), block_q) && plan.size(2) == ceil_div(k.size(2), block_k),
               "star_attention: plan ", plan.sizes(), " does not match the problem and block sizes");
   TORCH_CHECK(topology == 0 || topology == 1, "star_attention: topology must be 0 or 1");
   for (const at::Tensor* t : {&k, &v, &kinds, &groups, &plan})

@@ -20,6 +20,15 @@ enum Topology : int { kStar = 0, kGroup = 1 };
 // (htc_kernels/layout.py mirrors them).
 enum TileKind : uint8_t { kSkip = 0, kFull = 1, kCausal = 2, kDiag = 3, kMasked = 4 };
 
+// Largest block size any entry point accepts (star_checks.h and htc_kernels/layout.py check it).
+constexpr int64_t kMaxBlock = 1024;
+
+// ceil(a / b) for a >= 0, b >= 1 without forming a + b - 1 (which overflows for b near INT64_MAX).
+HTC_HD int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+// min(begin + len, end) for begin <= end, len >= 0, without forming begin + len when it would overflow.
+HTC_HD int64_t clamp_end(int64_t begin, int64_t len, int64_t end) { return len < end - begin ? begin + len : end; }
+
 // May query at key-sequence position i attend key j? (DESIGN.md §2, normative.)
 HTC_HD bool star_allowed(int64_t i, int64_t j, int8_t ki, int32_t gi, int8_t kj, int32_t gj,
                          int topology) {
@@ -120,26 +129,27 @@ HTC_HD uint8_t classify_tile(const int8_t* kinds, const int32_t* groups, int64_t
 inline void plan_row(const int8_t* kinds, const int32_t* groups, int64_t seq_len, int64_t q_len,
                      int64_t block_q, int64_t block_k, int topology, const RangeSummary* key_summaries,
                      int64_t qt, uint8_t* out) {
-  const int64_t n_kt = (seq_len + block_k - 1) / block_k, q_offset = seq_len - q_len;
-  const int64_t r0 = qt * block_q, r1 = r0 + block_q < q_len ? r0 + block_q : q_len;
+  const int64_t n_kt = ceil_div(seq_len, block_k), q_offset = seq_len - q_len;
+  const int64_t r0 = qt * block_q, r1 = clamp_end(r0, block_q, q_len);
   const RangeSummary q = summarize(kinds, groups, r0 + q_offset, r1 + q_offset);
   for (int64_t kt = 0; kt < n_kt; ++kt) {
-    const int64_t k0 = kt * block_k, k1 = k0 + block_k < seq_len ? k0 + block_k : seq_len;
+    const int64_t k0 = kt * block_k, k1 = clamp_end(k0, block_k, seq_len);
     out[kt] = classify_tile(kinds, groups, q_offset, r0, r1, k0, k1, topology, q, key_summaries[kt]);
   }
 }
 
 inline void summarize_key_tiles(const int8_t* kinds, const int32_t* groups, int64_t seq_len, int64_t block_k,
                                 RangeSummary* out) {
-  for (int64_t k0 = 0, kt = 0; k0 < seq_len; k0 += block_k, ++kt)
-    out[kt] = summarize(kinds, groups, k0, k0 + block_k < seq_len ? k0 + block_k : seq_len);
+  const int64_t n_kt = ceil_div(seq_len, block_k);
+  for (int64_t kt = 0; kt < n_kt; ++kt)
+    out[kt] = summarize(kinds, groups, kt * block_k, clamp_end(kt * block_k, block_k, seq_len));
 }
 
-// The whole plan of one sample: out[qt * n_kt + kt].
+// The whole plan of one sample: out[qt * n_kt + kt]. Needs seq_len >= q_len >= 1 and block sizes >= 1.
 inline void build_star_plan(const int8_t* kinds, const int32_t* groups, int64_t seq_len,
                             int64_t q_len, int64_t block_q, int64_t block_k, int topology,
                             uint8_t* out) {
-  const int64_t n_qt = (q_len + block_q - 1) / block_q, n_kt = (seq_len + block_k - 1) / block_k;
+  const int64_t n_qt = ceil_div(q_len, block_q), n_kt = ceil_div(seq_len, block_k);
   std::vector<RangeSummary> keys(n_kt);
   summarize_key_tiles(kinds, groups, seq_len, block_k, keys.data());
   for (int64_t qt = 0; qt < n_qt; ++qt)

@@ -15,10 +15,11 @@ namespace {
 at::Tensor star_plan_cpu(const at::Tensor& kinds, const at::Tensor& groups, int64_t q_len,
                          int64_t block_q, int64_t block_k, int64_t topology) {
   check_plan_args(kinds, groups, q_len, block_q, block_k, topology);
+  check_kinds_values("star_plan", kinds);
   const auto kinds_c = kinds.contiguous();
   const auto groups_c = groups.contiguous();
   const int64_t batch = kinds.size(0), seq_len = kinds.size(1);
-  const int64_t n_qt = (q_len + block_q - 1) / block_q, n_kt = (seq_len + block_k - 1) / block_k;
+  const int64_t n_qt = ceil_div(q_len, block_q), n_kt = ceil_div(seq_len, block_k);
   auto plan = at::empty({batch, n_qt, n_kt}, kinds.options().dtype(at::kByte));
   const int8_t* kp = kinds_c.data_ptr<int8_t>();
   const int32_t* gp = groups_c.data_ptr<int32_t>();

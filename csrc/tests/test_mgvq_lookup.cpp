@@ -23,27 +23,30 @@ static int failures = 0;
 static void brute(const std::vector<float>& z, const std::vector<float>& cb, int64_t N, int G,
                   int64_t K, int d, bool normalize, std::vector<int64_t>& idx) {
   idx.assign(N * G, kNoCode);
-  std::vector<float> zt(d), c(d + 1);
+  std::vector<float> zt(d), c(d + 1), scale(G);
+  l2_group_scales(cb.data(), G, K, d, scale.data());
   for (int64_t n = 0; n < N; ++n)
     for (int g = 0; g < G; ++g) {
       const float* zp = &z[(n * G + g) * d];
-      float ss = 0.f;
-      for (int j = 0; j < d; ++j) ss = fmaf(zp[j], zp[j], ss);
-      const float inv = normalize ? inv_norm(ss) : 1.f;
-      for (int j = 0; j < d; ++j) zt[j] = zp[j] * inv;
+      const float inv = normalize ? inv_norm(zp, d) : scale[g];
+      bool ok = true;
+      for (int j = 0; j < d; ++j) {
+        zt[j] = zp[j] * inv;
+        ok &= normalize || std::fabs(zt[j]) <= l2_token_limit(d);
+      }
       float bv = -INFINITY;
       int32_t bi = kNoCode;
-      for (int64_t k = 0; k < K; ++k) {
+      for (int64_t k = 0; k < K && ok; ++k) {
         const float* cp = &cb[(g * K + k) * d];
-        float cs = 0.f;
-        for (int j = 0; j < d; ++j) cs = fmaf(cp[j], cp[j], cs);
         float s;
         if (normalize) {
-          const float ci = inv_norm(cs);
+          const float ci = inv_norm(cp, d);
           for (int j = 0; j < d; ++j) c[j] = cp[j] * ci;
           s = score_cos(zt.data(), c.data(), d);
         } else {
-          for (int j = 0; j < d; ++j) c[j] = 2.f * cp[j];
+          float cs = 0.f;
+          for (int j = 0; j < d; ++j) cs = fmaf(cp[j] * scale[g], cp[j] * scale[g], cs);
+          for (int j = 0; j < d; ++j) c[j] = 2.f * (cp[j] * scale[g]);
           s = score_l2(zt.data(), c.data(), -cs, d);
         }
         if (better(s, int32_t(k), bv, bi)) bv = s, bi = int32_t(k);
@@ -55,12 +58,13 @@ static void brute(const std::vector<float>& z, const std::vector<float>& cb, int
 static std::vector<int64_t> run(const std::vector<float>& z, const std::vector<float>& cb,
                                 int64_t N, int G, int64_t K, int d, bool normalize,
                                 int64_t* missing = nullptr) {
-  std::vector<float> packed(packed_size(G, K, d, normalize)), rowmajor(G * K * d);
-  pack_codebook(cb.data(), G, K, d, normalize, packed.data(), rowmajor.data());
+  std::vector<float> packed(packed_size(G, K, d, normalize)), rowmajor(G * K * d), scale(G);
+  l2_group_scales(cb.data(), G, K, d, scale.data());
+  pack_codebook(cb.data(), G, K, d, normalize, packed.data(), rowmajor.data(), scale.data());
   std::vector<int64_t> idx(N * G);
   std::vector<float> codes(N * G * d);
   const int64_t m = lookup(z.data(), N, G, K, d, normalize, packed.data(), rowmajor.data(),
-                           idx.data(), codes.data());
+                           idx.data(), codes.data(), scale.data());
   if (missing) *missing = m;
   for (int64_t o = 0; o < N * G; ++o)
     if (idx[o] >= 0)
@@ -114,6 +118,38 @@ int main() {
       idx = run(z2, cb, N, G, K, d, normalize, &missing);
       EXPECT(missing == 1 && idx[3] == kNoCode, "NaN z: missing %ld idx %ld", long(missing),
              long(idx[3]));
+    }
+  }
+  {  // no overflow: indices unchanged when z and the codebook are scaled by 2^100 (or 2^-100: exact)
+    const int G = 3, d = 5;
+    const int64_t K = 37, N = 40;
+    std::vector<float> z(N * G * d), cb(G * K * d);
+    for (auto& v : z) v = nd(rng);
+    for (auto& v : cb) v = nd(rng);
+    for (bool normalize : {true, false}) {
+      const auto base = run(z, cb, N, G, K, d, normalize);
+      // (Cosine only upwards: vectors shorter than kNormEps are divided by kNormEps, as F.normalize does.)
+      for (float f : {0x1p100f, 0x1p-100f}) {
+        if (normalize && f < 1.f) continue;
+        auto zs = z, cs = cb;
+        for (auto& v : zs) v *= f;
+        for (auto& v : cs) v *= f;
+        int64_t missing = 0;
+        const auto got = run(zs, cs, N, G, K, d, normalize, &missing);
+        int bad = 0;
+        for (int64_t o = 0; o < N * G; ++o) bad += got[o] != base[o];
+        EXPECT(missing == 0 && bad == 0, "scale %g normalize=%d: %ld missing, %d changed", double(f),
+               int(normalize), long(missing), bad);
+      }
+    }
+    // Squared L2: Inf in z, or a token ~1e38 against codes ~1, gets no code (reported by the op).
+    for (float bad_value : {INFINITY, -INFINITY, 3e38f}) {
+      auto z2 = z;
+      z2[(5 * G + 1) * d + 2] = bad_value;
+      int64_t missing = 0;
+      const auto idx = run(z2, cb, N, G, K, d, false, &missing);
+      EXPECT(missing == 1 && idx[5 * G + 1] == kNoCode, "L2 z = %g: missing %ld", double(bad_value),
+             long(missing));
     }
   }
   std::printf("%s (%d failures)\n", failures ? "FAILED" : "ok", failures);

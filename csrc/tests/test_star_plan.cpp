@@ -1,4 +1,5 @@
 // ctest: the torch-free block-plan core against an element-wise brute force of the mask rule.
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -73,6 +74,23 @@ int main() {
         expect(computed == allowed, "tile kind disagrees with the element-wise rule", seed);
         if (computed != allowed) return 1;
       }
+    }
+  }
+  // Sizes never overflow: a block larger than the sequence is one tile (the torch ops bound block sizes
+  // to kMaxBlock; the header itself must not compute (S + block - 1) / block, which wraps).
+  {
+    std::vector<int8_t> kinds;
+    std::vector<int32_t> groups;
+    random_layout(rng, kinds, groups);
+    const int64_t s = static_cast<int64_t>(kinds.size()), huge = INT64_MAX - 5;
+    expect(htc::ceil_div(s, huge) == 1 && htc::ceil_div(huge, 1) == huge && htc::ceil_div(0, 7) == 0,
+           "ceil_div", -1);
+    expect(htc::clamp_end(5, huge, s + 5) == s + 5 && htc::clamp_end(0, 3, 10) == 3, "clamp_end", -1);
+    std::vector<uint8_t> one(1), ref(1);
+    for (int topo = 0; topo < 2; ++topo) {
+      htc::build_star_plan(kinds.data(), groups.data(), s, s, huge, huge, topo, one.data());
+      htc::build_star_plan(kinds.data(), groups.data(), s, s, s, s, topo, ref.data());
+      expect(one[0] == ref[0], "huge block sizes: one tile, as with block = S", -1);
     }
   }
   std::printf(failures ? "test_star_plan: FAILED\n" : "test_star_plan: 400 random layouts OK\n");

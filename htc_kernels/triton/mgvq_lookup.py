@@ -7,7 +7,10 @@ The selected code is gathered and written in the same program. Offsets are int64
 
 Score convention as csrc/mgvq_lookup/mgvq_math.h: cosine ``<z/|z|, c/|c|>``; squared L2
 ``<2z, c> - |c|^2``; larger wins; ties -> lowest index; NaN/-inf never win; a token-group where no
-code wins gets index -1 and NaN codes (non-finite z).
+code wins gets index -1 and NaN codes (non-finite z, a group of NaN/Inf codes, or a squared-L2 token
+too large for float32 against its group's codes); the caller raises on it (mgvq_lookup.py). No
+overflow for finite inputs: squares are formed after an exact power-of-two scaling (per token for
+cosine, by the group's scale for squared L2), as in mgvq_math.h.
 """
 
 from __future__ import annotations
@@ -16,18 +19,33 @@ import torch
 import triton
 import triton.language as tl
 
+from htc_kernels.mgvq_lookup import _unit, l2_group_scales, l2_token_limit
+
+
+@triton.jit
+def _pow2_scale(m):
+    """Power of two s with m * s in [1, 2) (m >= 0; 1 for 0), exponent clamped to [-126, 126]: the
+    exponent bits of m, as mgvq_math.h pow2_scale."""
+    e = (m.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    e = tl.minimum(tl.maximum(e, 1), 253)
+    s = ((254 - e) << 23).to(tl.float32, bitcast=True)
+    return tl.where(m == 0.0, 1.0, s)
+
 
 @triton.jit
 def _mgvq_lookup_kernel(
     z_ptr,  # [N, G, D] contiguous, any float dtype
-    cb_ptr,  # [G, K, D] fp32: unit codes (cosine) or raw codes (squared L2)
-    cbsq_ptr,  # [G, K] fp32: |c|^2 (squared L2 only)
+    cb_ptr,  # [G, K, D] fp32: unit codes (cosine) or codes times their group's scale (squared L2)
+    cbsq_ptr,  # [G, K] fp32: |scaled c|^2 (squared L2 only)
+    gscale_ptr,  # [G] fp32: each group's scale (squared L2 only)
+    src_ptr,  # [G, K, D] fp32: the codes returned (unit codes, or the raw codes for squared L2)
     codes_ptr,  # [N, G, D] fp32 out
     idx_ptr,  # [N, G] int64 out
     N,
     G,
     K,
     D,
+    limit,  # squared L2: largest |z_j * scale| (l2_token_limit)
     NORMALIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -43,9 +61,18 @@ def _mgvq_lookup_kernel(
     z_off = (offs_n[:, None] * G + g) * D + offs_d[None, :]
     z = tl.load(z_ptr + z_off, mask=nd_mask, other=0.0).to(tl.float32)
     if NORMALIZE:
-        nrm = tl.sqrt(tl.sum(z * z, axis=1))
-        z = z / tl.maximum(nrm, 1e-12)[:, None]
+        # |z| = |s z| / s without overflow (s: power of two); v / max(|v|, eps) as F.normalize.
+        s = _pow2_scale(tl.max(tl.abs(z), axis=1))
+        zs = z * s[:, None]
+        n_s = tl.sqrt(tl.sum(zs * zs, axis=1))
+        clamped = ~(n_s > 1e-12 * s)
+        inv = tl.where(clamped, 1e12, s / tl.where(clamped, 1.0, n_s))
+        z = z * inv[:, None]
+        token_ok = n_mask
     else:
+        z = z * tl.load(gscale_ptr + g)
+        # Finite and within the overflow-free range (NaN compares false); else no code wins.
+        token_ok = tl.min(tl.where(tl.abs(z) <= limit, 1, 0), axis=1) == 1
         z = z * 2.0
     best = tl.full([BLOCK_N], float("-inf"), tl.float32)
     best_idx = tl.full([BLOCK_N], -1, tl.int32)
@@ -65,10 +92,11 @@ def _mgvq_lookup_kernel(
         upd = m > best
         best = tl.where(upd, m, best)
         best_idx = tl.where(upd, tile_idx, best_idx)
+    best_idx = tl.where(token_ok, best_idx, -1)
     tl.store(idx_ptr + offs_n * G + g, best_idx.to(tl.int64), mask=n_mask)
     valid = best_idx >= 0
     row = (g * K + tl.maximum(best_idx, 0).to(tl.int64)) * D
-    code = tl.load(cb_ptr + row[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
+    code = tl.load(src_ptr + row[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
     code = tl.where(valid[:, None], code, float("nan"))
     tl.store(codes_ptr + z_off, code, mask=nd_mask)
 
@@ -90,10 +118,15 @@ def mgvq_lookup_triton(
     G, K, d = codebook.shape
     zc = z.contiguous()
     n = zc.numel() // (G * d)
-    cbf = codebook.float()
+    raw = codebook.float().contiguous()
     if normalize:
-        cbf = torch.nn.functional.normalize(cbf, dim=-1)
-    cbf = cbf.contiguous()
+        cbf = _unit(raw).contiguous()
+        gscale = torch.ones(G, dtype=torch.float32, device=z.device)
+        src = cbf
+    else:
+        gscale = l2_group_scales(raw).contiguous()
+        cbf = (raw * gscale[:, None, None]).contiguous()
+        src = raw
     cbsq = (cbf * cbf).sum(-1).contiguous()
     codes = torch.empty(z.shape, dtype=torch.float32, device=z.device)
     indices = torch.empty(z.shape[:-1], dtype=torch.int64, device=z.device)
@@ -104,12 +137,15 @@ def mgvq_lookup_triton(
             zc,
             cbf,
             cbsq,
+            gscale,
+            src,
             codes,
             indices,
             n,
             G,
             K,
             d,
+            l2_token_limit(d),
             NORMALIZE=normalize,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
