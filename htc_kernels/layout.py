@@ -51,27 +51,27 @@ def _default_groups(kinds: torch.Tensor) -> torch.Tensor:
 def orphan_voco(kinds: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """``[B, S]`` bool: VOCO tokens with no VISUAL token of their group before them in their sample.
 
-    ``kinds``/``groups`` are ``[B, S]`` integer tensors; groups of VISUAL/VOCO tokens must lie in
-    ``[-1, 2**31)`` (-1 never matches an image). Such a VOCO token sees no image: StarLayout rejects it.
+    ``kinds``/``groups`` are ``[B, S]`` integer tensors. Such a VOCO token sees no image: StarLayout
+    rejects it. O(B*S), plus O(S) per VOCO token whose image is not the last one before it.
     """
-    b, s = kinds.shape
     voco = kinds == TokenKind.VOCO
     if not bool(voco.any()):
         return voco
     visual = kinds == TokenKind.VISUAL
-    pos = torch.arange(s, device=kinds.device).expand(b, s)
-    # One int64 key per (sample, group): groups fit 32 bits (+1 shifts -1 to 0), so keys never collide.
-    key = torch.arange(b, device=kinds.device)[:, None] * 2**33 + (groups.long() + 1)
-    images, inverse = torch.unique(key[visual], return_inverse=True)  # sorted
-    first = torch.full(images.shape, s, dtype=torch.long, device=kinds.device)
-    first = first.scatter_reduce(0, inverse, pos[visual], reduce="amin")
-    voco_key, voco_pos = key[voco], pos[voco]
-    found = torch.zeros_like(voco_key, dtype=torch.bool)
-    if images.numel():
-        at = torch.searchsorted(images, voco_key).clamp(max=images.numel() - 1)
-        found = (images[at] == voco_key) & (first[at] < voco_pos)
+    pos = torch.arange(kinds.shape[1], device=kinds.device).expand_as(kinds)
+    # Usually a VOCO token's image is the last VISUAL token before it: one cummax settles those.
+    last = torch.where(visual, pos, -1).cummax(dim=1).values
+    last_group = groups.gather(1, last.clamp(min=0))
+    unresolved = voco & ~((last >= 0) & (last_group == groups))
+    if not bool(unresolved.any()):
+        return unresolved
+    # The rest (interleaved images, or images dropped by compaction): search their sample's tokens.
     out = torch.zeros_like(voco)
-    out[voco] = ~found
+    rows, cols = unresolved.nonzero(as_tuple=True)
+    for i in range(0, rows.numel(), 1024):  # bounded memory: 1024 x S at a time
+        r, c = rows[i : i + 1024], cols[i : i + 1024]
+        mine = visual[r] & (groups[r] == groups[r, c][:, None]) & (pos[0][None, :] < c[:, None])
+        out[r, c] = ~mine.any(1)
     return out
 
 
@@ -134,9 +134,11 @@ class StarLayout:
         # Owned copies: the caller's tensor (possibly already int8) may be edited after validation.
         kinds = kinds.contiguous().to(torch.int8, copy=True)
         has_group = (kinds == TokenKind.VISUAL) | (kinds == TokenKind.VOCO)
-        explicit = groups
-        if groups is None:
+        explicit = groups is not None
+        if not explicit:
             groups = _default_groups(kinds)
+            # By construction a VOCO token's default group is the last VISUAL run before it, or -1.
+            orphan = (kinds == TokenKind.VOCO) & (groups < 0)
         else:
             if groups.shape != kinds.shape:
                 raise ValueError(
@@ -162,10 +164,10 @@ class StarLayout:
                     f"groups[{b}, {p}] = {int(wide[b, p])}"
                 )
             groups = torch.where(has_group, wide, torch.full_like(wide, -1)).to(torch.int32).contiguous()
-        orphan = orphan_voco(kinds, groups)
+            orphan = orphan_voco(kinds, groups)
         if bool(orphan.any()):
             b, p = (int(x) for x in orphan.nonzero()[0])
-            what = "run" if explicit is None else f"token of its group {int(groups[b, p])}"
+            what = f"token of its group {int(groups[b, p])}" if explicit else "run"
             raise ValueError(
                 f"StarLayout: VOCO token at position {p} of sample {b} has no VISUAL {what} before it "
                 "(a <voco> token compresses the image that precedes it)"

@@ -238,6 +238,8 @@ def test_explicit_groups_voco_needs_its_image_before_it():
     kinds = torch.tensor([[T, V, V, C, T, V, C, T]])
     ok = hk.StarLayout(kinds, torch.tensor([[0, 3, 3, 3, 0, 5, 5, 0]]))
     assert ok.groups.tolist() == [[-1, 3, 3, 3, -1, 5, 5, -1]]
+    # Interleaved images: the voco of image 3 follows a token of image 5 (not its own image's last token).
+    hk.StarLayout(torch.tensor([[T, V, V, C, C, T]]), torch.tensor([[0, 3, 5, 3, 5, 0]]), topology="group")
     with pytest.raises(
         ValueError, match="VOCO token at position 6 of sample 0 has no VISUAL token of its group 4"
     ):
