@@ -30,24 +30,6 @@ __global__ void mgvq_prepare_kernel(const float* __restrict__ cb, int64_t GK, in
   }
 }
 
-// One token in place: unit z (cosine), or z times its group's scale pow2_scale(gmax[g]) (squared L2;
-// NaN if not finite or beyond l2_token_limit: then no code wins). A zero token (inactive thread) stays 0.
-template <bool Norm>
-__device__ __forceinline__ void prepare_token(float* z, int d, const float* __restrict__ gmax, int g) {
-  float inv;
-  if constexpr (Norm) {
-    inv = inv_norm(z, d);
-  } else {
-    inv = pow2_scale(gmax[g]);
-    const float limit = l2_token_limit(d);
-#pragma unroll
-    for (int j = 0; j < d; ++j)
-      if (!(fabsf(z[j] * inv) <= limit)) inv = __int_as_float(0x7fc00000);
-  }
-#pragma unroll
-  for (int j = 0; j < d; ++j) z[j] *= inv;
-}
-
 constexpr int kLookupThreads = 128;  // tokens per block (one thread per token)
 constexpr int kTileK = 256;          // codes per shared-memory tile
 
@@ -72,16 +54,26 @@ __global__ void __launch_bounds__(kLookupThreads)
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kLookupThreads + threadIdx.x;
   const bool active = n < N;
   const float* zp = z + (n * G + g) * d;
-  // Token: loaded into registers (D > 0) or this thread's shared slot, then scaled in place (prepare_token).
+  // Token: unit z (cosine) or z scaled like its group's codes (L2), in registers (D > 0) or this
+  // thread's shared slot. An L2 token that is not finite or out of range becomes NaN: no code wins.
   float zr[D > 0 ? D : 1];
   float* zs = smem + kTileK * R + threadIdx.x * d;
-  if constexpr (D > 0) {
+  float inv = 1.f;
+  if (active) {
+    if (Norm) {
+      inv = inv_norm(zp, d);
+    } else {
+      inv = pow2_scale(gmax[g]);
+      const float limit = l2_token_limit(d);
+      for (int j = 0; j < d; ++j)
+        if (!(fabsf(zp[j] * inv) <= limit)) inv = __int_as_float(0x7fc00000);
+    }
+  }
+  if (D > 0) {
 #pragma unroll
-    for (int j = 0; j < D; ++j) zr[j] = active ? zp[j] : 0.f;
-    prepare_token<Norm>(zr, D, gmax, g);
+    for (int j = 0; j < (D > 0 ? D : 1); ++j) zr[j] = active ? zp[j] * inv : 0.f;
   } else {
-    for (int j = 0; j < d; ++j) zs[j] = active ? zp[j] : 0.f;
-    prepare_token<Norm>(zs, d, gmax, g);
+    for (int j = 0; j < d; ++j) zs[j] = active ? zp[j] * inv : 0.f;
   }
   const float* zt = D > 0 ? zr : zs;
   float best = -__int_as_float(0x7f800000);
