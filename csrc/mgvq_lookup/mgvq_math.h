@@ -69,7 +69,7 @@ HTC_HD float pow2_scale(float max_abs) {
 // max_j |v_j| (NaN propagates: the scale of a NaN vector is irrelevant, its scores are NaN anyway).
 HTC_HD float max_abs(const float* v, int d) {
   float m = 0.f;
-  for (int j = 0; j < d; ++j) m = fabsf(v[j]) > m ? fabsf(v[j]) : m;
+  for (int j = 0; j < d; ++j) m = fmaxf(m, fabsf(v[j]));  // = the larger; a NaN entry is skipped
   return m;
 }
 
