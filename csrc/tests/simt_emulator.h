@@ -31,6 +31,19 @@
 
 #include "common/half_bits.h"
 
+// AddressSanitizer must be told about stack switches (else it reports false stack overflows).
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define HTC_EMU_ASAN_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#define HTC_EMU_ASAN_START(save, bottom, size) __sanitizer_start_switch_fiber(save, bottom, size)
+#define HTC_EMU_ASAN_FINISH(save, bottom, size) __sanitizer_finish_switch_fiber(save, bottom, size)
+#else
+#define HTC_EMU_ASAN_UNPOISON(p, n) ((void)0)
+#define HTC_EMU_ASAN_START(save, bottom, size) ((void)0)
+#define HTC_EMU_ASAN_FINISH(save, bottom, size) ((void)0)
+#endif
+
 #if defined(__x86_64__)
 // Minimal context switch (System V x86-64): saves callee-saved registers, MXCSR and the x87 control
 // word on the current stack, stores the stack pointer in *save_sp and resumes the stack `new_sp`.
@@ -92,6 +105,7 @@ struct Fiber {
   ucontext_t ctx;
 #endif
   std::vector<char> stack;
+  void* asan_fake = nullptr;  // AddressSanitizer's fake-stack handle while switched out
   int tid = 0;
   bool done = false;
   std::vector<Pending> open;
@@ -123,6 +137,8 @@ struct Machine {
   ucontext_t sched;
 #endif
   int current = -1;
+  const void* sched_bottom = nullptr;  // the scheduler's stack (for AddressSanitizer)
+  size_t sched_size = 0;
   std::function<void(int)> body;
   std::mt19937_64 rng{12345};
   std::vector<int> runnable;  // fibers ready to run (not done, not blocked)
@@ -149,18 +165,23 @@ inline int lane() { return tid() & 31; }
 
 inline void yield() {
   Machine& m = M();
+  Fiber& f = m.fibers[m.current];
+  HTC_EMU_ASAN_START(&f.asan_fake, m.sched_bottom, m.sched_size);
 #if defined(__x86_64__)
-  htc_emu_switch(&m.fibers[m.current].sp, m.sched_sp);
+  htc_emu_switch(&f.sp, m.sched_sp);
 #else
-  swapcontext(&m.fibers[m.current].ctx, &m.sched);
+  swapcontext(&f.ctx, &m.sched);
 #endif
+  HTC_EMU_ASAN_FINISH(f.asan_fake, &m.sched_bottom, &m.sched_size);
 }
 
 extern "C" inline void htc_emu_fiber_main() {
   Machine& m = M();
+  HTC_EMU_ASAN_FINISH(nullptr, &m.sched_bottom, &m.sched_size);
   Fiber& f = m.fibers[m.current];
   m.body(f.tid);
   f.done = true;
+  HTC_EMU_ASAN_START(nullptr, m.sched_bottom, m.sched_size);  // this fiber's stack is done
 #if defined(__x86_64__)
   htc_emu_switch(&f.sp, m.sched_sp);
   std::abort();  // never resumed
@@ -239,6 +260,7 @@ void launch(int64_t grid, int threads, size_t smem_bytes, Body&& body) {
       f.done = false;
       f.open.clear();
       f.groups.clear();
+      HTC_EMU_ASAN_UNPOISON(f.stack.data(), f.stack.size());  // redzones of the previous block's frames
 #if defined(__x86_64__)
       uintptr_t top = reinterpret_cast<uintptr_t>(f.stack.data() + f.stack.size()) & ~uintptr_t{15};
       auto* sp = reinterpret_cast<uint64_t*>(top);
@@ -275,11 +297,14 @@ void launch(int64_t grid, int threads, size_t smem_bytes, Body&& body) {
       m.runnable[at] = m.runnable.back();
       m.runnable.pop_back();
       m.current = pick;
+      void* sched_fake = nullptr;
+      HTC_EMU_ASAN_START(&sched_fake, m.fibers[pick].stack.data(), m.fibers[pick].stack.size());
 #if defined(__x86_64__)
       htc_emu_switch(&m.sched_sp, m.fibers[pick].sp);
 #else
       swapcontext(&m.sched, &m.fibers[pick].ctx);
 #endif
+      HTC_EMU_ASAN_FINISH(sched_fake, nullptr, nullptr);
     }
     m.current = -1;
   }
