@@ -193,8 +193,8 @@ def test_layout_is_built_once_per_forward(monkeypatch):
     model.set_attn_implementation("htc_star")
     ids, mask, kinds = _inputs(LAYOUTS["left_pad"])
     calls = []
-    original = hkhf._context
-    monkeypatch.setattr(hkhf, "_context", lambda *a: calls.append(1) or original(*a))
+    original = hkhf.attention._context
+    monkeypatch.setattr(hkhf.attention, "_context", lambda *a: calls.append(1) or original(*a))
     with torch.no_grad():
         model(ids, attention_mask=mask, htc_kinds=kinds)
         assert len(calls) == 1
@@ -273,11 +273,25 @@ def test_cache_after_prefill_holds_s_minus_visual():
     s = ids.shape[1]
     n_visual = (kinds == V).sum(1)
     assert cache.get_seq_length() == s  # absolute: position ids are not shifted
+    # Sample 1's prompt ends with a <voco> run: a later chunk could still bring more <voco> tokens of
+    # that image, so its 3 VISUAL keys stay until the next token is processed.
+    assert torch.equal(cache.valid_lengths(), s - n_visual + torch.tensor([0, 3]))
+    with torch.no_grad():
+        nxt = torch.full((2, 1), 5)
+        model(
+            nxt,
+            attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1),
+            htc_kinds=kinds,
+            past_key_values=cache,
+        )
+    s += 1
+    assert cache.get_seq_length() == s
     for layer_idx in range(len(cache.layers)):
         assert torch.equal(cache.valid_lengths(layer_idx), s - n_visual)
         assert cache.stored_length(layer_idx) == int((s - n_visual).max())
         slots = cache.layers[layer_idx].slots
-        kept_kinds = torch.where(slots >= 0, kinds.gather(1, slots.clamp(min=0)), P)
+        seen = torch.cat([kinds, torch.full_like(kinds[:, :1], T)], 1)
+        kept_kinds = torch.where(slots >= 0, seen.gather(1, slots.clamp(min=0)), P)
         assert not (kept_kinds == V).any()
 
 
@@ -350,12 +364,28 @@ def test_mistral_sliding_window_wider_than_the_sequence():
         _star_logits(model, ids, mask, kinds)
 
 
-def test_star_cache_rejects_sliding_window_models():
-    cfg = _tiny_config(
-        Qwen2Config, num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1
+def test_sliding_window_one_rule_for_every_path():
+    """Exact while the window covers every token seen, refused beyond it: the same rule with
+    enable_star_attention + generate and with a StarCache passed by hand."""
+    cfg = _tiny_config(MistralConfig, num_key_value_heads=2, sliding_window=16)
+    model = MistralForCausalLM(cfg).eval()
+    ids, mask, kinds = _inputs(LAYOUTS["multi_image_multi_voco"])  # 13 tokens
+    expected = _dense_greedy(model, ids, mask, kinds, 4)  # 16 tokens at most: inside the window
+    hk.hf.enable_star_attention(model)
+    out = model.generate(ids, attention_mask=mask, htc_kinds=kinds, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, expected)
+    by_hand = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=4,
+        do_sample=False,
+        past_key_values=hk.hf.StarCache(kinds=kinds),
     )
-    with pytest.raises(NotImplementedError, match="full-attention"):
-        hk.hf.StarCache(config=cfg)
+    assert torch.equal(by_hand, expected)
+    for cache in (None, hk.hf.StarCache(kinds=kinds)):
+        kw = {"htc_kinds": kinds} if cache is None else {"past_key_values": cache}
+        with pytest.raises(NotImplementedError, match="sliding window"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **kw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,8 +473,10 @@ def test_llava_runs_with_htc_star_on_its_text_model():
 @pytest.fixture
 def attention_calls(monkeypatch):
     calls = []
-    original = hkhf.star_attention
-    monkeypatch.setattr(hkhf, "star_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = hkhf.attention.star_attention
+    monkeypatch.setattr(
+        hkhf.attention, "star_attention", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
     return calls
 
 

@@ -1,0 +1,457 @@
+"""The ``"htc_star"`` attention and mask functions, and ``enable_star_attention``.
+
+One forward (all layers) shares one :class:`_ForwardContext`: the layout of its keys, or, for a
+decode step whose cache holds no VISUAL key, the plain causal mask (that step is ordinary causal
+attention: no layout, no plan). It is built at the first layer and found again through the
+attention mask tensor of that forward (a fresh tensor per forward, made by the mask function),
+kept in a small table keyed by that tensor's identity.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import sys
+import threading
+import warnings
+import weakref
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+from htc_kernels.layout import StarLayout, TokenKind, orphan_voco
+from htc_kernels.star_attention import star_attention
+
+from .cache import StarCache, _compaction, _droppable, _full_layout, _take_step
+
+ATTN_IMPLEMENTATION = "htc_star"
+#: Forward kwargs this module reads (``enable_star_attention`` lets ``generate`` accept them).
+HTC_KWARGS = ("htc_kinds", "htc_groups", "htc_topology", "htc_backend")
+
+_STATE = threading.local()  # .generating: inside enable_star_attention's generate(use_cache=False)
+_MEMO_SIZE = 8
+_MEMO: collections.OrderedDict = collections.OrderedDict()  # id(mask) -> (weakref(mask), {key: ctx})
+
+
+# --------------------------------------------------------------------------------------------------
+# The context of one forward
+# --------------------------------------------------------------------------------------------------
+
+
+class _ForwardContext:
+    """Built once per forward. ``layout``: of the keys the kernel gets (``None`` on the plain path);
+    ``plain_mask``: ``[B, 1, Sq, Skv]`` bool for plain causal attention (with the PAD-query rows
+    given their own key, so no row is empty), ``query_valid`` ``[B, 1, Sq, 1]``; ``key_len``: slice
+    the keys to this many slots (a static buffer longer than the tokens seen); ``compaction``: what
+    each StarCache layer drops after its attention."""
+
+    __slots__ = ("layout", "plain_mask", "query_valid", "key_len", "compaction")
+
+    def __init__(self, layout=None, plain_mask=None, query_valid=None, key_len=None, compaction=None):
+        self.layout = layout
+        self.plain_mask = plain_mask
+        self.query_valid = query_valid
+        self.key_len = key_len
+        self.compaction = compaction
+
+
+def _check_kinds_length(s0: int, p_before: int, length: int, has_cache: bool) -> None:
+    """htc_kinds describes the prompt (or, in chunked prefill, at least everything seen so far).
+    A forward may start past its end (decode: those positions are TEXT), and may cross its end only
+    inside ``generate(use_cache=False)`` (each step re-reads prompt + generated tokens)."""
+    if p_before < s0 < length and not getattr(_STATE, "generating", False):
+        raise ValueError(
+            f"htc_star: htc_kinds has {s0} positions but this forward covers positions "
+            f"[{p_before}, {length}): htc_kinds must describe the whole prompt (its length must "
+            "equal the input length)"
+        )
+    if s0 > length and not has_cache:
+        raise ValueError(
+            f"htc_star: htc_kinds has {s0} positions but the input has {length} tokens "
+            "(htc_kinds must describe the input: one kind per token)"
+        )
+
+
+def _plain_context(padding, kinds, slots, b, sq, skv, length, key_len) -> _ForwardContext:
+    """Plain causal attention with padding: every query is past the prompt (TEXT) and no key is
+    VISUAL, so the star mask is the causal mask (DESIGN.md §2). Tensor ops only, no host sync."""
+    valid = padding.to(torch.bool).expand(b, -1)[:, :length]
+    if kinds is not None:
+        k = kinds.expand(b, -1)
+        s0 = min(k.shape[1], length)
+        valid = valid.clone()
+        valid[:, :s0] &= k[:, :s0] != TokenKind.PAD
+    key_valid = valid[:, :skv] if slots is None else (slots >= 0) & valid.gather(1, slots.clamp(min=0))
+    query_valid = valid[:, length - sq : length]
+    # Bottom-right aligned causal part; a PAD query keeps its own key (an empty row would be NaN),
+    # its output is zeroed afterwards.
+    own = torch.arange(skv - sq, skv, device=valid.device)[:, None] == torch.arange(skv, device=valid.device)
+    causal = torch.arange(skv - sq, skv, device=valid.device)[:, None] >= torch.arange(
+        skv, device=valid.device
+    )
+    mask = (key_valid[:, None, :] & causal) | (own & ~query_valid[:, :, None])
+    return _ForwardContext(
+        plain_mask=mask[:, None], query_valid=query_valid[:, None, :, None], key_len=key_len
+    )
+
+
+def _context(query, key, padding, kinds, groups, topology, step, softcap) -> _ForwardContext:
+    """The context of this forward (see :class:`_ForwardContext`); raises on inconsistent inputs."""
+    b, sq, skv = query.shape[0], query.shape[2], key.shape[2]
+    device = query.device
+    key_len = None
+    if step is not None:
+        p_before = step.p_before
+        length = p_before + sq
+        slots = step.slots
+    else:
+        length = padding.shape[1] if padding is not None else skv
+        p_before = length - sq
+        slots = None
+        if skv > length:  # a preallocated (static) buffer: slot i is position i, written up to length
+            key_len = skv = length
+        elif skv < length:
+            raise ValueError(
+                f"htc_star: the keys hold {skv} positions but {length} tokens were seen; a compacted "
+                "cache must be a hk.hf.StarCache (compact_cache returns one)"
+            )
+    if padding is not None and padding.shape[1] < length:
+        padding = torch.nn.functional.pad(padding, (0, length - padding.shape[1]), value=True)
+    if kinds is not None:
+        if not isinstance(kinds, torch.Tensor):
+            raise ValueError(f"htc_star: htc_kinds must be a torch.Tensor, got {type(kinds).__name__}")
+        _check_kinds_length(kinds.shape[-1], p_before, length, step is not None or p_before > 0)
+    s0 = 0 if kinds is None else kinds.shape[-1]
+    visual_free = kinds is None or (step is not None and step.layer.visual_free)
+    if softcap is None and p_before >= s0 and visual_free and padding is not None:
+        k = None if kinds is None else (kinds[None] if kinds.dim() == 1 else kinds)
+        if k is not None and k.device != device:
+            raise ValueError(f"htc_star: htc_kinds is on {k.device} but the model runs on {device}")
+        return _plain_context(padding, k, slots, b, sq, skv, length, key_len)
+
+    full = _full_layout(kinds, groups, topology, padding, b, length, device)
+    if slots is None:
+        layout = (
+            full if full.seq_len == skv else StarLayout(full.kinds[:, :skv], full.groups[:, :skv], topology)
+        )
+    else:
+        safe = slots.clamp(min=0)
+        filler = slots < 0
+        k = torch.where(filler, torch.full_like(safe, int(TokenKind.PAD)), full.kinds.long().gather(1, safe))
+        g = torch.where(filler, torch.full_like(safe, -1), full.groups.long().gather(1, safe))
+        # Compaction dropped the images of processed <voco> tokens. Without its image's VISUAL keys a
+        # VOCO token attends exactly what a TEXT token does, as query and as key (DESIGN.md §2), and
+        # StarLayout rejects a VOCO token without its image, so those become TEXT.
+        k = torch.where(orphan_voco(k, g), torch.full_like(k, int(TokenKind.TEXT)), k)
+        layout = StarLayout(k, g.to(torch.int32), topology)
+    compaction = None
+    if step is not None:
+        if slots is None:
+            slots = torch.arange(skv, device=device).expand(b, skv)
+        visual = full.kinds == TokenKind.VISUAL
+        compaction = _compaction(slots, _droppable(full.kinds, full.groups, length), visual)
+    return _ForwardContext(layout=layout, key_len=key_len, compaction=compaction)
+
+
+def _memo_get(mask, key):
+    entry = _MEMO.get(id(mask)) if mask is not None else None
+    if entry is None or entry[0]() is not mask:
+        return None
+    return entry[1].get(key)
+
+
+def _memo_put(mask, key, ctx) -> None:
+    if mask is None:
+        return
+    entry = _MEMO.get(id(mask))
+    if entry is None or entry[0]() is not mask:
+        entry = (weakref.ref(mask), {})
+        _MEMO[id(mask)] = entry
+        while len(_MEMO) > _MEMO_SIZE:
+            _MEMO.popitem(last=False)
+    entry[1][key] = ctx
+
+
+# --------------------------------------------------------------------------------------------------
+# The attention and mask functions
+# --------------------------------------------------------------------------------------------------
+
+
+def _mask_parts(fn, seen=None) -> set[str]:
+    """Qualified names of a transformers mask function and of the mask functions it combines
+    (``and_masks``/``or_masks`` keep them in closures)."""
+    seen = set() if seen is None else seen
+    if not callable(fn) or id(fn) in seen:
+        return set()
+    seen.add(id(fn))
+    names = {getattr(fn, "__qualname__", type(fn).__name__)}
+    for cell in getattr(fn, "__closure__", None) or ():
+        content = cell.cell_contents
+        items = content if isinstance(content, (tuple, list)) else (content,)
+        for item in items:
+            if callable(item) and hasattr(item, "__qualname__"):
+                names |= _mask_parts(item, seen)
+    return names
+
+
+_MASK_REFUSALS = (
+    (
+        "blockwise_overlay",
+        "a bidirectional prefix (prefix-LM, e.g. PaliGemma's token_type_ids/block_sequence_ids); "
+        "the star mask is defined on causal attention only",
+    ),
+    ("packed_sequence", "packed sequences (position_ids restarting inside a row); pass a 2-D attention_mask"),
+    ("chunked", "chunked attention (e.g. Llama 4); star attention supports full causal attention only"),
+)
+
+
+def star_attention_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset: int = 0,
+    mask_function=causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+):
+    """``AttentionMaskInterface`` entry for ``"htc_star"``: the 2-D padding mask ``[B, L]`` (bool,
+    True = token), ``L`` = tokens seen once this forward's queries are in, as a fresh tensor per
+    forward. With a static cache (``q_offset`` a tensor) ``L = q_offset + q_length``, shorter than
+    the buffer (one host sync per forward).
+
+    Sliding windows: exact while ``L`` fits the window, refused beyond (the one place this rule is
+    enforced). Bidirectional masks (a vision encoder running under ``"htc_star"``) get SDPA's mask,
+    and the attention function runs SDPA for them (encoders only; a decoder layer is refused).
+    Any other mask (prefix-LM, packed sequences, chunked attention, custom overlays) is refused.
+    """
+    parts = _mask_parts(mask_function)
+    if any("bidirectional" in p for p in parts) and not any("causal" in p for p in parts):
+        return sdpa_mask(
+            batch_size=batch_size,
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=q_offset,
+            kv_offset=kv_offset,
+            mask_function=mask_function,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
+    length = kv_offset + kv_length
+    if isinstance(q_offset, torch.Tensor):
+        length = min(length, int(q_offset) + q_length)
+    for part, reason in _MASK_REFUSALS:
+        if any(part in p for p in parts):
+            raise NotImplementedError(f"htc_star: this model asked for {reason}")
+    if any("sliding_window" in p for p in parts):
+        config = kwargs.get("config")
+        window = getattr(config, "sliding_window", None) if config is not None else None
+        if window is None or length > window:
+            raise NotImplementedError(
+                f"htc_star: {length} tokens exceed the model's sliding window ({window}); star "
+                "attention is exact only while the window covers every token seen"
+            )
+    known = {"causal_mask_function", "padding_mask_function"}
+    unknown = sorted(p for p in parts if "sliding_window" not in p and p.split(".")[0] not in known)
+    unknown = [p for p in unknown if not p.startswith(("and_masks", "or_masks"))]
+    if unknown:
+        raise NotImplementedError(
+            f"htc_star: this model asked for a mask htc_star cannot express exactly ({', '.join(unknown)}); "
+            "star attention supports causal attention with a 2-D padding mask"
+        )
+    device = kwargs.get("device", "cpu")
+    if attention_mask is None:
+        return torch.ones((batch_size, length), dtype=torch.bool, device=device)
+    mask = attention_mask.to(device=device, dtype=torch.bool)
+    if mask.shape[-1] < length:
+        mask = torch.nn.functional.pad(mask, (0, length - mask.shape[-1]), value=True)
+    return mask[:, :length].clone()
+
+
+def _check_kwargs(kwargs) -> None:
+    unknown = sorted(k for k in kwargs if k.startswith("htc_") and k not in HTC_KWARGS)
+    if unknown:
+        raise ValueError(
+            f"htc_star: unknown keyword argument(s) {unknown}; expected some of {list(HTC_KWARGS)}"
+        )
+
+
+@torch.compiler.disable
+def star_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    """``AttentionInterface`` entry for ``"htc_star"``.
+
+    q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` (GQA not expanded) -> ``([B, Sq, Hq, D], None)``.
+    Reads ``htc_kinds`` / ``htc_groups`` / ``htc_topology`` / ``htc_backend`` from the kwargs (any
+    other ``htc_*`` is an error); without ``htc_kinds`` it is causal attention with padding (every
+    token TEXT). Passes the model's ``softcap`` through. Runs eagerly under ``torch.compile`` (the
+    layout is Python-side work; the kernel is a custom op either way).
+    """
+    _check_kwargs(kwargs)
+    step = _take_step(key, module)
+    is_causal = kwargs.get("is_causal")
+    if is_causal is False or (is_causal is None and not getattr(module, "is_causal", True)):
+        if (
+            getattr(module, "layer_idx", None) is not None
+            or step is not None
+            or kwargs.get("htc_kinds") is not None
+        ):
+            raise NotImplementedError(
+                f"htc_star: {type(module).__name__} attends bidirectionally (is_causal=False, e.g. a "
+                "prefix-LM text model); the star mask is defined on causal attention only"
+            )
+        # A bidirectional encoder (e.g. the vision tower) under "htc_star": its own SDPA attention.
+        kwargs = {k: v for k, v in kwargs.items() if k not in HTC_KWARGS}
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    if attention_mask is not None and (
+        not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2
+    ):
+        shape = (
+            tuple(attention_mask.shape) if hasattr(attention_mask, "shape") else type(attention_mask).__name__
+        )
+        raise ValueError(
+            f"htc_star: got an attention mask of shape {shape}; htc_star builds the mask from htc_kinds and "
+            "takes padding from a 2-D attention_mask [B, S] (pass that, not a 4-D mask)"
+        )
+    if dropout and module.training:
+        raise NotImplementedError("htc_star: attention dropout is not supported (set attention_dropout=0)")
+    if kwargs.get("output_attentions"):
+        warnings.warn(
+            "htc_star does not return attention weights (output_attentions=True): like sdpa, the "
+            "attentions are None",
+            stacklevel=2,
+        )
+    softcap = kwargs.get("softcap")
+    kinds, groups, topology = kwargs.get("htc_kinds"), kwargs.get("htc_groups"), kwargs.get("htc_topology")
+    if kinds is None and step is not None and step.cache.kinds is not None:
+        kinds, groups = step.cache.kinds, step.cache.groups
+        topology = topology or step.cache.topology
+    topology = topology or "star"
+    backend = kwargs.get("htc_backend") or sys.modules["htc_kernels.hf"].DEFAULT_BACKEND
+
+    memo_key = (id(kinds), id(groups), topology, softcap, query.shape[0], query.shape[2], key.shape[2])
+    if step is not None:
+        memo_key += (
+            step.p_before,
+            step.layer.visual_free,
+            None if step.slots is None else tuple(step.slots.shape),
+        )
+    ctx = _memo_get(attention_mask, memo_key)
+    if ctx is None:
+        ctx = _context(query, key, attention_mask, kinds, groups, topology, step, softcap)
+        _memo_put(attention_mask, memo_key, ctx)
+    if ctx.key_len is not None:
+        key, value = key[:, :, : ctx.key_len], value[:, :, : ctx.key_len]
+    if ctx.plain_mask is not None:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=ctx.plain_mask,
+            scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
+        out = torch.where(ctx.query_valid, out, 0)
+    else:
+        if softcap is not None:
+            raise NotImplementedError("htc_star: logit soft-capping (softcap) is not supported yet")
+        out = star_attention(query, key, value, ctx.layout, scale=scaling, backend=backend)
+    if step is not None and ctx.compaction is not None:
+        step.layer.compact(ctx.compaction)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# --------------------------------------------------------------------------------------------------
+# enable_star_attention
+# --------------------------------------------------------------------------------------------------
+
+
+def _language_model_impl(model) -> str | dict:
+    sub = getattr(model.config, "sub_configs", {}) or {}
+    if "text_config" in sub:
+        return {"text_config": ATTN_IMPLEMENTATION}
+    return ATTN_IMPLEMENTATION
+
+
+def enable_star_attention(model, backend: str | None = None):
+    """Switch ``model``'s language model to ``"htc_star"``; ``model.generate(..., htc_kinds=k)``
+    then accepts ``htc_*`` kwargs and compacts the cache (it passes a fresh :class:`StarCache`
+    unless the call gives ``past_key_values`` or ``use_cache=False``). Only this instance is
+    changed (instance attributes ``generate`` and ``_validate_model_kwargs``, one forward pre-hook,
+    and its attention implementation). Returns ``model``.
+
+    ``backend``: the star_attention backend for this model's calls (default:
+    ``hk.hf.DEFAULT_BACKEND``, read at each call).
+    """
+    model.set_attn_implementation(_language_model_impl(model))
+    if getattr(model, "_htc_star_enabled", False):
+        model._htc_star_backend = backend
+        return model
+    model._htc_star_enabled = True
+    model._htc_star_backend = backend
+    cls = type(model)
+
+    if hasattr(model, "_validate_model_kwargs"):
+        original_validate = functools.partial(cls._validate_model_kwargs, model)
+
+        def _validate_model_kwargs(model_kwargs):
+            return original_validate({k: v for k, v in model_kwargs.items() if k not in HTC_KWARGS})
+
+        model._validate_model_kwargs = _validate_model_kwargs
+
+    if hasattr(model, "generate"):
+        original_generate = functools.partial(cls.generate, model)
+
+        @functools.wraps(cls.generate)
+        def generate(*args, **kwargs):
+            _check_kwargs(kwargs)
+            kinds = kwargs.get("htc_kinds")
+            if kinds is not None:
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                _validate_generate_kinds(kinds, ids, kwargs.get("htc_groups"), kwargs.get("htc_topology"))
+            if model._htc_star_backend is not None and "htc_backend" not in kwargs:
+                kwargs["htc_backend"] = model._htc_star_backend
+            no_cache = kwargs.get("use_cache", True) is False
+            if kwargs.get("past_key_values") is None and not no_cache:
+                kwargs["past_key_values"] = StarCache()
+            outer = getattr(_STATE, "generating", False)
+            _STATE.generating = no_cache
+            try:
+                return original_generate(*args, **kwargs)
+            finally:
+                _STATE.generating = outer
+
+        model.generate = generate
+
+    def _pre_hook(module, args, kwargs):
+        _check_kwargs(kwargs)
+        if module._htc_star_backend is not None and "htc_backend" not in kwargs:
+            kwargs["htc_backend"] = module._htc_star_backend
+        return args, kwargs
+
+    model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+    return model
+
+
+def _validate_generate_kinds(kinds, input_ids, groups, topology) -> None:
+    if not isinstance(kinds, torch.Tensor):
+        raise ValueError(f"htc_star: htc_kinds must be a torch.Tensor, got {type(kinds).__name__}")
+    if isinstance(input_ids, torch.Tensor):
+        if kinds.shape[-1] != input_ids.shape[-1]:
+            raise ValueError(
+                f"htc_star: htc_kinds has {kinds.shape[-1]} positions but input_ids has {input_ids.shape[-1]}"
+            )
+        if kinds.device != input_ids.device:
+            raise ValueError(f"htc_star: htc_kinds is on {kinds.device}, input_ids on {input_ids.device}")
+    StarLayout(kinds, groups, topology or "star")

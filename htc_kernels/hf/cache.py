@@ -1,0 +1,338 @@
+"""KV compaction: the rule (which VISUAL keys no later token can attend) and :class:`StarCache`.
+
+The attention function learns about a :class:`StarCache` through a hand-off, not through the
+tensors: ``StarCache.update`` (called by every Hugging Face attention layer right before its
+attention function) leaves a :class:`_StarStep` in a thread-local slot, and the attention function
+takes it if it is for the key tensor it was given. Nothing is attached to tensors, so ``torch.compile``
+sees plain tensors (both functions run eagerly: ``torch.compiler.disable``).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from htc_kernels.layout import StarLayout, TokenKind
+
+_HANDOFF = threading.local()
+
+
+# --------------------------------------------------------------------------------------------------
+# The rule (pure functions of the layout of the absolute sequence)
+# --------------------------------------------------------------------------------------------------
+
+
+def _droppable(kinds: torch.Tensor, groups: torch.Tensor, processed: int) -> torch.Tensor:
+    """``[B, S]`` bool: VISUAL positions no query at position >= ``processed`` can attend.
+
+    ``kinds``/``groups`` (``[B, S]``) describe the positions known so far: the prompt, or only its
+    first chunks (chunked prefill). A VISUAL key of group g is visible only to VISUAL/VOCO queries of
+    g (DESIGN.md §2). g is finished, and its VISUAL keys may go, once (1) a VOCO token of g has been
+    processed and (2) the position after g's last member is known not to belong to g: described by
+    ``kinds``, or processed beyond them (positions after the prompt are TEXT). Until then a later
+    chunk may still bring g's VOCO tokens (or more of them), which need every VISUAL key of g. An
+    image without VOCO tokens is never dropped (it costs memory, never exactness).
+    """
+    b, s = kinds.shape
+    visual = kinds == TokenKind.VISUAL
+    if not bool(visual.any()):
+        return torch.zeros_like(visual)
+    g = groups.long().clamp(min=0)
+    member = groups >= 0
+    n_groups = int(g.max()) + 1
+    pos = torch.arange(s, device=kinds.device).expand(b, s)
+    last = torch.full((b, n_groups), -1, dtype=torch.long, device=kinds.device)
+    last = last.scatter_reduce(1, g, torch.where(member, pos, -1), reduce="amax")
+    voco = (member & (kinds == TokenKind.VOCO)).long()
+    has_voco = torch.zeros_like(last).scatter_reduce(1, g, voco, reduce="amax") > 0
+    finished = has_voco & (last < processed) & (last + 1 < max(s, processed))
+    return visual & finished.gather(1, g)
+
+
+class _Compaction:
+    """What one forward does to every :class:`StarLayer`: keep the ``index`` slots (``[B, n]``,
+    along the sequence), whose absolute positions are ``slots`` (``[B, n]``, -1 = filler: a PAD
+    slot). ``visual_free``: no kept slot is VISUAL."""
+
+    __slots__ = ("index", "slots", "visual_free")
+
+    def __init__(self, index: torch.Tensor, slots: torch.Tensor, visual_free: bool):
+        self.index = index
+        self.slots = slots
+        self.visual_free = visual_free
+
+
+def _compaction(slots_full: torch.Tensor, drop: torch.Tensor, visual: torch.Tensor) -> _Compaction:
+    """Slots ``[B, Skv]`` (absolute positions, -1 filler) less droppable ones, right-aligned.
+    ``drop``/``visual``: ``[B, S]`` bool over absolute positions."""
+    valid = slots_full >= 0
+    safe = slots_full.clamp(min=0)
+    keep = valid & ~drop.gather(1, safe)
+    visual_free = not bool((keep & visual.gather(1, safe)).any())
+    if bool(keep.all()):
+        return _Compaction(None, slots_full, visual_free)
+    n_keep = int(keep.sum(1).max())
+    order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)  # dropped first, kept last, in order
+    index = order[:, order.shape[1] - n_keep :]
+    kept = keep.gather(1, index)
+    slots = torch.where(kept, slots_full.gather(1, index), torch.full_like(index, -1))
+    return _Compaction(index.contiguous(), slots.contiguous(), visual_free)
+
+
+def _full_layout(kinds, groups, topology, padding_mask, batch, length, device) -> StarLayout:
+    """Layout of the absolute positions ``[0, max(len(kinds), length))``: ``kinds`` (positions after
+    them TEXT), PAD where the 2-D ``padding_mask`` ``[B, >= length]`` is False."""
+    if kinds is None:
+        kinds = torch.zeros((batch, length), dtype=torch.int8, device=device)
+    if not isinstance(kinds, torch.Tensor):
+        raise ValueError(f"htc_star: htc_kinds must be a torch.Tensor, got {type(kinds).__name__}")
+    if kinds.device != torch.device(device):
+        raise ValueError(
+            f"htc_star: htc_kinds is on {kinds.device} but the model runs on {device}; "
+            f"pass htc_kinds=kinds.to({str(device)!r})"
+        )
+    if kinds.dim() == 1:
+        kinds = kinds[None]
+        groups = groups[None] if isinstance(groups, torch.Tensor) and groups.dim() == 1 else groups
+    if kinds.dim() != 2 or kinds.shape[0] not in (1, batch):
+        raise ValueError(
+            f"htc_star: htc_kinds must be [B, S] with B = {batch} (or 1), got {tuple(kinds.shape)}"
+        )
+    s0 = kinds.shape[1]
+    total = max(s0, length)
+    kinds = kinds.to(torch.int8).expand(batch, -1)
+    if total > s0:
+        kinds = torch.cat([kinds, kinds.new_full((batch, total - s0), int(TokenKind.TEXT))], dim=1)
+    if groups is not None:
+        if not isinstance(groups, torch.Tensor) or groups.shape[-1] != s0:
+            raise ValueError("htc_star: htc_groups must have the shape of htc_kinds")
+        groups = groups.to(torch.int32).expand(batch, -1)
+        if total > s0:
+            groups = torch.cat([groups, groups.new_full((batch, total - s0), -1)], dim=1)
+    if padding_mask is not None:
+        pad = ~padding_mask.to(device=device, dtype=torch.bool).expand(batch, -1)
+        if pad.shape[1] < total:
+            pad = torch.nn.functional.pad(pad, (0, total - pad.shape[1]), value=False)
+        kinds = torch.where(pad[:, :total], torch.full_like(kinds, int(TokenKind.PAD)), kinds)
+    return StarLayout(kinds, groups, topology)
+
+
+# --------------------------------------------------------------------------------------------------
+# StarCache
+# --------------------------------------------------------------------------------------------------
+
+
+class _StarStep:
+    """What ``StarCache.update`` hands to the attention function that follows it: the layer, its
+    index, the absolute position before this update, the slots' absolute positions after it
+    (``None``: slot i holds position i) and the key tensor it returned (to match the hand-off)."""
+
+    __slots__ = ("layer", "layer_idx", "p_before", "slots", "keys", "cache")
+
+    def __init__(self, cache, layer, layer_idx, p_before, slots, keys):
+        self.cache = cache
+        self.layer = layer
+        self.layer_idx = layer_idx
+        self.p_before = p_before
+        self.slots = slots
+        self.keys = keys
+
+
+def _take_step(key: torch.Tensor, module) -> _StarStep | None:
+    """The hand-off for this attention call, if the keys come from a :class:`StarCache`."""
+    step = getattr(_HANDOFF, "step", None)
+    _HANDOFF.step = None
+    if step is None or step.keys is not key:
+        return None
+    layer_idx = getattr(module, "layer_idx", step.layer_idx)
+    if layer_idx != step.layer_idx:
+        raise RuntimeError(
+            f"htc_star: StarCache updated layer {step.layer_idx} but attention runs for layer {layer_idx}"
+        )
+    return step
+
+
+class StarLayer(DynamicLayer):
+    """A ``DynamicLayer`` that can drop slots. ``get_seq_length()`` is the number of tokens seen
+    (absolute), ``stored_length`` the number of slots held; ``slots`` (``[B, stored_length]`` int64,
+    -1 = filler) maps slots to absolute positions once anything was dropped (``None`` before).
+    ``visual_free``: known to hold no VISUAL key (set by compaction; ``False`` = unknown)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.cumulative_length = 0
+        self.slots: torch.Tensor | None = None
+        self.visual_free = False
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        if self.slots is not None:
+            new = torch.arange(
+                self.cumulative_length - key_states.shape[-2],
+                self.cumulative_length,
+                device=self.slots.device,
+            )
+            self.slots = torch.cat([self.slots, new.expand(self.slots.shape[0], -1)], dim=1)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    @property
+    def stored_length(self) -> int:
+        return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
+
+    def compact(self, comp: _Compaction) -> None:
+        self.visual_free = comp.visual_free
+        if comp.index is None:
+            return
+        b, h, _, d = self.keys.shape
+        index = comp.index.to(self.keys.device)
+        if index.shape[0] != b:
+            index = index.expand(b, -1)
+        index = index[:, None, :, None].expand(b, h, index.shape[1], d)
+        self.keys = self.keys.gather(2, index)
+        self.values = self.values.gather(2, index)
+        self.slots = comp.slots
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.slots is not None and tokens_to_remove != 0:
+            raise NotImplementedError("StarCache: cropping a compacted cache is not supported")
+        super().crop(tokens_to_remove)
+        if tokens_to_remove < 0 and self.is_initialized:
+            self.cumulative_length += tokens_to_remove
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length = 0
+        self.slots = None
+        self.visual_free = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.slots is not None:
+            self.slots = self.slots.index_select(0, beam_idx.to(self.slots.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.slots is not None:
+            self.slots = self.slots.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.slots is not None:
+            self.slots = self.slots[indices]
+
+
+class StarCache(DynamicCache):
+    """A ``DynamicCache`` that drops the VISUAL keys/values no later token can attend (DESIGN §2).
+
+    Use it with ``attn_implementation="htc_star"``: after each layer's attention the attention
+    function drops the slots of every finished image (see :func:`_droppable`: its ``<voco>`` tokens
+    were processed, and so was the token after them, or ``htc_kinds`` says what follows). Each
+    sample then holds the non-VISUAL slots (samples with fewer are left-filled with PAD slots up to
+    the longest). ``get_seq_length()`` stays the number of tokens seen, so position ids remain
+    absolute. With another attention implementation nothing is dropped. Every layer is a full
+    (growing) layer; a sliding-window model is exact while the tokens seen fit its window, and
+    refused beyond (the rule lives in the mask function).
+
+    Args:
+        kinds, groups, topology: optional layout of the prompt, used when a forward gets no
+            ``htc_kinds`` (so ``model.generate(ids, past_key_values=StarCache(kinds=kinds))`` works
+            without ``enable_star_attention``). A forward's ``htc_kinds`` takes precedence.
+        config: accepted for ``DynamicCache`` compatibility; unused.
+    """
+
+    def __init__(self, kinds=None, groups=None, topology: str = "star", config=None, **kwargs):
+        if kwargs:
+            raise TypeError(f"StarCache: unexpected arguments {sorted(kwargs)}")
+        Cache.__init__(self, layer_class_to_replicate=StarLayer)
+        if kinds is not None:
+            StarLayout(kinds, groups, topology)  # validate early
+        self.kinds = kinds
+        self.groups = groups
+        self.topology = topology
+
+    @torch.compiler.disable
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        p_before = self.layers[layer_idx].cumulative_length if layer_idx < len(self.layers) else 0
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        _HANDOFF.step = _StarStep(self, layer, layer_idx, p_before, layer.slots, keys)
+        return keys, values
+
+    def stored_length(self, layer_idx: int = 0) -> int:
+        """Slots held by layer ``layer_idx`` (``get_seq_length()`` is the number of tokens seen)."""
+        return self.layers[layer_idx].stored_length if layer_idx < len(self.layers) else 0
+
+    def valid_lengths(self, layer_idx: int = 0) -> torch.Tensor | None:
+        """Per sample, the number of non-filler slots held by ``layer_idx`` (``[B]``)."""
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        if layer is None or not layer.is_initialized:
+            return None
+        if layer.slots is None:
+            return torch.full((layer.keys.shape[0],), layer.stored_length, dtype=torch.long)
+        return (layer.slots >= 0).sum(1).cpu()
+
+    def nbytes(self) -> int:
+        """Bytes held by the keys and values of all layers."""
+        return sum(
+            layer.keys.numel() * layer.keys.element_size()
+            + layer.values.numel() * layer.values.element_size()
+            for layer in self.layers
+            if getattr(layer, "is_initialized", False)
+        )
+
+
+def compact_cache(
+    past_key_values: Cache, kinds, groups=None, topology: str = "star", attention_mask=None
+) -> StarCache:
+    """Drop, from every layer, the VISUAL slots no later token can attend; returns the cache to use.
+
+    ``kinds`` (``[B, S]``) describes the positions known so far (the prompt, or its first chunks;
+    positions after them are TEXT once processed). The rule is :func:`_droppable`: an image whose
+    ``<voco>`` run ends the known positions is kept until the next token is processed, since a later
+    chunk may still bring more of its ``<voco>`` tokens. A :class:`StarCache` is compacted in place
+    and returned; a plain ``DynamicCache`` (full-attention layers only) is converted into a
+    :class:`StarCache` that takes over its tensors (keep using the returned object: it keeps the
+    position count absolute, a compacted plain ``DynamicCache`` could not).
+    """
+    if not isinstance(past_key_values, Cache):
+        raise ValueError(
+            f"compact_cache: expected a transformers Cache, got {type(past_key_values).__name__}"
+        )
+    if isinstance(past_key_values, StarCache):
+        cache = past_key_values
+    else:
+        for layer in past_key_values.layers:
+            if type(layer) is not DynamicLayer:
+                raise NotImplementedError(
+                    f"compact_cache: cannot compact a {type(layer).__name__} (only DynamicCache's "
+                    "DynamicLayer and StarCache: a static or sliding-window buffer cannot drop slots)"
+                )
+        cache = StarCache(kinds, groups, topology)
+        for layer in past_key_values.layers:
+            new = StarLayer()
+            if layer.is_initialized:
+                new.lazy_initialization(layer.keys, layer.values)
+                new.keys, new.values = layer.keys, layer.values
+                new.cumulative_length = layer.get_seq_length()
+            cache.layers.append(new)
+    for layer in cache.layers:
+        if not layer.is_initialized or layer.stored_length == 0:
+            continue
+        p = layer.cumulative_length
+        b = layer.keys.shape[0]
+        full = _full_layout(kinds, groups, topology, attention_mask, b, p, layer.keys.device)
+        slots = layer.slots
+        if slots is None:
+            slots = torch.arange(p, device=layer.keys.device).expand(b, p)
+        visual = full.kinds == TokenKind.VISUAL
+        layer.compact(_compaction(slots, _droppable(full.kinds, full.groups, p), visual))
+    return cache
