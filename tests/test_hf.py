@@ -604,3 +604,234 @@ def test_insert_voco_tokens_bad_inputs_are_value_errors():
         ValueError, match=r"attention_mask \(1, 3\) must have the shape of input_ids \(1, 4\)"
     ):
         hk.hf.insert_voco_tokens(ids, image_token_id=9, voco_token_id=4, attention_mask=torch.ones(1, 3))
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact or refused (issue 14): every model gets the star mask it asked for, or an error first
+# --------------------------------------------------------------------------------------------------
+
+
+def _paligemma():
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        SiglipVisionConfig,
+    )
+
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=8,
+    )
+    text = GemmaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
+    cfg = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID, projection_dim=32)
+    return PaliGemmaForConditionalGeneration(cfg).eval()
+
+
+def test_bidirectional_text_models_are_refused(attention_calls):
+    """PaliGemma's text model attends its image+prompt prefix bidirectionally: htc_star refuses it
+    (with and without token_type_ids) instead of running another mask."""
+    model = hk.hf.enable_star_attention(_paligemma())
+    ids = torch.tensor([[IMAGE_ID] * 4 + [2, 3, VOCO_ID, 4, 5]] * 2)
+    mask = torch.ones_like(ids)
+    mask[1, -1] = 0
+    kinds = hk.hf.kinds_from_input_ids(
+        ids, image_token_id=IMAGE_ID, voco_token_id=VOCO_ID, attention_mask=mask
+    )
+    pixels = torch.randn(2, 3, 16, 16)
+    token_types = torch.tensor([[0] * 7 + [1, 1]] * 2)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="prefix-LM"):
+        model(
+            input_ids=ids,
+            pixel_values=pixels,
+            attention_mask=mask,
+            token_type_ids=token_types,
+            htc_kinds=kinds,
+        )
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="bidirectional"):
+        model(input_ids=ids, pixel_values=pixels, attention_mask=mask, htc_kinds=kinds)
+    assert attention_calls == []
+
+
+def test_misspelled_htc_kwargs_are_refused(attention_calls):
+    model = _llama()
+    ids, mask, kinds = _inputs(LAYOUTS["left_pad"])
+    model.set_attn_implementation("htc_star")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"unknown keyword argument\(s\) \['htc_kind'\]"):
+        model(ids, attention_mask=mask, htc_kind=kinds)
+    hk.hf.enable_star_attention(model)
+    with pytest.raises(ValueError, match="htc_kind"):
+        model.generate(ids, attention_mask=mask, htc_kind=kinds, max_new_tokens=2)
+    assert attention_calls == []
+
+
+def test_output_attentions_behaves_like_sdpa():
+    model = _llama()
+    ids, mask, kinds = _inputs(LAYOUTS["left_pad"])
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        ref = model(ids, attention_mask=mask, output_attentions=True)
+        model.set_attn_implementation("htc_star")
+        with pytest.warns(UserWarning, match="output_attentions"):
+            out = model(ids, attention_mask=mask, output_attentions=True)
+    keep = mask.bool()
+    assert _rel(out.logits[keep], ref.logits[keep]) <= 1e-4
+    assert out.attentions == ref.attentions
+
+
+def test_generate_without_cache_matches_dense():
+    model = _qwen2()
+    ids, mask, kinds = _inputs(LAYOUTS["multi_image_multi_voco"])
+    expected = _dense_greedy(model, ids, mask, kinds, 4)
+    hk.hf.enable_star_attention(model)
+    out = model.generate(
+        ids, attention_mask=mask, htc_kinds=kinds, max_new_tokens=4, do_sample=False, use_cache=False
+    )
+    assert torch.equal(out, expected)
+    # outside generate(use_cache=False), kinds shorter than the input stay an error
+    with torch.no_grad(), pytest.raises(ValueError, match="htc_kinds has"):
+        model(torch.cat([ids, ids[:, :1]], 1), htc_kinds=kinds)
+
+
+@pytest.mark.parametrize("how", ["enable", "compact_cache"])
+@pytest.mark.parametrize("cut", [4, 5])  # inside the image; inside its <voco> run
+def test_chunked_prefill_keeps_images_until_their_voco(how, cut):
+    """Kinds given per chunk: the image split by the chunk boundary must stay in the cache until
+    its <voco> tokens (all of them) are processed."""
+    model = _llama()
+    kinds = torch.tensor([[T, V, V, V, C, C, T, T, T], [P, T, V, V, V, C, C, T, T]])
+    ids, mask = torch.randint(2, VOCAB, kinds.shape), (kinds != P).long()
+    pos = _position_ids(mask)
+    with torch.no_grad():
+        ref = _dense_logits(model, ids, mask, kinds)
+        if how == "enable":
+            hk.hf.enable_star_attention(model)
+            cache = hk.hf.StarCache()
+        else:
+            model.set_attn_implementation("htc_star")
+            cache = DynamicCache()
+        first = model(
+            ids[:, :cut],
+            attention_mask=mask[:, :cut],
+            position_ids=pos[:, :cut],
+            htc_kinds=kinds[:, :cut],
+            past_key_values=cache,
+        )
+        if how == "compact_cache":
+            cache = hk.hf.compact_cache(cache, kinds[:, :cut], attention_mask=mask[:, :cut])
+        assert torch.equal(cache.valid_lengths(), torch.full((2,), cut))  # nothing dropped yet
+        second = model(
+            ids[:, cut:],
+            attention_mask=mask,
+            position_ids=pos[:, cut:],
+            htc_kinds=kinds,
+            past_key_values=cache,
+        )
+    out = torch.cat([first.logits, second.logits], 1)
+    keep = mask.bool()
+    assert _rel(out[keep], ref[keep]) <= 1e-4
+    assert torch.equal(cache.valid_lengths(), kinds.shape[1] - (kinds == V).sum(1))
+
+
+def test_static_cache_is_exact():
+    model = _qwen2()
+    ids, mask, kinds = _inputs(LAYOUTS["left_pad"])
+    # without htc_kinds: the same tokens as sdpa (the queries are not the end of the static buffer)
+    model.set_attn_implementation("sdpa")
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    model.set_attn_implementation("htc_star")
+    static = model.generate(
+        ids, attention_mask=mask, max_new_tokens=5, do_sample=False, cache_implementation="static"
+    )
+    assert torch.equal(static, plain)
+    expected = _dense_greedy(model, ids, mask, kinds, 5)
+    hk.hf.enable_star_attention(model)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        htc_kinds=kinds,
+        max_new_tokens=5,
+        do_sample=False,
+        cache_implementation="static",
+    )
+    assert torch.equal(out, expected)
+    with pytest.raises(NotImplementedError, match="StaticLayer"):
+        cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+        model(ids, attention_mask=mask, htc_kinds=kinds, past_key_values=cache)
+        hk.hf.compact_cache(cache, kinds)
+
+
+def test_decode_after_compaction_is_plain_causal_attention(monkeypatch):
+    """After compaction no VISUAL key is left: a decode step builds no layout and runs no star
+    kernel (plain causal attention over the kept keys), and stays exact."""
+    model = hk.hf.enable_star_attention(_llama(num_hidden_layers=3))
+    ids, mask, kinds = _inputs(LAYOUTS["left_pad"])
+    expected = _dense_greedy(model, ids, mask, kinds, 5)
+    hk.hf.enable_star_attention(model)
+    calls = []
+    for name in ("star_attention", "_full_layout", "StarLayout"):
+        original = getattr(hkhf.attention, name)
+        monkeypatch.setattr(
+            hkhf.attention, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k)
+        )
+    cache = hk.hf.StarCache()
+    seq, am = ids, mask
+    with torch.no_grad():
+        out = model(ids, attention_mask=am, htc_kinds=kinds, past_key_values=cache)
+        assert calls.count("star_attention") == 3  # prefill: the star kernel in every layer
+        for _ in range(4):
+            calls.clear()
+            nxt = out.logits[:, -1:].argmax(-1)
+            seq, am = torch.cat([seq, nxt], 1), torch.cat([am, torch.ones_like(nxt)], 1)
+            out = model(nxt, attention_mask=am, htc_kinds=kinds, past_key_values=cache)
+            assert calls == []
+    seq = torch.cat([seq, out.logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(seq, expected)
+
+
+def test_torch_compile_model():
+    """torch.compile(model): forward and backward, a decode step with compaction, and a second
+    layout of the same shape (the compiled graph must not keep the first call's mask)."""
+    torch._dynamo.reset()
+    model = hk.hf.enable_star_attention(_qwen2())
+    compiled = torch.compile(model)
+    first = LAYOUTS["multi_image_multi_voco"]
+    second = [[T, T, V, V, V, V, V, C, T, V, C, T, T], [T, V, V, C, T, T, V, V, V, V, C, C, T]]
+    for kinds_list in (first, second):
+        ids, mask, kinds = _inputs(kinds_list)
+        pos = _position_ids(mask)
+        with torch.no_grad():
+            ref = _dense_logits(model, ids, mask, kinds)
+        hk.hf.enable_star_attention(model)
+        out = compiled(ids, attention_mask=mask, position_ids=pos, htc_kinds=kinds).logits
+        keep = mask.bool()
+        assert _rel(out[keep], ref[keep]) <= 1e-4
+        out[keep].pow(2).mean().backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(g.isfinite().all() for g in grads)
+        model.zero_grad()
+    cache = hk.hf.StarCache()
+    with torch.no_grad():
+        out = compiled(ids, attention_mask=mask, position_ids=pos, htc_kinds=kinds, past_key_values=cache)
+        nxt = out.logits[:, -1:].argmax(-1)
+        am = torch.cat([mask, torch.ones_like(nxt)], 1)
+        step = compiled(
+            nxt, attention_mask=am, position_ids=pos[:, -1:] + 1, htc_kinds=kinds, past_key_values=cache
+        )
+        ref = _dense_logits(
+            model, torch.cat([ids, nxt], 1), am, torch.cat([kinds, torch.full_like(nxt, T)], 1)
+        )
+    assert _rel(step.logits[:, -1], ref[:, -1]) <= 1e-4
+    assert torch.equal(cache.valid_lengths(), am.sum(1) - (kinds == V).sum(1))

@@ -218,8 +218,8 @@ def star_attention_mask(
 ):
     """``AttentionMaskInterface`` entry for ``"htc_star"``: the 2-D padding mask ``[B, L]`` (bool,
     True = token), ``L`` = tokens seen once this forward's queries are in, as a fresh tensor per
-    forward. With a static cache (``q_offset`` a tensor) ``L = q_offset + q_length``, shorter than
-    the buffer (one host sync per forward).
+    forward. ``L = q_offset + q_length``: with a static cache that is shorter than the buffer the
+    mask would otherwise span, and the attention function slices the keys to it.
 
     Sliding windows: exact while ``L`` fits the window, refused beyond (the one place this rule is
     enforced). Bidirectional masks (a vision encoder running under ``"htc_star"``) get SDPA's mask,
@@ -238,9 +238,9 @@ def star_attention_mask(
             attention_mask=attention_mask,
             **kwargs,
         )
-    length = kv_offset + kv_length
-    if isinstance(q_offset, torch.Tensor):
-        length = min(length, int(q_offset) + q_length)
+    # Tokens seen: a static cache's mask spans its whole buffer (kv_length = max_cache_len), so
+    # bound it by the queries' end (q_offset is a tensor there: one host sync per forward).
+    length = min(kv_offset + kv_length, int(q_offset) + q_length)
     for part, reason in _MASK_REFUSALS:
         if any(part in p for p in parts):
             raise NotImplementedError(f"htc_star: this model asked for {reason}")
@@ -423,7 +423,7 @@ def enable_star_attention(model, backend: str | None = None):
             if model._htc_star_backend is not None and "htc_backend" not in kwargs:
                 kwargs["htc_backend"] = model._htc_star_backend
             no_cache = kwargs.get("use_cache", True) is False
-            if kwargs.get("past_key_values") is None and not no_cache:
+            if kwargs.get("past_key_values") is None and not no_cache and "cache_implementation" not in kwargs:
                 kwargs["past_key_values"] = StarCache()
             outer = getattr(_STATE, "generating", False)
             _STATE.generating = no_cache
