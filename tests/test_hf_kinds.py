@@ -501,3 +501,53 @@ def test_generate_drops_the_whole_image_from_the_cache():
     seen = ids.shape[1] + 2  # the prompt (PAD slots stay) + the 2 generated tokens fed back
     visual = (kinds == V).sum(1)  # placeholders, [IMG_BREAK] and [IMG_END]
     assert torch.equal(gen.past_key_values.valid_lengths(), seen - visual)
+
+
+def test_qwen2_vl_generate_with_wrapped_images_and_inserted_voco():
+    """Qwen2-VL end to end as docs/hf.md shows it: a new <voco> embedding row, <voco> inserted after
+    each <|vision_end|>, mm_token_type_ids rebuilt for M-RoPE, kinds and groups from the config."""
+    from transformers import Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
+
+    text = Qwen2VLTextConfig(
+        **{**_TEXT, "eos_token_id": None},
+        bos_token_id=None,
+        rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+    )
+    vision = Qwen2VLVisionConfig(depth=1, embed_dim=32, hidden_size=32, num_heads=4, patch_size=2)
+    cfg = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMG,
+        video_token_id=58,
+        vision_start_token_id=START,
+        vision_end_token_id=STOP,
+    )
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    model.resize_token_embeddings(VOCAB + 1)
+    voco = VOCAB
+    image = [START, *[IMG] * 4, STOP]  # a 4 x 4 patch grid, spatial merge 2 -> 4 tokens
+    ids = torch.tensor([[0, 5, *image, *image, 7], [5, 6, *image, 8, *image]])
+    mask = (ids != 0).long()
+    tokens = image_tokens(model.config)
+    ids, mask = hk.hf.insert_voco_tokens(ids, **tokens, voco_token_id=voco, attention_mask=mask)
+    mm_token_type_ids = (ids == cfg.image_token_id).int() + 2 * (ids == cfg.video_token_id).int()
+    kinds, groups = hk.hf.kinds_from_input_ids(
+        ids, **tokens, voco_token_id=voco, num_voco=1, attention_mask=mask, return_groups=True
+    )
+    assert kinds[1].tolist() == [T, T, *[V] * 6, C, T, *[V] * 6, C]
+    hk.hf.enable_star_attention(model)
+    gen = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=torch.randn(4 * 16, 3 * 2 * 2 * 2),  # 4 images x 16 patches (temporal 2, 2 x 2)
+        image_grid_thw=torch.tensor([[1, 4, 4]] * 4),
+        mm_token_type_ids=mm_token_type_ids,
+        htc_kinds=kinds,
+        htc_groups=groups,
+        max_new_tokens=3,
+        do_sample=False,
+        return_dict_in_generate=True,
+    )
+    seen = ids.shape[1] + 2
+    assert torch.equal(gen.past_key_values.valid_lengths(), seen - (kinds == V).sum(1))
