@@ -30,8 +30,8 @@ markers and the newlines Idefics3 puts between rows included. Why VISUAL and not
 part of the image as its processor wrote it; as VISUAL they are seen by the image's ``<voco>`` tokens
 (so the row/tile structure is compressed with the pixels) and are dropped from the KV cache with the
 image, which then costs exactly its ``<voco>`` tokens; as TEXT they would stay in the cache forever and
-be attended by all later text although, TEXT never seeing VISUAL, they carry no image content. It
-also makes each image one contiguous VISUAL span, the ``<voco>`` goes after the span.
+be attended by all later text although (TEXT never seeing VISUAL) they carry no image content. And
+each image is one contiguous VISUAL span, followed by its ``<voco>`` tokens.
 """
 
 from __future__ import annotations
