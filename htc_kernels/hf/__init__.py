@@ -20,7 +20,10 @@ How the pieces fit (transformers 5.x):
 * ``htc_kinds`` (``[B, S]`` :class:`~htc_kernels.TokenKind` of the prompt; optional
   ``htc_groups``, ``htc_topology``, ``htc_backend``; any other ``htc_*`` is an error) is a forward
   kwarg; models built on ``AttentionInterface`` forward it unchanged to every attention call.
-  Positions after the prompt (generated tokens) are TEXT.
+  Positions after the prompt (generated tokens) are TEXT. ``kinds_from_input_ids(...,
+  return_groups=True)`` gives ``htc_kinds`` and ``htc_groups`` (one group per image, also for
+  tiled and row-split images: Idefics3/SmolVLM, Pixtral/Mistral3); ``image_tokens(config or
+  processor)`` gives its arguments for known families.
 * The mask function (``attention.star_attention_mask``) returns the 2-D padding mask ``[B, L]``
   (``L`` = tokens seen, absolute), a fresh tensor per forward, and is where masks htc_star cannot
   express exactly are refused. The attention function builds the layout once per forward (found
@@ -46,7 +49,7 @@ from .attention import (
     star_attention_mask,
 )
 from .cache import StarCache, StarLayer, compact_cache
-from .kinds import insert_voco_tokens, kinds_from_input_ids
+from .kinds import image_tokens, insert_voco_tokens, kinds_from_input_ids
 
 #: Backend used by the attention function unless a call passes ``htc_backend=...`` (read per call).
 DEFAULT_BACKEND = "auto"
@@ -59,6 +62,7 @@ __all__ = [
     "StarLayer",
     "compact_cache",
     "enable_star_attention",
+    "image_tokens",
     "insert_voco_tokens",
     "kinds_from_input_ids",
     "star_attention_forward",

@@ -423,7 +423,8 @@ def enable_star_attention(model, backend: str | None = None):
             if model._htc_star_backend is not None and "htc_backend" not in kwargs:
                 kwargs["htc_backend"] = model._htc_star_backend
             no_cache = kwargs.get("use_cache", True) is False
-            if kwargs.get("past_key_values") is None and not no_cache and "cache_implementation" not in kwargs:
+            own_cache = kwargs.get("past_key_values") is not None or "cache_implementation" in kwargs
+            if not own_cache and not no_cache:
                 kwargs["past_key_values"] = StarCache()
             outer = getattr(_STATE, "generating", False)
             _STATE.generating = no_cache
