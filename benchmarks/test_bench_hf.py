@@ -148,7 +148,7 @@ def test_bench_hf_decode(benchmark, setup_case, provider):
     if provider == TEXT_ONLY:
         model.set_attn_implementation("sdpa")
         with torch.no_grad():
-            seq = torch.cat([prov.ids, first, got[:, :1].argmax(-1, keepdim=True)], 1)
+            seq = torch.cat([prov.ids, first, got[:, 0].argmax(-1, keepdim=True)], 1)
             ref = model(seq).logits[:, -2:]
             ref_last = model(prov.ids).logits[:, -1]
     else:

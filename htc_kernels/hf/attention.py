@@ -42,7 +42,8 @@ _MEMO: collections.OrderedDict = collections.OrderedDict()  # id(mask) -> (weakr
 class _ForwardContext:
     """Built once per forward. ``layout``: of the keys the kernel gets (``None`` on the plain path);
     ``plain_mask``: ``[B, 1, Sq, Skv]`` bool for plain causal attention (with the PAD-query rows
-    given their own key, so no row is empty), ``query_valid`` ``[B, 1, Sq, 1]``; ``key_len``: slice
+    given their own key, so no row is empty), ``query_valid`` ``[B, 1, Sq, 1]`` (both ``None``
+    with no ``layout``: plain attention over every key, one query); ``key_len``: slice
     the keys to this many slots (a static buffer longer than the tokens seen); ``compaction``: what
     each StarCache layer drops after its attention."""
 
@@ -75,22 +76,23 @@ def _check_kinds_length(s0: int, p_before: int, length: int, has_cache: bool) ->
 
 def _plain_context(padding, kinds, slots, b, sq, skv, length, key_len) -> _ForwardContext:
     """Plain causal attention with padding: every query is past the prompt (TEXT) and no key is
-    VISUAL, so the star mask is the causal mask (DESIGN.md §2). Tensor ops only, no host sync."""
+    VISUAL, so the star mask is the causal mask (DESIGN.md §2). On CUDA: tensor ops only, no host
+    sync (CUDA-graph friendly); on the CPU, where a sync is free, an all-valid step drops the mask
+    (SDPA's unmasked path, as transformers' own sdpa mask does)."""
     valid = padding.to(torch.bool).expand(b, -1)[:, :length]
     if kinds is not None:
-        k = kinds.expand(b, -1)
-        s0 = min(k.shape[1], length)
+        s0 = min(kinds.shape[1], length)
         valid = valid.clone()
-        valid[:, :s0] &= k[:, :s0] != TokenKind.PAD
+        valid[:, :s0] &= kinds.expand(b, -1)[:, :s0] != TokenKind.PAD
     key_valid = valid[:, :skv] if slots is None else (slots >= 0) & valid.gather(1, slots.clamp(min=0))
     query_valid = valid[:, length - sq : length]
+    if sq == 1 and valid.device.type == "cpu" and bool(key_valid.all()) and bool(query_valid.all()):
+        return _ForwardContext(key_len=key_len)  # one query, every key: no mask at all
     # Bottom-right aligned causal part; a PAD query keeps its own key (an empty row would be NaN),
     # its output is zeroed afterwards.
-    own = torch.arange(skv - sq, skv, device=valid.device)[:, None] == torch.arange(skv, device=valid.device)
-    causal = torch.arange(skv - sq, skv, device=valid.device)[:, None] >= torch.arange(
-        skv, device=valid.device
-    )
-    mask = (key_valid[:, None, :] & causal) | (own & ~query_valid[:, :, None])
+    rows = torch.arange(skv - sq, skv, device=valid.device)[:, None]
+    cols = torch.arange(skv, device=valid.device)
+    mask = (key_valid[:, None, :] & (rows >= cols)) | ((rows == cols) & ~query_valid[:, :, None])
     return _ForwardContext(
         plain_mask=mask[:, None], query_valid=query_valid[:, None, :, None], key_len=key_len
     )
@@ -353,7 +355,7 @@ def star_attention_forward(
         _memo_put(attention_mask, memo_key, ctx)
     if ctx.key_len is not None:
         key, value = key[:, :, : ctx.key_len], value[:, :, : ctx.key_len]
-    if ctx.plain_mask is not None:
+    if ctx.layout is None:
         out = torch.nn.functional.scaled_dot_product_attention(
             query,
             key,
@@ -362,7 +364,8 @@ def star_attention_forward(
             scale=scaling,
             enable_gqa=query.shape[1] != key.shape[1],
         )
-        out = torch.where(ctx.query_valid, out, 0)
+        if ctx.query_valid is not None:
+            out = torch.where(ctx.query_valid, out, 0)
     else:
         if softcap is not None:
             raise NotImplementedError("htc_star: logit soft-capping (softcap) is not supported yet")
