@@ -835,3 +835,65 @@ def test_torch_compile_model():
         )
     assert _rel(step.logits[:, -1], ref[:, -1]) <= 1e-4
     assert torch.equal(cache.valid_lengths(), am.sum(1) - (kinds == V).sum(1))
+
+
+def _gemma(config_name, model_name, **kw):
+    config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
+    cfg = _tiny_config(config_cls, num_key_value_heads=2, head_dim=8, **_TOKEN_IDS, **kw)
+    return model_cls(cfg).eval()
+
+
+def test_gemma3_sliding_layers_inside_the_window():
+    """Gemma3 (sliding-window layers, window 16): exact while every token seen fits the window,
+    with enable_star_attention + generate too; refused past it."""
+    model = _gemma("Gemma3TextConfig", "Gemma3ForCausalLM", sliding_window=16)
+    ids, mask, kinds = _inputs(LAYOUTS["multi_image_multi_voco"])  # 13 tokens
+    with torch.no_grad():
+        ref = _dense_logits(model, ids, mask, kinds)
+        out = _star_logits(model, ids, mask, kinds)
+    keep = mask.bool()
+    assert _rel(out[keep], ref[keep]) <= 1e-4
+    expected = _dense_greedy(model, ids, mask, kinds, 3)
+    hk.hf.enable_star_attention(model)
+    assert torch.equal(
+        model.generate(ids, attention_mask=mask, htc_kinds=kinds, max_new_tokens=3, do_sample=False), expected
+    )
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        model.generate(ids, attention_mask=mask, htc_kinds=kinds, max_new_tokens=8, do_sample=False)
+
+
+def test_gemma2_logit_softcapping_is_applied():
+    """Gemma2's attn_logit_softcapping reaches the kernel (oracle: eager attention, which caps, fed
+    the dense star mask); at these score scales ignoring the cap would change the logits."""
+    model = _gemma(
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        sliding_window=64,
+        attn_logit_softcapping=2.0,
+        query_pre_attn_scalar=1,
+    )
+    with torch.no_grad():
+        for layer in model.model.layers:  # trained-model score scales: the cap matters
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    ids, mask, kinds = _inputs(LAYOUTS["multi_image_multi_voco"])
+    keep = mask.bool()
+
+    def eager(softcap):
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = softcap
+        model.set_attn_implementation("eager")
+        return model(ids, attention_mask=_dense_mask(kinds), position_ids=_position_ids(mask)).logits
+
+    with torch.no_grad():
+        uncapped = eager(None)
+    ref = eager(2.0)
+    assert _rel(uncapped[keep], ref[keep]) > 1e-2
+    out = _star_logits(model, ids, mask, kinds)
+    assert _rel(out[keep], ref[keep]) <= 1e-4
+    grads = []
+    for logits in (ref, out):
+        model.zero_grad()
+        logits[keep].pow(2).mean().backward()
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    assert _rel(grads[1], grads[0]) <= 1e-4

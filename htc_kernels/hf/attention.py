@@ -168,8 +168,11 @@ def _memo_put(mask, key, ctx) -> None:
         return
     entry = _MEMO.get(id(mask))
     if entry is None or entry[0]() is not mask:
-        entry = (weakref.ref(mask), {})
-        _MEMO[id(mask)] = entry
+        # The entry leaves with its forward's mask (CPython frees it, and calls this, before the id
+        # can be reused), so a context (e.g. a prefill's [B, 1, S, S] mask) outlives no forward.
+        key_id = id(mask)
+        entry = (weakref.ref(mask, lambda _: _MEMO.pop(key_id, None)), {})
+        _MEMO[key_id] = entry
         while len(_MEMO) > _MEMO_SIZE:
             _MEMO.popitem(last=False)
     entry[1][key] = ctx
