@@ -536,12 +536,34 @@ def test_qwen2_vl_generate_with_wrapped_images_and_inserted_voco():
         ids, **tokens, voco_token_id=voco, num_voco=1, attention_mask=mask, return_groups=True
     )
     assert kinds[1].tolist() == [T, T, *[V] * 6, C, T, *[V] * 6, C]
-    hk.hf.enable_star_attention(model)
+    pixels = torch.randn(4 * 16, 3 * 2 * 2 * 2)  # 4 images x 16 patches (temporal 2, 2 x 2)
+    grid = torch.tensor([[1, 4, 4]] * 4)
+    # Oracle: sdpa with the dense star mask. A 4-D mask defeats Qwen2-VL's own M-RoPE position
+    # computation, so both runs get the 3-D position ids the model computes from the 2-D mask.
+    pos = model.model.compute_3d_position_ids(
+        input_ids=ids,
+        inputs_embeds=model.get_input_embeddings()(ids),
+        image_grid_thw=grid,
+        attention_mask=mask,
+        mm_token_type_ids=mm_token_type_ids,
+    )
+    images = dict(pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=mm_token_type_ids)
+    with torch.no_grad():
+        allowed = hk.star_mask(hk.StarLayout(kinds, groups))[:, None]
+        dense = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        model.set_attn_implementation("sdpa")
+        ref = model(input_ids=ids, attention_mask=dense, position_ids=pos, **images).logits
+        hk.hf.enable_star_attention(model)
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, htc_kinds=kinds, htc_groups=groups, **images
+        )
+    keep = mask.bool()
+    assert _rel(out.logits[keep], ref[keep]) <= 1e-4
     gen = model.generate(
         input_ids=ids,
         attention_mask=mask,
-        pixel_values=torch.randn(4 * 16, 3 * 2 * 2 * 2),  # 4 images x 16 patches (temporal 2, 2 x 2)
-        image_grid_thw=torch.tensor([[1, 4, 4]] * 4),
+        pixel_values=pixels,
+        image_grid_thw=grid,
         mm_token_type_ids=mm_token_type_ids,
         htc_kinds=kinds,
         htc_groups=groups,
