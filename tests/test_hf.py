@@ -776,7 +776,7 @@ def test_static_cache_is_exact():
 def test_decode_after_compaction_is_plain_causal_attention(monkeypatch):
     """After compaction no VISUAL key is left: a decode step builds no layout and runs no star
     kernel (plain causal attention over the kept keys), and stays exact."""
-    model = hk.hf.enable_star_attention(_llama(num_hidden_layers=3))
+    model = _llama(num_hidden_layers=3)
     ids, mask, kinds = _inputs(LAYOUTS["left_pad"])
     expected = _dense_greedy(model, ids, mask, kinds, 5)
     hk.hf.enable_star_attention(model)
@@ -897,3 +897,33 @@ def test_gemma2_logit_softcapping_is_applied():
         logits[keep].pow(2).mean().backward()
         grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
     assert _rel(grads[1], grads[0]) <= 1e-4
+
+
+def test_star_static_cache_compacts_once_and_decodes_plainly(monkeypatch):
+    """StarStaticCache: a preallocated buffer as long as the prompt is enough, because the finished
+    image leaves it after prefill; decode steps then run plain attention over the fixed buffer."""
+    model = _qwen2()
+    ids, mask, kinds = _inputs(LAYOUTS["left_pad"])
+    steps = 4  # 3 tokens fed back: the kept S - 3 slots + 3 fit in S
+    expected = _dense_greedy(model, ids, mask, kinds, steps)
+    hk.hf.enable_star_attention(model)
+    calls = []
+    original = hkhf.attention.star_attention
+    monkeypatch.setattr(
+        hkhf.attention, "star_attention", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    cache = hk.hf.StarStaticCache(model.config, max_cache_len=ids.shape[1])
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        htc_kinds=kinds,
+        max_new_tokens=steps,
+        do_sample=False,
+        past_key_values=cache,
+    )
+    assert torch.equal(out, expected)
+    assert len(calls) == model.config.num_hidden_layers  # the prefill only
+    seen = ids.shape[1] + steps - 1
+    assert int(cache.get_seq_length()) == seen
+    assert torch.equal(cache.valid_lengths(), seen - (kinds == V).sum(1))
+    assert cache.layers[0].keys.shape[2] == ids.shape[1]  # the buffer was never reallocated

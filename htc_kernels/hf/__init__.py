@@ -48,7 +48,7 @@ from .attention import (
     star_attention_forward,
     star_attention_mask,
 )
-from .cache import StarCache, StarLayer, compact_cache
+from .cache import StarCache, StarLayer, StarStaticCache, StarStaticLayer, compact_cache
 from .kinds import image_tokens, insert_voco_tokens, kinds_from_input_ids
 
 #: Backend used by the attention function unless a call passes ``htc_backend=...`` (read per call).
@@ -60,6 +60,8 @@ __all__ = [
     "HTC_KWARGS",
     "StarCache",
     "StarLayer",
+    "StarStaticCache",
+    "StarStaticLayer",
     "compact_cache",
     "enable_star_attention",
     "image_tokens",

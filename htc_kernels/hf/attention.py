@@ -76,23 +76,25 @@ def _check_kinds_length(s0: int, p_before: int, length: int, has_cache: bool) ->
 
 def _plain_context(padding, kinds, slots, b, sq, skv, length, key_len) -> _ForwardContext:
     """Plain causal attention with padding: every query is past the prompt (TEXT) and no key is
-    VISUAL, so the star mask is the causal mask (DESIGN.md §2). On CUDA: tensor ops only, no host
-    sync (CUDA-graph friendly); on the CPU, where a sync is free, an all-valid step drops the mask
-    (SDPA's unmasked path, as transformers' own sdpa mask does)."""
+    VISUAL, so the star mask is the causal mask over positions (DESIGN.md §2). ``slots``: each key
+    slot's absolute position (-1: empty or filler; ``None``: slot i is position i). On CUDA: tensor
+    ops only, no host sync, fixed shapes (CUDA-graph friendly); on the CPU, where a sync is free, a
+    one-query step over valid keys drops the mask (SDPA's unmasked path, as transformers' sdpa mask)."""
     valid = padding.to(torch.bool).expand(b, -1)[:, :length]
     if kinds is not None:
         s0 = min(kinds.shape[1], length)
         valid = valid.clone()
         valid[:, :s0] &= kinds.expand(b, -1)[:, :s0] != TokenKind.PAD
-    key_valid = valid[:, :skv] if slots is None else (slots >= 0) & valid.gather(1, slots.clamp(min=0))
+    device = valid.device
+    kpos = torch.arange(skv, device=device).expand(b, skv) if slots is None else slots
+    key_valid = (kpos >= 0) & valid.gather(1, kpos.clamp(min=0))
     query_valid = valid[:, length - sq : length]
-    if sq == 1 and valid.device.type == "cpu" and bool(key_valid.all()) and bool(query_valid.all()):
+    if sq == 1 and device.type == "cpu" and bool(key_valid.all()) and bool(query_valid.all()):
         return _ForwardContext(key_len=key_len)  # one query, every key: no mask at all
-    # Bottom-right aligned causal part; a PAD query keeps its own key (an empty row would be NaN),
-    # its output is zeroed afterwards.
-    rows = torch.arange(skv - sq, skv, device=valid.device)[:, None]
-    cols = torch.arange(skv, device=valid.device)
-    mask = (key_valid[:, None, :] & (rows >= cols)) | ((rows == cols) & ~query_valid[:, :, None])
+    qpos = torch.arange(length - sq, length, device=device)[None, :, None]
+    kpos = kpos[:, None, :]
+    # A PAD query keeps its own key (an empty row would be NaN); its output is zeroed afterwards.
+    mask = (key_valid[:, None, :] & (kpos <= qpos)) | ((kpos == qpos) & ~query_valid[:, :, None])
     return _ForwardContext(
         plain_mask=mask[:, None], query_valid=query_valid[:, None, :, None], key_len=key_len
     )
@@ -131,6 +133,10 @@ def _context(query, key, padding, kinds, groups, topology, step, softcap) -> _Fo
         if k is not None and k.device != device:
             raise ValueError(f"htc_star: htc_kinds is on {k.device} but the model runs on {device}")
         return _plain_context(padding, k, slots, b, sq, skv, length, key_len)
+    if step is not None and step.written is not None and step.written < skv:
+        # a static buffer: the star kernel takes its queries to be the last written slots
+        key_len = skv = step.written
+        slots = slots[:, :skv]
 
     full = _full_layout(kinds, groups, topology, padding, b, length, device)
     if slots is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticLayer
 
 from htc_kernels.layout import StarLayout, TokenKind
 
@@ -125,19 +125,21 @@ def _full_layout(kinds, groups, topology, padding_mask, batch, length, device) -
 
 
 class _StarStep:
-    """What ``StarCache.update`` hands to the attention function that follows it: the layer, its
-    index, the absolute position before this update, the slots' absolute positions after it
-    (``None``: slot i holds position i) and the key tensor it returned (to match the hand-off)."""
+    """What ``StarCache.update`` (or ``StarStaticCache.update``) hands to the attention function that
+    follows it: the layer, its index, the absolute position before this update, the slots' absolute
+    positions after it (``None``: slot i holds position i; -1: filler or empty) and the key tensor it
+    returned (to match the hand-off)."""
 
-    __slots__ = ("layer", "layer_idx", "p_before", "slots", "keys", "cache")
+    __slots__ = ("layer", "layer_idx", "p_before", "slots", "keys", "cache", "written")
 
-    def __init__(self, cache, layer, layer_idx, p_before, slots, keys):
+    def __init__(self, cache, layer, layer_idx, p_before, slots, keys, written=None):
         self.cache = cache
         self.layer = layer
         self.layer_idx = layer_idx
         self.p_before = p_before
         self.slots = slots
         self.keys = keys
+        self.written = written  # static buffers: slots [0, written) hold tokens, the rest is empty
 
 
 def _take_step(key: torch.Tensor, module) -> _StarStep | None:
@@ -179,6 +181,9 @@ class StarLayer(DynamicLayer):
         return keys, values
 
     def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def seen_tokens(self) -> int:
         return self.cumulative_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -230,6 +235,16 @@ class StarLayer(DynamicLayer):
             self.slots = self.slots[indices]
 
 
+def _update_and_hand_off(cache, base, key_states, value_states, layer_idx, *args, **kwargs):
+    """``base.update`` (the transformers cache class), then leave the step for the attention call."""
+    p_before = cache.layers[layer_idx].seen_tokens() if layer_idx < len(cache.layers) else 0
+    keys, values = base.update(cache, key_states, value_states, layer_idx, *args, **kwargs)
+    layer = cache.layers[layer_idx]
+    written = getattr(layer, "write_pos", None)
+    _HANDOFF.step = _StarStep(cache, layer, layer_idx, p_before, layer.slots, keys, written)
+    return keys, values
+
+
 class StarCache(DynamicCache):
     """A ``DynamicCache`` that drops the VISUAL keys/values no later token can attend (DESIGN §2).
 
@@ -261,11 +276,7 @@ class StarCache(DynamicCache):
 
     @torch.compiler.disable
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        p_before = self.layers[layer_idx].cumulative_length if layer_idx < len(self.layers) else 0
-        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        layer = self.layers[layer_idx]
-        _HANDOFF.step = _StarStep(self, layer, layer_idx, p_before, layer.slots, keys)
-        return keys, values
+        return _update_and_hand_off(self, DynamicCache, key_states, value_states, layer_idx, *args, **kwargs)
 
     def stored_length(self, layer_idx: int = 0) -> int:
         """Slots held by layer ``layer_idx`` (``get_seq_length()`` is the number of tokens seen)."""
@@ -288,6 +299,112 @@ class StarCache(DynamicCache):
             for layer in self.layers
             if getattr(layer, "is_initialized", False)
         )
+
+
+class StarStaticLayer(StaticLayer):
+    """A preallocated layer (``[B, H, max_cache_len, D]``, updated in place: static addresses, as
+    transformers' ``StaticLayer``) that can drop slots. Tokens are written at ``write_pos`` (a Python
+    int), not at their position: ``cumulative_length`` (a tensor, as in ``StaticLayer``) stays the
+    absolute number of tokens seen, for RoPE. ``slots`` (``[B, max_cache_len]`` int64) holds each
+    slot's absolute position, -1 for empty or filler slots."""
+
+    def __init__(self, max_cache_len: int, **kwargs):
+        super().__init__(max_cache_len=max_cache_len)
+        self.write_pos = 0
+        self.seen = 0
+        self.slots: torch.Tensor | None = None
+        self.visual_free = False
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.slots = torch.full(
+            (self.batch_size, self.max_cache_len), -1, dtype=torch.long, device=self.device
+        )
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self.write_pos + n > self.max_cache_len:
+            raise ValueError(
+                f"StarStaticCache: {self.write_pos} slots held + {n} new tokens exceed max_cache_len="
+                f"{self.max_cache_len}"
+            )
+        index = torch.arange(self.write_pos, self.write_pos + n, device=self.device)
+        self.keys.index_copy_(2, index, key_states)
+        self.values.index_copy_(2, index, value_states)
+        positions = self.cumulative_length + torch.arange(n, device=self.device)
+        self.slots[:, self.write_pos : self.write_pos + n] = positions.expand(self.slots.shape[0], n)
+        self.cumulative_length.add_(n)
+        self.write_pos += n
+        self.seen += n
+        return self.keys, self.values
+
+    def seen_tokens(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0  # absolute: the buffer holds fewer slots once compacted
+
+    def compact(self, comp: _Compaction) -> None:
+        self.visual_free = comp.visual_free
+        if comp.index is None:
+            return
+        b, h, _, d = self.keys.shape
+        n = comp.index.shape[1]
+        index = comp.index.to(self.device)[:, None, :, None].expand(b, h, n, d)
+        # gather copies first, so moving the kept slots to the front cannot overwrite a source
+        self.keys[:, :, :n].copy_(self.keys.gather(2, index))
+        self.values[:, :, :n].copy_(self.values.gather(2, index))
+        self.slots[:, :n].copy_(comp.slots)
+        self.slots[:, n:] = -1
+        self.write_pos = n
+
+    def reset(self) -> None:
+        super().reset()
+        self.write_pos = self.seen = 0
+        if self.slots is not None:
+            self.slots.fill_(-1)
+        self.visual_free = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.slots is not None:
+            self.slots = self.slots.index_select(0, beam_idx.to(self.slots.device))
+
+
+class StarStaticCache(Cache):
+    """A static (preallocated, compile-friendly) cache that drops finished images like
+    :class:`StarCache`: after prefill the kept slots move to the front of the buffer once, and
+    decoding writes after them, so ``max_cache_len`` only needs to hold the kept tokens plus the
+    generated ones (plus the prompt during its prefill). Decode steps after compaction run plain
+    causal attention over the whole buffer with a mask: fixed shapes, no host sync on CUDA.
+
+    Args:
+        config: the model config (its decoder's number of layers is used).
+        max_cache_len: slots per layer.
+        kinds, groups, topology: as for :class:`StarCache`.
+    """
+
+    is_compileable = True
+
+    def __init__(self, config, max_cache_len: int, kinds=None, groups=None, topology: str = "star"):
+        n_layers = config.get_text_config(decoder=True).num_hidden_layers
+        super().__init__(layers=[StarStaticLayer(max_cache_len) for _ in range(n_layers)])
+        if kinds is not None:
+            StarLayout(kinds, groups, topology)  # validate early
+        self.kinds = kinds
+        self.groups = groups
+        self.topology = topology
+
+    @torch.compiler.disable
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return _update_and_hand_off(self, Cache, key_states, value_states, layer_idx, *args, **kwargs)
+
+    def valid_lengths(self, layer_idx: int = 0) -> torch.Tensor | None:
+        """Per sample, the number of slots holding a token in layer ``layer_idx`` (``[B]``)."""
+        layer = self.layers[layer_idx]
+        return None if layer.slots is None else (layer.slots >= 0).sum(1).cpu()
 
 
 def compact_cache(
