@@ -43,13 +43,16 @@ class _ForwardContext:
     """Built once per forward. ``layout``: of the keys the kernel gets (``None`` on the plain path);
     ``plain_mask``: ``[B, 1, Sq, Skv]`` bool for plain causal attention (with the PAD-query rows
     given their own key, so no row is empty), ``query_valid`` ``[B, 1, Sq, 1]`` (both ``None``
-    with no ``layout``: plain attention over every key, one query); ``key_len``: slice
+    with no ``layout``: no padding, ``is_causal`` for Sq = Skv); ``key_len``: slice
     the keys to this many slots (a static buffer longer than the tokens seen); ``compaction``: what
     each StarCache layer drops after its attention."""
 
-    __slots__ = ("layout", "plain_mask", "query_valid", "key_len", "compaction")
+    __slots__ = ("layout", "plain_mask", "query_valid", "key_len", "compaction", "is_causal")
 
-    def __init__(self, layout=None, plain_mask=None, query_valid=None, key_len=None, compaction=None):
+    def __init__(
+        self, layout=None, plain_mask=None, query_valid=None, key_len=None, compaction=None, is_causal=False
+    ):
+        self.is_causal = is_causal
         self.layout = layout
         self.plain_mask = plain_mask
         self.query_valid = query_valid
@@ -89,8 +92,9 @@ def _plain_context(padding, kinds, slots, b, sq, skv, length, key_len) -> _Forwa
     kpos = torch.arange(skv, device=device).expand(b, skv) if slots is None else slots
     key_valid = (kpos >= 0) & valid.gather(1, kpos.clamp(min=0))
     query_valid = valid[:, length - sq : length]
-    if sq == 1 and device.type == "cpu" and bool(key_valid.all()) and bool(query_valid.all()):
-        return _ForwardContext(key_len=key_len)  # one query, every key: no mask at all
+    if device.type == "cpu" and (sq == 1 or (slots is None and sq == skv)):
+        if bool(key_valid.all()) and bool(query_valid.all()):  # no padding: SDPA's own causal path
+            return _ForwardContext(key_len=key_len, is_causal=sq > 1)
     qpos = torch.arange(length - sq, length, device=device)[None, :, None]
     kpos = kpos[:, None, :]
     # A PAD query keeps its own key (an empty row would be NaN); its output is zeroed afterwards.
@@ -305,7 +309,9 @@ def star_attention_forward(
     Reads ``htc_kinds`` / ``htc_groups`` / ``htc_topology`` / ``htc_backend`` from the kwargs (any
     other ``htc_*`` is an error); without ``htc_kinds`` it is causal attention with padding (every
     token TEXT). Passes the model's ``softcap`` through. Runs eagerly under ``torch.compile`` (the
-    layout is Python-side work; the kernel is a custom op either way).
+    layout is Python-side work; the kernel is a custom op either way). A forward whose star mask is
+    the causal mask (no VISUAL key, every query TEXT: decode after compaction, or no ``htc_kinds``)
+    runs SDPA instead of the star kernel (``htc_backend`` picks the star kernel's backend only).
     """
     _check_kwargs(kwargs)
     step = _take_step(key, module)
@@ -370,6 +376,7 @@ def star_attention_forward(
             key,
             value,
             attn_mask=ctx.plain_mask,
+            is_causal=ctx.is_causal,
             scale=scaling,
             enable_gqa=query.shape[1] != key.shape[1],
         )
