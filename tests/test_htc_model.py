@@ -368,3 +368,56 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path):
             a = model(ids, pixel_values=px, attention_mask=mask).logits
             b = back(ids, pixel_values=px, attention_mask=mask).logits
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# The processor
+# --------------------------------------------------------------------------------------------------
+
+WORDS = ["<pad>", "<s>", "</s>", "<unk>", "what", "colour", "is", "it", "?", "red", "blue", "and"]
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def _processor():
+    pytest.importorskip("PIL", reason="CLIPImageProcessor needs pillow")
+    from transformers import CLIPImageProcessor
+
+    from htc_model import HTCProcessor
+
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    tokenizer = _tokenizer()
+    tokenizer.padding_side = "left"
+    return HTCProcessor(images, tokenizer)
+
+
+def test_processor_adds_tokens_and_feeds_the_model(tmp_path):
+    import numpy as np
+
+    proc = _processor()
+    assert proc.image_token_id == len(WORDS) and proc.voco_token_id == len(WORDS) + 1
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(3)]
+    batch = proc(text=["<image> what colour is it ?", "<image> and <image> ?"], images=images)
+    assert batch["pixel_values"].shape == (3, 3, 32, 32)
+    assert int((batch["input_ids"] == proc.image_token_id).sum()) == 3
+    model = _model(image_token_id=proc.image_token_id, voco_token_id=proc.voco_token_id)
+    with torch.no_grad():
+        out = model(**batch)
+    assert int((out.kinds == C).sum()) == 3
+    with pytest.raises(ValueError, match="2 image"):
+        proc(text=["<image> <image>", "<image>"], images=images[:2])
+    with pytest.raises(ValueError, match="inserts the <voco>"):
+        proc(text=["<image> <voco>"], images=images[:1])
+    proc.save_pretrained(tmp_path)
+    back = type(proc).from_pretrained(tmp_path)
+    assert (back.image_token_id, back.voco_token_id) == (proc.image_token_id, proc.voco_token_id)
