@@ -8,11 +8,13 @@ Importing this package registers the ``"htc"`` model type with the Auto classes 
 
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+from .compression import CompressedImages
 from .configuration_htc import HTCConfig, HTCQuantizerConfig
 from .modeling_htc import HTCCausalLMOutputWithPast, HTCForConditionalGeneration
 from .processing_htc import HTCProcessor
 
 __all__ = [
+    "CompressedImages",
     "HTCCausalLMOutputWithPast",
     "HTCConfig",
     "HTCForConditionalGeneration",

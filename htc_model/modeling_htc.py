@@ -15,12 +15,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 import htc_kernels.hf as hkhf
+from htc_kernels.layout import TokenKind
 
+from .compression import CompressedImages
 from .configuration_htc import HTCConfig
 from .mgvq import MGVQTokenizer, to_mgvq_pixels
 
@@ -356,6 +359,144 @@ class HTCForConditionalGeneration(PreTrainedModel):
             kinds=x.kinds,
             groups=x.groups,
         )
+
+    # ---- generation: one-shot, or from compressed images ----
+    def _pad_id(self) -> int:
+        return getattr(self.config.text_config, "pad_token_id", None) or 0
+
+    @torch.no_grad()
+    def compress(
+        self, pixel_values: torch.Tensor, prefix_ids: torch.Tensor | None = None
+    ) -> CompressedImages:
+        """Run ``[prefix; <image>]`` for each image once and keep the KV of the prefix and ``<voco>``.
+
+        Args:
+            pixel_values: ``[N, 3, H, W]`` CLIP-normalised images.
+            prefix_ids: ``[P]`` int64 text before the image (e.g. BOS and a system prompt), shared by
+                all images; ``None``: no prefix.
+
+        Returns:
+            :class:`CompressedImages` (the LM's dtype and device); ``generate(compressed=c,
+            input_ids=question)`` then gives exactly the tokens of ``generate(pixel_values=...,
+            input_ids=[prefix; <image>; question])``.
+        """
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            raise ValueError("HTC.compress: pixel_values must be [N, 3, H, W]")
+        n = pixel_values.shape[0]
+        device = self.voco_embeddings.device
+        if prefix_ids is None:
+            prefix_ids = torch.zeros(0, dtype=torch.long, device=device)
+        if (
+            not isinstance(prefix_ids, torch.Tensor)
+            or prefix_ids.dim() != 1
+            or prefix_ids.dtype.is_floating_point
+        ):
+            raise ValueError(
+                "HTC.compress: prefix_ids must be a 1-D integer tensor [P] (shared by every image)"
+            )
+        if bool(
+            ((prefix_ids == self.config.image_token_id) | (prefix_ids == self.config.voco_token_id)).any()
+        ):
+            raise ValueError("HTC.compress: prefix_ids must be text: no <image> or <voco> token")
+        prefix_ids = prefix_ids.long().to(device)
+        p = prefix_ids.numel()
+        ids = torch.cat([prefix_ids.expand(n, p), prefix_ids.new_full((n, 1), self.config.image_token_id)], 1)
+        x = self._expand(ids, None, pixel_values)
+        cache = DynamicCache()
+        self.language_model(
+            inputs_embeds=x.inputs_embeds,
+            attention_mask=x.attention_mask,
+            position_ids=x.position_ids,
+            htc_kinds=x.kinds,
+            htc_groups=x.groups,
+            htc_topology=self.config.topology,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        # The prompt ends with the <voco> tokens: select the kept slots here (compact_cache would keep
+        # the image until a next token is known not to be another <voco>).
+        voco = slice(p + self.config.num_visual_tokens, x.input_ids.shape[1])
+        return CompressedImages(
+            prefix_keys=[layer.keys[:1, :, :p].clone() for layer in cache.layers],
+            prefix_values=[layer.values[:1, :, :p].clone() for layer in cache.layers],
+            voco_keys=[layer.keys[:, :, voco].clone() for layer in cache.layers],
+            voco_values=[layer.values[:, :, voco].clone() for layer in cache.layers],
+            prefix_ids=prefix_ids,
+            num_visual_tokens=self.config.num_visual_tokens,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        compressed: CompressedImages | None = None,
+        **kwargs,
+    ):
+        """Decode with the language model's ``generate`` (a ``StarCache``: each image's visual KV is
+        dropped once its ``<voco>`` tokens are read; decoding then attends the kept tokens only).
+
+        Args:
+            input_ids: ``[B, S]`` with one ``<image>`` per image (``pixel_values``), or, with
+                ``compressed``, the text that follows the compressed images (one image per sample,
+                no ``<image>``).
+            pixel_values: ``[N, 3, H, W]`` as in :meth:`forward`.
+            attention_mask: ``[B, S]`` (padding on either side).
+            compressed: :class:`CompressedImages` from :meth:`compress`, one per sample.
+            kwargs: generation arguments (``max_new_tokens``, ``do_sample``, ``return_dict_in_generate``...).
+
+        Returns:
+            ``[B, S + new]``: ``input_ids`` followed by the generated tokens (LLaVA's convention), or
+            the language model's ``GenerateOutput`` with those ``sequences``.
+        """
+        bad = sorted(k for k in kwargs if k in _OWN_KWARGS or k.startswith("htc_"))
+        if bad:
+            raise ValueError(f"HTC.generate: {bad} are computed by the model; do not pass them")
+        lm = self.language_model
+        if compressed is None:
+            x = self._expand(input_ids, attention_mask, pixel_values)
+            # Ids for generate's bookkeeping only (embeddings come from inputs_embeds): text ids, and the
+            # pad id at visual/<voco> positions, whose ids may lie beyond the LM's vocabulary.
+            prompt = x.input_ids.masked_fill(x.kinds != TokenKind.TEXT, self._pad_id())
+            out = lm.generate(
+                input_ids=prompt,
+                inputs_embeds=x.inputs_embeds,
+                attention_mask=x.attention_mask,
+                htc_kinds=x.kinds,
+                htc_groups=x.groups,
+                htc_topology=self.config.topology,
+                **kwargs,
+            )
+        else:
+            if pixel_values is not None:
+                raise ValueError("HTC.generate: pass pixel_values or compressed, not both")
+            ids, mask = _check_ids(input_ids, attention_mask, None)
+            if bool(((ids == self.config.image_token_id) | (ids == self.config.voco_token_id)).any()):
+                raise ValueError(
+                    "HTC.generate(compressed=...): input_ids are the text after the compressed image; they "
+                    "cannot hold <image> or <voco> tokens"
+                )
+            compressed._check(self.config, lm.dtype, ids.shape[0])
+            compressed = compressed.to(device=ids.device)
+            b, past = ids.shape[0], compressed.seq_length
+            # The compressed positions as generate sees them: the prefix ids, then the pad id.
+            head = ids.new_full((b, past), self._pad_id())
+            head[:, : compressed.prefix_ids.numel()] = compressed.prefix_ids
+            prompt = torch.cat([head, ids], 1)
+            out = lm.generate(
+                input_ids=prompt,
+                attention_mask=torch.cat([torch.ones_like(head), mask], 1),
+                past_key_values=compressed._cache(),
+                **kwargs,
+            )
+        sequences = out.sequences if isinstance(out, ModelOutput) else out
+        sequences = torch.cat([input_ids, sequences[:, prompt.shape[1] :]], 1)
+        if isinstance(out, ModelOutput):
+            out.sequences = sequences
+            return out
+        return sequences
 
 
 # --------------------------------------------------------------------------------------------------

@@ -371,6 +371,169 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# generate, and compress once / ask many
+# --------------------------------------------------------------------------------------------------
+
+PREFIX = torch.tensor([1, 5])
+QUESTIONS = (torch.tensor([[7, 8, 9], [0, 10, 11]]), torch.tensor([[1, 1, 1], [0, 1, 1]]))
+OTHER_QUESTIONS = (torch.tensor([[12, 13], [14, 15]]), torch.ones(2, 2, dtype=torch.long))
+
+
+def _one_shot_prompt(questions, mask):
+    """``[prefix; <image>; question]`` per row, left-padded like the questions."""
+    n = questions.shape[0]
+    head = torch.cat([PREFIX.expand(n, -1), torch.full((n, 1), IMG)], 1)
+    ids, am = [], []
+    for q, m in zip(questions, mask):
+        row = torch.cat([head[0], q[m.bool()]])
+        ids.append(row)
+        am.append(torch.ones_like(row))
+    length = max(r.numel() for r in ids)
+    pad = [length - r.numel() for r in ids]
+    ids = torch.stack([torch.cat([torch.zeros(p, dtype=torch.long), r]) for p, r in zip(pad, ids)])
+    am = torch.stack([torch.cat([torch.zeros(p, dtype=torch.long), r]) for p, r in zip(pad, am)])
+    return ids, am
+
+
+def _dense_greedy(model, ids, mask, px, steps):
+    """Oracle: no cache; the LM on sdpa with the dense star mask over the whole sequence each step."""
+    x = model._expand(ids, mask, px)
+    embeds, kinds, groups, am = x.inputs_embeds, x.kinds, x.groups, x.attention_mask
+    embed = model.language_model.get_input_embeddings()
+    new = []
+    lm = model.language_model
+    lm.set_attn_implementation("sdpa")
+    try:
+        for _ in range(steps):
+            pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
+            logits = lm(
+                inputs_embeds=embeds, attention_mask=_dense_mask(kinds, groups, "star"), position_ids=pos
+            ).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            new.append(nxt)
+            embeds = torch.cat([embeds, embed(nxt)], 1)
+            kinds = torch.cat([kinds, torch.full_like(nxt, T)], 1)
+            groups = torch.cat([groups, torch.full_like(nxt, -1)], 1)
+            am = torch.cat([am, torch.ones_like(nxt)], 1)
+    finally:
+        lm.set_attn_implementation("htc_star")
+    return torch.cat(new, 1)
+
+
+def _tiny_no_eos(**overrides):
+    # no eos: every run generates the same number of tokens, so sequences compare whole
+    model = _model(**overrides)
+    model.language_model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, dict(num_voco_tokens=2, topology="group")], ids=["star", "group-2voco"]
+)
+def test_generate_matches_dense_greedy(overrides):
+    model = _tiny_no_eos(**overrides)
+    ids, mask, _ = _batch()
+    px = _pixels(model.config, 4)
+    steps = 5
+    with torch.no_grad():
+        expected = _dense_greedy(model, ids, mask, px, steps)
+    out = model.generate(
+        ids,
+        pixel_values=px,
+        attention_mask=mask,
+        max_new_tokens=steps,
+        do_sample=False,
+        return_dict_in_generate=True,
+    )
+    assert torch.equal(out.sequences[:, : ids.shape[1]], ids)
+    assert torch.equal(out.sequences[:, ids.shape[1] :], expected)
+    # the visual keys left the cache (2 images per row): each image costs its <voco> tokens only
+    seen = out.past_key_values.get_seq_length()
+    kept = out.past_key_values.valid_lengths()
+    assert torch.equal(kept, torch.full((2,), seen - 2 * model.config.num_visual_tokens))
+
+
+def test_compress_once_ask_many_equals_one_shot(tmp_path):
+    model = _tiny_no_eos()
+    px = _pixels(model.config, 2)
+    steps = 6
+    compressed = model.compress(px, prefix_ids=PREFIX)
+    before = [t.clone() for t in compressed.voco_keys]
+    compressed.save(tmp_path / "images.safetensors")
+    loaded = type(compressed).load(tmp_path / "images.safetensors")
+    for questions, qmask in (QUESTIONS, OTHER_QUESTIONS):
+        ids, mask = _one_shot_prompt(questions, qmask)
+        one_shot = model.generate(
+            ids, pixel_values=px, attention_mask=mask, max_new_tokens=steps, do_sample=False
+        )
+        for c in (compressed, loaded):
+            out = model.generate(
+                questions, attention_mask=qmask, compressed=c, max_new_tokens=steps, do_sample=False
+            )
+            assert torch.equal(out[:, : questions.shape[1]], questions)
+            assert torch.equal(out[:, questions.shape[1] :], one_shot[:, ids.shape[1] :])
+    assert all(torch.equal(a, b) for a, b in zip(before, compressed.voco_keys))  # never modified
+    # two questions about the same image in one batch
+    questions, qmask = OTHER_QUESTIONS
+    ids, mask = _one_shot_prompt(questions, qmask)
+    same = model.generate(
+        ids, pixel_values=px[[1, 1]], attention_mask=mask, max_new_tokens=steps, do_sample=False
+    )
+    out = model.generate(
+        questions,
+        attention_mask=qmask,
+        compressed=compressed.select([1, 1]),
+        max_new_tokens=steps,
+        do_sample=False,
+    )
+    assert torch.equal(out[:, questions.shape[1] :], same[:, ids.shape[1] :])
+
+
+def _kv_bytes_per_token(text_config, itemsize):
+    heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    head_dim = (
+        getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    )
+    return 2 * text_config.num_hidden_layers * heads * head_dim * itemsize  # keys and values
+
+
+def test_compressed_size():
+    model = _model(num_voco_tokens=2)
+    cfg = model.config
+    compressed = model.compress(_pixels(cfg, 3), prefix_ids=PREFIX)
+    per_token = _kv_bytes_per_token(cfg.text_config, 4)
+    # the prefix once, the <voco> tokens per image
+    assert compressed.nbytes == (PREFIX.numel() + 3 * cfg.num_voco_tokens) * per_token
+    assert compressed.seq_length == PREFIX.numel() + cfg.num_visual_tokens + cfg.num_voco_tokens
+    # The paper's 7B-shaped model in bf16, one image with a BOS prefix: the same formula, from shapes.
+    big = HTCConfig()
+    per_token = _kv_bytes_per_token(big.text_config, 2)
+    visual_kv = big.num_visual_tokens * per_token  # 580 tokens x 32 layers x 4096 x 2 x 2 bytes
+    compressed_kv = (1 + big.num_voco_tokens) * per_token
+    assert visual_kv == 580 * 32 * 4096 * 2 * 2
+    assert visual_kv / compressed_kv >= 100  # 290x
+
+
+def test_generate_bad_inputs():
+    model = _model()
+    px = _pixels(model.config, 2)
+    compressed = model.compress(px, prefix_ids=PREFIX)
+    questions, qmask = QUESTIONS
+    with pytest.raises(ValueError, match="1 image"):
+        model.generate(questions, attention_mask=qmask, compressed=compressed.select([0]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="not both"):
+        model.generate(questions, pixel_values=px, compressed=compressed, max_new_tokens=2)
+    with pytest.raises(ValueError, match="cannot hold <image>"):
+        model.generate(questions.masked_fill(questions == 7, IMG), compressed=compressed, max_new_tokens=2)
+    with pytest.raises(ValueError, match="<voco> tokens per image"):
+        _model(num_voco_tokens=2).generate(questions, compressed=compressed, max_new_tokens=2)
+    with pytest.raises(ValueError, match="computed by the model"):
+        model.generate(questions, compressed=compressed, htc_kinds=questions)
+    with pytest.raises(ValueError, match="1-D"):
+        model.compress(px, prefix_ids=PREFIX[None])
+
+
+# --------------------------------------------------------------------------------------------------
 # The processor
 # --------------------------------------------------------------------------------------------------
 
