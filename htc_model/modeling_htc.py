@@ -360,6 +360,51 @@ class HTCForConditionalGeneration(PreTrainedModel):
             groups=x.groups,
         )
 
+    # ---- starting from LLaVA-1.5 (how the paper starts) ----
+    @classmethod
+    def from_llava(
+        cls, llava_dir: str, mgvq_checkpoint: str | None = None, **config_overrides
+    ) -> HTCForConditionalGeneration:
+        """An HTC model from a local LLaVA(-1.5) checkpoint directory (``LlavaForConditionalGeneration``).
+
+        The vision tower, the language model and LLaVA's projector (as P_v, ``"mlp2x_gelu"``) are
+        LLaVA's; the MGVQ tokenizer comes from ``mgvq_checkpoint`` (an official MGVQ file, see
+        ``htc_model.mgvq.MGVQTokenizer.from_pretrained``; ``None`` leaves it random: only for tests);
+        the discrete projector and the ``<voco>`` embeddings are new (the ``<voco>`` embeddings start
+        at the mean of LLaVA's token embeddings). ``<voco>`` gets the id after ``<image>`` unless
+        ``voco_token_id`` is given; ``config_overrides`` set any other :class:`HTCConfig` field.
+        """
+        from transformers import LlavaForConditionalGeneration
+
+        llava = LlavaForConditionalGeneration.from_pretrained(llava_dir, local_files_only=True)
+        lc = llava.config
+        fields = dict(
+            vision_config=lc.vision_config.to_dict(),
+            text_config=lc.text_config.to_dict(),
+            image_token_id=lc.image_token_id,
+            voco_token_id=lc.image_token_id + 1,
+            vision_feature_layer=lc.vision_feature_layer,
+            vision_feature_select_strategy=lc.vision_feature_select_strategy,
+            continuous_projector="mlp2x_gelu",
+        )
+        if mgvq_checkpoint is not None:
+            tokenizer = MGVQTokenizer.from_pretrained(mgvq_checkpoint)
+            fields["quantizer_config"] = {"mgvq": tokenizer.config.to_string()}
+        fields.update(config_overrides)
+        if not isinstance(fields["vision_feature_layer"], int):
+            raise ValueError("HTC.from_llava: only a single vision_feature_layer (an int) is supported")
+        model = cls(HTCConfig(**fields))
+        model.vision_tower.load_state_dict(llava.model.vision_tower.state_dict())
+        model.continuous_projector.load_state_dict(llava.model.multi_modal_projector.state_dict())
+        model.language_model.get_decoder().load_state_dict(llava.model.language_model.state_dict())
+        model.language_model.get_output_embeddings().load_state_dict(llava.lm_head.state_dict())
+        if mgvq_checkpoint is not None and model.quantizer is not None:
+            model.quantizer.load_state_dict(tokenizer.state_dict())
+        with torch.no_grad():
+            mean = llava.get_input_embeddings().weight.mean(0)
+            model.voco_embeddings.copy_(mean.expand_as(model.voco_embeddings))
+        return model.to(llava.dtype).eval()
+
     # ---- generation: one-shot, or from compressed images ----
     def _pad_id(self) -> int:
         return getattr(self.config.text_config, "pad_token_id", None) or 0

@@ -7,6 +7,8 @@ layout this file expects (not the model's own kinds).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -531,6 +533,57 @@ def test_generate_bad_inputs():
         model.generate(questions, compressed=compressed, htc_kinds=questions)
     with pytest.raises(ValueError, match="1-D"):
         model.compress(px, prefix_ids=PREFIX[None])
+
+
+# --------------------------------------------------------------------------------------------------
+# from_llava
+# --------------------------------------------------------------------------------------------------
+
+
+def _tiny_llava():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    cfg = HTCConfig.tiny()
+    llava_cfg = LlavaConfig(
+        vision_config=cfg.vision_config.to_dict(),
+        text_config=cfg.text_config.to_dict(),
+        image_token_id=IMG,
+        vision_feature_layer=-2,
+    )
+    torch.manual_seed(1)
+    return LlavaForConditionalGeneration(llava_cfg).eval()
+
+
+def test_from_llava(tmp_path):
+    from tests.shared_data import MGVQ_FIXTURE
+
+    llava = _tiny_llava()
+    llava.save_pretrained(tmp_path / "llava")
+    mgvq = MGVQ_FIXTURE if os.path.exists(MGVQ_FIXTURE) else None  # official weights: tiny fixture
+    model = HTCForConditionalGeneration.from_llava(str(tmp_path / "llava"), mgvq_checkpoint=mgvq)
+    cfg = model.config
+    assert (cfg.image_token_id, cfg.voco_token_id, cfg.continuous_projector) == (IMG, IMG + 1, "mlp2x_gelu")
+    assert model.language_model.config._attn_implementation == "htc_star"
+    px = _pixels(cfg, 2)
+    ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])
+    with torch.no_grad():
+        # LLaVA's tower and projector give the patches; text alone runs LLaVA's language model
+        patches = model._continuous_tokens(px)
+        ref = torch.stack(list(llava.get_image_features(px, vision_feature_layer=-2).pooler_output))
+        assert torch.allclose(patches, ref, atol=1e-6)
+        assert torch.allclose(model(ids).logits, llava(input_ids=ids).logits, atol=1e-5)
+        if mgvq is not None:
+            from htc_model.mgvq import MGVQTokenizer
+
+            tok = MGVQTokenizer.from_pretrained(mgvq)
+            assert all(
+                torch.equal(a, b)
+                for a, b in zip(tok.state_dict().values(), model.quantizer.state_dict().values())
+            )
+        mean = llava.get_input_embeddings().weight.mean(0)
+        assert torch.allclose(model.voco_embeddings, mean.expand_as(model.voco_embeddings))
+    out = model.generate(torch.tensor([[1, IMG, 5]]), pixel_values=px[:1], max_new_tokens=2, do_sample=False)
+    assert out.shape == (1, 5)
 
 
 # --------------------------------------------------------------------------------------------------
