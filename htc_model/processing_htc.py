@@ -1,0 +1,81 @@
+"""HTCProcessor: a tokenizer and a CLIP image processor, with the ``<image>`` and ``<voco>`` tokens.
+
+Unlike LLaVA's processor it does not expand ``<image>``: the model replaces each ``<image>`` by its
+visual and ``<voco>`` tokens itself (so ``input_ids`` stay short and the kinds are the model's
+business). ``<voco>`` is added to the tokenizer so that decoded expanded sequences read well; user text
+must not contain it.
+"""
+
+from __future__ import annotations
+
+from transformers import BatchFeature, ProcessorMixin
+
+__all__ = ["HTCProcessor"]
+
+
+class HTCProcessor(ProcessorMixin):
+    """``HTCProcessor(image_processor, tokenizer)``; adds ``image_token`` and ``voco_token`` to the
+    tokenizer as special tokens when it lacks them.
+
+    ``processor(text=..., images=...)`` returns ``input_ids`` / ``attention_mask`` ``[B, S]`` (one
+    ``<image>`` token per image, padded by the tokenizer's ``padding_side``) and ``pixel_values``
+    ``[N, 3, H, W]`` (CLIP-normalised, in the order the ``<image>`` tokens appear, row by row).
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        image_token: str = "<image>",
+        voco_token: str = "<voco>",
+        **kwargs,
+    ):
+        if tokenizer is None:
+            raise ValueError("HTCProcessor: a tokenizer is required")
+        missing = [t for t in (image_token, voco_token) if t not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_tokens(missing, special_tokens=True)
+        self.image_token, self.voco_token = image_token, voco_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.voco_token_id = tokenizer.convert_tokens_to_ids(voco_token)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    def __call__(self, images=None, text=None, return_tensors: str = "pt", **text_kwargs) -> BatchFeature:
+        """Tokenize ``text`` (a string or a list, one per sample) and preprocess ``images`` (a list of
+        images, or a list per sample). ``text_kwargs`` go to the tokenizer (``padding=True`` by
+        default). The number of ``<image>`` tokens must equal the number of images."""
+        if text is None:
+            raise ValueError("HTCProcessor: text is required (put one <image> where each image goes)")
+        texts = [text] if isinstance(text, str) else list(text)
+        if any(self.voco_token in t for t in texts):
+            raise ValueError(
+                f"HTCProcessor: the text contains {self.voco_token}; the model inserts the <voco> tokens"
+            )
+        flat = _flatten(images)
+        n_tokens = sum(t.count(self.image_token) for t in texts)
+        if n_tokens != len(flat):
+            raise ValueError(
+                f"HTCProcessor: the text has {n_tokens} {self.image_token} token(s) but {len(flat)} image(s) "
+                "were given; write one image token per image"
+            )
+        text_kwargs.setdefault("padding", True)
+        data = dict(self.tokenizer(texts, return_tensors=return_tensors, **text_kwargs))
+        if flat:
+            data["pixel_values"] = self.image_processor(flat, return_tensors=return_tensors)["pixel_values"]
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+
+def _flatten(images) -> list:
+    if images is None:
+        return []
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    out = []
+    for item in images:
+        out.extend(_flatten(item) if isinstance(item, (list, tuple)) else [item])
+    return out

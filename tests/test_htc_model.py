@@ -1,0 +1,639 @@
+"""htc_model: the thin HTC-VLM (tiny random configs, CPU, offline).
+
+Oracle: the same language model weights run with attn_implementation="sdpa" on the same input
+embeddings, fed a dense 4-D star mask built here from the paper's rule (DESIGN.md §2) and the
+layout this file expects (not the model's own kinds).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import AutoConfig, AutoModelForImageTextToText  # noqa: E402
+
+import htc_kernels.hf as hkhf  # noqa: E402
+from htc_model import HTCConfig, HTCForConditionalGeneration  # noqa: E402
+
+T, V, C, P = 0, 1, 2, 3
+IMG, VOCO = 62, 63
+
+
+def _cpu_kernel_available() -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("htc::star_attention", "CPU")
+    except RuntimeError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _backend(monkeypatch):
+    monkeypatch.setattr(hkhf, "DEFAULT_BACKEND", "auto" if _cpu_kernel_available() else "reference")
+
+
+def _model(**overrides) -> HTCForConditionalGeneration:
+    torch.manual_seed(0)
+    return HTCForConditionalGeneration(HTCConfig.tiny(**overrides)).eval()
+
+
+def _pixels(cfg: HTCConfig, n: int) -> torch.Tensor:
+    """``n`` random images, CLIP-normalised as a processor would give them."""
+    q = cfg.quantizer_config
+    mean, std = torch.tensor(q.image_mean).view(1, 3, 1, 1), torch.tensor(q.image_std).view(1, 3, 1, 1)
+    size = cfg.vision_config.image_size
+    return (torch.rand(n, 3, size, size) - mean) / std
+
+
+def _batch():
+    """Left padding, two images in each sample, an image first in a row, text between images."""
+    ids = torch.tensor(
+        [
+            [0, 0, 0, 1, 5, IMG, 7, 8, IMG, 9, 10],
+            [1, IMG, 11, 12, IMG, 13, 14, 15, 16, 17, 18],
+        ]
+    )
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    labels = torch.full_like(ids, -100)
+    labels[0, 9:] = ids[0, 9:]  # answer tokens only
+    labels[1, 6:] = ids[1, 6:]
+    return ids, mask, labels
+
+
+def _expected_layout(ids, mask, cfg):
+    """Kinds and groups of the expanded, left-padded sequence, written out from the inputs."""
+    n_vis, n_voco = cfg.num_visual_tokens, cfg.num_voco_tokens
+    rows = []
+    for row, m in zip(ids.tolist(), mask.tolist()):
+        kinds, groups, image = [], [], 0
+        for t, keep in zip(row, m):
+            if not keep:
+                continue
+            if t == IMG:
+                kinds += [V] * n_vis + [C] * n_voco
+                groups += [image] * (n_vis + n_voco)
+                image += 1
+            else:
+                kinds.append(T)
+                groups.append(-1)
+        rows.append((kinds, groups))
+    length = max(len(k) for k, _ in rows)
+    kinds = torch.tensor([[P] * (length - len(k)) + k for k, _ in rows])
+    groups = torch.tensor([[-1] * (length - len(g)) + g for _, g in rows])
+    return kinds, groups
+
+
+def _dense_mask(kinds, groups, topology):
+    """Additive ``[B, 1, S, S]`` mask of the star rule, element by element."""
+    b, s = kinds.shape
+    allowed = torch.zeros(b, s, s, dtype=torch.bool)
+    for n in range(b):
+        k, g = kinds[n].tolist(), groups[n].tolist()
+        for i in range(s):
+            for j in range(i + 1):
+                if P in (k[i], k[j]):
+                    continue
+                if k[j] == V:
+                    if k[i] == V:
+                        ok = j == i if topology == "star" else g[j] == g[i]
+                    else:
+                        ok = k[i] == C and g[j] == g[i]
+                else:
+                    ok = True
+                allowed[n, i, j] = ok
+    return torch.zeros(b, 1, s, s).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+
+
+def _oracle_logits(model, x, topology):
+    """The LM on sdpa with the dense mask, fed the model's expanded input embeddings."""
+    lm = model.language_model
+    lm.set_attn_implementation("sdpa")
+    try:
+        return lm(
+            inputs_embeds=x.inputs_embeds,
+            attention_mask=_dense_mask(x.kinds, x.groups, topology),
+            position_ids=x.position_ids,
+        ).logits
+    finally:
+        lm.set_attn_implementation("htc_star")
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+
+def test_default_config_is_the_paper_model():
+    cfg = HTCConfig()
+    assert (cfg.vision_config.image_size, cfg.vision_config.patch_size) == (336, 14)
+    assert cfg.vision_feature_layer == -2 and cfg.num_patches == 576
+    assert cfg.num_discrete_features == 14112  # MGVQ f16c32: 32 x 21 x 21
+    assert cfg.num_visual_tokens == 580 and cfg.image_seq_length == 581
+    assert cfg.text_config.model_type == "llama" and cfg.text_config.hidden_size == 4096
+    assert cfg.quantizer_config.mgvq_config.codebook_groups == 8
+    assert cfg.quantizer_config.mgvq_config.codebook_size == 16384
+    assert (cfg.fusion, cfg.topology, cfg.continuous_projector) == ("pre", "star", "linear")
+    assert cfg.discrete_projector_hidden_size == 8192
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(fusion="middle"), "fusion"),
+        (dict(topology="ring"), "topology"),
+        (dict(continuous_projector="mlp3"), "continuous_projector"),
+        (dict(num_voco_tokens=0), "num_voco_tokens"),
+        (dict(num_discrete_tokens=-1), "num_discrete_tokens"),
+        (dict(voco_token_id=IMG), "must differ"),
+        (dict(quantizer_config={"mgvq": "f99"}), "MGVQ"),
+    ],
+)
+def test_bad_config_is_a_value_error(bad, match):
+    with pytest.raises(ValueError, match=match):
+        HTCConfig.tiny(**bad)
+
+
+def test_config_round_trip(tmp_path):
+    cfg = HTCConfig.tiny(num_voco_tokens=2, fusion="post", topology="group")
+    cfg.save_pretrained(tmp_path)
+    back = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(back, HTCConfig)
+    drop = ("_name_or_path",)
+    assert {k: v for k, v in back.to_dict().items() if k not in drop} == {
+        k: v for k, v in cfg.to_dict().items() if k not in drop
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The expanded sequence, logits and gradients against SDPA with the dense star mask
+# --------------------------------------------------------------------------------------------------
+
+
+def test_expanded_sequence_layout_and_embeddings():
+    model = _model()
+    cfg = model.config
+    ids, mask, labels = _batch()
+    px = _pixels(cfg, 4)
+    with torch.no_grad():
+        x = model._expand(ids, mask, px, labels)
+        kinds, groups = _expected_layout(ids, mask, cfg)
+        assert torch.equal(x.kinds, kinds) and torch.equal(x.groups, groups)
+        assert torch.equal(x.attention_mask, (kinds != P).long())
+        # Visual positions hold [anchors; patches] computed here from the parts, <voco> its embedding.
+        tower = model.vision_tower(px, output_hidden_states=True).hidden_states[-2][:, 1:]
+        patches = model.continuous_projector(tower)
+        from htc_model.mgvq import to_mgvq_pixels
+
+        q = model.quantizer.encode(to_mgvq_pixels(px, source="clip")).quant.flatten(1)
+        assert q.shape[1] == cfg.num_discrete_features
+        anchors = model.discrete_projector(q).view(4, cfg.num_discrete_tokens, -1)
+        visual = x.inputs_embeds[x.kinds == V].view(4, cfg.num_visual_tokens, -1)
+        assert torch.allclose(visual, torch.cat([anchors, patches], 1))
+        assert torch.equal(x.inputs_embeds[x.kinds == C], model.voco_embeddings.expand(4, -1))
+        # labels follow their tokens; every non-text position is ignored
+        text = x.kinds == T
+        assert torch.equal(x.labels[text], labels[ids != IMG][mask[ids != IMG].bool()])
+        assert (x.labels[~text] == -100).all()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        dict(topology="group"),
+        dict(fusion="post", num_voco_tokens=2),
+        dict(fusion="mean"),
+        dict(num_discrete_tokens=0),  # continuous only: the VoCo-LLaMA baseline
+        dict(continuous_projector="mlp2x_gelu", num_discrete_tokens=2),
+    ],
+    ids=["pre-star", "group", "post-2voco", "mean", "voco-llama", "mlp-nd2"],
+)
+def test_logits_match_dense_sdpa(overrides):
+    model = _model(**overrides)
+    ids, mask, labels = _batch()
+    px = _pixels(model.config, 4)
+    with torch.no_grad():
+        out = model(ids, pixel_values=px, attention_mask=mask, labels=labels)
+        x = model._expand(ids, mask, px, labels)
+        ref = _oracle_logits(model, x, model.config.topology)
+    kinds, _ = _expected_layout(ids, mask, model.config)
+    assert torch.equal(out.kinds, kinds)
+    keep = out.attention_mask.bool()
+    assert out.logits[keep].isfinite().all()
+    assert _rel(out.logits[keep], ref[keep]) <= 1e-4
+
+
+def test_gradients_match_dense_sdpa():
+    model = _model().train()
+    ids, mask, labels = _batch()
+    px = _pixels(model.config, 4)
+
+    def grads(run):
+        model.zero_grad()
+        run().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def htc_loss():
+        return model(ids, pixel_values=px, attention_mask=mask, labels=labels).loss
+
+    def oracle_loss():
+        x = model._expand(ids, mask, px, labels)
+        logits = _oracle_logits(model, x, "star")
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), x.labels[:, 1:].flatten(), ignore_index=-100
+        )
+
+    out, ref = grads(htc_loss), grads(oracle_loss)
+    assert out.keys() == ref.keys()
+    trained = {
+        "voco_embeddings",
+        "continuous_projector.linear_1.weight",
+        "discrete_projector.linear_1.weight",
+    }
+    assert trained <= out.keys()
+    assert any(n.startswith("vision_tower.") for n in out)
+    assert not any(n.startswith("quantizer.") for n in out)  # frozen tokenizer
+    for name in ref:
+        # (+ a floor: some gradients are zero in exact arithmetic, e.g. attention key biases)
+        assert (out[name] - ref[name]).norm() <= 1e-4 * ref[name].norm() + 1e-8, name
+
+
+def test_loss_is_on_answer_tokens_only():
+    model = _model()
+    ids, mask, labels = _batch()
+    px = _pixels(model.config, 4)
+    with torch.no_grad():
+        out = model(ids, pixel_values=px, attention_mask=mask, labels=labels)
+        # by hand: next-token cross-entropy over the labelled (answer) tokens of the expanded sequence
+        logp = out.logits.log_softmax(-1)
+        nll = []
+        for b in range(ids.shape[0]):
+            expanded = out.attention_mask[b].nonzero().flatten()
+            text = expanded[out.kinds[b, expanded] == T]  # the input's text tokens, in order
+            original = [p for p in range(ids.shape[1]) if mask[b, p] and ids[b, p] != IMG]
+            for pos, p in zip(text.tolist(), original):
+                if labels[b, p] != -100:
+                    nll.append(-logp[b, pos - 1, ids[b, p]])
+        assert len(nll) == int((labels != -100).sum())
+        assert torch.allclose(out.loss, torch.stack(nll).mean(), rtol=1e-5)
+        # prompt labels do not matter once ignored
+        other = labels.clone()
+        other[labels == -100] = -100
+        out2 = model(ids, pixel_values=px, attention_mask=mask, labels=other)
+        assert torch.equal(out.loss, out2.loss)
+
+
+def test_right_padding_gives_the_same_logits_as_left_padding():
+    model = _model()
+    ids, mask, _ = _batch()
+    right_ids = torch.cat([ids[:1, 3:], torch.zeros_like(ids[:1, :3])], 1)
+    right_mask = torch.cat([mask[:1, 3:], mask[:1, :3]], 1)
+    px = _pixels(model.config, 2)
+    with torch.no_grad():
+        a = model(ids[:1], pixel_values=px, attention_mask=mask[:1]).logits
+        b = model(right_ids, pixel_values=px, attention_mask=right_mask).logits
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad inputs: a ValueError before any encoder runs
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("voco_in_ids", "<voco>"),
+        ("too_few_images", "pixel_values has"),
+        ("pad_inside", "padding inside"),
+        ("wrong_size", r"\[N, 3, 32, 32\]"),
+        ("not_clip_normalised", "source='clip'"),
+        ("labels_shape", "labels must have the shape"),
+        ("float_ids", "integer tensor"),
+        ("position_ids", "computed by the model"),
+    ],
+)
+def test_bad_inputs_raise(case, match):
+    model = _model()
+    ids, mask, labels = _batch()
+    px = _pixels(model.config, 4)
+    kw = dict(input_ids=ids, pixel_values=px, attention_mask=mask, labels=labels)
+    if case == "voco_in_ids":
+        kw["input_ids"] = ids.clone()
+        kw["input_ids"][1, 3] = VOCO
+    elif case == "too_few_images":
+        kw["pixel_values"] = px[:3]
+    elif case == "pad_inside":
+        kw["attention_mask"] = mask.clone().index_put_(
+            (torch.tensor([1]), torch.tensor([6])), torch.tensor(0)
+        )
+    elif case == "wrong_size":
+        kw["pixel_values"] = torch.zeros(4, 3, 28, 28)
+    elif case == "not_clip_normalised":
+        kw["pixel_values"] = px * 10
+    elif case == "labels_shape":
+        kw["labels"] = labels[:, 1:]
+    elif case == "float_ids":
+        kw["input_ids"] = ids.float()
+    elif case == "position_ids":
+        kw["position_ids"] = torch.zeros_like(ids)
+    with pytest.raises(ValueError, match=match):
+        model(**kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving and loading (offline)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_save_pretrained_from_pretrained_round_trip(tmp_path):
+    model = _model()
+    ids, mask, _ = _batch()
+    px = _pixels(model.config, 4)
+    model.save_pretrained(tmp_path)
+    for cls in (HTCForConditionalGeneration, AutoModelForImageTextToText):
+        back = cls.from_pretrained(tmp_path).eval()
+        assert isinstance(back, HTCForConditionalGeneration)
+        assert back.language_model.config._attn_implementation == "htc_star"
+        sd, back_sd = model.state_dict(), back.state_dict()
+        assert sd.keys() == back_sd.keys()
+        assert all(torch.equal(sd[k], back_sd[k]) for k in sd)
+        with torch.no_grad():
+            a = model(ids, pixel_values=px, attention_mask=mask).logits
+            b = back(ids, pixel_values=px, attention_mask=mask).logits
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# generate, and compress once / ask many
+# --------------------------------------------------------------------------------------------------
+
+PREFIX = torch.tensor([1, 5])
+QUESTIONS = (torch.tensor([[7, 8, 9], [0, 10, 11]]), torch.tensor([[1, 1, 1], [0, 1, 1]]))
+OTHER_QUESTIONS = (torch.tensor([[12, 13], [14, 15]]), torch.ones(2, 2, dtype=torch.long))
+
+
+def _one_shot_prompt(questions, mask):
+    """``[prefix; <image>; question]`` per row, left-padded like the questions."""
+    n = questions.shape[0]
+    head = torch.cat([PREFIX.expand(n, -1), torch.full((n, 1), IMG)], 1)
+    ids, am = [], []
+    for q, m in zip(questions, mask):
+        row = torch.cat([head[0], q[m.bool()]])
+        ids.append(row)
+        am.append(torch.ones_like(row))
+    length = max(r.numel() for r in ids)
+    pad = [length - r.numel() for r in ids]
+    ids = torch.stack([torch.cat([torch.zeros(p, dtype=torch.long), r]) for p, r in zip(pad, ids)])
+    am = torch.stack([torch.cat([torch.zeros(p, dtype=torch.long), r]) for p, r in zip(pad, am)])
+    return ids, am
+
+
+def _dense_greedy(model, ids, mask, px, steps):
+    """Oracle: no cache; the LM on sdpa with the dense star mask over the whole sequence each step."""
+    x = model._expand(ids, mask, px)
+    embeds, kinds, groups, am = x.inputs_embeds, x.kinds, x.groups, x.attention_mask
+    embed = model.language_model.get_input_embeddings()
+    new = []
+    lm = model.language_model
+    lm.set_attn_implementation("sdpa")
+    try:
+        for _ in range(steps):
+            pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
+            logits = lm(
+                inputs_embeds=embeds, attention_mask=_dense_mask(kinds, groups, "star"), position_ids=pos
+            ).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            new.append(nxt)
+            embeds = torch.cat([embeds, embed(nxt)], 1)
+            kinds = torch.cat([kinds, torch.full_like(nxt, T)], 1)
+            groups = torch.cat([groups, torch.full_like(nxt, -1)], 1)
+            am = torch.cat([am, torch.ones_like(nxt)], 1)
+    finally:
+        lm.set_attn_implementation("htc_star")
+    return torch.cat(new, 1)
+
+
+def _tiny_no_eos(**overrides):
+    # no eos: every run generates the same number of tokens, so sequences compare whole
+    model = _model(**overrides)
+    model.language_model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, dict(num_voco_tokens=2, topology="group")], ids=["star", "group-2voco"]
+)
+def test_generate_matches_dense_greedy(overrides):
+    model = _tiny_no_eos(**overrides)
+    ids, mask, _ = _batch()
+    px = _pixels(model.config, 4)
+    steps = 5
+    with torch.no_grad():
+        expected = _dense_greedy(model, ids, mask, px, steps)
+    out = model.generate(
+        ids,
+        pixel_values=px,
+        attention_mask=mask,
+        max_new_tokens=steps,
+        do_sample=False,
+        return_dict_in_generate=True,
+    )
+    assert torch.equal(out.sequences[:, : ids.shape[1]], ids)
+    assert torch.equal(out.sequences[:, ids.shape[1] :], expected)
+    # the visual keys left the cache (2 images per row): each image costs its <voco> tokens only
+    seen = out.past_key_values.get_seq_length()
+    kept = out.past_key_values.valid_lengths()
+    assert torch.equal(kept, torch.full((2,), seen - 2 * model.config.num_visual_tokens))
+
+
+def test_compress_once_ask_many_equals_one_shot(tmp_path):
+    model = _tiny_no_eos()
+    px = _pixels(model.config, 2)
+    steps = 6
+    compressed = model.compress(px, prefix_ids=PREFIX)
+    before = [t.clone() for t in compressed.voco_keys]
+    compressed.save(tmp_path / "images.safetensors")
+    loaded = type(compressed).load(tmp_path / "images.safetensors")
+    for questions, qmask in (QUESTIONS, OTHER_QUESTIONS):
+        ids, mask = _one_shot_prompt(questions, qmask)
+        one_shot = model.generate(
+            ids, pixel_values=px, attention_mask=mask, max_new_tokens=steps, do_sample=False
+        )
+        for c in (compressed, loaded):
+            out = model.generate(
+                questions, attention_mask=qmask, compressed=c, max_new_tokens=steps, do_sample=False
+            )
+            assert torch.equal(out[:, : questions.shape[1]], questions)
+            assert torch.equal(out[:, questions.shape[1] :], one_shot[:, ids.shape[1] :])
+    assert all(torch.equal(a, b) for a, b in zip(before, compressed.voco_keys))  # never modified
+    # two questions about the same image in one batch
+    questions, qmask = OTHER_QUESTIONS
+    ids, mask = _one_shot_prompt(questions, qmask)
+    same = model.generate(
+        ids, pixel_values=px[[1, 1]], attention_mask=mask, max_new_tokens=steps, do_sample=False
+    )
+    out = model.generate(
+        questions,
+        attention_mask=qmask,
+        compressed=compressed.select([1, 1]),
+        max_new_tokens=steps,
+        do_sample=False,
+    )
+    assert torch.equal(out[:, questions.shape[1] :], same[:, ids.shape[1] :])
+
+
+def _kv_bytes_per_token(text_config, itemsize):
+    heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    head_dim = (
+        getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    )
+    return 2 * text_config.num_hidden_layers * heads * head_dim * itemsize  # keys and values
+
+
+def test_compressed_size():
+    model = _model(num_voco_tokens=2)
+    cfg = model.config
+    compressed = model.compress(_pixels(cfg, 3), prefix_ids=PREFIX)
+    per_token = _kv_bytes_per_token(cfg.text_config, 4)
+    # the prefix once, the <voco> tokens per image
+    assert compressed.nbytes == (PREFIX.numel() + 3 * cfg.num_voco_tokens) * per_token
+    assert compressed.seq_length == PREFIX.numel() + cfg.num_visual_tokens + cfg.num_voco_tokens
+    # The paper's 7B-shaped model in bf16, one image with a BOS prefix: the same formula, from shapes.
+    big = HTCConfig()
+    per_token = _kv_bytes_per_token(big.text_config, 2)
+    visual_kv = big.num_visual_tokens * per_token  # 580 tokens x 32 layers x 4096 x 2 x 2 bytes
+    compressed_kv = (1 + big.num_voco_tokens) * per_token
+    assert visual_kv == 580 * 32 * 4096 * 2 * 2
+    assert visual_kv / compressed_kv >= 100  # 290x
+
+
+def test_generate_bad_inputs():
+    model = _model()
+    px = _pixels(model.config, 2)
+    compressed = model.compress(px, prefix_ids=PREFIX)
+    questions, qmask = QUESTIONS
+    with pytest.raises(ValueError, match="1 image"):
+        model.generate(questions, attention_mask=qmask, compressed=compressed.select([0]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="not both"):
+        model.generate(questions, pixel_values=px, compressed=compressed, max_new_tokens=2)
+    with pytest.raises(ValueError, match="cannot hold <image>"):
+        model.generate(questions.masked_fill(questions == 7, IMG), compressed=compressed, max_new_tokens=2)
+    with pytest.raises(ValueError, match="<voco> tokens per image"):
+        _model(num_voco_tokens=2).generate(questions, compressed=compressed, max_new_tokens=2)
+    with pytest.raises(ValueError, match="computed by the model"):
+        model.generate(questions, compressed=compressed, htc_kinds=questions)
+    with pytest.raises(ValueError, match="1-D"):
+        model.compress(px, prefix_ids=PREFIX[None])
+
+
+# --------------------------------------------------------------------------------------------------
+# from_llava
+# --------------------------------------------------------------------------------------------------
+
+
+def _tiny_llava():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    cfg = HTCConfig.tiny()
+    llava_cfg = LlavaConfig(
+        vision_config=cfg.vision_config.to_dict(),
+        text_config=cfg.text_config.to_dict(),
+        image_token_id=IMG,
+        vision_feature_layer=-2,
+    )
+    torch.manual_seed(1)
+    return LlavaForConditionalGeneration(llava_cfg).eval()
+
+
+def test_from_llava(tmp_path):
+    from tests.shared_data import MGVQ_FIXTURE
+
+    llava = _tiny_llava()
+    llava.save_pretrained(tmp_path / "llava")
+    mgvq = MGVQ_FIXTURE if os.path.exists(MGVQ_FIXTURE) else None  # official weights: tiny fixture
+    model = HTCForConditionalGeneration.from_llava(str(tmp_path / "llava"), mgvq_checkpoint=mgvq)
+    cfg = model.config
+    assert (cfg.image_token_id, cfg.voco_token_id, cfg.continuous_projector) == (IMG, IMG + 1, "mlp2x_gelu")
+    assert model.language_model.config._attn_implementation == "htc_star"
+    px = _pixels(cfg, 2)
+    ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])
+    with torch.no_grad():
+        # LLaVA's tower and projector give the patches; text alone runs LLaVA's language model
+        patches = model._continuous_tokens(px)
+        ref = torch.stack(list(llava.get_image_features(px, vision_feature_layer=-2).pooler_output))
+        assert torch.allclose(patches, ref, atol=1e-6)
+        assert torch.allclose(model(ids).logits, llava(input_ids=ids).logits, atol=1e-5)
+        if mgvq is not None:
+            from htc_model.mgvq import MGVQTokenizer
+
+            tok = MGVQTokenizer.from_pretrained(mgvq)
+            assert all(
+                torch.equal(a, b)
+                for a, b in zip(tok.state_dict().values(), model.quantizer.state_dict().values())
+            )
+        mean = llava.get_input_embeddings().weight.mean(0)
+        assert torch.allclose(model.voco_embeddings, mean.expand_as(model.voco_embeddings))
+    out = model.generate(torch.tensor([[1, IMG, 5]]), pixel_values=px[:1], max_new_tokens=2, do_sample=False)
+    assert out.shape == (1, 5)
+
+
+# --------------------------------------------------------------------------------------------------
+# The processor
+# --------------------------------------------------------------------------------------------------
+
+WORDS = ["<pad>", "<s>", "</s>", "<unk>", "what", "colour", "is", "it", "?", "red", "blue", "and"]
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def _processor():
+    pytest.importorskip("PIL", reason="CLIPImageProcessor needs pillow")
+    from transformers import CLIPImageProcessor
+
+    from htc_model import HTCProcessor
+
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    tokenizer = _tokenizer()
+    tokenizer.padding_side = "left"
+    return HTCProcessor(images, tokenizer)
+
+
+def test_processor_adds_tokens_and_feeds_the_model(tmp_path):
+    import numpy as np
+
+    proc = _processor()
+    assert proc.image_token_id == len(WORDS) and proc.voco_token_id == len(WORDS) + 1
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(3)]
+    batch = proc(text=["<image> what colour is it ?", "<image> and <image> ?"], images=images)
+    assert batch["pixel_values"].shape == (3, 3, 32, 32)
+    assert int((batch["input_ids"] == proc.image_token_id).sum()) == 3
+    model = _model(image_token_id=proc.image_token_id, voco_token_id=proc.voco_token_id)
+    with torch.no_grad():
+        out = model(**batch)
+    assert int((out.kinds == C).sum()) == 3
+    with pytest.raises(ValueError, match="2 image"):
+        proc(text=["<image> <image>", "<image>"], images=images[:2])
+    with pytest.raises(ValueError, match="inserts the <voco>"):
+        proc(text=["<image> <voco>"], images=images[:1])
+    proc.save_pretrained(tmp_path)
+    back = type(proc).from_pretrained(tmp_path)
+    assert (back.image_token_id, back.voco_token_id) == (proc.image_token_id, proc.voco_token_id)
