@@ -180,15 +180,13 @@ class CompressedImages:
                 torch.arange(self.seq_length - self.num_voco_tokens, self.seq_length, device=device),
             ]
         )
-        cache = hkhf.StarCache()
-        for pk, pv, vk, vv in zip(self.prefix_keys, self.prefix_values, self.voco_keys, self.voco_values):
-            keys = torch.cat([pk.expand(n, -1, -1, -1), vk], dim=2)
-            values = torch.cat([pv.expand(n, -1, -1, -1), vv], dim=2)
-            layer = hkhf.StarLayer()
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
-            layer.cumulative_length = self.seq_length  # positions seen (absolute), not slots held
-            layer.slots = positions.expand(n, -1)
-            layer.visual_free = True
-            cache.layers.append(layer)
+        keys = [
+            torch.cat([pk.expand(n, -1, -1, -1), vk], dim=2)
+            for pk, vk in zip(self.prefix_keys, self.voco_keys)
+        ]
+        values = [
+            torch.cat([pv.expand(n, -1, -1, -1), vv], dim=2)
+            for pv, vv in zip(self.prefix_values, self.voco_values)
+        ]
+        cache = hkhf.StarCache.from_slots(keys, values, positions, self.seq_length)
         return cache

@@ -357,13 +357,11 @@ def star_attention_forward(
     topology = topology or "star"
     backend = kwargs.get("htc_backend") or sys.modules["htc_kernels.hf"].DEFAULT_BACKEND
 
+    # All layers of one forward share a context (the memo is per attention-mask tensor, i.e. per
+    # forward); the key guards against a model calling attention with different shapes inside one.
     memo_key = (id(kinds), id(groups), topology, softcap, query.shape[0], query.shape[2], key.shape[2])
     if step is not None:
-        memo_key += (
-            step.p_before,
-            step.layer.visual_free,
-            None if step.slots is None else tuple(step.slots.shape),
-        )
+        memo_key += (step.p_before,)
     ctx = _memo_get(attention_mask, memo_key)
     if ctx is None:
         ctx = _context(query, key, attention_mask, kinds, groups, topology, step, softcap)

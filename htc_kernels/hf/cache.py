@@ -130,16 +130,19 @@ class _StarStep:
     positions after it (``None``: slot i holds position i; -1: filler or empty) and the key tensor it
     returned (to match the hand-off)."""
 
-    __slots__ = ("layer", "layer_idx", "p_before", "slots", "keys", "cache", "written")
+    __slots__ = ("layer", "layer_idx", "p_before", "keys", "cache", "written")
 
-    def __init__(self, cache, layer, layer_idx, p_before, slots, keys, written=None):
+    def __init__(self, cache, layer, layer_idx, p_before, keys, written=None):
         self.cache = cache
         self.layer = layer
         self.layer_idx = layer_idx
         self.p_before = p_before
-        self.slots = slots
         self.keys = keys
         self.written = written  # static buffers: slots [0, written) hold tokens, the rest is empty
+
+    @property
+    def slots(self) -> torch.Tensor | None:
+        return self.layer.slots  # read when the forward's context is built (once, not per layer)
 
 
 def _take_step(key: torch.Tensor, module) -> _StarStep | None:
@@ -165,19 +168,30 @@ class StarLayer(DynamicLayer):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.cumulative_length = 0
-        self.slots: torch.Tensor | None = None
+        self._slots: torch.Tensor | None = None
+        self._tail = 0  # slots appended after _slots: the positions just before cumulative_length
         self.visual_free = False
+
+    @property
+    def slots(self) -> torch.Tensor | None:
+        # Built on demand: a forward's context reads the first layer's map once, so update() stays
+        # a DynamicLayer update (no per-layer, per-token tensor work on decode steps).
+        if self._slots is not None and self._tail:
+            start = self.cumulative_length - self._tail
+            new = torch.arange(start, self.cumulative_length, device=self._slots.device)
+            self._slots = torch.cat([self._slots, new.expand(self._slots.shape[0], -1)], dim=1)
+            self._tail = 0
+        return self._slots
+
+    @slots.setter
+    def slots(self, value: torch.Tensor | None) -> None:
+        self._slots, self._tail = value, 0
 
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = super().update(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
-        if self.slots is not None:
-            new = torch.arange(
-                self.cumulative_length - key_states.shape[-2],
-                self.cumulative_length,
-                device=self.slots.device,
-            )
-            self.slots = torch.cat([self.slots, new.expand(self.slots.shape[0], -1)], dim=1)
+        if self._slots is not None:
+            self._tail += key_states.shape[-2]
         return keys, values
 
     def get_seq_length(self) -> int:
@@ -241,7 +255,7 @@ def _update_and_hand_off(cache, base, key_states, value_states, layer_idx, *args
     keys, values = base.update(cache, key_states, value_states, layer_idx, *args, **kwargs)
     layer = cache.layers[layer_idx]
     written = getattr(layer, "write_pos", None)
-    _HANDOFF.step = _StarStep(cache, layer, layer_idx, p_before, layer.slots, keys, written)
+    _HANDOFF.step = _StarStep(cache, layer, layer_idx, p_before, keys, written)
     return keys, values
 
 
@@ -277,6 +291,47 @@ class StarCache(DynamicCache):
     @torch.compiler.disable
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         return _update_and_hand_off(self, DynamicCache, key_states, value_states, layer_idx, *args, **kwargs)
+
+    @classmethod
+    def from_slots(
+        cls, keys, values, positions: torch.Tensor, seq_length: int, has_visual: bool = False, **kwargs
+    ) -> StarCache:
+        """A cache holding given slots, e.g. KV saved after compaction (compress once, ask many).
+
+        Args:
+            keys, values: one ``[B, Hkv, n, D]`` tensor per layer.
+            positions: ``[B, n]`` or ``[n]`` int64, the absolute position of each slot (-1: filler).
+            seq_length: tokens seen so far (the next token's position).
+            has_visual: whether any slot holds a VISUAL token (``False`` lets decode steps skip
+                the layout: plain causal attention).
+            kwargs: ``kinds``/``groups``/``topology`` as for the constructor.
+        """
+        if len(keys) != len(values) or not keys:
+            raise ValueError("StarCache.from_slots: one keys and one values tensor per layer")
+        cache = cls(**kwargs)
+        for k, v in zip(keys, values):
+            if k.dim() != 4 or k.shape[:3] != v.shape[:3]:
+                raise ValueError(
+                    f"StarCache.from_slots: keys {tuple(k.shape)} and values {tuple(v.shape)} "
+                    "must be [B, Hkv, n, D] with equal B, Hkv, n"
+                )
+            pos = positions.to(device=k.device, dtype=torch.long)
+            pos = pos.expand(k.shape[0], -1) if pos.dim() == 1 else pos
+            if pos.shape != (k.shape[0], k.shape[2]):
+                raise ValueError(
+                    f"StarCache.from_slots: positions {tuple(positions.shape)} do not match "
+                    f"{k.shape[2]} slots"
+                )
+            if bool((pos >= seq_length).any()):
+                raise ValueError(f"StarCache.from_slots: a position is >= seq_length={seq_length}")
+            layer = StarLayer()
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v
+            layer.cumulative_length = int(seq_length)
+            layer.slots = pos
+            layer.visual_free = not has_visual
+            cache.layers.append(layer)
+        return cache
 
     def stored_length(self, layer_idx: int = 0) -> int:
         """Slots held by layer ``layer_idx`` (``get_seq_length()`` is the number of tokens seen)."""
