@@ -3,6 +3,8 @@
 // dot; FULL/CAUSAL/MASKED tiles are fp32 micro-GEMMs over the key columns that can be attended (a MASKED
 // tile is trimmed to its first..last allowed key). Inputs fp32/bf16/fp16, accumulation in fp32. Only the
 // log-sum-exp is saved for backward; scratch is O(tile) per task plus O(S*D) per task in backward.
+// Optional logit soft-capping (softcap c > 0: scores s -> c tanh(s / c) before the mask) is a template
+// parameter of both passes; the backward recomputes t = tanh(s / c) and scales dS by 1 - t^2.
 //
 // Layouts inside a task: the query tile is kept transposed (qT [D][BQp]) so that scores are produced
 // key-major, sT[j][i] = k_j . q_i, with queries along the vector lanes; the online-softmax statistics of
@@ -25,6 +27,7 @@
 #include "common/gemm.h"
 #include "star_attention/star_checks.h"
 #include "star_attention/star_mask.h"
+#include "star_attention/star_tile_math.h"
 
 namespace htc {
 namespace {
@@ -91,6 +94,7 @@ struct Geometry {
   int64_t B, Hq, Hkv, Sq, Skv, D, Dp, bq, bk, BQp, n_qt, n_kt, q_off, plan_batch;
   int topology;
   float scale;
+  float softcap, inv_softcap;  // kernels instantiated with kCap only (softcap > 0)
 
   // Parallel grain: problems below ~4M multiply-adds (typical decode steps) run on the calling
   // thread, where waking the thread pool would cost more than the work itself.
@@ -281,6 +285,17 @@ inline void apply_mask(float* sT, const uint8_t* mask, int64_t nj, int64_t n) {
   }
 }
 
+// Logit soft-capping (Gemma2), s -> c tanh(s / c), on vectors of scores (ATen's vectorised tanh: SLEEF,
+// 1 ulp). Callers apply it before the mask: a masked -inf must stay -inf, not become -c.
+inline Vec cap_vec(const Geometry& g, const Vec& s) { return Vec(g.softcap) * (s * Vec(g.inv_softcap)).tanh(); }
+
+// The scores sT[j][i] of keys [0, nj) and the vector lanes holding rows [ilo, ihi), capped in place.
+inline void cap_scores(const Geometry& g, float* sT, int64_t nj, const Span& sp) {
+  for (int64_t j = 0; j < nj; ++j)
+    for (int64_t i0 = sp.ilo / kVL * kVL; i0 < sp.ihi; i0 += kVL)
+      cap_vec(g, Vec::loadu(sT + j * g.BQp + i0)).store(sT + j * g.BQp + i0);
+}
+
 // --- Masked means never read (DESIGN.md §2) -------------------------------------------------------
 // Masked pairs are excluded by select (scores -> -inf, p = 0, dS -> 0), but inside a GEMM 0 * NaN =
 // NaN: a non-finite K/V row that some row of the GEMM may not attend would still reach that row.
@@ -389,7 +404,8 @@ inline void load_tile(const T* base, int64_t stride, const Geometry& g, const Ro
                                 static_cast<int>(g.D));
 }
 
-template <typename T>
+// kCap: logit soft-capping (a template parameter: the uncapped kernel has no trace of it).
+template <typename T, bool kCap>
 void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const int8_t* kinds, const int32_t* groups, const uint8_t* plan, at::Tensor& out,
                   at::Tensor& lse) {
@@ -443,7 +459,9 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
         }
         if (hi == 0) return;
         for (int64_t i0 = lo / kVL * kVL; i0 < hi; i0 += kVL) {
-          const Vec sd = Vec::loadu(s_diag.data() + i0), m_old = Vec::loadu(m_i.data() + i0);
+          Vec sd = Vec::loadu(s_diag.data() + i0);
+          const Vec m_old = Vec::loadu(m_i.data() + i0);
+          if constexpr (kCap) sd = Vec::blendv(cap_vec(g, sd), sd, sd == Vec(kNegInf));  // unselected rows stay -inf
           const Vec mx = at::vec::maximum(m_old, sd);
           const Vec ref = Vec::blendv(mx, Vec(0.f), mx == Vec(kNegInf));
           const Vec a = (m_old - ref).exp_u20(), e = (sd - ref).exp_u20();
@@ -494,6 +512,7 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
         const float* vt_rows = v_ok ? key_rows(vh, v.stride(2), g, k0 + sp.jlo, nj, vbuf.data(), &ldv) : nullptr;
         // sT[j][i] = k_j . (scale q_i)
         scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp, &next_k);
+        if constexpr (kCap) cap_scores(g, sT.data(), nj, sp);
         if (tk != kFull) apply_mask(sT.data(), tmask, nj, BQp);
         for (int64_t i0 = sp.ilo / kVL * kVL; i0 < sp.ihi; i0 += kVL) {
           const Vec m_old = Vec::loadu(m_i.data() + i0);
@@ -542,7 +561,7 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
   });
 }
 
-template <typename T>
+template <typename T, bool kCap>
 void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                    const at::Tensor& v, const at::Tensor& out, const float* lse, const float* grad_lse,
                    const int8_t* kinds,
@@ -608,8 +627,14 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
             int64_t ld;
             const float* krow = key_rows(kh, k.stride(2), g, p, 1, kbuf.data(), &ld);
             const float* vrow = key_rows(vh, v.stride(2), g, p, 1, vbuf.data(), &ld);
-            const float pr = std::exp(dot(q_row.data() + i * Dp, krow, Dp) - lse_i[i]);
-            const float ds = pr * (dot(do_row.data() + i * Dp, vrow, Dp) - delta_i[i]);
+            float s = dot(q_row.data() + i * Dp, krow, Dp), dcap = 1.f;
+            if constexpr (kCap) {
+              const tile::Capped c = tile::softcap(s, g.softcap, g.inv_softcap);
+              s = c.s;
+              dcap = c.ds;
+            }
+            const float pr = std::exp(s - lse_i[i]);
+            const float ds = pr * (dot(do_row.data() + i * Dp, vrow, Dp) - delta_i[i]) * dcap;
             axpby(dv_acc.data() + p * Dp, 1.f, pr, do_row.data() + i * Dp, Dp);
             axpby(dk_acc.data() + p * Dp, 1.f, ds, q_row.data() + i * Dp, Dp);
             axpby(dq_tile + i * Dp, 1.f, ds, krow, Dp);
@@ -636,6 +661,7 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
             const float* kt_rows = key_rows(kh, k.stride(2), g, j0, nj, kbuf.data(), &ldk);
             const float* vt_rows = key_rows(vh, v.stride(2), g, j0, nj, vbuf.data(), &ldv);
             scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp);
+            if constexpr (kCap) cap_scores(g, sT.data(), nj, sp);  // sT: capped scores c t
             if (tk != kFull) apply_mask(sT.data(), tmask, nj, BQp);
             scores(g, dpT.data(), vt_rows, ldv, doT.data(), do_row.data(), nj, sp);
             // Masked pairs (score -inf after apply_mask) get dS = 0 by select, not p * (dp - delta) = 0 *
@@ -649,7 +675,11 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
                 const Vec sv = Vec::loadu(s + i0);
                 const Vec p = (sv - Vec::loadu(lse_i.data() + i0)).exp_u20();
                 p.store(s + i0);  // sT now holds P^T
-                const Vec ds = p * (Vec::loadu(dpj + i0) - Vec::loadu(delta_i.data() + i0));
+                Vec ds = p * (Vec::loadu(dpj + i0) - Vec::loadu(delta_i.data() + i0));
+                if constexpr (kCap) {  // d(c t)/ds = 1 - t^2, t = sv / c (NaN at masked pairs: selected away)
+                  const Vec t = sv * Vec(g.inv_softcap);
+                  ds = ds * (Vec(1.f) - t * t);
+                }
                 (select ? Vec::blendv(ds, Vec(0.f), sv == Vec(kNegInf)) : ds).store(dpj + i0);  // dS^T
               }
             }
@@ -699,7 +729,7 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
 }
 
 Geometry make_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& plan,
-                       int64_t block_q, int64_t block_k, int64_t topology, double scale) {
+                       int64_t block_q, int64_t block_k, int64_t topology, double scale, double softcap) {
   Geometry g;
   g.B = q.size(0);
   g.Hq = q.size(1);
@@ -717,6 +747,8 @@ Geometry make_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   g.plan_batch = plan.size(0);
   g.topology = static_cast<int>(topology);
   g.scale = static_cast<float>(scale);
+  g.softcap = static_cast<float>(softcap);
+  g.inv_softcap = softcap > 0 ? 1.f / g.softcap : 0.f;
   return g;
 }
 
@@ -729,19 +761,23 @@ std::tuple<at::Tensor, at::Tensor> star_attention_cpu(const at::Tensor& q_in, co
                                                       const at::Tensor& v_in, const at::Tensor& kinds,
                                                       const at::Tensor& groups, const at::Tensor& plan,
                                                       int64_t block_q, int64_t block_k,
-                                                      int64_t topology, double scale) {
+                                                      int64_t topology, double scale, double softcap) {
   check_attention_args(q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology);
+  check_softcap("star_attention", softcap);
   check_kinds_values("star_attention", kinds);
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const auto kinds_c = kinds.contiguous();
   const auto groups_c = groups.contiguous();
   const auto plan_c = plan.contiguous();
-  const Geometry g = make_geometry(q, k, plan_c, block_q, block_k, topology, scale);
+  const Geometry g = make_geometry(q, k, plan_c, block_q, block_k, topology, scale, softcap);
   auto out = new_output(q.sizes(), q.options());
   auto lse = new_output({g.B, g.Hq, g.Sq}, q.options().dtype(at::kFloat));
   HTC_DISPATCH_KERNEL_TYPES(q.scalar_type(), "star_attention_cpu", [&] {
-    forward_impl<scalar_t>(g, q, k, v, kinds_c.data_ptr<int8_t>(), groups_c.data_ptr<int32_t>(),
-                           plan_c.data_ptr<uint8_t>(), out, lse);
+    auto run = [&](auto cap) {
+      forward_impl<scalar_t, decltype(cap)::value>(g, q, k, v, kinds_c.data_ptr<int8_t>(),
+                                                   groups_c.data_ptr<int32_t>(), plan_c.data_ptr<uint8_t>(), out, lse);
+    };
+    g.softcap > 0 ? run(std::true_type{}) : run(std::false_type{});
   });
   return {out, lse};
 }
@@ -750,8 +786,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> star_attention_backward_cpu(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& kinds, const at::Tensor& groups, const at::Tensor& plan, int64_t block_q,
-    int64_t block_k, int64_t topology, double scale) {
+    int64_t block_k, int64_t topology, double scale, double softcap) {
   check_attention_args(q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology);
+  check_softcap("star_attention_backward", softcap);
   check_backward_args(dout_in, q_in, out_in, lse, grad_lse);
   check_kinds_values("star_attention_backward", kinds);
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
@@ -761,15 +798,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> star_attention_backward_cpu(
   const auto kinds_c = kinds.contiguous();
   const auto groups_c = groups.contiguous();
   const auto plan_c = plan.contiguous();
-  const Geometry g = make_geometry(q, k, plan_c, block_q, block_k, topology, scale);
+  const Geometry g = make_geometry(q, k, plan_c, block_q, block_k, topology, scale, softcap);
   auto dq = new_output(q.sizes(), q.options());
   auto dk = new_output(k.sizes(), k.options());
   auto dv = new_output(v.sizes(), v.options());
   HTC_DISPATCH_KERNEL_TYPES(q.scalar_type(), "star_attention_backward_cpu", [&] {
-    backward_impl<scalar_t>(g, dout, q, k, v, out, lse_c.data_ptr<float>(),
-                            grad_lse_c.defined() ? grad_lse_c.data_ptr<float>() : nullptr,
-                            kinds_c.data_ptr<int8_t>(), groups_c.data_ptr<int32_t>(),
-                            plan_c.data_ptr<uint8_t>(), dq, dk, dv);
+    auto run = [&](auto cap) {
+      backward_impl<scalar_t, decltype(cap)::value>(g, dout, q, k, v, out, lse_c.data_ptr<float>(),
+                                                    grad_lse_c.defined() ? grad_lse_c.data_ptr<float>() : nullptr,
+                                                    kinds_c.data_ptr<int8_t>(), groups_c.data_ptr<int32_t>(),
+                                                    plan_c.data_ptr<uint8_t>(), dq, dk, dv);
+    };
+    g.softcap > 0 ? run(std::true_type{}) : run(std::false_type{});
   });
   return {dq, dk, dv};
 }

@@ -192,7 +192,9 @@ std::tuple<at::Tensor, at::Tensor> star_attention_cuda(const at::Tensor& q_in, c
                                                        const at::Tensor& v_in, const at::Tensor& kinds,
                                                        const at::Tensor& groups, const at::Tensor& plan,
                                                        int64_t block_q, int64_t block_k, int64_t topology,
-                                                       double scale) {
+                                                       double scale, double softcap) {
+  check_softcap("star_attention", softcap);
+  TORCH_CHECK(softcap == 0.0, "star_attention (CUDA): softcap is not implemented yet");
   const c10::cuda::CUDAGuard guard(q_in.device());
   Problem pr = prepare("star_attention", q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology, scale);
   auto out = new_output(q_in.sizes(), q_in.options());
@@ -238,7 +240,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> star_attention_backward_cuda(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& kinds, const at::Tensor& groups, const at::Tensor& plan, int64_t block_q, int64_t block_k,
-    int64_t topology, double scale) {
+    int64_t topology, double scale, double softcap) {
+  check_softcap("star_attention_backward", softcap);
+  TORCH_CHECK(softcap == 0.0, "star_attention_backward (CUDA): softcap is not implemented yet");
   const c10::cuda::CUDAGuard guard(q_in.device());
   Problem pr = prepare("star_attention_backward", q_in, k_in, v_in, kinds, groups, plan, block_q, block_k,
                        topology, scale);
