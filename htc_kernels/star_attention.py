@@ -111,8 +111,6 @@ class _TritonStar(Backend):
 
     def not_supported_reasons(self, q, k, v, layout, softcap):
         reasons = triton_reasons(q.device)
-        if softcap is not None:
-            reasons.append("softcap is not implemented in the Triton kernels yet")
         if not reasons and _triton_star() is None:
             reasons.append(f"the Triton kernel failed to load ({_TRITON_STAR_ERROR})")
         if q.dtype not in KERNEL_DTYPES:
@@ -170,8 +168,6 @@ class _CudaStar(Backend):
 
     def not_supported_reasons(self, q, k, v, layout, softcap):
         reasons = compiled_reasons(q, "cuda")
-        if softcap is not None:
-            reasons.append("softcap is not implemented in the CUDA kernel yet")
         d = q.shape[-1]
         if d not in _CUDA_HEAD_DIMS:
             dims = ", ".join(map(str, _CUDA_HEAD_DIMS))

@@ -259,9 +259,8 @@ def raw_forward(backend, q, k, v, layout, scale, softcap=0.0):
         return torch.ops.htc.star_attention(
             q, k, v, layout.kinds, layout.groups, plan, 64, 64, layout.topology_id, scale, softcap
         )
-    return torch.ops.htc.star_attention_triton(
-        q, k, v, layout.kinds, layout.groups, *triton_args(layout, q), scale, softcap
-    )
+    args = triton_args(layout, q)  # first: it imports the module that registers the op
+    return torch.ops.htc.star_attention_triton(q, k, v, layout.kinds, layout.groups, *args, scale, softcap)
 
 
 def triton_args(layout, q):
