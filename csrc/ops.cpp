@@ -14,15 +14,16 @@ TORCH_LIBRARY(htc, m) {
   // lse [B, Hq, Sq] float32 (log-sum-exp of the scaled scores; -inf on PAD rows). `plan` must be
   // star_plan's for these kinds/groups/block sizes/topology (shapes are checked, tile kinds are trusted;
   // a value outside TileKind is evaluated element-wise). Masked keys/values and PAD rows are never read
-  // into a result (DESIGN.md §2).
+  // into a result (DESIGN.md §2). softcap c > 0: each score s = scale * q.k becomes c * tanh(s / c)
+  // before the mask and softmax (Gemma2); 0: no capping. lse is over the capped scores.
   m.def("star_attention(Tensor q, Tensor k, Tensor v, Tensor kinds, Tensor groups, Tensor plan,"
-        " int block_q, int block_k, int topology, float scale) -> (Tensor, Tensor)");
+        " int block_q, int block_k, int topology, float scale, float softcap) -> (Tensor, Tensor)");
   // out/lse: the forward's outputs; grad_lse [B, Hq, Sq] float32 or None: the gradient reaching lse
-  // directly -> dq, dk, dv (shapes/dtypes of q, k, v).
+  // directly -> dq, dk, dv (shapes/dtypes of q, k, v). scale and softcap: the forward's.
   m.def("star_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
         " Tensor? grad_lse,"
         " Tensor kinds, Tensor groups, Tensor plan, int block_q, int block_k, int topology,"
-        " float scale) -> (Tensor, Tensor, Tensor)");
+        " float scale, float softcap) -> (Tensor, Tensor, Tensor)");
   // MGVQ grouped nearest-code lookup (DESIGN.md §3). z [..., G, d], codebook [G, K, d], same dtype
   // -> codes [..., G, d] (z's dtype; unit-normalised codes when normalize), indices [...,  G] int64.
   // normalize: cosine (largest <z/|z|, c/|c|>), else squared L2. Ties -> lowest index.

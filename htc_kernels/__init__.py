@@ -3,8 +3,8 @@
 Public API (DESIGN.md §3)::
 
     hk.TokenKind, hk.StarLayout, hk.star_mask
-    hk.star_attention(q, k, v, layout, scale=None, backend="auto")
-    hk.star_attention_reference(q, k, v, layout, scale=None)
+    hk.star_attention(q, k, v, layout, scale=None, softcap=None, backend="auto")
+    hk.star_attention_reference(q, k, v, layout, scale=None, softcap=None)
     hk.mgvq_lookup(z, codebook, normalize=True, backend="auto")
     hk.mgvq_lookup_reference(z, codebook, normalize=True)
     hk.GroupedQuantizer (htc_kernels.mgvq)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -15,11 +16,16 @@ def star_attention_reference(
     v: torch.Tensor,
     layout: StarLayout,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention under the star mask, materialising the ``[B, Hq, Sq, Skv]`` scores.
 
     q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` (any floating dtype; computed in that dtype) ->
     ``[B, Hq, Sq, D]``. PAD query rows are exactly zero with zero gradient. Differentiable.
+
+    Scores are ``s = scale * q.k`` (scale default ``1/sqrt(D)``); with ``softcap=c`` (a finite float
+    > 0; None: no capping) each becomes ``c * tanh(s / c)`` before the mask and softmax (Gemma2's
+    ``attn_logit_softcapping``): ``out_i = sum_j softmax_j(c tanh(s_ij / c) | allowed) v_j``.
 
     Masked means never read (DESIGN.md §2): a query's output and every gradient are independent of
     the keys and values it may not attend (NaN/Inf included), of q at PAD rows, and of the output
@@ -30,6 +36,7 @@ def star_attention_reference(
     b, hq, sq, d = q.shape
     hkv = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    softcap = check_softcap(softcap)
     if hq != hkv:
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
@@ -47,6 +54,8 @@ def star_attention_reference(
         k_sel = torch.where(mask[n, 0, :, j, None], k[n, h, j], zero)  # [Sq, D]
         col = (q[n, h] * k_sel).sum(-1) * scale
         scores = scores.index_put((_idx(n, q), _idx(h, q), rows, _idx(j, q)), col)
+    if softcap is not None:  # before the mask (masked scores are replaced by select either way)
+        scores = torch.tanh(scores / softcap) * softcap
     scores = torch.where(mask, scores, torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
     # Masked probabilities are 0 by select: a row that attends a non-finite score is NaN throughout.
     probs = torch.where(mask, torch.softmax(torch.where(row_ok, scores, zero), dim=-1), zero)
@@ -57,6 +66,27 @@ def star_attention_reference(
             (_idx(n, q), _idx(h, q)), (probs[n, h, :, j, None] * v_sel)[None], accumulate=True
         )
     return torch.where(row_ok, out, zero)
+
+
+def check_softcap(softcap) -> float | None:
+    """``softcap`` as a float cap (None: no capping); ValueError for anything but None or a finite
+    number > 0 (0, negatives, NaN, inf, bool and non-numbers would silently mean something else)."""
+    if softcap is None:
+        return None
+    ok = isinstance(softcap, numbers.Real) and not isinstance(softcap, bool)
+    if ok:
+        softcap = float(softcap)
+        ok = math.isfinite(softcap) and softcap >= _F32_TINY and softcap <= _F32_MAX
+    if not ok:
+        raise ValueError(
+            f"softcap must be None (no capping) or a finite number > 0 (scores become "
+            f"softcap * tanh(score / softcap); within float32's normal range), got {softcap!r}"
+        )
+    return softcap
+
+
+_F32_TINY = torch.finfo(torch.float32).tiny
+_F32_MAX = torch.finfo(torch.float32).max
 
 
 def _idx(i: int, like: torch.Tensor) -> torch.Tensor:

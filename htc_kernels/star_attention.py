@@ -13,7 +13,7 @@ import torch
 from htc_kernels import _ext
 from htc_kernels.backends import KERNEL_DTYPES, Backend, compiled_reasons, select, triton_reasons
 from htc_kernels.layout import StarLayout
-from htc_kernels.reference import star_attention_reference
+from htc_kernels.reference import check_softcap, star_attention_reference
 
 _STAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -67,11 +67,11 @@ def _check_star_inputs(q, k, v, layout) -> None:
 class _ReferenceStar(Backend):
     name = "reference"
 
-    def not_supported_reasons(self, q, k, v, layout):
+    def not_supported_reasons(self, q, k, v, layout, softcap):
         return []
 
-    def __call__(self, q, k, v, layout, scale):
-        return star_attention_reference(q, k, v, layout, scale)
+    def __call__(self, q, k, v, layout, scale, softcap):
+        return star_attention_reference(q, k, v, layout, scale, softcap)
 
 
 class _CpuStar(Backend):
@@ -81,10 +81,10 @@ class _CpuStar(Backend):
     block_q = 64
     block_k = 64
 
-    def not_supported_reasons(self, q, k, v, layout):
+    def not_supported_reasons(self, q, k, v, layout, softcap):
         return compiled_reasons(q, "cpu")
 
-    def __call__(self, q, k, v, layout, scale):
+    def __call__(self, q, k, v, layout, scale, softcap):
         plan = layout.plan(q.shape[2], self.block_q, self.block_k)
         out, _ = torch.ops.htc.star_attention(
             q,
@@ -97,6 +97,7 @@ class _CpuStar(Backend):
             self.block_k,
             layout.topology_id,
             scale,
+            _op_softcap(softcap),
         )
         return out
 
@@ -108,7 +109,7 @@ class _TritonStar(Backend):
     name = "triton"
     max_head_dim = 256  # the kernels keep [tile, D] operands and accumulators in registers
 
-    def not_supported_reasons(self, q, k, v, layout):
+    def not_supported_reasons(self, q, k, v, layout, softcap):
         reasons = triton_reasons(q.device)
         if not reasons and _triton_star() is None:
             reasons.append(f"the Triton kernel failed to load ({_TRITON_STAR_ERROR})")
@@ -126,12 +127,22 @@ class _TritonStar(Backend):
                 reasons.append(f"the Triton kernel needs compute capability >= 8.0, got {major}.{minor}")
         return reasons
 
-    def __call__(self, q, k, v, layout, scale):
+    def __call__(self, q, k, v, layout, scale, softcap):
         mod = _triton_star()
         cfg = mod.tile_config(q.shape[-1], q.dtype, q.device, q.shape[2])
         lists = _triton_tile_lists(layout, q.shape[2], cfg.block_q, cfg.block_k)
         out, _ = torch.ops.htc.star_attention_triton(
-            q, k, v, layout.kinds, layout.groups, *lists, cfg.block_q, cfg.block_k, layout.topology_id, scale
+            q,
+            k,
+            v,
+            layout.kinds,
+            layout.groups,
+            *lists,
+            cfg.block_q,
+            cfg.block_k,
+            layout.topology_id,
+            scale,
+            _op_softcap(softcap),
         )
         return out
 
@@ -155,7 +166,7 @@ class _CudaStar(Backend):
     name = "cuda"
     block_q = 64
 
-    def not_supported_reasons(self, q, k, v, layout):
+    def not_supported_reasons(self, q, k, v, layout, softcap):
         reasons = compiled_reasons(q, "cuda")
         d = q.shape[-1]
         if d not in _CUDA_HEAD_DIMS:
@@ -169,7 +180,7 @@ class _CudaStar(Backend):
                 )
         return reasons
 
-    def __call__(self, q, k, v, layout, scale):
+    def __call__(self, q, k, v, layout, scale, softcap):
         block_k = _cuda_block_k(q.dtype, q.shape[-1])
         plan = layout.plan(q.shape[2], self.block_q, block_k)
         out, _ = torch.ops.htc.star_attention(
@@ -183,6 +194,7 @@ class _CudaStar(Backend):
             block_k,
             layout.topology_id,
             scale,
+            _op_softcap(softcap),
         )
         return out
 
@@ -231,12 +243,18 @@ _STAR_CPU_ORDER = (_CpuStar(), _ReferenceStar(), _TritonStar(), _CudaStar())
 _STAR_GPU_ORDER = (_CudaStar(), _TritonStar(), _ReferenceStar(), _CpuStar())
 
 
+def _op_softcap(softcap: float | None) -> float:
+    """The ops' softcap argument: 0.0 means no capping."""
+    return 0.0 if softcap is None else softcap
+
+
 def star_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     layout: StarLayout,
     scale: float | None = None,
+    softcap: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Exact attention under the star-graph mask of ``layout`` (DESIGN.md §2).
@@ -246,17 +264,25 @@ def star_attention(
         k, v: ``[B, Hkv, Skv, D]``, same dtype and device; ``Hq % Hkv == 0`` (GQA, K/V not expanded).
         layout: :class:`StarLayout` of the ``Skv`` keys (batch ``B`` or 1), on q's device. Queries are
             the last ``Sq`` key positions (``Sq < Skv``: decode, bottom-right aligned).
-        scale: softmax scale, default ``1/sqrt(D)``.
+        scale: softmax scale, default ``1/sqrt(D)``: scores ``s_ij = scale * q_i . k_j``.
+        softcap: logit soft-capping (Gemma2 / PaliGemma2 ``attn_logit_softcapping``): a finite
+            float ``c > 0`` replaces each score by ``c * tanh(s_ij / c)`` before the mask and softmax,
+            in the forward and the gradients; ``None`` (default): no capping. Anything else (0,
+            negative, NaN, inf, a non-number) raises ValueError.
         backend: ``"auto" | "reference" | "cpu" | "triton" | "cuda"``.
 
     Returns:
         ``[B, Hq, Sq, D]`` in q's dtype; PAD query rows are zero. Differentiable in q, k, v.
     """
     _check_star_inputs(q, k, v, layout)
+    try:
+        softcap = check_softcap(softcap)
+    except ValueError as exc:
+        raise ValueError(f"star_attention: {exc}") from None
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     order = _STAR_GPU_ORDER if q.device.type == "cuda" else _STAR_CPU_ORDER
-    be = select("star_attention", order, backend, q, k, v, layout)
-    return be(q, k, v, layout, scale)
+    be = select("star_attention", order, backend, q, k, v, layout, softcap)
+    return be(q, k, v, layout, scale, softcap)
 
 
 def _register_star_ops() -> None:
@@ -266,13 +292,13 @@ def _register_star_ops() -> None:
         return kinds.new_empty((b, -(-q_len // block_q), -(-s // block_k)), dtype=torch.uint8)
 
     @torch.library.register_fake("htc::star_attention")
-    def _(q, k, v, kinds, groups, plan, block_q, block_k, topology, scale):
+    def _(q, k, v, kinds, groups, plan, block_q, block_k, topology, scale, softcap):
         b, h, s, _d = q.shape
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         return out, q.new_empty((b, h, s), dtype=torch.float32)
 
     @torch.library.register_fake("htc::star_attention_backward")
-    def _(dout, q, k, v, out, lse, grad_lse, kinds, groups, plan, block_q, block_k, topology, scale):
+    def _(dout, q, k, v, out, lse, grad_lse, kinds, groups, plan, block_q, block_k, topology, scale, softcap):
         return (
             torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
@@ -280,10 +306,10 @@ def _register_star_ops() -> None:
         )
 
     def setup_context(ctx, inputs, output):
-        q, k, v, kinds, groups, plan, block_q, block_k, topology, scale = inputs
+        q, k, v, kinds, groups, plan, block_q, block_k, topology, scale, softcap = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, kinds, groups, plan)
-        ctx.args = (block_q, block_k, topology, scale)
+        ctx.args = (block_q, block_k, topology, scale, softcap)
 
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, kinds, groups, plan = ctx.saved_tensors
@@ -294,7 +320,7 @@ def _register_star_ops() -> None:
         dq, dk, dv = torch.ops.htc.star_attention_backward(
             grad_out, q, k, v, out, lse, grad_lse, kinds, groups, plan, *ctx.args
         )
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd("htc::star_attention", backward, setup_context=setup_context)
 

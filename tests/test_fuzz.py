@@ -124,7 +124,17 @@ def test_fuzz_star_plan():
 def _corrupt_attention_args(rng, args: dict) -> str:
     """Make one argument of a valid star_attention call invalid; returns what was done."""
     what = rng.choice(
-        ["plan_blocks", "topology", "kinds_batch", "block_zero", "block_big", "head_dim", "sq", "plan_dtype"]
+        [
+            "plan_blocks",
+            "topology",
+            "kinds_batch",
+            "block_zero",
+            "block_big",
+            "head_dim",
+            "sq",
+            "plan_dtype",
+            "softcap",
+        ]
     )
     if what == "plan_blocks":
         # A plan of other block sizes whose shape differs. (Contents are trusted: a plan of the same
@@ -147,6 +157,8 @@ def _corrupt_attention_args(rng, args: dict) -> str:
         args["block_k"] = 4096
     elif what == "head_dim":
         args["q"] = args["q"][..., :-1] if args["q"].shape[-1] > 1 else torch.cat([args["q"]] * 2, -1)
+    elif what == "softcap":
+        args["softcap"] = rng.choice([-1.0, float("nan"), float("inf"), 1e-45])
     elif what == "sq":  # more queries than keys
         b, h, _, d = args["q"].shape
         args["q"] = torch.randn(b, h, args["k"].shape[2] + 1, d).to(args["q"].dtype)
@@ -168,6 +180,7 @@ def test_fuzz_star_attention():
         bq = rng.choice([64, 64, rng.randint(1, 130), 1, 16, 128, 256, 1024])
         bk = rng.choice([64, 64, rng.randint(1, 130), 1, 16, 128, 256, 1024])
         scale = rng.choice([d**-0.5, 0.3, 1.7])
+        softcap = rng.choice([None, None, 0.5, 3.0, 30.0])
         q = random_strided(rng, (b, hq, sq, d), dtype)
         k = random_strided(rng, (b, hkv, s, d), dtype)
         v = random_strided(rng, (b, hkv, s, d), dtype)
@@ -175,7 +188,7 @@ def test_fuzz_star_attention():
         args = dict(
             q=q, k=k, v=v, kinds=layout.kinds, groups=layout.groups, plan=plan, block_q=bq, block_k=bk
         )
-        args.update(topology=layout.topology_id, scale=scale)
+        args.update(topology=layout.topology_id, scale=scale, softcap=softcap or 0.0)
         if rng.random() < 0.15:
             what = _corrupt_attention_args(rng, args)
             with pytest.raises(CLEAN):
@@ -193,10 +206,10 @@ def test_fuzz_star_attention():
                 args[name] = t
         out, lse = torch.ops.htc.star_attention(*args.values())
         q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-        ref = hk.star_attention_reference(q64, k64, v64, layout, scale)
+        ref = hk.star_attention_reference(q64, k64, v64, layout, scale, softcap)
         tol = 1e-4
         if dtype != torch.float32:  # 2x the error of the same math in that dtype, plus a floor
-            tol = 2 * rel(hk.star_attention_reference(q, k, v, layout, scale), ref) + 2e-3
+            tol = 2 * rel(hk.star_attention_reference(q, k, v, layout, scale, softcap), ref) + 2e-3
         assert out.shape == q.shape and out.dtype == dtype, seed
         assert rel(out, ref) <= tol, f"{seed}: out error {rel(out, ref):.2e} > {tol:.2e}"
         assert (out.transpose(1, 2)[pad_q] == 0).all(), f"{seed}: PAD rows not zero"
@@ -212,7 +225,7 @@ def test_fuzz_star_attention():
             low = None
             if dtype != torch.float32:  # the same math in that dtype sets the tolerance, as in check()
                 low = [x.detach().requires_grad_() for x in (q, k, v)]
-                hk.star_attention_reference(*low, layout, scale).backward(g.to(dtype))
+                hk.star_attention_reference(*low, layout, scale, softcap).backward(g.to(dtype))
             floor = max(0.1 * max(x.grad.norm().item() for x in (q64, k64, v64)), 1e-30)
             for i, (name, ours, want) in enumerate(
                 (("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad))

@@ -88,7 +88,7 @@ def make_qkv(b, hq, hkv, sq, skv, d, dtype, noncontig=False, device="cpu"):
     return [x.to(device, dtype) for x in (q, k, v)]
 
 
-def check(q, k, v, layout, scale=None, grads=True, backend="cpu"):
+def check(q, k, v, layout, scale=None, grads=True, backend="cpu", softcap=None):
     """Forward and all three gradients of ``backend`` vs the float64 reference; low precision vs the
     same math in that dtype (error <= 2x PyTorch's own error in that dtype, plus a small floor)."""
     if backend == "cuda" and q.shape[-1] not in CUDA_HEAD_DIMS:
@@ -96,11 +96,11 @@ def check(q, k, v, layout, scale=None, grads=True, backend="cpu"):
     q, k, v = [on_device(x, device_of(backend)) for x in (q, k, v)]
     layout = layout.to(q.device)
     q, k, v = [x.detach().requires_grad_(grads) for x in (q, k, v)]
-    out = hk.star_attention(q, k, v, layout, scale=scale, backend=backend)
+    out = hk.star_attention(q, k, v, layout, scale=scale, softcap=softcap, backend=backend)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert torch.isfinite(out).all()
     q64, k64, v64 = [x.detach().double().requires_grad_(grads) for x in (q, k, v)]
-    ref = hk.star_attention_reference(q64, k64, v64, layout, scale=scale)
+    ref = hk.star_attention_reference(q64, k64, v64, layout, scale=scale, softcap=softcap)
     if q.dtype == torch.float32:
         tol = lambda _same: 1e-4  # noqa: E731
     else:
@@ -108,7 +108,7 @@ def check(q, k, v, layout, scale=None, grads=True, backend="cpu"):
     same_dtype = None
     if q.dtype != torch.float32:
         ql, kl, vl = [x.detach().requires_grad_(grads) for x in (q, k, v)]
-        same_dtype = hk.star_attention_reference(ql, kl, vl, layout, scale=scale)
+        same_dtype = hk.star_attention_reference(ql, kl, vl, layout, scale=scale, softcap=softcap)
     assert rel(out, ref) <= tol(rel(same_dtype, ref) if same_dtype is not None else 0)
     pad_rows = (layout.kinds[:, -q.shape[2] :] == P).expand(q.shape[0], -1)
     assert (out.transpose(1, 2)[pad_rows] == 0).all()
@@ -252,16 +252,15 @@ def test_thread_count_does_not_change_results():
     assert torch.equal(one, two)
 
 
-def raw_forward(backend, q, k, v, layout, scale):
+def raw_forward(backend, q, k, v, layout, scale, softcap=0.0):
     """(out, lse) of a backend's raw op, with the plan (or tile lists) the public function would use."""
     if backend == "cpu":
         plan = layout.plan(q.shape[2], 64, 64)
         return torch.ops.htc.star_attention(
-            q, k, v, layout.kinds, layout.groups, plan, 64, 64, layout.topology_id, scale
+            q, k, v, layout.kinds, layout.groups, plan, 64, 64, layout.topology_id, scale, softcap
         )
-    return torch.ops.htc.star_attention_triton(
-        q, k, v, layout.kinds, layout.groups, *triton_args(layout, q), scale
-    )
+    args = triton_args(layout, q)  # first: it imports the module that registers the op
+    return torch.ops.htc.star_attention_triton(q, k, v, layout.kinds, layout.groups, *args, scale, softcap)
 
 
 def triton_args(layout, q):
@@ -274,8 +273,10 @@ def triton_args(layout, q):
     return (*lists, cfg.block_q, cfg.block_k, layout.topology_id)
 
 
+@pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_lse_gradient_is_exact(backend):
+def test_lse_gradient_is_exact(backend, softcap):
+    """lse (of the capped scores, with softcap) and the gradient reaching it directly."""
     layout = hk.StarLayout(random_kinds(3, batch=2)).to(device_of(backend))
     dev = device_of(backend)
     q, k, v = [
@@ -283,16 +284,18 @@ def test_lse_gradient_is_exact(backend):
         for x in make_qkv(2, 2, 2, layout.seq_len, layout.seq_len, 32, torch.float64, device=dev)
     ]
     qf, kf, vf = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    out, lse = raw_forward(backend, qf, kf, vf, layout, 0.2)
+    out, lse = raw_forward(backend, qf, kf, vf, layout, 0.2, softcap or 0.0)
     live = torch.isfinite(lse)
     assert torch.equal(live, (layout.kinds != P)[:, None].expand_as(live))  # -inf exactly on PAD rows
     (out.sum() + lse[live].sum()).backward()
     # reference lse and out in float64
     mask = hk.star_mask(layout)[:, None]
     s = (q @ k.transpose(-1, -2)) * 0.2
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~mask, float("-inf"))
     ref_lse = torch.logsumexp(s, -1)
-    ref_out = hk.star_attention_reference(q, k, v, layout, scale=0.2)
+    ref_out = hk.star_attention_reference(q, k, v, layout, scale=0.2, softcap=softcap)
     assert rel(lse[live], ref_lse[live]) < 1e-5
     (ref_out.sum() + ref_lse[live].sum()).backward()
     for ours, want in ((qf, q), (kf, k), (vf, v)):
@@ -300,16 +303,16 @@ def test_lse_gradient_is_exact(backend):
 
 
 @needs_ext
-def test_opcheck():
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+def test_opcheck(softcap):
     layout = hk.StarLayout(random_kinds(5, batch=2, max_visual=20))
     s = layout.seq_len
     q, k, v = [x.requires_grad_() for x in make_qkv(2, 4, 2, s, s, 16, torch.float32)]
     plan = layout.plan(s, 64, 64)
     torch.library.opcheck(torch.ops.htc.star_plan, (layout.kinds, layout.groups, s, 64, 64, 0))
-    torch.library.opcheck(
-        torch.ops.htc.star_attention, (q, k, v, layout.kinds, layout.groups, plan, 64, 64, 0, 0.25)
-    )
-    out, lse = torch.ops.htc.star_attention(q, k, v, layout.kinds, layout.groups, plan, 64, 64, 0, 0.25)
+    args = (layout.kinds, layout.groups, plan, 64, 64, 0, 0.25, softcap)
+    torch.library.opcheck(torch.ops.htc.star_attention, (q, k, v, *args))
+    out, lse = torch.ops.htc.star_attention(q, k, v, *args)
     grad_lse = torch.randn_like(lse)
     torch.library.opcheck(
         torch.ops.htc.star_attention_backward,
@@ -321,19 +324,14 @@ def test_opcheck():
             out.detach(),
             lse.detach(),
             grad_lse,
-            layout.kinds,
-            layout.groups,
-            plan,
-            64,
-            64,
-            0,
-            0.25,
+            *args,
         ),
     )
 
 
 @needs_triton
-def test_opcheck_triton():
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+def test_opcheck_triton(softcap):
     dev = TRITON_DEVICE
     layout = hk.StarLayout(random_kinds(5, batch=2, max_visual=20)).to(dev)
     s = layout.seq_len
@@ -343,19 +341,29 @@ def test_opcheck_triton():
     # dereferences the traced storages); on a GPU the full opcheck runs.
     utils = ("test_schema", "test_autograd_registration", "test_faketensor") if INTERPRETED else None
     kw = {"test_utils": utils} if utils else {}
-    fwd_args = (q, k, v, layout.kinds, layout.groups, *args, 0.25)
+    fwd_args = (q, k, v, layout.kinds, layout.groups, *args, 0.25, softcap)
     torch.library.opcheck(torch.ops.htc.star_attention_triton.default, fwd_args, **kw)
     out, lse = torch.ops.htc.star_attention_triton(*fwd_args)
     plain = [x.detach() for x in (q, k, v, out, lse)]
     for grad_lse in (torch.randn_like(lse), None):
-        bwd_args = (torch.randn_like(out), *plain, grad_lse, layout.kinds, layout.groups, *args, 0.25)
+        bwd_args = (
+            torch.randn_like(out),
+            *plain,
+            grad_lse,
+            layout.kinds,
+            layout.groups,
+            *args,
+            0.25,
+            softcap,
+        )
         torch.library.opcheck(torch.ops.htc.star_attention_triton_backward.default, bwd_args, **kw)
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph(backend, softcap):
     """One graph, no break, from a fresh layout (its plan and tile lists are built inside the compiled
-    region; the Triton module may be too, when this runs first)."""
+    region; the Triton module may be too, when this runs first); with and without soft-capping."""
     dev = device_of(backend)
     layout = hk.StarLayout(random_kinds(11, batch=2, max_visual=30)).to(dev)
     s = layout.seq_len
@@ -363,7 +371,7 @@ def test_torch_compile_fullgraph(backend):
     q, k, v = make_qkv(2, 4, 2, s, s, d, torch.float32, device=dev)
 
     def f(q, k, v):
-        return hk.star_attention(q, k, v, layout, backend=backend).sum(-1) * 2
+        return hk.star_attention(q, k, v, layout, softcap=softcap, backend=backend).sum(-1) * 2
 
     # AOT tracing runs the Triton op's body on fake tensors through wrap_triton, which the interpreter
     # cannot do; there, dynamo's capture (fullgraph) is checked with the eager backend.
@@ -439,7 +447,11 @@ def test_op_level_checks_raise_not_crash():
     q, k, v = make_qkv(1, 2, 2, 8, 8, 16, torch.float32)
     wrong_plan = layout.plan(8, 4, 4)
     with pytest.raises(RuntimeError, match="plan"):
-        torch.ops.htc.star_attention(q, k, v, layout.kinds, layout.groups, wrong_plan, 64, 64, 0, 0.25)
+        torch.ops.htc.star_attention(q, k, v, layout.kinds, layout.groups, wrong_plan, 64, 64, 0, 0.25, 0.0)
+    plan = layout.plan(8, 64, 64)
+    for softcap in (-1.0, float("nan"), float("inf"), 1e-40):
+        with pytest.raises(RuntimeError, match="softcap must be 0 .no capping. or a positive normal float32"):
+            torch.ops.htc.star_attention(q, k, v, layout.kinds, layout.groups, plan, 64, 64, 0, 0.25, softcap)
 
 
 @needs_triton
@@ -450,15 +462,123 @@ def test_triton_op_checks_raise_not_crash():
     assert (block_q, block_k) != (16, 16)
     base = (q, k, v, layout.kinds, layout.groups)
     with pytest.raises(ValueError, match="q_tiles must be int32"):  # lists of other block sizes
-        torch.ops.htc.star_attention_triton(*base, *lists, 16, 16, topology, 0.25)
+        torch.ops.htc.star_attention_triton(*base, *lists, 16, 16, topology, 0.25, 0.0)
     with pytest.raises(ValueError, match="block sizes"):
-        torch.ops.htc.star_attention_triton(*base, *lists, 48, 48, topology, 0.25)
+        torch.ops.htc.star_attention_triton(*base, *lists, 48, 48, topology, 0.25, 0.0)
     with pytest.raises(ValueError, match="kinds int8"):
         torch.ops.htc.star_attention_triton(
-            q, k, v, layout.kinds.long(), layout.groups, *lists, block_q, block_k, topology, 0.25
+            q, k, v, layout.kinds.long(), layout.groups, *lists, block_q, block_k, topology, 0.25, 0.0
         )
     with pytest.raises(ValueError, match="topology"):
-        torch.ops.htc.star_attention_triton(*base, *lists, block_q, block_k, 2, 0.25)
+        torch.ops.htc.star_attention_triton(*base, *lists, block_q, block_k, 2, 0.25, 0.0)
+    for softcap in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="softcap"):
+            torch.ops.htc.star_attention_triton(*base, *lists, block_q, block_k, topology, 0.25, softcap)
+
+
+# --------------------------------------------------------------------------------------------------
+# Soft-capping (DESIGN.md §2): c * tanh(s / c) before the mask, forward and backward
+# --------------------------------------------------------------------------------------------------
+
+
+def check_capped(q, k, v, layout, scale, softcap, backend, grads=True):
+    """``check`` with soft-capping, after making sure the cap matters on this input: the capped
+    float64 reference must differ substantially from the uncapped one (a backend that ignored the
+    cap could not pass)."""
+    q64, k64, v64 = [x.detach().double() for x in (q, k, v)]
+    capped = hk.star_attention_reference(q64, k64, v64, layout, scale=scale, softcap=softcap)
+    plain = hk.star_attention_reference(q64, k64, v64, layout, scale=scale)
+    assert rel(capped, plain) > 0.1, "test input too tame: the cap changes little"
+    check(q, k, v, layout, scale=scale, grads=grads, backend=backend, softcap=softcap)
+
+
+def test_softcap_reference_matches_formula():
+    """The reference against a hand-written dense computation: softmax(c tanh(scale q.k / c) | mask) v,
+    in float64, GQA, padding and decode included."""
+    layout = hk.StarLayout(
+        pad_batch([[T] * 3 + [V] * 9 + [C] + [T] * 4, [T] * 2 + [V] * 5 + [C] + [T]], "left")
+    )
+    s = layout.seq_len
+    for sq in (s, 4):
+        q, k, v = make_qkv(2, 4, 2, sq, s, 8, torch.float64)
+        scale, c = 0.9, 1.7
+        out = hk.star_attention_reference(q, k, v, layout, scale=scale, softcap=c)
+        kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        mask = hk.star_mask(layout, sq)[:, None]  # [B, 1, Sq, Skv]
+        want = torch.zeros_like(out)
+        for b in range(2):
+            for h in range(4):
+                for i in range(sq):
+                    allowed = mask[b, 0, i]
+                    if not allowed.any():
+                        continue  # PAD row: zeros
+                    scores = c * torch.tanh(scale * (kk[b, h, allowed] @ q[b, h, i]) / c)
+                    want[b, h, i] = torch.softmax(scores, 0) @ vv[b, h, allowed]
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+        assert rel(out, hk.star_attention_reference(q, k, v, layout, scale=scale)) > 0.1
+
+
+@pytest.mark.parametrize("topology", ["star", "group"])
+@pytest.mark.parametrize("backend, seed", per_backend(range(6), range(2)))
+def test_softcap_random_layouts(backend, seed, topology):
+    """Random layouts (padding on either side, several images), GQA, decode, odd head dims, large score
+    scales so that most scores are capped hard."""
+    batch = 2
+    rng = random.Random(seed)
+    samples = [random_sample(rng, max_visual=40 if small(backend) else 80) for _ in range(batch)]
+    side = ["left", "right"][seed % 2]
+    layout = hk.StarLayout(pad_batch(samples, side, total=max(map(len, samples)) + 2), topology=topology)
+    s = layout.seq_len
+    d = [32, 16, 40, 64, 24, 8][seed % 6]
+    hq, hkv = [(2, 1), (4, 2), (2, 2)][seed % 3]
+    sq = [s, max(1, s // 3), 1, s, 2, s][seed % 6]
+    scale, softcap = [(1.0, 2.0), (None, 0.5), (0.7, 5.0)][seed % 3]
+    q, k, v = make_qkv(batch, hq, hkv, sq, s, d, torch.float32, seed % 2 == 1, device_of(backend))
+    check_capped(q, k, v, layout, scale, softcap, backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_dtypes(backend, dtype):
+    kinds = random_kinds(100, batch=2, max_visual=70)
+    if small(backend):
+        kinds = kinds[:1]
+    layout = hk.StarLayout(kinds)
+    hq, hkv = (2, 1) if small(backend) else (4, 2)
+    b = kinds.shape[0]
+    q, k, v = make_qkv(b, hq, hkv, layout.seq_len, layout.seq_len, 64, dtype, device=device_of(backend))
+    check_capped(q, k, v, layout, 0.5, 3.0, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_llava_shape(backend):
+    """The LLaVA layout (DIAG tiles for the visual block, the <voco> row, text), scores of order 10
+    against a cap of 10."""
+    layout = hk.StarLayout(llava_kinds())
+    heads = 1 if small(backend) else 4
+    q, k, v = make_qkv(1, heads, heads, 680, 680, 128, torch.float32, device=device_of(backend))
+    check_capped(q * 8, k, v, layout, None, 10.0, backend)
+
+
+@pytest.mark.parametrize(
+    "softcap", [0, 0.0, -1.0, float("nan"), float("inf"), -float("inf"), 1e-300, "2", True, [3.0]]
+)
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu"])
+def test_softcap_bad_values(backend, softcap):
+    layout = hk.StarLayout(llava_kinds(prefix=2, visual=3, voco=1, suffix=2))
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="softcap must be None .no capping. or a finite number > 0"):
+        hk.star_attention(q, k, v, layout, softcap=softcap, backend=backend)
+    with pytest.raises(ValueError, match="softcap must be None"):
+        hk.star_attention_reference(q, k, v, layout, softcap=softcap)
+
+
+def test_softcap_accepts_numbers():
+    layout = hk.StarLayout(llava_kinds(prefix=2, visual=3, voco=1, suffix=2))
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16, torch.float64)
+    ref = hk.star_attention_reference(q, k, v, layout, softcap=2.0)
+    for c in (2, 2.0, torch.tensor(2.0).item()):
+        assert torch.equal(hk.star_attention(q, k, v, layout, softcap=c), ref)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -717,7 +837,7 @@ def test_cuda_opcheck_lse_and_split_k():
     s = layout.seq_len
     q, k, v = [x.cuda().requires_grad_() for x in make_qkv(2, 4, 2, s, s, 64, torch.float32)]
     plan = layout.plan(s, 64, 16)  # the CUDA kernel's tiles for fp32
-    args = (layout.kinds, layout.groups, plan, 64, 16, layout.topology_id, 0.25)
+    args = (layout.kinds, layout.groups, plan, 64, 16, layout.topology_id, 0.25, 0.0)
     torch.library.opcheck(torch.ops.htc.star_attention, (q, k, v, *args))
     out, lse = torch.ops.htc.star_attention(q, k, v, *args)
     grad_lse = torch.randn_like(lse)
@@ -768,7 +888,7 @@ def test_raw_op_rejects_zero_head_dim():
     plan = layout.plan(8, 64, 64)
     with pytest.raises(RuntimeError, match="head dim D must be >= 1"):
         torch.ops.htc.star_attention(
-            q[..., :0], k[..., :0], v[..., :0], layout.kinds, layout.groups, plan, 64, 64, 0, 1.0
+            q[..., :0], k[..., :0], v[..., :0], layout.kinds, layout.groups, plan, 64, 64, 0, 1.0, 0.0
         )
 
 

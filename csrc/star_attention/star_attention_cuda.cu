@@ -5,7 +5,7 @@
 // Contract (besides csrc/ops.cpp's schema): q/k/v with any strides whose last dimension is contiguous
 // and whose rows are 16-byte aligned are read in place (HF's transpose(1, 2) views qualify); anything
 // else is copied to a contiguous tensor first (same computation, one extra copy). Head dims 64, 80,
-// 96, 128, 256; fp32 / bf16 / fp16; sm_80 or newer; block_q = 64 and block_k = fwd_block_k(dtype, D)
+// 96, 128, 256; fp32 / bf16 / fp16; with or without soft-capping; sm_80 or newer; block_q = 64 and block_k = fwd_block_k(dtype, D)
 // (htc_kernels/star_attention.py, _CudaStar, builds its plans with these sizes).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -85,16 +85,19 @@ using EltC = std::integral_constant<Elt, E>;
 template <int D>
 using DimC = std::integral_constant<int, D>;
 
-// Calls f(EltC<E>{}, DimC<D>{}) for the runtime (dtype, head dim).
+// Calls f(EltC<E>{}, DimC<D>{}, std::bool_constant<kCap>{}) for the runtime (dtype, head dim, softcap).
 template <class F>
-void dispatch(at::ScalarType s, int64_t d, F&& f) {
+void dispatch(at::ScalarType s, int64_t d, double softcap, F&& f) {
+  auto by_cap = [&](auto elt, auto dim) {
+    return softcap > 0 ? f(elt, dim, std::true_type{}) : f(elt, dim, std::false_type{});
+  };
   auto by_dim = [&](auto elt) {
     switch (d) {
-      case 64: return f(elt, DimC<64>{});
-      case 80: return f(elt, DimC<80>{});
-      case 96: return f(elt, DimC<96>{});
-      case 128: return f(elt, DimC<128>{});
-      case 256: return f(elt, DimC<256>{});
+      case 64: return by_cap(elt, DimC<64>{});
+      case 80: return by_cap(elt, DimC<80>{});
+      case 96: return by_cap(elt, DimC<96>{});
+      case 128: return by_cap(elt, DimC<128>{});
+      case 256: return by_cap(elt, DimC<256>{});
       default:
         TORCH_CHECK(false, "star_attention (CUDA): head dim ", d, " not supported (64, 80, 96, 128, 256)");
     }
@@ -135,8 +138,9 @@ struct Problem {
 
 Problem prepare(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                 const at::Tensor& kinds, const at::Tensor& groups, const at::Tensor& plan, int64_t block_q,
-                int64_t block_k, int64_t topology, double scale) {
+                int64_t block_k, int64_t topology, double scale, double softcap) {
   check_attention_args(q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology);
+  check_softcap(op, softcap);
   TORCH_CHECK(q_in.is_cuda(), op, " (CUDA): tensors are on ", q_in.device());
   Problem pr;
   pr.dev = q_in.get_device();
@@ -172,6 +176,8 @@ Problem prepare(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, 
   p.n_split = 1;
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale) * tile::kLog2e;
+  p.softcap = static_cast<float>(softcap);
+  p.inv_softcap = softcap > 0 ? 1.f / p.softcap : 0.f;
   return pr;
 }
 
@@ -192,9 +198,10 @@ std::tuple<at::Tensor, at::Tensor> star_attention_cuda(const at::Tensor& q_in, c
                                                        const at::Tensor& v_in, const at::Tensor& kinds,
                                                        const at::Tensor& groups, const at::Tensor& plan,
                                                        int64_t block_q, int64_t block_k, int64_t topology,
-                                                       double scale) {
+                                                       double scale, double softcap) {
   const c10::cuda::CUDAGuard guard(q_in.device());
-  Problem pr = prepare("star_attention", q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology, scale);
+  Problem pr = prepare("star_attention", q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology, scale,
+                       softcap);
   auto out = new_output(q_in.sizes(), q_in.options());
   auto lse = new_output({pr.B, pr.Hq, pr.Sq}, q_in.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
@@ -217,10 +224,10 @@ std::tuple<at::Tensor, at::Tensor> star_attention_cuda(const at::Tensor& q_in, c
     p.lse_part = lse_part.data_ptr<float>();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(pr.q.scalar_type(), pr.D, [&](auto elt_c, auto dim_c) {
+  dispatch(pr.q.scalar_type(), pr.D, softcap, [&](auto elt_c, auto dim_c, auto cap_c) {
     constexpr Elt E = decltype(elt_c)::value;
     constexpr int Dim = decltype(dim_c)::value;
-    using Cfg = star_cuda::FwdCfg<E, Dim>;
+    using Cfg = star_cuda::FwdCfg<E, Dim, decltype(cap_c)::value>;
     static uint64_t smem_set = 0;
     static std::mutex mu;
     launch(star_cuda::star_row_kernel<Cfg>, ctas * n_split * Cfg::kOSplit, Cfg::kThreads, Cfg::kSmemBytes, pr, stream,
@@ -238,10 +245,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> star_attention_backward_cuda(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& kinds, const at::Tensor& groups, const at::Tensor& plan, int64_t block_q, int64_t block_k,
-    int64_t topology, double scale) {
+    int64_t topology, double scale, double softcap) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   Problem pr = prepare("star_attention_backward", q_in, k_in, v_in, kinds, groups, plan, block_q, block_k,
-                       topology, scale);
+                       topology, scale, softcap);
   check_backward_args(dout_in, q_in, out_in, lse, grad_lse);
   auto dq = new_output(q_in.sizes(), q_in.options());
   auto dk = new_output(k_in.sizes(), k_in.options());
@@ -263,11 +270,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> star_attention_backward_cuda(
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(pr.q.scalar_type(), pr.D, [&](auto elt_c, auto dim_c) {
+  dispatch(pr.q.scalar_type(), pr.D, softcap, [&](auto elt_c, auto dim_c, auto cap_c) {
     constexpr Elt E = decltype(elt_c)::value;
     constexpr int Dim = decltype(dim_c)::value;
-    using Dq = star_cuda::DqCfg<E, Dim>;
-    using Dkv = star_cuda::DkvCfg<E, Dim>;
+    using Dq = star_cuda::DqCfg<E, Dim, decltype(cap_c)::value>;
+    using Dkv = star_cuda::DkvCfg<E, Dim, decltype(cap_c)::value>;
     const int64_t rows = pr.B * pr.Hq * pr.Sq;
     star_cuda::star_delta_kernel<E, Dim><<<static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -31,6 +31,10 @@
 //    query tiles in a fixed order: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q.
 //  DIAG tiles take the row-wise path in both. Non-finite K rows in dQ's dS K product are handled like
 //  V rows in the forward (zeroed, exact contribution added back to the rows that may attend them).
+//
+// Soft-capping (softcap c > 0: scores s -> c tanh(s / c) before the mask) is the kCap parameter of the
+// configurations (FwdCfg, DqCfg, DkvCfg): the uncapped kernels are compiled without it. The backward
+// recomputes t = tanh(s / c) from its recomputed scores and scales dS by 1 - t^2.
 #pragma once
 #include <climits>
 #include <cstdint>
@@ -367,7 +371,20 @@ struct StarParams {
   int B, Hq, Hkv, Sq, Skv, n_qt, n_kt, q_off, plan_batch, topology, n_split;
   float scale;       // softmax scale
   float scale_log2;  // softmax scale * log2(e)
+  float softcap, inv_softcap;  // the cap c and 1/c (read by the kCap kernels only)
 };
+
+// A raw product x = q.k as a log2-domain score, soft-capped when kCap (star_tile_math.h), and
+// d capped / d score for the backward's dS (1 without capping: the multiply folds away).
+template <bool kCap>
+HTC_DEV tile::Capped score_log2(const StarParams& p, float x) {
+  if constexpr (kCap) {
+    const tile::Capped c = tile::softcap(x * p.scale, p.softcap, p.inv_softcap);
+    return {c.s * tile::kLog2e, c.ds};
+  } else {
+    return {x * p.scale_log2, 1.f};
+  }
+}
 
 // ---------------------------------------------------------------------------------------------------
 // The pipeline shared by every kernel: the non-SKIP entries of a plan line (a row, stride 1: the key
@@ -445,9 +462,10 @@ HTC_DEV void zero_nonfinite_rows(typename EltT<E>::Store* s, int rows, int8_t* b
 
 // kOSplit > 1: that many CTAs per row tile, each accumulating D / kOSplit output columns (scores are
 // formed over the full D by each): halves the accumulator registers where they would not fit.
-template <Elt E, int D_, int BK_, int kWarps_, bool kDq_, int kOSplit_ = 1>
+template <Elt E, int D_, int BK_, int kWarps_, bool kDq_, int kOSplit_ = 1, bool kCap_ = false>
 struct RowCfg {
   static constexpr Elt kElt = E;
+  static constexpr bool kCap = kCap_;  // logit soft-capping
   using Store = typename EltT<E>::Store;
   static constexpr int kTerms = EltT<E>::kTerms;
   static constexpr bool kDq = kDq_;
@@ -486,11 +504,11 @@ constexpr int fwd_block_k(Elt e, int d) {
 constexpr bool supported_head_dim(int d) { return d == 64 || d == 80 || d == 96 || d == 128 || d == 256; }
 // fp32 at D = 256: output columns in two halves (128 accumulators and three-term operands exceed 255
 // registers); the dQ kernel also keeps Q and dO tiles of 32 rows (two warps) to fit sm_80's 163 KB.
-template <Elt E, int D>
-using FwdCfg = RowCfg<E, D, fwd_block_k(E, D), 4, false, (E == Elt::kF32 && D > 128) ? 2 : 1>;
-template <Elt E, int D>
+template <Elt E, int D, bool kCap = false>
+using FwdCfg = RowCfg<E, D, fwd_block_k(E, D), 4, false, (E == Elt::kF32 && D > 128) ? 2 : 1, kCap>;
+template <Elt E, int D, bool kCap = false>
 using DqCfg = RowCfg<E, D, fwd_block_k(E, D), (E == Elt::kF32 && D > 128) ? 2 : 4, true,
-                     (E == Elt::kF32 && D > 128) ? 2 : 1>;
+                     (E == Elt::kF32 && D > 128) ? 2 : 1, kCap>;
 
 template <class C>
 HTC_DEV void star_row_block(const StarParams& p, unsigned char* smem, int tid, int64_t bid) {
@@ -633,13 +651,14 @@ HTC_UNROLL
             part_dp += to_f<E>(dorow[col]) * to_f<E>(vrow[col]) + to_f<E>(dorow[col + 1]) * to_f<E>(vrow[col + 1]);
           }
         }
-        const float s = quad_sum(part) * p.scale_log2;
+        const tile::Capped sc = score_log2<C::kCap>(p, quad_sum(part));
+        const float s = sc.s;
         // The updates select (rows not on the diagonal keep acc; what they read is never used), so
         // control flow stays warp-uniform for the fences.
         if constexpr (kDq) {
           const float dpv = quad_sum(part_dp);
           const float pr = exp2f(s - lse2[hh]);
-          const float ds = pr * (dpv - delta[hh]);
+          const float ds = pr * (dpv - delta[hh]) * sc.ds;
 HTC_UNROLL
           for (int n = 0; n < NF_O; ++n) {
             const int col = o0 + n * 8 + 2 * t;
@@ -729,8 +748,9 @@ HTC_UNROLL
 HTC_UNROLL
             for (int e4 = 0; e4 < 4; ++e4) {
               const int hh = e4 >> 1;
-              const float pr = exp2f(s[n][e4] * p.scale_log2 - lse2[hh]);
-              s[n][e4] = bit(n, e4) ? pr * (dp[n][e4] - delta[hh]) : 0.f;
+              const tile::Capped sc = score_log2<C::kCap>(p, s[n][e4]);
+              const float pr = exp2f(sc.s - lse2[hh]);
+              s[n][e4] = bit(n, e4) ? pr * (dp[n][e4] - delta[hh]) * sc.ds : 0.f;
             }
         } else {
           // Online softmax (log2 domain); masked scores never reach exp or a product.
@@ -742,7 +762,7 @@ HTC_UNROLL
 HTC_UNROLL
               for (int c = 0; c < 2; ++c) {
                 const int e4 = 2 * hh + c;
-                const float x = bit(n, e4) ? s[n][e4] * p.scale_log2 : tile::neg_inf();
+                const float x = bit(n, e4) ? score_log2<C::kCap>(p, s[n][e4]).s : tile::neg_inf();
                 s[n][e4] = x;
                 mx = fmaxf(mx, x);
               }
@@ -908,9 +928,10 @@ HTC_UNROLL
 // S^T and dP^T of its 16 keys; it accumulates dK, dV for its D slice). Query tiles are streamed in
 // sub-tiles of QS rows.
 
-template <Elt E, int D_, int BK_, int QS_>
+template <Elt E, int D_, int BK_, int QS_, bool kCap_ = false>
 struct KeyCfg {
   static constexpr Elt kElt = E;
+  static constexpr bool kCap = kCap_;  // logit soft-capping
   using Store = typename EltT<E>::Store;
   static constexpr int kTerms = EltT<E>::kTerms;
   // Up to 4 warps: BK/16 key groups x kDSplit slices of D (slices of whole 8-column fragments).
@@ -935,8 +956,8 @@ struct KeyCfg {
   static constexpr size_t kSmemBytes = kOffCounts + 16 * sizeof(int);
 };
 // Query sub-tiles of 16 rows where registers are tight (fp32's three-term operands; D >= 96).
-template <Elt E, int D>
-using DkvCfg = KeyCfg<E, D, fwd_block_k(E, D), (E == Elt::kF32 || D >= 96) ? 16 : 32>;
+template <Elt E, int D, bool kCap = false>
+using DkvCfg = KeyCfg<E, D, fwd_block_k(E, D), (E == Elt::kF32 || D >= 96) ? 16 : 32, kCap>;
 
 template <class C>
 HTC_DEV void star_key_block(const StarParams& p, unsigned char* smem, int tid, int64_t bid) {
@@ -1055,10 +1076,11 @@ HTC_UNROLL
             ps += to_f<E>(qrow[col]) * to_f<E>(krow[col]) + to_f<E>(qrow[col + 1]) * to_f<E>(krow[col + 1]);
             pd += to_f<E>(dorow[col]) * to_f<E>(vrow[col]) + to_f<E>(dorow[col + 1]) * to_f<E>(vrow[col + 1]);
           }
-          const float s = quad_sum(ps) * p.scale_log2, dpv = quad_sum(pd);
+          const tile::Capped sc = score_log2<C::kCap>(p, quad_sum(ps));
+          const float dpv = quad_sum(pd);
           if (on) {
-            const float pr = exp2f(s - tLse2[ir]);
-            const float ds = pr * (dpv - tDelta[ir]);
+            const float pr = exp2f(sc.s - tLse2[ir]);
+            const float ds = pr * (dpv - tDelta[ir]) * sc.ds;
 HTC_UNROLL
             for (int n = 0; n < NF_D; ++n) {
               const int col = d0 + n * 8 + 2 * t;
@@ -1116,10 +1138,11 @@ HTC_UNROLL
 HTC_UNROLL
         for (int e4 = 0; e4 < 4; ++e4) {
           const int col = n * 8 + 2 * t + (e4 & 1);
-          const float pr = exp2f(s[n][e4] * p.scale_log2 - tLse2[col]);
+          const tile::Capped sc = score_log2<C::kCap>(p, s[n][e4]);
+          const float pr = exp2f(sc.s - tLse2[col]);
           const bool a = ((bits >> (n * 4 + e4)) & 1u) != 0;
           s[n][e4] = a ? pr : 0.f;
-          dp[n][e4] = a ? pr * (dp[n][e4] - tDelta[col]) : 0.f;
+          dp[n][e4] = a ? pr * (dp[n][e4] - tDelta[col]) * sc.ds : 0.f;
         }
       // dV += P^T dO, dK += dS^T Q on this warp's slice of D.
 HTC_UNROLL

@@ -34,6 +34,15 @@ inline void check_plan_args(const at::Tensor& kinds, const at::Tensor& groups, i
   TORCH_CHECK(topology == 0 || topology == 1, "star_plan: topology must be 0 (star) or 1 (group)");
 }
 
+// softcap: 0 (no capping) or a cap c > 0 that is a normal float32 (scores become c * tanh(s / c); the
+// kernels use 1/c, which must be finite).
+inline void check_softcap(const char* op, double softcap) {
+  TORCH_CHECK(softcap == 0.0 || (softcap >= std::numeric_limits<float>::min() &&
+                                 softcap <= std::numeric_limits<float>::max()),
+              op, ": softcap must be 0 (no capping) or a positive normal float32 (",
+              std::numeric_limits<float>::min(), " .. ", std::numeric_limits<float>::max(), "), got ", softcap);
+}
+
 // Every kind is a TokenKind (0..3). Reads the values (a device sync on a GPU): CPU entry points call it.
 inline void check_kinds_values(const char* op, const at::Tensor& kinds) {
   if (kinds.numel() == 0) return;

@@ -3,7 +3,8 @@
 //  - the online-softmax step (running max in the log2 domain, rescale factor, empty-row handling);
 //  - the log-sum-exp of a finished row;
 //  - the deterministic split-K combine of partial rows (fixed order, no atomics);
-//  - the three-term bf16 split of fp32 values used to run fp32 attention on bf16 tensor cores.
+//  - the three-term bf16 split of fp32 values used to run fp32 attention on bf16 tensor cores;
+//  - logit soft-capping of a score and its derivative.
 // Rows that have seen no allowed key keep m = -inf and exponentiate against 0, so they stay exactly 0
 // (never -inf - -inf = NaN); their lse is -inf (PAD rows, DESIGN.md §2).
 #pragma once
@@ -54,6 +55,19 @@ HTC_HD float combine_lse(const float* lse, int64_t stride, int n) {
 }
 HTC_HD float combine_weight(float lse_k, float lse_total) {
   return lse_total == neg_inf() ? 0.f : expf(lse_k - lse_total);
+}
+
+// Logit soft-capping (Gemma2): a score s (already scaled) becomes c * tanh(s / c), and
+// d capped / d s = 1 - tanh^2, which the backward multiplies into dS. Takes 1/c (finite for every
+// normal float c; s / c may overflow to +-inf, where tanh is exactly +-1). Kernels working in the
+// log2 domain multiply the capped score by log2(e) afterwards (c * log2(e) may overflow, the capped
+// score cannot). tanhf, not an approximation: fp32 must hold 1e-4.
+struct Capped {
+  float s, ds;
+};
+HTC_HD Capped softcap(float s, float cap, float inv_cap) {
+  const float t = tanhf(s * inv_cap);
+  return {cap * t, 1.f - t * t};
 }
 
 // fp32 x = hi + mid + lo, each a bf16 (8 significant bits), |x - hi - mid - lo| <= 2^-24 |x| for

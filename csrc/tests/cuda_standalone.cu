@@ -14,14 +14,18 @@ template __global__ void htc::mgvq::mgvq_lookup_kernel<32, true>(const float*, c
 template __global__ void htc::mgvq::mgvq_lookup_kernel<0, true>(const float*, const float*,
     const float*, int, int64_t, int, int64_t, int, const float*, int64_t*, float*);
 
-// Every star_attention kernel the extension launches (star_attention_cuda.cu dispatches the same set).
+// Every star_attention kernel the extension launches (star_attention_cuda.cu dispatches the same set),
+// without and with soft-capping.
 namespace htc::star_cuda {
-#define HTC_STAR_KERNELS(E, D)                                          \
-  template __global__ void star_row_kernel<FwdCfg<E, D>>(const StarParams); \
-  template __global__ void star_combine_kernel<E, D>(const StarParams);     \
-  template __global__ void star_delta_kernel<E, D>(const StarParams);       \
-  template __global__ void star_row_kernel<DqCfg<E, D>>(const StarParams);  \
-  template __global__ void star_key_kernel<DkvCfg<E, D>>(const StarParams);
+#define HTC_STAR_KERNELS(E, D)                                                  \
+  template __global__ void star_row_kernel<FwdCfg<E, D>>(const StarParams);        \
+  template __global__ void star_combine_kernel<E, D>(const StarParams);            \
+  template __global__ void star_delta_kernel<E, D>(const StarParams);              \
+  template __global__ void star_row_kernel<DqCfg<E, D>>(const StarParams);         \
+  template __global__ void star_key_kernel<DkvCfg<E, D>>(const StarParams);        \
+  template __global__ void star_row_kernel<FwdCfg<E, D, true>>(const StarParams);  \
+  template __global__ void star_row_kernel<DqCfg<E, D, true>>(const StarParams);   \
+  template __global__ void star_key_kernel<DkvCfg<E, D, true>>(const StarParams);
 #define HTC_STAR_ALL_D(E) \
   HTC_STAR_KERNELS(E, 64) HTC_STAR_KERNELS(E, 80) HTC_STAR_KERNELS(E, 96) HTC_STAR_KERNELS(E, 128) HTC_STAR_KERNELS(E, 256)
 HTC_STAR_ALL_D(Elt::kF32)

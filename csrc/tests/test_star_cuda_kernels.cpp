@@ -4,7 +4,7 @@
 //     (simt_emulator.h: fibers, PTX fragment semantics, randomised thread order, cp.async landing at
 //     the wait) on random star layouts, against a float64 dense reference: fp32/bf16/fp16, every
 //     head dim, GQA, decode (Sq < Skv), left/right padding, both topologies, strided inputs, split-K,
-//     and NaN/Inf planted in keys/values that the checked rows may not attend.
+//     NaN/Inf planted in keys/values that the checked rows may not attend, and soft-capping.
 // Nothing here needs a GPU; what it cannot show is listed in the report of the branch (timing, the
 // hardware's own MMA accumulation order, real memory ordering).
 //
@@ -127,6 +127,27 @@ void test_split3() {
   std::printf("split3: reconstruction error <= %.3g, product error <= %.3g\n", worst, worst_prod);
 }
 
+// tile::softcap against float64: the capped score (relative to the cap: what the softmax sees) and
+// its derivative 1 - tanh^2, over scores from tiny to far past the cap, infinities included.
+void test_softcap_math() {
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> ex(-30.f, 30.f);
+  double worst_s = 0, worst_ds = 0;
+  for (int i = 0; i < 200000; ++i) {
+    const float cap = std::exp2(ex(rng) / 4), s = (rng() % 2 ? 1.f : -1.f) * cap * std::exp2(ex(rng) / 3);
+    const auto c = htc::tile::softcap(s, cap, 1.f / cap);
+    const double t = std::tanh(double(s) / double(cap));
+    worst_s = std::max(worst_s, std::fabs(c.s - double(cap) * t) / cap);
+    worst_ds = std::max(worst_ds, std::fabs(c.ds - (1 - t * t)));
+  }
+  for (float s : {INFINITY, -INFINITY}) {
+    const auto c = htc::tile::softcap(s, 3.f, 1.f / 3.f);
+    EXPECT(c.s == std::copysign(3.f, s) && c.ds == 0.f, "softcap(%g) = %g, %g", s, c.s, c.ds);
+  }
+  EXPECT(worst_s < 1e-6 && worst_ds < 1e-6, "softcap: score error %g, derivative error %g", worst_s, worst_ds);
+  std::printf("softcap: score error <= %.2g (of the cap), derivative error <= %.2g\n", worst_s, worst_ds);
+}
+
 // Online softmax over random chunkings of a row (masked entries, empty chunks, all-masked rows) vs
 // float64; then the same rows split into parts and merged with the split-K combine.
 void test_online_softmax_and_combine() {
@@ -245,8 +266,22 @@ struct Case {
   bool poison = false;    // NaN/Inf in keys/values that the checked rows may not attend
   bool backward = true;   // also dQ, dK, dV (with grad_lse, and NaN grad_out / grad_lse on PAD rows)
   float scale = 0.125f;
+  float softcap = 0.f;    // > 0: the kernels with kCap, scores s -> c tanh(s / c)
   uint64_t seed = 1;
 };
+
+// The float64 reference's score: scale * q.k, soft-capped when the case asks for it; *dcap gets
+// d capped / d score.
+double ref_score(const Case& c, double qk, double* dcap = nullptr) {
+  const double s = qk * c.scale;
+  if (c.softcap <= 0) {
+    if (dcap) *dcap = 1;
+    return s;
+  }
+  const double t = std::tanh(s / c.softcap);
+  if (dcap) *dcap = 1 - t * t;
+  return c.softcap * t;
+}
 
 struct Layout {
   std::vector<int8_t> kinds;    // [plan_batch, Skv]
@@ -293,12 +328,12 @@ void fill(const Case& c, std::mt19937& rng, Tensors<E>& t) {
 // float64 gradients of sum(dO . O) + sum(grad_lse . lse). grad_out and grad_lse are NaN on PAD rows.
 // Rows attending a poisoned key, and keys such rows attend, are not compared (their gradients are
 // legitimately NaN); everything else must be finite and close.
-template <Elt E, int D>
+template <Elt E, int D, bool kCap>
 void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const std::vector<char>& poisoned,
                     sc::StarParams p, const std::vector<typename EltT<E>::Store>& out, const std::vector<float>& lse) {
   using Store = typename EltT<E>::Store;
-  using Dq = sc::DqCfg<E, D>;
-  using Dkv = sc::DkvCfg<E, D>;
+  using Dq = sc::DqCfg<E, D, kCap>;
+  using Dkv = sc::DkvCfg<E, D, kCap>;
   std::mt19937 rng(static_cast<uint32_t>(c.seed * 31 + 7));
   std::normal_distribution<float> nd(0.f, 1.f);
   const int64_t rows = static_cast<int64_t>(c.B) * c.Hq * c.Sq;
@@ -354,7 +389,7 @@ void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const s
       for (int i = 0; i < c.Sq; ++i) {
         const int64_t row = (static_cast<int64_t>(b) * c.Hq + h) * c.Sq + i;
         if (row_pad(b, i)) continue;
-        std::vector<double> s(c.Skv, -INFINITY), pr(c.Skv, 0.0);
+        std::vector<double> s(c.Skv, -INFINITY), pr(c.Skv, 0.0), dcap(c.Skv, 1.0);
         double mx = -INFINITY;
         bool bad = false;
         for (int j = 0; j < c.Skv; ++j) {
@@ -362,7 +397,7 @@ void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const s
           bad |= poisoned[static_cast<size_t>(b) * c.Skv + j] != 0;
           double a = 0;
           for (int d = 0; d < D; ++d) a += Q(b, h, i, d) * K(b, hk, j, d);
-          s[j] = a * c.scale;
+          s[j] = ref_score(c, a, &dcap[j]);
           mx = std::max(mx, s[j]);
         }
         if (bad) {
@@ -387,7 +422,7 @@ void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const s
           if (pr[j] == 0.0) continue;
           double dpj = 0;
           for (int d = 0; d < D; ++d) dpj += double(sc::to_f<E>(dout[row * D + d])) * V(b, hk, j, d);
-          const double ds = pr[j] * (dpj - dlt);
+          const double ds = pr[j] * (dpj - dlt) * dcap[j];
           for (int d = 0; d < D; ++d) {
             rdq[b * t.q_s[0] + h * t.q_s[1] + i * t.q_s[2] + d] += c.scale * ds * K(b, hk, j, d);
             rdk[b * t.k_s[0] + hk * t.k_s[1] + j * t.k_s[2] + d] += c.scale * ds * Q(b, h, i, d);
@@ -434,11 +469,11 @@ void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const s
   compare("dv", dv, rdv, t.v_s, c.Hkv, c.Skv, kskip, kzero);
 }
 
-template <Elt E, int D>
+template <Elt E, int D, bool kCap>
 void run_case(const Case& c) {
   using Store = typename EltT<E>::Store;
   constexpr int BK = sc::fwd_block_k(E, D);
-  using Cfg = sc::FwdCfg<E, D>;
+  using Cfg = sc::FwdCfg<E, D, kCap>;
   std::mt19937 rng(static_cast<uint32_t>(c.seed));
   Layout L;
   for (int bl = 0; bl < c.plan_batch; ++bl) {
@@ -509,6 +544,8 @@ void run_case(const Case& c) {
   p.q_off = c.Skv - c.Sq, p.plan_batch = c.plan_batch, p.topology = c.topology, p.n_split = c.n_split;
   p.scale = c.scale;
   p.scale_log2 = c.scale * htc::tile::kLog2e;
+  p.softcap = c.softcap;
+  p.inv_softcap = c.softcap > 0 ? 1.f / c.softcap : 0.f;
 
   emu::clear_global_ranges();
   emu::add_global_range(t.q.data(), t.q.size() * sizeof(Store));
@@ -524,7 +561,7 @@ void run_case(const Case& c) {
   }
 
   // float64 reference on the (rounded) inputs; rows attending a poisoned key are skipped.
-  double err2 = 0, ref2 = 0, lse_err = 0;
+  double err2 = 0, ref2 = 0, lse_err = 0, cap_effect2 = 0;  // cap_effect: |capped - uncapped| reference
   int checked = 0, skipped = 0;
   for (int b = 0; b < c.B; ++b)
     for (int h = 0; h < c.Hq; ++h) {
@@ -532,8 +569,8 @@ void run_case(const Case& c) {
       for (int i = 0; i < c.Sq; ++i) {
         const int64_t row = (static_cast<int64_t>(b) * c.Hq + h) * c.Sq + i;
         bool attends_poison = false;
-        std::vector<double> s(c.Skv, -INFINITY);
-        double mx = -INFINITY;
+        std::vector<double> s(c.Skv, -INFINITY), s_plain(c.Skv, -INFINITY);
+        double mx = -INFINITY, mx_plain = -INFINITY;
         for (int j = 0; j < c.Skv; ++j) {
           if (!allowed_at(L, c, b, i, j)) continue;
           attends_poison |= poisoned[static_cast<size_t>(b) * c.Skv + j] != 0;
@@ -541,22 +578,30 @@ void run_case(const Case& c) {
           for (int d = 0; d < D; ++d)
             acc += double(sc::to_f<E>(t.q[b * t.q_s[0] + h * t.q_s[1] + i * t.q_s[2] + d])) *
                    double(sc::to_f<E>(t.k[b * t.k_s[0] + hk * t.k_s[1] + j * t.k_s[2] + d]));
-          s[j] = acc * c.scale;
+          s[j] = ref_score(c, acc);
+          s_plain[j] = acc * c.scale;
           mx = std::max(mx, s[j]);
+          mx_plain = std::max(mx_plain, s_plain[j]);
         }
         if (attends_poison) {
           ++skipped;
           continue;
         }
         ++checked;
-        std::vector<double> o(D, 0.0);
-        double l = 0;
+        std::vector<double> o(D, 0.0), o_plain(D, 0.0);
+        double l = 0, l_plain = 0;
         for (int j = 0; j < c.Skv; ++j) {
           if (s[j] == -INFINITY) continue;
-          const double e = std::exp(s[j] - mx);
+          const double e = std::exp(s[j] - mx), e_plain = std::exp(s_plain[j] - mx_plain);
           l += e;
-          for (int d = 0; d < D; ++d) o[d] += e * double(sc::to_f<E>(t.v[b * t.v_s[0] + hk * t.v_s[1] + j * t.v_s[2] + d]));
+          l_plain += e_plain;
+          for (int d = 0; d < D; ++d) {
+            const double vd = double(sc::to_f<E>(t.v[b * t.v_s[0] + hk * t.v_s[1] + j * t.v_s[2] + d]));
+            o[d] += e * vd;
+            o_plain[d] += e_plain * vd;
+          }
         }
+        for (int d = 0; d < D && l > 0; ++d) cap_effect2 += std::pow(o[d] / l - o_plain[d] / l_plain, 2);
         const double ref_lse = l > 0 ? mx + std::log(l) : -INFINITY;
         if (l == 0) {
           EXPECT(lse[row] == -INFINITY, "%s: empty row %lld lse %g", c.name.c_str(), static_cast<long long>(row), lse[row]);
@@ -581,22 +626,29 @@ void run_case(const Case& c) {
       }
     }
   const double rel = ref2 > 0 ? std::sqrt(err2 / ref2) : std::sqrt(err2);
+  if (c.softcap > 0) {  // the case must be one where ignoring the cap would fail
+    const double effect = std::sqrt(cap_effect2 / std::max(ref2, 1e-30));
+    EXPECT(effect > 0.1, "%s: the cap changes the output by only %g: not a test of it", c.name.c_str(), effect);
+  }
   const double tol = E == Elt::kF32 ? 2e-6 : E == Elt::kF16 ? 2e-3 : 1.2e-2;
   std::printf("%-44s rel %.2e lse %.2e (%d rows, %d skipped)%s\n", c.name.c_str(), rel, lse_err, checked, skipped,
               rel <= tol && lse_err <= (E == Elt::kF32 ? 5e-6 : 1e-3) ? "" : "  <-- FAIL");
   EXPECT(rel <= tol, "%s: relative error %g > %g", c.name.c_str(), rel, tol);
   EXPECT(lse_err <= (E == Elt::kF32 ? 5e-6 : 1e-3), "%s: lse error %g", c.name.c_str(), lse_err);
-  if (c.backward) check_backward<E, D>(c, L, t, poisoned, p, out, lse);
+  if (c.backward) check_backward<E, D, kCap>(c, L, t, poisoned, p, out, lse);
 }
 
+// Capped kernels are emulated at D = 64, 128, 256 only (the capping code does not depend on D, the
+// register-tight configurations do; fewer instantiations keep this test's compile time down).
 template <Elt E>
 void run_dim(int D, const Case& c) {
+  const bool cap = c.softcap > 0;
   switch (D) {
-    case 64: return run_case<E, 64>(c);
-    case 80: return run_case<E, 80>(c);
-    case 96: return run_case<E, 96>(c);
-    case 128: return run_case<E, 128>(c);
-    case 256: return run_case<E, 256>(c);
+    case 64: return cap ? run_case<E, 64, true>(c) : run_case<E, 64, false>(c);
+    case 80: return cap ? std::abort() : run_case<E, 80, false>(c);
+    case 96: return cap ? std::abort() : run_case<E, 96, false>(c);
+    case 128: return cap ? run_case<E, 128, true>(c) : run_case<E, 128, false>(c);
+    case 256: return cap ? run_case<E, 256, true>(c) : run_case<E, 256, false>(c);
     default: std::abort();
   }
 }
@@ -655,6 +707,32 @@ void test_forward_kernels() {
       run(e, c);
     }
   }
+  // Soft-capping (the kCap kernels): scores of standard deviation 4 against caps of 2 and 4, so that
+  // many are capped hard; prefill and decode with split-K, both topologies, GQA, poisoned masked keys/values.
+  for (Elt e : elts)
+    for (int d : {64, 128, 256}) {
+      if (kQuick && d != 64) continue;
+      for (int variant = 0; variant < 2; ++variant) {
+        Case c;
+        c.D = d;
+        c.seed = 900 + d + variant + 10 * static_cast<int>(e);
+        c.B = 2;
+        c.Hq = 2;
+        c.Hkv = variant ? 1 : 2;
+        c.Skv = 110 + 31 * variant;
+        c.Sq = variant ? 2 : c.Skv;
+        c.plan_batch = 2;
+        c.topology = variant;
+        c.n_split = variant ? 3 : 1;
+        c.poison = variant == 0;  // prefill: many rows stay checked; decode: every row and key checked
+        c.strided = d == 128;
+        c.scale = 4.f / std::sqrt(static_cast<float>(d));  // scores of standard deviation 4
+        c.softcap = variant ? 4.f : 2.f;
+        c.name = std::string(elt_name(e)) + " D=" + std::to_string(d) + " softcap=" + std::to_string(c.softcap).substr(0, 3) +
+                 " Sq=" + std::to_string(c.Sq) + "/" + std::to_string(c.Skv) + (c.n_split > 1 ? " split" : "");
+        run(e, c);
+      }
+    }
 }
 
 }  // namespace
@@ -663,6 +741,7 @@ int main() {
   test_conversions();
   test_split3();
   test_online_softmax_and_combine();
+  test_softcap_math();
   test_forward_kernels();
   std::printf("emulated warp collectives: %llu\n", static_cast<unsigned long long>(emu::M().collectives));
   if (failures) {

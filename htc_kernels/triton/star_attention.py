@@ -27,6 +27,10 @@ others may not is the 0 * NaN hazard of ``tl.dot``: :func:`_dot_kept` feeds the 
 only and adds the non-finite entries' products back for the pairs that are allowed, in a branch
 taken only when the tile holds a non-finite value (one tile-wide check per operand).
 
+Soft-capping (``softcap`` c > 0, the constexpr SOFTCAP): every score becomes ``c * tanh(s / c)``
+before the mask; the backward recomputes ``t = tanh(s / c)`` and scales dS by ``1 - t^2``. SOFTCAP
+False compiles the uncapped kernels unchanged.
+
 Offsets are int64 (strides may exceed 2**31 elements); any strides, including a non-unit last one.
 """
 
@@ -74,6 +78,29 @@ def _allowed(pos_q, kind_q, grp_q, pos_k, kind_k, grp_k, tile_kind, topology):
         vis = tl.where(kind_q == _VISUAL, visual_ok, (kind_q == _VOCO) & same_group)
         ok = ok & (kind_k != _PAD) & ((kind_k != _VISUAL) | vis)
     return ok
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from exp (libdevice's is not available under TRITON_INTERPRET): ``(1 - e) / (1 + e)`` with
+    ``e = exp(-2|x|)`` (never overflows; exactly +-1 at +-inf), and near 0, where ``1 - e`` cancels,
+    the odd Taylor series to x^9 (relative error < 1e-8 for |x| < 1/4). About 3e-7 relative overall."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    poly = a * (1.0 + x2 * (-1.0 / 3 + x2 * (2.0 / 15 + x2 * (-17.0 / 315 + x2 * (62.0 / 2835)))))
+    t = tl.where(a < 0.25, poly, t)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _capped(s, softcap, inv_softcap):
+    """Soft-capping of log2-domain scores ``s`` (natural score times log2(e)): returns the capped
+    scores ``c tanh(s_nat / c)``, again in the log2 domain, and ``t = tanh(s_nat / c)`` (the backward's
+    derivative is ``1 - t^2``). ``c * t`` is formed before the log2(e) factor, so no cap overflows."""
+    t = _tanh(s * (_LN2_C * inv_softcap))
+    return (softcap * t) * _LOG2E_C, t
 
 
 @triton.jit
@@ -137,8 +164,9 @@ def _star_fwd_kernel(
     Hq, GROUP, Sq, Skv, D, n_cols,
     qk_scale,  # softmax scale * log2(e)
     topology,  # 0 star, 1 group (runtime: one compiled kernel for both)
+    softcap, inv_softcap,  # the cap c and 1/c (read only when SOFTCAP)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr, F32_DOTS: tl.constexpr,
+    PREC: tl.constexpr, F32_DOTS: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # fmt: on
     n_qt = tl.cdiv(Sq, BLOCK_M)
@@ -185,6 +213,8 @@ def _star_fwd_kernel(
             kd = tl.load(k_base + pos64[:, None] * sks + dd[None, :] * skd, mask=ld_diag, other=0.0)
             vd = tl.load(v_base + pos64[:, None] * svs + dd[None, :] * svd, mask=ld_diag, other=0.0)
             sd = tl.sum(q.to(tl.float32) * kd.to(tl.float32), axis=1) * qk_scale
+            if SOFTCAP:
+                sd, _t = _capped(sd, softcap, inv_softcap)
             sd = tl.where(on, sd, float("-inf"))
             m_new = tl.maximum(m_i, sd)
             ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -205,6 +235,8 @@ def _star_fwd_kernel(
             k = k.to(tl.float32) if F32_DOTS else k
             v = v.to(tl.float32) if F32_DOTS else v
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            if SOFTCAP:  # before the mask: masked scores are replaced below
+                s, _t = _capped(s, softcap, inv_softcap)
             ok = _allowed(
                 pos_q[:, None],
                 kind_q[:, None],
@@ -289,8 +321,9 @@ def _star_bwd_dq_kernel(
     s_lay, stb, str_, snb,
     Hq, GROUP, Sq, Skv, D, n_cols, qk_scale, scale,
     topology,  # 0 star, 1 group (runtime: one compiled kernel for both)
+    softcap, inv_softcap,  # the cap c and 1/c (read only when SOFTCAP)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr, F32_DOTS: tl.constexpr,
+    PREC: tl.constexpr, F32_DOTS: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # fmt: on
     """dQ of one query tile of one head: dq_i = scale * sum_j dS_ij k_j over the tile's row list."""
@@ -341,9 +374,14 @@ def _star_bwd_dq_kernel(
             vd = tl.load(v_base + pos64[:, None] * svs + dd[None, :] * svd, mask=ld_diag, other=0.0)
             vd = vd.to(tl.float32)
             sd = tl.sum(q.to(tl.float32) * kd, axis=1) * qk_scale
+            if SOFTCAP:
+                sd, td = _capped(sd, softcap, inv_softcap)
             pd = tl.exp2(tl.where(on, sd - lse2, float("-inf")))
             dpd = tl.sum(do.to(tl.float32) * vd, axis=1)
-            dsd = tl.where(on, pd * (dpd - delta), 0.0)
+            dsd = pd * (dpd - delta)
+            if SOFTCAP:  # d capped / d score = 1 - t^2
+                dsd = dsd * (1.0 - td * td)
+            dsd = tl.where(on, dsd, 0.0)
             dq += dsd[:, None] * kd
         else:
             cols = k0 + tl.arange(0, BLOCK_N)
@@ -367,9 +405,14 @@ def _star_bwd_dq_kernel(
                 topology,
             )
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            if SOFTCAP:
+                s, t = _capped(s, softcap, inv_softcap)
             p = tl.exp2(tl.where(ok, s - lse2[:, None], float("-inf")))
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            ds = tl.where(ok, ds, 0.0)  # a select: NaN at masked pairs (non-finite k or v) goes nowhere
             if tk == _FULL:
                 dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
             else:
@@ -395,8 +438,9 @@ def _star_bwd_dkdv_kernel(
     s_lay, stb, str_, snb,
     Hq, Hkv, GROUP, Sq, Skv, D, n_rows, qk_scale, scale,
     topology,  # 0 star, 1 group (runtime: one compiled kernel for both)
+    softcap, inv_softcap,  # the cap c and 1/c (read only when SOFTCAP)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr, F32_DOTS: tl.constexpr,
+    PREC: tl.constexpr, F32_DOTS: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # fmt: on
     """dK, dV of one key tile of one kv head: the query tiles of its column list, for each of them
@@ -451,9 +495,14 @@ def _star_bwd_dkdv_kernel(
                 qf = qd.to(tl.float32)
                 dof = dod.to(tl.float32)
                 sd = tl.sum(qf * k.to(tl.float32), axis=1) * qk_scale
+                if SOFTCAP:
+                    sd, td = _capped(sd, softcap, inv_softcap)
                 pd = tl.exp2(tl.where(on, sd - lse2, float("-inf")))
                 dpd = tl.sum(dof * v.to(tl.float32), axis=1)
-                dsd = tl.where(on, pd * (dpd - delta), 0.0)
+                dsd = pd * (dpd - delta)
+                if SOFTCAP:
+                    dsd = dsd * (1.0 - td * td)
+                dsd = tl.where(on, dsd, 0.0)
                 dv += pd[:, None] * dof
                 dk += dsd[:, None] * qf
         else:
@@ -489,9 +538,14 @@ def _star_bwd_dkdv_kernel(
                 lse2 = tl.load(LSE + b * slb + h * slh + rows, mask=live_q, other=0.0) * _LOG2E_C
                 delta = tl.load(DELTA + (b * Hq + h) * Sq + rows, mask=live_q, other=0.0)
                 sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+                if SOFTCAP:
+                    sT, tT = _capped(sT, softcap, inv_softcap)
                 pT = tl.exp2(tl.where(okT, sT - lse2[None, :], float("-inf")))
                 dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-                dsT = tl.where(okT, pT * (dpT - delta[None, :]), 0.0)
+                dsT = pT * (dpT - delta[None, :])
+                if SOFTCAP:
+                    dsT = dsT * (1.0 - tT * tT)
+                dsT = tl.where(okT, dsT, 0.0)
                 if tk == _FULL:
                     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
                     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
@@ -627,7 +681,9 @@ def _new_output(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _check_args(q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, block_q, block_k, topology):
+def _check_args(
+    q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, block_q, block_k, topology, softcap
+):
     """Shape/dtype checks of a raw op call (the public function has validated already): ValueError."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
         raise ValueError("star_attention_triton: q, k, v must be 4-D [B, H, S, D] with k.shape == v.shape")
@@ -667,9 +723,24 @@ def _check_args(q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, bl
             )
     if topology not in (0, 1):
         raise ValueError(f"star_attention_triton: topology must be 0 (star) or 1 (group), got {topology}")
+    if not (softcap == 0.0 or _F32_TINY <= softcap <= _F32_MAX):  # NaN fails both
+        raise ValueError(
+            "star_attention_triton: softcap must be 0 (no capping) or a positive normal float32, "
+            f"got {softcap}"
+        )
     for t in (k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts):
         if t.device != q.device:
             raise ValueError(f"star_attention_triton: all tensors must be on {q.device}")
+
+
+_F32_TINY = torch.finfo(torch.float32).tiny
+_F32_MAX = torch.finfo(torch.float32).max
+
+
+def _cap_args(softcap: float) -> dict:
+    """The kernels' soft-capping arguments (softcap 0: no capping, SOFTCAP False)."""
+    on = softcap != 0.0
+    return {"softcap": softcap, "inv_softcap": 1.0 / softcap if on else 0.0, "SOFTCAP": on}
 
 
 def _block_d(d) -> int:
@@ -708,12 +779,16 @@ def star_attention_triton(
     block_k: int,
     topology: int,
     scale: float,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward. q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` (fp32/bf16/fp16, any strides), kinds
     int8 / groups int32 ``[Bp, Skv]``, tile lists of the plan for (Sq, block_q, block_k) from
     :func:`tile_lists` -> out ``[B, Hq, Sq, D]`` (q's dtype), lse ``[B, Hq, Sq]`` float32 (natural
-    log; -inf on PAD rows). k_tiles/k_counts are unused here (the backward reads them)."""
-    _check_args(q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, block_q, block_k, topology)
+    log of the (capped) scores; -inf on PAD rows). k_tiles/k_counts are unused here (the backward
+    reads them). softcap c > 0: scores ``s`` become ``c * tanh(s / c)``; 0: no capping."""
+    _check_args(
+        q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, block_q, block_k, topology, softcap
+    )
     kinds, groups, q_tiles, q_counts = (t.contiguous() for t in (kinds, groups, q_tiles, q_counts))
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
@@ -729,14 +804,14 @@ def star_attention_triton(
         lay, tb, q_tiles.stride(1), nb,
         hq, hq // hkv, sq, skv, d, q_tiles.shape[2], scale * _LOG2E, topology,
         BLOCK_M=block_q, BLOCK_N=block_k,
-        BLOCK_D=_block_d(d), PREC=_prec(q.dtype), F32_DOTS=_f32_dots(q.dtype),
+        BLOCK_D=_block_d(d), PREC=_prec(q.dtype), F32_DOTS=_f32_dots(q.dtype), **_cap_args(softcap),
         **_launch(q.device, d, q.dtype, sq, backward=False),
     )  # fmt: skip
     return out, lse
 
 
 @star_attention_triton.register_fake
-def _(q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, block_q, block_k, topology, scale):
+def _(q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, *args):
     # Explicit fake: under TRITON_INTERPRET=1 the traced body would interpret on FakeTensors.
     b, hq, sq, _d = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
@@ -763,11 +838,14 @@ def star_attention_triton_backward(
     block_k: int,
     topology: int,
     scale: float,
+    softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of :func:`star_attention_triton`: dout like out (any strides), out/lse from the
-    forward, grad_lse ``[B, Hq, Sq]`` float32 or None (the gradient reaching lse directly) ->
-    dq, dk, dv (shapes and dtypes of q, k, v). Deterministic: no atomics."""
-    _check_args(q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, block_q, block_k, topology)
+    forward, grad_lse ``[B, Hq, Sq]`` float32 or None (the gradient reaching lse directly), scale and
+    softcap the forward's -> dq, dk, dv (shapes and dtypes of q, k, v). Deterministic: no atomics."""
+    _check_args(
+        q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, block_q, block_k, topology, softcap
+    )
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     if dout.shape != q.shape or out.shape != q.shape or lse.shape != (b, hq, sq):
@@ -795,7 +873,7 @@ def star_attention_triton_backward(
     )  # fmt: skip
     common = dict(
         BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, PREC=_prec(q.dtype),
-        F32_DOTS=_f32_dots(q.dtype),
+        F32_DOTS=_f32_dots(q.dtype), **_cap_args(softcap),
     )  # fmt: skip
     tb = 0 if q_tiles.shape[0] == 1 else q_tiles.stride(0)
     nb = 0 if q_counts.shape[0] == 1 else q_counts.stride(0)
@@ -829,10 +907,10 @@ def _(dout, q, k, v, out, lse, grad_lse, kinds, groups, q_tiles, q_counts, k_til
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, block_q, block_k, topology, scale = inputs
+    q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, *args = inputs  # args: block_q .. softcap
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, kinds, groups, q_tiles, q_counts, k_tiles, k_counts)
-    ctx.args = (block_q, block_k, topology, scale)
+    ctx.args = tuple(args)
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -842,7 +920,7 @@ def _backward(ctx, grad_out, grad_lse):
     dq, dk, dv = torch.ops.htc.star_attention_triton_backward(
         grad_out, q, k, v, out, lse, grad_lse, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, *ctx.args
     )
-    return dq, dk, dv, *([None] * 10)
+    return dq, dk, dv, *([None] * 11)
 
 
 # At import, not on first call: torch.compile cannot trace a registration, but it runs an import natively,

@@ -1,0 +1,798 @@
+// CPU star attention, forward and backward (DESIGN.md §2, §4): FlashAttention-2 style tiled online
+// softmax over the block plan. Skipped tiles cost nothing; DIAG tiles (visual self-only) cost a row-wise
+// dot; FULL/CAUSAL/MASKED tiles are fp32 micro-GEMMs over the key columns that can be attended (a MASKED
+// tile is trimmed to its first..last allowed key). Inputs fp32/bf16/fp16, accumulation in fp32. Only the
+// log-sum-exp is saved for backward; scratch is O(tile) per task plus O(S*D) per task in backward.
+// Optional logit soft-capping (softcap c > 0: scores s -> c tanh(s / c) before the mask) is a template
+// parameter of both passes; the backward recomputes t = tanh(s / c) and scales dS by 1 - t^2.
+//
+// Layouts inside a task: the query tile is kept transposed (qT [D][BQp]) so that scores are produced
+// key-major, sT[j][i] = k_j . q_i, with queries along the vector lanes; the online-softmax statistics of
+// a whole query tile are then plain vector ops over i.
+//
+// This header holds the kernels; star_attention_cpu.cpp instantiates the uncapped ones next to the op
+// entry points and star_attention_cpu_capped.cpp the soft-capped ones. Two translation units because
+// GCC's inlining budget is per unit: instantiated in the same unit, the capped kernels changed how the
+// uncapped backward was inlined (its task loop grew by 9% and ran 15-35% slower at the LLaVA shape).
+// Everything stays in an anonymous namespace: each unit has its own copy, inlined as before.
+#pragma once
+#include "common/vec.h"  // first: selects the at::vec ISA (see the header)
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <type_traits>
+#include <unordered_map>
+#include <vector>
+
+#include "common/gemm.h"
+#include "star_attention/star_checks.h"
+#include "star_attention/star_mask.h"
+#include "star_attention/star_tile_math.h"
+namespace htc {
+namespace {
+
+
+using cpu::gemm;
+using cpu::kVL;
+using cpu::round_up;
+using cpu::Vec;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+template <typename T>
+inline float to_f(T x) {
+  return static_cast<float>(x);
+}
+
+// dst[0:Dp] = src[0:D] * mul, zero padded.
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t D, int64_t Dp, float mul) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = to_f(src[d]) * mul;
+  for (int64_t d = D; d < Dp; ++d) dst[d] = 0.f;
+}
+
+// Software prefetch of one row a few rows ahead: DIAG tiles and tile loads stream rows from DRAM with
+// only a short computation per row, too little for the hardware prefetcher to hide the latency.
+constexpr int64_t kPrefetchRows = 8;
+template <typename T>
+inline void prefetch_row(const T* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+}
+
+// dst[0:D] = src[0:D] * mul in T. Output rows are written once and never read back here, so fp32
+// rows that are whole aligned cache lines go out with streaming stores (no read-for-ownership of the
+// destination lines: a third less DRAM traffic for the output).
+template <typename T>
+inline void store_row(T* dst, const float* src, int64_t D, float mul) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (D % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+      const __m512 m = _mm512_set1_ps(mul);
+      for (int64_t d = 0; d < D; d += 16) _mm512_stream_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(src + d), m));
+      return;
+    }
+  }
+#endif
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d] * mul);
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {  // n % kVL == 0
+  Vec acc(0.f);
+  for (int64_t d = 0; d < n; d += kVL) acc = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc);
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+}
+
+inline void axpby(float* y, float beta, float alpha, const float* x, int64_t n) {  // y = beta*y + alpha*x
+  const Vec va(alpha), vb(beta);
+  for (int64_t d = 0; d < n; d += kVL)
+    at::vec::fmadd(va, Vec::loadu(x + d), vb * Vec::loadu(y + d)).store(y + d);
+}
+
+// Problem geometry shared by forward and backward.
+struct Geometry {
+  int64_t B, Hq, Hkv, Sq, Skv, D, Dp, bq, bk, BQp, n_qt, n_kt, q_off, plan_batch;
+  int topology;
+  float scale;
+  float softcap, inv_softcap;  // kernels instantiated with kCap only (softcap > 0)
+
+  // Parallel grain: problems below ~4M multiply-adds (typical decode steps) run on the calling
+  // thread, where waking the thread pool would cost more than the work itself.
+  int64_t grain(int64_t n_tasks) const {
+    // In double: the product of five sizes can exceed int64 on huge (but valid) problems.
+    const double work = static_cast<double>(B) * Hq * Sq * Skv * D;
+    return work < static_cast<double>(int64_t{1} << 22) ? std::max<int64_t>(n_tasks, 1) : 1;
+  }
+};
+
+// Per query tile: key-sequence position, kind and group of each row (rows past the end are PAD).
+struct Rows {
+  std::vector<int32_t> pos, kind, group;
+  int64_t r0 = 0, m = 0;
+  void fill(const Geometry& g, const int8_t* kinds, const int32_t* groups, int64_t qt) {
+    pos.assign(g.BQp, -1);
+    kind.assign(g.BQp, kPad);
+    group.assign(g.BQp, -1);
+    r0 = qt * g.bq;
+    m = std::min(g.bq, g.Sq - r0);
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t p = r0 + i + g.q_off;
+      pos[i] = static_cast<int32_t>(p);
+      kind[i] = kinds[p];
+      group[i] = groups[p];
+    }
+  }
+};
+
+// The part of a tile that has work: keys [jlo, jhi) and query rows [ilo, ihi) with any allowed pair
+// left for the GEMMs, whether some rows were handed to the row-wise diagonal path instead, and whether
+// the GEMMs' rectangle holds masked pairs ("partial"): there a product with a masked operand is 0 only
+// if that operand is finite (masked means never read: see forward_impl/backward_impl).
+struct Span {
+  int64_t jlo, jhi, ilo, ihi;
+  bool diag_rows;
+  bool partial;
+  bool empty() const { return jhi <= jlo; }
+};
+
+// Allowed-key mask of one CAUSAL or MASKED tile (any other non-SKIP/FULL/DIAG value of a raw caller's
+// plan is evaluated element-wise too), key-major: mask[j * BQp + i], and the span of the
+// tile that has work (the GEMMs are trimmed to it). This is star_allowed (star_mask.h) specialised per
+// key so the row loop vectorises; tests check it against the reference.
+// Rows whose only allowed key in the tile is their own position (visual rows in a tile that also holds
+// a <voco> or text row) are flagged in diag_only and removed from the mask: a row-wise dot handles
+// them, as in DIAG tiles, instead of a GEMM lane each.
+inline Span tile_mask(const Geometry& g, uint8_t tk, const int8_t* kinds, const int32_t* groups,
+                      const Rows& rows, int64_t k0, int64_t nk, uint8_t* mask, int32_t* row_count,
+                      uint8_t* diag_only) {
+  std::fill(row_count, row_count + g.BQp, 0);
+  std::fill(diag_only, diag_only + g.BQp, 0);
+  const int32_t* pos = rows.pos.data();
+  const int32_t* qkind = rows.kind.data();
+  const int32_t* qgroup = rows.group.data();
+  const int64_t n = g.BQp;
+  for (int64_t j = 0; j < nk; ++j) {
+    const int32_t pj = static_cast<int32_t>(k0 + j), kj = kinds[pj], gj = groups[pj];
+    uint8_t* mj = mask + j * n;
+    if (tk == kCausal) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) mj[i] = static_cast<uint8_t>(pj <= pos[i]);
+    } else if (kj == kPad) {
+      for (int64_t i = 0; i < n; ++i) mj[i] = 0;
+    } else if (kj != kVisual) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) mj[i] = static_cast<uint8_t>((pj <= pos[i]) & (qkind[i] != kPad));
+    } else {
+      const int star = g.topology == kStar;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const int same = qgroup[i] == gj;
+        const int vis = (qkind[i] == kVisual) & (star ? (pj == pos[i]) : same);
+        mj[i] = static_cast<uint8_t>((pj <= pos[i]) & (vis | ((qkind[i] == kVoco) & same)));
+      }
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) row_count[i] += mj[i];
+  }
+  bool diag_rows = false;
+  if (tk == kMasked) {
+    for (int64_t i = 0; i < rows.m; ++i) {
+      const int64_t j = pos[i] - k0;
+      if (row_count[i] == 1 && j >= 0 && j < nk && mask[j * n + i]) {
+        diag_only[i] = 1;
+        mask[j * n + i] = 0;
+        row_count[i] = 0;
+        diag_rows = true;
+      }
+    }
+  }
+  int64_t ilo = 0, ihi = 0;
+  while (ilo < rows.m && row_count[ilo] == 0) ++ilo;
+  for (int64_t i = ilo; i < rows.m; ++i)
+    if (row_count[i] != 0) ihi = i + 1;
+  int64_t jlo = nk, jhi = 0;
+  for (int64_t j = 0; j < nk && ihi > ilo; ++j) {
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t i = ilo; i < ihi; ++i) any |= mask[j * n + i];
+    if (any) {
+      jlo = std::min(jlo, j);
+      jhi = j + 1;
+    }
+  }
+  bool partial = false;
+  for (int64_t j = jlo; j < jhi && !partial; ++j) {
+    int all = 1;
+#pragma omp simd reduction(& : all)
+    for (int64_t i = ilo; i < ihi; ++i) all &= mask[j * n + i];
+    partial = !all;
+  }
+  return {jlo, jhi, ilo, ihi, diag_rows, partial};
+}
+
+// Tile masks depend on the layout, not on the head: each thread computes a tile's mask once and reuses
+// it for every head it processes (tasks run head-major, so the same tiles come back once per head).
+// Bounded: past kMaxBytes of cached masks it recomputes instead of caching.
+class TileMaskCache {
+ public:
+  explicit TileMaskCache(const Geometry& g)
+      : g_(g), mask_(g.bk * g.BQp), diag_(g.BQp), row_count_(g.BQp) {}
+
+  // The span of (CAUSAL or MASKED) tile kt of query tile qt; *mask points at its mask rows [jlo, jhi)
+  // (row stride BQp) and *diag_only at the rows handed to the diagonal path.
+  Span get(uint8_t tk, const int8_t* kinds, const int32_t* groups, const Rows& rows, int64_t bl,
+           int64_t qt, int64_t kt, int64_t k0, int64_t nk, const uint8_t** mask,
+           const uint8_t** diag_only) {
+    const int64_t key = (bl * g_.n_qt + qt) * g_.n_kt + kt;
+    const auto it = index_.find(key);
+    if (it != index_.end()) {
+      *diag_only = arena_.data() + it->second.offset;
+      *mask = *diag_only + g_.BQp;
+      return it->second.span;
+    }
+    const Span sp = tile_mask(g_, tk, kinds, groups, rows, k0, nk, mask_.data(), row_count_.data(),
+                              diag_.data());
+    const int64_t rows_bytes = sp.empty() ? 0 : (sp.jhi - sp.jlo) * g_.BQp;
+    const int64_t bytes = g_.BQp + rows_bytes;
+    if (static_cast<int64_t>(arena_.size()) + bytes > kMaxBytes) {
+      *diag_only = diag_.data();
+      *mask = mask_.data() + (sp.empty() ? 0 : sp.jlo * g_.BQp);
+      return sp;
+    }
+    const size_t offset = arena_.size();
+    arena_.insert(arena_.end(), diag_.begin(), diag_.end());
+    if (rows_bytes) arena_.insert(arena_.end(), mask_.begin() + sp.jlo * g_.BQp, mask_.begin() + sp.jhi * g_.BQp);
+    index_.emplace(key, Entry{sp, offset});
+    *diag_only = arena_.data() + offset;
+    *mask = *diag_only + g_.BQp;
+    return sp;
+  }
+
+ private:
+  static constexpr int64_t kMaxBytes = int64_t{16} << 20;
+  struct Entry {
+    Span span;
+    size_t offset;
+  };
+  const Geometry& g_;
+  std::vector<uint8_t> mask_, diag_;
+  std::vector<int32_t> row_count_;
+  std::vector<uint8_t> arena_;
+  std::unordered_map<int64_t, Entry> index_;
+};
+
+// sT[j][i] = k_j . q_i for keys [0, nj) and rows [ilo, ihi) (at least those lanes): a GEMM over the
+// vector-aligned row range, or dot products when only a few rows have work (e.g. one <voco> row
+// against whole visual tiles), where a GEMM would compute a vector width of rows per useful one.
+inline void scores(const Geometry& g, float* sT, const float* key, int64_t ldk, const float* qT,
+                   const float* q_row, int64_t nj, const Span& sp, cpu::PrefetchStream* pf = nullptr) {
+  constexpr int64_t kThinRows = 2;
+  if (sp.ihi - sp.ilo <= kThinRows) {
+    for (int64_t i = sp.ilo; i < sp.ihi; ++i)
+      for (int64_t j = 0; j < nj; ++j) sT[j * g.BQp + i] = dot(key + j * ldk, q_row + i * g.Dp, g.Dp);
+    return;
+  }
+  const int64_t i0 = sp.ilo / kVL * kVL, i1 = round_up(sp.ihi, kVL);
+  gemm(sT + i0, g.BQp, key, ldk, 1, qT + i0, g.BQp, nj, i1 - i0, g.D, false, pf);
+}
+
+inline void apply_mask(float* sT, const uint8_t* mask, int64_t nj, int64_t n) {
+  for (int64_t j = 0; j < nj; ++j) {
+    float* s = sT + j * n;
+    const uint8_t* m = mask + j * n;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) s[i] = m[i] ? s[i] : kNegInf;
+  }
+}
+
+// Logit soft-capping (Gemma2), s -> c tanh(s / c), on vectors of scores (ATen's vectorised tanh: SLEEF,
+// 1 ulp). Callers apply it before the mask: a masked -inf must stay -inf, not become -c.
+inline Vec cap_vec(const Geometry& g, const Vec& s) { return Vec(g.softcap) * (s * Vec(g.inv_softcap)).tanh(); }
+
+// The scores sT[j][i] of keys [0, nj) and the vector lanes holding rows [ilo, ihi), capped in place.
+inline void cap_scores(const Geometry& g, float* sT, int64_t nj, const Span& sp) {
+  for (int64_t j = 0; j < nj; ++j)
+    for (int64_t i0 = sp.ilo / kVL * kVL; i0 < sp.ihi; i0 += kVL)
+      cap_vec(g, Vec::loadu(sT + j * g.BQp + i0)).store(sT + j * g.BQp + i0);
+}
+
+// --- Masked means never read (DESIGN.md §2) -------------------------------------------------------
+// Masked pairs are excluded by select (scores -> -inf, p = 0, dS -> 0), but inside a GEMM 0 * NaN =
+// NaN: a non-finite K/V row that some row of the GEMM may not attend would still reach that row.
+// PAD query rows are loaded as zeros (load_tile); FULL tiles have no masked pair; in the other tiles
+// whose GEMM rectangle holds a masked pair (Span::partial) the K or V rows a GEMM multiplies by those
+// zeros are checked for finiteness (each row once per head and thread), and a tile with a non-finite
+// one takes gemm_except_bad: exact, and rare.
+
+// Is row[0:D] all finite? Bit test of the exponent (integer ops only, so it vectorises).
+template <typename T>
+inline bool row_is_finite(const T* row, int64_t D) {
+  int bad = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    typedef uint32_t __attribute__((__may_alias__)) u32;
+    const u32* u = reinterpret_cast<const u32*>(row);
+    for (int64_t d = 0; d < D; ++d) bad |= (u[d] & 0x7f800000u) == 0x7f800000u;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (int64_t d = 0; d < D; ++d) bad |= (row[d].x & 0x7f80u) == 0x7f80u;
+  } else {
+    static_assert(std::is_same_v<T, c10::Half>);
+    for (int64_t d = 0; d < D; ++d) bad |= (row[d].x & 0x7c00u) == 0x7c00u;
+  }
+  return !bad;
+}
+
+// Finiteness of the rows of one (batch, kv head) of K or V, computed on first use and remembered
+// while the owner stays the same.
+class FiniteRows {
+ public:
+  void own(int64_t owner, int64_t n_rows) {
+    if (owner == owner_) return;
+    owner_ = owner;
+    state_.assign(n_rows, kUnknown);
+  }
+  // Rows [j0, j0 + n) of `base` (row stride `stride`, D elements): are they all finite?
+  template <typename T>
+  bool all_finite(const T* base, int64_t stride, int64_t D, int64_t j0, int64_t n) {
+    bool ok = true;
+    for (int64_t j = j0; j < j0 + n; ++j) {
+      if (state_[j] == kUnknown) state_[j] = row_is_finite(base + j * stride, D) ? kFinite : kBad;
+      ok &= state_[j] == kFinite;
+    }
+    return ok;
+  }
+  bool finite(int64_t j) const { return state_[j] == kFinite; }  // rows all_finite has seen
+
+ private:
+  static constexpr int8_t kUnknown = -1, kBad = 0, kFinite = 1;
+  int64_t owner_ = -1;
+  std::vector<int8_t> state_;
+};
+
+// C[i][:] += sum_j W[j * BQp + i] * R_j over rows i in [ilo, ihi) and keys j in [0, nj) (the forward's
+// acc += P V and the backward's dq += dS K) in a partial tile where some R_j (row k0 + j of `base`) is
+// not finite. W is 0 at masked pairs, but 0 * NaN = NaN: the GEMM runs on R with those rows zeroed,
+// then each of them is added to the rows i that may attend it (mask[j * BQp + i]) only.
+template <typename T>
+inline void gemm_except_bad(const Geometry& g, float* C, const float* W, const uint8_t* mask, const T* base,
+                            int64_t stride, int64_t k0, int64_t nj, int64_t ilo, int64_t ihi,
+                            const FiniteRows& fin, float* buf, float* row) {
+  for (int64_t j = 0; j < nj; ++j) {
+    if (fin.finite(k0 + j))
+      load_row(base + (k0 + j) * stride, buf + j * g.Dp, g.D, g.Dp, 1.f);
+    else
+      std::fill(buf + j * g.Dp, buf + (j + 1) * g.Dp, 0.f);
+  }
+  gemm(C + ilo * g.Dp, g.Dp, W + ilo, 1, g.BQp, buf, g.Dp, ihi - ilo, g.Dp, nj, true);
+  for (int64_t j = 0; j < nj; ++j) {
+    if (fin.finite(k0 + j)) continue;
+    load_row(base + (k0 + j) * stride, row, g.D, g.Dp, 1.f);
+    for (int64_t i = ilo; i < ihi; ++i)
+      if (mask[j * g.BQp + i]) axpby(C + i * g.Dp, 1.f, W[j * g.BQp + i], row, g.Dp);
+  }
+}
+
+// Rows [k0, k0+nk) of one head of K or V as fp32 rows of stride *ld: the tensor itself when it is
+// fp32 with D a multiple of the vector width, else converted into `buf` (zero padded to Dp).
+template <typename T>
+inline const float* key_rows(const T* base, int64_t stride, const Geometry& g, int64_t k0, int64_t nk,
+                             float* buf, int64_t* ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (g.D == g.Dp) {
+      *ld = stride;
+      return base + k0 * stride;
+    }
+  }
+  for (int64_t j = 0; j < nk; ++j) load_row(base + (k0 + j) * stride, buf + j * g.Dp, g.D, g.Dp, 1.f);
+  *ld = g.Dp;
+  return buf;
+}
+
+// The query tile (or dO tile) of `rows`, scaled by `mul`, row-major [BQp][Dp] and transposed [D][BQp].
+// Rows past rows.m keep stale finite values: they only feed lanes that are never read back. PAD rows
+// are zeros whatever the tensor holds there: they share GEMMs with other rows (masked means never read).
+template <typename T>
+inline void load_tile(const T* base, int64_t stride, const Geometry& g, const Rows& rows, float mul,
+                      float* row_major, float* transposed) {
+  for (int64_t i = 0; i < rows.m; ++i) {
+    if (i + kPrefetchRows < rows.m) prefetch_row(base + (rows.r0 + i + kPrefetchRows) * stride, g.D);
+    if (rows.kind[i] == kPad)
+      std::fill(row_major + i * g.Dp, row_major + (i + 1) * g.Dp, 0.f);
+    else
+      load_row(base + (rows.r0 + i) * stride, row_major + i * g.Dp, g.D, g.Dp, mul);
+  }
+  at::vec::transpose_mxn<float>(row_major, g.Dp, transposed, g.BQp, static_cast<int>(rows.m),
+                                static_cast<int>(g.D));
+}
+
+// kCap: logit soft-capping (a template parameter: the uncapped kernel has no trace of it).
+template <typename T, bool kCap>
+void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const int8_t* kinds, const int32_t* groups, const uint8_t* plan, at::Tensor& out,
+                  at::Tensor& lse) {
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  float* lp = lse.data_ptr<float>();
+  const int64_t group_size = g.Hq / g.Hkv;
+
+  const int64_t n_tasks = g.B * g.Hq * g.n_qt;
+  at::parallel_for(0, n_tasks, g.grain(n_tasks), [&](int64_t begin, int64_t end) {
+    const int64_t BQp = g.BQp, Dp = g.Dp;
+    std::vector<float> q_row(BQp * Dp), qT(g.D * BQp), acc(BQp * Dp), sT(g.bk * BQp);
+    std::vector<float> kbuf(g.bk * Dp), vbuf(g.bk * Dp), m_i(BQp), l_i(BQp), alpha(BQp), s_diag(BQp);
+    std::vector<float> bad_row(Dp);
+    std::vector<uint8_t> diag_only(BQp);
+    TileMaskCache masks(g);
+    FiniteRows v_finite;
+    Rows rows;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (g.Hq * g.n_qt), h = (task / g.n_qt) % g.Hq, qt = task % g.n_qt;
+      const int64_t hk = h / group_size, bl = g.plan_batch == 1 ? 0 : b;
+      const int8_t* kin = kinds + bl * g.Skv;
+      const int32_t* grp = groups + bl * g.Skv;
+      v_finite.own(b * g.Hkv + hk, g.Skv);
+      rows.fill(g, kin, grp, qt);
+      const T* qh = qp + b * q.stride(0) + h * q.stride(1);
+      const T* kh = kp + b * k.stride(0) + hk * k.stride(1);
+      const T* vh = vp + b * v.stride(0) + hk * v.stride(1);
+      load_tile(qh, q.stride(2), g, rows, g.scale, q_row.data(), qT.data());
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m_i.begin(), m_i.end(), kNegInf);
+      std::fill(l_i.begin(), l_i.end(), 0.f);
+
+      // Rows with sel[i] attend only their own key pos[i] within the current tile: one dot each, then
+      // the online-softmax step for all of them as vector ops over the tile's rows, then one axpy each.
+      auto diag_update = [&](const uint8_t* sel) {
+        int64_t lo = rows.m, hi = 0;
+        for (int64_t i = 0; i < BQp; ++i) {
+          s_diag[i] = kNegInf;
+          // Spread over this memory-bound loop: the next query tile's rows (usually the next task's).
+          if (rows.r0 + g.bq + i < g.Sq && i < g.bq) prefetch_row(qh + (rows.r0 + g.bq + i) * q.stride(2), g.D);
+          if (i >= rows.m || !sel[i]) continue;
+          const int64_t p = rows.pos[i];
+          if (i + kPrefetchRows < rows.m) prefetch_row(kh + (p + kPrefetchRows) * k.stride(2), g.D);
+          int64_t ld;
+          s_diag[i] = dot(q_row.data() + i * Dp, key_rows(kh, k.stride(2), g, p, 1, kbuf.data(), &ld), Dp);
+          lo = std::min(lo, i);
+          hi = i + 1;
+        }
+        if (hi == 0) return;
+        for (int64_t i0 = lo / kVL * kVL; i0 < hi; i0 += kVL) {
+          Vec sd = Vec::loadu(s_diag.data() + i0);
+          const Vec m_old = Vec::loadu(m_i.data() + i0);
+          if constexpr (kCap) sd = Vec::blendv(cap_vec(g, sd), sd, sd == Vec(kNegInf));  // unselected rows stay -inf
+          const Vec mx = at::vec::maximum(m_old, sd);
+          const Vec ref = Vec::blendv(mx, Vec(0.f), mx == Vec(kNegInf));
+          const Vec a = (m_old - ref).exp_u20(), e = (sd - ref).exp_u20();
+          (Vec::loadu(l_i.data() + i0) * a + e).store(l_i.data() + i0);
+          mx.store(m_i.data() + i0);
+          a.store(alpha.data() + i0);
+          e.store(s_diag.data() + i0);
+        }
+        for (int64_t i = lo; i < hi; ++i) {
+          if (!sel[i]) continue;
+          const int64_t p = rows.pos[i];
+          if (i + kPrefetchRows < rows.m) prefetch_row(vh + (p + kPrefetchRows) * v.stride(2), g.D);
+          int64_t ld;
+          axpby(acc.data() + i * Dp, alpha[i], s_diag[i], key_rows(vh, v.stride(2), g, p, 1, vbuf.data(), &ld), Dp);
+        }
+      };
+
+      const uint8_t* tiles = plan + (bl * g.n_qt + qt) * g.n_kt;
+      // The next task is usually the next query tile of this head. While this tile's GEMMs run, stream
+      // in the K/V rows at its positions (its diagonal, read row by row from DRAM otherwise).
+      const int64_t next_r0 = rows.r0 + g.bq, next_rows = std::max<int64_t>(0, std::min(g.bq, g.Sq - next_r0));
+      cpu::PrefetchStream next_k(kh + (next_r0 + g.q_off) * k.stride(2), k.stride(2) * sizeof(T), next_rows,
+                                 g.D * sizeof(T));
+      cpu::PrefetchStream next_v(vh + (next_r0 + g.q_off) * v.stride(2), v.stride(2) * sizeof(T), next_rows,
+                                 g.D * sizeof(T));
+      for (int64_t kt = 0; kt < g.n_kt; ++kt) {
+        const uint8_t tk = tiles[kt];
+        if (tk == kSkip) continue;
+        const int64_t k0 = kt * g.bk, nk = std::min(g.bk, g.Skv - k0);
+        if (tk == kDiag) {
+          for (int64_t i = 0; i < rows.m; ++i)
+            diag_only[i] = rows.pos[i] >= k0 && rows.pos[i] < k0 + nk && rows.kind[i] != kPad;
+          diag_update(diag_only.data());
+          continue;
+        }
+        const uint8_t* tmask = nullptr;
+        const uint8_t* tdiag = nullptr;
+        const Span sp = tk == kFull ? Span{0, nk, 0, rows.m, false, false}
+                                    : masks.get(tk, kin, grp, rows, bl, qt, kt, k0, nk, &tmask, &tdiag);
+        if (sp.diag_rows) diag_update(tdiag);
+        if (sp.empty()) continue;
+        const int64_t nj = sp.jhi - sp.jlo, mi = sp.ihi - sp.ilo;
+        // Scores of masked pairs are replaced by select (a non-finite K row is harmless there); the
+        // P V GEMM multiplies V rows by p = 0 at masked pairs, so in partial tiles they must be finite.
+        const bool v_ok = !sp.partial || v_finite.all_finite(vh, v.stride(2), g.D, k0 + sp.jlo, nj);
+        int64_t ldk, ldv = 0;
+        const float* kt_rows = key_rows(kh, k.stride(2), g, k0 + sp.jlo, nj, kbuf.data(), &ldk);
+        const float* vt_rows = v_ok ? key_rows(vh, v.stride(2), g, k0 + sp.jlo, nj, vbuf.data(), &ldv) : nullptr;
+        // sT[j][i] = k_j . (scale q_i)
+        scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp, &next_k);
+        if constexpr (kCap) cap_scores(g, sT.data(), nj, sp);
+        if (tk != kFull) apply_mask(sT.data(), tmask, nj, BQp);
+        for (int64_t i0 = sp.ilo / kVL * kVL; i0 < sp.ihi; i0 += kVL) {
+          const Vec m_old = Vec::loadu(m_i.data() + i0);
+          Vec mx = m_old;
+          for (int64_t j = 0; j < nj; ++j) mx = at::vec::maximum(mx, Vec::loadu(sT.data() + j * BQp + i0));
+          // Rows with nothing allowed yet keep m = -inf; exponentiate against 0 so they stay at 0.
+          const Vec ref = Vec::blendv(mx, Vec(0.f), mx == Vec(kNegInf));
+          const Vec a = (m_old - ref).exp_u20();
+          Vec sum(0.f);
+          for (int64_t j = 0; j < nj; ++j) {
+            const Vec e = (Vec::loadu(sT.data() + j * BQp + i0) - ref).exp_u20();
+            e.store(sT.data() + j * BQp + i0);
+            sum = sum + e;
+          }
+          (Vec::loadu(l_i.data() + i0) * a + sum).store(l_i.data() + i0);
+          mx.store(m_i.data() + i0);
+          a.store(alpha.data() + i0);
+        }
+        for (int64_t i = sp.ilo; i < sp.ihi; ++i) {
+          if (alpha[i] == 1.f) continue;
+          const Vec a(alpha[i]);
+          for (int64_t d = 0; d < Dp; d += kVL) (Vec::loadu(acc.data() + i * Dp + d) * a).store(acc.data() + i * Dp + d);
+        }
+        // acc[i][:] += sum_j p[j][i] v_j
+        if (v_ok)
+          gemm(acc.data() + sp.ilo * Dp, Dp, sT.data() + sp.ilo, 1, BQp, vt_rows, ldv, mi, Dp, nj, true, &next_v);
+        else
+          gemm_except_bad(g, acc.data(), sT.data(), tmask, vh, v.stride(2), k0 + sp.jlo, nj, sp.ilo, sp.ihi,
+                          v_finite, vbuf.data(), bad_row.data());
+      }
+
+      T* oh = op + ((b * g.Hq + h) * g.Sq + rows.r0) * g.D;
+      float* lh = lp + (b * g.Hq + h) * g.Sq + rows.r0;
+      for (int64_t i = 0; i < rows.m; ++i) {
+        const bool empty = rows.kind[i] == kPad || l_i[i] == 0.f;
+        // Zeros by select, not acc * 0: a row with nothing to attend outputs 0 whatever acc holds.
+        if (empty) std::fill(acc.begin() + i * Dp, acc.begin() + (i + 1) * Dp, 0.f);
+        const float inv = empty ? 0.f : 1.f / l_i[i];
+        store_row(oh + i * g.D, acc.data() + i * Dp, g.D, inv);
+        lh[i] = empty ? kNegInf : m_i[i] + std::log(l_i[i]);
+      }
+    }
+#if defined(__AVX512F__)
+    _mm_sfence();  // streaming stores of store_row are visible before the op returns
+#endif
+  });
+}
+
+template <typename T, bool kCap>
+void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& out, const float* lse, const float* grad_lse,
+                   const int8_t* kinds,
+                   const int32_t* groups, const uint8_t* plan, at::Tensor& dq, at::Tensor& dk,
+                   at::Tensor& dv) {
+  const T* dop = dout.data_ptr<T>();
+  const T* op = out.data_ptr<T>();
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* dqp = dq.data_ptr<T>();
+  T* dkp = dk.data_ptr<T>();
+  T* dvp = dv.data_ptr<T>();
+  const int64_t group_size = g.Hq / g.Hkv;
+
+  // One task owns a (batch, kv head): all its query heads, so dq, dk and dv need no atomics.
+  const int64_t n_tasks = g.B * g.Hkv;
+  at::parallel_for(0, n_tasks, g.grain(n_tasks), [&](int64_t begin, int64_t end) {
+    const int64_t BQp = g.BQp, Dp = g.Dp;
+    std::vector<float> q_row(BQp * Dp), qT(g.D * BQp), do_row(BQp * Dp), doT(g.D * BQp);
+    std::vector<float> sT(g.bk * BQp), dpT(g.bk * BQp), kbuf(g.bk * Dp), vbuf(g.bk * Dp);
+    std::vector<float> dk_acc(g.Skv * Dp), dv_acc(g.Skv * Dp), dq_acc(g.Sq * Dp);
+    std::vector<float> lse_i(BQp), delta_i(BQp), o_row(Dp), bad_row(Dp);
+    TileMaskCache masks(g);
+    FiniteRows k_finite;
+    Rows rows;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / g.Hkv, hk = task % g.Hkv, bl = g.plan_batch == 1 ? 0 : b;
+      k_finite.own(task, g.Skv);
+      const int8_t* kin = kinds + bl * g.Skv;
+      const int32_t* grp = groups + bl * g.Skv;
+      const T* kh = kp + b * k.stride(0) + hk * k.stride(1);
+      const T* vh = vp + b * v.stride(0) + hk * v.stride(1);
+      std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
+      std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
+      for (int64_t h = hk * group_size; h < (hk + 1) * group_size; ++h) {
+        std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
+        const T* qh = qp + b * q.stride(0) + h * q.stride(1);
+        const T* doh = dop + b * dout.stride(0) + h * dout.stride(1);
+        const float* lh = lse + (b * g.Hq + h) * g.Sq;
+        const T* oh = op + b * out.stride(0) + h * out.stride(1);
+        const float* glh = grad_lse ? grad_lse + (b * g.Hq + h) * g.Sq : nullptr;
+        for (int64_t qt = 0; qt < g.n_qt; ++qt) {
+          const uint8_t* tiles = plan + (bl * g.n_qt + qt) * g.n_kt;
+          rows.fill(g, kin, grp, qt);
+          load_tile(qh, q.stride(2), g, rows, g.scale, q_row.data(), qT.data());
+          load_tile(doh, dout.stride(2), g, rows, 1.f, do_row.data(), doT.data());
+          for (int64_t i = 0; i < BQp; ++i) {
+            // PAD rows (lse = -inf) and rows past the end get p = exp(s - inf) = 0.
+            const bool live = i < rows.m && rows.kind[i] != kPad && std::isfinite(lh[rows.r0 + i]);
+            lse_i[i] = live ? lh[rows.r0 + i] : std::numeric_limits<float>::infinity();
+            delta_i[i] = 0.f;
+            if (!live) continue;
+            // delta_i = dO_i . O_i (FlashAttention-2), minus the gradient reaching lse_i directly
+            // (d lse_i / d s_ij = p_ij), so both outputs are differentiated exactly.
+            load_row(oh + (rows.r0 + i) * out.stride(2), o_row.data(), g.D, Dp, 1.f);
+            delta_i[i] = dot(do_row.data() + i * Dp, o_row.data(), Dp) - (glh ? glh[rows.r0 + i] : 0.f);
+          }
+          float* dq_tile = dq_acc.data() + rows.r0 * Dp;
+          // Row i against its own key p only: p = exp(s - lse), then the five products as row updates.
+          auto diag_row = [&](int64_t i, int64_t p) {
+            if (!std::isfinite(lse_i[i])) return;
+            int64_t ld;
+            const float* krow = key_rows(kh, k.stride(2), g, p, 1, kbuf.data(), &ld);
+            const float* vrow = key_rows(vh, v.stride(2), g, p, 1, vbuf.data(), &ld);
+            float s = dot(q_row.data() + i * Dp, krow, Dp), dcap = 1.f;
+            if constexpr (kCap) {
+              const tile::Capped c = tile::softcap(s, g.softcap, g.inv_softcap);
+              s = c.s;
+              dcap = c.ds;
+            }
+            const float pr = std::exp(s - lse_i[i]);
+            const float ds = pr * (dot(do_row.data() + i * Dp, vrow, Dp) - delta_i[i]) * dcap;
+            axpby(dv_acc.data() + p * Dp, 1.f, pr, do_row.data() + i * Dp, Dp);
+            axpby(dk_acc.data() + p * Dp, 1.f, ds, q_row.data() + i * Dp, Dp);
+            axpby(dq_tile + i * Dp, 1.f, ds, krow, Dp);
+          };
+          for (int64_t kt = 0; kt < g.n_kt; ++kt) {
+            const uint8_t tk = tiles[kt];
+            if (tk == kSkip) continue;
+            const int64_t k0 = kt * g.bk, nk = std::min(g.bk, g.Skv - k0);
+            if (tk == kDiag) {
+              for (int64_t i = 0; i < rows.m; ++i)
+                if (rows.pos[i] >= k0 && rows.pos[i] < k0 + nk) diag_row(i, rows.pos[i]);
+              continue;
+            }
+            const uint8_t* tmask = nullptr;
+            const uint8_t* tdiag = nullptr;
+            const Span sp = tk == kFull ? Span{0, nk, 0, rows.m, false, false}
+                                        : masks.get(tk, kin, grp, rows, bl, qt, kt, k0, nk, &tmask, &tdiag);
+            if (sp.diag_rows)
+              for (int64_t i = 0; i < rows.m; ++i)
+                if (tdiag[i]) diag_row(i, rows.pos[i]);
+            if (sp.empty()) continue;
+            const int64_t nj = sp.jhi - sp.jlo, j0 = k0 + sp.jlo, mi = sp.ihi - sp.ilo;
+            int64_t ldk, ldv;
+            const float* kt_rows = key_rows(kh, k.stride(2), g, j0, nj, kbuf.data(), &ldk);
+            const float* vt_rows = key_rows(vh, v.stride(2), g, j0, nj, vbuf.data(), &ldv);
+            scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp);
+            if constexpr (kCap) cap_scores(g, sT.data(), nj, sp);  // sT: capped scores c t
+            if (tk != kFull) apply_mask(sT.data(), tmask, nj, BQp);
+            scores(g, dpT.data(), vt_rows, ldv, doT.data(), do_row.data(), nj, sp);
+            // Masked pairs (score -inf after apply_mask) get dS = 0 by select, not p * (dp - delta) = 0 *
+            // (dO . v_j), which is NaN when v_j is not finite (masked means never read). Only partial
+            // spans hold masked pairs among the rows and keys the GEMMs read.
+            const bool select = sp.partial;
+            for (int64_t j = 0; j < nj; ++j) {
+              float* s = sT.data() + j * BQp;
+              float* dpj = dpT.data() + j * BQp;
+              for (int64_t i0 = sp.ilo / kVL * kVL; i0 < sp.ihi; i0 += kVL) {
+                const Vec sv = Vec::loadu(s + i0);
+                const Vec p = (sv - Vec::loadu(lse_i.data() + i0)).exp_u20();
+                p.store(s + i0);  // sT now holds P^T
+                Vec ds = p * (Vec::loadu(dpj + i0) - Vec::loadu(delta_i.data() + i0));
+                if constexpr (kCap) {  // d(c t)/ds = 1 - t^2, t = sv / c (NaN at masked pairs: selected away)
+                  const Vec t = sv * Vec(g.inv_softcap);
+                  ds = ds * (Vec(1.f) - t * t);
+                }
+                (select ? Vec::blendv(ds, Vec(0.f), sv == Vec(kNegInf)) : ds).store(dpj + i0);  // dS^T
+              }
+            }
+            // dv_j += sum_i p_ji do_i ; dk_j += sum_i ds_ji (scale q_i) ; dq_i += sum_j ds_ji k_j
+            const float* p_rows = sT.data() + sp.ilo;
+            const float* ds_rows = dpT.data() + sp.ilo;
+            gemm(dv_acc.data() + j0 * Dp, Dp, p_rows, BQp, 1, do_row.data() + sp.ilo * Dp, Dp, nj, Dp, mi, true);
+            gemm(dk_acc.data() + j0 * Dp, Dp, ds_rows, BQp, 1, q_row.data() + sp.ilo * Dp, Dp, nj, Dp, mi, true);
+            // dv and dk GEMMs multiply by zeros only rows of dO and q (PAD rows are loaded as zeros); the
+            // dq GEMM multiplies K rows by dS = 0 at masked pairs, so in partial tiles they must be finite.
+            if (!sp.partial || k_finite.all_finite(kh, k.stride(2), g.D, j0, nj))
+              gemm(dq_tile + sp.ilo * Dp, Dp, ds_rows, 1, BQp, kt_rows, ldk, mi, Dp, nj, true);
+            else
+              gemm_except_bad(g, dq_tile, dpT.data(), tmask, kh, k.stride(2), j0, nj, sp.ilo, sp.ihi, k_finite,
+                              kbuf.data(), bad_row.data());
+          }
+        }
+        T* dqh = dqp + (b * g.Hq + h) * g.Sq * g.D;
+        for (int64_t i = 0; i < g.Sq; ++i) {
+          const bool pad = kin[i + g.q_off] == kPad;  // zero gradient by select, whatever q holds there
+          for (int64_t d = 0; d < g.D; ++d)
+            dqh[i * g.D + d] = pad ? static_cast<T>(0.f) : static_cast<T>(dq_acc[i * Dp + d] * g.scale);
+        }
+      }
+      T* dkh = dkp + (b * g.Hkv + hk) * g.Skv * g.D;
+      T* dvh = dvp + (b * g.Hkv + hk) * g.Skv * g.D;
+      for (int64_t j = 0; j < g.Skv; ++j)
+        for (int64_t d = 0; d < g.D; ++d) {
+          dkh[j * g.D + d] = static_cast<T>(dk_acc[j * Dp + d]);
+          dvh[j * g.D + d] = static_cast<T>(dv_acc[j * Dp + d]);
+        }
+    }
+  });
+}
+
+at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+Geometry make_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& plan,
+                       int64_t block_q, int64_t block_k, int64_t topology, double scale, double softcap) {
+  Geometry g;
+  g.B = q.size(0);
+  g.Hq = q.size(1);
+  g.Sq = q.size(2);
+  g.D = q.size(3);
+  g.Hkv = k.size(1);
+  g.Skv = k.size(2);
+  g.Dp = round_up(g.D, kVL);
+  g.bq = block_q;
+  g.bk = block_k;
+  g.BQp = round_up(block_q, kVL);
+  g.n_qt = plan.size(1);
+  g.n_kt = plan.size(2);
+  g.q_off = g.Skv - g.Sq;
+  g.plan_batch = plan.size(0);
+  g.topology = static_cast<int>(topology);
+  g.scale = static_cast<float>(scale);
+  g.softcap = static_cast<float>(softcap);
+  g.inv_softcap = softcap > 0 ? 1.f / g.softcap : 0.f;
+  return g;
+}
+
+#define HTC_DISPATCH_KERNEL_TYPES(TYPE, NAME, ...)                                  \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)          \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)   \
+                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+// One call's forward (out, lse) or backward (dq, dk, dv) with the kernels of q's dtype; inputs as the
+// op entry points prepare them (checked; last dimension contiguous; kinds, groups, plan, lse and
+// grad_lse contiguous; grad_lse may be undefined).
+template <bool kCap>
+void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kinds,
+                 const at::Tensor& groups, const at::Tensor& plan, int64_t block_q, int64_t block_k,
+                 int64_t topology, double scale, double softcap, at::Tensor& out, at::Tensor& lse) {
+  const Geometry g = make_geometry(q, k, plan, block_q, block_k, topology, scale, softcap);
+  HTC_DISPATCH_KERNEL_TYPES(q.scalar_type(), "star_attention_cpu", [&] {
+    forward_impl<scalar_t, kCap>(g, q, k, v, kinds.data_ptr<int8_t>(), groups.data_ptr<int32_t>(),
+                                 plan.data_ptr<uint8_t>(), out, lse);
+  });
+}
+
+template <bool kCap>
+void run_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& kinds,
+                  const at::Tensor& groups, const at::Tensor& plan, int64_t block_q, int64_t block_k,
+                  int64_t topology, double scale, double softcap, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  const Geometry g = make_geometry(q, k, plan, block_q, block_k, topology, scale, softcap);
+  HTC_DISPATCH_KERNEL_TYPES(q.scalar_type(), "star_attention_backward_cpu", [&] {
+    backward_impl<scalar_t, kCap>(g, dout, q, k, v, out, lse.data_ptr<float>(),
+                                  grad_lse.defined() ? grad_lse.data_ptr<float>() : nullptr,
+                                  kinds.data_ptr<int8_t>(), groups.data_ptr<int32_t>(), plan.data_ptr<uint8_t>(),
+                                  dq, dk, dv);
+  });
+}
+
+}  // namespace
+
+// run_forward<true> / run_backward<true>, compiled in star_attention_cpu_capped.cpp.
+void star_attention_cpu_forward_capped(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& kinds, const at::Tensor& groups, const at::Tensor& plan,
+                                       int64_t block_q, int64_t block_k, int64_t topology, double scale,
+                                       double softcap, at::Tensor& out, at::Tensor& lse);
+void star_attention_cpu_backward_capped(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                        const at::Tensor& grad_lse, const at::Tensor& kinds,
+                                        const at::Tensor& groups, const at::Tensor& plan, int64_t block_q,
+                                        int64_t block_k, int64_t topology, double scale, double softcap,
+                                        at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
+
+}  // namespace htc
