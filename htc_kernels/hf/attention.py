@@ -381,9 +381,7 @@ def star_attention_forward(
         if ctx.query_valid is not None:
             out = torch.where(ctx.query_valid, out, 0)
     else:
-        if softcap is not None:
-            raise NotImplementedError("htc_star: logit soft-capping (softcap) is not supported yet")
-        out = star_attention(query, key, value, ctx.layout, scale=scaling, backend=backend)
+        out = star_attention(query, key, value, ctx.layout, scale=scaling, softcap=softcap, backend=backend)
     if step is not None and ctx.compaction is not None:
         step.layer.compact(ctx.compaction)
     return out.transpose(1, 2).contiguous(), None
