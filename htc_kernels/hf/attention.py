@@ -83,6 +83,12 @@ def _plain_context(padding, kinds, slots, b, sq, skv, length, key_len) -> _Forwa
     slot's absolute position (-1: empty or filler; ``None``: slot i is position i). On CUDA: tensor
     ops only, no host sync, fixed shapes (CUDA-graph friendly); on the CPU, where a sync is free, a
     one-query step over valid keys drops the mask (SDPA's unmasked path, as transformers' sdpa mask)."""
+    if padding.device.type == "cpu" and sq == 1 and bool(padding.all()):
+        # the common decode step, in 3 cheap checks: no padding, no PAD kind, no filler slot
+        if (kinds is None or not bool((kinds == TokenKind.PAD).any())) and (
+            slots is None or not bool((slots < 0).any())
+        ):
+            return _ForwardContext(key_len=key_len)
     valid = padding.to(torch.bool).expand(b, -1)[:, :length]
     if kinds is not None:
         s0 = min(kinds.shape[1], length)
