@@ -637,3 +637,67 @@ def test_processor_adds_tokens_and_feeds_the_model(tmp_path):
     proc.save_pretrained(tmp_path)
     back = type(proc).from_pretrained(tmp_path)
     assert (back.image_token_id, back.voco_token_id) == (proc.image_token_id, proc.voco_token_id)
+
+
+# --------------------------------------------------------------------------------------------------
+# voco_attention: the <voco> rows of the attention probabilities (paper Fig. 3)
+# --------------------------------------------------------------------------------------------------
+
+
+def _eager_voco_rows(model, x, topology):
+    """Oracle: the full ``[B, H, S, S]`` probabilities of the LM on "eager" with the dense star mask;
+    then, image by image, its <voco> rows and its visual columns -> ``[N, L, H, n_voco, n_visual]``."""
+    lm = model.language_model
+    lm.set_attn_implementation("eager")
+    try:
+        attentions = lm(
+            inputs_embeds=x.inputs_embeds,
+            attention_mask=_dense_mask(x.kinds, x.groups, topology),
+            position_ids=x.position_ids,
+            output_attentions=True,
+        ).attentions
+    finally:
+        lm.set_attn_implementation("htc_star")
+    per_image = []
+    for b in range(x.kinds.shape[0]):
+        for g in range(int(x.groups[b].max()) + 1):
+            rows = ((x.kinds[b] == C) & (x.groups[b] == g)).nonzero().flatten()
+            cols = ((x.kinds[b] == V) & (x.groups[b] == g)).nonzero().flatten()
+            per_image.append(torch.stack([a[b][:, rows][:, :, cols] for a in attentions]))
+    return torch.stack(per_image)
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, dict(num_voco_tokens=2, topology="group", fusion="post")], ids=["star", "group-2voco"]
+)
+def test_voco_attention_equals_dense_eager_rows(overrides):
+    model = _model(**overrides)
+    cfg = model.config
+    ids, mask, _ = _batch()
+    px = _pixels(cfg, 4)
+    att = model.voco_attention(px, ids, attention_mask=mask)
+    heads = cfg.text_config.num_attention_heads
+    assert att.shape == (4, 2, heads, cfg.num_voco_tokens, cfg.num_visual_tokens)
+    assert att.dtype == torch.float32
+    with torch.no_grad():
+        ref = _eager_voco_rows(model, model._expand(ids, mask, px), cfg.topology)
+    assert (att - ref).abs().max() <= 1e-5
+    # a row's mass is its image plus the text/<voco> tokens before it: within (0, 1]
+    total = att.sum(-1)
+    assert (total > 0).all() and (total <= 1 + 1e-5).all()
+    # the htc_star attention is back; right padding gives the same maps
+    assert model.language_model.config._attn_implementation == "htc_star"
+
+
+def test_voco_attention_images_alone_and_bad_inputs():
+    model = _model()
+    px = _pixels(model.config, 3)
+    att = model.voco_attention(px)
+    # each image alone: the <voco> row sees only its image and itself
+    alone = torch.stack([model.voco_attention(px[i : i + 1])[0] for i in range(3)])
+    assert torch.allclose(att, alone, atol=1e-6)
+    assert (att.sum(-1) < 1).all()
+    with pytest.raises(ValueError, match="no image"):
+        model.voco_attention(px[:0], torch.tensor([[1, 5]]))
+    with pytest.raises(ValueError, match=r"\[N, 3, 32, 32\]"):
+        model.voco_attention(torch.zeros(2, 3, 28, 28))
