@@ -242,21 +242,15 @@ class HTCForConditionalGeneration(PreTrainedModel):
         return self._project_discrete(self._quantized_latent(pixel_values))
 
     # ---- the language model's input ----
-    def _expand(
+    def _check_inputs(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         pixel_values: torch.Tensor | None,
         labels: torch.Tensor | None = None,
-        visual: torch.Tensor | None = None,
-    ) -> _Expanded:
-        """Replace each ``<image>`` by its visual tokens and ``<voco>`` tokens; re-pad on the left.
-
-        ``input_ids`` / ``attention_mask`` / ``labels`` ``[B, S]`` (padding on either side, one
-        contiguous run of tokens per row), ``pixel_values`` ``[N, 3, H, W]`` with N = the number of
-        ``<image>`` tokens. Validates everything before running an encoder. ``visual``: the images'
-        ``get_image_features`` when already computed (``[N, num_visual_tokens, hidden]``).
-        """
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """Every check on a batch, before any compute: ``(ids, mask, spans)`` with ids/mask ``[B, S]``
+        int64 and ``spans[b] = (lo, hi)``, the tokens of row b; or a ValueError naming the problem."""
         cfg = self.config
         ids, mask = _check_ids(input_ids, attention_mask, labels)
         img_id, voco_id = cfg.image_token_id, cfg.voco_token_id
@@ -273,7 +267,30 @@ class HTCForConditionalGeneration(PreTrainedModel):
                 f"HTC: input_ids hold {n_images} <image> token(s) ({img_id}) but pixel_values has "
                 f"{n_pixels} image(s); write one <image> per image (in row-major order)"
             )
-        if n_images and visual is None:
+        if n_images:
+            self._check_pixels(pixel_values)
+        return ids, mask, [_span(row) for row in valid]
+
+    def _expand(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        labels: torch.Tensor | None = None,
+        visual: torch.Tensor | None = None,
+    ) -> _Expanded:
+        """Replace each ``<image>`` by its visual tokens and ``<voco>`` tokens; re-pad on the left.
+
+        ``input_ids`` / ``attention_mask`` / ``labels`` ``[B, S]`` (padding on either side, one
+        contiguous run of tokens per row), ``pixel_values`` ``[N, 3, H, W]`` with N = the number of
+        ``<image>`` tokens. Validates everything before running an encoder. ``visual``: the images'
+        ``get_image_features`` when already computed (``[N, num_visual_tokens, hidden]``).
+        """
+        cfg = self.config
+        ids, mask, spans = self._check_inputs(input_ids, attention_mask, pixel_values, labels)
+        img_id, voco_id = cfg.image_token_id, cfg.voco_token_id
+        valid = mask.bool()
+        if visual is None and pixel_values is not None and pixel_values.shape[0]:  # as many as <image>s
             visual = self.get_image_features(pixel_values)
 
         embed = self.language_model.get_input_embeddings()
@@ -288,8 +305,7 @@ class HTCForConditionalGeneration(PreTrainedModel):
 
         rows = []  # per sample: (embeds, ids, labels) lists of pieces
         image = 0
-        for b in range(ids.shape[0]):
-            lo, hi = _span(valid[b])
+        for b, (lo, hi) in enumerate(spans):
             cut = [lo] + [int(p) for p in (ids[b, lo:hi] == img_id).nonzero().flatten() + lo]
             e, t, lab = [], [], []
             for k, (start, p) in enumerate(zip(cut, cut[1:] + [hi])):
@@ -407,6 +423,50 @@ class HTCForConditionalGeneration(PreTrainedModel):
         from .analysis import voco_attention
 
         return voco_attention(self, pixel_values, input_ids, attention_mask)
+
+    def latency_breakdown(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mode: str = "htc",
+        decode_tokens: int = 8,
+        warmup: int = 1,
+        repeats: int = 3,
+        parallel_encoders: bool | None = None,
+    ):
+        """Time the paper's Table 11 stages (vision encoder, MGVQ encoder, projection and fusion,
+        prefill, decode per token), each inside an NVTX range (``htc.<stage>``, domain
+        ``htc_model``), greedy, without gradient.
+
+        Args:
+            pixel_values: ``[N, 3, H, W]`` CLIP-normalised images.
+            input_ids: ``[B, S]`` with one ``<image>`` per image; ``None``: ``[<image>]`` per image.
+            attention_mask: ``[B, S]`` 0/1.
+            mode: ``"htc"`` (the star mask; each image's visual KV is dropped once its ``<voco>``
+                tokens are read) or ``"vanilla"`` (the same weights and sequence with LLaVA's causal
+                attention: every visual token stays in the KV cache and every decode step reads it).
+            decode_tokens: greedy decode steps after the first token (>= 1).
+            warmup, repeats: untimed runs, then timed runs (each stage's median is reported).
+            parallel_encoders: run CLIP and MGVQ on two CUDA streams (default: on CUDA with a
+                quantizer); on the CPU they run one after the other (``True`` there is a ValueError).
+
+        Returns:
+            :class:`htc_model.analysis.LatencyBreakdown` (milliseconds; ``as_dict()``).
+        """
+        from .analysis import latency_breakdown
+
+        return latency_breakdown(
+            self,
+            pixel_values,
+            input_ids,
+            attention_mask,
+            mode,
+            decode_tokens,
+            warmup,
+            repeats,
+            parallel_encoders,
+        )
 
     # ---- starting from LLaVA-1.5 (how the paper starts) ----
     @classmethod

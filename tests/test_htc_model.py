@@ -701,3 +701,65 @@ def test_voco_attention_images_alone_and_bad_inputs():
         model.voco_attention(px[:0], torch.tensor([[1, 5]]))
     with pytest.raises(ValueError, match=r"\[N, 3, 32, 32\]"):
         model.voco_attention(torch.zeros(2, 3, 28, 28))
+
+
+# --------------------------------------------------------------------------------------------------
+# latency_breakdown (paper Table 11)
+# --------------------------------------------------------------------------------------------------
+
+STAGES = ("vision_encoder", "mgvq_encoder", "projection_fusion", "prefill", "decode")
+
+
+def test_latency_breakdown(monkeypatch):
+    nvtx = pytest.importorskip("nvtx")
+    ranges = []
+    real = nvtx.annotate
+
+    def annotate(message=None, **kw):
+        ranges.append(message)
+        return real(message, **kw)
+
+    monkeypatch.setattr(nvtx, "annotate", annotate)
+    model = _model()
+    cfg = model.config
+    ids, mask, _ = _batch()
+    px = _pixels(cfg, 4)
+    htc = model.latency_breakdown(px, ids, attention_mask=mask, decode_tokens=3, repeats=2)
+    assert [f"htc.{s}" for s in STAGES] == ranges[: len(STAGES)]  # every stage inside its range
+    assert len(ranges) == len(STAGES) * 3  # one warm-up run, two timed runs
+    stages = (htc.vision_encoder_ms, htc.mgvq_encoder_ms, htc.projection_fusion_ms, htc.prefill_ms)
+    assert all(t > 0 for t in stages) and htc.decode_ms_per_token > 0
+    assert not htc.encoders_parallel and htc.device == "cpu"  # CPU: one encoder after the other
+    assert htc.encoders_ms >= 0.9 * (htc.vision_encoder_ms + htc.mgvq_encoder_ms)
+    first = htc.encoders_ms + htc.projection_fusion_ms + htc.prefill_ms
+    assert 0.7 * htc.time_to_first_token_ms <= first <= 1.3 * htc.time_to_first_token_ms
+    assert htc.prompt_length == model._expand(ids, mask, px).input_ids.shape[1]
+    assert set(htc.as_dict()) >= {f"{s}_ms" for s in STAGES[:-1]} | {"decode_ms_per_token", "kv_bytes"}
+    # vanilla keeps every visual token in the cache; htc keeps the text and <voco> slots only
+    vanilla = model.latency_breakdown(
+        px, ids, attention_mask=mask, mode="vanilla", decode_tokens=3, repeats=1
+    )
+    per_token = _kv_bytes_per_token(cfg.text_config, 4)
+    assert vanilla.kv_bytes == 2 * (htc.prompt_length + 3) * per_token
+    kept = [int(((k != P) & (k != V)).sum()) + 3 for k in model._expand(ids, mask, px).kinds]
+    assert htc.kv_bytes == 2 * max(kept) * per_token  # rows left-filled to the longest
+    assert model.language_model.config._attn_implementation == "htc_star"
+    # no discrete channel: no MGVQ stage
+    plain = _model(num_discrete_tokens=0).latency_breakdown(px[:1], repeats=1, decode_tokens=1)
+    assert plain.mgvq_encoder_ms == 0 and plain.vision_encoder_ms > 0
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(mode="fast"), "mode"),
+        (dict(decode_tokens=0), "decode_tokens"),
+        (dict(repeats=0), "repeats"),
+        (dict(parallel_encoders=True), "CUDA streams"),
+        (dict(input_ids=torch.tensor([[1, IMG, 5, IMG]])), "pixel_values has 1"),
+    ],
+)
+def test_latency_breakdown_bad_inputs(kw, match):
+    model = _model()
+    with pytest.raises(ValueError, match=match):
+        model.latency_breakdown(_pixels(model.config, 1), **kw)
