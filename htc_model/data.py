@@ -181,7 +181,8 @@ def make_synthetic_dataset(
     Each image is a square of one of :data:`COLOURS` (side 40-70% of the image, anywhere) on a
     background of one of :data:`BACKGROUNDS`, with pixel noise. Each record asks one of
     ``questions`` (keys of :data:`QUESTIONS`, chosen at random) and answers with the colour word:
-    chance is 1/4 for the square, 1/2 for the background.
+    chance is 1/4 for the square, 1/2 for the background. Records also carry ``"colours"`` (both
+    answers; ignored by training).
 
     Returns:
         the path of ``data.json``.
@@ -216,6 +217,7 @@ def make_synthetic_dataset(
             {
                 "id": f"{i:06d}",
                 "image": name,
+                "colours": {"square": square, "background": background},  # both answers (tests, demo)
                 "conversations": [
                     {"from": "human", "value": f"<image>\n{QUESTIONS[question]}"},
                     {"from": "gpt", "value": answer},

@@ -147,10 +147,11 @@ def _merge_lora(model: torch.nn.Module) -> None:
             setattr(model.get_submodule(parent_name), child, module.get_base_layer())
 
 
-def main(argv: list[str] | None = None) -> Trainer:
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> Trainer:
     """Parse ``argv`` (default: ``sys.argv[1:]``), train, save the model and processor to
-    ``--output_dir``. Returns the ``Trainer``: ``.model`` is the trained model (LoRA merged),
-    ``.state.log_history`` the logged losses, ``.processing_class`` the processor."""
+    ``--output_dir``. ``callbacks``: extra ``TrainerCallback``s. Returns the ``Trainer``: ``.model``
+    is the trained model (LoRA merged), ``.state.log_history`` the logged losses,
+    ``.processing_class`` the processor."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     margs, dargs, targs = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
     # Our dataset yields exactly the forward's inputs; the Trainer must not drop pixel_values.
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         train_dataset=dataset,
         data_collator=DataCollator(processor.tokenizer.pad_token_id),
         processing_class=processor,
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
     model = trainer.model

@@ -196,3 +196,15 @@ def test_bad_arguments(data, tmp_path):
         main(["--data_path", train, "--output_dir", str(tmp_path), *COMMON])
     with pytest.raises(ValueError, match="--llm"):
         main(["--tiny", "--llm", "half", "--data_path", train, "--output_dir", str(tmp_path), *COMMON])
+
+
+def test_demo_runs(tmp_path, capsys):
+    from htc_model import demo
+
+    result = demo.run(steps=3, max_seconds=30, workdir=str(tmp_path))  # a smoke run: learns nothing
+    assert result["steps"] == 3 and 0 <= result["accuracy"] <= 1
+    assert len(result["answers"]) == 3 and all(len(a) == 2 for a in result["answers"])
+    htc, vanilla = result["htc"], result["vanilla"]
+    assert htc.prompt_length == vanilla.prompt_length and vanilla.kv_bytes > 2 * htc.kv_bytes
+    printed = capsys.readouterr().out
+    assert "compressed once" in printed and "KV cache after decode" in printed
