@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -208,3 +210,32 @@ def test_demo_runs(tmp_path, capsys):
     assert htc.prompt_length == vanilla.prompt_length and vanilla.kv_bytes > 2 * htc.kv_bytes
     printed = capsys.readouterr().out
     assert "compressed once" in printed and "KV cache after decode" in printed
+
+
+def _torchrun_unavailable() -> str | None:
+    if not torch.distributed.is_available():
+        return "torch.distributed is not available in this torch build"
+    if not torch.distributed.is_gloo_available():
+        return "torch.distributed has no gloo backend (needed for CPU torchrun)"
+    return None
+
+
+@pytest.mark.skipif(_torchrun_unavailable() is not None, reason=str(_torchrun_unavailable()))
+def test_torchrun_two_processes(data, tmp_path):
+    """``torchrun --nproc_per_node=2`` (gloo, CPU) runs the unchanged training script: two ranks of
+    batch 4 make a global batch of 8, so each logged step advances 8/256 of an epoch."""
+    train, _ = data
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "htc_model.train", "--tiny", "--data_path", train, "--output_dir", str(out), *COMMON]
+    cmd += ["--ddp_backend", "gloo", "--max_steps", "2", "--per_device_train_batch_size", "4"]
+    cmd += ["--logging_steps", "1"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    logs = [line for line in done.stdout.splitlines() if line.startswith("{'loss'")]
+    assert len(logs) == 2, done.stdout  # rank 0 logs; rank 1 stays quiet
+    assert f"'epoch': '{8 / 256}'" in logs[0]  # the world size is 2
+    back = HTCForConditionalGeneration.from_pretrained(out)
+    assert back.config.image_token_id == HTCProcessor.from_pretrained(out).image_token_id
