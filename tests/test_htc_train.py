@@ -192,6 +192,48 @@ def test_lora_trains_adapters_and_merges(data, tmp_path):
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items())
 
 
+def test_from_llava_then_from_checkpoint_with_a_frozen_llm(data, tmp_path):
+    """--llava_dir (a tiny LLaVA and its processor saved here), then --model_name_or_path on the
+    result with --llm frozen: only the projectors and <voco> move."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    from htc_model import HTCConfig
+
+    train, _ = data
+    tiny, proc = HTCConfig.tiny(), word_processor(synthetic_words())
+    llava_cfg = LlavaConfig(
+        vision_config=tiny.vision_config.to_dict(),
+        text_config=tiny.text_config.to_dict(),
+        image_token_id=proc.image_token_id,
+        vision_feature_layer=-2,
+    )
+    LlavaForConditionalGeneration(llava_cfg).save_pretrained(tmp_path / "llava")
+    LlavaProcessor(
+        image_processor=proc.image_processor, tokenizer=proc.tokenizer, patch_size=8
+    ).save_pretrained(tmp_path / "llava")
+    steps = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--data_path", train, *COMMON]
+    first = main(["--llava_dir", str(tmp_path / "llava"), "--output_dir", str(tmp_path / "a"), *steps])
+    cfg = first.model.config
+    assert (cfg.image_token_id, cfg.voco_token_id) == (proc.image_token_id, proc.image_token_id + 1)
+    assert cfg.continuous_projector == "mlp2x_gelu"
+    assert first.processing_class.voco_token_id == cfg.voco_token_id
+    before = HTCForConditionalGeneration.from_pretrained(tmp_path / "a").state_dict()
+    second = main(
+        [
+            "--model_name_or_path",
+            str(tmp_path / "a"),
+            "--llm",
+            "frozen",
+            "--output_dir",
+            str(tmp_path / "b"),
+            *steps,
+        ]
+    )
+    after = second.model.state_dict()
+    changed = {k.split(".")[0] for k in after if not torch.equal(after[k], before[k])}
+    assert changed == {"continuous_projector", "discrete_projector", "voco_embeddings"}
+
+
 def test_bad_arguments(data, tmp_path):
     train, _ = data
     with pytest.raises(ValueError, match="exactly one"):
