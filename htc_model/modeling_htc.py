@@ -168,8 +168,12 @@ class HTCForConditionalGeneration(PreTrainedModel):
             (``fusion="pre"``), ``[patches; anchors]`` (``"post"``) or ``patches + mean(anchors)``
             (``"mean"``); patches only when ``num_discrete_tokens == 0``.
         """
-        cfg = self.config
-        size = cfg.vision_config.image_size
+        self._check_pixels(pixel_values)
+        q = self._quantized_latent(pixel_values) if self.discrete_projector is not None else None
+        return self._fuse(self._vision_features(pixel_values), q)
+
+    def _check_pixels(self, pixel_values) -> None:
+        size = self.config.vision_config.image_size
         if not isinstance(pixel_values, torch.Tensor) or not pixel_values.dtype.is_floating_point:
             raise ValueError("HTC: pixel_values must be a floating-point tensor [N, 3, H, W]")
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
@@ -177,27 +181,18 @@ class HTCForConditionalGeneration(PreTrainedModel):
                 f"HTC: pixel_values must be [N, 3, {size}, {size}] (CLIP-normalised images), got "
                 f"{tuple(pixel_values.shape)}"
             )
-        patches = self._continuous_tokens(pixel_values)
-        if self.discrete_projector is None:
-            return patches
-        anchors = self._discrete_tokens(pixel_values).to(patches.dtype)
-        if cfg.fusion == "pre":
-            return torch.cat([anchors, patches], dim=1)
-        if cfg.fusion == "post":
-            return torch.cat([patches, anchors], dim=1)
-        return patches + anchors.mean(dim=1, keepdim=True)
 
-    def _continuous_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[N, P, hidden]``: CLIP hidden state ``vision_feature_layer`` (CLS dropped) through P_v."""
+    # The three stages below are separate so that latency_breakdown can time them (paper Table 11).
+    def _vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, P, vision_hidden]``: CLIP hidden state ``vision_feature_layer`` (CLS dropped)."""
         tower_dtype = next(self.vision_tower.parameters()).dtype
         out = self.vision_tower(pixel_values.to(tower_dtype), output_hidden_states=True)
         feats = out.hidden_states[self.config.vision_feature_layer]
-        if self.config.vision_feature_select_strategy == "default":
-            feats = feats[:, 1:]
-        return self.continuous_projector(feats).to(self.language_model.dtype)
+        return feats[:, 1:] if self.config.vision_feature_select_strategy == "default" else feats
 
-    def _discrete_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[N, N_d, hidden]``: the MGVQ quantized latent, flattened (q), through P_d."""
+    def _quantized_latent(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, num_discrete_features]``: q, the frozen MGVQ quantized latent flattened in
+        ``[C, h, w]`` order (``GroupedQuantizer.flatten_for_projector``), the quantizer's dtype."""
         cfg = self.config
         qcfg = cfg.quantizer_config
         weight = next(self.quantizer.parameters())
@@ -218,25 +213,44 @@ class HTCForConditionalGeneration(PreTrainedModel):
                 f"HTC: the quantizer returned {shape}; the discrete projector needs [{n}, C, h, w] with "
                 f"C*h*w = {cfg.num_discrete_features} (config.num_discrete_features)"
             )
-        q = latent.flatten(1)  # [N, C*h*w] in [C, h, w] order (GroupedQuantizer.flatten_for_projector)
+        return latent.flatten(1)
+
+    def _fuse(self, vision_features: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
+        """P_v and P_d, then the fusion: ``[N, num_visual_tokens, hidden]`` in the LM's dtype."""
+        patches = self.continuous_projector(vision_features).to(self.language_model.dtype)
+        if q is None:
+            return patches
+        anchors = self._project_discrete(q).to(patches.dtype)
+        if self.config.fusion == "pre":
+            return torch.cat([anchors, patches], dim=1)
+        if self.config.fusion == "post":
+            return torch.cat([patches, anchors], dim=1)
+        return patches + anchors.mean(dim=1, keepdim=True)
+
+    def _project_discrete(self, q: torch.Tensor) -> torch.Tensor:
+        """``[N, N_d, hidden]``: q through P_d, split into N_d hidden-sized anchors."""
         proj_dtype = self.discrete_projector.linear_1.weight.dtype
         anchors = self.discrete_projector(q.to(proj_dtype))
-        return anchors.view(n, cfg.num_discrete_tokens, -1)
+        return anchors.view(q.shape[0], self.config.num_discrete_tokens, -1)
+
+    def _continuous_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, P, hidden]``: the patches (CLIP features through P_v), the LM's dtype."""
+        return self.continuous_projector(self._vision_features(pixel_values)).to(self.language_model.dtype)
+
+    def _discrete_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, N_d, hidden]``: the anchors (the MGVQ quantized latent through P_d)."""
+        return self._project_discrete(self._quantized_latent(pixel_values))
 
     # ---- the language model's input ----
-    def _expand(
+    def _check_inputs(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         pixel_values: torch.Tensor | None,
         labels: torch.Tensor | None = None,
-    ) -> _Expanded:
-        """Replace each ``<image>`` by its visual tokens and ``<voco>`` tokens; re-pad on the left.
-
-        ``input_ids`` / ``attention_mask`` / ``labels`` ``[B, S]`` (padding on either side, one
-        contiguous run of tokens per row), ``pixel_values`` ``[N, 3, H, W]`` with N = the number of
-        ``<image>`` tokens. Validates everything before running an encoder.
-        """
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """Every check on a batch, before any compute: ``(ids, mask, spans)`` with ids/mask ``[B, S]``
+        int64 and ``spans[b] = (lo, hi)``, the tokens of row b; or a ValueError naming the problem."""
         cfg = self.config
         ids, mask = _check_ids(input_ids, attention_mask, labels)
         img_id, voco_id = cfg.image_token_id, cfg.voco_token_id
@@ -253,7 +267,31 @@ class HTCForConditionalGeneration(PreTrainedModel):
                 f"HTC: input_ids hold {n_images} <image> token(s) ({img_id}) but pixel_values has "
                 f"{n_pixels} image(s); write one <image> per image (in row-major order)"
             )
-        visual = self.get_image_features(pixel_values) if n_images else None
+        if n_images:
+            self._check_pixels(pixel_values)
+        return ids, mask, [_span(row) for row in valid]
+
+    def _expand(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        labels: torch.Tensor | None = None,
+        visual: torch.Tensor | None = None,
+    ) -> _Expanded:
+        """Replace each ``<image>`` by its visual tokens and ``<voco>`` tokens; re-pad on the left.
+
+        ``input_ids`` / ``attention_mask`` / ``labels`` ``[B, S]`` (padding on either side, one
+        contiguous run of tokens per row), ``pixel_values`` ``[N, 3, H, W]`` with N = the number of
+        ``<image>`` tokens. Validates everything before running an encoder. ``visual``: the images'
+        ``get_image_features`` when already computed (``[N, num_visual_tokens, hidden]``).
+        """
+        cfg = self.config
+        ids, mask, spans = self._check_inputs(input_ids, attention_mask, pixel_values, labels)
+        img_id, voco_id = cfg.image_token_id, cfg.voco_token_id
+        valid = mask.bool()
+        if visual is None and pixel_values is not None and pixel_values.shape[0]:  # as many as <image>s
+            visual = self.get_image_features(pixel_values)
 
         embed = self.language_model.get_input_embeddings()
         # <image> (and padding) may lie beyond the LM's vocabulary: embed a harmless id there.
@@ -267,8 +305,7 @@ class HTCForConditionalGeneration(PreTrainedModel):
 
         rows = []  # per sample: (embeds, ids, labels) lists of pieces
         image = 0
-        for b in range(ids.shape[0]):
-            lo, hi = _span(valid[b])
+        for b, (lo, hi) in enumerate(spans):
             cut = [lo] + [int(p) for p in (ids[b, lo:hi] == img_id).nonzero().flatten() + lo]
             e, t, lab = [], [], []
             for k, (start, p) in enumerate(zip(cut, cut[1:] + [hi])):
@@ -358,6 +395,77 @@ class HTCForConditionalGeneration(PreTrainedModel):
             attention_mask=x.attention_mask,
             kinds=x.kinds,
             groups=x.groups,
+        )
+
+    # ---- analysis ----
+    def voco_attention(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The attention of each ``<voco>`` token over its image's hybrid tokens, per layer and head
+        (the paper's Figure 3), from one prefill that forms the ``<voco>`` rows only (no S x S map).
+
+        Args:
+            pixel_values: ``[N, 3, H, W]`` CLIP-normalised images.
+            input_ids: ``[B, S]`` with one ``<image>`` per image (e.g. ``[BOS; prompt; <image>;
+                question]``); ``None``: each image alone (``[<image>]``, one row per image).
+            attention_mask: ``[B, S]`` 0/1 (padding left or right).
+
+        Returns:
+            ``[N, layers, heads, num_voco_tokens, num_visual_tokens]`` float32: row ``[n, l, h, v]``
+            is the softmax probability that query head ``h`` of layer ``l`` at image ``n``'s ``v``-th
+            ``<voco>`` gives each of the image's visual tokens (580: ``[anchors; patches]`` with
+            ``fusion="pre"``). The rest of each row's mass (1 - the sum) is on the text and earlier
+            ``<voco>`` tokens before it. Images are in the order of ``pixel_values``.
+        """
+        from .analysis import voco_attention
+
+        return voco_attention(self, pixel_values, input_ids, attention_mask)
+
+    def latency_breakdown(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mode: str = "htc",
+        decode_tokens: int = 8,
+        warmup: int = 1,
+        repeats: int = 3,
+        parallel_encoders: bool | None = None,
+    ):
+        """Time the paper's Table 11 stages (vision encoder, MGVQ encoder, projection and fusion,
+        prefill, decode per token), each inside an NVTX range (``htc.<stage>``, domain
+        ``htc_model``), greedy, without gradient.
+
+        Args:
+            pixel_values: ``[N, 3, H, W]`` CLIP-normalised images.
+            input_ids: ``[B, S]`` with one ``<image>`` per image; ``None``: ``[<image>]`` per image.
+            attention_mask: ``[B, S]`` 0/1.
+            mode: ``"htc"`` (the star mask; each image's visual KV is dropped once its ``<voco>``
+                tokens are read) or ``"vanilla"`` (the same weights and sequence with LLaVA's causal
+                attention: every visual token stays in the KV cache and every decode step reads it).
+            decode_tokens: greedy decode steps after the first token (>= 1).
+            warmup, repeats: untimed runs, then timed runs (each stage's median is reported).
+            parallel_encoders: run CLIP and MGVQ on two CUDA streams (default: on CUDA with a
+                quantizer); on the CPU they run one after the other (``True`` there is a ValueError).
+
+        Returns:
+            :class:`htc_model.analysis.LatencyBreakdown` (milliseconds; ``as_dict()``).
+        """
+        from .analysis import latency_breakdown
+
+        return latency_breakdown(
+            self,
+            pixel_values,
+            input_ids,
+            attention_mask,
+            mode,
+            decode_tokens,
+            warmup,
+            repeats,
+            parallel_encoders,
         )
 
     # ---- starting from LLaVA-1.5 (how the paper starts) ----

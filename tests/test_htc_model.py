@@ -637,3 +637,129 @@ def test_processor_adds_tokens_and_feeds_the_model(tmp_path):
     proc.save_pretrained(tmp_path)
     back = type(proc).from_pretrained(tmp_path)
     assert (back.image_token_id, back.voco_token_id) == (proc.image_token_id, proc.voco_token_id)
+
+
+# --------------------------------------------------------------------------------------------------
+# voco_attention: the <voco> rows of the attention probabilities (paper Fig. 3)
+# --------------------------------------------------------------------------------------------------
+
+
+def _eager_voco_rows(model, x, topology):
+    """Oracle: the full ``[B, H, S, S]`` probabilities of the LM on "eager" with the dense star mask;
+    then, image by image, its <voco> rows and its visual columns -> ``[N, L, H, n_voco, n_visual]``."""
+    lm = model.language_model
+    lm.set_attn_implementation("eager")
+    try:
+        attentions = lm(
+            inputs_embeds=x.inputs_embeds,
+            attention_mask=_dense_mask(x.kinds, x.groups, topology),
+            position_ids=x.position_ids,
+            output_attentions=True,
+        ).attentions
+    finally:
+        lm.set_attn_implementation("htc_star")
+    per_image = []
+    for b in range(x.kinds.shape[0]):
+        for g in range(int(x.groups[b].max()) + 1):
+            rows = ((x.kinds[b] == C) & (x.groups[b] == g)).nonzero().flatten()
+            cols = ((x.kinds[b] == V) & (x.groups[b] == g)).nonzero().flatten()
+            per_image.append(torch.stack([a[b][:, rows][:, :, cols] for a in attentions]))
+    return torch.stack(per_image)
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, dict(num_voco_tokens=2, topology="group", fusion="post")], ids=["star", "group-2voco"]
+)
+def test_voco_attention_equals_dense_eager_rows(overrides):
+    model = _model(**overrides)
+    cfg = model.config
+    ids, mask, _ = _batch()
+    px = _pixels(cfg, 4)
+    att = model.voco_attention(px, ids, attention_mask=mask)
+    heads = cfg.text_config.num_attention_heads
+    assert att.shape == (4, 2, heads, cfg.num_voco_tokens, cfg.num_visual_tokens)
+    assert att.dtype == torch.float32
+    with torch.no_grad():
+        ref = _eager_voco_rows(model, model._expand(ids, mask, px), cfg.topology)
+    assert (att - ref).abs().max() <= 1e-5
+    # a row's mass is its image plus the text/<voco> tokens before it: within (0, 1]
+    total = att.sum(-1)
+    assert (total > 0).all() and (total <= 1 + 1e-5).all()
+    # the htc_star attention is back; right padding gives the same maps
+    assert model.language_model.config._attn_implementation == "htc_star"
+
+
+def test_voco_attention_images_alone_and_bad_inputs():
+    model = _model()
+    px = _pixels(model.config, 3)
+    att = model.voco_attention(px)
+    # each image alone: the <voco> row sees only its image and itself
+    alone = torch.stack([model.voco_attention(px[i : i + 1])[0] for i in range(3)])
+    assert torch.allclose(att, alone, atol=1e-6)
+    assert (att.sum(-1) < 1).all()
+    with pytest.raises(ValueError, match="no image"):
+        model.voco_attention(px[:0], torch.tensor([[1, 5]]))
+    with pytest.raises(ValueError, match=r"\[N, 3, 32, 32\]"):
+        model.voco_attention(torch.zeros(2, 3, 28, 28))
+
+
+# --------------------------------------------------------------------------------------------------
+# latency_breakdown (paper Table 11)
+# --------------------------------------------------------------------------------------------------
+
+STAGES = ("vision_encoder", "mgvq_encoder", "projection_fusion", "prefill", "decode")
+
+
+def test_latency_breakdown(monkeypatch):
+    nvtx = pytest.importorskip("nvtx")
+    ranges = []
+    real = nvtx.annotate
+
+    def annotate(message=None, **kw):
+        ranges.append(message)
+        return real(message, **kw)
+
+    monkeypatch.setattr(nvtx, "annotate", annotate)
+    model = _model()
+    cfg = model.config
+    ids, mask, _ = _batch()
+    px = _pixels(cfg, 4)
+    htc = model.latency_breakdown(px, ids, attention_mask=mask, decode_tokens=3, repeats=2)
+    assert [f"htc.{s}" for s in STAGES] == ranges[: len(STAGES)]  # every stage inside its range
+    assert len(ranges) == len(STAGES) * 3  # one warm-up run, two timed runs
+    stages = (htc.vision_encoder_ms, htc.mgvq_encoder_ms, htc.projection_fusion_ms, htc.prefill_ms)
+    assert all(t > 0 for t in stages) and htc.decode_ms_per_token > 0
+    assert not htc.encoders_parallel and htc.device == "cpu"  # CPU: one encoder after the other
+    assert htc.encoders_ms >= 0.9 * (htc.vision_encoder_ms + htc.mgvq_encoder_ms)
+    first = htc.encoders_ms + htc.projection_fusion_ms + htc.prefill_ms
+    assert 0.7 * htc.time_to_first_token_ms <= first <= 1.3 * htc.time_to_first_token_ms
+    assert htc.prompt_length == model._expand(ids, mask, px).input_ids.shape[1]
+    assert set(htc.as_dict()) >= {f"{s}_ms" for s in STAGES[:-1]} | {"decode_ms_per_token", "kv_bytes"}
+    # vanilla keeps every visual token in the cache; htc keeps the text and <voco> slots only
+    vanilla = model.latency_breakdown(
+        px, ids, attention_mask=mask, mode="vanilla", decode_tokens=3, repeats=1
+    )
+    per_token = _kv_bytes_per_token(cfg.text_config, 4)
+    assert vanilla.kv_bytes == 2 * (htc.prompt_length + 3) * per_token
+    kept = [int(((k != P) & (k != V)).sum()) + 3 for k in model._expand(ids, mask, px).kinds]
+    assert htc.kv_bytes == 2 * max(kept) * per_token  # rows left-filled to the longest
+    assert model.language_model.config._attn_implementation == "htc_star"
+    # no discrete channel: no MGVQ stage
+    plain = _model(num_discrete_tokens=0).latency_breakdown(px[:1], repeats=1, decode_tokens=1)
+    assert plain.mgvq_encoder_ms == 0 and plain.vision_encoder_ms > 0
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(mode="fast"), "mode"),
+        (dict(decode_tokens=0), "decode_tokens"),
+        (dict(repeats=0), "repeats"),
+        (dict(parallel_encoders=True), "CUDA streams"),
+        (dict(input_ids=torch.tensor([[1, IMG, 5, IMG]])), "pixel_values has 1"),
+    ],
+)
+def test_latency_breakdown_bad_inputs(kw, match):
+    model = _model()
+    with pytest.raises(ValueError, match=match):
+        model.latency_breakdown(_pixels(model.config, 1), **kw)
