@@ -77,18 +77,30 @@ def _check_kinds_length(s0: int, p_before: int, length: int, has_cache: bool) ->
         )
 
 
+_PAD_FREE: collections.OrderedDict = collections.OrderedDict()  # id(kinds) -> (ref, version, bool)
+
+
+def _pad_free(kinds: torch.Tensor | None) -> bool:
+    """No PAD in ``kinds`` (memoised per tensor and in-place version: decode steps reuse one)."""
+    if kinds is None:
+        return True
+    entry = _PAD_FREE.get(id(kinds))
+    version = None if kinds.is_inference() else kinds._version
+    if entry is not None and entry[0]() is kinds and entry[1] == version:
+        return entry[2]
+    free = not bool((kinds == TokenKind.PAD).any())
+    _PAD_FREE[id(kinds)] = (weakref.ref(kinds), version, free)
+    while len(_PAD_FREE) > _MEMO_SIZE:
+        _PAD_FREE.popitem(last=False)
+    return free
+
+
 def _plain_context(padding, kinds, slots, b, sq, skv, length, key_len) -> _ForwardContext:
     """Plain causal attention with padding: every query is past the prompt (TEXT) and no key is
     VISUAL, so the star mask is the causal mask over positions (DESIGN.md §2). ``slots``: each key
     slot's absolute position (-1: empty or filler; ``None``: slot i is position i). On CUDA: tensor
     ops only, no host sync, fixed shapes (CUDA-graph friendly); on the CPU, where a sync is free, a
     one-query step over valid keys drops the mask (SDPA's unmasked path, as transformers' sdpa mask)."""
-    if padding.device.type == "cpu" and sq == 1 and bool(padding.all()):
-        # the common decode step, in 3 cheap checks: no padding, no PAD kind, no filler slot
-        if (kinds is None or not bool((kinds == TokenKind.PAD).any())) and (
-            slots is None or not bool((slots < 0).any())
-        ):
-            return _ForwardContext(key_len=key_len)
     valid = padding.to(torch.bool).expand(b, -1)[:, :length]
     if kinds is not None:
         s0 = min(kinds.shape[1], length)
@@ -118,7 +130,6 @@ def _context(query, key, padding, kinds, groups, topology, step, softcap) -> _Fo
     if step is not None:
         p_before = step.p_before
         length = p_before + sq
-        slots = step.slots
     else:
         length = padding.shape[1] if padding is not None else skv
         p_before = length - sq
@@ -142,7 +153,18 @@ def _context(query, key, padding, kinds, groups, topology, step, softcap) -> _Fo
         k = None if kinds is None else (kinds[None] if kinds.dim() == 1 else kinds)
         if k is not None and k.device != device:
             raise ValueError(f"htc_star: htc_kinds is on {k.device} but the model runs on {device}")
-        return _plain_context(padding, k, slots, b, sq, skv, length, key_len)
+        if (
+            device.type == "cpu"
+            and sq == 1
+            and (step is None or step.layer.filler_free)
+            and _pad_free(k)
+            and bool(padding.all())
+        ):
+            # The common CPU decode step: one query over every held key, no mask. Settled from
+            # flags kept by the cache and a memo per kinds tensor: one check of the padding mask.
+            return _ForwardContext(key_len=key_len)
+        return _plain_context(padding, k, None if step is None else step.slots, b, sq, skv, length, key_len)
+    slots = None if step is None else step.slots
     if step is not None and step.written is not None and step.written < skv:
         # a static buffer: the star kernel takes its queries to be the last written slots
         key_len = skv = step.written

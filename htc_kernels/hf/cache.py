@@ -54,14 +54,15 @@ def _droppable(kinds: torch.Tensor, groups: torch.Tensor, processed: int) -> tor
 class _Compaction:
     """What one forward does to every :class:`StarLayer`: keep the ``index`` slots (``[B, n]``,
     along the sequence), whose absolute positions are ``slots`` (``[B, n]``, -1 = filler: a PAD
-    slot). ``visual_free``: no kept slot is VISUAL."""
+    slot). ``visual_free``: no kept slot is VISUAL; ``filler_free``: no kept slot is filler."""
 
-    __slots__ = ("index", "slots", "visual_free")
+    __slots__ = ("index", "slots", "visual_free", "filler_free")
 
     def __init__(self, index: torch.Tensor, slots: torch.Tensor, visual_free: bool):
         self.index = index
         self.slots = slots
         self.visual_free = visual_free
+        self.filler_free = not bool((slots < 0).any())
 
 
 def _compaction(slots_full: torch.Tensor, drop: torch.Tensor, visual: torch.Tensor) -> _Compaction:
@@ -171,6 +172,7 @@ class StarLayer(DynamicLayer):
         self._slots: torch.Tensor | None = None
         self._tail = 0  # slots appended after _slots: the positions just before cumulative_length
         self.visual_free = False
+        self.filler_free = True  # no filler slot (appended tokens never are)
 
     @property
     def slots(self) -> torch.Tensor | None:
@@ -209,6 +211,7 @@ class StarLayer(DynamicLayer):
 
     def compact(self, comp: _Compaction) -> None:
         self.visual_free = comp.visual_free
+        self.filler_free = comp.filler_free
         if comp.index is None:
             return
         b, h, _, d = self.keys.shape
@@ -232,6 +235,7 @@ class StarLayer(DynamicLayer):
         self.cumulative_length = 0
         self.slots = None
         self.visual_free = False
+        self.filler_free = True
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -330,6 +334,7 @@ class StarCache(DynamicCache):
             layer.cumulative_length = int(seq_length)
             layer.slots = pos
             layer.visual_free = not has_visual
+            layer.filler_free = not bool((pos < 0).any())
             cache.layers.append(layer)
         return cache
 
@@ -362,6 +367,8 @@ class StarStaticLayer(StaticLayer):
     int), not at their position: ``cumulative_length`` (a tensor, as in ``StaticLayer``) stays the
     absolute number of tokens seen, for RoPE. ``slots`` (``[B, max_cache_len]`` int64) holds each
     slot's absolute position, -1 for empty or filler slots."""
+
+    filler_free = False  # empty slots past write_pos: a decode step always needs its mask
 
     def __init__(self, max_cache_len: int, **kwargs):
         super().__init__(max_cache_len=max_cache_len)
