@@ -16,6 +16,7 @@ import torch
 import htc_kernels as hk
 from htc_kernels import _ext
 from htc_kernels.backends import triton_reasons
+from tests.accuracy import rel, stored_output_grads
 from tests.layouts import C, P, T, V, llava_kinds, pad_batch, random_kinds, random_sample
 
 try:
@@ -64,11 +65,6 @@ def on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 def small(backend: str) -> bool:
     """Shrink this case (the Triton interpreter)?"""
     return backend == "triton" and INTERPRETED
-
-
-def rel(a, b, floor=1e-30):
-    """||a - b|| / max(||b||, floor)."""
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(floor)).item()
 
 
 def make_qkv(b, hq, hkv, sq, skv, d, dtype, noncontig=False, device="cpu"):
@@ -123,10 +119,11 @@ def check(q, k, v, layout, scale=None, grads=True, backend="cpu", softcap=None):
     # the scale of its siblings, not against its own rounding noise.
     floor = max(0.1 * max(x.grad.norm().item() for x in (q64, k64, v64)), 1e-30)
     low = {"dq": ql, "dk": kl, "dv": vl} if same_dtype is not None else {}
-    for name, ours, want in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+    target = stored_output_grads(q, k, v, layout, scale, softcap, out, g)
+    for name, ours, exact, want in zip(("dq", "dk", "dv"), (q, k, v), (q64, k64, v64), target):
         assert torch.isfinite(ours.grad).all(), name
-        base = rel(low[name].grad, want.grad, floor) if low else 0
-        err = rel(ours.grad, want.grad, floor)
+        base = rel(low[name].grad, exact.grad, floor) if low else 0
+        err = rel(ours.grad, want, floor)
         assert err <= tol(base), f"{name}: {err:.2e} vs allowed {tol(base):.2e}"
     assert (q.grad.transpose(1, 2)[pad_rows] == 0).all()
 
