@@ -38,6 +38,7 @@ def _probe_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def _register() -> None:
+    hkhf.attention.STAR_IMPLEMENTATIONS.add(_PROBE_IMPLEMENTATION)
     AttentionInterface.register(_PROBE_IMPLEMENTATION, _probe_attention)
     AttentionMaskInterface.register(_PROBE_IMPLEMENTATION, hkhf.star_attention_mask)
 
@@ -341,8 +342,7 @@ def latency_breakdown(
     model._check_inputs(input_ids, attention_mask, pixel_values)
     lm = model.language_model
     previous = lm.config._attn_implementation
-    if mode == "vanilla":
-        lm.set_attn_implementation("sdpa")
+    lm.set_attn_implementation("sdpa" if mode == "vanilla" else hkhf.ATTN_IMPLEMENTATION)
     clock, rng = _Clock(device), _annotate()
     runs = []
     try:

@@ -374,6 +374,7 @@ class HTCForConditionalGeneration(PreTrainedModel):
                 f"HTC: {bad} are computed by the model from input_ids and pixel_values; do not pass them "
                 "(for incremental decoding use generate())"
             )
+        self._check_attention("forward")
         x = self._expand(input_ids, attention_mask, pixel_values, labels)
         kwargs.setdefault("use_cache", False)
         out = self.language_model(
@@ -513,6 +514,16 @@ class HTCForConditionalGeneration(PreTrainedModel):
             model.voco_embeddings.copy_(mean.expand_as(model.voco_embeddings))
         return model.to(llava.dtype).eval()
 
+    def _check_attention(self, where: str) -> None:
+        """Before any encoder runs: the language model must attend under the star mask (another
+        implementation would ignore the mask and the compaction)."""
+        impl = self.language_model.config._attn_implementation
+        if impl not in hkhf.attention.STAR_IMPLEMENTATIONS:
+            raise ValueError(
+                f"HTC.{where}: the language model's attention implementation is {impl!r}; the model needs "
+                f"'htc_star' (set at construction): model.language_model.set_attn_implementation('htc_star')"
+            )
+
     # ---- generation: one-shot, or from compressed images ----
     def _pad_id(self) -> int:
         return getattr(self.config.text_config, "pad_token_id", None) or 0
@@ -535,6 +546,7 @@ class HTCForConditionalGeneration(PreTrainedModel):
         """
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
             raise ValueError("HTC.compress: pixel_values must be [N, 3, H, W]")
+        self._check_attention("compress")
         n = pixel_values.shape[0]
         device = self.voco_embeddings.device
         if prefix_ids is None:
@@ -607,6 +619,7 @@ class HTCForConditionalGeneration(PreTrainedModel):
         bad = sorted(k for k in kwargs if k in _OWN_KWARGS or k.startswith("htc_"))
         if bad:
             raise ValueError(f"HTC.generate: {bad} are computed by the model; do not pass them")
+        self._check_attention("generate")
         lm = self.language_model
         if compressed is None:
             x = self._expand(input_ids, attention_mask, pixel_values)

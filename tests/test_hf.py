@@ -677,6 +677,33 @@ def test_misspelled_htc_kwargs_are_refused(attention_calls):
     assert attention_calls == []
 
 
+def test_star_arguments_under_another_implementation_are_refused(attention_calls):
+    """htc_* kwargs or a StarCache reaching "sdpa" would be ignored (causal attention over every key):
+    an enabled model refuses them; any model refuses a StarCache whose update no star attention read."""
+    ids, mask, kinds = _inputs(LAYOUTS["left_pad"])
+    model = hk.hf.enable_star_attention(_llama())
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        with pytest.raises(
+            ValueError, match=r"\['htc_kinds'\] given, but the model's attention implementation is 'sdpa'"
+        ):
+            model(ids, attention_mask=mask, htc_kinds=kinds)
+        with pytest.raises(ValueError, match="past_key_values=StarCache"):
+            model(ids, attention_mask=mask, past_key_values=hk.hf.StarCache(), use_cache=True)
+        with pytest.raises(ValueError, match="htc_kinds"):
+            model.generate(ids, attention_mask=mask, htc_kinds=kinds, max_new_tokens=2)
+        model(ids, attention_mask=mask)  # no star argument: plain sdpa, as asked
+        plain = _llama()  # not enabled: no pre-hook, but the cache notices its update went unread
+        plain.set_attn_implementation("sdpa")
+        with pytest.raises(RuntimeError, match="layer 0 was updated but its attention did not read"):
+            plain(ids, attention_mask=mask, past_key_values=hk.hf.StarCache(kinds=kinds), use_cache=True)
+    assert attention_calls == []
+    hk.hf.enable_star_attention(model)
+    with torch.no_grad():  # the refusals left no stale state behind
+        model(ids, attention_mask=mask, htc_kinds=kinds, past_key_values=hk.hf.StarCache(), use_cache=True)
+    assert attention_calls
+
+
 def test_output_attentions_behaves_like_sdpa():
     model = _llama()
     ids, mask, kinds = _inputs(LAYOUTS["left_pad"])

@@ -308,6 +308,27 @@ def test_right_padding_gives_the_same_logits_as_left_padding():
 # --------------------------------------------------------------------------------------------------
 
 
+def test_another_attention_implementation_is_refused():
+    """Switched to "sdpa", the language model would attend causally over every token: forward,
+    compress and generate refuse before any encoder runs; latency_breakdown sets its own."""
+    model = _model()
+    ids, mask, _ = _batch()
+    px = _pixels(model.config, 4)
+    model.language_model.set_attn_implementation("sdpa")
+    for call in (
+        lambda: model(ids, pixel_values=px, attention_mask=mask),
+        lambda: model.compress(px[:1]),
+        lambda: model.generate(ids, pixel_values=px, attention_mask=mask, max_new_tokens=1),
+    ):
+        with torch.no_grad(), pytest.raises(ValueError, match="attention implementation is 'sdpa'"):
+            call()
+    model.latency_breakdown(px[:1], decode_tokens=1, warmup=0, repeats=1)  # mode="htc" sets htc_star
+    assert model.language_model.config._attn_implementation == "sdpa"  # and restores the user's choice
+    model.language_model.set_attn_implementation("htc_star")
+    with torch.no_grad():
+        model(ids, pixel_values=px, attention_mask=mask)
+
+
 @pytest.mark.parametrize(
     "case, match",
     [

@@ -23,9 +23,11 @@ from transformers.masking_utils import causal_mask_function, sdpa_mask
 from htc_kernels.layout import StarLayout, TokenKind, orphan_voco
 from htc_kernels.star_attention import star_attention
 
-from .cache import StarCache, _compaction, _droppable, _full_layout, _take_step
+from .cache import StarCache, StarStaticCache, _compaction, _droppable, _full_layout, _take_step
 
 ATTN_IMPLEMENTATION = "htc_star"
+# Implementations that run star_attention_forward (htc_model.analysis adds its probe).
+STAR_IMPLEMENTATIONS = {ATTN_IMPLEMENTATION}
 #: Forward kwargs this module reads (``enable_star_attention`` lets ``generate`` accept them).
 HTC_KWARGS = ("htc_kinds", "htc_groups", "htc_topology", "htc_backend")
 
@@ -480,12 +482,33 @@ def enable_star_attention(model, backend: str | None = None):
 
     def _pre_hook(module, args, kwargs):
         _check_kwargs(kwargs)
+        _check_implementation(module, kwargs)
         if module._htc_star_backend is not None and "htc_backend" not in kwargs:
             kwargs["htc_backend"] = module._htc_star_backend
         return args, kwargs
 
     model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
     return model
+
+
+def _check_implementation(model, kwargs) -> None:
+    """A star argument (``htc_*``, a star cache) reaching a model whose text attention is not a star
+    implementation would be ignored: that attention attends causally. Refuse instead."""
+    cfg = model.config
+    cfg = cfg.text_config if "text_config" in (getattr(cfg, "sub_configs", {}) or {}) else cfg
+    impl = cfg._attn_implementation
+    if impl in STAR_IMPLEMENTATIONS:
+        return
+    given = sorted(k for k in kwargs if k.startswith("htc_") and kwargs[k] is not None)
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, (StarCache, StarStaticCache)):
+        given.append(f"past_key_values={type(cache).__name__}")
+    if given:
+        raise ValueError(
+            f"htc_star: {given} given, but the model's attention implementation is {impl!r}, which "
+            "would ignore them and attend causally; call hk.hf.enable_star_attention(model) (or "
+            "set_attn_implementation back to 'htc_star') first"
+        )
 
 
 def _validate_generate_kinds(kinds, input_ids, groups, topology) -> None:

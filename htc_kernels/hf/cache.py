@@ -255,6 +255,17 @@ class StarLayer(DynamicLayer):
 
 def _update_and_hand_off(cache, base, key_states, value_states, layer_idx, *args, **kwargs):
     """``base.update`` (the transformers cache class), then leave the step for the attention call."""
+    stale = getattr(_HANDOFF, "step", None)
+    if stale is not None and stale.cache is cache:
+        # The previous layer's attention never took its step: not "htc_star" (e.g. "sdpa"), which
+        # would attend causally over every kept key, ignoring the star mask and the compaction.
+        _HANDOFF.step = None
+        raise RuntimeError(
+            f"htc_star: {type(cache).__name__} layer {stale.layer_idx} was updated but its attention did "
+            "not read the update: the model's attention implementation is not 'htc_star'. Use "
+            "attn_implementation='htc_star' (hk.hf.enable_star_attention(model)) with a StarCache, or a "
+            "DynamicCache with other implementations"
+        )
     p_before = cache.layers[layer_idx].seen_tokens() if layer_idx < len(cache.layers) else 0
     keys, values = base.update(cache, key_states, value_states, layer_idx, *args, **kwargs)
     layer = cache.layers[layer_idx]
