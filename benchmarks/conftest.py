@@ -107,6 +107,10 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["cpu_count"] = os.cpu_count()
     machine_info["torch"] = torch.__version__
     machine_info["torch_threads_default"] = common.default_threads()
+    # The settings that change what runs (the report's "reproduce" command shows them).
+    machine_info["htc_env"] = {
+        k: v for k, v in sorted(os.environ.items()) if k.startswith("HTC_BENCH_") or k == "OMP_NUM_THREADS"
+    }
     # Called from pytest-benchmark's pytest_sessionfinish (when it saves the JSON): every test has
     # reported by then.
     machine_info["htc_skipped"] = list(_SKIPPED)
