@@ -20,6 +20,7 @@ once outside the timed region for every provider, as a model would do once per b
 Cases: "llava" is DESIGN §7's shape (B=1, 32 heads, D=128, 35 text + 580 visual + 1 voco + 64 text);
 "4img" (4 images, S=2455) and "batch8" (8 samples with different text lengths, right-padded) use
 8 heads so that ``make bench`` stays at a few minutes (per-head work is identical; ratios count).
+The sweeps (fp32 forward vs S and vs the number of images, see SWEEPS) feed the report's plots.
 """
 
 from __future__ import annotations

@@ -79,12 +79,22 @@ def synthetic(load=2.5) -> dict:
     for s, f in ((341, 0.5), (680, 1), (1359, 2)):
         for prov, t in (("htc", 0.3), ("sdpa dense mask", 3.0), ("eager", 9.0)):
             rows.append(
-                _row(f"star_attention: sweep S={s} fp32 fwd", prov, t * f * f, sweep={"axis": "seq_len", "value": s})
+                _row(
+                    f"star_attention: sweep S={s} fp32 fwd",
+                    prov,
+                    t * f * f,
+                    sweep={"axis": "seq_len", "value": s},
+                )
             )
     for n in (1, 2, 4):
         for prov, t in (("htc", 0.3), ("hand-split", 1.0)):
             rows.append(
-                _row(f"star_attention: sweep images={n} fp32 fwd", prov, t * n, sweep={"axis": "images", "value": n})
+                _row(
+                    f"star_attention: sweep images={n} fp32 fwd",
+                    prov,
+                    t * n,
+                    sweep={"axis": "images", "value": n},
+                )
             )
     for s, mem in ((680, 2**20), (2720, 4 * 2**20)):
         for prov, f in (("htc", 1), ("sdpa dense mask", 16)):
@@ -119,7 +129,9 @@ def _run(tmp_path, data, gpu=True, argv=()):
     results = tmp_path / "results"
     results.mkdir()
     if gpu:
-        (results / "gpu-fake.md").write_text("# star_attention on FakeGPU\n\n| provider | ms |\n|---|---|\n| htc | 0.5 |\n")
+        (results / "gpu-fake.md").write_text(
+            "# star_attention on FakeGPU\n\n| provider | ms |\n|---|---|\n| htc | 0.5 |\n"
+        )
     out = tmp_path / "REPORT.md"
     rc = report.main([str(path), "--out", str(out), "--results", str(results), *argv])
     assert rc == 0
@@ -158,7 +170,15 @@ def test_report_markdown(tmp_path, capsys):
 
     # One table per family, providers as columns, ratio peer/htc, floor and x floor.
     fam = md[md.index("### star_attention") :]
-    assert _table_row(fam, "llava fp32 fwd")[2:] == ["2.000", "24.0 (12.00x)", "4.000 (2.00x)", "-", "-", "1.000", "2.0"]
+    assert _table_row(fam, "llava fp32 fwd")[2:] == [
+        "2.000",
+        "24.0 (12.00x)",
+        "4.000 (2.00x)",
+        "-",
+        "-",
+        "1.000",
+        "2.0",
+    ]
     assert "### mgvq_lookup" in md and "240.0 (8.00x)" in _table_row(md, "16 images", "### mgvq_lookup")
     assert "### end_to_end" in md
 
@@ -190,7 +210,8 @@ def test_report_markdown(tmp_path, capsys):
     assert "test_e2e[ttft-b1-voco-style]" in skipped
 
 
-def test_report_without_gpu_runs_and_quiet_machine(tmp_path):
+def test_report_without_gpu_runs_and_quiet_machine(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # no plots needed here (faster)
     md, _results = _run(tmp_path, synthetic(load=0.1), gpu=False, argv=["--stat", "min"])
     assert "No GPU run is recorded" in md and "scripts/gpu_check.sh" in md
     assert "WARNING: other processes" not in md
