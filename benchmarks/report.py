@@ -328,7 +328,6 @@ def _e2e(r: dict) -> dict:
     return r["info"].get("e2e") or {}
 
 
-E2E = "end_to_end"
 E2E_GROUP = re.compile(r"^end_to_end:\s*(?P<metric>.+?)\s+b(?P<batch>\d+)\s*$")
 # (column title, metric of the group the value comes from, how to read it, is it bytes)
 E2E_COLUMNS = [
@@ -407,7 +406,12 @@ def e2e_section(groups: dict[str, list[dict]], skipped: list[dict]) -> list[str]
         ratios.append(rcells)
     headers = ["provider", *[c[0] for c in cols]]
     out = [md_table(headers, table), ""]
-    out += [f"Ratios: provider / htc ({STAT[:-3]}; > 1: htc is faster or leaner).", ""]
+    out += [
+        f"TTFT is the {STAT[:-3]} time of a round; decode ms/token and ask-many ms/question are the "
+        "benchmark's own figures (the rows' e2e fields). Ratios: provider / htc (> 1: htc is faster "
+        "or leaner).",
+        "",
+    ]
     out += [md_table(headers, [r for r in ratios if r[0] != OURS]), ""]
     labels = {r["provider"]: r["info"]["label"] for r in all_rows if r["info"].get("label")}
     out += [f"- **{p}**: {labels[p]}" for p in provs if p in labels]
@@ -416,7 +420,7 @@ def e2e_section(groups: dict[str, list[dict]], skipped: list[dict]) -> list[str]
     for (metric, b), rows in sorted(by.items()):
         if metric != "table11":
             continue
-        bd = {r["provider"]: r["info"].get("e2e", {}).get("breakdown", {}) for r in rows}
+        bd = {r["provider"]: _e2e(r).get("breakdown", {}) for r in rows}
         names = dict(BREAKDOWN)
         keys = list(names) + sorted({k for d in bd.values() for k in d} - names.keys())
         tprovs = [p for p in provs if p in bd]
@@ -428,7 +432,7 @@ def e2e_section(groups: dict[str, list[dict]], skipped: list[dict]) -> list[str]
             ),
             "",
         ]
-    scale = next((r["info"]["e2e"]["scale"] for r in all_rows if r["info"].get("e2e", {}).get("scale")), None)
+    scale = next((_e2e(r)["scale"] for r in all_rows if _e2e(r).get("scale")), None)
     if scale:
         out += [f"Scale: {scale}", ""]
     return out
@@ -561,7 +565,7 @@ def plot_series(groups: dict[str, list[dict]]) -> dict[str, dict]:
     decode, kv = {}, {}
     for (metric, b), rows in e2e_rows(groups).items():
         for r in rows:
-            e2e = r["info"].get("e2e", {})
+            e2e = _e2e(r)
             if metric.startswith("decode@") and e2e.get("ms_per_token") is not None:
                 decode.setdefault((r["provider"], f"b{b}"), []).append(
                     (e2e["generated"], e2e["ms_per_token"])
