@@ -368,6 +368,10 @@ def _check(provider, case, dtype_name, mode, fn, q, k, v, dout):
     return errs
 
 
+def group_of(case: str, dtype_name: str, mode: str) -> str:
+    return f"{FAMILY}: {case} {dtype_name} {mode}"
+
+
 def run_case(
     benchmark,
     case,
@@ -385,7 +389,7 @@ def run_case(
     budget_s=0.8,
 ):
     dtype = DTYPES[dtype_name]
-    benchmark.group = group or f"{FAMILY}: {case} {dtype_name} {mode}"
+    benchmark.group = group or group_of(case, dtype_name, mode)
     if fn is None:
         fn = PROVIDERS[provider](case)
     q, k, v, dout = inputs(case, dtype, requires_grad=(mode == "fwdbwd"))
@@ -480,6 +484,9 @@ def test_star_attention(benchmark, case, dtype_name, mode, provider, floor_ms, p
     if provider == "flex compiled" and mode == "fwdbwd":
         reason = star_peers.flex_backward_reason("cpu")
         if reason is not None:
+            # Group and provider first: the report shows the skip in that group's row.
+            benchmark.group = group_of(case, dtype_name, mode)
+            benchmark.extra_info["provider"] = provider
             pytest.skip(f"FlexAttention has no CPU backward ({reason})")
     info = run_case(benchmark, case, dtype_name, mode, provider, floor_ms, peak_mem, threads)
     if case in SWEEP_OF and (dtype_name, mode) == ("fp32", "fwd"):
