@@ -20,6 +20,7 @@ once outside the timed region for every provider, as a model would do once per b
 Cases: "llava" is DESIGN §7's shape (B=1, 32 heads, D=128, 35 text + 580 visual + 1 voco + 64 text);
 "4img" (4 images, S=2455) and "batch8" (8 samples with different text lengths, right-padded) use
 8 heads so that ``make bench`` stays at a few minutes (per-head work is identical; ratios count).
+The sweeps (fp32 forward vs S and vs the number of images, see SWEEPS) feed the report's plots.
 """
 
 from __future__ import annotations
@@ -65,6 +66,31 @@ CASES = {
     "tiny": ([T] * 5 + [V] * 20 + [C] + [T] * 6, 1, 2, 128),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+FULL = os.environ.get("HTC_BENCH_FULL") == "1"
+
+
+def _one_image_kinds(f: float) -> list[int]:
+    """The LLaVA layout with its text and visual parts scaled by ``f`` (one voco token)."""
+    return star_peers.image_kinds(
+        1, prefix=round(35 * f), visual=round(580 * f), between=0, suffix=round(64 * f)
+    )
+
+
+# Sweeps for the report's plots, fp32 forward, 8 heads like "4img" (per-head work is identical):
+# time vs sequence length (one image, f = 0.5, 1, 2, 4: S = 341, 680, 1359, 2717) and vs the number
+# of images (image_kinds defaults: 580 visual + 1 voco + 8 text each). 4 images is the "4img" case,
+# tagged as a sweep point in test_star_attention rather than measured twice.
+# case name: (axis, value, kinds, only with HTC_BENCH_FULL=1)
+SWEEPS = {
+    **{
+        f"sweep-S{len(k)}": ("seq_len", len(k), k, False)
+        for k in (_one_image_kinds(f) for f in (0.5, 1, 2, 4))
+    },
+    **{f"sweep-img{n}": ("images", n, star_peers.image_kinds(n), n > 4) for n in (1, 2, 8)},
+}
+SWEEP_OF = {"4img": ("images", 4)}  # matrix cases that are also a sweep point (fp32 fwd rows)
+CASES.update({case: (kinds, 1, 8, 128) for case, (_a, _v, kinds, _f) in SWEEPS.items()})
 
 
 @functools.cache
@@ -305,9 +331,6 @@ def targets_for(case: str, dtype_name: str, mode: str) -> list[dict]:
 MODES = ("fwd", "fwdbwd")
 
 
-FULL = os.environ.get("HTC_BENCH_FULL") == "1"
-
-
 def _matrix():
     for case in ("llava", "4img", "batch8"):
         for dtype_name in DTYPES:
@@ -345,6 +368,10 @@ def _check(provider, case, dtype_name, mode, fn, q, k, v, dout):
     return errs
 
 
+def group_of(case: str, dtype_name: str, mode: str) -> str:
+    return f"{FAMILY}: {case} {dtype_name} {mode}"
+
+
 def run_case(
     benchmark,
     case,
@@ -362,7 +389,7 @@ def run_case(
     budget_s=0.8,
 ):
     dtype = DTYPES[dtype_name]
-    benchmark.group = group or f"{FAMILY}: {case} {dtype_name} {mode}"
+    benchmark.group = group or group_of(case, dtype_name, mode)
     if fn is None:
         fn = PROVIDERS[provider](case)
     q, k, v, dout = inputs(case, dtype, requires_grad=(mode == "fwdbwd"))
@@ -457,8 +484,49 @@ def test_star_attention(benchmark, case, dtype_name, mode, provider, floor_ms, p
     if provider == "flex compiled" and mode == "fwdbwd":
         reason = star_peers.flex_backward_reason("cpu")
         if reason is not None:
+            # Group and provider first: the report shows the skip in that group's row.
+            benchmark.group = group_of(case, dtype_name, mode)
+            benchmark.extra_info["provider"] = provider
             pytest.skip(f"FlexAttention has no CPU backward ({reason})")
-    run_case(benchmark, case, dtype_name, mode, provider, floor_ms, peak_mem, threads)
+    info = run_case(benchmark, case, dtype_name, mode, provider, floor_ms, peak_mem, threads)
+    if case in SWEEP_OF and (dtype_name, mode) == ("fp32", "fwd"):
+        axis, value = SWEEP_OF[case]
+        info["sweep"] = {"axis": axis, "value": value}
+
+
+# flex compiled recompiles for every shape (tens of seconds each here, not timed but paid): only in the
+# long version. Eager is kept: it is the peer whose cost grows as S^2 the plainest.
+SWEEP_PROVIDERS = ("htc", "sdpa dense mask", "hand-split", "eager") + (("flex compiled",) if FULL else ())
+
+
+def _sweeps():
+    for case, (_axis, _value, _kinds, full_only) in SWEEPS.items():
+        if full_only and not FULL:
+            continue  # the long points (HTC_BENCH_FULL=1)
+        for prov in SWEEP_PROVIDERS:
+            yield pytest.param(case, prov, id=f"{case}-{prov}")
+
+
+@pytest.mark.parametrize("case, provider", list(_sweeps()))
+def test_star_attention_sweep(benchmark, case, provider, floor_ms, peak_mem, threads):
+    axis, value = SWEEPS[case][:2]
+    label = "S" if axis == "seq_len" else "images"
+    # No peak memory here (the mem groups measure it) and a short budget: the sweeps are for the plots.
+    info = run_case(
+        benchmark,
+        case,
+        "fp32",
+        "fwd",
+        provider,
+        floor_ms,
+        peak_mem,
+        threads,
+        group=f"{FAMILY}: sweep {label}={value} fp32 fwd",
+        targets=[],
+        measure_mem=False,
+        budget_s=0.4,
+    )
+    info["sweep"] = {"axis": axis, "value": value}
 
 
 # Thread scaling: htc with all threads (the "htc" row) vs 1 thread, LLaVA fp32 forward.
