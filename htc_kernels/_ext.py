@@ -50,3 +50,13 @@ def available() -> bool:
 
 def build_info() -> dict:
     return dict(_C.build_info()) if _C is not None else {}
+
+
+def cpu_isa() -> dict:
+    """The CPU kernel variant chosen at load (``active``), or why none runs (``error``: e.g. a bad
+    ``HTC_CPU_ISA``; every CPU op call then raises it), the variants compiled in and those this CPU runs."""
+    return dict(_C.cpu_isa()) if _C is not None else {}
+
+
+if _C is not None and cpu_isa()["error"]:
+    warnings.warn(f"htc_kernels: {cpu_isa()['error']}", RuntimeWarning, stacklevel=2)
