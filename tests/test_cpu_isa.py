@@ -18,7 +18,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import htc_kernels as hk
 from htc_kernels import _ext
@@ -64,7 +63,8 @@ def test_unknown_value_is_an_error(value):
     )
     r = child(value, code)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "ValueError" in r.stdout and f"HTC_CPU_ISA={value} is not a CPU kernel variant" in r.stdout, r.stdout
+    assert "ValueError" in r.stdout, r.stdout
+    assert f"HTC_CPU_ISA={value} is not a CPU kernel variant" in r.stdout, r.stdout
     assert "HTC_CPU_ISA" in r.stderr  # the import warned too
 
 
@@ -78,7 +78,8 @@ def test_variant_the_cpu_cannot_run_is_an_error(isa):
         "from htc_kernels import _ext\n"
         "assert _ext.cpu_isa()['active'] == '', _ext.cpu_isa()\n"
         "q = torch.randn(1, 1, 8, 16)\n"
-        "try:\n    hk.star_attention(q, q, q, hk.StarLayout(torch.zeros(8, dtype=torch.long)), backend='cpu')\n"
+        "layout = hk.StarLayout(torch.zeros(8, dtype=torch.long))\n"
+        "try:\n    hk.star_attention(q, q, q, layout, backend='cpu')\n"
         "except Exception as e:\n    print(type(e).__name__, e); raise SystemExit(0)\n"
         "raise SystemExit('no error')\n"
     )
@@ -159,4 +160,3 @@ def test_baseline_code_has_no_avx():
     assert not bad, f"baseline functions with AVX2/AVX-512 code: {sorted(set(bad))[:20]}"
     # Static initializers run at load, before any dispatch: none may hold wide-register code.
     assert not static_init, f"static initializers with AVX code: {sorted(set(static_init))}"
-
