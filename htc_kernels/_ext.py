@@ -30,6 +30,8 @@ else:
         missing = [op for op in REQUIRED_OPS if not hasattr(torch.ops.htc, op)]
         if missing:
             raise ImportError(f"stale build: ops {missing} missing from htc_kernels._C")
+        if not hasattr(_C, "cpu_isa"):
+            raise ImportError("stale build: htc_kernels._C predates the CPU ISA dispatch (no cpu_isa)")
     except Exception as exc:  # noqa: BLE001 (any import failure must degrade, not crash)
         _C = None
         LOAD_ERROR = f"{type(exc).__name__}: {exc}"
