@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "common/cpu_dispatch.h"
+
 TORCH_LIBRARY(htc, m) {
   // kinds [B, Skv] int8 (TokenKind), groups [B, Skv] int32 -> plan [B, ceil(q_len/block_q),
   // ceil(Skv/block_k)] uint8 (TileKind). Queries are the last q_len positions of the key sequence.
@@ -34,31 +36,6 @@ TORCH_LIBRARY(htc, m) {
         " bool normalize) -> (Tensor, Tensor)");
 }
 
-namespace {
-
-std::string cpu_isa() {
-  std::string isa;
-#if defined(__AVX512F__)
-  isa += "avx512f ";
-#endif
-#if defined(__AVX512BF16__)
-  isa += "avx512bf16 ";
-#endif
-#if defined(__AVX2__)
-  isa += "avx2 ";
-#endif
-#if defined(__FMA__)
-  isa += "fma ";
-#endif
-#if defined(__ARM_NEON)
-  isa += "neon ";
-#endif
-  if (isa.empty()) return "baseline";
-  isa.pop_back();
-  return isa;
-}
-
-}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "htc_kernels compiled extension: build information; ops live in torch.ops.htc";
@@ -71,7 +48,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["cuda"] = false;
     info["cuda_archs"] = std::string();
 #endif
-    info["cpu_isa"] = cpu_isa();
+    // The CPU kernel variants compiled in (common/cpu_dispatch.h); cpu_isa() says which one runs.
+    std::string variants;
+    for (const auto& v : htc::cpu_isa_status().compiled) variants += (variants.empty() ? "" : " ") + v;
+    info["cpu_isa"] = variants;
+#if defined(HTC_CPU_MARCH)
+    info["cpu_march"] = std::string(HTC_CPU_MARCH);
+#else
+    info["cpu_march"] = std::string();
+#endif
 #if defined(_OPENMP)
     info["openmp"] = true;
 #else
@@ -79,5 +64,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
     info["compiler"] = std::string(__VERSION__);
     return info;
+  });
+  // The CPU kernel variant in use (decided here, at load: HTC_CPU_ISA is read once), or why none is.
+  htc::cpu_isa_status();
+  m.def("cpu_isa", []() {
+    const htc::CpuIsaStatus& status = htc::cpu_isa_status();
+    pybind11::dict d;
+    d["active"] = status.active;
+    d["error"] = status.error;
+    d["requested"] = status.requested;
+    d["compiled"] = status.compiled;
+    d["runnable"] = status.runnable;
+    d["cpu_features"] = status.cpu_features;
+    return d;
   });
 }

@@ -30,6 +30,8 @@ else:
         missing = [op for op in REQUIRED_OPS if not hasattr(torch.ops.htc, op)]
         if missing:
             raise ImportError(f"stale build: ops {missing} missing from htc_kernels._C")
+        if not hasattr(_C, "cpu_isa"):
+            raise ImportError("stale build: htc_kernels._C predates the CPU ISA dispatch (no cpu_isa)")
     except Exception as exc:  # noqa: BLE001 (any import failure must degrade, not crash)
         _C = None
         LOAD_ERROR = f"{type(exc).__name__}: {exc}"
@@ -50,3 +52,13 @@ def available() -> bool:
 
 def build_info() -> dict:
     return dict(_C.build_info()) if _C is not None else {}
+
+
+def cpu_isa() -> dict:
+    """The CPU kernel variant chosen at load (``active``), or why none runs (``error``: e.g. a bad
+    ``HTC_CPU_ISA``; every CPU op call then raises it), the variants compiled in and those this CPU runs."""
+    return dict(_C.cpu_isa()) if _C is not None else {}
+
+
+if _C is not None and cpu_isa()["error"]:
+    warnings.warn(f"htc_kernels: {cpu_isa()['error']}", RuntimeWarning, stacklevel=2)

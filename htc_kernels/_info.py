@@ -20,6 +20,7 @@ def info() -> dict:
     except ImportError:
         triton_version = None
     build = _ext.build_info()
+    isa = _ext.cpu_isa()
     cuda_ok = torch.cuda.is_available()
     backends = {
         "reference": "yes",
@@ -44,6 +45,10 @@ def info() -> dict:
         "extension_cuda": build.get("cuda", False),
         "cuda_archs": build.get("cuda_archs", ""),
         "compiled_cpu_isa": build.get("cpu_isa", ""),
+        # The CPU kernel variant in use (chosen at load from CPUID, or forced by HTC_CPU_ISA).
+        "cpu_isa": isa.get("active") or (f"none: {isa['error']}" if isa.get("error") else None),
+        "cpu_isa_runnable": " ".join(isa.get("runnable", [])),
+        "cpu_march": build.get("cpu_march", ""),
         "openmp": build.get("openmp", False),
         "machine": platform.machine(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -58,7 +63,7 @@ def _main(argv: list[str]) -> None:
         print(
             f"htc_kernels: torch {data['torch']}, extension "
             f"{'loaded' if data['extension_loaded'] else 'NOT loaded (' + str(data['extension_error']) + ')'}"
-            f", cuda archs [{data['cuda_archs']}], cpu isa [{data['compiled_cpu_isa']}]"
+            f", cuda archs [{data['cuda_archs']}], cpu isa {data['cpu_isa']} of [{data['compiled_cpu_isa']}]"
         )
         return
     width = max(len(k) for k in data)

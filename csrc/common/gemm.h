@@ -8,7 +8,9 @@
 
 #include "common/vec.h"
 
+// In the variant's namespace (common/isa.h): each variant's copy of these inline functions stays its own.
 namespace htc::cpu {
+inline namespace HTC_ISA_NS {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVL = Vec::size();
@@ -104,4 +106,5 @@ inline void gemm(float* C, int64_t ldc, const float* A, int64_t sar, int64_t sac
   }
 }
 
+}  // namespace HTC_ISA_NS
 }  // namespace htc::cpu

@@ -22,10 +22,13 @@
 #include <immintrin.h>
 #endif
 
+#include "common/isa.h"
 #include "mgvq_lookup/mgvq_math.h"
 
 namespace htc {
 namespace mgvq {
+// The CPU variant's namespace (common/isa.h): each variant compiled into the extension keeps its own copy.
+inline namespace HTC_ISA_NS {
 
 constexpr int kW = 16;  // codes per vector
 typedef float vf __attribute__((vector_size(kW * sizeof(float))));
@@ -280,5 +283,6 @@ inline void lookup_backward(const float* grad_codes, const float* z, const float
   }
 }
 
+}  // namespace HTC_ISA_NS
 }  // namespace mgvq
 }  // namespace htc

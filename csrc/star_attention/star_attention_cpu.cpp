@@ -1,12 +1,16 @@
-// CPU star attention: the op entry points (argument checks, output allocation) and the uncapped
-// kernels; the kernels themselves are in star_attention_cpu_kernels.h, the soft-capped instantiations
-// in star_attention_cpu_capped.cpp (why two units: see the header).
-#include "star_attention/star_attention_cpu_kernels.h"  // first: selects the at::vec ISA (common/vec.h)
+// CPU star attention: the op entry points (argument checks, output allocation), compiled for the
+// baseline; the kernels (star_attention_cpu_kernels.h, instantiated by the *_isa.cpp units once per CPU
+// variant) are those of the variant chosen at load (common/cpu_dispatch.h).
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cstdlib>
 #include <limits>
 #include <optional>
 #include <tuple>
+
+#include "common/cpu_dispatch.h"
+#include "star_attention/star_checks.h"
 
 namespace htc {
 namespace {
@@ -36,11 +40,8 @@ std::tuple<at::Tensor, at::Tensor> star_attention_cpu(const at::Tensor& q_in, co
   const auto plan_c = plan.contiguous();
   auto out = new_output(q.sizes(), q.options());
   auto lse = new_output({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  if (softcap > 0)
-    star_attention_cpu_forward_capped(q, k, v, kinds_c, groups_c, plan_c, block_q, block_k, topology, scale, softcap,
-                                      out, lse);
-  else
-    run_forward<false>(q, k, v, kinds_c, groups_c, plan_c, block_q, block_k, topology, scale, softcap, out, lse);
+  cpu_kernels().star_forward[softcap > 0](q, k, v, kinds_c, groups_c, plan_c, block_q, block_k, topology, scale,
+                                          softcap, out, lse);
   return {out, lse};
 }
 
@@ -63,12 +64,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> star_attention_backward_cpu(
   auto dq = new_output(q.sizes(), q.options());
   auto dk = new_output(k.sizes(), k.options());
   auto dv = new_output(v.sizes(), v.options());
-  if (softcap > 0)
-    star_attention_cpu_backward_capped(dout, q, k, v, out, lse_c, grad_lse_c, kinds_c, groups_c, plan_c, block_q,
-                                       block_k, topology, scale, softcap, dq, dk, dv);
-  else
-    run_backward<false>(dout, q, k, v, out, lse_c, grad_lse_c, kinds_c, groups_c, plan_c, block_q, block_k, topology,
-                        scale, softcap, dq, dk, dv);
+  cpu_kernels().star_backward[softcap > 0](dout, q, k, v, out, lse_c, grad_lse_c, kinds_c, groups_c, plan_c,
+                                           block_q, block_k, topology, scale, softcap, dq, dk, dv);
   return {dq, dk, dv};
 }
 

@@ -10,11 +10,13 @@
 // key-major, sT[j][i] = k_j . q_i, with queries along the vector lanes; the online-softmax statistics of
 // a whole query tile are then plain vector ops over i.
 //
-// This header holds the kernels; star_attention_cpu.cpp instantiates the uncapped ones next to the op
-// entry points and star_attention_cpu_capped.cpp the soft-capped ones. Two translation units because
-// GCC's inlining budget is per unit: instantiated in the same unit, the capped kernels changed how the
-// uncapped backward was inlined (its task loop grew by 9% and ran 15-35% slower at the LLaVA shape).
-// Everything stays in an anonymous namespace: each unit has its own copy, inlined as before.
+// This header holds the kernels; star_attention_cpu_uncapped_isa.cpp instantiates the uncapped ones and
+// star_attention_cpu_capped_isa.cpp the soft-capped ones, each compiled once per CPU variant (setup.py,
+// common/cpu_dispatch.h); star_attention_cpu.cpp (the op entry points) calls the variant chosen at load.
+// Two translation units because GCC's inlining budget is per unit: instantiated in the same unit, the
+// capped kernels changed how the uncapped backward was inlined (its task loop grew by 9% and ran 15-35%
+// slower at the LLaVA shape). Everything stays in an anonymous namespace: each unit (and variant) has its
+// own copy, inlined as before.
 #pragma once
 #include "common/vec.h"  // first: selects the at::vec ISA (see the header)
 
@@ -31,11 +33,13 @@
 #include <unordered_map>
 #include <vector>
 
+#include "common/cpu_kernels.h"
 #include "common/gemm.h"
 #include "star_attention/star_checks.h"
 #include "star_attention/star_mask.h"
 #include "star_attention/star_tile_math.h"
-namespace htc {
+// In the variant's namespace (common/isa.h), so profiles and disassembly name the variant.
+namespace htc::HTC_ISA_NS {
 namespace {
 
 
@@ -722,8 +726,6 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
   });
 }
 
-at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
 Geometry make_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& plan,
                        int64_t block_q, int64_t block_k, int64_t topology, double scale, double softcap) {
   Geometry g;
@@ -783,16 +785,7 @@ void run_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
 
 }  // namespace
 
-// run_forward<true> / run_backward<true>, compiled in star_attention_cpu_capped.cpp.
-void star_attention_cpu_forward_capped(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       const at::Tensor& kinds, const at::Tensor& groups, const at::Tensor& plan,
-                                       int64_t block_q, int64_t block_k, int64_t topology, double scale,
-                                       double softcap, at::Tensor& out, at::Tensor& lse);
-void star_attention_cpu_backward_capped(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                        const at::Tensor& grad_lse, const at::Tensor& kinds,
-                                        const at::Tensor& groups, const at::Tensor& plan, int64_t block_q,
-                                        int64_t block_k, int64_t topology, double scale, double softcap,
-                                        at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
+}  // namespace htc::HTC_ISA_NS
 
-}  // namespace htc
+// This variant's entry points (common/cpu_kernels.h), defined by the two *_isa.cpp units.
+HTC_DECLARE_CPU_KERNELS(HTC_ISA_NS)

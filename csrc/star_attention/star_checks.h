@@ -15,6 +15,9 @@
 
 namespace htc {
 
+// The kernels read rows with unit stride; anything else is copied once.
+inline at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
 inline void check_plan_args(const at::Tensor& kinds, const at::Tensor& groups, int64_t q_len,
                             int64_t block_q, int64_t block_k, int64_t topology) {
   TORCH_CHECK(kinds.dim() == 2, "star_plan: kinds must be [B, S], got ", kinds.sizes());

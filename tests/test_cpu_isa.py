@@ -1,0 +1,162 @@
+"""Runtime ISA dispatch of the CPU kernels (csrc/common/cpu_dispatch.h, README "CPU kernels").
+
+* Every variant this CPU can run passes the star_attention and mgvq_lookup test matrices (against the
+  float64 reference, tests/test_star_attention.py and test_mgvq_lookup.py), each in a child process
+  started with HTC_CPU_ISA=<variant> (the variant is chosen once, at load). The variant chosen by default
+  is the one the rest of the suite runs; the others get a child each. Variants this CPU cannot run are
+  skipped with the reason.
+* A forced variant that is unknown, not compiled in, or that this CPU cannot run is an error on use.
+* No code compiled for a higher ISA can run before the dispatcher chose it: what the baseline objects
+  define (and so may call) has no AVX2/AVX-512 register in the built library.
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import htc_kernels as hk
+from htc_kernels import _ext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"extension not loaded: {_ext.LOAD_ERROR}")
+ISA = _ext.cpu_isa() if _ext.available() else {}
+VARIANTS = ["avx2", "avx512", "avx512_bf16", "amx"]
+# The kernel test matrices, CPU cases only (the Triton interpreter and CUDA cases do not depend on the
+# CPU variant).
+MATRIX = ["tests/test_star_attention.py", "tests/test_mgvq_lookup.py"]
+
+
+def child(isa: str, code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HTC_CPU_ISA=isa, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+
+
+@needs_ext
+def test_info_names_the_variant_in_use():
+    info = hk.info()
+    assert info["cpu_isa"] == ISA["active"], (info["cpu_isa"], ISA)
+    assert ISA["active"] in ISA["runnable"] and ISA["active"] in ISA["compiled"], ISA
+    assert hk.info()["compiled_cpu_isa"] == " ".join(ISA["compiled"])
+    if not os.environ.get("HTC_CPU_ISA"):
+        # By default the best variant this CPU runs (the list is lowest first).
+        assert ISA["active"] == ISA["runnable"][-1], ISA
+
+
+@needs_ext
+@pytest.mark.parametrize("value", ["avx1024", "AVX2", ""])
+def test_unknown_value_is_an_error(value):
+    if value == "":  # empty means unset: the default choice
+        r = child(value, "from htc_kernels import _ext; print(_ext.cpu_isa()['active'])")
+        assert r.returncode == 0 and r.stdout.strip() == ISA["runnable"][-1], r.stderr
+        return
+    code = (
+        "import torch, htc_kernels as hk\n"
+        "z = torch.randn(3, 2, 4); cb = torch.randn(2, 8, 4)\n"
+        "try:\n    hk.mgvq_lookup(z, cb, backend='cpu')\nexcept Exception as e:\n"
+        "    print(type(e).__name__, e); raise SystemExit(0)\n"
+        "raise SystemExit('no error')\n"
+    )
+    r = child(value, code)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ValueError" in r.stdout, r.stdout
+    assert f"HTC_CPU_ISA={value} is not a CPU kernel variant" in r.stdout, r.stdout
+    assert "HTC_CPU_ISA" in r.stderr  # the import warned too
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", VARIANTS)
+def test_variant_the_cpu_cannot_run_is_an_error(isa):
+    if isa in ISA["runnable"] or isa not in ISA["compiled"]:
+        pytest.skip(f"{isa} runs here or is not compiled in")
+    code = (
+        "import torch, htc_kernels as hk\n"
+        "from htc_kernels import _ext\n"
+        "assert _ext.cpu_isa()['active'] == '', _ext.cpu_isa()\n"
+        "q = torch.randn(1, 1, 8, 16)\n"
+        "layout = hk.StarLayout(torch.zeros(8, dtype=torch.long))\n"
+        "try:\n    hk.star_attention(q, q, q, layout, backend='cpu')\n"
+        "except Exception as e:\n    print(type(e).__name__, e); raise SystemExit(0)\n"
+        "raise SystemExit('no error')\n"
+    )
+    r = child(isa, code)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"HTC_CPU_ISA={isa}: this CPU cannot run that variant" in r.stdout, r.stdout
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", VARIANTS)
+def test_every_runnable_variant_passes_the_kernel_matrix(isa):
+    if isa not in ISA["compiled"]:
+        pytest.skip(f"{isa} is not compiled in this build (variants: {ISA['compiled']})")
+    if isa not in ISA["runnable"]:
+        pytest.skip(f"this CPU cannot run {isa} (it has: {ISA['cpu_features']})")
+    if isa == ISA["active"]:
+        pytest.skip(f"{isa} is the variant this process runs: the rest of the suite tests it")
+    r = child(isa, "from htc_kernels import _ext; print(_ext.cpu_isa()['active'])")
+    assert r.stdout.strip() == isa, r.stdout + r.stderr
+    cmd = [sys.executable, "-m", "pytest", *MATRIX, "-q", "-x", "-p", "no:randomly", "-p", "no:cacheprovider"]
+    cmd += ["-k", "not triton and not cuda"]
+    env = dict(os.environ, HTC_CPU_ISA=isa, PYTHONPATH=ROOT)
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    tail = "\n".join(r.stdout.splitlines()[-15:])
+    assert r.returncode == 0, f"HTC_CPU_ISA={isa}:\n{tail}\n{r.stderr[-2000:]}"
+    assert re.search(r"\d+ passed", tail), tail
+
+
+# --- No higher-ISA code before dispatch --------------------------------------------------------------
+# ymm/zmm/opmask/tile registers: AVX2, AVX-512 and AMX code. The baseline units are compiled for plain
+# x86-64, so none of what they define may use them, whichever object's copy of a shared inline function
+# the linker kept.
+WIDE = re.compile(r"%(ymm|zmm|tmm)\d+|%k[1-7]\b")
+
+
+def _objects():
+    so = hk._C.__file__ if hasattr(hk, "_C") else _ext._C.__file__
+    temps = glob.glob(os.path.join(ROOT, "build", "python", "temp.*"))
+    base = []
+    for t in temps:
+        base += [
+            o for o in glob.glob(os.path.join(t, "csrc", "**", "*.o"), recursive=True) if "/isa_" not in o
+        ]
+    return so, base
+
+
+@needs_ext
+@pytest.mark.skipif(shutil.which("objdump") is None or shutil.which("nm") is None, reason="needs binutils")
+def test_baseline_code_has_no_avx():
+    isa = _ext.cpu_isa()
+    if isa["compiled"] == ["native"]:
+        pytest.skip("built with HTC_CPU_ARCH (one -march for everything): no baseline to check")
+    so, objects = _objects()
+    objects = [o for o in objects if os.path.getmtime(o) <= os.path.getmtime(so)]
+    if not any(o.endswith("cpu_dispatch.o") for o in objects):
+        pytest.skip("the build's object files are not in build/python (built elsewhere)")
+    names = set()
+    for o in objects:
+        out = subprocess.run(["nm", "--defined-only", o], capture_output=True, text=True, check=True).stdout
+        names |= {ln.split()[-1] for ln in out.splitlines() if ln.split()[1:2] and ln.split()[1] in "TtWw"}
+    dump = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", so], capture_output=True, text=True, check=True
+    ).stdout
+    bad, seen, current, static_init = [], 0, None, []
+    for line in dump.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
+        if m:
+            current = m.group(1)
+            seen += current in names
+            continue
+        if current is None or not WIDE.search(line):
+            continue
+        init = current.startswith("_GLOBAL__sub_I") or "__static_initialization" in current
+        if current in names or init:
+            (static_init if init else bad).append(current)
+            current = None  # one report per function
+    assert seen > 100, f"only {seen} baseline symbols found in {so}"
+    assert not bad, f"baseline functions with AVX2/AVX-512 code: {sorted(set(bad))[:20]}"
+    # Static initializers run at load, before any dispatch: none may hold wide-register code.
+    assert not static_init, f"static initializers with AVX code: {sorted(set(static_init))}"
