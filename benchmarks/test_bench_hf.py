@@ -179,7 +179,7 @@ def test_bench_hf_decode(benchmark, setup_case, provider):
     benchmark.pedantic(
         prov.decode,
         setup=lambda: ((first, copy.deepcopy(cache), TOKENS), {}),
-        rounds=5,
-        warmup_rounds=1,
+        rounds=15,  # ~1 s: blocks of 5 drifted by more than the 5% the target allows
+        warmup_rounds=2,
     )
     benchmark.extra_info["ms_per_token"] = benchmark.stats.stats.mean * 1e3 / TOKENS

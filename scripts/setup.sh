@@ -29,7 +29,14 @@ if [ ! -f "$VENV/.htc-editable" ] || ! "$VENV/bin/python" -c "import htc_kernels
   $PIP install --quiet --no-build-isolation --no-deps -e .
   touch "$VENV/.htc-editable"
 else
-  # Incremental rebuild of the extension (ninja): seconds when nothing changed.
-  "$VENV/bin/python" setup.py --quiet build_ext --inplace
+  so=$(ls htc_kernels/_C*.so 2>/dev/null | head -n 1 || true)
+  if [ -n "$so" ] && [ -z "$(find csrc setup.py -newer "$so" -print -quit)" ] && [ "${HTC_REBUILD:-0}" != 1 ]; then
+    # pip's editable build ran in a temporary directory: build_ext here would start from nothing
+    # (~15 min with CUDA and the CPU variants) although no source changed since the .so was made.
+    echo "[setup] extension up to date ($so; HTC_REBUILD=1 rebuilds, e.g. after changing HTC_* build variables)"
+  else
+    # Incremental rebuild of the extension (ninja): seconds when nothing changed since the last one.
+    "$VENV/bin/python" setup.py --quiet build_ext --inplace
+  fi
 fi
 "$VENV/bin/python" -m htc_kernels.info --short
