@@ -55,6 +55,13 @@ def dense_mask(layout: hk.StarLayout) -> torch.Tensor:
     return hk.star_mask(layout)[:, None]
 
 
+def hf_additive_mask(layout: hk.StarLayout, q_len: int | None = None) -> torch.Tensor:
+    """``[B, 1, Sq, S]`` float32, 0 where allowed and finfo.min elsewhere: the 4-D mask a transformers
+    model takes as ``attention_mask`` (VoCo-LLaMA's way); Sq = the last ``q_len`` queries."""
+    allowed = hk.star_mask(layout, q_len)[:, None]
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
 def sdpa_dense_mask(layout: hk.StarLayout):
     """``F.scaled_dot_product_attention`` with the dense bool mask (what HF and VoCo-LLaMA do)."""
     mask = dense_mask(layout)

@@ -42,6 +42,7 @@ from transformers import DynamicCache  # noqa: E402
 import htc_kernels as hk  # noqa: E402
 import htc_kernels.hf as hkhf  # noqa: E402
 from benchmarks.common import rel_err  # noqa: E402
+from benchmarks.star_peers import hf_additive_mask  # noqa: E402
 from htc_model import HTCConfig, HTCForConditionalGeneration  # noqa: E402
 from htc_model.mgvq import CLIP_MEAN, CLIP_STD, MGVQConfig  # noqa: E402
 
@@ -156,8 +157,7 @@ class _Run:
 def _dense_mask(kinds, groups, n):
     """[B, 1, n, L] additive star mask of the last n queries (VoCo-LLaMA passes a 4-D mask)."""
     groups = torch.cat([groups, groups.new_full((groups.shape[0], kinds.shape[1] - groups.shape[1]), -1)], 1)
-    allowed = hk.star_mask(hk.StarLayout(kinds, groups), n)[:, None]
-    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return hf_additive_mask(hk.StarLayout(kinds, groups), n)
 
 
 def _kv_bytes(cache) -> int:

@@ -30,6 +30,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E4
 
 import htc_kernels as hk  # noqa: E402
 import htc_kernels.hf  # noqa: E402, F401
+from benchmarks.star_peers import hf_additive_mask  # noqa: E402
 
 T, V, C = int(hk.TokenKind.TEXT), int(hk.TokenKind.VISUAL), int(hk.TokenKind.VOCO)
 TOKENS = 8
@@ -63,11 +64,6 @@ def setup_case():
     return model, ids, kinds
 
 
-def _dense(kinds):
-    allowed = hk.star_mask(hk.StarLayout(kinds))[:, None]
-    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
-
-
 TEXT_ONLY = "sdpa text-only prompt"
 
 
@@ -96,7 +92,7 @@ class _Provider:
             )
         if self.name == TEXT_ONLY:
             return m(ids, past_key_values=cache, use_cache=True)
-        mask = _dense(kinds_seen)[:, :, -ids.shape[1] :]
+        mask = hf_additive_mask(hk.StarLayout(kinds_seen), ids.shape[1])
         pos = torch.arange(kinds_seen.shape[1] - ids.shape[1], kinds_seen.shape[1])[None]
         return m(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
 

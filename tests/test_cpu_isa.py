@@ -36,6 +36,19 @@ def child(isa: str, code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
 
 
+def child_error(isa: str, setup: str, call: str) -> subprocess.CompletedProcess:
+    """Run ``setup`` then ``call`` in a child with HTC_CPU_ISA=isa; the call must raise, and the child
+    prints ``<exception type> <message>`` (a call that returns fails the child)."""
+    code = (
+        f"{setup}try:\n    {call}\nexcept Exception as e:\n"
+        "    print(type(e).__name__, e); raise SystemExit(0)\n"
+        "raise SystemExit('no error')\n"
+    )
+    r = child(isa, code)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
 @needs_ext
 def test_info_names_the_variant_in_use():
     info = hk.info()
@@ -54,15 +67,8 @@ def test_unknown_value_is_an_error(value):
         r = child(value, "from htc_kernels import _ext; print(_ext.cpu_isa()['active'])")
         assert r.returncode == 0 and r.stdout.strip() == ISA["runnable"][-1], r.stderr
         return
-    code = (
-        "import torch, htc_kernels as hk\n"
-        "z = torch.randn(3, 2, 4); cb = torch.randn(2, 8, 4)\n"
-        "try:\n    hk.mgvq_lookup(z, cb, backend='cpu')\nexcept Exception as e:\n"
-        "    print(type(e).__name__, e); raise SystemExit(0)\n"
-        "raise SystemExit('no error')\n"
-    )
-    r = child(value, code)
-    assert r.returncode == 0, r.stdout + r.stderr
+    setup = "import torch, htc_kernels as hk\nz = torch.randn(3, 2, 4); cb = torch.randn(2, 8, 4)\n"
+    r = child_error(value, setup, "hk.mgvq_lookup(z, cb, backend='cpu')")
     assert "ValueError" in r.stdout, r.stdout
     assert f"HTC_CPU_ISA={value} is not a CPU kernel variant" in r.stdout, r.stdout
     assert "HTC_CPU_ISA" in r.stderr  # the import warned too
@@ -73,18 +79,14 @@ def test_unknown_value_is_an_error(value):
 def test_variant_the_cpu_cannot_run_is_an_error(isa):
     if isa in ISA["runnable"] or isa not in ISA["compiled"]:
         pytest.skip(f"{isa} runs here or is not compiled in")
-    code = (
+    setup = (
         "import torch, htc_kernels as hk\n"
         "from htc_kernels import _ext\n"
         "assert _ext.cpu_isa()['active'] == '', _ext.cpu_isa()\n"
         "q = torch.randn(1, 1, 8, 16)\n"
         "layout = hk.StarLayout(torch.zeros(8, dtype=torch.long))\n"
-        "try:\n    hk.star_attention(q, q, q, layout, backend='cpu')\n"
-        "except Exception as e:\n    print(type(e).__name__, e); raise SystemExit(0)\n"
-        "raise SystemExit('no error')\n"
     )
-    r = child(isa, code)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = child_error(isa, setup, "hk.star_attention(q, q, q, layout, backend='cpu')")
     assert f"HTC_CPU_ISA={isa}: this CPU cannot run that variant" in r.stdout, r.stdout
 
 
