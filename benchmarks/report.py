@@ -15,6 +15,8 @@ roofline floor and time/floor, peak extra memory and threads. Then the targets a
 htc rows (``extra_info["targets"]``), each marked OK or MISS:
 
     {"kind": "speedup", "peer": NAME, "min": X}      peer_median / htc_median >= X
+        with "paired": true: the htc row's own interleaved measurement instead,
+        extra_info["paired"][NAME]["ratio"] (median of per-pair peer/htc round times) >= X
     {"kind": "floor", "max": X}                       htc_median / floor_ms <= X
     {"kind": "mem_growth", "vs_group": G, "max": X}   htc peak_extra_mem_bytes here / in G <= X
 
@@ -225,10 +227,16 @@ def check_targets(groups: dict[str, list[dict]]) -> list[list[str]]:
                 if peer is None:
                     rows.append([group, want, "peer not run", "?"])
                     continue
-                got = peer[STAT] / htc[STAT]
+                got, how = peer[STAT] / htc[STAT], ""
+                if t.get("paired"):
+                    paired = htc["info"].get("paired", {}).get(t["peer"])
+                    if paired is None:
+                        rows.append([group, want, "paired ratio not measured", "?"])
+                        continue
+                    got, how = paired["ratio"], f" (interleaved, median of {paired['pairs']} pairs)"
                 ok = got >= t["min"]
                 verdict = "OK" if ok else f"MISS (by {t['min'] / got:.2f}x)"
-                rows.append([group, want, f"{got:.2f}x", verdict])
+                rows.append([group, want, f"{got:.2f}x{how}", verdict])
             elif kind == "floor":
                 floor = htc["info"].get("floor_ms")
                 want = f"htc / floor <= {t['max']}"

@@ -14,11 +14,18 @@ One round = ``TOKENS`` greedy decode steps from a copy of the prefilled cache (t
 the untimed setup). ``extra_info``: ``cache_bytes`` after prefill, ``ms_per_token`` (mean round time
 / TOKENS), ``label`` (the provider's long name), ``backend`` (star_attention backend used).
 Absolute times on the shared 2-core machines drift; compare providers within one run.
+
+The decode-is-free target (htc within 5% of the text-only yardstick) is below this machine's drift
+between two pytest-benchmark rows timed minutes apart, so the htc row also times the two providers
+round by round in alternation (``extra_info["paired"]``: the median of the per-pair time ratios
+yardstick / htc) and the target reads that paired ratio.
 """
 
 from __future__ import annotations
 
 import copy
+import statistics
+import time
 
 import pytest
 import torch
@@ -116,6 +123,34 @@ class _Provider:
         return torch.stack(logits, 1)
 
 
+PAIRS = 30  # ~2 s; the median of 30 per-pair ratios moved by < 1% between runs on an idle machine
+
+
+def _paired_ratio(htc, first, cache, model, ids, kinds) -> dict:
+    """The yardstick's round time over htc's, one round each in alternation (which goes first
+    alternates too), so both see the same machine state; median over ``PAIRS`` pairs."""
+    peer = _Provider(TEXT_ONLY, PROVIDERS[TEXT_ONLY], model, ids, kinds, "sdpa")
+    peer_last, peer_cache = peer.prefill()
+    peer_first = peer_last.argmax(-1, keepdim=True)
+
+    def round_ms(prov, tok, c):
+        c = copy.deepcopy(c)
+        t0 = time.perf_counter()
+        prov.decode(tok, c, TOKENS)
+        return (time.perf_counter() - t0) * 1e3
+
+    for _ in range(2):  # warm-up
+        round_ms(htc, first, cache), round_ms(peer, peer_first, peer_cache)
+    ratios = []
+    for i in range(PAIRS):
+        if i % 2:
+            p, h = round_ms(peer, peer_first, peer_cache), round_ms(htc, first, cache)
+        else:
+            h, p = round_ms(htc, first, cache), round_ms(peer, peer_first, peer_cache)
+        ratios.append(p / h)
+    return {"ratio": statistics.median(ratios), "pairs": PAIRS}
+
+
 def _cache_bytes(cache) -> int:
     return sum(
         layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.is_initialized
@@ -171,7 +206,10 @@ def test_bench_hf_decode(benchmark, setup_case, provider):
     if provider == "htc":
         # Issue 14: once compacted, a decode step is plain causal attention over the kept keys, so
         # it costs what the same model costs on a text-only prompt of that length (within 5%).
-        benchmark.extra_info["targets"] = [{"kind": "speedup", "peer": TEXT_ONLY, "min": round(1 / 1.05, 3)}]
+        benchmark.extra_info["paired"] = {TEXT_ONLY: _paired_ratio(prov, first, cache, model, ids, kinds)}
+        benchmark.extra_info["targets"] = [
+            {"kind": "speedup", "peer": TEXT_ONLY, "min": round(1 / 1.05, 3), "paired": True}
+        ]
     benchmark.pedantic(
         prov.decode,
         setup=lambda: ((first, copy.deepcopy(cache), TOKENS), {}),

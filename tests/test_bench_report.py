@@ -73,6 +73,15 @@ def synthetic(load=2.5) -> dict:
         _row(llava, "hand-split", 4.0, floor_ms=1.0, shape="B=1 H=32 S=680 D=128"),
         _row("star_attention: threads llava fp32 fwd (2 vs 1)", "htc", 2.0),
         _row("star_attention: threads llava fp32 fwd (2 vs 1)", "htc 1 thread", 3.6),
+        # rows timed apart read 0.50x; the htc row's own interleaved pairs read 0.97x (OK)
+        _row(
+            "hf decode: tiny",
+            "htc",
+            2.0,
+            paired={"text-only": {"ratio": 0.97, "pairs": 30}},
+            targets=[{"kind": "speedup", "peer": "text-only", "min": 0.952, "paired": True}],
+        ),
+        _row("hf decode: tiny", "text-only", 1.0),
         _row("mgvq_lookup: 16 images", "htc", 30.0),
         _row("mgvq_lookup: 16 images", "bmm argmax", 240.0),
     ]
@@ -167,6 +176,9 @@ def test_report_markdown(tmp_path, capsys):
     ]  # fmt: skip
     miss = _table_row(md, "star_attention: llava fp32 fwd", "## Targets", contains="hand-split / htc")
     assert miss[2:] == ["2.00x", "MISS (by 1.25x)"]
+    assert _table_row(md, "hf decode: tiny", "## Targets")[2:] == [
+        "0.97x (interleaved, median of 30 pairs)", "OK"
+    ]  # fmt: skip
 
     # One table per family, providers as columns, ratio peer/htc, floor and x floor.
     fam = md[md.index("### star_attention") :]
