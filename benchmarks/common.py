@@ -24,6 +24,14 @@ from collections.abc import Callable
 
 import torch
 
+
+def stat_ms(benchmark, stat: str = "median") -> float | None:
+    """A statistic of the rounds just timed, in ms; ``None`` under ``--benchmark-disable`` (the body ran
+    once as a test, untimed: there are no stats, and the figures derived from them are left out)."""
+    stats = getattr(benchmark, "stats", None)
+    return None if stats is None else getattr(stats.stats, stat) * 1e3
+
+
 # --------------------------------------------------------------------------------------------------
 # Machine rates and the floor
 # --------------------------------------------------------------------------------------------------
