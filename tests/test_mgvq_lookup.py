@@ -2,10 +2,6 @@
 gradients, opcheck, bad inputs. Triton runs under TRITON_INTERPRET=1 (the suite's command sets it;
 one test also launches a subprocess with it set, so the interpreter path is always exercised)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +9,7 @@ import torch.nn.functional as F
 import htc_kernels as hk
 from htc_kernels import _ext
 from htc_kernels.backends import triton_reasons
+from tests.children import interpreter_child, run_interpreted
 
 try:
     import triton  # noqa: F401
@@ -265,14 +262,10 @@ def test_cpu_kernel_compiles_with_torch_compile():
     assert torch.equal(idx, ref_idx) and torch.equal(codes, ref_codes)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.skipif(
-    torch.cuda.is_available(),
-    reason="a GPU runs the compiled kernels (and torch < 2.14 cannot wrap interpreted Triton functions)",
-)
+@interpreter_child
 def test_triton_interpreter_subprocess():
     """Always runs the Triton kernel under TRITON_INTERPRET=1, whatever this environment says."""
-    code = (
+    run_interpreted(
         "import torch, htc_kernels as hk\n"
         "torch.manual_seed(1)\n"
         "for norm in (True, False):\n"
@@ -281,12 +274,7 @@ def test_triton_interpreter_subprocess():
         "    rc, ri = hk.mgvq_lookup_reference(z.double(), cb.double(), norm)\n"
         "    assert torch.equal(i, ri), (i != ri).sum()\n"
         "    torch.testing.assert_close(c, rc.float())\n"
-        "print('triton-interpreted-ok')\n"
     )
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "triton-interpreted-ok" in out.stdout
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,10 +5,7 @@ the Triton cases use fewer seeds and smaller shapes (it runs every tile op in Nu
 
 import importlib
 import math
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +14,7 @@ import htc_kernels as hk
 from htc_kernels import _ext
 from htc_kernels.backends import triton_reasons
 from tests.accuracy import rel, stored_output_grads
+from tests.children import interpreter_child, run_interpreted
 from tests.layouts import C, P, T, V, llava_kinds, pad_batch, random_kinds, random_sample
 
 try:
@@ -299,6 +297,17 @@ def test_lse_gradient_is_exact(backend, softcap):
         assert rel(ours.grad, want.grad) < 1e-4
 
 
+def opcheck_forward_backward(q, k, v, args):
+    """``torch.library.opcheck`` of the raw forward op, then of its backward at the forward's outputs
+    (random grad_out and grad_lse); returns the forward's ``(out, lse)``."""
+    torch.library.opcheck(torch.ops.htc.star_attention, (q, k, v, *args))
+    out, lse = torch.ops.htc.star_attention(q, k, v, *args)
+    saved = (q.detach(), k.detach(), v.detach(), out.detach(), lse.detach())
+    grads = (torch.randn_like(out), torch.randn_like(lse))
+    torch.library.opcheck(torch.ops.htc.star_attention_backward, (grads[0], *saved, grads[1], *args))
+    return out, lse
+
+
 @needs_ext
 @pytest.mark.parametrize("softcap", [0.0, 2.0])
 def test_opcheck(softcap):
@@ -308,22 +317,7 @@ def test_opcheck(softcap):
     plan = layout.plan(s, 64, 64)
     torch.library.opcheck(torch.ops.htc.star_plan, (layout.kinds, layout.groups, s, 64, 64, 0))
     args = (layout.kinds, layout.groups, plan, 64, 64, 0, 0.25, softcap)
-    torch.library.opcheck(torch.ops.htc.star_attention, (q, k, v, *args))
-    out, lse = torch.ops.htc.star_attention(q, k, v, *args)
-    grad_lse = torch.randn_like(lse)
-    torch.library.opcheck(
-        torch.ops.htc.star_attention_backward,
-        (
-            torch.randn_like(out),
-            q.detach(),
-            k.detach(),
-            v.detach(),
-            out.detach(),
-            lse.detach(),
-            grad_lse,
-            *args,
-        ),
-    )
+    out, lse = opcheck_forward_backward(q, k, v, args)
 
 
 @needs_triton
@@ -739,14 +733,10 @@ def test_triton_int64_offsets():
     check(q, k, v, layout, backend="triton")
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.skipif(
-    torch.cuda.is_available(),
-    reason="a GPU runs the compiled kernels (and torch < 2.14 cannot wrap interpreted Triton functions)",
-)
+@interpreter_child
 def test_triton_interpreter_subprocess():
     """Always runs the Triton kernels once under TRITON_INTERPRET=1, whatever this environment says."""
-    code = (
+    run_interpreted(
         "import torch, htc_kernels as hk\n"
         "from tests.layouts import random_kinds\n"
         "torch.manual_seed(1)\n"
@@ -760,12 +750,7 @@ def test_triton_interpreter_subprocess():
         "ref.backward(torch.ones_like(ref))\n"
         "for a, b in zip((out, q.grad, k.grad, v.grad), (ref, *[x.grad for x in r])):\n"
         "    assert ((a.double() - b).norm() / b.norm()) < 1e-4\n"
-        "print('triton-interpreted-ok')\n"
     )
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "triton-interpreted-ok" in out.stdout
 
 
 def test_cuda_backend_refuses_cpu_tensors_and_says_why():
@@ -835,22 +820,7 @@ def test_cuda_opcheck_lse_and_split_k():
     q, k, v = [x.cuda().requires_grad_() for x in make_qkv(2, 4, 2, s, s, 64, torch.float32)]
     plan = layout.plan(s, 64, 16)  # the CUDA kernel's tiles for fp32
     args = (layout.kinds, layout.groups, plan, 64, 16, layout.topology_id, 0.25, 0.0)
-    torch.library.opcheck(torch.ops.htc.star_attention, (q, k, v, *args))
-    out, lse = torch.ops.htc.star_attention(q, k, v, *args)
-    grad_lse = torch.randn_like(lse)
-    torch.library.opcheck(
-        torch.ops.htc.star_attention_backward,
-        (
-            torch.randn_like(out),
-            q.detach(),
-            k.detach(),
-            v.detach(),
-            out.detach(),
-            lse.detach(),
-            grad_lse,
-            *args,
-        ),
-    )
+    out, lse = opcheck_forward_backward(q, k, v, args)
     mask = hk.star_mask(layout)[:, None]
     sc = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * 0.25
     ref_lse = torch.logsumexp(sc.masked_fill(~mask, float("-inf")), -1)
