@@ -31,27 +31,11 @@ from transformers import (  # noqa: E402
 
 import htc_kernels as hk  # noqa: E402
 import htc_kernels.hf as hkhf  # noqa: E402
+from tests.accuracy import rel as _rel  # noqa: E402
+from tests.hf_common import BACKEND, star_backend  # noqa: E402, F401
 
 T, V, C, P = (int(k) for k in hk.TokenKind)
 VOCAB = 64
-
-
-def _cpu_kernel_available() -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("htc::star_attention", "CPU")
-    except RuntimeError:
-        return False
-
-
-# The C++ "cpu" kernel is selected by backend="auto" once it is registered; until then the tests
-# run the
-# same integration code on the "reference" backend (auto would pick a cpu op with no kernel yet).
-BACKEND = "auto" if _cpu_kernel_available() else "reference"
-
-
-@pytest.fixture(autouse=True)
-def _backend(monkeypatch):
-    monkeypatch.setattr(hkhf, "DEFAULT_BACKEND", BACKEND)
 
 
 def _tiny_config(config_cls, **overrides):
@@ -114,10 +98,6 @@ def _inputs(kinds):
     mask = (kinds != P).long()
     ids = torch.randint(2, VOCAB, kinds.shape)
     return ids, mask, kinds
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _dense_logits(model, ids, mask, kinds, topology="star"):

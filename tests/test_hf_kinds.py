@@ -31,8 +31,9 @@ from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfi
 from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string  # noqa: E402
 
 import htc_kernels as hk  # noqa: E402
-import htc_kernels.hf as hkhf  # noqa: E402
 from htc_kernels.hf.kinds import image_tokens  # noqa: E402
+from tests.accuracy import rel as _rel  # noqa: E402
+from tests.hf_common import star_backend  # noqa: E402, F401
 
 T, V, C, P = (int(k) for k in hk.TokenKind)
 VOCAB = 64
@@ -56,18 +57,6 @@ IDEFICS3 = dict(
     image_last_tile_token_id=GLOBAL,
 )
 QWEN2_VL = dict(image_token_id=IMG, image_start_token_id=START, image_end_token_id=STOP)
-
-
-def _cpu_kernel_available() -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("htc::star_attention", "CPU")
-    except RuntimeError:
-        return False
-
-
-@pytest.fixture(autouse=True)
-def _backend(monkeypatch):  # as in test_hf.py: the C++ kernel once registered, else the reference
-    monkeypatch.setattr(hkhf, "DEFAULT_BACKEND", "auto" if _cpu_kernel_available() else "reference")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -424,10 +413,6 @@ def _dense_logits(model, ids, mask, images, kinds, groups):
 def _star_logits(model, ids, mask, images, **htc):
     hk.hf.enable_star_attention(model)
     return model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), **images, **htc).logits
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("num_voco", [1, 2])

@@ -16,23 +16,12 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import AutoConfig, AutoModelForImageTextToText  # noqa: E402
 
-import htc_kernels.hf as hkhf  # noqa: E402
 from htc_model import HTCConfig, HTCForConditionalGeneration  # noqa: E402
+from tests.accuracy import rel as _rel  # noqa: E402
+from tests.hf_common import star_backend  # noqa: E402, F401
 
 T, V, C, P = 0, 1, 2, 3
 IMG, VOCO = 62, 63
-
-
-def _cpu_kernel_available() -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("htc::star_attention", "CPU")
-    except RuntimeError:
-        return False
-
-
-@pytest.fixture(autouse=True)
-def _backend(monkeypatch):
-    monkeypatch.setattr(hkhf, "DEFAULT_BACKEND", "auto" if _cpu_kernel_available() else "reference")
 
 
 def _model(**overrides) -> HTCForConditionalGeneration:
@@ -120,10 +109,6 @@ def _oracle_logits(model, x, topology):
         ).logits
     finally:
         lm.set_attn_implementation("htc_star")
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 # --------------------------------------------------------------------------------------------------

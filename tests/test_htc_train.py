@@ -14,7 +14,6 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("PIL", reason="the synthetic images and CLIPImageProcessor need pillow")
 
-import htc_kernels.hf as hkhf  # noqa: E402
 from htc_model import HTCForConditionalGeneration, HTCProcessor  # noqa: E402
 from htc_model.data import (  # noqa: E402
     IGNORE_INDEX,
@@ -27,6 +26,7 @@ from htc_model.data import (  # noqa: E402
     word_processor,
 )
 from htc_model.train import answer_accuracy, main  # noqa: E402
+from tests.hf_common import star_backend  # noqa: E402, F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # CPU, no reports, no checkpoints, fixed seed: the arguments every run here shares.
@@ -41,15 +41,6 @@ COMMON = [
     "--seed",
     "0",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _backend(monkeypatch):
-    try:
-        has_cpu = torch._C._dispatch_has_kernel_for_dispatch_key("htc::star_attention", "CPU")
-    except RuntimeError:
-        has_cpu = False
-    monkeypatch.setattr(hkhf, "DEFAULT_BACKEND", "auto" if has_cpu else "reference")
 
 
 @pytest.fixture(scope="module")
