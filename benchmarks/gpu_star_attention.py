@@ -4,6 +4,7 @@ against the peers, at the LLaVA shape and at 16 images. ``scripts/gpu_check.sh``
     python -m benchmarks.gpu_star_attention [--out DIR] [--quick] [--cases A,B] [--budget-s S]
     python -m benchmarks.gpu_star_attention --smoke     # CPU, tiny shapes, files in a temp dir (CI)
     python -m benchmarks.gpu_star_attention --env       # print the environment and exit
+    python -m benchmarks.gpu_star_attention --profile llava-b16:fwd:cuda,...  # runs for ncu, untimed
 
 Cases (bf16, star topology, 32 heads, head dim 128; units run in this order, the targets' first):
     llava-b16  B=16, S=680: 35 text + 580 visual + 1 voco + 64 text (DESIGN §7)    fwd, fwd+bwd
@@ -31,6 +32,11 @@ written) at the measured device-to-device copy rate (bytes read + written) and a
 3.35 TB/s (DESIGN §7); FLOPs of the allowed pairs (fwd 4·D per pair and head, fwd+bwd 14·D: FA-2's
 accounting) at the measured bf16 GEMM rate and at 989 TFLOP/s. "x floor" = time / max(the two measured
 floors).
+
+Profiling (``--profile CASE:MODE:BACKEND,...``; ``scripts/gpu_check.sh`` runs it under Nsight Compute):
+each unit is checked against the reference, warmed up, then run ``PROFILE_ITERS`` times between
+``cudaProfilerStart``/``Stop`` (so ``ncu --profile-from-start off`` sees only those launches), each call in
+an NVTX range ``htc/<case>/<mode>/<backend>``. Nothing is timed.
 
 Output: ``<out>/gpu-<device>.md`` (one table per case, the issue's targets as PASS/FAIL lines) and
 ``.json`` (every raw number and the environment), rewritten after each unit so a killed run leaves what
@@ -770,6 +776,57 @@ def slug(device: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+PROFILE_ITERS = 2
+
+
+def profile(specs: str, device: torch.device, smoke: bool) -> int:
+    """Run the htc units named in ``specs`` (``case:mode:backend``, comma-separated) for a profiler; 0 if
+    every one ran and matched the reference, 3 if one was wrong or raised, 2 for a bad spec."""
+    cases = SMOKE_CASES if smoke else GPU_CASES
+    runs = []
+    for spec in specs.split(","):
+        parts = spec.split(":")
+        if len(parts) != 3 or parts[0] not in cases or parts[1] not in ("fwd", "fwdbwd"):
+            print(f"gpu_star_attention: bad --profile unit {spec!r} (want case:fwd|fwdbwd:backend, cases "
+                  f"{sorted(cases)})", file=sys.stderr)  # fmt: skip
+            return 2
+        runs.append(parts)
+    cuda = device.type == "cuda"
+    status = 0
+    for case_name, mode, backend in runs:
+        unit = make_unit(cases[case_name], mode, device, smoke)
+        call = _call(_htc(backend)(unit), unit)
+        try:
+            refs, tols = references(unit, causal=False)
+            errs = [round(common.rel_err(a, b), 6) for a, b in zip(call(), refs)]
+        except Exception as exc:  # noqa: BLE001 (a backend that refuses or fails: say so, go on)
+            print(f"[profile] {case_name} {mode} {backend}: ERROR {_short(exc)}", flush=True)
+            status = 3
+            continue
+        if any(e > t for e, t in zip(errs, tols)):
+            print(f"[profile] {case_name} {mode} {backend}: WRONG (errors {errs}, tolerances {tols})")
+            status = 3
+            continue
+        for _ in range(3):  # warm-up: compilation, autotuning, caches outside the profiled range
+            call()
+        _sync(device)
+        if cuda:
+            torch.cuda.profiler.start()
+        for _ in range(PROFILE_ITERS):
+            with torch.autograd.profiler.record_function(f"htc/{case_name}/{mode}/{backend}"):
+                if cuda:
+                    torch.cuda.nvtx.range_push(f"htc/{case_name}/{mode}/{backend}")
+                call()
+                if cuda:
+                    torch.cuda.nvtx.range_pop()
+        _sync(device)
+        if cuda:
+            torch.cuda.profiler.stop()
+        print(f"[profile] {case_name} {mode} {backend}: ran {PROFILE_ITERS}x (errors {errs})", flush=True)
+        del unit
+    return status
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.gpu_star_attention",
@@ -787,6 +844,7 @@ def parse_args(argv):
     p.add_argument("--no-flush", action="store_true", help="do not flush the L2 before each repetition")
     p.add_argument("--env", action="store_true", help="print the environment as JSON and exit")
     p.add_argument("--print-stem", action="store_true", help="print the output file stem and exit")
+    p.add_argument("--profile", metavar="CASE:MODE:BACKEND,...", help="run these htc units for a profiler")
     return p.parse_args(argv)
 
 
@@ -819,6 +877,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.profile:
+        return profile(args.profile, device, args.smoke)
     start = time.monotonic()
     deadline = start + args.budget_s if args.budget_s else math.inf
     cases = SMOKE_CASES if args.smoke else GPU_CASES

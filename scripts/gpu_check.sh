@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check (issue 8): one command for a machine with a CUDA GPU and no network. Run from anywhere:
 #
-#   bash scripts/gpu_check.sh [--quick] [--skip-build] [--skip-tests] [--smoke]
+#   bash scripts/gpu_check.sh [--quick] [--skip-build] [--skip-tests] [--no-profile] [--smoke]
 #
 # Phases (each timed; a failing phase is recorded and the next ones still run; exit 1 at the end if
 # any failed, 2 if torch sees no GPU):
@@ -10,8 +10,12 @@
 #            torch that is there, nvcc for this device's arch only, MAX_JOBS=nproc (~1-3 min)
 #   3 tests  pytest tests/test_star_attention.py tests/test_mgvq_lookup.py on the GPU (~1-2 min)
 #   4 bench  python -m benchmarks.gpu_star_attention -> benchmarks/results/gpu-<device>.md/.json (~2-4 min)
-#   5 tests  the rest of tests/, only if the budget has time left (not with --quick)
-#   6 copy   results and logs to $OUT when it is set (the device tool returns files from there)
+#   5 profile  Nsight Compute (ncu, when installed) on the htc kernels of HTC_GPU_PROFILE_UNITS (default:
+#            llava-b16 fwd and fwd+bwd on cuda, fwd on triton; 16img fwd on cuda): speed of light,
+#            occupancy, launch stats (registers, shared memory), warp stalls, memory workload ->
+#            gpu-<device>-ncu.txt (~1 min; its time is held back from the benchmark's budget)
+#   6 tests  the rest of tests/, only if the budget has time left (not with --quick)
+#   7 copy   results and logs to $OUT when it is set (the device tool returns files from there)
 # Whole run: under 8 minutes on an H100. Budget HTC_GPU_CHECK_BUDGET_S (default 400 s): each phase gets
 # a time limit from what is left, and the benchmark starts no new measurement once it is spent (the one
 # in flight, at worst a ~1 min FlexAttention compile, finishes).
@@ -20,6 +24,7 @@
 #   --quick       no phase 5; bench: only the units with targets, fewer repetitions
 #   --skip-build  use the extension already built in place (htc_kernels/_C*.so)
 #   --skip-tests  no pytest phase
+#   --no-profile  no Nsight Compute phase
 #   --smoke       no GPU needed: the whole script on this machine, the benchmark in --smoke mode
 # Environment: PYTHON (default: the first of python3, .venv/bin/python, python that imports torch),
 #   TORCH_CUDA_ARCH_LIST (default: this device's capability, e.g. 9.0), MAX_JOBS (default: nproc),
@@ -29,12 +34,13 @@ set -uo pipefail # no -e: phases record their failures and the script goes on
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD
 
-QUICK=0 SKIP_BUILD=0 SKIP_TESTS=0 SMOKE=0
+QUICK=0 SKIP_BUILD=0 SKIP_TESTS=0 SMOKE=0 NO_PROFILE=0
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
     --skip-build) SKIP_BUILD=1 ;;
     --skip-tests) SKIP_TESTS=1 ;;
+    --no-profile) NO_PROFILE=1 ;;
     --smoke) SMOKE=1 ;;
     -h | --help)
       sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
@@ -95,7 +101,7 @@ export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET # Triton runs compiled on the GPU (the CPU interpreter would skip CUDA tests)
 
 # ----------------------------------------------------------------------------------------- 1 env
-banner "1/6 environment"
+banner "1/7 environment"
 t=$(date +%s)
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi || echo "(nvidia-smi failed: exit $?)"
@@ -122,11 +128,12 @@ STEM=${STEM:-gpu-unknown} # the benchmark module failed to import: its phase wil
 RES=benchmarks/results
 mkdir -p "$RES"
 LOG_BUILD=$RES/$STEM-build.log LOG_TESTS=$RES/$STEM-tests.log LOG_BENCH=$RES/$STEM-bench.log
+LOG_NCU=$RES/$STEM-ncu.txt
 echo "results: $RES/$STEM.md, .json; logs: $RES/$STEM-{build,tests,bench}.log"
 record env ok $(($(date +%s) - t))
 
 # ----------------------------------------------------------------------------------------- 2 build
-banner "2/6 build htc_kernels._C in place"
+banner "2/7 build htc_kernels._C in place"
 t=$(date +%s)
 if [ "$SKIP_BUILD" = 1 ]; then
   record build "skipped (--skip-build)" 0
@@ -177,7 +184,7 @@ else
 fi
 
 # ----------------------------------------------------------------------------------------- 3 tests
-banner "3/6 GPU tests"
+banner "3/7 GPU tests"
 t=$(date +%s)
 BENCH_RESERVE=$([ "$QUICK" = 1 ] && echo 120 || echo 180)
 GPU_TESTS=(tests/test_star_attention.py tests/test_mgvq_lookup.py)
@@ -195,10 +202,13 @@ else
 fi
 
 # ----------------------------------------------------------------------------------------- 4 bench
-banner "4/6 benchmark"
+banner "4/7 benchmark"
 t=$(date +%s)
 unset HTC_POISON_OUTPUTS # tests poison kernel outputs with NaN (an extra pass): never while timing
-budget=$(($(left) - 20))
+NCU=$(command -v ncu || find /opt/nvidia /usr/local/cuda*/ -name ncu -type f 2>/dev/null | sort | tail -n1)
+PROFILE_RESERVE=0
+[ -n "$NCU" ] && [ "$NO_PROFILE" != 1 ] && [ "$SMOKE" != 1 ] && PROFILE_RESERVE=90
+budget=$(($(left) - 20 - PROFILE_RESERVE))
 ((budget < 90)) && budget=90
 BENCH_ARGS=(--out "$RES" --budget-s "$budget" ${SMOKE_ARG[@]+"${SMOKE_ARG[@]}"})
 [ "$QUICK" = 1 ] && BENCH_ARGS+=(--quick)
@@ -212,8 +222,41 @@ case "$rc" in
 esac
 record bench "$st" $(($(date +%s) - t))
 
-# ----------------------------------------------------------------------------------------- 5 tests-all
-banner "5/6 the rest of tests/"
+# ----------------------------------------------------------------------------------------- 5 profile
+banner "5/7 profile (Nsight Compute)"
+t=$(date +%s)
+UNITS=${HTC_GPU_PROFILE_UNITS:-llava-b16:fwd:cuda,llava-b16:fwdbwd:cuda,llava-b16:fwd:triton,16img:fwd:cuda}
+: >"$LOG_NCU"
+if [ "$NO_PROFILE" = 1 ]; then
+  record profile "skipped (--no-profile)" 0
+elif [ "$SMOKE" = 1 ]; then
+  # No GPU, no ncu: the profile runs themselves (checked against the reference), on the CPU.
+  "$PY" -m benchmarks.gpu_star_attention --smoke --profile llava-b16:fwd:reference,16img:fwdbwd:reference \
+    2>&1 | tee "$LOG_NCU"
+  rc=${PIPESTATUS[0]}
+  record profile "$(status_of "$rc" 0) (smoke: the runs without ncu)" $(($(date +%s) - t))
+elif [ -z "$NCU" ]; then
+  record profile "skipped (ncu not found)" 0
+elif (($(left) < 45)); then
+  record profile "skipped (budget: $(left) s left)" 0
+else
+  limit=$(clamp $(($(left) - 30)) 45 240)
+  # --clock-control none: leave the clocks as the benchmark saw them; only kernels named *star* (the
+  # plan, forward, backward, combine and delta kernels of both backends), only inside the profiled runs.
+  NCU_ARGS=(--clock-control none --profile-from-start off --kernel-name regex:star
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats
+    --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis)
+  echo "$NCU ${NCU_ARGS[*]} $PY -m benchmarks.gpu_star_attention --profile $UNITS (limit $limit s)" | tee "$LOG_NCU"
+  timeout -k 15 "$limit" "$NCU" "${NCU_ARGS[@]}" "$PY" -m benchmarks.gpu_star_attention --profile "$UNITS" \
+    >>"$LOG_NCU" 2>&1
+  rc=$?
+  grep -E '^\[profile\]|==ERROR==|==WARNING==' "$LOG_NCU" | head -n 20
+  echo "$(grep -c 'Section: Occupancy' "$LOG_NCU") kernel launches profiled; details: $LOG_NCU"
+  record profile "$(status_of "$rc" "$limit")" $(($(date +%s) - t))
+fi
+
+# ----------------------------------------------------------------------------------------- 6 tests-all
+banner "6/7 the rest of tests/"
 t=$(date +%s)
 limit=$(($(left) - 10))
 if [ "$SKIP_TESTS" = 1 ]; then
@@ -232,14 +275,14 @@ else
 fi
 
 # ----------------------------------------------------------------------------------------- 6 copy
-banner "6/6 results"
+banner "7/7 results"
 MD=$RES/$STEM.md
 if [ -f "$MD" ]; then
   {
     echo
     echo "## scripts/gpu_check.sh"
     echo
-    echo "Options: ${*:-none}; $(elapsed) s in all. Logs: \`$STEM-{build,tests,bench}.log\`."
+    echo "Options: ${*:-none}; $(elapsed) s in all. Logs: \`$STEM-{build,tests,bench}.log\`, \`$STEM-ncu.txt\`."
     echo
     echo '```'
     printf '%s\n' "${SUMMARY[@]}"
@@ -248,7 +291,7 @@ if [ -f "$MD" ]; then
 fi
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
-  for f in "$MD" "$RES/$STEM.json" "$LOG_BUILD" "$LOG_TESTS" "$LOG_BENCH"; do
+  for f in "$MD" "$RES/$STEM.json" "$LOG_BUILD" "$LOG_TESTS" "$LOG_BENCH" "$LOG_NCU"; do
     [ -f "$f" ] && cp "$f" "$OUT/"
   done
   echo "copied results and logs to $OUT"

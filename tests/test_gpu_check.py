@@ -98,6 +98,17 @@ def _unit(case, mode, times_us: dict, hbm_spec_us=100.0):
     return {"case": case, "mode": mode, "floors": {"hbm_spec_us": hbm_spec_us}, "rows": rows}
 
 
+def test_profile_runs_check_then_run_and_refuse_bad_units(capsys):
+    """--profile (what gpu_check.sh runs under ncu): each unit is checked against the reference first;
+    a backend that cannot run is an ERROR (exit 3), a malformed unit exit 2."""
+    assert g.main(["--smoke", "--profile", "llava-b16:fwd:reference,16img:fwdbwd:reference"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"ran {g.PROFILE_ITERS}x") == 2
+    assert g.main(["--smoke", "--profile", "llava-b16:fwd:no-such-backend"]) == 3
+    assert "[profile] llava-b16 fwd no-such-backend: ERROR" in capsys.readouterr().out
+    assert g.main(["--smoke", "--profile", "llava-b16:bwd:cpu"]) == 2
+
+
 def test_targets_arithmetic():
     units = [
         _unit("llava-b16", "fwd", {"htc cuda": 120.0, "flex compiled": 150.0, "sdpa dense mask": 700.0}),
@@ -129,7 +140,7 @@ def test_script_syntax_and_options():
         pytest.skip("bash is not installed")
     subprocess.run([bash, "-n", str(SCRIPT)], check=True)
     help_text = subprocess.run([bash, str(SCRIPT), "--help"], capture_output=True, text=True, check=True)
-    for opt in ("--quick", "--skip-build", "--skip-tests", "--smoke"):
+    for opt in ("--quick", "--skip-build", "--skip-tests", "--no-profile", "--smoke"):
         assert opt in help_text.stdout
     bad = subprocess.run([bash, str(SCRIPT), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown option" in bad.stderr
