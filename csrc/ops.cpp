@@ -76,6 +76,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["compiled"] = status.compiled;
     d["runnable"] = status.runnable;
     d["cpu_features"] = status.cpu_features;
+    d["bf16_tiles"] = status.bf16_tiles;
     return d;
   });
 }

@@ -8,6 +8,9 @@
 * A forced variant that is unknown, not compiled in, or that this CPU cannot run is an error on use.
 * No code compiled for a higher ISA can run before the dispatcher chose it: what the baseline objects
   define (and so may call) has no AVX2/AVX-512 register in the built library.
+* bf16 tiles (HTC_CPU_BF16_TILES): the forward's GEMMs on bf16 pairs pass the star_attention matrix with
+  the dot products emulated (any AVX-512 CPU), they do change the arithmetic (so the path ran), the
+  AVX512-BF16 instruction gives the emulation's bits where the CPU has it, and bad values are errors.
 """
 
 import glob
@@ -31,12 +34,12 @@ VARIANTS = ["avx2", "avx512", "avx512_bf16", "amx"]
 MATRIX = ["tests/test_star_attention.py", "tests/test_mgvq_lookup.py"]
 
 
-def child(isa: str, code: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HTC_CPU_ISA=isa, PYTHONPATH=ROOT)
+def child(isa: str, code: str, **env: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HTC_CPU_ISA=isa, PYTHONPATH=ROOT, **env)
     return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
 
 
-def child_error(isa: str, setup: str, call: str) -> subprocess.CompletedProcess:
+def child_error(isa: str, setup: str, call: str, **env: str) -> subprocess.CompletedProcess:
     """Run ``setup`` then ``call`` in a child with HTC_CPU_ISA=isa; the call must raise, and the child
     prints ``<exception type> <message>`` (a call that returns fails the child)."""
     code = (
@@ -44,7 +47,7 @@ def child_error(isa: str, setup: str, call: str) -> subprocess.CompletedProcess:
         "    print(type(e).__name__, e); raise SystemExit(0)\n"
         "raise SystemExit('no error')\n"
     )
-    r = child(isa, code)
+    r = child(isa, code, **env)
     assert r.returncode == 0, r.stdout + r.stderr
     return r
 
@@ -55,6 +58,8 @@ def test_info_names_the_variant_in_use():
     assert info["cpu_isa"] == ISA["active"], (info["cpu_isa"], ISA)
     assert ISA["active"] in ISA["runnable"] and ISA["active"] in ISA["compiled"], ISA
     assert hk.info()["compiled_cpu_isa"] == " ".join(ISA["compiled"])
+    if not os.environ.get("HTC_CPU_BF16_TILES"):
+        assert info["cpu_bf16_tiles"] == "fp32"  # bf16 tiles are opt-in
     if not os.environ.get("HTC_CPU_ISA"):
         # By default the best variant this CPU runs (the list is lowest first).
         assert ISA["active"] == ISA["runnable"][-1], ISA
@@ -90,6 +95,16 @@ def test_variant_the_cpu_cannot_run_is_an_error(isa):
     assert f"HTC_CPU_ISA={isa}: this CPU cannot run that variant" in r.stdout, r.stdout
 
 
+def run_matrix(files: list[str], select: str, **env: str) -> None:
+    """pytest ``files -k select`` in a child with ``env``; it must pass (and run something)."""
+    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-x", "-p", "no:randomly", "-p", "no:cacheprovider"]
+    full = dict(os.environ, PYTHONPATH=ROOT, **env)
+    r = subprocess.run([*cmd, "-k", select], env=full, cwd=ROOT, capture_output=True, text=True)
+    tail = "\n".join(r.stdout.splitlines()[-15:])
+    assert r.returncode == 0, f"{env}:\n{tail}\n{r.stderr[-2000:]}"
+    assert re.search(r"\d+ passed", tail), tail
+
+
 @needs_ext
 @pytest.mark.parametrize("isa", VARIANTS)
 def test_every_runnable_variant_passes_the_kernel_matrix(isa):
@@ -101,13 +116,77 @@ def test_every_runnable_variant_passes_the_kernel_matrix(isa):
         pytest.skip(f"{isa} is the variant this process runs: the rest of the suite tests it")
     r = child(isa, "from htc_kernels import _ext; print(_ext.cpu_isa()['active'])")
     assert r.stdout.strip() == isa, r.stdout + r.stderr
-    cmd = [sys.executable, "-m", "pytest", *MATRIX, "-q", "-x", "-p", "no:randomly", "-p", "no:cacheprovider"]
-    cmd += ["-k", "not triton and not cuda"]
-    env = dict(os.environ, HTC_CPU_ISA=isa, PYTHONPATH=ROOT)
-    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-    tail = "\n".join(r.stdout.splitlines()[-15:])
-    assert r.returncode == 0, f"HTC_CPU_ISA={isa}:\n{tail}\n{r.stderr[-2000:]}"
-    assert re.search(r"\d+ passed", tail), tail
+    run_matrix(MATRIX, "not triton and not cuda", HTC_CPU_ISA=isa)
+
+
+# --- bf16 tiles -----------------------------------------------------------------------------------
+AVX512 = [v for v in ("avx512", "avx512_bf16", "amx") if v in ISA.get("runnable", [])]
+needs_avx512 = pytest.mark.skipif(not AVX512, reason="no AVX-512 variant runs here (bf16 tiles need one)")
+# One bf16 forward at a LLaVA-like layout (text, images, <voco>, padding; D=64): FULL, CAUSAL, MASKED and
+# DIAG tiles, thin <voco> rows; prints its error against float64 and the output's bytes, hashed.
+BF16_FORWARD = """
+import hashlib, torch, htc_kernels as hk
+from htc_kernels import _ext
+from tests.layouts import llava_kinds
+torch.manual_seed(0)
+layout = hk.StarLayout(llava_kinds(prefix=37, visual=150, voco=2, suffix=51))
+s = layout.seq_len
+q, k, v = (torch.randn(1, h, s, 64).bfloat16() for h in (4, 2, 2))
+out = hk.star_attention(q, k, v, layout, backend="cpu")
+ref = hk.star_attention_reference(q.double(), k.double(), v.double(), layout)
+err = ((out.double() - ref).norm() / ref.norm()).item()
+print(_ext.cpu_isa()["bf16_tiles"], err, hashlib.sha1(out.view(torch.int16).numpy().tobytes()).hexdigest())
+"""
+
+
+def bf16_forward(isa: str, tiles: str) -> tuple[str, float, str]:
+    r = child(isa, BF16_FORWARD, HTC_CPU_BF16_TILES=tiles)
+    assert r.returncode == 0, r.stderr[-3000:]
+    mode, err, digest = r.stdout.split()
+    return mode, float(err), digest
+
+
+@needs_ext
+@needs_avx512
+def test_bf16_tiles_emulated_pass_the_star_matrix():
+    run_matrix(["tests/test_star_attention.py"], "not triton and not cuda", HTC_CPU_BF16_TILES="emulate")
+
+
+@needs_ext
+@needs_avx512
+def test_bf16_tiles_change_the_arithmetic_within_tolerance():
+    """The emulated bf16 tiles give other bits than the fp32-widened tiles (P is rounded to bf16 before
+    P·V: the path ran), with an error of the same size (the matrix checks the bound)."""
+    isa = AVX512[-1]
+    base_mode, base_err, base = bf16_forward(isa, "")
+    mode, err, digest = bf16_forward(isa, "emulate")
+    assert (base_mode, mode) == ("fp32", "emulated")
+    assert digest != base
+    assert err < 2 * base_err + 1e-3, (err, base_err)
+
+
+@needs_ext
+@pytest.mark.skipif("avx512_bf16" not in ISA.get("runnable", []), reason="this CPU has no AVX512-BF16")
+def test_bf16_tiles_dpbf16_give_the_emulated_bits():
+    """On a CPU with AVX512-BF16: vdpbf16ps computes exactly what the emulation computes (no subnormal
+    operands or products at these magnitudes), so the matrix run under emulation covers it."""
+    isa = AVX512[-1]
+    emulated, hardware = bf16_forward(isa, "emulate"), bf16_forward(isa, "dpbf16")
+    assert hardware[0] == "dpbf16" and hardware[1:] == emulated[1:], (hardware, emulated)
+
+
+@needs_ext
+def test_bf16_tiles_bad_values_are_errors():
+    setup = "import torch, htc_kernels as hk\nz = torch.randn(3, 2, 4); cb = torch.randn(2, 8, 4)\n"
+    call = "hk.mgvq_lookup(z, cb, backend='cpu')"
+    r = child_error("", setup, call, HTC_CPU_BF16_TILES="yes")
+    assert "ValueError" in r.stdout and "HTC_CPU_BF16_TILES=yes is not a mode" in r.stdout, r.stdout
+    if "avx512_bf16" not in ISA["runnable"]:
+        r = child_error("", setup, call, HTC_CPU_BF16_TILES="dpbf16")
+        assert "needs the avx512_bf16 or amx variant" in r.stdout, r.stdout
+    if "avx2" in ISA["runnable"]:
+        r = child_error("avx2", setup, call, HTC_CPU_BF16_TILES="emulate")
+        assert "needs an AVX-512 variant, the variant in use is avx2" in r.stdout, r.stdout
 
 
 # --- No higher-ISA code before dispatch --------------------------------------------------------------
@@ -122,9 +201,11 @@ def _objects():
     temps = glob.glob(os.path.join(ROOT, "build", "python", "temp.*"))
     base = []
     for t in temps:
-        base += [
-            o for o in glob.glob(os.path.join(t, "csrc", "**", "*.o"), recursive=True) if "/isa_" not in o
-        ]
+        for o in glob.glob(os.path.join(t, "csrc", "**", "*.o"), recursive=True):
+            # Objects of sources that no longer exist are left over from older builds: not in the .so.
+            src = os.path.join(ROOT, os.path.relpath(o, t))[: -len(".o")]
+            if "/isa_" not in o and any(os.path.exists(src + ext) for ext in (".cpp", ".cu")):
+                base.append(o)
     return so, base
 
 

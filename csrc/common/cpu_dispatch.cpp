@@ -159,12 +159,61 @@ const char* const kKnownNames[] = {"avx2", "avx512", "avx512_bf16", "amx", "nati
 struct Choice {
   CpuIsaStatus status;
   const CpuKernels* kernels = nullptr;
+  Bf16Tiles bf16_tiles = Bf16Tiles::kFp32;
 };
 
 std::string joined(const std::vector<std::string>& names) {
   std::string s;
   for (const auto& n : names) s += (s.empty() ? "" : ", ") + n;
   return s.empty() ? "none" : s;
+}
+
+// HTC_CPU_BF16_TILES for the chosen variant: "" / "0" / "fp32" (default: bf16 tiles widened to fp32, every
+// variant), "1" / "dpbf16" (AVX512-BF16 dot products: the avx512_bf16 and amx variants), "emulate" (those
+// products emulated with AVX-512F: any AVX-512 variant; for tests). Anything else, or a mode the variant
+// cannot run, is an error on every CPU op call: never a quiet substitute.
+void choose_bf16_tiles(Choice& c) {
+  CpuIsaStatus& st = c.status;
+  const char* env = std::getenv("HTC_CPU_BF16_TILES");
+  const std::string want = env ? env : "";
+  const std::string& v = st.active;
+#if defined(HTC_ISA_COMPILED_native) && defined(__AVX512BF16__)
+  const bool native_bf16 = true;
+#else
+  const bool native_bf16 = false;
+#endif
+#if defined(HTC_ISA_COMPILED_native) && defined(__AVX512F__)
+  const bool native_avx512 = true;
+#else
+  const bool native_avx512 = false;
+#endif
+  const bool dpbf16 = v == "avx512_bf16" || v == "amx" || (v == "native" && native_bf16);
+  const bool avx512 = dpbf16 || v == "avx512" || (v == "native" && native_avx512);
+  if (want.empty() || want == "0" || want == "fp32") {
+    st.bf16_tiles = "fp32";
+    return;
+  }
+  std::string why;
+  if (want == "1" || want == "dpbf16") {
+    if (dpbf16) {
+      st.bf16_tiles = "dpbf16";
+      c.bf16_tiles = Bf16Tiles::kDpbf16;
+      return;
+    }
+    why = "needs the avx512_bf16 or amx variant (AVX512-BF16), the variant in use is " + v;
+  } else if (want == "emulate") {
+    if (avx512) {
+      st.bf16_tiles = "emulated";
+      c.bf16_tiles = Bf16Tiles::kEmulated;
+      return;
+    }
+    why = "needs an AVX-512 variant, the variant in use is " + v;
+  } else {
+    why = "is not a mode; use fp32 (default), dpbf16 (or 1), emulate";
+  }
+  st.error = "HTC_CPU_BF16_TILES=" + want + " " + why + " (CPU has: " + st.cpu_features + ")";
+  st.active.clear();
+  c.kernels = nullptr;
 }
 
 Choice choose() {
@@ -220,7 +269,11 @@ Choice choose() {
 }
 
 const Choice& choice() {
-  static const Choice c = choose();
+  static const Choice c = [] {
+    Choice c = choose();
+    if (c.kernels) choose_bf16_tiles(c);
+    return c;
+  }();
   return c;
 }
 
@@ -233,5 +286,7 @@ const CpuKernels& cpu_kernels() {
 }
 
 const CpuIsaStatus& cpu_isa_status() { return choice().status; }
+
+Bf16Tiles cpu_bf16_tiles() { return choice().bf16_tiles; }
 
 }  // namespace htc

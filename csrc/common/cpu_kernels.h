@@ -26,6 +26,12 @@ using MgvqLookupBackward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& 
                                                                const at::Tensor& codebook,
                                                                const at::Tensor& indices, bool normalize);
 
+// How the chosen variant multiplies bf16 tiles (HTC_CPU_BF16_TILES, read once at load with HTC_CPU_ISA;
+// cpu_dispatch.cpp): widened to fp32 (the default), AVX512-BF16 dot products, or the same products
+// emulated with AVX-512F (testing). Defined by the dispatcher, read by the kernels.
+enum class Bf16Tiles : int { kFp32 = 0, kDpbf16 = 1, kEmulated = 2 };
+Bf16Tiles cpu_bf16_tiles();
+
 struct CpuKernels {
   StarForward* star_forward[2];    // [softcap > 0]
   StarBackward* star_backward[2];  // [softcap > 0]

@@ -5,6 +5,7 @@
 // vectors, so N must be a multiple of the vector width (callers pad their scratch tiles).
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 #include "common/vec.h"
 
@@ -105,6 +106,127 @@ inline void gemm(float* C, int64_t ldc, const float* A, int64_t sar, int64_t sac
     default: gemm_rows<3>(C + n, ldc, A, sar, sac, B + n, ldb, M, K, accumulate, pf); break;
   }
 }
+
+#if defined(__AVX512F__)
+// --- bf16 tiles (HTC_CPU_BF16_TILES): C fp32 (+)= A * B with bf16 operands, fp32 accumulation -------------
+// Operands are bf16 *pairs* along the reduction dimension k (the VNNI layout of AVX512-BF16): one uint32
+// holds elements 2kp (low half) and 2kp + 1 (high half). A's pair (m, kp) is read at A + m*sar + kp*sac
+// (A in uint16 units: a pair may sit at any bf16 offset); B is [Kp][ldb] pairs, N columns per row.
+// kEmulate: the dot product done with AVX-512F FMAs instead of vdpbf16ps; the same arithmetic (a bf16
+// product is exact in fp32; the high pair member is added first, then the low one, each rounded once as
+// the instruction does), except that the instruction also flushes subnormals (DAZ/FTZ). It lets the tile
+// code run, and be tested, on CPUs without AVX512-BF16.
+template <bool kEmulate>
+inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
+  if constexpr (kEmulate) {
+    const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, hi)), _mm512_castsi512_ps(_mm512_and_si512(b, hi)),
+                          acc);
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)),
+                           _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)), acc);
+  } else {
+#if defined(__AVX512BF16__)
+    return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
+#else
+    static_assert(kEmulate, "vdpbf16ps needs a variant compiled with AVX512-BF16");
+    return acc;
+#endif
+  }
+}
+
+template <int R, int NV, bool kEmulate>
+inline void gemm_bf16_block(float* C, int64_t ldc, const uint16_t* A, int64_t sar, int64_t sac, const uint32_t* B,
+                            int64_t ldb, int64_t Kp, bool accumulate, PrefetchStream* pf) {
+  static_assert(kVL == 16);
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? _mm512_loadu_ps(C + r * ldc + v * 16) : _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < Kp; ++kp) {
+    if (pf) pf->next();
+    __m512i b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(B + kp * ldb + v * 16);
+    for (int r = 0; r < R; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, A + r * sar + kp * sac, sizeof pair);
+      const __m512i a = _mm512_set1_epi32(static_cast<int>(pair));
+      for (int v = 0; v < NV; ++v) acc[r][v] = dot_pairs<kEmulate>(acc[r][v], a, b[v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + v * 16, acc[r][v]);
+}
+
+template <int NV, bool kEmulate>
+inline void gemm_bf16_rows(float* C, int64_t ldc, const uint16_t* A, int64_t sar, int64_t sac, const uint32_t* B,
+                           int64_t ldb, int64_t M, int64_t Kp, bool accumulate, PrefetchStream* pf) {
+  int64_t m = 0;
+  for (; m + kRows <= M; m += kRows)
+    gemm_bf16_block<kRows, NV, kEmulate>(C + m * ldc, ldc, A + m * sar, sar, sac, B, ldb, Kp, accumulate, pf);
+  C += m * ldc;
+  A += m * sar;
+  switch (M - m) {
+    case 0: break;
+    case 1: gemm_bf16_block<1, NV, kEmulate>(C, ldc, A, sar, sac, B, ldb, Kp, accumulate, pf); break;
+    case 2: gemm_bf16_block<2, NV, kEmulate>(C, ldc, A, sar, sac, B, ldb, Kp, accumulate, pf); break;
+    case 3: gemm_bf16_block<3, NV, kEmulate>(C, ldc, A, sar, sac, B, ldb, Kp, accumulate, pf); break;
+    case 4: gemm_bf16_block<4, NV, kEmulate>(C, ldc, A, sar, sac, B, ldb, Kp, accumulate, pf); break;
+    default: gemm_bf16_block<5, NV, kEmulate>(C, ldc, A, sar, sac, B, ldb, Kp, accumulate, pf); break;
+  }
+}
+
+// C [M x N] (+)= A [M x 2Kp] * B [2Kp x N] in bf16 pairs (layout above); N % 16 == 0.
+template <bool kEmulate>
+inline void gemm_bf16(float* C, int64_t ldc, const uint16_t* A, int64_t sar, int64_t sac, const uint32_t* B,
+                      int64_t ldb, int64_t M, int64_t N, int64_t Kp, bool accumulate, PrefetchStream* pf = nullptr) {
+  if (M <= 0) return;
+  if (Kp <= 0) {
+    if (!accumulate)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = 0.f;
+    return;
+  }
+  int64_t n = 0;
+  for (; n + kMaxNV * 16 <= N; n += kMaxNV * 16)
+    gemm_bf16_rows<kMaxNV, kEmulate>(C + n, ldc, A, sar, sac, B + n, ldb, M, Kp, accumulate, pf);
+  switch ((N - n) / 16) {
+    case 0: break;
+    case 1: gemm_bf16_rows<1, kEmulate>(C + n, ldc, A, sar, sac, B + n, ldb, M, Kp, accumulate, pf); break;
+    case 2: gemm_bf16_rows<2, kEmulate>(C + n, ldc, A, sar, sac, B + n, ldb, M, Kp, accumulate, pf); break;
+    default: gemm_bf16_rows<3, kEmulate>(C + n, ldc, A, sar, sac, B + n, ldb, M, Kp, accumulate, pf); break;
+  }
+}
+
+// 16 fp32 values rounded to bf16 (round to nearest even, as vcvtneps2bf16; the values are finite), in the
+// low 16 bits of each 32-bit lane.
+inline __m512i bf16_bits(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+}
+
+// out[n] = pair(bf16(lo[n]), bf16(hi[n])) for n in [0, N), N % 16 == 0 (hi == nullptr: zeros).
+inline void pack_pairs(uint32_t* out, const float* lo, const float* hi, int64_t N) {
+  for (int64_t n = 0; n < N; n += 16) {
+    const __m512i l = bf16_bits(_mm512_loadu_ps(lo + n));
+    const __m512i h = hi ? _mm512_slli_epi32(bf16_bits(_mm512_loadu_ps(hi + n)), 16) : _mm512_setzero_si512();
+    _mm512_storeu_si512(out + n, _mm512_or_si512(l, h));
+  }
+}
+
+// out[d] = pair(lo[d], hi[d]) for d in [0, D) from two rows of bf16 bits (a null row: zeros), zeros in
+// [D, Dp).
+inline void pack_pairs(uint32_t* out, const uint16_t* lo, const uint16_t* hi, int64_t D, int64_t Dp) {
+  auto half = [](const uint16_t* row, int64_t d) {
+    return row ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + d)))
+               : _mm512_setzero_si512();
+  };
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16)
+    _mm512_storeu_si512(out + d, _mm512_or_si512(half(lo, d), _mm512_slli_epi32(half(hi, d), 16)));
+  for (; d < D; ++d) out[d] = (lo ? uint32_t{lo[d]} : 0u) | (hi ? uint32_t{hi[d]} << 16 : 0u);
+  for (; d < Dp; ++d) out[d] = 0;
+}
+#endif  // __AVX512F__
 
 }  // namespace HTC_ISA_NS
 }  // namespace htc::cpu

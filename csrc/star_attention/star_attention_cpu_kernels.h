@@ -106,6 +106,7 @@ struct Geometry {
   int topology;
   float scale;
   float softcap, inv_softcap;  // kernels instantiated with kCap only (softcap > 0)
+  Bf16Tiles bf16_tiles;        // HTC_CPU_BF16_TILES (common/cpu_kernels.h): bf16 inputs only
 
   // Parallel grain: problems below ~4M multiply-adds (typical decode steps) run on the calling
   // thread, where waking the thread pool would cost more than the work itself.
@@ -275,9 +276,9 @@ class TileMaskCache {
 // sT[j][i] = k_j . q_i for keys [0, nj) and rows [ilo, ihi) (at least those lanes): a GEMM over the
 // vector-aligned row range, or dot products when only a few rows have work (e.g. one <voco> row
 // against whole visual tiles), where a GEMM would compute a vector width of rows per useful one.
+constexpr int64_t kThinRows = 2;
 inline void scores(const Geometry& g, float* sT, const float* key, int64_t ldk, const float* qT,
                    const float* q_row, int64_t nj, const Span& sp, cpu::PrefetchStream* pf = nullptr) {
-  constexpr int64_t kThinRows = 2;
   if (sp.ihi - sp.ilo <= kThinRows) {
     for (int64_t i = sp.ilo; i < sp.ihi; ++i)
       for (int64_t j = 0; j < nj; ++j) sT[j * g.BQp + i] = dot(key + j * ldk, q_row + i * g.Dp, g.Dp);
@@ -416,10 +417,80 @@ inline void load_tile(const T* base, int64_t stride, const Geometry& g, const Ro
 }
 
 // kCap: logit soft-capping (a template parameter: the uncapped kernel has no trace of it).
-template <typename T, bool kCap>
+#if defined(__AVX512F__)
+// --- bf16 tiles (kTiles != kFp32; bf16 inputs, even D) ----------------------------------------------------
+// The forward's two GEMMs take bf16 operands as pairs along the reduction dimension (gemm_bf16): Q·Kᵀ
+// pairs (d, d+1) of the raw q and k rows (exact products; the scale is applied to the fp32 scores), P·V
+// pairs (j, j+1) of P rounded to bf16 and of V. Everything else (softmax statistics, the accumulator, the
+// row-wise diagonal and thin-row paths) stays fp32.
+constexpr bool kBf16TilesBuilt = true;
+
+// qP[dp][i] = pair(q[i][2dp], q[i][2dp+1]) for the tile's rows (PAD rows and rows past rows.m: zeros).
+inline void load_tile_pairs(const c10::BFloat16* base, int64_t stride, const Geometry& g, const Rows& rows,
+                            uint32_t* rows_buf, uint32_t* qP) {
+  const int64_t Dh = g.D / 2;
+  std::fill(rows_buf, rows_buf + g.BQp * Dh, 0u);
+  for (int64_t i = 0; i < rows.m; ++i)
+    if (rows.kind[i] != kPad) std::memcpy(rows_buf + i * Dh, base + (rows.r0 + i) * stride, Dh * sizeof(uint32_t));
+  // A transpose of 32-bit words (bit patterns moved, never computed on).
+  at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(rows_buf), Dh, reinterpret_cast<float*>(qP),
+                                g.BQp, static_cast<int>(g.BQp), static_cast<int>(Dh));
+}
+
+// sT[j][i] = scale * (k_j . q_i) for keys [0, nj) and the vector lanes holding rows [ilo, ihi).
+template <bool kEmulate>
+inline void scores_bf16(const Geometry& g, float* sT, const c10::BFloat16* key, int64_t ldk, const uint32_t* qP,
+                        int64_t nj, const Span& sp, cpu::PrefetchStream* pf) {
+  const int64_t i0 = sp.ilo / kVL * kVL, i1 = round_up(sp.ihi, kVL);
+  cpu::gemm_bf16<kEmulate>(sT + i0, g.BQp, reinterpret_cast<const uint16_t*>(key), ldk, 2, qP + i0, g.BQp, nj,
+                           i1 - i0, g.D / 2, false, pf);
+  const Vec scale(g.scale);
+  for (int64_t j = 0; j < nj; ++j)
+    for (int64_t i = i0; i < i1; i += kVL) (Vec::loadu(sT + j * g.BQp + i) * scale).store(sT + j * g.BQp + i);
+}
+
+// acc[i][:] += sum_j p[j][i] v_j for rows [ilo, ihi) and keys [0, nj) (rows j0.. of the head): P (sT) and
+// V packed into pairs along j (an odd last key pairs with a zero row and p = 0). `fin` (partial tiles
+// with a non-finite V row, else null): as gemm_except_bad, those rows enter the GEMM as zeros and are
+// added afterwards to the rows that may attend them only, so every other row gets the bits it gets
+// when the row is finite (masked means never read).
+template <bool kEmulate>
+inline void pv_bf16(const Geometry& g, float* acc, const float* sT, const Span& sp, const c10::BFloat16* vh,
+                    int64_t ldv, int64_t j0, int64_t nj, uint32_t* pP, uint32_t* vP, const FiniteRows* fin,
+                    const uint8_t* mask, float* row, cpu::PrefetchStream* pf) {
+  const int64_t i0 = sp.ilo / kVL * kVL, i1 = round_up(sp.ihi, kVL), np = (nj + 1) / 2;
+  const uint16_t* vb = reinterpret_cast<const uint16_t*>(vh + j0 * ldv);
+  auto v_row = [&](int64_t j) -> const uint16_t* {  // null: a zero row
+    return j >= nj || (fin && !fin->finite(j0 + j)) ? nullptr : vb + j * ldv;
+  };
+  for (int64_t jp = 0; jp < np; ++jp) {
+    const bool pair = 2 * jp + 1 < nj;
+    cpu::pack_pairs(pP + jp * g.BQp + i0, sT + 2 * jp * g.BQp + i0, pair ? sT + (2 * jp + 1) * g.BQp + i0 : nullptr,
+                    i1 - i0);
+    cpu::pack_pairs(vP + jp * g.Dp, v_row(2 * jp), v_row(2 * jp + 1), g.D, g.Dp);
+  }
+  cpu::gemm_bf16<kEmulate>(acc + sp.ilo * g.Dp, g.Dp, reinterpret_cast<const uint16_t*>(pP + sp.ilo), 2,
+                           2 * g.BQp, vP, g.Dp, sp.ihi - sp.ilo, g.Dp, np, true, pf);
+  if (!fin) return;
+  for (int64_t j = 0; j < nj; ++j) {
+    if (fin->finite(j0 + j)) continue;
+    load_row(vh + (j0 + j) * ldv, row, g.D, g.Dp, 1.f);
+    for (int64_t i = sp.ilo; i < sp.ihi; ++i)
+      if (mask[j * g.BQp + i]) axpby(acc + i * g.Dp, 1.f, sT[j * g.BQp + i], row, g.Dp);
+  }
+}
+#else
+constexpr bool kBf16TilesBuilt = false;
+#endif
+
+// kTiles: Bf16Tiles::kFp32 for every dtype; kDpbf16 / kEmulated (bf16 inputs, even D, an AVX-512 variant)
+// run the two GEMMs on bf16 pairs (scores_bf16, pv_bf16).
+template <typename T, bool kCap, Bf16Tiles kTiles = Bf16Tiles::kFp32>
 void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const int8_t* kinds, const int32_t* groups, const uint8_t* plan, at::Tensor& out,
                   at::Tensor& lse) {
+  constexpr bool kBf16 = kTiles != Bf16Tiles::kFp32;
+  [[maybe_unused]] constexpr bool kEmulate = kTiles == Bf16Tiles::kEmulated;
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
@@ -434,6 +505,9 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
     std::vector<float> kbuf(g.bk * Dp), vbuf(g.bk * Dp), m_i(BQp), l_i(BQp), alpha(BQp), s_diag(BQp);
     std::vector<float> bad_row(Dp);
     std::vector<uint8_t> diag_only(BQp);
+    // bf16 tiles: the query tile in pairs, its rows before the transpose, P and V tiles in pairs.
+    std::vector<uint32_t> qP(kBf16 ? g.D / 2 * BQp : 0), q_pairs(kBf16 ? BQp * (g.D / 2) : 0);
+    std::vector<uint32_t> pP(kBf16 ? (g.bk + 1) / 2 * BQp : 0), vP(kBf16 ? (g.bk + 1) / 2 * Dp : 0);
     TileMaskCache masks(g);
     FiniteRows v_finite;
     Rows rows;
@@ -448,6 +522,9 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
       const T* kh = kp + b * k.stride(0) + hk * k.stride(1);
       const T* vh = vp + b * v.stride(0) + hk * v.stride(1);
       load_tile(qh, q.stride(2), g, rows, g.scale, q_row.data(), qT.data());
+#if defined(__AVX512F__)
+      if constexpr (kBf16) load_tile_pairs(qh, q.stride(2), g, rows, q_pairs.data(), qP.data());
+#endif
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m_i.begin(), m_i.end(), kNegInf);
       std::fill(l_i.begin(), l_i.end(), 0.f);
@@ -518,11 +595,22 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
         // Scores of masked pairs are replaced by select (a non-finite K row is harmless there); the
         // P V GEMM multiplies V rows by p = 0 at masked pairs, so in partial tiles they must be finite.
         const bool v_ok = !sp.partial || v_finite.all_finite(vh, v.stride(2), g.D, k0 + sp.jlo, nj);
-        int64_t ldk, ldv = 0;
-        const float* kt_rows = key_rows(kh, k.stride(2), g, k0 + sp.jlo, nj, kbuf.data(), &ldk);
-        const float* vt_rows = v_ok ? key_rows(vh, v.stride(2), g, k0 + sp.jlo, nj, vbuf.data(), &ldv) : nullptr;
+        // bf16 tiles: GEMMs on bf16 pairs straight from K and V (fp32 rows only for the thin-row dots).
+        const bool bf16_scores = kBf16 && sp.ihi - sp.ilo > kThinRows, bf16_pv = kBf16;
+        int64_t ldk = 0, ldv = 0;
+        const float* kt_rows =
+            bf16_scores ? nullptr : key_rows(kh, k.stride(2), g, k0 + sp.jlo, nj, kbuf.data(), &ldk);
+        const float* vt_rows =
+            v_ok && !bf16_pv ? key_rows(vh, v.stride(2), g, k0 + sp.jlo, nj, vbuf.data(), &ldv) : nullptr;
         // sT[j][i] = k_j . (scale q_i)
-        scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp, &next_k);
+#if defined(__AVX512F__)
+        if constexpr (kBf16) {
+          if (bf16_scores)
+            scores_bf16<kEmulate>(g, sT.data(), kh + (k0 + sp.jlo) * k.stride(2), k.stride(2), qP.data(), nj, sp,
+                                  &next_k);
+        }
+#endif
+        if (!bf16_scores) scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp, &next_k);
         if constexpr (kCap) cap_scores(g, sT.data(), nj, sp);
         if (tk != kFull) apply_mask(sT.data(), tmask, nj, BQp);
         for (int64_t i0 = sp.ilo / kVL * kVL; i0 < sp.ihi; i0 += kVL) {
@@ -548,7 +636,13 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
           for (int64_t d = 0; d < Dp; d += kVL) (Vec::loadu(acc.data() + i * Dp + d) * a).store(acc.data() + i * Dp + d);
         }
         // acc[i][:] += sum_j p[j][i] v_j
-        if (v_ok)
+        if (bf16_pv) {
+#if defined(__AVX512F__)
+          if constexpr (kBf16)
+            pv_bf16<kEmulate>(g, acc.data(), sT.data(), sp, vh, v.stride(2), k0 + sp.jlo, nj, pP.data(), vP.data(),
+                              v_ok ? nullptr : &v_finite, tmask, bad_row.data(), &next_v);
+#endif
+        } else if (v_ok)
           gemm(acc.data() + sp.ilo * Dp, Dp, sT.data() + sp.ilo, 1, BQp, vt_rows, ldv, mi, Dp, nj, true, &next_v);
         else
           gemm_except_bad(g, acc.data(), sT.data(), tmask, vh, v.stride(2), k0 + sp.jlo, nj, sp.ilo, sp.ihi,
@@ -747,6 +841,7 @@ Geometry make_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   g.scale = static_cast<float>(scale);
   g.softcap = static_cast<float>(softcap);
   g.inv_softcap = softcap > 0 ? 1.f / g.softcap : 0.f;
+  g.bf16_tiles = cpu_bf16_tiles();
   return g;
 }
 
@@ -764,8 +859,20 @@ void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
                  int64_t topology, double scale, double softcap, at::Tensor& out, at::Tensor& lse) {
   const Geometry g = make_geometry(q, k, plan, block_q, block_k, topology, scale, softcap);
   HTC_DISPATCH_KERNEL_TYPES(q.scalar_type(), "star_attention_cpu", [&] {
-    forward_impl<scalar_t, kCap>(g, q, k, v, kinds.data_ptr<int8_t>(), groups.data_ptr<int32_t>(),
-                                 plan.data_ptr<uint8_t>(), out, lse);
+    const int8_t* kin = kinds.data_ptr<int8_t>();
+    const int32_t* grp = groups.data_ptr<int32_t>();
+    const uint8_t* pl = plan.data_ptr<uint8_t>();
+    // bf16 tiles (HTC_CPU_BF16_TILES) for bf16 inputs with an even head dim (the pairs along D); other
+    // calls, and the backward, widen tiles to fp32.
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && kBf16TilesBuilt) {
+      if (g.D % 2 == 0 && g.bf16_tiles == Bf16Tiles::kEmulated)
+        return forward_impl<scalar_t, kCap, Bf16Tiles::kEmulated>(g, q, k, v, kin, grp, pl, out, lse);
+#if defined(__AVX512BF16__)
+      if (g.D % 2 == 0 && g.bf16_tiles == Bf16Tiles::kDpbf16)
+        return forward_impl<scalar_t, kCap, Bf16Tiles::kDpbf16>(g, q, k, v, kin, grp, pl, out, lse);
+#endif
+    }
+    forward_impl<scalar_t, kCap>(g, q, k, v, kin, grp, pl, out, lse);
   });
 }
 
