@@ -1,15 +1,15 @@
-"""Export a compressed prompt for vLLM: the kept KV re-rotated to consecutive positions.
+"""Export a compressed prompt for vLLM: the kept KV with keys re-rotated for vLLM's positions.
 
-vLLM gives prompt token i RoPE position i, but a kept key carries RoPE at its position in the one-shot
-prompt (the prefix at 0..P-1, an image's ``<voco>`` after its 580 visual positions). Rotating every
-kept key by -(positions dropped before it) makes kept slot i a key at position i. RoPE scores depend on
-the query-key distance only, and the question that follows is shifted by the same gap as every kept
-key after the last image, so every score a question or answer token computes in vLLM equals the one
-it computes after the one-shot prompt. This holds whenever the rotation frequencies do not depend on
-the sequence: default, linear, llama3 and yarn RoPE (yarn's and llama3's scaling fixes the
-frequencies once; an attention factor scales cos and sin alike, so a pure rotation commutes with it).
-Dynamic NTK and longrope pick their frequencies from the current length, multimodal RoPE (mrope) has
-3-D positions: refused.
+vLLM gives prompt token i RoPE position i, so the question after ``n`` kept slots sits at ``n``,
+where the one-shot prompt had it at ``L`` (its full length: the images' visual tokens are gone). A
+query at ``n + j`` must see each kept key at the same distance as in the one-shot prompt, ``L + j -
+p``: so every kept key is rotated by the same ``-(L - n)`` (the dropped positions), i.e. re-encoded at
+``p - (L - n)`` (negative for the prefix: RoPE is a rotation, any angle is fine). The kept slots are
+never recomputed (their KV comes from the file), so the distances among them do not matter; values
+carry no position. This is exact whenever the rotation frequencies do not depend on the sequence:
+default, linear, llama3 and yarn RoPE (llama3's and yarn's scaling fixes the frequencies once; an
+attention factor scales cos and sin alike and commutes with a pure rotation). Dynamic NTK and longrope
+pick their frequencies from the current length, multimodal RoPE (mrope) has 3-D positions: refused.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from ..compression import CompressedPrompt
 from .kv_format import KVFileInfo, config_fingerprint
 
-__all__ = ["EXACT_ROPE_TYPES", "export_for_vllm", "rotate_to_consecutive", "save_language_model"]
+__all__ = ["EXACT_ROPE_TYPES", "export_for_vllm", "rotate_keys", "save_language_model"]
 
 EXACT_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # Text models whose attention applies RoPE as transformers' LLaMA does (rotate_half over the whole head)
@@ -65,22 +65,18 @@ def _rope(text_config, lm) -> tuple[str, torch.Tensor]:
     return rope_type, inv_freq
 
 
-def rotate_to_consecutive(
-    keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
-) -> torch.Tensor:
-    """Keys ``[Hkv, n, D]`` with RoPE at ``positions`` ``[n]`` -> the same keys with RoPE at 0..n-1.
+def rotate_keys(keys: torch.Tensor, shift: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Keys ``[..., D]`` with RoPE at positions p -> the same keys at ``p + shift``.
 
-    Applies ``k cos(d w) + rotate_half(k) sin(d w)`` with ``d = i - positions[i]`` (<= 0) and ``w =
-    cat(inv_freq, inv_freq)`` ``[D]``, transformers' LLaMA convention, in float64; returns ``keys``'
-    dtype. Rotations compose (R(a) R(b) = R(a + b)), so this equals the key computed at position i.
+    Applies ``k cos(shift w) + rotate_half(k) sin(shift w)`` with ``w = cat(inv_freq, inv_freq)``
+    ``[D]`` (``inv_freq`` ``[D/2]``), transformers' LLaMA convention, in float64; returns ``keys``'
+    dtype. Rotations compose (R(a) R(b) = R(a + b)), so this is the key computed at ``p + shift``.
     """
-    delta = torch.arange(positions.numel(), dtype=torch.float64) - positions.to("cpu", torch.float64)
-    angle = delta[:, None] * torch.cat([inv_freq, inv_freq])[None]  # [n, D]
+    angle = float(shift) * torch.cat([inv_freq, inv_freq]).to(torch.float64)
     k = keys.to("cpu", torch.float64)
     half = k.shape[-1] // 2
     rotated_half = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
-    out = k * angle.cos() + rotated_half * angle.sin()
-    return out.to(keys.dtype)
+    return (k * angle.cos() + rotated_half * angle.sin()).to(keys.dtype)
 
 
 def export_for_vllm(prompt: CompressedPrompt, path: str | os.PathLike, model) -> KVFileInfo:
@@ -123,7 +119,7 @@ def export_for_vllm(prompt: CompressedPrompt, path: str | os.PathLike, model) ->
     tensors = {}
     for i, (k, v) in enumerate(zip(prompt.keys, prompt.values)):
         # [Hkv, n, D] -> [n, Hkv, D]: vLLM's per-token layout (what do_kv_cache_update takes).
-        tensors[f"keys.{i}"] = rotate_to_consecutive(k, pos, inv_freq).transpose(0, 1).contiguous()
+        tensors[f"keys.{i}"] = rotate_keys(k, n - prompt.seq_length, inv_freq).transpose(0, 1).contiguous()
         tensors[f"values.{i}"] = v.detach().to("cpu").transpose(0, 1).contiguous()
     digest = hashlib.sha256()
     for name in sorted(tensors):

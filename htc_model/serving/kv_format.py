@@ -6,7 +6,8 @@ One file per request prompt (written by :func:`htc_model.serving.export.export_f
 
 * tensors ``keys.<layer>`` and ``values.<layer>``: ``[n, Hkv, D]`` in the model's dtype, the KV of the
   ``n`` slots the prompt keeps (text and ``<voco>``; the images' visual tokens are gone), keys
-  re-rotated so that kept slot ``i`` sits at RoPE position ``i`` (vLLM's position for prompt token i);
+  re-rotated by the dropped positions so that a question at vLLM's position ``n`` sees them at the
+  distances it had after the one-shot prompt (:mod:`htc_model.serving.export`);
 * string metadata (:class:`KVFileInfo`): ``num_tokens`` (n), the model's shape and a fingerprint of
   its text config, ``dtype``, ``rope_type``, ``kv_hash`` (a hash of every stored tensor: the cache
   salt that keeps one image's KV from ever being reused for another's prompt), ``placeholder_id``.
@@ -24,6 +25,8 @@ from dataclasses import asdict, dataclass
 
 __all__ = [
     "FORMAT",
+    "KVLoad",
+    "LoadPlanner",
     "PARAMS_KEY",
     "KVFileInfo",
     "config_fingerprint",
@@ -153,3 +156,124 @@ def slot_mapping(block_ids: list[int], block_size: int, start: int, end: int) ->
             f"slot_mapping: tokens [{start}, {end}) do not fit {len(block_ids)} block(s) of {block_size}"
         )
     return [block_ids[t // block_size] * block_size + t % block_size for t in range(start, end)]
+
+
+@dataclass(frozen=True)
+class KVLoad:
+    """One load the worker side performs: tokens ``[start, end)`` of the file at ``path`` into the
+    paged-cache ``slots`` (``end - start`` of them)."""
+
+    request_id: str
+    path: str
+    start: int
+    end: int
+    slots: list[int]
+
+
+class LoadPlanner:
+    """The connector's scheduler side, free of vLLM types (unit-tested without vLLM).
+
+    For a request whose ``kv_transfer_params`` name a file, every time the scheduler places it with
+    no KV (new, or back from a preemption, which freed its blocks), :meth:`match` reports the file's
+    tokens beyond the scheduler's own prefix-cache hit as loadable, :meth:`allocated` turns them into
+    a :class:`KVLoad` once blocks exist, and :meth:`take` hands the step's loads to the workers. So a
+    preempted request reloads its KV; the placeholder tokens are never computed. Requests without
+    the parameter are left alone (plain requests batch with compressed ones).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: str,
+        config_hash: str,
+        block_size: int,
+    ):
+        self._model = {
+            "num_layers": num_layers,
+            "num_kv_heads": num_kv_heads,
+            "head_dim": head_dim,
+            "dtype": dtype,
+            "config_hash": config_hash,
+        }
+        self._block_size = block_size
+        self._matched: dict[str, tuple[str, int, int]] = {}  # request -> (path, start, end)
+        self._pending: list[KVLoad] = []
+        self.loads: dict[str, int] = {}  # loads per live request (> 1: reloaded after a preemption)
+
+    def match(
+        self,
+        request_id: str,
+        params: dict | None,
+        prompt_token_ids: list[int],
+        cache_salt: str | None,
+        skip_prefix_cache: bool,
+        num_computed: int,
+    ) -> int:
+        """Tokens of the request to load beyond its ``num_computed`` (the scheduler's block-aligned
+        prefix-cache hit); 0 for a plain request. ValueError for a request that cannot be served
+        exactly (checked each time it is placed: cheap, the file's header only)."""
+        if not params or PARAMS_KEY not in params:
+            return 0
+        path = str(params[PARAMS_KEY])
+        info = read_info(path)
+        n = info.num_tokens
+        problems = [
+            f"{k} {getattr(info, k)!r}, the served model's is {v!r}"
+            for k, v in self._model.items()
+            if getattr(info, k) != v
+        ]
+        if len(prompt_token_ids) <= n:
+            problems.append(
+                f"the prompt has {len(prompt_token_ids)} tokens: it must be the file's {n} placeholders "
+                "and at least one question token"
+            )
+        elif any(t != info.placeholder_id for t in prompt_token_ids[:n]):
+            problems.append(f"the prompt's first {n} tokens must be the placeholder id {info.placeholder_id}")
+        if cache_salt != info.kv_hash:
+            problems.append(
+                f"cache_salt {cache_salt!r} is not the file's kv_hash {info.kv_hash!r} (without it vLLM's "
+                "prefix cache could give this prompt another image's KV)"
+            )
+        if skip_prefix_cache:
+            problems.append(
+                "the request skips the prefix cache (prompt_logprobs): vLLM would compute the placeholders"
+            )
+        if problems:
+            raise ValueError(
+                f"htc connector: request {request_id!r} ({path}) refused: " + "; ".join(problems)
+            )
+        if num_computed >= n:
+            self._matched.pop(request_id, None)
+            return 0
+        self._matched[request_id] = (path, num_computed, n)
+        return n - num_computed
+
+    def allocated(self, request_id: str, block_ids: list[int], num_external: int) -> None:
+        """The scheduler gave the request blocks ``block_ids`` (all of them, in order) and accepted
+        ``num_external`` tokens to load."""
+        matched = self._matched.pop(request_id, None)
+        if matched is None or num_external == 0:
+            # num_external == 0 after a match: the scheduler's own prefix cache holds those tokens
+            # (a hit ending inside a block that covers the file); nothing to load.
+            return
+        path, start, end = matched
+        if start + num_external != end:
+            raise RuntimeError(
+                f"htc connector: request {request_id!r}: the scheduler accepted {num_external} tokens "
+                f"to load, the file has [{start}, {end}) left; a partial load would leave placeholders"
+            )
+        slots = slot_mapping(block_ids, self._block_size, start, end)
+        self._pending.append(KVLoad(request_id, path, start, end, slots))
+        self.loads[request_id] = self.loads.get(request_id, 0) + 1
+
+    def take(self) -> list[KVLoad]:
+        """The loads planned since the last call (for this step's workers)."""
+        loads, self._pending = self._pending, []
+        return loads
+
+    def finished(self, request_id: str) -> None:
+        self._matched.pop(request_id, None)
+        self.loads.pop(request_id, None)

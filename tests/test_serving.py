@@ -1,0 +1,323 @@
+"""htc_model.serving: compressed images served by vLLM (tiny random models, CPU).
+
+Part (a), this venv: the export's re-rotation is exact (a plain LLaMA fed the exported KV at vLLM's
+consecutive positions gives the one-shot prompt's logits), refusals, metadata, and the connector's
+scheduler-side logic (LoadPlanner) without vLLM.
+
+Part (b), vLLM's venv (``.venv-vllm``, made by scripts/setup_vllm.sh): the same weights served by
+vLLM through HTCKVConnector (tests/vllm_serving_child.py in a subprocess) against HF ``generate``,
+token for token and logprobs; and one request through the OpenAI server. Without that venv these
+tests skip locally and fail under CI=true.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from transformers import LlamaForCausalLM  # noqa: E402
+
+import htc_kernels.hf as hkhf  # noqa: E402
+from htc_model import HTCConfig, HTCForConditionalGeneration  # noqa: E402
+from htc_model.serving import kv_format  # noqa: E402
+from htc_model.serving.export import export_for_vllm, rotate_keys, save_language_model  # noqa: E402
+from htc_model.serving.kv_format import LoadPlanner, head_range, read_info, request_inputs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+IMG = 62
+PREFIX = [1, 5, 6, 7]
+QUESTIONS = ([9, 10, 11], [12, 13], [14])
+
+
+def _cpu_kernel_available() -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("htc::star_attention", "CPU")
+    except RuntimeError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _backend(monkeypatch):
+    monkeypatch.setattr(hkhf, "DEFAULT_BACKEND", "auto" if _cpu_kernel_available() else "reference")
+
+
+def _text_config(**overrides) -> dict:
+    """A tiny LLaMA vLLM's CPU attention accepts (head_dim 32), GQA 4:2."""
+    text = {
+        "model_type": "llama",
+        "vocab_size": 64,
+        "hidden_size": 128,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "max_position_embeddings": 512,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    return {**text, **overrides}
+
+
+def _model(**text_overrides) -> HTCForConditionalGeneration:
+    torch.manual_seed(0)
+    model = HTCForConditionalGeneration(HTCConfig.tiny(text_config=_text_config(**text_overrides))).eval()
+    model.language_model.generation_config.eos_token_id = None  # fixed-length generations compare whole
+    return model
+
+
+def _pixels(cfg: HTCConfig, n: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q = cfg.quantizer_config
+    mean, std = torch.tensor(q.image_mean).view(1, 3, 1, 1), torch.tensor(q.image_std).view(1, 3, 1, 1)
+    size = cfg.vision_config.image_size
+    return (torch.rand(n, 3, size, size, generator=g) - mean) / std
+
+
+def _one_shot_logits(model, prompt_ids: list[int], px, question: list[int]) -> torch.Tensor:
+    """``[len(question), vocab]``: the one-shot model's logits at the question's tokens."""
+    ids = torch.tensor([prompt_ids + question])
+    return model(ids, pixel_values=px).logits[0, -len(question) :].double()
+
+
+def _served_logits(lm_dir, path, question: list[int]) -> torch.Tensor:
+    """What vLLM computes, in plain transformers: the exported KV as the first n slots, the question
+    at positions n.. (a plain LLaMA loaded from the checkpoint vLLM serves)."""
+    from safetensors.torch import load_file
+    from transformers import DynamicCache
+
+    lm = LlamaForCausalLM.from_pretrained(lm_dir, attn_implementation="eager").eval()
+    info = read_info(path)
+    tensors = load_file(path)
+    cache = DynamicCache()
+    for i in range(info.num_layers):
+        k = tensors[f"keys.{i}"].transpose(0, 1)[None]  # [n, Hkv, D] -> [1, Hkv, n, D]
+        cache.update(k, tensors[f"values.{i}"].transpose(0, 1)[None], i)
+    n = info.num_tokens
+    pos = torch.arange(n, n + len(question))[None]
+    with torch.no_grad():
+        out = lm(torch.tensor([question]), past_key_values=cache, position_ids=pos)
+    return out.logits[0].double()
+
+
+# --------------------------------------------------------------------------------------------------
+# (a) export and connector logic, this venv
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        None,
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+        {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128},
+    ],
+    ids=["default", "linear", "llama3", "yarn"],
+)
+def test_export_rotation_exact(tmp_path, rope):
+    """One image and two images per prompt: the exported KV at consecutive positions gives the one-shot
+    logits; the unrotated KV does not."""
+    model = _model(**({"rope_parameters": rope} if rope else {}))
+    save_language_model(model, tmp_path / "lm")
+    px = _pixels(model.config, 2)
+    question = [9, 10, 11]
+    c = model.compress(px[:1], prefix_ids=torch.tensor(PREFIX))
+    info = c.export_for_vllm(tmp_path / "one.safetensors", model)
+    assert info.num_tokens == len(PREFIX) + model.config.num_voco_tokens
+    expected = _one_shot_logits(model, PREFIX + [IMG], px[:1], question)
+    got = _served_logits(tmp_path / "lm", tmp_path / "one.safetensors", question)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+    two = PREFIX + [IMG, 20, 21, IMG]
+    p = model.compress_prompt(torch.tensor(two), px)
+    p.export_for_vllm(tmp_path / "two.safetensors", model)
+    assert p.num_tokens == len(two) - 2 + 2 * model.config.num_voco_tokens
+    expected = _one_shot_logits(model, two, px, question)
+    got = _served_logits(tmp_path / "lm", tmp_path / "two.safetensors", question)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+    # the same prompt, keys left at their absolute positions: wrong logits
+    from safetensors.torch import save_file
+
+    unrotated = {f"keys.{i}": k.transpose(0, 1).contiguous() for i, k in enumerate(p.keys)}
+    unrotated |= {f"values.{i}": v.transpose(0, 1).contiguous() for i, v in enumerate(p.values)}
+    save_file(unrotated, tmp_path / "raw.safetensors", metadata=info.to_metadata() | {"num_tokens": str(p.num_tokens)})
+    wrong = _served_logits(tmp_path / "lm", tmp_path / "raw.safetensors", question)
+    assert (wrong - expected).abs().max() > 1e-2 * expected.abs().max()
+
+
+def test_rotate_keys_composes():
+    """Rotating by -d then by +d gives the keys back; by 0 is the identity."""
+    torch.manual_seed(0)
+    k = torch.randn(2, 5, 8, dtype=torch.float64)
+    inv = 1.0 / (10000 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8))
+    assert torch.allclose(rotate_keys(rotate_keys(k, -37, inv), 37, inv), k, atol=1e-12)
+    assert torch.equal(rotate_keys(k, 0, inv), k)
+
+
+def test_export_metadata_and_request_inputs(tmp_path):
+    model = _model()
+    px = _pixels(model.config, 2)
+    c = model.compress(px, prefix_ids=torch.tensor(PREFIX))
+    a = c.export_for_vllm(tmp_path / "a.safetensors", model, index=0)
+    b = c.export_for_vllm(tmp_path / "b.safetensors", model, index=1)
+    assert read_info(tmp_path / "a.safetensors") == a
+    text = model.config.text_config
+    assert (a.num_layers, a.num_kv_heads, a.head_dim, a.dtype) == (2, 2, 32, "float32")
+    assert a.rope_type == "default" and a.num_tokens == len(PREFIX) + 1
+    assert a.hf_question_position == c.seq_length
+    assert a.config_hash == kv_format.config_fingerprint(text.to_dict()) == b.config_hash
+    assert a.kv_hash != b.kv_hash  # the cache salt tells the two images apart
+    c.export_for_vllm(tmp_path / "a2.safetensors", model, index=0)
+    assert read_info(tmp_path / "a2.safetensors").kv_hash == a.kv_hash  # and is deterministic
+    r = request_inputs(tmp_path / "a.safetensors", [9, 10])
+    assert r["prompt_token_ids"] == [a.placeholder_id] * a.num_tokens + [9, 10]
+    assert r["cache_salt"] == a.kv_hash
+    assert r["kv_transfer_params"] == {"htc_kv_path": str((tmp_path / "a.safetensors").resolve())}
+    with pytest.raises(ValueError, match="at least one token"):
+        request_inputs(tmp_path / "a.safetensors", [])
+    with pytest.raises(ValueError, match="format"):
+        torch.save({}, tmp_path / "x.pt")
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(1)}, tmp_path / "x.safetensors")
+        read_info(tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize(
+    "rope, match",
+    [
+        ({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}, "depend on the sequence length"),
+        (
+            {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0] * 16,
+                "long_factor": [2.0] * 16,
+                "original_max_position_embeddings": 128,
+            },
+            "depend on the sequence length",
+        ),
+        ({"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}, "mrope"),
+    ],
+    ids=["dynamic", "longrope", "mrope"],
+)
+def test_export_refuses_inexact_rope(tmp_path, rope, match):
+    model = _model(rope_parameters=rope)
+    c = model.compress(_pixels(model.config, 1), prefix_ids=torch.tensor(PREFIX))
+    with pytest.raises(ValueError, match=match):
+        c.export_for_vllm(tmp_path / "x.safetensors", model)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_export_refuses_wrong_model(tmp_path):
+    model = _model()
+    c = model.compress(_pixels(model.config, 1), prefix_ids=torch.tensor(PREFIX))
+    with pytest.raises(ValueError, match="layers"):
+        c.export_for_vllm(tmp_path / "x.safetensors", _model(num_hidden_layers=3))
+    with pytest.raises(ValueError, match=r"\[Hkv, n, D\]"):
+        c.export_for_vllm(tmp_path / "x.safetensors", _model(num_key_value_heads=4))
+    with pytest.raises(ValueError, match=r"in torch.float32, got .*float64"):
+        c.to(dtype=torch.float64).export_for_vllm(tmp_path / "x.safetensors", model)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_head_range():
+    assert [head_range(8, 2, r) for r in range(2)] == [(0, 4), (4, 8)]
+    assert [head_range(2, 2, r) for r in range(2)] == [(0, 1), (1, 2)]
+    # fewer KV heads than ranks: each head replicated on consecutive ranks (vLLM's QKVParallelLinear)
+    assert [head_range(2, 4, r) for r in range(4)] == [(0, 1), (0, 1), (1, 2), (1, 2)]
+    assert head_range(4, 1, 0) == (0, 4)
+    for bad in ((6, 4, 0), (4, 3, 0), (4, 2, 2)):
+        with pytest.raises(ValueError):
+            head_range(*bad)
+
+
+def test_load_planner(tmp_path):
+    """The connector's scheduler side: loads beyond the prefix-cache hit, reloads after a preemption,
+    leaves plain requests alone, refuses requests it cannot serve exactly."""
+    model = _model()
+    c = model.compress(_pixels(model.config, 1), prefix_ids=torch.tensor(PREFIX))
+    path = tmp_path / "a.safetensors"
+    info = c.export_for_vllm(path, model)
+    n = info.num_tokens
+    r = request_inputs(path, [9, 10])
+    planner = LoadPlanner(
+        num_layers=2,
+        num_kv_heads=2,
+        head_dim=32,
+        dtype="float32",
+        config_hash=info.config_hash,
+        block_size=4,
+    )
+    params, ids, salt = r["kv_transfer_params"], r["prompt_token_ids"], r["cache_salt"]
+
+    assert planner.match("plain", None, [3, 4, 5], None, False, 0) == 0
+    planner.allocated("plain", [7], 0)
+    assert planner.match("a", params, ids, salt, False, 0) == n
+    planner.allocated("a", [3, 9], n)
+    (load,) = planner.take()
+    assert (load.start, load.end, load.slots) == (0, n, [12, 13, 14, 15, 36][:n])
+    assert planner.take() == []
+    # preempted (blocks freed), placed again with a 4-token prefix-cache hit: the rest is reloaded
+    assert planner.match("a", params, ids, salt, False, 4) == n - 4
+    planner.allocated("a", [3, 5], n - 4)
+    (load,) = planner.take()
+    assert (load.start, load.end, load.slots) == (4, n, [20, 21, 22, 23][: n - 4])
+    assert planner.loads["a"] == 2
+    # a hit covering the file: nothing to load
+    assert planner.match("a", params, ids, salt, False, n) == 0
+    planner.finished("a")
+    assert "a" not in planner.loads
+
+    refusals = {
+        "placeholder id": (params, [5] + ids[1:], salt, False),
+        "question token": (params, ids[:n], salt, False),
+        "cache_salt": (params, ids, None, False),
+        "prompt_logprobs": (params, ids, salt, True),
+        "does not exist": ({"htc_kv_path": str(tmp_path / "none")}, ids, salt, False),
+    }
+    for match, args in refusals.items():
+        with pytest.raises(ValueError, match=match):
+            planner.match("b", *args, 0)
+    other = LoadPlanner(
+        num_layers=3, num_kv_heads=2, head_dim=32, dtype="bfloat16", config_hash="x", block_size=4
+    )
+    with pytest.raises(ValueError, match="num_layers 2.*dtype 'float32'.*config_hash"):
+        other.match("b", params, ids, salt, False, 0)
+    planner.match("c", params, ids, salt, False, 0)
+    with pytest.raises(RuntimeError, match="partial load"):
+        planner.allocated("c", [1, 2], n - 1)
+
+
+def test_connector_import_is_light():
+    """In a process that imported vllm, the connector's modules load neither htc_kernels nor
+    transformers nor the model side (the real import inside vLLM runs in part b)."""
+    code = (
+        "import sys, types\n"
+        "sys.modules['vllm'] = types.ModuleType('vllm')  # what vLLM's process has\n"
+        "import htc_model.serving.kv_format\n"
+        "bad = [m for m in ('htc_kernels', 'transformers', 'htc_model.modeling_htc') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
