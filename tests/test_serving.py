@@ -321,3 +321,183 @@ def test_connector_import_is_light():
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
+
+
+# --------------------------------------------------------------------------------------------------
+# (b) served by vLLM (its own venv, a subprocess), against HF with the same weights
+# --------------------------------------------------------------------------------------------------
+
+LONG_PREFIX = [1] + [3 + i % 50 for i in range(39)]  # 40 tokens: the kept KV spans a full 32-slot block
+BLOCK = 32
+
+
+def _vllm_or_skip():
+    if VLLM_PY.exists():
+        return
+    reason = f"no vLLM venv at {VLLM_PY} (bash scripts/setup_vllm.sh makes it; make test runs it)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def _run_child(spec: dict, tmp: Path) -> dict:
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    proc = subprocess.run(
+        [str(VLLM_PY), str(ROOT / "tests" / "vllm_serving_child.py"), str(tmp / "spec.json"), str(tmp / "out.json")],
+        env=env,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    return json.loads((tmp / "out.json").read_text())
+
+
+def _hf_reference(lm, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their logprobs for a plain prompt on the plain LLaMA."""
+    out = lm.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    tokens = out.sequences[0, len(prompt) :].tolist()
+    logprobs = [float(torch.log_softmax(lg[0].double(), -1)[t]) for lg, t in zip(out.logits, tokens)]
+    return tokens, logprobs
+
+
+def _hf_compressed(model, prompt_ids, px, question, steps) -> tuple[list[int], list[float]]:
+    """HF one-shot generate (images in the prompt): the tokens and logprobs vLLM must reproduce."""
+    ids = torch.tensor([prompt_ids + question])
+    out = model.generate(
+        ids,
+        pixel_values=px,
+        max_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    tokens = out.sequences[0, ids.shape[1] :].tolist()
+    logprobs = [float(torch.log_softmax(lg[0].double(), -1)[t]) for lg, t in zip(out.logits, tokens)]
+    return tokens, logprobs
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One child run: engine "main" (prefix caching on: a single request, a batch mixing compressed,
+    plain and two-image requests, a repeat of an image; then the two images with one question) and
+    engine "small" (8 blocks of 32 slots: six long requests preempt each other)."""
+    _vllm_or_skip()
+    tmp = tmp_path_factory.mktemp("vllm")
+    model = _model()
+    save_language_model(model, tmp / "lm")
+    lm = LlamaForCausalLM.from_pretrained(tmp / "lm").eval()
+    lm.generation_config.eos_token_id = None
+    px = _pixels(model.config, 2)
+    c = model.compress(px, prefix_ids=torch.tensor(LONG_PREFIX))
+    files = {}
+    for i in range(2):
+        files[f"img{i}"] = tmp / f"img{i}.safetensors"
+        c.export_for_vllm(files[f"img{i}"], model, index=i)
+    two = LONG_PREFIX[:8] + [IMG, 20, 21, IMG]
+    files["two"] = tmp / "two.safetensors"
+    model.compress_prompt(torch.tensor(two), px).export_for_vllm(files["two"], model)
+    one_shot = {"img0": (LONG_PREFIX + [IMG], px[:1]), "img1": (LONG_PREFIX + [IMG], px[1:]), "two": (two, px)}
+
+    cases = {}  # name -> (request, expected tokens, expected logprobs)
+
+    def compressed(name, image, question, steps):
+        req = {**request_inputs(files[image], question), "max_tokens": steps}
+        cases[name] = (req, *_hf_compressed(model, *one_shot[image], question, steps))
+        return req
+
+    def plain(name, prompt, steps):
+        cases[name] = ({"prompt_token_ids": prompt, "max_tokens": steps}, *_hf_reference(lm, prompt, steps))
+        return cases[name][0]
+
+    steps = 8
+    main = [
+        {"name": "single", "requests": [compressed("single", "img0", [9, 10, 11], steps)]},
+        {
+            "name": "mixed",
+            "requests": [
+                compressed("mixed_img0", "img0", [12, 13], steps),
+                plain("mixed_plain", [1, 9, 10, 11, 12], steps),
+                compressed("mixed_img1", "img1", [14], steps),
+                compressed("mixed_two", "two", [9, 10, 11], steps),
+                plain("mixed_plain_long", LONG_PREFIX + [9, 10], steps),
+            ],
+        },
+        {"name": "hit", "requests": [compressed("hit", "img0", [9, 10, 11], steps)]},
+        {"name": "salt", "requests": [compressed("salt_img1", "img1", [9, 10, 11], steps)]},
+    ]
+    long = 40
+    small = [
+        {
+            "name": "preempt",
+            "requests": [compressed(f"preempt{i}", f"img{i % 2}", [9 + i], long) for i in range(6)],
+        }
+    ]
+    common = {"max_model_len": 128, "block_size": BLOCK, "enable_prefix_caching": True}
+    spec = {
+        "model": str(tmp / "lm"),
+        "engines": [
+            {"llm": common, "phases": main},
+            {"llm": {**common, "num_gpu_blocks_override": 8, "max_num_seqs": 6}, "phases": small},
+        ],
+    }
+    out = _run_child(spec, tmp)
+    got = {}
+    for engine, phases in zip(out["engines"], (main, small)):
+        for phase, result in zip(phases, engine["phases"]):
+            names = [n for n, (req, *_) in cases.items() if any(req is r for r in phase["requests"])]
+            got.update(zip(names, result["requests"]))
+    return {"cases": cases, "got": got, "out": out, "n_kept": read_info(files["img0"]).num_tokens}
+
+
+def _check(served, name):
+    _, tokens, logprobs = served["cases"][name]
+    g = served["got"][name]
+    assert g["tokens"] == tokens, name
+    assert max(abs(a - b) for a, b in zip(g["logprobs"], logprobs)) <= 1e-3, name
+
+
+def test_vllm_single_request_equals_hf(served):
+    _check(served, "single")
+    assert served["got"]["single"]["num_cached_tokens"] == served["n_kept"]  # loaded, not computed
+
+
+def test_vllm_mixed_batch_equals_hf(served):
+    """Compressed (one and two images) and plain requests in one batch."""
+    for name in ("mixed_img0", "mixed_plain", "mixed_img1", "mixed_two", "mixed_plain_long"):
+        _check(served, name)
+
+
+def test_vllm_prefix_cache_hit_and_salt(served):
+    """The same image again hits vLLM's prefix cache for its full block and loads the rest; another
+    image with the same question (same placeholder ids) shares nothing with it."""
+    n = served["n_kept"]
+    log = served["out"]["engines"][0]["connector_log"]
+    _check(served, "hit")
+    assert served["got"]["hit"]["num_cached_tokens"] >= n
+    assert any(f"loads {n - BLOCK} compressed tokens" in line for line in log), log
+    _check(served, "salt_img1")
+    # the two images' answers differ (HF) and each request got its own image's (checked above) ...
+    # (closer to its own image's logprobs than the images are to each other, by a wide margin)
+    diff = max(abs(a - b) for a, b in zip(served["cases"]["salt_img1"][2], served["cases"]["hit"][2]))
+    err = max(abs(a - b) for a, b in zip(served["cases"]["salt_img1"][2], served["got"]["salt_img1"]["logprobs"]))
+    assert err * 20 < diff, (err, diff)
+    # ... and only the repeat of img0 hit the cache: every other compressed request loaded all n
+    assert sum(f"loads {n} compressed tokens" in line for line in log) == 4, log
+    assert served["got"]["salt_img1"]["num_cached_tokens"] == n
+
+
+def test_vllm_preemption_reloads(served):
+    """With 8 blocks for six 85-token requests vLLM preempts; the connector reloads the KV."""
+    log = served["out"]["engines"][1]["connector_log"]
+    assert any("after a preemption" in line for line in log), log
+    for i in range(6):
+        _check(served, f"preempt{i}")

@@ -46,6 +46,9 @@ def main(spec_path: str, out_path: str) -> None:
             "seed": 0,
             "skip_tokenizer_init": True,
             "enforce_eager": True,  # no compilation: start-up in seconds, the same numerics
+            # A small KV cache, reserved up front (the CPU default reserves most of the machine's memory).
+            "kv_cache_memory_bytes": 64 << 20,
+            "gpu_memory_utilization": 0.2,
             **engine["llm"],
         }
         if engine.get("connector", True):
