@@ -65,7 +65,9 @@ def main(spec_path: str, out_path: str) -> None:
                 prompt = {"prompt_token_ids": r["prompt_token_ids"]}
                 if r.get("cache_salt"):
                     prompt["cache_salt"] = r["cache_salt"]
-                extra = {"kv_transfer_params": r["kv_transfer_params"]} if r.get("kv_transfer_params") else None
+                extra = (
+                    {"kv_transfer_params": r["kv_transfer_params"]} if r.get("kv_transfer_params") else None
+                )
                 prompts.append(prompt)
                 params.append(
                     SamplingParams(

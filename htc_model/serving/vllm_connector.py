@@ -86,7 +86,8 @@ class HTCKVConnector(KVConnectorBase_V1):
         cache_dtype = vllm_config.cache_config.cache_dtype
         if cache_dtype != "auto":
             raise ValueError(
-                f"HTCKVConnector: kv_cache_dtype {cache_dtype!r}: the files hold the model's dtype; use 'auto'"
+                f"HTCKVConnector: kv_cache_dtype {cache_dtype!r};"
+                " the files hold the model's dtype: use 'auto'"
             )
         self._num_kv_heads = model.get_total_num_kv_heads()
         self._planner = LoadPlanner(
