@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_PY = Path(os.environ.get("VLLM_VENV", ROOT / ".venv-vllm")) / "bin" / "python"
+VLLM_PY = ROOT / os.environ.get("VLLM_VENV", ".venv-vllm") / "bin" / "python"  # as setup_vllm.sh
 N = int(os.environ.get("HTC_BENCH_VLLM_N", "8"))
 VISUAL = 580  # the paper's visual tokens per image (4 anchors + 576 patches)
 BLOCK = 32

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent setup of the vLLM venv used by the serving tests and benchmark (tests/test_vllm_serving.py,
+# Idempotent setup of the vLLM venv used by the serving tests and benchmark (tests/test_serving.py,
 # benchmarks/test_bench_vllm.py). vLLM brings its own torch (2.13 CPU build), so it lives in its own
 # venv, separate from .venv; the connector it loads (htc_model/serving/vllm_connector.py) is pure Python.
 # A second run only checks that vllm imports (about 10 s).

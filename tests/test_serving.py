@@ -4,10 +4,11 @@ Part (a), this venv: the export's re-rotation is exact (a plain LLaMA fed the ex
 consecutive positions gives the one-shot prompt's logits), refusals, metadata, and the connector's
 scheduler-side logic (LoadPlanner) without vLLM.
 
-Part (b), vLLM's venv (``.venv-vllm``, made by scripts/setup_vllm.sh): the same weights served by
-vLLM through HTCKVConnector (tests/vllm_serving_child.py in a subprocess) against HF ``generate``,
-token for token and logprobs; and one request through the OpenAI server. Without that venv these
-tests skip locally and fail under CI=true.
+Part (b), vLLM's venv (``$VLLM_VENV``, default ``.venv-vllm``, relative to the repository root as in
+scripts/setup_vllm.sh, which makes it): the same weights served by vLLM through HTCKVConnector
+(tests/vllm_serving_child.py in a subprocess) against HF ``generate``, token for token and logprobs;
+and the README's OpenAI-server example, run as written. Without that venv these tests skip locally
+and fail under CI=true.
 """
 
 from __future__ import annotations
@@ -15,8 +16,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -34,7 +41,8 @@ from htc_model.serving.export import rotate_keys, save_language_model  # noqa: E
 from htc_model.serving.kv_format import LoadPlanner, head_range, read_info, request_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+VLLM_VENV = ROOT / os.environ.get("VLLM_VENV", ".venv-vllm")  # as scripts/setup_vllm.sh: relative to ROOT
+VLLM_PY = VLLM_VENV / "bin" / "python"
 IMG = 62
 PREFIX = [1, 5, 6, 7]
 QUESTIONS = ([9, 10, 11], [12, 13], [14])
@@ -339,7 +347,7 @@ BLOCK = 32
 def _vllm_or_skip():
     if VLLM_PY.exists():
         return
-    reason = f"no vLLM venv at {VLLM_PY} (bash scripts/setup_vllm.sh makes it; make test runs it)"
+    reason = f"no vLLM venv at {VLLM_VENV} (bash scripts/setup_vllm.sh makes it; make test runs it)"
     if os.environ.get("CI") == "true":
         pytest.fail(reason)
     pytest.skip(reason)
@@ -525,3 +533,105 @@ def test_vllm_preemption_reloads(served):
     assert any("after a preemption" in line for line in log), log
     for i in range(6):
         _check(served, f"preempt{i}")
+
+
+# --------------------------------------------------------------------------------------------------
+# (b) the README's OpenAI-server example, run as written
+# --------------------------------------------------------------------------------------------------
+
+
+def _readme_openai_example() -> tuple[list[str], str, dict]:
+    """The README's server command (argv after ``PYTHONPATH=$PWD .venv-vllm/bin/python``), the curl
+    URL and the curl JSON body: the test runs these, so the README shows what was run."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Serving compressed images with vLLM", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    server, curl = block.replace("\\\n", " ").split("\ncurl ")
+    argv, curl_argv = shlex.split(server), shlex.split(curl)
+    assert argv[:2] == ["PYTHONPATH=$PWD", ".venv-vllm/bin/python"], argv
+    assert curl_argv[1:4] == ["-H", "Content-Type: application/json", "-d"], curl_argv
+    return argv[2:], curl_argv[0], json.loads(curl_argv[4])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict | None, timeout: float) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read() or b"null")
+
+
+def test_vllm_openai_server_equals_hf(tmp_path):
+    """The README's five lines: the server started with the connector flags as written (on a free
+    port, in a directory holding ``lm/``), the README's completion body with this image's
+    ``cache_salt`` and path: the answer's token ids are HF ``generate``'s with the image, logprobs
+    within 1e-3, and the connector loaded the compressed tokens (not computed them as text)."""
+    _vllm_or_skip()
+    server_args, url, body = _readme_openai_example()
+    assert url == "localhost:8000/v1/completions", url
+    model = _model()
+    save_language_model(model, tmp_path / "lm")
+    px = _pixels(model.config, 1)
+    path = tmp_path / "img.safetensors"
+    n = model.compress(px, prefix_ids=torch.tensor(PREFIX)).export_for_vllm(path, model).num_tokens
+    question = [9, 10, 11]
+    r = request_inputs(path, question)
+    assert body["prompt"] == r["prompt_token_ids"], (body["prompt"], r["prompt_token_ids"])
+    assert body["cache_salt"] == "<kv_hash>" and set(body["kv_transfer_params"]) == {"htc_kv_path"}, body
+    body = {**body, "cache_salt": r["cache_salt"], "kv_transfer_params": r["kv_transfer_params"]}
+
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    log_path = tmp_path / "server.log"
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [str(VLLM_PY), *server_args, "--port", str(port)],
+            cwd=tmp_path,  # the README's relative "lm/", also the served model's name
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the engine and worker die with it
+        )
+    try:
+        # HF's answer while the server starts
+        tokens, logprobs = _hf_compressed(model, PREFIX + [IMG], px, question, body["max_tokens"])
+        base = f"http://127.0.0.1:{port}"
+        deadline = t0 + 240
+        while True:
+            assert proc.poll() is None, f"server exited {proc.returncode}:\n" + log_path.read_text()[-8000:]
+            try:
+                _post(f"{base}/health", None, timeout=5)
+                break
+            except OSError:
+                if time.perf_counter() > deadline:
+                    pytest.fail("server not up in 240 s:\n" + log_path.read_text()[-8000:])
+                time.sleep(0.5)
+        startup = time.perf_counter() - t0
+        try:
+            out = _post(f"{base}/v1/completions", body, timeout=120)
+        except urllib.error.HTTPError as e:
+            pytest.fail(f"/v1/completions: {e.code} {e.read().decode()}\n" + log_path.read_text()[-8000:])
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+    print(f"OpenAI server up in {startup:.1f} s")
+    (choice,) = out["choices"]
+    assert choice["prompt_token_ids"] == r["prompt_token_ids"]
+    assert choice["token_ids"] == tokens, (choice["token_ids"], tokens)
+    lp = choice["logprobs"]
+    assert lp["tokens"] == [f"token_id:{t}" for t in tokens], lp["tokens"]
+    assert max(abs(a - b) for a, b in zip(lp["token_logprobs"], logprobs)) <= 1e-3, (lp, logprobs)
+    log = log_path.read_text()
+    assert f"loads {n} compressed tokens (load 1)" in log, log[-8000:]
