@@ -4,13 +4,18 @@ PY := $(VENV)/bin/python
 export CUDA_HOME ?= /usr/local/cuda
 export OMP_NUM_THREADS ?= $(shell nproc)
 
-.PHONY: setup test test-python test-cpp test-asan bench lint clean
+.PHONY: setup setup-vllm test test-python test-cpp test-asan bench lint clean
 
 setup:
 	bash scripts/setup.sh
 
+# vLLM's own venv (.venv-vllm, its own torch) for tests/test_serving.py and benchmarks/test_bench_vllm.py;
+# about 90 s the first time, an import check after that.
+setup-vllm:
+	bash scripts/setup_vllm.sh
+
 # Full suite: Python tests (Triton kernels under the interpreter: no GPU here) and the C++ tests.
-test: setup lint test-cpp test-python
+test: setup setup-vllm lint test-cpp test-python
 
 test-python:
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/ -q
@@ -38,7 +43,7 @@ test-asan: setup
 		PYTHONPATH=$(CURDIR) TRITON_INTERPRET=1 HTC_FUZZ_SECONDS=$${HTC_FUZZ_SECONDS:-10} \
 		$(abspath $(PY)) -m pytest -p no:cacheprovider -q $(addprefix $(CURDIR)/,$(ASAN_TESTS))
 
-bench: setup
+bench: setup setup-vllm
 	mkdir -p benchmarks/results
 	$(PY) -m pytest benchmarks/ --benchmark-only -q -p no:randomly \
 		--benchmark-json=benchmarks/results/latest.json

@@ -138,6 +138,28 @@ def group_table(rows: list[dict]) -> tuple[list[str], list[list[str]], bool]:
     return headers, table, any(_is_stand_in(r) for r in rows)
 
 
+def vllm_table(groups: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]] | None:
+    """The vLLM serving rows (benchmarks/test_bench_vllm.py: ``extra_info["vllm"]``), one per
+    group and provider; None when there are none."""
+    rows = []
+    for group, members in groups.items():
+        for r in members:
+            v = r["info"].get("vllm")
+            if v:
+                rows.append(
+                    [
+                        group,
+                        r["provider"],
+                        f"{v['requests_per_s']:.2f}",
+                        str(v["prompt_tokens_per_request"]),
+                        str(v["kv_blocks"]),
+                        str(v["block_size"]),
+                    ]
+                )
+    headers = ["group", "provider", "requests/s", "prompt tokens/request", "KV blocks", "block size"]
+    return (headers, rows) if rows else None
+
+
 def rates_line(mi: dict) -> str | None:
     rates = mi.get("htc_rates")
     if not rates:
@@ -190,6 +212,12 @@ def render(data: dict, groups: dict[str, list[dict]]) -> str:
         out.append("")
         out.append(f"== {group}" + (f"  ({shape_of(rows)})" if shape_of(rows) else ""))
         out.append(_table(headers, table, right=set(range(1, len(headers)))))
+
+    serving = vllm_table(groups)
+    if serving:
+        out.append("")
+        out.append("== serving with vLLM (requests/s of the timed batch; KV blocks the batch occupies)")
+        out.append(_table(*serving, right={2, 3, 4, 5}))
 
     checks = check_targets(groups)
     if checks:

@@ -15,7 +15,7 @@ import torch
 
 import htc_kernels.hf as hkhf
 
-__all__ = ["CompressedImages"]
+__all__ = ["CompressedImages", "CompressedPrompt"]
 
 _FORMAT = "htc-compressed-images/1"
 
@@ -135,6 +135,35 @@ class CompressedImages:
                 num_visual_tokens=int(meta["num_visual_tokens"]),
             )
 
+    def prompt(self, index: int = 0) -> CompressedPrompt:
+        """The kept KV of the prompt ``[prefix; <image index>]`` as a :class:`CompressedPrompt`."""
+        if not -len(self) <= index < len(self):
+            raise ValueError(f"CompressedImages.prompt: index must lie in [0, {len(self)}), got {index}")
+        p = self.prefix_ids.numel()
+        device = self.voco_keys[0].device
+        positions = torch.cat(
+            [
+                torch.arange(p, device=device),
+                torch.arange(self.seq_length - self.num_voco_tokens, self.seq_length, device=device),
+            ]
+        )
+        return CompressedPrompt(
+            keys=[torch.cat([pk[0], vk[index]], dim=1) for pk, vk in zip(self.prefix_keys, self.voco_keys)],
+            values=[
+                torch.cat([pv[0], vv[index]], dim=1) for pv, vv in zip(self.prefix_values, self.voco_values)
+            ],
+            positions=positions,
+            seq_length=self.seq_length,
+        )
+
+    def export_for_vllm(self, path: str | os.PathLike, model, index: int = 0):
+        """Write image ``index``'s prompt ``[prefix; <image>]`` for vLLM: see
+        :func:`htc_model.serving.export.export_for_vllm` (``model``: the HTC model that compressed it).
+        Returns the file's :class:`~htc_model.serving.kv_format.KVFileInfo`."""
+        from .serving.export import export_for_vllm
+
+        return export_for_vllm(self.prompt(index), path, model)
+
     # ---- what generate() needs ----
     def _check(self, config, lm_dtype, batch: int) -> None:
         """ValueError unless these images fit a model of ``config`` and a batch of ``batch`` questions."""
@@ -190,3 +219,33 @@ class CompressedImages:
         ]
         cache = hkhf.StarCache.from_slots(keys, values, positions, self.seq_length)
         return cache
+
+
+@dataclass
+class CompressedPrompt:
+    """The KV one prompt keeps once its images are compressed: its text tokens and ``<voco>`` tokens,
+    any number of images (made by :meth:`HTCForConditionalGeneration.compress_prompt`, or
+    :meth:`CompressedImages.prompt` for ``[prefix; <image>]``).
+
+    Attributes:
+        keys, values: per layer ``[Hkv, n, D]`` in the language model's dtype, RoPE at the absolute
+            positions below.
+        positions: ``[n]`` int64, strictly increasing: each kept slot's position in the one-shot
+            prompt (the dropped visual tokens leave gaps).
+        seq_length: the one-shot prompt's length: the position of the first token after it.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    positions: torch.Tensor
+    seq_length: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.numel()
+
+    def export_for_vllm(self, path: str | os.PathLike, model):
+        """See :func:`htc_model.serving.export.export_for_vllm`."""
+        from .serving.export import export_for_vllm
+
+        return export_for_vllm(self, path, model)

@@ -23,7 +23,7 @@ from transformers.utils import ModelOutput
 import htc_kernels.hf as hkhf
 from htc_kernels.layout import TokenKind
 
-from .compression import CompressedImages
+from .compression import CompressedImages, CompressedPrompt
 from .configuration_htc import HTCConfig
 from .mgvq import MGVQTokenizer, to_mgvq_pixels
 
@@ -589,6 +589,46 @@ class HTCForConditionalGeneration(PreTrainedModel):
             voco_values=[layer.values[:, :, voco].clone() for layer in cache.layers],
             prefix_ids=prefix_ids,
             num_visual_tokens=self.config.num_visual_tokens,
+        )
+
+    @torch.no_grad()
+    def compress_prompt(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> CompressedPrompt:
+        """Run one prompt with any number of images once and keep the KV of its text and ``<voco>``
+        tokens (what serving needs for a request about several images; :meth:`compress` shares one
+        prefix among single-image prompts).
+
+        Args:
+            input_ids: ``[S]`` int64, text with one ``<image>`` per image, e.g. ``[BOS; system;
+                <image>; text; <image>]``; the question follows it at serving time.
+            pixel_values: ``[N, 3, H, W]`` CLIP-normalised, one per ``<image>`` in order.
+
+        Returns:
+            :class:`CompressedPrompt` (LM dtype and device): the kept slots at their absolute positions
+            in the expanded prompt; a question continuing it reads exactly what it would read after
+            the one-shot prompt (DESIGN.md §2, "Compaction").
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1:
+            raise ValueError("HTC.compress_prompt: input_ids must be a 1-D integer tensor [S]")
+        self._check_attention("compress_prompt")
+        x = self._expand(input_ids[None].to(self.voco_embeddings.device), None, pixel_values)
+        cache = DynamicCache()
+        self.language_model(
+            inputs_embeds=x.inputs_embeds,
+            attention_mask=x.attention_mask,
+            position_ids=x.position_ids,
+            htc_kinds=x.kinds,
+            htc_groups=x.groups,
+            htc_topology=self.config.topology,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        keep = (x.kinds[0] != TokenKind.VISUAL).nonzero().flatten()
+        return CompressedPrompt(
+            keys=[layer.keys[0].index_select(1, keep) for layer in cache.layers],
+            values=[layer.values[0].index_select(1, keep) for layer in cache.layers],
+            positions=x.position_ids[0, keep].clone(),
+            seq_length=x.input_ids.shape[1],
         )
 
     @torch.no_grad()

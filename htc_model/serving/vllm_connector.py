@@ -1,0 +1,177 @@
+"""``HTCKVConnector``: a vLLM (v1) KV connector that serves compressed images.
+
+It loads a request's compressed KV (a file from :func:`htc_model.serving.export.export_for_vllm`)
+into vLLM's paged cache instead of computing the prompt's placeholder tokens; vLLM then computes the
+question and decodes as usual, batched with any other request. Pure Python on vLLM's own torch: it
+imports nothing from htc_kernels and nothing heavy from htc_model.
+
+Offline::
+
+    from vllm import LLM, SamplingParams
+    from htc_model.serving.kv_format import request_inputs
+
+    llm = LLM(model=lm_dir, kv_transfer_config={
+        "kv_connector": "HTCKVConnector",
+        "kv_connector_module_path": "htc_model.serving.vllm_connector",
+        "kv_role": "kv_both"})
+    r = request_inputs("image.safetensors", question_ids)
+    llm.generate({"prompt_token_ids": r["prompt_token_ids"], "cache_salt": r["cache_salt"]},
+                 SamplingParams(max_tokens=32, extra_args={"kv_transfer_params": r["kv_transfer_params"]}))
+
+Server: ``python -m vllm.entrypoints.openai.api_server --model LM_DIR --kv-transfer-config
+'{"kv_connector":"HTCKVConnector","kv_connector_module_path":"htc_model.serving.vllm_connector",
+"kv_role":"kv_both"}'``, then POST ``/v1/completions`` with ``prompt`` (the token ids),
+``cache_salt`` and ``kv_transfer_params`` from :func:`~htc_model.serving.kv_format.request_inputs`.
+The repository root must be importable (``PYTHONPATH``) and the files readable by the server.
+
+Policies: a preempted request reloads its file when it is placed again (never recomputes
+placeholders); a request that cannot be served exactly (model or dtype mismatch, prompt not of the
+file's form, wrong cache_salt, prompt_logprobs) raises a ValueError in the engine; pipeline
+parallelism and decode context parallelism are refused at start-up; tensor parallelism loads each
+rank's KV heads (:func:`~htc_model.serving.kv_format.head_range`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from .kv_format import KVLoad, LoadPlanner, config_fingerprint, head_range
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+__all__ = ["HTCKVConnector"]
+
+# Under vLLM's "vllm" logger, so its handler prints it (INFO) with the engine's other messages.
+logger = logging.getLogger("vllm.htc_connector")
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass
+class _Metadata(KVConnectorMetadata):
+    loads: list[KVLoad] = field(default_factory=list)
+
+
+def _torch_dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class HTCKVConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        par = vllm_config.parallel_config
+        if par.pipeline_parallel_size > 1 or getattr(par, "decode_context_parallel_size", 1) > 1:
+            raise ValueError(
+                "HTCKVConnector: pipeline parallelism and decode context parallelism are not supported "
+                f"(pipeline_parallel_size={par.pipeline_parallel_size}, decode_context_parallel_size="
+                f"{getattr(par, 'decode_context_parallel_size', 1)}); tensor parallelism is"
+            )
+        model = vllm_config.model_config
+        cache_dtype = vllm_config.cache_config.cache_dtype
+        if cache_dtype != "auto":
+            raise ValueError(
+                f"HTCKVConnector: kv_cache_dtype {cache_dtype!r};"
+                " the files hold the model's dtype: use 'auto'"
+            )
+        self._num_kv_heads = model.get_total_num_kv_heads()
+        self._planner = LoadPlanner(
+            num_layers=model.get_total_num_hidden_layers(),
+            num_kv_heads=self._num_kv_heads,
+            head_dim=model.get_head_size(),
+            dtype=_torch_dtype_name(model.dtype),
+            config_hash=config_fingerprint(model.hf_text_config.to_dict()),
+            block_size=vllm_config.cache_config.block_size,
+        )
+        self._kv_caches: dict[str, torch.Tensor] = {}
+
+    # ---- scheduler side ----
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        n = self._planner.match(
+            request.request_id,
+            request.kv_transfer_params,
+            list(request.prompt_token_ids or []),
+            request.cache_salt,
+            bool(request.skip_reading_prefix_cache),
+            num_computed_tokens,
+        )
+        return n, False  # loaded synchronously, in the step that first computes the request
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int):
+        self._planner.allocated(request.request_id, blocks.get_block_ids()[0], num_external_tokens)
+        count = self._planner.loads.get(request.request_id, 0)
+        if num_external_tokens:
+            logger.info(
+                "htc: request %s loads %d compressed tokens (load %d%s)",
+                request.request_id,
+                num_external_tokens,
+                count,
+                ", after a preemption" if count > 1 else "",
+            )
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return _Metadata(self._planner.take())
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._planner.finished(request.request_id)
+        return False, None
+
+    # ---- worker side ----
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        self._kv_caches = kv_caches
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, _Metadata) or not meta.loads:
+            return
+        from vllm.distributed.parallel_state import (
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
+
+        lo, hi = head_range(
+            self._num_kv_heads, get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        )
+        for load in meta.loads:
+            with safe_open(load.path, framework="pt") as f:
+                for name, kv_cache in self._kv_caches.items():
+                    found = _LAYER_INDEX.search(f".{name}")
+                    if found is None:
+                        raise RuntimeError(f"HTCKVConnector: no layer index in the layer name {name!r}")
+                    i = int(found.group(1))
+                    layer = forward_context.no_compile_layers[name]
+                    keys = f.get_slice(f"keys.{i}")[load.start : load.end, lo:hi]
+                    values = f.get_slice(f"values.{i}")[load.start : load.end, lo:hi]
+                    slots = torch.tensor(load.slots, dtype=torch.int64, device=kv_cache.device)
+                    # The backend's own cache write: the layout (and any packing) stays its business.
+                    layer.impl.do_kv_cache_update(
+                        layer,
+                        keys.to(kv_cache.device).contiguous(),
+                        values.to(kv_cache.device).contiguous(),
+                        kv_cache,
+                        slots,
+                    )
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # start_load_kv wrote every layer already
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
+        return  # load-only connector
+
+    def wait_for_save(self):
+        return
