@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <unordered_map>
 #include <vector>
@@ -682,34 +683,51 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
   T* dvp = dv.data_ptr<T>();
   const int64_t group_size = g.Hq / g.Hkv;
 
-  // One task owns a (batch, kv head): all its query heads, so dq, dk and dv need no atomics.
+  // One task owns a (batch, kv head): all its query heads, so dq, dk and dv need no atomics. When there
+  // are fewer tasks than threads (B * Hkv small: one image, few kv heads), each task's query tiles are
+  // split into `splits` contiguous parts, one work item each: an item writes the dq rows of its tiles
+  // and its own dK/dV partial (keys up to its last row: causal), and the partials are then summed in
+  // part order (deterministic: the same bits whatever thread ran which item).
   const int64_t n_tasks = g.B * g.Hkv;
-  at::parallel_for(0, n_tasks, g.grain(n_tasks), [&](int64_t begin, int64_t end) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = n_tasks >= threads || g.grain(n_tasks) > 1
+                             ? 1
+                             : std::min<int64_t>(g.n_qt, (threads + n_tasks - 1) / n_tasks);
+  const int64_t n_items = n_tasks * splits, part_size = g.Skv * g.Dp;
+  // Per item: its dK partial, then its dV partial (uninitialised: each item zeroes the rows it covers).
+  std::unique_ptr<float[]> parts(splits > 1 ? new float[2 * n_items * part_size] : nullptr);
+  at::parallel_for(0, n_items, g.grain(n_items), [&](int64_t begin, int64_t end) {
     const int64_t BQp = g.BQp, Dp = g.Dp;
     std::vector<float> q_row(BQp * Dp), qT(g.D * BQp), do_row(BQp * Dp), doT(g.D * BQp);
     std::vector<float> sT(g.bk * BQp), dpT(g.bk * BQp), kbuf(g.bk * Dp), vbuf(g.bk * Dp);
-    std::vector<float> dk_acc(g.Skv * Dp), dv_acc(g.Skv * Dp), dq_acc(g.Sq * Dp);
+    std::vector<float> dkv_own(splits == 1 ? 2 * part_size : 0), dq_acc(g.Sq * Dp);
     std::vector<float> lse_i(BQp), delta_i(BQp), o_row(Dp), bad_row(Dp);
     TileMaskCache masks(g);
     FiniteRows k_finite;
     Rows rows;
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t task = item / splits, part = item % splits;
+      const int64_t qt_lo = part * g.n_qt / splits, qt_hi = (part + 1) * g.n_qt / splits;
+      const int64_t r_lo = qt_lo * g.bq, r_hi = std::min(g.Sq, qt_hi * g.bq);
+      const int64_t k_hi = std::min(g.Skv, g.q_off + r_hi);  // keys past the item's last row: untouched
+      float* dk_acc = splits == 1 ? dkv_own.data() : parts.get() + 2 * item * part_size;
+      float* dv_acc = dk_acc + part_size;
       const int64_t b = task / g.Hkv, hk = task % g.Hkv, bl = g.plan_batch == 1 ? 0 : b;
       k_finite.own(task, g.Skv);
       const int8_t* kin = kinds + bl * g.Skv;
       const int32_t* grp = groups + bl * g.Skv;
       const T* kh = kp + b * k.stride(0) + hk * k.stride(1);
       const T* vh = vp + b * v.stride(0) + hk * v.stride(1);
-      std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
-      std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
+      std::fill(dk_acc, dk_acc + k_hi * Dp, 0.f);
+      std::fill(dv_acc, dv_acc + k_hi * Dp, 0.f);
       for (int64_t h = hk * group_size; h < (hk + 1) * group_size; ++h) {
-        std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
+        std::fill(dq_acc.begin() + r_lo * Dp, dq_acc.begin() + r_hi * Dp, 0.f);
         const T* qh = qp + b * q.stride(0) + h * q.stride(1);
         const T* doh = dop + b * dout.stride(0) + h * dout.stride(1);
         const float* lh = lse + (b * g.Hq + h) * g.Sq;
         const T* oh = op + b * out.stride(0) + h * out.stride(1);
         const float* glh = grad_lse ? grad_lse + (b * g.Hq + h) * g.Sq : nullptr;
-        for (int64_t qt = 0; qt < g.n_qt; ++qt) {
+        for (int64_t qt = qt_lo; qt < qt_hi; ++qt) {
           const uint8_t* tiles = plan + (bl * g.n_qt + qt) * g.n_kt;
           rows.fill(g, kin, grp, qt);
           load_tile(qh, q.stride(2), g, rows, g.scale, q_row.data(), qT.data());
@@ -740,8 +758,8 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
             }
             const float pr = std::exp(s - lse_i[i]);
             const float ds = pr * (dot(do_row.data() + i * Dp, vrow, Dp) - delta_i[i]) * dcap;
-            axpby(dv_acc.data() + p * Dp, 1.f, pr, do_row.data() + i * Dp, Dp);
-            axpby(dk_acc.data() + p * Dp, 1.f, ds, q_row.data() + i * Dp, Dp);
+            axpby(dv_acc + p * Dp, 1.f, pr, do_row.data() + i * Dp, Dp);
+            axpby(dk_acc + p * Dp, 1.f, ds, q_row.data() + i * Dp, Dp);
             axpby(dq_tile + i * Dp, 1.f, ds, krow, Dp);
           };
           for (int64_t kt = 0; kt < g.n_kt; ++kt) {
@@ -791,8 +809,8 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
             // dv_j += sum_i p_ji do_i ; dk_j += sum_i ds_ji (scale q_i) ; dq_i += sum_j ds_ji k_j
             const float* p_rows = sT.data() + sp.ilo;
             const float* ds_rows = dpT.data() + sp.ilo;
-            gemm(dv_acc.data() + j0 * Dp, Dp, p_rows, BQp, 1, do_row.data() + sp.ilo * Dp, Dp, nj, Dp, mi, true);
-            gemm(dk_acc.data() + j0 * Dp, Dp, ds_rows, BQp, 1, q_row.data() + sp.ilo * Dp, Dp, nj, Dp, mi, true);
+            gemm(dv_acc + j0 * Dp, Dp, p_rows, BQp, 1, do_row.data() + sp.ilo * Dp, Dp, nj, Dp, mi, true);
+            gemm(dk_acc + j0 * Dp, Dp, ds_rows, BQp, 1, q_row.data() + sp.ilo * Dp, Dp, nj, Dp, mi, true);
             // dv and dk GEMMs multiply by zeros only rows of dO and q (PAD rows are loaded as zeros); the
             // dq GEMM multiplies K rows by dS = 0 at masked pairs, so in partial tiles they must be finite.
             if (!sp.partial || k_finite.all_finite(kh, k.stride(2), g.D, j0, nj))
@@ -803,12 +821,13 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
           }
         }
         T* dqh = dqp + (b * g.Hq + h) * g.Sq * g.D;
-        for (int64_t i = 0; i < g.Sq; ++i) {
+        for (int64_t i = r_lo; i < r_hi; ++i) {
           const bool pad = kin[i + g.q_off] == kPad;  // zero gradient by select, whatever q holds there
           for (int64_t d = 0; d < g.D; ++d)
             dqh[i * g.D + d] = pad ? static_cast<T>(0.f) : static_cast<T>(dq_acc[i * Dp + d] * g.scale);
         }
       }
+      if (splits > 1) continue;  // summed below
       T* dkh = dkp + (b * g.Hkv + hk) * g.Skv * g.D;
       T* dvh = dvp + (b * g.Hkv + hk) * g.Skv * g.D;
       for (int64_t j = 0; j < g.Skv; ++j)
@@ -816,6 +835,37 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
           dkh[j * g.D + d] = static_cast<T>(dk_acc[j * Dp + d]);
           dvh[j * g.D + d] = static_cast<T>(dv_acc[j * Dp + d]);
         }
+    }
+  });
+  if (splits == 1) return;
+  // dK/dV of each task: its parts' partials summed in part order, over blocks of key rows in parallel. A
+  // part's partial covers keys [0, k_hi) only (zero beyond: not added).
+  constexpr int64_t kRowsPerBlock = 64;
+  const int64_t n_blocks = (g.Skv + kRowsPerBlock - 1) / kRowsPerBlock;
+  at::parallel_for(0, n_tasks * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t Dp = g.Dp;
+    std::vector<float> sum_k(Dp), sum_v(Dp);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t task = w / n_blocks, j0 = (w % n_blocks) * kRowsPerBlock;
+      T* dkh = dkp + task * g.Skv * g.D;
+      T* dvh = dvp + task * g.Skv * g.D;
+      for (int64_t j = j0; j < std::min(g.Skv, j0 + kRowsPerBlock); ++j) {
+        std::fill(sum_k.begin(), sum_k.end(), 0.f);
+        std::fill(sum_v.begin(), sum_v.end(), 0.f);
+        for (int64_t part = 0; part < splits; ++part) {
+          const int64_t r_hi = std::min(g.Sq, (part + 1) * g.n_qt / splits * g.bq);
+          if (j >= std::min(g.Skv, g.q_off + r_hi)) continue;
+          const float* pk = parts.get() + 2 * (task * splits + part) * part_size + j * Dp;
+          for (int64_t d = 0; d < Dp; ++d) {
+            sum_k[d] += pk[d];
+            sum_v[d] += pk[part_size + d];
+          }
+        }
+        for (int64_t d = 0; d < g.D; ++d) {
+          dkh[j * g.D + d] = static_cast<T>(sum_k[d]);
+          dvh[j * g.D + d] = static_cast<T>(sum_v[d]);
+        }
+      }
     }
   });
 }
