@@ -554,6 +554,19 @@ def render_markdown(
     md += ["## End to end", ""]
     md += e2e_section(groups, skipped)
 
+    serving = vllm_table(groups)
+    if serving:
+        md += ["## Serving with vLLM", ""]
+        md += [
+            "benchmarks/test_bench_vllm.py: the same requests served by an unmodified vLLM, each image "
+            "either HTC-compressed (its kept KV loaded by htc_model.serving's connector) or as its 580 "
+            "visual tokens of plain prompt (plain-580). requests/s of the timed batch; KV blocks the "
+            "batch occupies (from prompt and output lengths).",
+            "",
+            md_table(*serving),
+            "",
+        ]
+
     md += ["## Plots", ""]
     for title, path, note in plots:
         if path is not None:

@@ -82,6 +82,23 @@ def synthetic(load=2.5) -> dict:
             targets=[{"kind": "speedup", "peer": "text-only", "min": 0.952, "paired": True}],
         ),
         _row("hf decode: tiny", "text-only", 1.0),
+        _row(
+            "vllm: 8 requests",
+            "htc",
+            1000.0,
+            vllm={"requests_per_s": 57.3, "prompt_tokens_per_request": 7, "kv_blocks": 8, "block_size": 32},
+        ),
+        _row(
+            "vllm: 8 requests",
+            "plain-580",
+            1100.0,
+            vllm={
+                "requests_per_s": 69.4,
+                "prompt_tokens_per_request": 587,
+                "kv_blocks": 152,
+                "block_size": 32,
+            },
+        ),
         _row("mgvq_lookup: 16 images", "htc", 30.0),
         _row("mgvq_lookup: 16 images", "bmm argmax", 240.0),
     ]
@@ -176,6 +193,9 @@ def test_report_markdown(tmp_path, capsys):
     ]  # fmt: skip
     miss = _table_row(md, "star_attention: llava fp32 fwd", "## Targets", contains="hand-split / htc")
     assert miss[2:] == ["2.00x", "MISS (by 1.25x)"]
+    assert _table_row(md, "vllm: 8 requests", "## Serving with vLLM", contains="plain-580")[2:] == [
+        "69.40", "587", "152", "32"
+    ]  # fmt: skip
     assert _table_row(md, "hf decode: tiny", "## Targets")[2:] == [
         "0.97x (interleaved, median of 30 pairs)", "OK"
     ]  # fmt: skip
