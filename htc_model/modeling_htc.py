@@ -528,6 +528,22 @@ class HTCForConditionalGeneration(PreTrainedModel):
     def _pad_id(self) -> int:
         return getattr(self.config.text_config, "pad_token_id", None) or 0
 
+    def _prefill(self, x: _Expanded) -> DynamicCache:
+        """The language model's KV cache of the expanded prompt ``x`` (star mask, every slot kept)."""
+        cache = DynamicCache()
+        self.language_model(
+            inputs_embeds=x.inputs_embeds,
+            attention_mask=x.attention_mask,
+            position_ids=x.position_ids,
+            htc_kinds=x.kinds,
+            htc_groups=x.groups,
+            htc_topology=self.config.topology,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return cache
+
     @torch.no_grad()
     def compress(
         self, pixel_values: torch.Tensor, prefix_ids: torch.Tensor | None = None
@@ -567,18 +583,7 @@ class HTCForConditionalGeneration(PreTrainedModel):
         p = prefix_ids.numel()
         ids = torch.cat([prefix_ids.expand(n, p), prefix_ids.new_full((n, 1), self.config.image_token_id)], 1)
         x = self._expand(ids, None, pixel_values)
-        cache = DynamicCache()
-        self.language_model(
-            inputs_embeds=x.inputs_embeds,
-            attention_mask=x.attention_mask,
-            position_ids=x.position_ids,
-            htc_kinds=x.kinds,
-            htc_groups=x.groups,
-            htc_topology=self.config.topology,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        cache = self._prefill(x)
         # The prompt ends with the <voco> tokens: select the kept slots here (compact_cache would keep
         # the image until a next token is known not to be another <voco>).
         voco = slice(p + self.config.num_visual_tokens, x.input_ids.shape[1])
@@ -611,18 +616,7 @@ class HTCForConditionalGeneration(PreTrainedModel):
             raise ValueError("HTC.compress_prompt: input_ids must be a 1-D integer tensor [S]")
         self._check_attention("compress_prompt")
         x = self._expand(input_ids[None].to(self.voco_embeddings.device), None, pixel_values)
-        cache = DynamicCache()
-        self.language_model(
-            inputs_embeds=x.inputs_embeds,
-            attention_mask=x.attention_mask,
-            position_ids=x.position_ids,
-            htc_kinds=x.kinds,
-            htc_groups=x.groups,
-            htc_topology=self.config.topology,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        cache = self._prefill(x)
         keep = (x.kinds[0] != TokenKind.VISUAL).nonzero().flatten()
         return CompressedPrompt(
             keys=[layer.keys[0].index_select(1, keep) for layer in cache.layers],
