@@ -25,14 +25,18 @@ if [ ! -f "$stamp" ]; then
 fi
 
 if [ ! -f "$VENV/.htc-editable" ] || ! "$VENV/bin/python" -c "import htc_kernels" >/dev/null 2>&1; then
-  echo "[setup] installing htc-kernels (editable, --no-build-isolation)"
-  $PIP install --quiet --no-build-isolation --no-deps -e .
+  # The editable install points at this tree (pure Python: HTC_NO_EXT), then the extension is built in
+  # place: one build, and its objects stay in build/python (tests/test_cpu_isa.py disassembles them;
+  # later runs rebuild incrementally). pip's own build would run in a temporary directory.
+  echo "[setup] installing htc-kernels (editable, --no-build-isolation), then building htc_kernels._C in place"
+  HTC_NO_EXT=1 $PIP install --quiet --no-build-isolation --no-deps -e .
+  "$VENV/bin/python" setup.py --quiet build_ext --inplace
   touch "$VENV/.htc-editable"
 else
   so=$(ls htc_kernels/_C*.so 2>/dev/null | head -n 1 || true)
   if [ -n "$so" ] && [ -z "$(find csrc setup.py -newer "$so" -print -quit)" ] && [ "${HTC_REBUILD:-0}" != 1 ]; then
-    # pip's editable build ran in a temporary directory: build_ext here would start from nothing
-    # (~15 min with CUDA and the CPU variants) although no source changed since the .so was made.
+    # Nothing to do (a .so built by an older setup.sh, whose pip build ran in a temporary directory,
+    # would otherwise be rebuilt from nothing: ~25 min with CUDA and the CPU variants).
     echo "[setup] extension up to date ($so; HTC_REBUILD=1 rebuilds, e.g. after changing HTC_* build variables)"
   else
     # Incremental rebuild of the extension (ninja): seconds when nothing changed since the last one.
