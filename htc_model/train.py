@@ -208,3 +208,8 @@ def answer_accuracy(
 
 if __name__ == "__main__":
     main()
+    # Under torchrun, a rank that reaches interpreter shutdown with its gloo process group alive can
+    # abort (SIGABRT, "terminate called without an active exception": pytorch/pytorch#190489), failing
+    # a run that trained and saved. Only after success: destroying it mid-collective can deadlock.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
