@@ -377,16 +377,7 @@ class HTCForConditionalGeneration(PreTrainedModel):
         self._check_attention("forward")
         x = self._expand(input_ids, attention_mask, pixel_values, labels)
         kwargs.setdefault("use_cache", False)
-        out = self.language_model(
-            inputs_embeds=x.inputs_embeds,
-            attention_mask=x.attention_mask,
-            position_ids=x.position_ids,
-            labels=x.labels,
-            htc_kinds=x.kinds,
-            htc_groups=x.groups,
-            htc_topology=self.config.topology,
-            **kwargs,
-        )
+        out = self.language_model(**self._lm_inputs(x), labels=x.labels, **kwargs)
         return HTCCausalLMOutputWithPast(
             loss=out.loss,
             logits=out.logits,
@@ -528,20 +519,25 @@ class HTCForConditionalGeneration(PreTrainedModel):
     def _pad_id(self) -> int:
         return getattr(self.config.text_config, "pad_token_id", None) or 0
 
-    def _prefill(self, x: _Expanded) -> DynamicCache:
-        """The language model's KV cache of the expanded prompt ``x`` (star mask, every slot kept)."""
-        cache = DynamicCache()
-        self.language_model(
+    def _lm_inputs(self, x: _Expanded, positions: bool = True) -> dict:
+        """The language model's keyword arguments for the expanded prompt ``x``: its embeddings, mask
+        and star layout (``htc_*``, read by the htc_star attention), and its position ids unless
+        ``positions`` is False (generate derives them from the mask)."""
+        kw = dict(
             inputs_embeds=x.inputs_embeds,
             attention_mask=x.attention_mask,
-            position_ids=x.position_ids,
             htc_kinds=x.kinds,
             htc_groups=x.groups,
             htc_topology=self.config.topology,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
         )
+        if positions:
+            kw["position_ids"] = x.position_ids
+        return kw
+
+    def _prefill(self, x: _Expanded) -> DynamicCache:
+        """The language model's KV cache of the expanded prompt ``x`` (star mask, every slot kept)."""
+        cache = DynamicCache()
+        self.language_model(**self._lm_inputs(x), past_key_values=cache, use_cache=True, logits_to_keep=1)
         return cache
 
     @torch.no_grad()
@@ -660,15 +656,7 @@ class HTCForConditionalGeneration(PreTrainedModel):
             # Ids for generate's bookkeeping only (embeddings come from inputs_embeds): text ids, and the
             # pad id at visual/<voco> positions, whose ids may lie beyond the LM's vocabulary.
             prompt = x.input_ids.masked_fill(x.kinds != TokenKind.TEXT, self._pad_id())
-            out = lm.generate(
-                input_ids=prompt,
-                inputs_embeds=x.inputs_embeds,
-                attention_mask=x.attention_mask,
-                htc_kinds=x.kinds,
-                htc_groups=x.groups,
-                htc_topology=self.config.topology,
-                **kwargs,
-            )
+            out = lm.generate(input_ids=prompt, **self._lm_inputs(x, positions=False), **kwargs)
         else:
             if pixel_values is not None:
                 raise ValueError("HTC.generate: pass pixel_values or compressed, not both")
