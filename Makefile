@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export CUDA_HOME ?= /usr/local/cuda
 export OMP_NUM_THREADS ?= $(shell nproc)
 
-.PHONY: setup setup-vllm test test-python test-cpp test-asan bench lint clean
+.PHONY: setup setup-vllm test test-python test-cpp test-asan native-ext bench lint clean
 
 setup:
 	bash scripts/setup.sh
@@ -43,7 +43,14 @@ test-asan: setup
 		PYTHONPATH=$(CURDIR) TRITON_INTERPRET=1 HTC_FUZZ_SECONDS=$${HTC_FUZZ_SECONDS:-10} \
 		$(abspath $(PY)) -m pytest -p no:cacheprovider -q $(addprefix $(CURDIR)/,$(ASAN_TESTS))
 
-bench: setup setup-vllm
+# A -march=native build of the CPU kernels (no CUDA) that make bench times the portable (dispatched)
+# build against (issue 13). Objects are kept in build/native/tmp (a few minutes the first time), the
+# package copy lands in build/native/lib; nothing outside build/ changes.
+NATIVE_LIB := build/native/lib
+native-ext: setup
+	HTC_CPU_ARCH=native HTC_NO_CUDA=1 $(PY) setup.py -q build --build-base build/native/tmp --build-lib $(NATIVE_LIB)
+
+bench: setup setup-vllm native-ext
 	mkdir -p benchmarks/results
 	$(PY) -m pytest benchmarks/ --benchmark-only -q -p no:randomly \
 		--benchmark-json=benchmarks/results/latest.json

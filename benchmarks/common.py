@@ -19,6 +19,7 @@ import contextlib
 import functools
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable
 
@@ -224,6 +225,37 @@ def time_once(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def paired_ratio(
+    htc_ms: Callable[[], float], peer_ms: Callable[[], float], pairs: int = 30, warmup: int = 2
+) -> dict:
+    """The peer's round time over htc's, one round each in alternation (which goes first alternates
+    too), so both see the same machine state: drift between two separately timed rows on these
+    shared VMs is larger than the few-percent targets read from it. Each callable runs one round
+    and returns its time in ms. Returns ``{"ratio": median of the per-pair ratios, "pairs": n}``
+    (the form of ``extra_info["paired"][peer]``, read by report.py's ``"paired": true`` targets)."""
+    for _ in range(warmup):
+        htc_ms(), peer_ms()
+    ratios = []
+    for i in range(pairs):
+        if i % 2:
+            p, h = peer_ms(), htc_ms()
+        else:
+            h, p = htc_ms(), peer_ms()
+        ratios.append(p / h)
+    return {"ratio": statistics.median(ratios), "pairs": pairs}
+
+
+def wall_ms(fn: Callable[[], object]) -> Callable[[], float]:
+    """``fn`` as a round for ``paired_ratio``: runs it once, returns the wall time in ms."""
+
+    def round_ms() -> float:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    return round_ms
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -17,6 +17,7 @@ htc rows (``extra_info["targets"]``), each marked OK or MISS:
     {"kind": "speedup", "peer": NAME, "min": X}      peer_median / htc_median >= X
         with "paired": true: the htc row's own interleaved measurement instead,
         extra_info["paired"][NAME]["ratio"] (median of per-pair peer/htc round times) >= X
+        (NAME need not have a row of its own: e.g. our own kernel in another dtype or build)
     {"kind": "floor", "max": X}                       htc_median / floor_ms <= X
     {"kind": "mem_growth", "vs_group": G, "max": X}   htc peak_extra_mem_bytes here / in G <= X
 
@@ -250,18 +251,19 @@ def check_targets(groups: dict[str, list[dict]]) -> list[list[str]]:
                 continue
             kind = t.get("kind")
             if kind == "speedup":
-                peer = next((r for r in members if r["provider"] == t["peer"]), None)
                 want = f"{t['peer']} / htc >= {t['min']}x"
-                if peer is None:
-                    rows.append([group, want, "peer not run", "?"])
-                    continue
-                got, how = peer[STAT] / htc[STAT], ""
-                if t.get("paired"):
+                if t.get("paired"):  # the peer need not have a row of its own
                     paired = htc["info"].get("paired", {}).get(t["peer"])
                     if paired is None:
                         rows.append([group, want, "paired ratio not measured", "?"])
                         continue
                     got, how = paired["ratio"], f" (interleaved, median of {paired['pairs']} pairs)"
+                else:
+                    peer = next((r for r in members if r["provider"] == t["peer"]), None)
+                    if peer is None:
+                        rows.append([group, want, "peer not run", "?"])
+                        continue
+                    got, how = peer[STAT] / htc[STAT], ""
                 ok = got >= t["min"]
                 verdict = "OK" if ok else f"MISS (by {t['min'] / got:.2f}x)"
                 rows.append([group, want, f"{got:.2f}x{how}", verdict])

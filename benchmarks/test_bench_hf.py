@@ -24,7 +24,6 @@ yardstick / htc) and the target reads that paired ratio.
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 
 import pytest
@@ -37,7 +36,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E4
 
 import htc_kernels as hk  # noqa: E402
 import htc_kernels.hf  # noqa: E402, F401
-from benchmarks.common import stat_ms  # noqa: E402
+from benchmarks.common import paired_ratio, stat_ms  # noqa: E402
 from benchmarks.star_peers import hf_additive_mask  # noqa: E402
 
 T, V, C = int(hk.TokenKind.TEXT), int(hk.TokenKind.VISUAL), int(hk.TokenKind.VOCO)
@@ -128,28 +127,21 @@ PAIRS = 30  # ~2 s; the median of 30 per-pair ratios moved by < 1% between runs 
 
 
 def _paired_ratio(htc, first, cache, model, ids, kinds) -> dict:
-    """The yardstick's round time over htc's, one round each in alternation (which goes first
-    alternates too), so both see the same machine state; median over ``PAIRS`` pairs."""
+    """The yardstick's round time over htc's, timed in alternation (common.paired_ratio)."""
     peer = _Provider(TEXT_ONLY, PROVIDERS[TEXT_ONLY], model, ids, kinds, "sdpa")
     peer_last, peer_cache = peer.prefill()
     peer_first = peer_last.argmax(-1, keepdim=True)
 
-    def round_ms(prov, tok, c):
-        c = copy.deepcopy(c)
-        t0 = time.perf_counter()
-        prov.decode(tok, c, TOKENS)
-        return (time.perf_counter() - t0) * 1e3
+    def round_of(prov, tok, c):
+        def round_ms():
+            c_copy = copy.deepcopy(c)  # not timed
+            t0 = time.perf_counter()
+            prov.decode(tok, c_copy, TOKENS)
+            return (time.perf_counter() - t0) * 1e3
 
-    for _ in range(2):  # warm-up
-        round_ms(htc, first, cache), round_ms(peer, peer_first, peer_cache)
-    ratios = []
-    for i in range(PAIRS):
-        if i % 2:
-            p, h = round_ms(peer, peer_first, peer_cache), round_ms(htc, first, cache)
-        else:
-            h, p = round_ms(htc, first, cache), round_ms(peer, peer_first, peer_cache)
-        ratios.append(p / h)
-    return {"ratio": statistics.median(ratios), "pairs": PAIRS}
+        return round_ms
+
+    return paired_ratio(round_of(htc, first, cache), round_of(peer, peer_first, peer_cache), PAIRS)
 
 
 def _cache_bytes(cache) -> int:

@@ -26,8 +26,13 @@ The sweeps (fp32 forward vs S and vs the number of images, see SWEEPS) feed the 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -305,8 +310,11 @@ PROVIDERS = {  # flex last in each group: its compilation must not disturb anoth
 }
 
 # --------------------------------------------------------------------------------------------------
-# Targets (issue 3), attached to the htc rows; report.py checks them
+# Targets (issues 3 and 13), attached to the htc rows; report.py checks them
 # --------------------------------------------------------------------------------------------------
+
+# Issue 13: bf16 at most 0.6x our own fp32 time, i.e. fp32 / bf16 >= 1 / 0.6 (timed in alternation).
+FP32_OF_BF16 = "htc fp32 (same case)"
 
 
 def targets_for(case: str, dtype_name: str, mode: str) -> list[dict]:
@@ -321,6 +329,10 @@ def targets_for(case: str, dtype_name: str, mode: str) -> list[dict]:
         t.append({"kind": "speedup", "peer": "sdpa dense mask", "min": 5.0})
     if dtype_name == "bf16":
         t.append({"kind": "speedup", "peer": "sdpa dense mask", "min": 1.0})
+    if dtype_name == "bf16" and case == "llava":
+        t.append({"kind": "floor", "max": 2.0 if mode == "fwd" else 2.5})
+        if mode == "fwd":
+            t.append({"kind": "speedup", "peer": FP32_OF_BF16, "min": round(1 / 0.6, 3), "paired": True})
     return t
 
 
@@ -417,6 +429,12 @@ def run_case(
     if provider == "htc":
         info["backend"] = HTC_BACKEND
         info["targets"] = targets if targets is not None else targets_for(case, dtype_name, mode)
+        if any(t.get("peer") == FP32_OF_BF16 for t in info["targets"]):
+            q32, k32, v32, dout32 = inputs(case, torch.float32, requires_grad=(mode == "fwdbwd"))
+            call32 = _timed_call(fn, q32, k32, v32, dout32, mode)
+            with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+                paired = common.paired_ratio(common.wall_ms(call), common.wall_ms(call32))
+            info["paired"] = {FP32_OF_BF16: paired}
     with torch.no_grad() if mode == "fwd" else torch.enable_grad():
         benchmark.pedantic(
             call,
@@ -567,3 +585,99 @@ def test_star_attention_memory(benchmark, provider, case, mode, floor_ms, peak_m
             dtype_name="fp32",
             mode=mode,
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 13: the portable (dispatched) build against a -march=native build of the same sources
+# --------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+NATIVE_LIB = ROOT / "build" / "native" / "lib"  # `make native-ext` (a prerequisite of `make bench`)
+NATIVE = "-march=native build"
+
+
+def _timer_child(case: str, dtype_name: str, mode: str, threads: int) -> None:
+    """A child process's loop: check htc on the case against the float64 reference, print
+    ``{"cpu_isa", "file"}`` as JSON, then for every line read from stdin run one round and print its
+    time in ms. Which htc_kernels it imports is the parent's PYTHONPATH."""
+    torch.set_num_threads(threads)
+    fn = make_htc(case)
+    q, k, v, dout = inputs(case, DTYPES[dtype_name], requires_grad=(mode == "fwdbwd"))
+    _check("htc", case, dtype_name, mode, fn, q, k, v, dout)
+    round_ms = common.wall_ms(_timed_call(fn, q, k, v, dout, mode))
+    print(json.dumps({"cpu_isa": hk.info()["cpu_isa"], "file": hk.__file__}), flush=True)
+    with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+        for _ in sys.stdin:
+            print(round_ms(), flush=True)
+
+
+class _TimedBuild:
+    """One build of htc_kernels in a child process (``_timer_child``), timed a round at a time: two of
+    them alternate round by round, so both builds see the same machine state."""
+
+    def __init__(self, pythonpath: str, case: str, dtype_name: str, mode: str, threads: int):
+        self.log = tempfile.TemporaryFile("w+")  # stderr: a pipe nobody reads could fill and block
+        args = f"{case!r}, {dtype_name!r}, {mode!r}, {threads}"
+        code = f"from benchmarks.test_bench_star_attention import _timer_child; _timer_child({args})"
+        env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": str(threads)}
+        self.proc = subprocess.Popen(
+            # not cwd=ROOT: `python -c` puts the working directory first on sys.path, before PYTHONPATH
+            [sys.executable, "-c", code], cwd=tempfile.gettempdir(), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self.log, text=True,
+        )  # fmt: skip
+        self.info = json.loads(self._line())
+
+    def _line(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(timeout=30)
+            self.log.seek(0)
+            raise RuntimeError(f"timer child exited ({self.proc.returncode}):\n{self.log.read()[-3000:]}")
+        return line
+
+    def round_ms(self) -> float:
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        return float(self._line())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", ["htc", NATIVE])
+def test_star_attention_portable_vs_native(benchmark, provider, mode, threads):
+    """The rows: each build's round time as seen by this process (one pipe round trip included, tens
+    of microseconds). The target (htc row): the two builds' own round times in alternation."""
+    benchmark.group = f"{FAMILY}: portable vs -march=native llava fp32 {mode}"
+    benchmark.extra_info["provider"] = provider
+    if not _ext.available():
+        pytest.skip(f"htc_kernels compiled extension not loaded: {_ext.LOAD_ERROR}")
+    if hk.info()["cpu_isa"] == "native":
+        pytest.skip("this process's build is itself a -march=native build (HTC_CPU_ARCH set)")
+    if not list(NATIVE_LIB.glob("htc_kernels/_C*.so")):
+        pytest.skip(f"no -march=native build in {NATIVE_LIB.relative_to(ROOT)} (`make native-ext`)")
+    builds = []
+    try:
+        for path in (str(ROOT), os.pathsep.join([str(NATIVE_LIB), str(ROOT)])):
+            builds.append(_TimedBuild(path, "llava", "fp32", mode, threads))
+        portable, native = builds
+        assert native.info["cpu_isa"] == "native" and native.info["file"].startswith(str(NATIVE_LIB)), (
+            native.info
+        )
+        assert portable.info["cpu_isa"] != "native" and portable.info["file"].startswith(
+            str(ROOT / "htc_kernels")
+        ), portable.info
+        timed = native if provider == NATIVE else portable
+        info = benchmark.extra_info
+        info.update(threads=threads, shape=shape_str("llava"), backend="cpu", cpu_isa=timed.info["cpu_isa"])
+        if provider == "htc":
+            # Issue 13: the portable build within 5% of the -march=native one (fp32).
+            info["paired"] = {NATIVE: common.paired_ratio(portable.round_ms, native.round_ms)}
+            info["targets"] = [{"kind": "speedup", "peer": NATIVE, "min": round(1 / 1.05, 3), "paired": True}]
+        benchmark.pedantic(timed.round_ms, rounds=common.rounds_for(timed.round_ms() / 1e3), iterations=1)
+    finally:
+        for build in builds:
+            build.close()

@@ -82,6 +82,14 @@ def synthetic(load=2.5) -> dict:
             targets=[{"kind": "speedup", "peer": "text-only", "min": 0.952, "paired": True}],
         ),
         _row("hf decode: tiny", "text-only", 1.0),
+        # a paired target whose peer has no row of its own (our fp32 kernel, timed in alternation)
+        _row(
+            "star_attention: llava bf16 fwd",
+            "htc",
+            3.0,
+            paired={"htc fp32": {"ratio": 0.95, "pairs": 30}},
+            targets=[{"kind": "speedup", "peer": "htc fp32", "min": 1.667, "paired": True}],
+        ),
         _row(
             "vllm: 8 requests",
             "htc",
@@ -198,6 +206,9 @@ def test_report_markdown(tmp_path, capsys):
     ]  # fmt: skip
     assert _table_row(md, "hf decode: tiny", "## Targets")[2:] == [
         "0.97x (interleaved, median of 30 pairs)", "OK"
+    ]  # fmt: skip
+    assert _table_row(md, "star_attention: llava bf16 fwd", "## Targets")[2:] == [
+        "0.95x (interleaved, median of 30 pairs)", "MISS (by 1.75x)"
     ]  # fmt: skip
 
     # One table per family, providers as columns, ratio peer/htc, floor and x floor.
