@@ -11,6 +11,9 @@
 * bf16 tiles (HTC_CPU_BF16_TILES): the forward's GEMMs on bf16 pairs pass the star_attention matrix with
   the dot products emulated (any AVX-512 CPU), they do change the arithmetic (so the path ran), the
   AVX512-BF16 instruction gives the emulation's bits where the CPU has it, and bad values are errors.
+* AMX tiles (HTC_CPU_BF16_TILES=amx_emulate / amx): the AMX tile kernel on its emulated tile unit passes the
+  star_attention matrix and changes the bits (it ran); amx is refused where the amx variant does not run;
+  on AMX hardware the instructions agree with the emulation to rounding (skipped elsewhere).
 """
 
 import glob
@@ -21,6 +24,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import htc_kernels as hk
 from htc_kernels import _ext
@@ -186,6 +190,102 @@ def test_bf16_tiles_bad_values_are_errors():
         assert "needs the avx512_bf16 or amx variant" in r.stdout, r.stdout
     if "avx2" in ISA["runnable"]:
         r = child_error("avx2", setup, call, HTC_CPU_BF16_TILES="emulate")
+        assert "needs an AVX-512 variant, the variant in use is avx2" in r.stdout, r.stdout
+
+
+# --- AMX tiles (HTC_CPU_BF16_TILES=amx | amx_emulate; csrc/common/gemm_amx.h) -------------------------
+# The AMX tile kernel runs here on its emulated tile unit (amx_emulate). Its tails (M, N, Kp not multiples
+# of 16) are covered at the GEMM level by the C++ test csrc/tests/test_gemm_amx.cpp (ctest); in the matrix,
+# M tails (key and row spans) and Kp tails (head dims 16, 24, 80; odd key counts in P·V) occur, N tails
+# do not (N is a multiple of 16 in both GEMMs).
+# BF16_FORWARD's case through the raw op, saving out and lse (fp32: its bits show the fp32 scores'
+# summation order, which out, rounded to bf16, mostly hides) to the file $HTC_TEST_OUT.
+AMX_FORWARD = """
+import os, torch, htc_kernels as hk
+from htc_kernels import _ext
+from tests.layouts import llava_kinds
+torch.manual_seed(0)
+layout = hk.StarLayout(llava_kinds(prefix=37, visual=150, voco=2, suffix=51))
+s = layout.seq_len
+q, k, v = (torch.randn(1, h, s, 64).bfloat16() for h in (4, 2, 2))
+args = (layout.kinds, layout.groups, layout.plan(s, 64, 64), 64, 64, layout.topology_id, 64**-0.5, 0.0)
+out, lse = torch.ops.htc.star_attention(q, k, v, *args)
+ref = hk.star_attention_reference(q.double(), k.double(), v.double(), layout)
+err = ((out.double() - ref).norm() / ref.norm()).item()
+mode = _ext.cpu_isa()["bf16_tiles"]
+torch.save({"mode": mode, "err": err, "out": out, "lse": lse}, os.environ["HTC_TEST_OUT"])
+"""
+
+
+def amx_forward(isa: str, tiles: str, tmp_path) -> dict:
+    path = str(tmp_path / f"{isa}-{tiles or 'fp32'}.pt")
+    r = child(isa, AMX_FORWARD, HTC_CPU_BF16_TILES=tiles, HTC_TEST_OUT=path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(path)
+
+
+def same_bits(a: dict, b: dict) -> bool:
+    return torch.equal(a["out"].view(torch.int16), b["out"].view(torch.int16)) and torch.equal(
+        a["lse"].view(torch.int32), b["lse"].view(torch.int32)
+    )
+
+
+@needs_ext
+@needs_avx512
+def test_amx_tiles_emulated_pass_the_star_matrix():
+    run_matrix(["tests/test_star_attention.py"], "not triton and not cuda", HTC_CPU_BF16_TILES="amx_emulate")
+
+
+@needs_ext
+@needs_avx512
+def test_amx_tiles_emulated_change_the_arithmetic_within_tolerance(tmp_path):
+    """The emulated AMX tiles give other bits than the fp32-widened tiles (P rounded to bf16: the bf16 path
+    ran) and than the emulated vdpbf16ps tiles (TDPBF16PS adds the low pair member first, vdpbf16ps the
+    high one: the AMX kernel ran, not gemm_bf16), with an error of the fp32 tiles' size."""
+    isa = AVX512[-1]
+    base, dp, amx = (amx_forward(isa, t, tmp_path) for t in ("", "emulate", "amx_emulate"))
+    assert (base["mode"], dp["mode"], amx["mode"]) == ("fp32", "emulated", "amx_emulated")
+    assert not same_bits(amx, base) and not same_bits(amx, dp)
+    assert not torch.equal(amx["lse"], dp["lse"])  # the scores' summation order
+    assert amx["err"] < 2 * base["err"] + 1e-3, (amx["err"], base["err"])
+    # The same products, summed in another order: the two bf16-tile modes agree to rounding.
+    torch.testing.assert_close(amx["lse"], dp["lse"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(amx["out"].float(), dp["out"].float(), rtol=2**-7, atol=1e-3)
+
+
+@needs_ext
+@pytest.mark.skipif("amx" not in ISA.get("runnable", []), reason="this CPU has no AMX (or no OS grant)")
+def test_amx_tiles_hardware_agree_with_the_emulation(tmp_path):
+    """On a CPU with AMX-BF16: TDPBF16PS gives what the emulated tile unit gives, to rounding. Not
+    necessarily bit for bit: the hardware may accumulate a tile's products in another order internally,
+    and it flushes subnormals (the emulation does not)."""
+    emulated, hardware = amx_forward("amx", "amx_emulate", tmp_path), amx_forward("amx", "amx", tmp_path)
+    assert (hardware["mode"], emulated["mode"]) == ("amx", "amx_emulated")
+    torch.testing.assert_close(hardware["lse"], emulated["lse"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hardware["out"].float(), emulated["out"].float(), rtol=2**-7, atol=1e-3)
+    errs = hardware["err"], emulated["err"]
+    assert abs(errs[0] - errs[1]) <= 0.05 * errs[1], errs
+    # And the whole matrix on the instructions.
+    env = {"HTC_CPU_ISA": "amx", "HTC_CPU_BF16_TILES": "amx"}
+    run_matrix(["tests/test_star_attention.py"], "not triton and not cuda", **env)
+
+
+@needs_ext
+def test_amx_tiles_refused_where_amx_does_not_run():
+    """HTC_CPU_BF16_TILES=amx needs the amx variant: any other variant refuses it on every CPU op call
+    (a ValueError naming the variant in use), never a quiet fallback; amx_emulate needs AVX-512."""
+    setup = "import torch, htc_kernels as hk\nz = torch.randn(3, 2, 4); cb = torch.randn(2, 8, 4)\n"
+    call = "hk.mgvq_lookup(z, cb, backend='cpu')"
+    others = [v for v in ISA["runnable"] if v != "amx"]
+    if not others:
+        pytest.skip("only the amx variant runs here")
+    for isa in others:
+        r = child_error(isa, setup, call, HTC_CPU_BF16_TILES="amx")
+        assert "ValueError" in r.stdout, r.stdout
+        want = "HTC_CPU_BF16_TILES=amx needs the amx variant (AMX-TILE and AMX-BF16, granted by the OS)"
+        assert f"{want}, the variant in use is {isa}" in r.stdout, r.stdout
+    if "avx2" in ISA["runnable"]:
+        r = child_error("avx2", setup, call, HTC_CPU_BF16_TILES="amx_emulate")
         assert "needs an AVX-512 variant, the variant in use is avx2" in r.stdout, r.stdout
 
 

@@ -170,8 +170,10 @@ std::string joined(const std::vector<std::string>& names) {
 
 // HTC_CPU_BF16_TILES for the chosen variant: "" / "0" / "fp32" (default: bf16 tiles widened to fp32, every
 // variant), "1" / "dpbf16" (AVX512-BF16 dot products: the avx512_bf16 and amx variants), "emulate" (those
-// products emulated with AVX-512F: any AVX-512 variant; for tests). Anything else, or a mode the variant
-// cannot run, is an error on every CPU op call: never a quiet substitute.
+// products emulated with AVX-512F: any AVX-512 variant; for tests), "amx" (AMX-BF16 tiles: the amx
+// variant), "amx_emulate" (the AMX tile code on an emulated tile unit: any AVX-512 variant; for tests).
+// Anything else, or a mode the variant cannot run, is an error on every CPU op call: never a quiet
+// substitute.
 void choose_bf16_tiles(Choice& c) {
   CpuIsaStatus& st = c.status;
   const char* env = std::getenv("HTC_CPU_BF16_TILES");
@@ -187,6 +189,12 @@ void choose_bf16_tiles(Choice& c) {
 #else
   const bool native_avx512 = false;
 #endif
+#if defined(HTC_ISA_COMPILED_native) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+  const bool native_amx = true;
+#else
+  const bool native_amx = false;
+#endif
+  const bool amx = v == "amx" || (v == "native" && native_amx);
   const bool dpbf16 = v == "avx512_bf16" || v == "amx" || (v == "native" && native_bf16);
   const bool avx512 = dpbf16 || v == "avx512" || (v == "native" && native_avx512);
   if (want.empty() || want == "0" || want == "fp32") {
@@ -208,8 +216,22 @@ void choose_bf16_tiles(Choice& c) {
       return;
     }
     why = "needs an AVX-512 variant, the variant in use is " + v;
+  } else if (want == "amx") {
+    if (amx) {
+      st.bf16_tiles = "amx";
+      c.bf16_tiles = Bf16Tiles::kAmx;
+      return;
+    }
+    why = "needs the amx variant (AMX-TILE and AMX-BF16, granted by the OS), the variant in use is " + v;
+  } else if (want == "amx_emulate") {
+    if (avx512) {
+      st.bf16_tiles = "amx_emulated";
+      c.bf16_tiles = Bf16Tiles::kAmxEmulated;
+      return;
+    }
+    why = "needs an AVX-512 variant, the variant in use is " + v;
   } else {
-    why = "is not a mode; use fp32 (default), dpbf16 (or 1), emulate";
+    why = "is not a mode; use fp32 (default), dpbf16 (or 1), emulate, amx, amx_emulate";
   }
   st.error = "HTC_CPU_BF16_TILES=" + want + " " + why + " (CPU has: " + st.cpu_features + ")";
   st.active.clear();

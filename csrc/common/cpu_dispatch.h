@@ -23,7 +23,7 @@ struct CpuIsaStatus {
   std::vector<std::string> compiled;  // the variants in this build, lowest first
   std::vector<std::string> runnable;  // those this CPU (and OS) can run
   std::string cpu_features;           // what CPUID/XGETBV said, the features the variants need
-  std::string bf16_tiles;             // "fp32" | "dpbf16" | "emulated" (HTC_CPU_BF16_TILES)
+  std::string bf16_tiles;             // "fp32" | "dpbf16" | "emulated" | "amx" | "amx_emulated" (HTC_CPU_BF16_TILES)
 };
 const CpuIsaStatus& cpu_isa_status();  // decided on first call (the extension calls it at load)
 

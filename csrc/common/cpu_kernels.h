@@ -28,8 +28,9 @@ using MgvqLookupBackward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& 
 
 // How the chosen variant multiplies bf16 tiles (HTC_CPU_BF16_TILES, read once at load with HTC_CPU_ISA;
 // cpu_dispatch.cpp): widened to fp32 (the default), AVX512-BF16 dot products, or the same products
-// emulated with AVX-512F (testing). Defined by the dispatcher, read by the kernels.
-enum class Bf16Tiles : int { kFp32 = 0, kDpbf16 = 1, kEmulated = 2 };
+// emulated with AVX-512F (testing), AMX-BF16 tiles (common/gemm_amx.h), or those tiles emulated in memory
+// (testing). Defined by the dispatcher, read by the kernels.
+enum class Bf16Tiles : int { kFp32 = 0, kDpbf16 = 1, kEmulated = 2, kAmx = 3, kAmxEmulated = 4 };
 Bf16Tiles cpu_bf16_tiles();
 
 struct CpuKernels {

@@ -35,7 +35,7 @@
 #include <vector>
 
 #include "common/cpu_kernels.h"
-#include "common/gemm.h"
+#include "common/gemm_tiles.h"
 #include "star_attention/star_checks.h"
 #include "star_attention/star_mask.h"
 #include "star_attention/star_tile_math.h"
@@ -439,12 +439,12 @@ inline void load_tile_pairs(const c10::BFloat16* base, int64_t stride, const Geo
 }
 
 // sT[j][i] = scale * (k_j . q_i) for keys [0, nj) and the vector lanes holding rows [ilo, ihi).
-template <bool kEmulate>
+template <Bf16Tiles kTiles>
 inline void scores_bf16(const Geometry& g, float* sT, const c10::BFloat16* key, int64_t ldk, const uint32_t* qP,
                         int64_t nj, const Span& sp, cpu::PrefetchStream* pf) {
   const int64_t i0 = sp.ilo / kVL * kVL, i1 = round_up(sp.ihi, kVL);
-  cpu::gemm_bf16<kEmulate>(sT + i0, g.BQp, reinterpret_cast<const uint16_t*>(key), ldk, 2, qP + i0, g.BQp, nj,
-                           i1 - i0, g.D / 2, false, pf);
+  cpu::gemm_tiles<kTiles>(sT + i0, g.BQp, reinterpret_cast<const uint16_t*>(key), ldk, 2, qP + i0, g.BQp, nj,
+                          i1 - i0, g.D / 2, false, pf);
   const Vec scale(g.scale);
   for (int64_t j = 0; j < nj; ++j)
     for (int64_t i = i0; i < i1; i += kVL) (Vec::loadu(sT + j * g.BQp + i) * scale).store(sT + j * g.BQp + i);
@@ -455,7 +455,7 @@ inline void scores_bf16(const Geometry& g, float* sT, const c10::BFloat16* key, 
 // with a non-finite V row, else null): as gemm_except_bad, those rows enter the GEMM as zeros and are
 // added afterwards to the rows that may attend them only, so every other row gets the bits it gets
 // when the row is finite (masked means never read).
-template <bool kEmulate>
+template <Bf16Tiles kTiles>
 inline void pv_bf16(const Geometry& g, float* acc, const float* sT, const Span& sp, const c10::BFloat16* vh,
                     int64_t ldv, int64_t j0, int64_t nj, uint32_t* pP, uint32_t* vP, const FiniteRows* fin,
                     const uint8_t* mask, float* row, cpu::PrefetchStream* pf) {
@@ -470,8 +470,8 @@ inline void pv_bf16(const Geometry& g, float* acc, const float* sT, const Span& 
                     i1 - i0);
     cpu::pack_pairs(vP + jp * g.Dp, v_row(2 * jp), v_row(2 * jp + 1), g.D, g.Dp);
   }
-  cpu::gemm_bf16<kEmulate>(acc + sp.ilo * g.Dp, g.Dp, reinterpret_cast<const uint16_t*>(pP + sp.ilo), 2,
-                           2 * g.BQp, vP, g.Dp, sp.ihi - sp.ilo, g.Dp, np, true, pf);
+  cpu::gemm_tiles<kTiles>(acc + sp.ilo * g.Dp, g.Dp, reinterpret_cast<const uint16_t*>(pP + sp.ilo), 2,
+                          2 * g.BQp, vP, g.Dp, sp.ihi - sp.ilo, g.Dp, np, true, pf);
   if (!fin) return;
   for (int64_t j = 0; j < nj; ++j) {
     if (fin->finite(j0 + j)) continue;
@@ -484,14 +484,13 @@ inline void pv_bf16(const Geometry& g, float* acc, const float* sT, const Span& 
 constexpr bool kBf16TilesBuilt = false;
 #endif
 
-// kTiles: Bf16Tiles::kFp32 for every dtype; kDpbf16 / kEmulated (bf16 inputs, even D, an AVX-512 variant)
-// run the two GEMMs on bf16 pairs (scores_bf16, pv_bf16).
+// kTiles: Bf16Tiles::kFp32 for every dtype; kDpbf16 / kEmulated / kAmx / kAmxEmulated (bf16 inputs, even D,
+// an AVX-512 variant) run the two GEMMs on bf16 pairs (scores_bf16, pv_bf16; cpu::gemm_tiles).
 template <typename T, bool kCap, Bf16Tiles kTiles = Bf16Tiles::kFp32>
 void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const int8_t* kinds, const int32_t* groups, const uint8_t* plan, at::Tensor& out,
                   at::Tensor& lse) {
   constexpr bool kBf16 = kTiles != Bf16Tiles::kFp32;
-  [[maybe_unused]] constexpr bool kEmulate = kTiles == Bf16Tiles::kEmulated;
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
@@ -607,8 +606,8 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
 #if defined(__AVX512F__)
         if constexpr (kBf16) {
           if (bf16_scores)
-            scores_bf16<kEmulate>(g, sT.data(), kh + (k0 + sp.jlo) * k.stride(2), k.stride(2), qP.data(), nj, sp,
-                                  &next_k);
+            scores_bf16<kTiles>(g, sT.data(), kh + (k0 + sp.jlo) * k.stride(2), k.stride(2), qP.data(), nj, sp,
+                                &next_k);
         }
 #endif
         if (!bf16_scores) scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp, &next_k);
@@ -640,8 +639,8 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
         if (bf16_pv) {
 #if defined(__AVX512F__)
           if constexpr (kBf16)
-            pv_bf16<kEmulate>(g, acc.data(), sT.data(), sp, vh, v.stride(2), k0 + sp.jlo, nj, pP.data(), vP.data(),
-                              v_ok ? nullptr : &v_finite, tmask, bad_row.data(), &next_v);
+            pv_bf16<kTiles>(g, acc.data(), sT.data(), sp, vh, v.stride(2), k0 + sp.jlo, nj, pP.data(), vP.data(),
+                            v_ok ? nullptr : &v_finite, tmask, bad_row.data(), &next_v);
 #endif
         } else if (v_ok)
           gemm(acc.data() + sp.ilo * Dp, Dp, sT.data() + sp.ilo, 1, BQp, vt_rows, ldv, mi, Dp, nj, true, &next_v);
@@ -917,9 +916,15 @@ void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && kBf16TilesBuilt) {
       if (g.D % 2 == 0 && g.bf16_tiles == Bf16Tiles::kEmulated)
         return forward_impl<scalar_t, kCap, Bf16Tiles::kEmulated>(g, q, k, v, kin, grp, pl, out, lse);
+      if (g.D % 2 == 0 && g.bf16_tiles == Bf16Tiles::kAmxEmulated)
+        return forward_impl<scalar_t, kCap, Bf16Tiles::kAmxEmulated>(g, q, k, v, kin, grp, pl, out, lse);
 #if defined(__AVX512BF16__)
       if (g.D % 2 == 0 && g.bf16_tiles == Bf16Tiles::kDpbf16)
         return forward_impl<scalar_t, kCap, Bf16Tiles::kDpbf16>(g, q, k, v, kin, grp, pl, out, lse);
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+      if (g.D % 2 == 0 && g.bf16_tiles == Bf16Tiles::kAmx)
+        return forward_impl<scalar_t, kCap, Bf16Tiles::kAmx>(g, q, k, v, kin, grp, pl, out, lse);
 #endif
     }
     forward_impl<scalar_t, kCap>(g, q, k, v, kin, grp, pl, out, lse);
