@@ -620,10 +620,10 @@ class _TimedBuild:
         args = f"{case!r}, {dtype_name!r}, {mode!r}, {threads}"
         code = f"from benchmarks.test_bench_star_attention import _timer_child; _timer_child({args})"
         env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": str(threads)}
+        # Not cwd=ROOT: `python -c` puts the working directory first on sys.path, before PYTHONPATH.
         self.proc = subprocess.Popen(
-            # not cwd=ROOT: `python -c` puts the working directory first on sys.path, before PYTHONPATH
-            [sys.executable, "-c", code], cwd=tempfile.gettempdir(), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self.log, text=True,
+            [sys.executable, "-c", code], cwd=tempfile.gettempdir(), env=env, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self.log, text=True,
         )  # fmt: skip
         self.info = json.loads(self._line())
 

@@ -48,8 +48,8 @@ def info() -> dict:
         # The CPU kernel variant in use (chosen at load from CPUID, or forced by HTC_CPU_ISA).
         "cpu_isa": isa.get("active") or (f"none: {isa['error']}" if isa.get("error") else None),
         "cpu_isa_runnable": " ".join(isa.get("runnable", [])),
-        # How bf16 forward tiles are multiplied (HTC_CPU_BF16_TILES): fp32 (default), dpbf16, emulated,
-        # amx, amx_emulated.
+        # How the bf16 star_attention tiles (forward and backward) are multiplied (HTC_CPU_BF16_TILES):
+        # fp32 (default), dpbf16, emulated, amx, amx_emulated.
         "cpu_bf16_tiles": isa.get("bf16_tiles") or None,
         "cpu_march": build.get("cpu_march", ""),
         "openmp": build.get("openmp", False),

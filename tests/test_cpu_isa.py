@@ -8,15 +8,19 @@
 * A forced variant that is unknown, not compiled in, or that this CPU cannot run is an error on use.
 * No code compiled for a higher ISA can run before the dispatcher chose it: what the baseline objects
   define (and so may call) has no AVX2/AVX-512 register in the built library.
-* bf16 tiles (HTC_CPU_BF16_TILES): the forward's GEMMs on bf16 pairs pass the star_attention matrix with
-  the dot products emulated (any AVX-512 CPU), they do change the arithmetic (so the path ran), the
-  AVX512-BF16 instruction gives the emulation's bits where the CPU has it, and bad values are errors.
+* bf16 tiles (HTC_CPU_BF16_TILES): the bf16 forward's and backward's GEMMs on bf16 pairs (every head
+  dim) pass the star_attention matrix with the dot products emulated (any AVX-512 CPU), they do change
+  the arithmetic of the output and of each gradient (so the path ran), the AVX512-BF16 instruction gives
+  the emulation's bits where the CPU has it, and bad values are errors.
 * AMX tiles (HTC_CPU_BF16_TILES=amx_emulate / amx): the AMX tile kernel on its emulated tile unit passes the
-  star_attention matrix and changes the bits (it ran); amx is refused where the amx variant does not run;
-  on AMX hardware the instructions agree with the emulation to rounding (skipped elsewhere).
+  star_attention matrix (forward and backward) and changes the bits (it ran); amx is refused where the amx
+  variant does not run; on AMX hardware the instructions agree with the emulation to rounding (skipped
+  elsewhere).
 """
 
+import functools
 import glob
+import json
 import os
 import re
 import shutil
@@ -126,57 +130,76 @@ def test_every_runnable_variant_passes_the_kernel_matrix(isa):
 # --- bf16 tiles -----------------------------------------------------------------------------------
 AVX512 = [v for v in ("avx512", "avx512_bf16", "amx") if v in ISA.get("runnable", [])]
 needs_avx512 = pytest.mark.skipif(not AVX512, reason="no AVX-512 variant runs here (bf16 tiles need one)")
-# One bf16 forward at a LLaVA-like layout (text, images, <voco>, padding; D=64): FULL, CAUSAL, MASKED and
-# DIAG tiles, thin <voco> rows; prints its error against float64 and the output's bytes, hashed.
-BF16_FORWARD = """
-import hashlib, torch, htc_kernels as hk
+# One bf16 forward and backward at a LLaVA-like layout (text, images, <voco>, padding; GQA; head dim D from
+# argv): FULL, CAUSAL, MASKED and DIAG tiles, thin <voco> rows. Prints, as JSON, the mode, each output's
+# error (out against float64, gradients against what the backward computes exactly from the stored output:
+# tests/accuracy.py) and its bytes, hashed.
+BF16_RUN = """
+import hashlib, json, sys, torch, htc_kernels as hk
 from htc_kernels import _ext
+from tests.accuracy import rel, stored_output_grads
 from tests.layouts import llava_kinds
 torch.manual_seed(0)
+d = int(sys.argv[1])
 layout = hk.StarLayout(llava_kinds(prefix=37, visual=150, voco=2, suffix=51))
 s = layout.seq_len
-q, k, v = (torch.randn(1, h, s, 64).bfloat16() for h in (4, 2, 2))
+q, k, v = (torch.randn(1, h, s, d).bfloat16().requires_grad_() for h in (4, 2, 2))
+g = torch.randn(1, 4, s, d).bfloat16()
 out = hk.star_attention(q, k, v, layout, backend="cpu")
-ref = hk.star_attention_reference(q.double(), k.double(), v.double(), layout)
-err = ((out.double() - ref).norm() / ref.norm()).item()
-print(_ext.cpu_isa()["bf16_tiles"], err, hashlib.sha1(out.view(torch.int16).numpy().tobytes()).hexdigest())
+out.backward(g)
+ref = hk.star_attention_reference(q.detach().double(), k.detach().double(), v.detach().double(), layout)
+want = stored_output_grads(q, k, v, layout, None, None, out, g.double())
+errs = {"out": rel(out, ref)} | {n: rel(x.grad, w) for n, x, w in zip(("dq", "dk", "dv"), (q, k, v), want)}
+bits = {n: hashlib.sha1(x.detach().view(torch.int16).numpy().tobytes()).hexdigest()
+        for n, x in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad))}
+print(json.dumps({"mode": _ext.cpu_isa()["bf16_tiles"], "err": errs, "bits": bits}))
 """
+OUTPUTS = ("out", "dq", "dk", "dv")
 
 
-def bf16_forward(isa: str, tiles: str) -> tuple[str, float, str]:
-    r = child(isa, BF16_FORWARD, HTC_CPU_BF16_TILES=tiles)
+@functools.cache
+def bf16_run(isa: str, tiles: str, d: int) -> dict:
+    r = child(isa, BF16_RUN.replace("sys.argv[1]", str(d)), HTC_CPU_BF16_TILES=tiles)
     assert r.returncode == 0, r.stderr[-3000:]
-    mode, err, digest = r.stdout.split()
-    return mode, float(err), digest
+    return json.loads(r.stdout)
 
 
 @needs_ext
 @needs_avx512
 def test_bf16_tiles_emulated_pass_the_star_matrix():
+    """The whole star_attention matrix (CPU cases) with the bf16 calls on emulated bf16 tiles: forward and
+    gradients against float64 (DESIGN.md §6's bf16 bound) at every head dim it has (odd ones included),
+    GQA, decode, soft-capping, the backward's split over query tiles, masked means never read."""
     run_matrix(["tests/test_star_attention.py"], "not triton and not cuda", HTC_CPU_BF16_TILES="emulate")
 
 
 @needs_ext
 @needs_avx512
-def test_bf16_tiles_change_the_arithmetic_within_tolerance():
-    """The emulated bf16 tiles give other bits than the fp32-widened tiles (P is rounded to bf16 before
-    P·V: the path ran), with an error of the same size (the matrix checks the bound)."""
+@pytest.mark.parametrize("d", [64, 37])
+@pytest.mark.parametrize("outputs", [("out",), ("dq", "dk", "dv")], ids=["forward", "backward"])
+def test_bf16_tiles_change_the_arithmetic_within_tolerance(outputs, d):
+    """The emulated bf16 tiles give other bits than the fp32-widened tiles, in the forward's output and in
+    each gradient, even and odd head dims (P and dS are rounded to bf16 before their GEMMs: the path ran,
+    it was not replaced by the fp32 tiles), with an error of the same size (the matrix checks the bound)."""
     isa = AVX512[-1]
-    base_mode, base_err, base = bf16_forward(isa, "")
-    mode, err, digest = bf16_forward(isa, "emulate")
-    assert (base_mode, mode) == ("fp32", "emulated")
-    assert digest != base
-    assert err < 2 * base_err + 1e-3, (err, base_err)
+    base, emulated = bf16_run(isa, "", d), bf16_run(isa, "emulate", d)
+    assert (base["mode"], emulated["mode"]) == ("fp32", "emulated")
+    for name in outputs:
+        assert emulated["bits"][name] != base["bits"][name], name
+        assert emulated["err"][name] < 2 * base["err"][name] + 1e-3, (name, emulated["err"], base["err"])
 
 
 @needs_ext
 @pytest.mark.skipif("avx512_bf16" not in ISA.get("runnable", []), reason="this CPU has no AVX512-BF16")
-def test_bf16_tiles_dpbf16_give_the_emulated_bits():
+@pytest.mark.parametrize("d", [64, 37])
+def test_bf16_tiles_dpbf16_give_the_emulated_bits(d):
     """On a CPU with AVX512-BF16: vdpbf16ps computes exactly what the emulation computes (no subnormal
-    operands or products at these magnitudes), so the matrix run under emulation covers it."""
+    operands or products at these magnitudes), forward and backward, so the matrix run under emulation
+    covers it."""
     isa = AVX512[-1]
-    emulated, hardware = bf16_forward(isa, "emulate"), bf16_forward(isa, "dpbf16")
-    assert hardware[0] == "dpbf16" and hardware[1:] == emulated[1:], (hardware, emulated)
+    emulated, hardware = bf16_run(isa, "emulate", d), bf16_run(isa, "dpbf16", d)
+    assert hardware["mode"] == "dpbf16"
+    assert hardware["bits"] == emulated["bits"], (hardware, emulated)
 
 
 @needs_ext

@@ -180,6 +180,23 @@ def test_head_dims(backend, d):
         check(q, k, v, layout, backend=backend)
 
 
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [1, 7, 33, 65])
+def test_odd_head_dims_low_precision(dtype, d):
+    """Odd head dims in bf16 and fp16 on the C++ kernel: forward and gradients, GQA, non-contiguous
+    inputs, decode and soft-capping. Under HTC_CPU_BF16_TILES (test_cpu_isa.py runs this file so) the
+    bf16 calls take the pair GEMMs, whose last pair along D holds a zero."""
+    layout = hk.StarLayout(random_kinds(d, batch=2, max_visual=70))
+    s = layout.seq_len
+    q, k, v = make_qkv(2, 4, 2, s, s, d, dtype, noncontig=d % 4 == 1)
+    check(q, k, v, layout)
+    q, k, v = make_qkv(2, 4, 2, max(2, s // 3), s, d, dtype)  # decode: Sq < Skv
+    check(q, k, v, layout)
+    q, k, v = make_qkv(2, 2, 1, s, s, d, dtype)
+    check_capped(q, k, v, layout, 4.0 / math.sqrt(d), 2.0, "cpu")
+
+
 @pytest.mark.parametrize("q_len", [1, 2, 65, 130])
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -963,18 +980,42 @@ def test_masked_never_read_random_layouts(seed):
 
 
 @needs_ext
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("d", [7, 33])
+def test_masked_never_read_bf16_odd_head_dims(seed, d):
+    """bf16 (the pair GEMMs under HTC_CPU_BF16_TILES), odd head dims, GQA, decode: NaN at every PAD key
+    and row, NaN/Inf at VISUAL keys, the last key poisoned; padded cache slots in the middle."""
+    rng = random.Random(seed)
+    if seed == 0:
+        layout = hk.StarLayout(torch.tensor(MIDDLE_PAD))
+        keys_nan, keys_inf, sq = [25, 65, 127], [40, 90], layout.seq_len
+    else:
+        samples = [random_sample(rng, max_visual=70) for _ in range(2)]
+        layout = hk.StarLayout(pad_batch(samples, "left", total=max(map(len, samples)) + 5))
+        kinds = layout.kinds.tolist()
+        pad_keys = sorted({j for row in kinds for j, x in enumerate(row) if x == P})
+        visual = [j for j, x in enumerate(kinds[0]) if x == V]
+        bad = rng.sample(visual, min(3, len(visual)))
+        keys_nan, keys_inf, sq = pad_keys + bad[:2] + [layout.seq_len - 1], bad[2:], layout.seq_len // 2
+    s = layout.seq_len
+    q, k, v = make_qkv(layout.kinds.shape[0], 4, 2, sq, s, d, torch.bfloat16, noncontig=seed == 1)
+    check_masked_never_read(layout, q, k, v, keys_nan=keys_nan, keys_inf=keys_inf, backends=("cpu",))
+
+
+@needs_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("threads", [3, 8])
 def test_backward_split_over_query_tiles(dtype, threads):
     """Fewer (batch, kv head) tasks than threads: the CPU backward splits each task's query tiles over
     the threads, with per-part dK/dV partials summed in a fixed order. Exact (vs the reference) and
-    deterministic (two runs give the same bits) with any number of parts; GQA and decode included."""
+    deterministic (two runs give the same bits) with any number of parts; GQA, decode and an odd head dim
+    included."""
     layout = hk.StarLayout(llava_kinds(prefix=20, visual=200, voco=2, suffix=78))  # S = 300
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        for hq, q_len in ((4, 300), (2, 130)):
-            q, k, v = make_qkv(1, hq, 1, q_len, layout.seq_len, 64, dtype)
+        for hq, q_len, d in ((4, 300, 64), (2, 130, 64), (2, 300, 33)):
+            q, k, v = make_qkv(1, hq, 1, q_len, layout.seq_len, d, dtype)
             check(q, k, v, layout)
             grads = []
             for _ in range(2):

@@ -204,6 +204,17 @@ inline __m512i bf16_bits(__m512 x) {
   return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
 }
 
+// out[0:round_up(n, 16)) = bf16(x[0:n]) (bf16_bits), zeros past n (x is not read there). As uint16 in
+// memory, consecutive values are pairs (2kp, 2kp + 1): the A operand of gemm_bf16 with sac = 2 (an odd n
+// pairs its last value with a zero).
+inline void to_bf16(uint16_t* out, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16{0xffff} : static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        _mm512_cvtepi32_epi16(bf16_bits(_mm512_maskz_loadu_ps(m, x + i))));
+  }
+}
+
 // out[n] = pair(bf16(lo[n]), bf16(hi[n])) for n in [0, N), N % 16 == 0 (hi == nullptr: zeros).
 inline void pack_pairs(uint32_t* out, const float* lo, const float* hi, int64_t N) {
   for (int64_t n = 0; n < N; n += 16) {

@@ -1,7 +1,8 @@
 // CPU star attention, forward and backward (DESIGN.md §2, §4): FlashAttention-2 style tiled online
 // softmax over the block plan. Skipped tiles cost nothing; DIAG tiles (visual self-only) cost a row-wise
 // dot; FULL/CAUSAL/MASKED tiles are fp32 micro-GEMMs over the key columns that can be attended (a MASKED
-// tile is trimmed to its first..last allowed key). Inputs fp32/bf16/fp16, accumulation in fp32. Only the
+// tile is trimmed to its first..last allowed key), or for bf16 inputs under HTC_CPU_BF16_TILES GEMMs on bf16
+// pairs ("bf16 tiles" below). Inputs fp32/bf16/fp16, accumulation in fp32. Only the
 // log-sum-exp is saved for backward; scratch is O(tile) per task plus O(S*D) per task in backward.
 // Optional logit soft-capping (softcap c > 0: scores s -> c tanh(s / c) before the mask) is a template
 // parameter of both passes; the backward recomputes t = tanh(s / c) and scales dS by 1 - t^2.
@@ -108,6 +109,9 @@ struct Geometry {
   float scale;
   float softcap, inv_softcap;  // kernels instantiated with kCap only (softcap > 0)
   Bf16Tiles bf16_tiles;        // HTC_CPU_BF16_TILES (common/cpu_kernels.h): bf16 inputs only
+
+  // bf16 pairs along D (bf16 tiles): an odd D pairs its last element with a zero.
+  int64_t Dh() const { return (D + 1) / 2; }
 
   // Parallel grain: problems below ~4M multiply-adds (typical decode steps) run on the calling
   // thread, where waking the thread pool would cost more than the work itself.
@@ -400,9 +404,10 @@ inline const float* key_rows(const T* base, int64_t stride, const Geometry& g, i
   return buf;
 }
 
-// The query tile (or dO tile) of `rows`, scaled by `mul`, row-major [BQp][Dp] and transposed [D][BQp].
-// Rows past rows.m keep stale finite values: they only feed lanes that are never read back. PAD rows
-// are zeros whatever the tensor holds there: they share GEMMs with other rows (masked means never read).
+// The query tile (or dO tile) of `rows`, scaled by `mul`, row-major [BQp][Dp] and transposed [D][BQp]
+// (unless `transposed` is null). Rows past rows.m keep stale finite values: they only feed lanes that are
+// never read back. PAD rows are zeros whatever the tensor holds there: they share GEMMs with other rows
+// (masked means never read).
 template <typename T>
 inline void load_tile(const T* base, int64_t stride, const Geometry& g, const Rows& rows, float mul,
                       float* row_major, float* transposed) {
@@ -413,52 +418,86 @@ inline void load_tile(const T* base, int64_t stride, const Geometry& g, const Ro
     else
       load_row(base + (rows.r0 + i) * stride, row_major + i * g.Dp, g.D, g.Dp, mul);
   }
-  at::vec::transpose_mxn<float>(row_major, g.Dp, transposed, g.BQp, static_cast<int>(rows.m),
-                                static_cast<int>(g.D));
+  if (transposed)
+    at::vec::transpose_mxn<float>(row_major, g.Dp, transposed, g.BQp, static_cast<int>(rows.m),
+                                  static_cast<int>(g.D));
 }
 
 // kCap: logit soft-capping (a template parameter: the uncapped kernel has no trace of it).
 #if defined(__AVX512F__)
-// --- bf16 tiles (kTiles != kFp32; bf16 inputs, even D) ----------------------------------------------------
-// The forward's two GEMMs take bf16 operands as pairs along the reduction dimension (gemm_bf16): Q·Kᵀ
-// pairs (d, d+1) of the raw q and k rows (exact products; the scale is applied to the fp32 scores), P·V
-// pairs (j, j+1) of P rounded to bf16 and of V. Everything else (softmax statistics, the accumulator, the
-// row-wise diagonal and thin-row paths) stays fp32.
+// --- bf16 tiles (kTiles != kFp32; bf16 inputs, any D) -----------------------------------------------------
+// The block GEMMs take bf16 operands as pairs along their reduction dimension (gemm_bf16), with fp32
+// accumulation, as FlashAttention does on a GPU:
+//   forward   S = Q·Kᵀ   pairs (d, d+1) of the raw q and k rows (exact products; the scale is applied to the
+//                        fp32 scores), O += P·V with pairs (j, j+1) of P rounded to bf16 and of V;
+//   backward  S = Q·Kᵀ and dP = dO·Vᵀ as the forward's S (the same function: the same scores, so the same
+//             P as the forward); dV += Pᵀ·dO and dK += dSᵀ·Q with pairs (i, i+1) of P or dS rounded to bf16
+//             and of the raw dO or q rows; dQ += dS·K with pairs (j, j+1) of dS rounded to bf16 and of K.
+// An odd D pairs its last element with a zero (exact: a zero adds nothing), as do an odd count of rows
+// or keys. Everything else (softmax statistics, delta, the accumulators, the row-wise diagonal path and
+// the thin-row score dots) stays fp32.
 constexpr bool kBf16TilesBuilt = true;
 
-// qP[dp][i] = pair(q[i][2dp], q[i][2dp+1]) for the tile's rows (PAD rows and rows past rows.m: zeros).
+// qP[dp][i] = pair(q[i][2dp], q[i][2dp+1]) for the tile's rows (PAD rows and rows past rows.m: zeros; an
+// odd D's last pair holds a zero high half).
 inline void load_tile_pairs(const c10::BFloat16* base, int64_t stride, const Geometry& g, const Rows& rows,
                             uint32_t* rows_buf, uint32_t* qP) {
-  const int64_t Dh = g.D / 2;
+  const int64_t Dh = g.Dh(), whole = g.D / 2;
   std::fill(rows_buf, rows_buf + g.BQp * Dh, 0u);
-  for (int64_t i = 0; i < rows.m; ++i)
-    if (rows.kind[i] != kPad) std::memcpy(rows_buf + i * Dh, base + (rows.r0 + i) * stride, Dh * sizeof(uint32_t));
+  for (int64_t i = 0; i < rows.m; ++i) {
+    if (rows.kind[i] == kPad) continue;
+    const c10::BFloat16* row = base + (rows.r0 + i) * stride;
+    std::memcpy(rows_buf + i * Dh, row, whole * sizeof(uint32_t));
+    if (whole < Dh) rows_buf[i * Dh + whole] = row[g.D - 1].x;  // the odd last element, paired with a zero
+  }
   // A transpose of 32-bit words (bit patterns moved, never computed on).
   at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(rows_buf), Dh, reinterpret_cast<float*>(qP),
                                 g.BQp, static_cast<int>(g.BQp), static_cast<int>(Dh));
 }
 
-// sT[j][i] = scale * (k_j . q_i) for keys [0, nj) and the vector lanes holding rows [ilo, ihi).
-template <Bf16Tiles kTiles>
-inline void scores_bf16(const Geometry& g, float* sT, const c10::BFloat16* key, int64_t ldk, const uint32_t* qP,
-                        int64_t nj, const Span& sp, cpu::PrefetchStream* pf) {
-  const int64_t i0 = sp.ilo / kVL * kVL, i1 = round_up(sp.ihi, kVL);
-  cpu::gemm_tiles<kTiles>(sT + i0, g.BQp, reinterpret_cast<const uint16_t*>(key), ldk, 2, qP + i0, g.BQp, nj,
-                          i1 - i0, g.D / 2, false, pf);
-  const Vec scale(g.scale);
-  for (int64_t j = 0; j < nj; ++j)
-    for (int64_t i = i0; i < i1; i += kVL) (Vec::loadu(sT + j * g.BQp + i) * scale).store(sT + j * g.BQp + i);
+// Rows [k0, k0 + nk) of one head of K or V as rows of bf16 pairs along D, row stride *ld (in bf16 units): the
+// tensor itself for an even D; for an odd one, copied into `buf` (nk rows of 2 Dh) with a zero after the last
+// element, so that the odd pair never reads past the row (the next row's element, or past the tensor).
+inline const uint16_t* key_pairs(const c10::BFloat16* base, int64_t stride, const Geometry& g, int64_t k0,
+                                 int64_t nk, uint16_t* buf, int64_t* ld) {
+  const uint16_t* rows = reinterpret_cast<const uint16_t*>(base + k0 * stride);
+  if (g.D % 2 == 0) {
+    *ld = stride;
+    return rows;
+  }
+  const int64_t w = 2 * g.Dh();
+  for (int64_t j = 0; j < nk; ++j) {
+    std::memcpy(buf + j * w, rows + j * stride, g.D * sizeof(uint16_t));
+    buf[j * w + g.D] = 0;
+  }
+  *ld = w;
+  return buf;
 }
 
-// acc[i][:] += sum_j p[j][i] v_j for rows [ilo, ihi) and keys [0, nj) (rows j0.. of the head): P (sT) and
-// V packed into pairs along j (an odd last key pairs with a zero row and p = 0). `fin` (partial tiles
-// with a non-finite V row, else null): as gemm_except_bad, those rows enter the GEMM as zeros and are
-// added afterwards to the rows that may attend them only, so every other row gets the bits it gets
-// when the row is finite (masked means never read).
+// sT[j][i] = mul * (k_j . q_i) for keys [0, nj) and the vector lanes holding rows [ilo, ihi): `key` rows of
+// pairs (key_pairs), qP the query (or dO) tile in pairs (load_tile_pairs). The forward's and the
+// backward's scores (mul = scale) and the backward's dP (mul = 1).
+template <Bf16Tiles kTiles>
+inline void scores_bf16(const Geometry& g, float* sT, const uint16_t* key, int64_t ldk, const uint32_t* qP,
+                        int64_t nj, const Span& sp, float mul, cpu::PrefetchStream* pf = nullptr) {
+  const int64_t i0 = sp.ilo / kVL * kVL, i1 = round_up(sp.ihi, kVL);
+  cpu::gemm_tiles<kTiles>(sT + i0, g.BQp, key, ldk, 2, qP + i0, g.BQp, nj, i1 - i0, g.Dh(), false, pf);
+  if (mul == 1.f) return;
+  const Vec m(mul);
+  for (int64_t j = 0; j < nj; ++j)
+    for (int64_t i = i0; i < i1; i += kVL) (Vec::loadu(sT + j * g.BQp + i) * m).store(sT + j * g.BQp + i);
+}
+
+// acc[i][:] += sum_j p[j][i] v_j for rows [ilo, ihi) and keys [0, nj) (rows j0.. of the head): the forward's
+// O += P V, and the backward's dQ += dS K (p: dS, v: K). P (sT) and V packed into pairs along j (an odd last
+// key pairs with a zero row and p = 0). `fin` (partial tiles with a non-finite V row, else null): as
+// gemm_except_bad, those rows enter the GEMM as zeros and are added afterwards (in fp32) to the rows that
+// may attend them only, so every other row gets the bits it gets when the row is finite (masked means never
+// read).
 template <Bf16Tiles kTiles>
 inline void pv_bf16(const Geometry& g, float* acc, const float* sT, const Span& sp, const c10::BFloat16* vh,
                     int64_t ldv, int64_t j0, int64_t nj, uint32_t* pP, uint32_t* vP, const FiniteRows* fin,
-                    const uint8_t* mask, float* row, cpu::PrefetchStream* pf) {
+                    const uint8_t* mask, float* row, cpu::PrefetchStream* pf = nullptr) {
   const int64_t i0 = sp.ilo / kVL * kVL, i1 = round_up(sp.ihi, kVL), np = (nj + 1) / 2;
   const uint16_t* vb = reinterpret_cast<const uint16_t*>(vh + j0 * ldv);
   auto v_row = [&](int64_t j) -> const uint16_t* {  // null: a zero row
@@ -480,11 +519,34 @@ inline void pv_bf16(const Geometry& g, float* acc, const float* sT, const Span& 
       if (mask[j * g.BQp + i]) axpby(acc + i * g.Dp, 1.f, sT[j * g.BQp + i], row, g.Dp);
   }
 }
+
+// rP[ip][:] = pair(r_{ilo+2ip}, r_{ilo+2ip+1}) for the tile's rows [ilo, ihi) of q or dO (raw bf16 rows; PAD
+// rows and the odd row past ihi: zeros): the B operand of keys_bf16.
+inline void row_pairs(const c10::BFloat16* base, int64_t stride, const Geometry& g, const Rows& rows, int64_t ilo,
+                      int64_t ihi, uint32_t* rP) {
+  auto row = [&](int64_t i) -> const uint16_t* {  // null: a zero row
+    return i >= ihi || rows.kind[i] == kPad ? nullptr
+                                            : reinterpret_cast<const uint16_t*>(base + (rows.r0 + i) * stride);
+  };
+  for (int64_t ip = 0; ilo + 2 * ip < ihi; ++ip)
+    cpu::pack_pairs(rP + ip * g.Dp, row(ilo + 2 * ip), row(ilo + 2 * ip + 1), g.D, g.Dp);
+}
+
+// C[j][:] += sum_i w[j][i] r_i for keys [0, nj) and rows [ilo, ihi) (the backward's dV += Pᵀ dO and
+// dK += dSᵀ q): W (sT layout: w[j][i] at W[j * BQp + i]) rounded to bf16 into wb (pairs along i, an odd
+// last row paired with a zero), R in pairs along i (row_pairs). Rows outside [ilo, ihi) are not read.
+template <Bf16Tiles kTiles>
+inline void keys_bf16(const Geometry& g, float* C, const float* W, const Span& sp, int64_t nj, const uint32_t* rP,
+                      uint16_t* wb) {
+  const int64_t mi = sp.ihi - sp.ilo;
+  for (int64_t j = 0; j < nj; ++j) cpu::to_bf16(wb + j * g.BQp, W + j * g.BQp + sp.ilo, mi);
+  cpu::gemm_tiles<kTiles>(C, g.Dp, wb, g.BQp, 2, rP, g.Dp, nj, g.Dp, (mi + 1) / 2, true);
+}
 #else
 constexpr bool kBf16TilesBuilt = false;
 #endif
 
-// kTiles: Bf16Tiles::kFp32 for every dtype; kDpbf16 / kEmulated / kAmx / kAmxEmulated (bf16 inputs, even D,
+// kTiles: Bf16Tiles::kFp32 for every dtype; kDpbf16 / kEmulated / kAmx / kAmxEmulated (bf16 inputs, any D,
 // an AVX-512 variant) run the two GEMMs on bf16 pairs (scores_bf16, pv_bf16; cpu::gemm_tiles).
 template <typename T, bool kCap, Bf16Tiles kTiles = Bf16Tiles::kFp32>
 void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -505,9 +567,11 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
     std::vector<float> kbuf(g.bk * Dp), vbuf(g.bk * Dp), m_i(BQp), l_i(BQp), alpha(BQp), s_diag(BQp);
     std::vector<float> bad_row(Dp);
     std::vector<uint8_t> diag_only(BQp);
-    // bf16 tiles: the query tile in pairs, its rows before the transpose, P and V tiles in pairs.
-    std::vector<uint32_t> qP(kBf16 ? g.D / 2 * BQp : 0), q_pairs(kBf16 ? BQp * (g.D / 2) : 0);
+    // bf16 tiles: the query tile in pairs, its rows before the transpose, P and V tiles in pairs, K rows
+    // with a zero after an odd D.
+    std::vector<uint32_t> qP(kBf16 ? g.Dh() * BQp : 0), q_pairs(kBf16 ? BQp * g.Dh() : 0);
     std::vector<uint32_t> pP(kBf16 ? (g.bk + 1) / 2 * BQp : 0), vP(kBf16 ? (g.bk + 1) / 2 * Dp : 0);
+    std::vector<uint16_t> k_odd(kBf16 && g.D % 2 ? g.bk * 2 * g.Dh() : 0);
     TileMaskCache masks(g);
     FiniteRows v_finite;
     Rows rows;
@@ -605,9 +669,11 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
         // sT[j][i] = k_j . (scale q_i)
 #if defined(__AVX512F__)
         if constexpr (kBf16) {
-          if (bf16_scores)
-            scores_bf16<kTiles>(g, sT.data(), kh + (k0 + sp.jlo) * k.stride(2), k.stride(2), qP.data(), nj, sp,
-                                &next_k);
+          if (bf16_scores) {
+            int64_t ldp;
+            const uint16_t* kpairs = key_pairs(kh, k.stride(2), g, k0 + sp.jlo, nj, k_odd.data(), &ldp);
+            scores_bf16<kTiles>(g, sT.data(), kpairs, ldp, qP.data(), nj, sp, g.scale, &next_k);
+          }
         }
 #endif
         if (!bf16_scores) scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp, &next_k);
@@ -666,12 +732,16 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
   });
 }
 
-template <typename T, bool kCap>
+// kTiles as in forward_impl: the bf16-tile modes (bf16 inputs) run the five block GEMMs on bf16 pairs
+// (scores_bf16 for S and dP, keys_bf16 for dV and dK, pv_bf16 for dQ); dK then accumulates dSᵀ q of the raw
+// q and is scaled once when written (FlashAttention-2), where the fp32 tiles accumulate dSᵀ (scale q).
+template <typename T, bool kCap, Bf16Tiles kTiles = Bf16Tiles::kFp32>
 void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                    const at::Tensor& v, const at::Tensor& out, const float* lse, const float* grad_lse,
-                   const int8_t* kinds,
-                   const int32_t* groups, const uint8_t* plan, at::Tensor& dq, at::Tensor& dk,
+                   const int8_t* kinds, const int32_t* groups, const uint8_t* plan, at::Tensor& dq, at::Tensor& dk,
                    at::Tensor& dv) {
+  constexpr bool kBf16 = kTiles != Bf16Tiles::kFp32;
+  const float dk_mul = kBf16 ? g.scale : 1.f;  // dk_acc holds dK / dk_mul
   const T* dop = dout.data_ptr<T>();
   const T* op = out.data_ptr<T>();
   const T* qp = q.data_ptr<T>();
@@ -697,10 +767,21 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
   std::unique_ptr<float[]> parts(splits > 1 ? new float[2 * n_items * part_size] : nullptr);
   at::parallel_for(0, n_items, g.grain(n_items), [&](int64_t begin, int64_t end) {
     const int64_t BQp = g.BQp, Dp = g.Dp;
-    std::vector<float> q_row(BQp * Dp), qT(g.D * BQp), do_row(BQp * Dp), doT(g.D * BQp);
+    // Transposed q and dO tiles: the fp32 score GEMMs only.
+    std::vector<float> q_row(BQp * Dp), qT(kBf16 ? 0 : g.D * BQp), do_row(BQp * Dp), doT(kBf16 ? 0 : g.D * BQp);
     std::vector<float> sT(g.bk * BQp), dpT(g.bk * BQp), kbuf(g.bk * Dp), vbuf(g.bk * Dp);
     std::vector<float> dkv_own(splits == 1 ? 2 * part_size : 0), dq_acc(g.Sq * Dp);
-    std::vector<float> lse_i(BQp), delta_i(BQp), o_row(Dp), bad_row(Dp);
+    std::vector<float> lse_i(BQp), delta_i(BQp), o_row(Dp), bad_row(Dp), q_raw(kBf16 ? Dp : 0);
+    // bf16 tiles: q and dO tiles in pairs along D (S, dP; pair_rows: before the transpose) and along rows
+    // (dK, dV: of the rows [packed_lo, packed_hi)), P or dS in bf16 (dV, dK), dS and K in pairs along keys
+    // (dQ), K and V rows with a zero after an odd D.
+    const int64_t Dh = g.Dh(), bf16_n = kBf16 ? 1 : 0;
+    std::vector<uint32_t> qP(bf16_n * Dh * BQp), doP(bf16_n * Dh * BQp), pair_rows(bf16_n * BQp * Dh);
+    std::vector<uint32_t> qPi(bf16_n * (BQp + 1) / 2 * Dp), doPi(bf16_n * (BQp + 1) / 2 * Dp);
+    std::vector<uint16_t> wb(bf16_n * g.bk * BQp), k_odd(bf16_n * (g.D % 2) * g.bk * 2 * Dh);
+    std::vector<uint16_t> v_odd(k_odd.size());
+    std::vector<uint32_t> dsP(bf16_n * (g.bk + 1) / 2 * BQp), kP(bf16_n * (g.bk + 1) / 2 * Dp);
+    int64_t packed_lo = -1, packed_hi = -1;
     TileMaskCache masks(g);
     FiniteRows k_finite;
     Rows rows;
@@ -729,8 +810,15 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
         for (int64_t qt = qt_lo; qt < qt_hi; ++qt) {
           const uint8_t* tiles = plan + (bl * g.n_qt + qt) * g.n_kt;
           rows.fill(g, kin, grp, qt);
-          load_tile(qh, q.stride(2), g, rows, g.scale, q_row.data(), qT.data());
-          load_tile(doh, dout.stride(2), g, rows, 1.f, do_row.data(), doT.data());
+          load_tile(qh, q.stride(2), g, rows, g.scale, q_row.data(), kBf16 ? nullptr : qT.data());
+          load_tile(doh, dout.stride(2), g, rows, 1.f, do_row.data(), kBf16 ? nullptr : doT.data());
+#if defined(__AVX512F__)
+          if constexpr (kBf16) {
+            load_tile_pairs(qh, q.stride(2), g, rows, pair_rows.data(), qP.data());
+            load_tile_pairs(doh, dout.stride(2), g, rows, pair_rows.data(), doP.data());
+            packed_lo = packed_hi = -1;
+          }
+#endif
           for (int64_t i = 0; i < BQp; ++i) {
             // PAD rows (lse = -inf) and rows past the end get p = exp(s - inf) = 0.
             const bool live = i < rows.m && rows.kind[i] != kPad && std::isfinite(lh[rows.r0 + i]);
@@ -758,7 +846,12 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
             const float pr = std::exp(s - lse_i[i]);
             const float ds = pr * (dot(do_row.data() + i * Dp, vrow, Dp) - delta_i[i]) * dcap;
             axpby(dv_acc + p * Dp, 1.f, pr, do_row.data() + i * Dp, Dp);
-            axpby(dk_acc + p * Dp, 1.f, ds, q_row.data() + i * Dp, Dp);
+            if constexpr (kBf16) {  // dk_acc in units of the raw q (scaled when written)
+              load_row(qh + (rows.r0 + i) * q.stride(2), q_raw.data(), g.D, Dp, 1.f);
+              axpby(dk_acc + p * Dp, 1.f, ds, q_raw.data(), Dp);
+            } else {
+              axpby(dk_acc + p * Dp, 1.f, ds, q_row.data() + i * Dp, Dp);
+            }
             axpby(dq_tile + i * Dp, 1.f, ds, krow, Dp);
           };
           for (int64_t kt = 0; kt < g.n_kt; ++kt) {
@@ -779,13 +872,34 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
                 if (tdiag[i]) diag_row(i, rows.pos[i]);
             if (sp.empty()) continue;
             const int64_t nj = sp.jhi - sp.jlo, j0 = k0 + sp.jlo, mi = sp.ihi - sp.ilo;
-            int64_t ldk, ldv;
-            const float* kt_rows = key_rows(kh, k.stride(2), g, j0, nj, kbuf.data(), &ldk);
-            const float* vt_rows = key_rows(vh, v.stride(2), g, j0, nj, vbuf.data(), &ldv);
-            scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp);
+            // bf16 tiles: S and dP as the forward's scores (bf16 pairs, or fp32 dots for thin spans), so
+            // the recomputed P is the forward's; fp32 K and V rows only for those dots.
+            const bool bf16_scores = kBf16 && mi > kThinRows;
+            int64_t ldk = 0, ldv = 0;
+            const float* kt_rows = bf16_scores ? nullptr : key_rows(kh, k.stride(2), g, j0, nj, kbuf.data(), &ldk);
+            const float* vt_rows = bf16_scores ? nullptr : key_rows(vh, v.stride(2), g, j0, nj, vbuf.data(), &ldv);
+#if defined(__AVX512F__)
+            if constexpr (kBf16) {
+              if (bf16_scores) {
+                int64_t ldp;
+                const uint16_t* kpairs = key_pairs(kh, k.stride(2), g, j0, nj, k_odd.data(), &ldp);
+                scores_bf16<kTiles>(g, sT.data(), kpairs, ldp, qP.data(), nj, sp, g.scale);
+              }
+            }
+#endif
+            if (!bf16_scores) scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp);
             if constexpr (kCap) cap_scores(g, sT.data(), nj, sp);  // sT: capped scores c t
             if (tk != kFull) apply_mask(sT.data(), tmask, nj, BQp);
-            scores(g, dpT.data(), vt_rows, ldv, doT.data(), do_row.data(), nj, sp);
+#if defined(__AVX512F__)
+            if constexpr (kBf16) {
+              if (bf16_scores) {
+                int64_t ldp;
+                const uint16_t* vpairs = key_pairs(vh, v.stride(2), g, j0, nj, v_odd.data(), &ldp);
+                scores_bf16<kTiles>(g, dpT.data(), vpairs, ldp, doP.data(), nj, sp, 1.f);
+              }
+            }
+#endif
+            if (!bf16_scores) scores(g, dpT.data(), vt_rows, ldv, doT.data(), do_row.data(), nj, sp);
             // Masked pairs (score -inf after apply_mask) get dS = 0 by select, not p * (dp - delta) = 0 *
             // (dO . v_j), which is NaN when v_j is not finite (masked means never read). Only partial
             // spans hold masked pairs among the rows and keys the GEMMs read.
@@ -806,13 +920,29 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
               }
             }
             // dv_j += sum_i p_ji do_i ; dk_j += sum_i ds_ji (scale q_i) ; dq_i += sum_j ds_ji k_j
+            // The dq GEMM multiplies K rows by dS = 0 at masked pairs, so in partial tiles they must be finite
+            // (the dv and dk GEMMs multiply by zeros only rows of dO and q: PAD rows are loaded as zeros).
+            const bool k_ok = !sp.partial || k_finite.all_finite(kh, k.stride(2), g.D, j0, nj);
+#if defined(__AVX512F__)
+            if constexpr (kBf16) {
+              if (sp.ilo != packed_lo || sp.ihi != packed_hi) {  // the tile's spans are mostly the same
+                row_pairs(doh, dout.stride(2), g, rows, sp.ilo, sp.ihi, doPi.data());
+                row_pairs(qh, q.stride(2), g, rows, sp.ilo, sp.ihi, qPi.data());
+                packed_lo = sp.ilo;
+                packed_hi = sp.ihi;
+              }
+              keys_bf16<kTiles>(g, dv_acc + j0 * Dp, sT.data(), sp, nj, doPi.data(), wb.data());
+              keys_bf16<kTiles>(g, dk_acc + j0 * Dp, dpT.data(), sp, nj, qPi.data(), wb.data());
+              pv_bf16<kTiles>(g, dq_tile, dpT.data(), sp, kh, k.stride(2), j0, nj, dsP.data(), kP.data(),
+                                k_ok ? nullptr : &k_finite, tmask, bad_row.data());
+              continue;
+            }
+#endif
             const float* p_rows = sT.data() + sp.ilo;
             const float* ds_rows = dpT.data() + sp.ilo;
             gemm(dv_acc + j0 * Dp, Dp, p_rows, BQp, 1, do_row.data() + sp.ilo * Dp, Dp, nj, Dp, mi, true);
             gemm(dk_acc + j0 * Dp, Dp, ds_rows, BQp, 1, q_row.data() + sp.ilo * Dp, Dp, nj, Dp, mi, true);
-            // dv and dk GEMMs multiply by zeros only rows of dO and q (PAD rows are loaded as zeros); the
-            // dq GEMM multiplies K rows by dS = 0 at masked pairs, so in partial tiles they must be finite.
-            if (!sp.partial || k_finite.all_finite(kh, k.stride(2), g.D, j0, nj))
+            if (k_ok)
               gemm(dq_tile + sp.ilo * Dp, Dp, ds_rows, 1, BQp, kt_rows, ldk, mi, Dp, nj, true);
             else
               gemm_except_bad(g, dq_tile, dpT.data(), tmask, kh, k.stride(2), j0, nj, sp.ilo, sp.ihi, k_finite,
@@ -831,7 +961,7 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
       T* dvh = dvp + (b * g.Hkv + hk) * g.Skv * g.D;
       for (int64_t j = 0; j < g.Skv; ++j)
         for (int64_t d = 0; d < g.D; ++d) {
-          dkh[j * g.D + d] = static_cast<T>(dk_acc[j * Dp + d]);
+          dkh[j * g.D + d] = static_cast<T>(dk_acc[j * Dp + d] * dk_mul);
           dvh[j * g.D + d] = static_cast<T>(dv_acc[j * Dp + d]);
         }
     }
@@ -861,7 +991,7 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
           }
         }
         for (int64_t d = 0; d < g.D; ++d) {
-          dkh[j * g.D + d] = static_cast<T>(sum_k[d]);
+          dkh[j * g.D + d] = static_cast<T>(sum_k[d] * dk_mul);
           dvh[j * g.D + d] = static_cast<T>(sum_v[d]);
         }
       }
@@ -902,32 +1032,45 @@ Geometry make_geometry(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 // One call's forward (out, lse) or backward (dq, dk, dv) with the kernels of q's dtype; inputs as the
 // op entry points prepare them (checked; last dimension contiguous; kinds, groups, plan, lse and
 // grad_lse contiguous; grad_lse may be undefined).
+// HTC_CPU_BF16_TILES (g.bf16_tiles) applies to bf16 inputs, forward and backward, every head dim: their
+// block GEMMs run on bf16 pairs ("bf16 tiles" above). fp32 and fp16 inputs always use fp32 tiles (fp16 is
+// widened with F16C: AVX512-FP16 has no fp32-accumulating dot product). The dispatcher refused, at load, a
+// mode this variant cannot run; a mode that reaches here is run, never replaced by the fp32 tiles.
+template <typename T, typename Run>
+void with_tiles(const Geometry& g, Run&& run) {
+  using BT = Bf16Tiles;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    switch (g.bf16_tiles) {
+      case BT::kFp32: break;
+#if defined(__AVX512F__)
+      case BT::kEmulated: return run(std::integral_constant<BT, BT::kEmulated>{});
+      case BT::kAmxEmulated: return run(std::integral_constant<BT, BT::kAmxEmulated>{});
+#endif
+#if defined(__AVX512BF16__)
+      case BT::kDpbf16: return run(std::integral_constant<BT, BT::kDpbf16>{});
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+      case BT::kAmx: return run(std::integral_constant<BT, BT::kAmx>{});
+#endif
+      default:
+        TORCH_CHECK(false, "star_attention (CPU): HTC_CPU_BF16_TILES mode ", static_cast<int>(g.bf16_tiles),
+                    " is not built into this kernel variant");
+    }
+  }
+  run(std::integral_constant<BT, BT::kFp32>{});
+}
+
 template <bool kCap>
 void run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kinds,
                  const at::Tensor& groups, const at::Tensor& plan, int64_t block_q, int64_t block_k,
                  int64_t topology, double scale, double softcap, at::Tensor& out, at::Tensor& lse) {
   const Geometry g = make_geometry(q, k, plan, block_q, block_k, topology, scale, softcap);
   HTC_DISPATCH_KERNEL_TYPES(q.scalar_type(), "star_attention_cpu", [&] {
-    const int8_t* kin = kinds.data_ptr<int8_t>();
-    const int32_t* grp = groups.data_ptr<int32_t>();
-    const uint8_t* pl = plan.data_ptr<uint8_t>();
-    // bf16 tiles (HTC_CPU_BF16_TILES) for bf16 inputs with an even head dim (the pairs along D); other
-    // calls, and the backward, widen tiles to fp32.
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && kBf16TilesBuilt) {
-      if (g.D % 2 == 0 && g.bf16_tiles == Bf16Tiles::kEmulated)
-        return forward_impl<scalar_t, kCap, Bf16Tiles::kEmulated>(g, q, k, v, kin, grp, pl, out, lse);
-      if (g.D % 2 == 0 && g.bf16_tiles == Bf16Tiles::kAmxEmulated)
-        return forward_impl<scalar_t, kCap, Bf16Tiles::kAmxEmulated>(g, q, k, v, kin, grp, pl, out, lse);
-#if defined(__AVX512BF16__)
-      if (g.D % 2 == 0 && g.bf16_tiles == Bf16Tiles::kDpbf16)
-        return forward_impl<scalar_t, kCap, Bf16Tiles::kDpbf16>(g, q, k, v, kin, grp, pl, out, lse);
-#endif
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-      if (g.D % 2 == 0 && g.bf16_tiles == Bf16Tiles::kAmx)
-        return forward_impl<scalar_t, kCap, Bf16Tiles::kAmx>(g, q, k, v, kin, grp, pl, out, lse);
-#endif
-    }
-    forward_impl<scalar_t, kCap>(g, q, k, v, kin, grp, pl, out, lse);
+    with_tiles<scalar_t>(g, [&](auto tiles) {
+      forward_impl<scalar_t, kCap, decltype(tiles)::value>(g, q, k, v, kinds.data_ptr<int8_t>(),
+                                                           groups.data_ptr<int32_t>(), plan.data_ptr<uint8_t>(),
+                                                           out, lse);
+    });
   });
 }
 
@@ -938,10 +1081,11 @@ void run_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
                   int64_t topology, double scale, double softcap, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const Geometry g = make_geometry(q, k, plan, block_q, block_k, topology, scale, softcap);
   HTC_DISPATCH_KERNEL_TYPES(q.scalar_type(), "star_attention_backward_cpu", [&] {
-    backward_impl<scalar_t, kCap>(g, dout, q, k, v, out, lse.data_ptr<float>(),
-                                  grad_lse.defined() ? grad_lse.data_ptr<float>() : nullptr,
-                                  kinds.data_ptr<int8_t>(), groups.data_ptr<int32_t>(), plan.data_ptr<uint8_t>(),
-                                  dq, dk, dv);
+    with_tiles<scalar_t>(g, [&](auto tiles) {
+      backward_impl<scalar_t, kCap, decltype(tiles)::value>(
+          g, dout, q, k, v, out, lse.data_ptr<float>(), grad_lse.defined() ? grad_lse.data_ptr<float>() : nullptr,
+          kinds.data_ptr<int8_t>(), groups.data_ptr<int32_t>(), plan.data_ptr<uint8_t>(), dq, dk, dv);
+    });
   });
 }
 
