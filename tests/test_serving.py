@@ -321,6 +321,19 @@ def test_load_planner(tmp_path):
     with pytest.raises(RuntimeError, match="partial load"):
         planner.allocated("c", [1, 2], n - 1)
 
+    # a refused request: its prompt (but the last token) beyond the prefix-cache hit is claimed, no load
+    # is planned, and the workers are told to fail it, once
+    assert planner.refuse("d", "why", len(ids), 4) == len(ids) - 5
+    assert planner.refuse("d", "why", len(ids), len(ids)) == 1  # a claim is never empty
+    assert planner.allocated("d", [3, 9], len(ids) - 1) is False
+    assert (planner.take(), planner.take_refused(), planner.take_refused()) == ([], ["d"], [])
+    assert "d" not in planner.loads
+    # vLLM overriding the claim (a request skipping the prefix cache) would compute the placeholders
+    planner.refuse("e", "htc connector: request 'e' refused: x", len(ids), 0)
+    with pytest.raises(RuntimeError, match="refused: x; vLLM did not take the connector"):
+        planner.allocated("e", [3], 0)
+    assert planner.take_refused() == []
+
 
 def test_connector_import_is_light():
     """In a process that imported vllm, the connector's modules load neither htc_kernels nor
@@ -440,6 +453,11 @@ def served(tmp_path_factory):
         cases[name] = ({"prompt_token_ids": prompt, "max_tokens": steps}, *_hf_reference(lm, prompt, steps))
         return cases[name][0]
 
+    def refused(name, change, steps):
+        req = {**request_inputs(files["img0"], [9, 10]), "max_tokens": steps}
+        cases[name] = (change(req, files), None, None)
+        return cases[name][0]
+
     steps = 8
     main = [
         {"name": "single", "requests": [compressed("single", "img0", [9, 10, 11], steps)]},
@@ -455,6 +473,16 @@ def served(tmp_path_factory):
         },
         {"name": "hit", "requests": [compressed("hit", "img0", [9, 10, 11], steps)]},
         {"name": "salt", "requests": [compressed("salt_img1", "img1", [9, 10, 11], steps)]},
+        # Requests the connector cannot serve exactly, batched with a good one: refused alone (vLLM
+        # finishes them with an error), the good one answered, and the engine serves the next batch.
+        {
+            "name": "refused",
+            "requests": [
+                compressed("refused_ok", "img1", [15, 16], steps),
+                *(refused(name, change, steps) for name, change in _REFUSALS.items()),
+            ],
+        },
+        {"name": "after_refusal", "requests": [compressed("after_refusal", "img0", [17], steps)]},
     ]
     long = 40
     small = [
@@ -484,6 +512,14 @@ def served(tmp_path_factory):
         "n_kept": read_info(files["img0"]).num_tokens,
         "n_two": read_info(files["two"]).num_tokens,
     }
+
+
+# Requests about img0 made unservable, each in one way (the connector's scheduler side says why).
+_REFUSALS = {
+    "refused_salt": lambda r, files: {**r, "cache_salt": read_info(files["img1"]).kv_hash},
+    "refused_prompt": lambda r, files: {**r, "prompt_token_ids": [5] + r["prompt_token_ids"][1:]},
+    "refused_file": lambda r, files: {**r, "kv_transfer_params": {"htc_kv_path": f"{files['img0']}.gone"}},
+}
 
 
 def _check(served, name):
@@ -523,8 +559,28 @@ def test_vllm_prefix_cache_hit_and_salt(served):
     # ... and the cache is shared by one image's requests only: in order, single (img0) loads all n,
     # mixed_img0 hits single's block, mixed_img1 loads all n (img0's block has the same placeholder
     # ids, not the same salt), mixed_two all of its own, hit and salt_img1 their image's block's rest
-    loads = [int(re.search(r"loads (\d+) compressed", line).group(1)) for line in log]
-    assert loads == [n, n - BLOCK, n, served["n_two"], n - BLOCK, n - BLOCK], log
+    loads = [int(m.group(1)) for line in log if (m := re.search(r"loads (\d+) compressed", line))]
+    assert loads[:6] == [n, n - BLOCK, n, served["n_two"], n - BLOCK, n - BLOCK], log
+
+
+def test_vllm_refuses_a_request_alone(served):
+    """A request the connector cannot serve exactly (another image's cache_salt, a prompt not of the
+    file's form, a missing file) finishes with finish_reason "error" and no tokens, the reason logged;
+    the good request batched with them is answered exactly, and the engine serves the next batch."""
+    log = served["out"]["engines"][0]["connector_log"]
+    for name, why in (
+        ("refused_salt", "cache_salt"),
+        ("refused_prompt", "placeholder id"),
+        ("refused_file", "does not exist"),
+    ):
+        g = served["got"][name]
+        assert (g["finish_reason"], g["tokens"]) == ("error", []), (name, g)
+        assert any("refused" in line and why in line for line in log), (name, log)
+    for name in ("refused_ok", "after_refusal"):
+        _check(served, name)
+        assert served["got"][name]["finish_reason"] == "length"
+    loads = [int(m.group(1)) for line in log if (m := re.search(r"loads (\d+) compressed", line))]
+    assert loads[6:] == [served["n_kept"] - BLOCK] * 2, log  # the good ones only: refused ones load nothing
 
 
 def test_vllm_preemption_reloads(served):

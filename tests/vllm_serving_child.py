@@ -5,7 +5,8 @@ what came back as JSON.
 ``python tests/vllm_serving_child.py SPEC.json OUT.json``. SPEC: ``{"model": dir, "engines": [{"llm":
 {LLM kwargs}, "phases": [{"name", "requests": [{"prompt_token_ids", "cache_salt", "kv_transfer_params",
 "max_tokens"}]}]}]}``; each phase is one ``generate`` call (one batch). OUT: per phase, per request
-``{"tokens", "logprobs"}``, the phase's wall time, and the connector's log lines.
+``{"tokens", "logprobs", "num_cached_tokens", "finish_reason"}``, the phase's wall time, and the
+connector's log lines.
 """
 
 from __future__ import annotations
@@ -88,8 +89,9 @@ def main(spec_path: str, out_path: str) -> None:
                 reqs.append(
                     {
                         "tokens": list(c.token_ids),
-                        "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)],
+                        "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs or [], c.token_ids)],
                         "num_cached_tokens": o.num_cached_tokens,
+                        "finish_reason": c.finish_reason,
                     }
                 )
             result["phases"].append({"name": phase["name"], "wall_s": wall, "requests": reqs})

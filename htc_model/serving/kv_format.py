@@ -88,13 +88,17 @@ class KVFileInfo:
 
 def read_info(path: str | os.PathLike) -> KVFileInfo:
     """The metadata of the file at ``path`` (ValueError if it is not one of ours)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"htc vLLM KV file {path!r} does not exist")
-    with safe_open(path, framework="pt") as f:
-        return KVFileInfo.from_metadata(f.metadata() or {}, f" {path!r}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"htc vLLM KV file {path!r} cannot be read: {e}") from e
+    return KVFileInfo.from_metadata(metadata, f" {path!r}")
 
 
 def config_fingerprint(config_dict: dict) -> str:
@@ -179,6 +183,11 @@ class LoadPlanner:
     a :class:`KVLoad` once blocks exist, and :meth:`take` hands the step's loads to the workers. So a
     preempted request reloads its KV; the placeholder tokens are never computed. Requests without
     the parameter are left alone (plain requests batch with compressed ones).
+
+    A request that cannot be served exactly is refused alone, the engine goes on: :meth:`refuse`
+    claims its prompt as an asynchronous load (so vLLM computes none of it), :meth:`allocated` checks
+    that vLLM took the claim, and :meth:`take_refused` hands it to the workers, which report its load
+    as failed; vLLM (``kv_load_failure_policy="fail"``) then finishes it with an error.
     """
 
     def __init__(
@@ -201,6 +210,8 @@ class LoadPlanner:
         self._block_size = block_size
         self._matched: dict[str, tuple[str, int, int]] = {}  # request -> (path, start, end)
         self._pending: list[KVLoad] = []
+        self._refusing: dict[str, str] = {}  # request -> why, until vLLM allocated its claim
+        self._refused: list[str] = []  # claimed, not yet handed to the workers
         self.loads: dict[str, int] = {}  # loads per live request (> 1: reloaded after a preemption)
 
     def match(
@@ -218,7 +229,10 @@ class LoadPlanner:
         if not params or PARAMS_KEY not in params:
             return 0
         path = str(params[PARAMS_KEY])
-        info = read_info(path)
+        try:
+            info = read_info(path)
+        except ValueError as e:
+            raise ValueError(f"htc connector: request {request_id!r} refused: {e}") from e
         n = info.num_tokens
         problems = [
             f"{k} {getattr(info, k)!r}, the served model's is {v!r}"
@@ -251,14 +265,22 @@ class LoadPlanner:
         self._matched[request_id] = (path, num_computed, n)
         return n - num_computed
 
-    def allocated(self, request_id: str, block_ids: list[int], num_external: int) -> None:
+    def allocated(self, request_id: str, block_ids: list[int], num_external: int) -> bool:
         """The scheduler gave the request blocks ``block_ids`` (all of them, in order) and accepted
-        ``num_external`` tokens to load."""
+        ``num_external`` tokens to load. True when that planned a load of the file."""
+        why = self._refusing.pop(request_id, None)
+        if why is not None:
+            if num_external == 0:
+                # vLLM overrode the claim (e.g. a request that skips the prefix cache): it would compute
+                # the placeholders as text. Nothing per-request is left; stop rather than answer wrongly.
+                raise RuntimeError(f"{why}; vLLM did not take the connector's claim: no refusing it alone")
+            self._refused.append(request_id)
+            return False
         matched = self._matched.pop(request_id, None)
         if matched is None or num_external == 0:
             # num_external == 0 after a match: the scheduler's own prefix cache holds those tokens
             # (a hit ending inside a block that covers the file); nothing to load.
-            return
+            return False
         path, start, end = matched
         if start + num_external != end:
             raise RuntimeError(
@@ -268,12 +290,26 @@ class LoadPlanner:
         slots = slot_mapping(block_ids, self._block_size, start, end)
         self._pending.append(KVLoad(request_id, path, start, end, slots))
         self.loads[request_id] = self.loads.get(request_id, 0) + 1
+        return True
+
+    def refuse(self, request_id: str, why: str, num_prompt_tokens: int, num_computed: int) -> int:
+        """Record a request :meth:`match` refused (``why``: its message); returns the tokens to claim as
+        an asynchronous load: the prompt but its last token beyond ``num_computed``, at least one."""
+        self._matched.pop(request_id, None)
+        self._refusing[request_id] = why
+        return max(1, num_prompt_tokens - 1 - num_computed)
 
     def take(self) -> list[KVLoad]:
         """The loads planned since the last call (for this step's workers)."""
         loads, self._pending = self._pending, []
         return loads
 
+    def take_refused(self) -> list[str]:
+        """The requests refused since the last call, whose loads this step's workers report failed."""
+        refused, self._refused = self._refused, []
+        return refused
+
     def finished(self, request_id: str) -> None:
+        self._refusing.pop(request_id, None)
         self._matched.pop(request_id, None)
         self.loads.pop(request_id, None)

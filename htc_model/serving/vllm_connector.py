@@ -25,8 +25,14 @@ Server: ``python -m vllm.entrypoints.openai.api_server --model LM_DIR --kv-trans
 The repository root must be importable (``PYTHONPATH``) and the files readable by the server.
 
 Policies: a preempted request reloads its file when it is placed again (never recomputes
-placeholders); a request that cannot be served exactly (model or dtype mismatch, prompt not of the
-file's form, wrong cache_salt, prompt_logprobs) raises a ValueError in the engine; pipeline
+placeholders). A request that cannot be served exactly (a missing or unreadable file, model or dtype
+mismatch, prompt not of the file's form, wrong cache_salt) is refused alone: the connector claims its
+prompt as an asynchronous load that its workers report failed, so vLLM computes none of it and
+finishes it with ``finish_reason="error"`` (the reason is logged, ERROR, under ``vllm.htc_connector``);
+the engine and the other requests go on. One exception: a request with ``prompt_logprobs`` skips
+connectors altogether in vLLM, so there is no claim to fail; it raises in the engine, which stops
+(rather than compute its placeholders as text). ``kv_load_failure_policy`` must stay ``"fail"`` (the
+default; ``"recompute"`` is refused at start-up: it would retry a refused request forever). Pipeline
 parallelism and decode context parallelism are refused at start-up; tensor parallelism loads each
 rank's KV heads (:func:`~htc_model.serving.kv_format.head_range`).
 """
@@ -44,6 +50,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
 )
 
 from .kv_format import KVLoad, LoadPlanner, config_fingerprint, head_range
@@ -66,6 +73,7 @@ _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 @dataclass
 class _Metadata(KVConnectorMetadata):
     loads: list[KVLoad] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # requests whose (claimed) load the workers fail
 
 
 def _torch_dtype_name(dtype) -> str:
@@ -81,6 +89,13 @@ class HTCKVConnector(KVConnectorBase_V1):
                 "HTCKVConnector: pipeline parallelism and decode context parallelism are not supported "
                 f"(pipeline_parallel_size={par.pipeline_parallel_size}, decode_context_parallel_size="
                 f"{getattr(par, 'decode_context_parallel_size', 1)}); tensor parallelism is"
+            )
+        policy = getattr(vllm_config.kv_transfer_config, "kv_load_failure_policy", "fail")
+        if policy != "fail":
+            raise ValueError(
+                f"HTCKVConnector: kv_load_failure_policy={policy!r}; it must be 'fail' (the default): the "
+                "connector refuses a request it cannot serve exactly by failing its load, which 'recompute' "
+                "would retry forever"
             )
         model = vllm_config.model_config
         cache_dtype = vllm_config.cache_config.cache_dtype
@@ -99,23 +114,32 @@ class HTCKVConnector(KVConnectorBase_V1):
             block_size=vllm_config.cache_config.block_size,
         )
         self._kv_caches: dict[str, torch.Tensor] = {}
+        self._failed: set[str] = set()  # worker side: refused requests to report with this step's results
 
     # ---- scheduler side ----
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        n = self._planner.match(
-            request.request_id,
-            request.kv_transfer_params,
-            list(request.prompt_token_ids or []),
-            request.cache_salt,
-            bool(request.skip_reading_prefix_cache),
-            num_computed_tokens,
-        )
+        prompt = list(request.prompt_token_ids or [])
+        try:
+            n = self._planner.match(
+                request.request_id,
+                request.kv_transfer_params,
+                prompt,
+                request.cache_salt,
+                bool(request.skip_reading_prefix_cache),
+                num_computed_tokens,
+            )
+        except ValueError as e:
+            if request.skip_reading_prefix_cache:
+                raise  # vLLM ignores a connector's claim for this request: nothing can refuse it alone
+            logger.error("%s", e)
+            # Claimed as an asynchronous load, failed by the workers: vLLM computes none of the prompt
+            # and finishes the request with an error (kv_load_failure_policy="fail").
+            return self._planner.refuse(request.request_id, str(e), len(prompt), num_computed_tokens), True
         return n, False  # loaded synchronously, in the step that first computes the request
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int):
-        self._planner.allocated(request.request_id, blocks.get_block_ids()[0], num_external_tokens)
-        count = self._planner.loads.get(request.request_id, 0)
-        if num_external_tokens:
+        if self._planner.allocated(request.request_id, blocks.get_block_ids()[0], num_external_tokens):
+            count = self._planner.loads[request.request_id]
             logger.info(
                 "htc: request %s loads %d compressed tokens (load %d%s)",
                 request.request_id,
@@ -125,7 +149,7 @@ class HTCKVConnector(KVConnectorBase_V1):
             )
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        return _Metadata(self._planner.take())
+        return _Metadata(self._planner.take(), self._planner.take_refused())
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._planner.finished(request.request_id)
@@ -137,7 +161,10 @@ class HTCKVConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
-        if not isinstance(meta, _Metadata) or not meta.loads:
+        if not isinstance(meta, _Metadata):
+            return
+        self._failed.update(meta.refused)
+        if not meta.loads:
             return
         from vllm.distributed.parallel_state import (
             get_tensor_model_parallel_rank,
@@ -166,6 +193,11 @@ class HTCKVConnector(KVConnectorBase_V1):
                         kv_cache,
                         slots,
                     )
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        # A failed receive is also a finished one (vLLM's contract): the scheduler then frees its blocks.
+        failed, self._failed = self._failed, set()
+        return KVConnectorTransferResults(finished_recving=set(failed), failed_recving=failed)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # start_load_kv wrote every layer already
