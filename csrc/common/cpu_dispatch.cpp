@@ -201,37 +201,31 @@ void choose_bf16_tiles(Choice& c) {
     st.bf16_tiles = "fp32";
     return;
   }
-  std::string why;
-  if (want == "1" || want == "dpbf16") {
-    if (dpbf16) {
-      st.bf16_tiles = "dpbf16";
-      c.bf16_tiles = Bf16Tiles::kDpbf16;
+  // Each mode: the values that name it, its name in hk.info(), whether the variant in use can run it.
+  struct Mode {
+    const char* name;
+    const char* alias;  // or nullptr
+    const char* status;
+    Bf16Tiles tiles;
+    bool runs;
+    const char* needs;
+  };
+  const Mode modes[] = {
+      {"dpbf16", "1", "dpbf16", Bf16Tiles::kDpbf16, dpbf16, "the avx512_bf16 or amx variant (AVX512-BF16)"},
+      {"emulate", nullptr, "emulated", Bf16Tiles::kEmulated, avx512, "an AVX-512 variant"},
+      {"amx", nullptr, "amx", Bf16Tiles::kAmx, amx, "the amx variant (AMX-TILE and AMX-BF16, granted by the OS)"},
+      {"amx_emulate", nullptr, "amx_emulated", Bf16Tiles::kAmxEmulated, avx512, "an AVX-512 variant"},
+  };
+  std::string why = "is not a mode; use fp32 (default), dpbf16 (or 1), emulate, amx, amx_emulate";
+  for (const Mode& m : modes) {
+    if (want != m.name && !(m.alias && want == m.alias)) continue;
+    if (m.runs) {
+      st.bf16_tiles = m.status;
+      c.bf16_tiles = m.tiles;
       return;
     }
-    why = "needs the avx512_bf16 or amx variant (AVX512-BF16), the variant in use is " + v;
-  } else if (want == "emulate") {
-    if (avx512) {
-      st.bf16_tiles = "emulated";
-      c.bf16_tiles = Bf16Tiles::kEmulated;
-      return;
-    }
-    why = "needs an AVX-512 variant, the variant in use is " + v;
-  } else if (want == "amx") {
-    if (amx) {
-      st.bf16_tiles = "amx";
-      c.bf16_tiles = Bf16Tiles::kAmx;
-      return;
-    }
-    why = "needs the amx variant (AMX-TILE and AMX-BF16, granted by the OS), the variant in use is " + v;
-  } else if (want == "amx_emulate") {
-    if (avx512) {
-      st.bf16_tiles = "amx_emulated";
-      c.bf16_tiles = Bf16Tiles::kAmxEmulated;
-      return;
-    }
-    why = "needs an AVX-512 variant, the variant in use is " + v;
-  } else {
-    why = "is not a mode; use fp32 (default), dpbf16 (or 1), emulate, amx, amx_emulate";
+    why = std::string("needs ") + m.needs + ", the variant in use is " + v;
+    break;
   }
   st.error = "HTC_CPU_BF16_TILES=" + want + " " + why + " (CPU has: " + st.cpu_features + ")";
   st.active.clear();

@@ -6,6 +6,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "common/vec.h"
 
@@ -65,46 +66,56 @@ inline void gemm_block(float* C, int64_t ldc, const float* A, int64_t sar, int64
     for (int v = 0; v < NV; ++v) acc[r][v].store(C + r * ldc + v * kVL);
 }
 
-template <int NV>
-inline void gemm_rows(float* C, int64_t ldc, const float* A, int64_t sar, int64_t sac,
-                      const float* B, int64_t ldb, int64_t M, int64_t K, bool accumulate,
-                      PrefetchStream* pf) {
-  int64_t m = 0;
-  for (; m + kRows <= M; m += kRows)
-    gemm_block<kRows, NV>(C + m * ldc, ldc, A + m * sar, sar, sac, B, ldb, K, accumulate, pf);
-  const int64_t rest = M - m;
-  C += m * ldc;
-  A += m * sar;
-  switch (rest) {
+// Register blocks of C [M x N]: calls tile(IntC<R>{}, IntC<NV>{}, m, n) for rows [m, m + R) and columns
+// [n, n + NV * kVL), R <= kRows and NV <= kMaxNV (a compile-time block shape: the accumulators stay in
+// registers), column panels outside, row blocks inside. N % kVL == 0. Shared by the fp32 and bf16 GEMMs.
+template <int V>
+using IntC = std::integral_constant<int, V>;
+
+template <class Tile>
+inline void for_each_block(int64_t M, int64_t N, Tile&& tile) {
+  auto panel = [&](auto nv, int64_t n) {
+    int64_t m = 0;
+    for (; m + kRows <= M; m += kRows) tile(IntC<kRows>{}, nv, m, n);
+    switch (M - m) {
+      case 0: break;
+      case 1: tile(IntC<1>{}, nv, m, n); break;
+      case 2: tile(IntC<2>{}, nv, m, n); break;
+      case 3: tile(IntC<3>{}, nv, m, n); break;
+      case 4: tile(IntC<4>{}, nv, m, n); break;
+      default: tile(IntC<5>{}, nv, m, n); break;
+    }
+  };
+  int64_t n = 0;
+  for (; n + kMaxNV * kVL <= N; n += kMaxNV * kVL) panel(IntC<kMaxNV>{}, n);
+  switch ((N - n) / kVL) {
     case 0: break;
-    case 1: gemm_block<1, NV>(C, ldc, A, sar, sac, B, ldb, K, accumulate, pf); break;
-    case 2: gemm_block<2, NV>(C, ldc, A, sar, sac, B, ldb, K, accumulate, pf); break;
-    case 3: gemm_block<3, NV>(C, ldc, A, sar, sac, B, ldb, K, accumulate, pf); break;
-    case 4: gemm_block<4, NV>(C, ldc, A, sar, sac, B, ldb, K, accumulate, pf); break;
-    default: gemm_block<5, NV>(C, ldc, A, sar, sac, B, ldb, K, accumulate, pf); break;
+    case 1: panel(IntC<1>{}, n); break;
+    case 2: panel(IntC<2>{}, n); break;
+    default: panel(IntC<3>{}, n); break;
   }
+}
+
+// The degenerate shapes of every GEMM here: true when there is nothing (more) to compute (C zeroed for
+// an empty K unless accumulating).
+inline bool gemm_trivial(float* C, int64_t ldc, int64_t M, int64_t N, int64_t K, bool accumulate) {
+  if (M <= 0) return true;
+  if (K > 0) return false;
+  if (!accumulate)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = 0.f;
+  return true;
 }
 
 // C [M x N] (+)= A [M x K] * B [K x N]; N % kVL == 0. `pf`, if given, advances one line per k-step.
 inline void gemm(float* C, int64_t ldc, const float* A, int64_t sar, int64_t sac, const float* B,
                  int64_t ldb, int64_t M, int64_t N, int64_t K, bool accumulate,
                  PrefetchStream* pf = nullptr) {
-  if (M <= 0) return;
-  if (K <= 0) {
-    if (!accumulate)
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = 0.f;
-    return;
-  }
-  int64_t n = 0;
-  for (; n + kMaxNV * kVL <= N; n += kMaxNV * kVL)
-    gemm_rows<kMaxNV>(C + n, ldc, A, sar, sac, B + n, ldb, M, K, accumulate, pf);
-  switch ((N - n) / kVL) {
-    case 0: break;
-    case 1: gemm_rows<1>(C + n, ldc, A, sar, sac, B + n, ldb, M, K, accumulate, pf); break;
-    case 2: gemm_rows<2>(C + n, ldc, A, sar, sac, B + n, ldb, M, K, accumulate, pf); break;
-    default: gemm_rows<3>(C + n, ldc, A, sar, sac, B + n, ldb, M, K, accumulate, pf); break;
-  }
+  if (gemm_trivial(C, ldc, M, N, K, accumulate)) return;
+  for_each_block(M, N, [&](auto r, auto nv, int64_t m, int64_t n) {
+    gemm_block<decltype(r)::value, decltype(nv)::value>(C + m * ldc + n, ldc, A + m * sar, sar, sac, B + n, ldb, K,
+                                                        accumulate, pf);
+  });
 }
 
 #if defined(__AVX512F__)
@@ -156,44 +167,15 @@ inline void gemm_bf16_block(float* C, int64_t ldc, const uint16_t* A, int64_t sa
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + v * 16, acc[r][v]);
 }
 
-template <int NV, bool kEmulate>
-inline void gemm_bf16_rows(float* C, int64_t ldc, const uint16_t* A, int64_t sar, int64_t sac, const uint32_t* B,
-                           int64_t ldb, int64_t M, int64_t Kp, bool accumulate, PrefetchStream* pf) {
-  int64_t m = 0;
-  for (; m + kRows <= M; m += kRows)
-    gemm_bf16_block<kRows, NV, kEmulate>(C + m * ldc, ldc, A + m * sar, sar, sac, B, ldb, Kp, accumulate, pf);
-  C += m * ldc;
-  A += m * sar;
-  switch (M - m) {
-    case 0: break;
-    case 1: gemm_bf16_block<1, NV, kEmulate>(C, ldc, A, sar, sac, B, ldb, Kp, accumulate, pf); break;
-    case 2: gemm_bf16_block<2, NV, kEmulate>(C, ldc, A, sar, sac, B, ldb, Kp, accumulate, pf); break;
-    case 3: gemm_bf16_block<3, NV, kEmulate>(C, ldc, A, sar, sac, B, ldb, Kp, accumulate, pf); break;
-    case 4: gemm_bf16_block<4, NV, kEmulate>(C, ldc, A, sar, sac, B, ldb, Kp, accumulate, pf); break;
-    default: gemm_bf16_block<5, NV, kEmulate>(C, ldc, A, sar, sac, B, ldb, Kp, accumulate, pf); break;
-  }
-}
-
 // C [M x N] (+)= A [M x 2Kp] * B [2Kp x N] in bf16 pairs (layout above); N % 16 == 0.
 template <bool kEmulate>
 inline void gemm_bf16(float* C, int64_t ldc, const uint16_t* A, int64_t sar, int64_t sac, const uint32_t* B,
                       int64_t ldb, int64_t M, int64_t N, int64_t Kp, bool accumulate, PrefetchStream* pf = nullptr) {
-  if (M <= 0) return;
-  if (Kp <= 0) {
-    if (!accumulate)
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = 0.f;
-    return;
-  }
-  int64_t n = 0;
-  for (; n + kMaxNV * 16 <= N; n += kMaxNV * 16)
-    gemm_bf16_rows<kMaxNV, kEmulate>(C + n, ldc, A, sar, sac, B + n, ldb, M, Kp, accumulate, pf);
-  switch ((N - n) / 16) {
-    case 0: break;
-    case 1: gemm_bf16_rows<1, kEmulate>(C + n, ldc, A, sar, sac, B + n, ldb, M, Kp, accumulate, pf); break;
-    case 2: gemm_bf16_rows<2, kEmulate>(C + n, ldc, A, sar, sac, B + n, ldb, M, Kp, accumulate, pf); break;
-    default: gemm_bf16_rows<3, kEmulate>(C + n, ldc, A, sar, sac, B + n, ldb, M, Kp, accumulate, pf); break;
-  }
+  if (gemm_trivial(C, ldc, M, N, Kp, accumulate)) return;
+  for_each_block(M, N, [&](auto r, auto nv, int64_t m, int64_t n) {
+    gemm_bf16_block<decltype(r)::value, decltype(nv)::value, kEmulate>(C + m * ldc + n, ldc, A + m * sar, sar, sac,
+                                                                       B + n, ldb, Kp, accumulate, pf);
+  });
 }
 
 // 16 fp32 values rounded to bf16 (round to nearest even, as vcvtneps2bf16; the values are finite), in the

@@ -544,7 +544,45 @@ inline void keys_bf16(const Geometry& g, float* C, const float* W, const Span& s
 }
 #else
 constexpr bool kBf16TilesBuilt = false;
+// Declared only: with_tiles instantiates the bf16 tiles (kTiles != kFp32) in AVX-512 variants alone, so
+// here every call sits in a discarded `if constexpr` branch and the passes need no #if around them.
+template <class... Args>
+void load_tile_pairs(Args&&...);
+template <class... Args>
+const uint16_t* key_pairs(Args&&...);
+template <Bf16Tiles, class... Args>
+void scores_bf16(Args&&...);
+template <Bf16Tiles, class... Args>
+void pv_bf16(Args&&...);
+template <class... Args>
+void row_pairs(Args&&...);
+template <Bf16Tiles, class... Args>
+void keys_bf16(Args&&...);
 #endif
+
+// S (or dP) of a span: sT[j][i] = mul * (k_j . q_i) for keys [j0, j0 + nj) of head `kh` and the span's
+// rows. With `pairs` (bf16 tiles, more than kThinRows rows) on bf16 pairs straight from K (qP: the tile
+// in pairs, load_tile_pairs); else on fp32 key rows (key_rows into kbuf) against the fp32 tile (qT, q_row,
+// already scaled: mul is the bf16 path's). The forward's and the backward's S (mul = scale) and the
+// backward's dP (mul = 1) all come from here, so the backward recomputes the forward's P. Returns the
+// fp32 key rows (row stride *ld), or null on the bf16 path.
+template <Bf16Tiles kTiles, typename T>
+inline const float* block_scores(const Geometry& g, float* sT, bool pairs, const T* kh, int64_t stride, int64_t j0,
+                                 int64_t nj, const Span& sp, float mul, const uint32_t* qP, uint16_t* odd,
+                                 const float* qT, const float* q_row, float* kbuf, int64_t* ld,
+                                 cpu::PrefetchStream* pf = nullptr) {
+  if constexpr (kTiles != Bf16Tiles::kFp32) {
+    if (pairs) {
+      int64_t ldp;
+      const uint16_t* kp = key_pairs(kh, stride, g, j0, nj, odd, &ldp);
+      scores_bf16<kTiles>(g, sT, kp, ldp, qP, nj, sp, mul, pf);
+      return nullptr;
+    }
+  }
+  const float* rows = key_rows(kh, stride, g, j0, nj, kbuf, ld);
+  scores(g, sT, rows, *ld, qT, q_row, nj, sp, pf);
+  return rows;
+}
 
 // kTiles: Bf16Tiles::kFp32 for every dtype; kDpbf16 / kEmulated / kAmx / kAmxEmulated (bf16 inputs, any D,
 // an AVX-512 variant) run the two GEMMs on bf16 pairs (scores_bf16, pv_bf16; cpu::gemm_tiles).
@@ -586,9 +624,7 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
       const T* kh = kp + b * k.stride(0) + hk * k.stride(1);
       const T* vh = vp + b * v.stride(0) + hk * v.stride(1);
       load_tile(qh, q.stride(2), g, rows, g.scale, q_row.data(), qT.data());
-#if defined(__AVX512F__)
       if constexpr (kBf16) load_tile_pairs(qh, q.stride(2), g, rows, q_pairs.data(), qP.data());
-#endif
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m_i.begin(), m_i.end(), kNegInf);
       std::fill(l_i.begin(), l_i.end(), 0.f);
@@ -660,23 +696,9 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
         // P V GEMM multiplies V rows by p = 0 at masked pairs, so in partial tiles they must be finite.
         const bool v_ok = !sp.partial || v_finite.all_finite(vh, v.stride(2), g.D, k0 + sp.jlo, nj);
         // bf16 tiles: GEMMs on bf16 pairs straight from K and V (fp32 rows only for the thin-row dots).
-        const bool bf16_scores = kBf16 && sp.ihi - sp.ilo > kThinRows, bf16_pv = kBf16;
         int64_t ldk = 0, ldv = 0;
-        const float* kt_rows =
-            bf16_scores ? nullptr : key_rows(kh, k.stride(2), g, k0 + sp.jlo, nj, kbuf.data(), &ldk);
-        const float* vt_rows =
-            v_ok && !bf16_pv ? key_rows(vh, v.stride(2), g, k0 + sp.jlo, nj, vbuf.data(), &ldv) : nullptr;
-        // sT[j][i] = k_j . (scale q_i)
-#if defined(__AVX512F__)
-        if constexpr (kBf16) {
-          if (bf16_scores) {
-            int64_t ldp;
-            const uint16_t* kpairs = key_pairs(kh, k.stride(2), g, k0 + sp.jlo, nj, k_odd.data(), &ldp);
-            scores_bf16<kTiles>(g, sT.data(), kpairs, ldp, qP.data(), nj, sp, g.scale, &next_k);
-          }
-        }
-#endif
-        if (!bf16_scores) scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp, &next_k);
+        block_scores<kTiles>(g, sT.data(), kBf16 && mi > kThinRows, kh, k.stride(2), k0 + sp.jlo, nj, sp, g.scale,
+                             qP.data(), k_odd.data(), qT.data(), q_row.data(), kbuf.data(), &ldk, &next_k);
         if constexpr (kCap) cap_scores(g, sT.data(), nj, sp);
         if (tk != kFull) apply_mask(sT.data(), tmask, nj, BQp);
         for (int64_t i0 = sp.ilo / kVL * kVL; i0 < sp.ihi; i0 += kVL) {
@@ -702,15 +724,13 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
           for (int64_t d = 0; d < Dp; d += kVL) (Vec::loadu(acc.data() + i * Dp + d) * a).store(acc.data() + i * Dp + d);
         }
         // acc[i][:] += sum_j p[j][i] v_j
-        if (bf16_pv) {
-#if defined(__AVX512F__)
-          if constexpr (kBf16)
-            pv_bf16<kTiles>(g, acc.data(), sT.data(), sp, vh, v.stride(2), k0 + sp.jlo, nj, pP.data(), vP.data(),
-                            v_ok ? nullptr : &v_finite, tmask, bad_row.data(), &next_v);
-#endif
-        } else if (v_ok)
+        if constexpr (kBf16)
+          pv_bf16<kTiles>(g, acc.data(), sT.data(), sp, vh, v.stride(2), k0 + sp.jlo, nj, pP.data(), vP.data(),
+                          v_ok ? nullptr : &v_finite, tmask, bad_row.data(), &next_v);
+        else if (v_ok) {
+          const float* vt_rows = key_rows(vh, v.stride(2), g, k0 + sp.jlo, nj, vbuf.data(), &ldv);
           gemm(acc.data() + sp.ilo * Dp, Dp, sT.data() + sp.ilo, 1, BQp, vt_rows, ldv, mi, Dp, nj, true, &next_v);
-        else
+        } else
           gemm_except_bad(g, acc.data(), sT.data(), tmask, vh, v.stride(2), k0 + sp.jlo, nj, sp.ilo, sp.ihi,
                           v_finite, vbuf.data(), bad_row.data());
       }
@@ -812,13 +832,11 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
           rows.fill(g, kin, grp, qt);
           load_tile(qh, q.stride(2), g, rows, g.scale, q_row.data(), kBf16 ? nullptr : qT.data());
           load_tile(doh, dout.stride(2), g, rows, 1.f, do_row.data(), kBf16 ? nullptr : doT.data());
-#if defined(__AVX512F__)
           if constexpr (kBf16) {
             load_tile_pairs(qh, q.stride(2), g, rows, pair_rows.data(), qP.data());
             load_tile_pairs(doh, dout.stride(2), g, rows, pair_rows.data(), doP.data());
             packed_lo = packed_hi = -1;
           }
-#endif
           for (int64_t i = 0; i < BQp; ++i) {
             // PAD rows (lse = -inf) and rows past the end get p = exp(s - inf) = 0.
             const bool live = i < rows.m && rows.kind[i] != kPad && std::isfinite(lh[rows.r0 + i]);
@@ -874,32 +892,15 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
             const int64_t nj = sp.jhi - sp.jlo, j0 = k0 + sp.jlo, mi = sp.ihi - sp.ilo;
             // bf16 tiles: S and dP as the forward's scores (bf16 pairs, or fp32 dots for thin spans), so
             // the recomputed P is the forward's; fp32 K and V rows only for those dots.
-            const bool bf16_scores = kBf16 && mi > kThinRows;
+            const bool pairs = kBf16 && mi > kThinRows;
             int64_t ldk = 0, ldv = 0;
-            const float* kt_rows = bf16_scores ? nullptr : key_rows(kh, k.stride(2), g, j0, nj, kbuf.data(), &ldk);
-            const float* vt_rows = bf16_scores ? nullptr : key_rows(vh, v.stride(2), g, j0, nj, vbuf.data(), &ldv);
-#if defined(__AVX512F__)
-            if constexpr (kBf16) {
-              if (bf16_scores) {
-                int64_t ldp;
-                const uint16_t* kpairs = key_pairs(kh, k.stride(2), g, j0, nj, k_odd.data(), &ldp);
-                scores_bf16<kTiles>(g, sT.data(), kpairs, ldp, qP.data(), nj, sp, g.scale);
-              }
-            }
-#endif
-            if (!bf16_scores) scores(g, sT.data(), kt_rows, ldk, qT.data(), q_row.data(), nj, sp);
+            const float* kt_rows = block_scores<kTiles>(g, sT.data(), pairs, kh, k.stride(2), j0, nj, sp, g.scale,
+                                                        qP.data(), k_odd.data(), qT.data(), q_row.data(), kbuf.data(),
+                                                        &ldk);
             if constexpr (kCap) cap_scores(g, sT.data(), nj, sp);  // sT: capped scores c t
             if (tk != kFull) apply_mask(sT.data(), tmask, nj, BQp);
-#if defined(__AVX512F__)
-            if constexpr (kBf16) {
-              if (bf16_scores) {
-                int64_t ldp;
-                const uint16_t* vpairs = key_pairs(vh, v.stride(2), g, j0, nj, v_odd.data(), &ldp);
-                scores_bf16<kTiles>(g, dpT.data(), vpairs, ldp, doP.data(), nj, sp, 1.f);
-              }
-            }
-#endif
-            if (!bf16_scores) scores(g, dpT.data(), vt_rows, ldv, doT.data(), do_row.data(), nj, sp);
+            block_scores<kTiles>(g, dpT.data(), pairs, vh, v.stride(2), j0, nj, sp, 1.f, doP.data(), v_odd.data(),
+                                 doT.data(), do_row.data(), vbuf.data(), &ldv);
             // Masked pairs (score -inf after apply_mask) get dS = 0 by select, not p * (dp - delta) = 0 *
             // (dO . v_j), which is NaN when v_j is not finite (masked means never read). Only partial
             // spans hold masked pairs among the rows and keys the GEMMs read.
@@ -923,7 +924,6 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
             // The dq GEMM multiplies K rows by dS = 0 at masked pairs, so in partial tiles they must be finite
             // (the dv and dk GEMMs multiply by zeros only rows of dO and q: PAD rows are loaded as zeros).
             const bool k_ok = !sp.partial || k_finite.all_finite(kh, k.stride(2), g.D, j0, nj);
-#if defined(__AVX512F__)
             if constexpr (kBf16) {
               if (sp.ilo != packed_lo || sp.ihi != packed_hi) {  // the tile's spans are mostly the same
                 row_pairs(doh, dout.stride(2), g, rows, sp.ilo, sp.ihi, doPi.data());
@@ -937,7 +937,6 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
                                 k_ok ? nullptr : &k_finite, tmask, bad_row.data());
               continue;
             }
-#endif
             const float* p_rows = sT.data() + sp.ilo;
             const float* ds_rows = dpT.data() + sp.ilo;
             gemm(dv_acc + j0 * Dp, Dp, p_rows, BQp, 1, do_row.data() + sp.ilo * Dp, Dp, nj, Dp, mi, true);
