@@ -32,6 +32,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 import htc_kernels.hf as hkhf  # noqa: E402
@@ -453,6 +455,12 @@ def served(tmp_path_factory):
         cases[name] = ({"prompt_token_ids": prompt, "max_tokens": steps}, *_hf_reference(lm, prompt, steps))
         return cases[name][0]
 
+    # img0's file with a tensor missing: its header passes the scheduler's checks, the worker's load fails
+    with safe_open(files["img0"], framework="pt") as f:
+        broken = {k: f.get_tensor(k) for k in f.keys() if k != "values.1"}
+        save_file(broken, tmp / "broken.safetensors", metadata=f.metadata())
+    files["broken"] = tmp / "broken.safetensors"
+
     def refused(name, change, steps):
         req = {**request_inputs(files["img0"], [9, 10]), "max_tokens": steps}
         cases[name] = (change(req, files), None, None)
@@ -519,6 +527,7 @@ _REFUSALS = {
     "refused_salt": lambda r, files: {**r, "cache_salt": read_info(files["img1"]).kv_hash},
     "refused_prompt": lambda r, files: {**r, "prompt_token_ids": [5] + r["prompt_token_ids"][1:]},
     "refused_file": lambda r, files: {**r, "kv_transfer_params": {"htc_kv_path": f"{files['img0']}.gone"}},
+    "refused_load": lambda r, files: {**r, "kv_transfer_params": {"htc_kv_path": str(files["broken"])}},
 }
 
 
@@ -565,13 +574,15 @@ def test_vllm_prefix_cache_hit_and_salt(served):
 
 def test_vllm_refuses_a_request_alone(served):
     """A request the connector cannot serve exactly (another image's cache_salt, a prompt not of the
-    file's form, a missing file) finishes with finish_reason "error" and no tokens, the reason logged;
-    the good request batched with them is answered exactly, and the engine serves the next batch."""
+    file's form, a missing file: refused by the scheduler side; a file whose load fails: by the worker)
+    finishes with finish_reason "error" and no tokens, the reason logged; the good request batched with
+    them is answered exactly, and the engine serves the next batch."""
     log = served["out"]["engines"][0]["connector_log"]
     for name, why in (
         ("refused_salt", "cache_salt"),
         ("refused_prompt", "placeholder id"),
         ("refused_file", "does not exist"),
+        ("refused_load", "values.1"),
     ):
         g = served["got"][name]
         assert (g["finish_reason"], g["tokens"]) == ("error", []), (name, g)
@@ -580,7 +591,8 @@ def test_vllm_refuses_a_request_alone(served):
         _check(served, name)
         assert served["got"][name]["finish_reason"] == "length"
     loads = [int(m.group(1)) for line in log if (m := re.search(r"loads (\d+) compressed", line))]
-    assert loads[6:] == [served["n_kept"] - BLOCK] * 2, log  # the good ones only: refused ones load nothing
+    # refused_ok, refused_load (planned, then failed in the worker), after_refusal; the others plan none
+    assert loads[6:] == [served["n_kept"] - BLOCK] * 3, log
 
 
 def test_vllm_preemption_reloads(served):

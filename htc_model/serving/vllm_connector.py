@@ -29,12 +29,15 @@ placeholders). A request that cannot be served exactly (a missing or unreadable 
 mismatch, prompt not of the file's form, wrong cache_salt) is refused alone: the connector claims its
 prompt as an asynchronous load that its workers report failed, so vLLM computes none of it and
 finishes it with ``finish_reason="error"`` (the reason is logged, ERROR, under ``vllm.htc_connector``);
-the engine and the other requests go on. One exception: a request with ``prompt_logprobs`` skips
-connectors altogether in vLLM, so there is no claim to fail; it raises in the engine, which stops
-(rather than compute its placeholders as text). ``kv_load_failure_policy`` must stay ``"fail"`` (the
-default; ``"recompute"`` is refused at start-up: it would retry a refused request forever). Pipeline
-parallelism and decode context parallelism are refused at start-up; tensor parallelism loads each
-rank's KV heads (:func:`~htc_model.serving.kv_format.head_range`).
+the engine and the other requests go on. A file that fails when the worker loads it (removed or
+changed since the scheduler read its header: a tensor missing, of another shape or dtype) fails its
+request the same way: the worker writes nothing of it and reports its blocks invalid. One exception:
+a request with ``prompt_logprobs`` skips connectors altogether in vLLM, so there is no claim to fail;
+it raises in the engine, which stops (rather than compute its placeholders as text).
+``kv_load_failure_policy`` must stay ``"fail"`` (the default; ``"recompute"`` is refused at start-up:
+it would retry a refused request forever). Pipeline parallelism and decode context parallelism are
+refused at start-up; tensor parallelism loads each rank's KV heads
+(:func:`~htc_model.serving.kv_format.head_range`).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -114,7 +117,12 @@ class HTCKVConnector(KVConnectorBase_V1):
             block_size=vllm_config.cache_config.block_size,
         )
         self._kv_caches: dict[str, torch.Tensor] = {}
-        self._failed: set[str] = set()  # worker side: refused requests to report with this step's results
+        # Worker side: refused requests and blocks of failed loads, reported with this step's results.
+        self._failed: set[str] = set()
+        self._invalid_blocks: set[int] = set()
+        self._block_size = vllm_config.cache_config.block_size
+        self._head_dim = model.get_head_size()
+        self._dtype = model.dtype
 
     # ---- scheduler side ----
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
@@ -175,24 +183,56 @@ class HTCKVConnector(KVConnectorBase_V1):
             self._num_kv_heads, get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         )
         for load in meta.loads:
-            with safe_open(load.path, framework="pt") as f:
-                for name, kv_cache in self._kv_caches.items():
-                    found = _LAYER_INDEX.search(f".{name}")
-                    if found is None:
-                        raise RuntimeError(f"HTCKVConnector: no layer index in the layer name {name!r}")
-                    i = int(found.group(1))
-                    layer = forward_context.no_compile_layers[name]
-                    keys = f.get_slice(f"keys.{i}")[load.start : load.end, lo:hi]
-                    values = f.get_slice(f"values.{i}")[load.start : load.end, lo:hi]
-                    slots = torch.tensor(load.slots, dtype=torch.int64, device=kv_cache.device)
-                    # The backend's own cache write: the layout (and any packing) stays its business.
-                    layer.impl.do_kv_cache_update(
-                        layer,
-                        keys.to(kv_cache.device).contiguous(),
-                        values.to(kv_cache.device).contiguous(),
-                        kv_cache,
-                        slots,
-                    )
+            try:
+                layers = self._read(load, lo, hi)
+            except (OSError, ValueError, SafetensorError) as e:
+                # The file changed after the scheduler checked it (removed, truncated, a tensor missing or
+                # of another shape): this request fails alone. Its blocks are reported invalid; vLLM
+                # evicts them and finishes the request with an error (kv_load_failure_policy="fail").
+                logger.error(
+                    "htc connector: request %r refused: loading %s failed: %s", load.request_id, load.path, e
+                )
+                self._invalid_blocks.update(slot // self._block_size for slot in load.slots)
+                continue
+            for name, (keys, values) in layers.items():
+                kv_cache = self._kv_caches[name]
+                layer = forward_context.no_compile_layers[name]
+                slots = torch.tensor(load.slots, dtype=torch.int64, device=kv_cache.device)
+                # The backend's own cache write: the layout (and any packing) stays its business.
+                layer.impl.do_kv_cache_update(
+                    layer,
+                    keys.to(kv_cache.device).contiguous(),
+                    values.to(kv_cache.device).contiguous(),
+                    kv_cache,
+                    slots,
+                )
+
+    def _read(self, load: KVLoad, lo: int, hi: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's keys and values of ``load`` (this rank's heads ``[lo, hi)``), checked against the
+        served model before anything is written."""
+        want = (load.end - load.start, hi - lo, self._head_dim)
+        layers = {}
+        with safe_open(load.path, framework="pt") as f:
+            for name in self._kv_caches:
+                found = _LAYER_INDEX.search(f".{name}")
+                if found is None:
+                    raise RuntimeError(f"HTCKVConnector: no layer index in the layer name {name!r}")
+                i = int(found.group(1))
+                kv = tuple(
+                    f.get_slice(f"{part}.{i}")[load.start : load.end, lo:hi] for part in ("keys", "values")
+                )
+                for t in kv:
+                    if tuple(t.shape) != want or t.dtype != self._dtype:
+                        raise ValueError(
+                            f"layer {i}: a tensor of shape {tuple(t.shape)} in {t.dtype}, the load needs "
+                            f"{want} in {self._dtype}"
+                        )
+                layers[name] = kv
+        return layers
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        invalid, self._invalid_blocks = self._invalid_blocks, set()
+        return invalid
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         # A failed receive is also a finished one (vLLM's contract): the scheduler then frees its blocks.
