@@ -638,7 +638,8 @@ def test_vllm_openai_server_equals_hf(tmp_path):
     """The README's five lines: the server started with the connector flags as written (on a free
     port, in a directory holding ``lm/``), the README's completion body with this image's
     ``cache_salt`` and path: the answer's token ids are HF ``generate``'s with the image, logprobs
-    within 1e-3, and the connector loaded the compressed tokens (not computed them as text)."""
+    within 1e-3, and the connector loaded the compressed tokens (not computed them as text). Then a
+    request with another salt: HTTP 500, and the same good request is answered again."""
     _vllm_or_skip()
     server_args, url, body = _readme_openai_example()
     assert url == "localhost:8000/v1/completions", url
@@ -685,6 +686,12 @@ def test_vllm_openai_server_equals_hf(tmp_path):
             out = _post(f"{base}/v1/completions", body, timeout=120)
         except urllib.error.HTTPError as e:
             pytest.fail(f"/v1/completions: {e.code} {e.read().decode()}\n" + log_path.read_text()[-8000:])
+        # A request the connector refuses (another salt) gets vLLM's HTTP 500 for a failed generation; the
+        # server goes on serving.
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _post(f"{base}/v1/completions", {**body, "cache_salt": "another"}, timeout=120)
+        assert refused.value.code == 500, refused.value
+        again = _post(f"{base}/v1/completions", body, timeout=120)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -703,3 +710,5 @@ def test_vllm_openai_server_equals_hf(tmp_path):
     assert max(abs(a - b) for a, b in zip(lp["token_logprobs"], logprobs)) <= 1e-3, (lp, logprobs)
     log = log_path.read_text()
     assert f"loads {n} compressed tokens (load 1)" in log, log[-8000:]
+    assert "refused: cache_salt 'another'" in log, log[-8000:]
+    assert again["choices"][0]["token_ids"] == tokens
