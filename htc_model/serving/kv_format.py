@@ -214,6 +214,21 @@ class LoadPlanner:
         self._refused: list[str] = []  # claimed, not yet handed to the workers
         self.loads: dict[str, int] = {}  # loads per live request (> 1: reloaded after a preemption)
 
+    @property
+    def block_size(self) -> int:
+        """Tokens per KV-cache block of the served engine."""
+        return self._block_size
+
+    @property
+    def head_dim(self) -> int:
+        """The served model's head dim (the last dimension of every file tensor)."""
+        return self._model["head_dim"]
+
+    @property
+    def dtype(self) -> str:
+        """The served model's dtype name (e.g. ``"bfloat16"``), as the files' metadata spell it."""
+        return self._model["dtype"]
+
     def match(
         self,
         request_id: str,

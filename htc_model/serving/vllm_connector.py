@@ -93,7 +93,9 @@ class HTCKVConnector(KVConnectorBase_V1):
                 f"(pipeline_parallel_size={par.pipeline_parallel_size}, decode_context_parallel_size="
                 f"{getattr(par, 'decode_context_parallel_size', 1)}); tensor parallelism is"
             )
-        policy = getattr(vllm_config.kv_transfer_config, "kv_load_failure_policy", "fail")
+        # Read, not guessed: a vLLM without this field may not report failed receives either, and a
+        # refused request would then wait forever (AttributeError: an unsupported vLLM).
+        policy = vllm_config.kv_transfer_config.kv_load_failure_policy
         if policy != "fail":
             raise ValueError(
                 f"HTCKVConnector: kv_load_failure_policy={policy!r}; it must be 'fail' (the default): the "
@@ -120,9 +122,6 @@ class HTCKVConnector(KVConnectorBase_V1):
         # Worker side: refused requests and blocks of failed loads, reported with this step's results.
         self._failed: set[str] = set()
         self._invalid_blocks: set[int] = set()
-        self._block_size = vllm_config.cache_config.block_size
-        self._head_dim = model.get_head_size()
-        self._dtype = model.dtype
 
     # ---- scheduler side ----
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
@@ -192,7 +191,7 @@ class HTCKVConnector(KVConnectorBase_V1):
                 logger.error(
                     "htc connector: request %r refused: loading %s failed: %s", load.request_id, load.path, e
                 )
-                self._invalid_blocks.update(slot // self._block_size for slot in load.slots)
+                self._invalid_blocks.update(slot // self._planner.block_size for slot in load.slots)
                 continue
             for name, (keys, values) in layers.items():
                 kv_cache = self._kv_caches[name]
@@ -210,7 +209,7 @@ class HTCKVConnector(KVConnectorBase_V1):
     def _read(self, load: KVLoad, lo: int, hi: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Every layer's keys and values of ``load`` (this rank's heads ``[lo, hi)``), checked against the
         served model before anything is written."""
-        want = (load.end - load.start, hi - lo, self._head_dim)
+        want = (load.end - load.start, hi - lo, self._planner.head_dim)
         layers = {}
         with safe_open(load.path, framework="pt") as f:
             for name in self._kv_caches:
@@ -222,10 +221,10 @@ class HTCKVConnector(KVConnectorBase_V1):
                     f.get_slice(f"{part}.{i}")[load.start : load.end, lo:hi] for part in ("keys", "values")
                 )
                 for t in kv:
-                    if tuple(t.shape) != want or t.dtype != self._dtype:
+                    if tuple(t.shape) != want or _torch_dtype_name(t.dtype) != self._planner.dtype:
                         raise ValueError(
                             f"layer {i}: a tensor of shape {tuple(t.shape)} in {t.dtype}, the load needs "
-                            f"{want} in {self._dtype}"
+                            f"{want} in {self._planner.dtype}"
                         )
                 layers[name] = kv
         return layers
