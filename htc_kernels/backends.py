@@ -61,19 +61,22 @@ def select(family: str, backends: Sequence[Backend], name: str, *args, **kwargs)
     """The backend to run ``family`` with: ``name`` if it can run, else a ValueError saying why."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"{family}: unknown backend {name!r}; expected one of {BACKEND_NAMES}")
-    reasons = {be.name: be.not_supported_reasons(*args, **kwargs) for be in backends}
+    # Reasons are gathered only where they decide something or go into an error: a decode step calls
+    # this once per layer, and every backend's checks cost microseconds.
     if name == "auto":
         for be in backends:
-            if not reasons[be.name]:
+            if not be.not_supported_reasons(*args, **kwargs):
                 return be
+        reasons = {be.name: be.not_supported_reasons(*args, **kwargs) for be in backends}
         raise ValueError(f"{family}: no backend can run this call: {reasons}")
     chosen = next((be for be in backends if be.name == name), None)
     if chosen is None:
         raise ValueError(f"{family}: backend {name!r} is not implemented for this op")
-    if reasons[name]:
-        usable = [n for n, r in reasons.items() if not r]
+    why = chosen.not_supported_reasons(*args, **kwargs)
+    if why:
+        usable = [be.name for be in backends if not be.not_supported_reasons(*args, **kwargs)]
         raise ValueError(
-            f"{family}: backend {name!r} cannot run this call: {'; '.join(reasons[name])}. "
+            f"{family}: backend {name!r} cannot run this call: {'; '.join(why)}. "
             f"Backends that can: {usable or 'none'}"
         )
     return chosen
