@@ -639,7 +639,8 @@ def test_vllm_openai_server_equals_hf(tmp_path):
     port, in a directory holding ``lm/``), the README's completion body with this image's
     ``cache_salt`` and path: the answer's token ids are HF ``generate``'s with the image, logprobs
     within 1e-3, and the connector loaded the compressed tokens (not computed them as text). Then a
-    request with another salt: HTTP 500, and the same good request is answered again."""
+    request with another salt: HTTP 500, one with ``prompt_logprobs``: HTTP 400 (HTCRequestCheck), and the
+    same good request is answered again."""
     _vllm_or_skip()
     server_args, url, body = _readme_openai_example()
     assert url == "localhost:8000/v1/completions", url
@@ -691,6 +692,11 @@ def test_vllm_openai_server_equals_hf(tmp_path):
         with pytest.raises(urllib.error.HTTPError) as refused:
             _post(f"{base}/v1/completions", {**body, "cache_salt": "another"}, timeout=120)
         assert refused.value.code == 500, refused.value
+        # prompt_logprobs skips connectors in vLLM: HTCRequestCheck refuses it at admission (HTTP 400)
+        with pytest.raises(urllib.error.HTTPError) as skipped:
+            _post(f"{base}/v1/completions", {**body, "prompt_logprobs": 0}, timeout=120)
+        assert skipped.value.code == 400, skipped.value
+        assert "must read the prefix cache" in skipped.value.read().decode()
         again = _post(f"{base}/v1/completions", body, timeout=120)
     finally:
         try:

@@ -13,12 +13,14 @@ Offline::
     llm = LLM(model=lm_dir, kv_transfer_config={
         "kv_connector": "HTCKVConnector",
         "kv_connector_module_path": "htc_model.serving.vllm_connector",
-        "kv_role": "kv_both"})
+        "kv_role": "kv_both"},
+        logits_processors=["htc_model.serving.vllm_connector:HTCRequestCheck"])
     r = request_inputs("image.safetensors", question_ids)
     llm.generate({"prompt_token_ids": r["prompt_token_ids"], "cache_salt": r["cache_salt"]},
                  SamplingParams(max_tokens=32, extra_args={"kv_transfer_params": r["kv_transfer_params"]}))
 
-Server: ``python -m vllm.entrypoints.openai.api_server --model LM_DIR --kv-transfer-config
+Server: ``python -m vllm.entrypoints.openai.api_server --model LM_DIR --logits-processors
+htc_model.serving.vllm_connector:HTCRequestCheck --kv-transfer-config
 '{"kv_connector":"HTCKVConnector","kv_connector_module_path":"htc_model.serving.vllm_connector",
 "kv_role":"kv_both"}'``, then POST ``/v1/completions`` with ``prompt`` (the token ids),
 ``cache_salt`` and ``kv_transfer_params`` from :func:`~htc_model.serving.kv_format.request_inputs`.
@@ -31,9 +33,11 @@ prompt as an asynchronous load that its workers report failed, so vLLM computes 
 finishes it with ``finish_reason="error"`` (the reason is logged, ERROR, under ``vllm.htc_connector``);
 the engine and the other requests go on. A file that fails when the worker loads it (removed or
 changed since the scheduler read its header: a tensor missing, of another shape or dtype) fails its
-request the same way: the worker writes nothing of it and reports its blocks invalid. One exception:
-a request with ``prompt_logprobs`` skips connectors altogether in vLLM, so there is no claim to fail;
-it raises in the engine, which stops (rather than compute its placeholders as text).
+request the same way: the worker writes nothing of it and reports its blocks invalid. A request with
+``prompt_logprobs`` skips connectors altogether in vLLM, so there is no claim to fail: start vLLM with
+``--logits-processors htc_model.serving.vllm_connector:HTCRequestCheck`` to refuse it at admission
+(:class:`HTCRequestCheck`); without it such a request raises in the engine, which stops (rather than
+compute its placeholders as text).
 ``kv_load_failure_policy`` must stay ``"fail"`` (the default; ``"recompute"`` is refused at start-up:
 it would retry a refused request forever). Pipeline parallelism and decode context parallelism are
 refused at start-up; tensor parallelism loads each rank's KV heads
@@ -55,8 +59,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorTransferResults,
 )
+from vllm.v1.sample.logits_processor.interface import LogitsProcessor as _LogitsProcessorV1
+from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as _LogitsProcessorV2
 
-from .kv_format import KVLoad, LoadPlanner, config_fingerprint, head_range
+from .kv_format import PARAMS_KEY, KVLoad, LoadPlanner, config_fingerprint, head_range
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -65,7 +71,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-__all__ = ["HTCKVConnector"]
+__all__ = ["HTCKVConnector", "HTCRequestCheck"]
 
 # Under vLLM's "vllm" logger, so its handler prints it (INFO) with the engine's other messages.
 logger = logging.getLogger("vllm.htc_connector")
@@ -81,6 +87,44 @@ class _Metadata(KVConnectorMetadata):
 
 def _torch_dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+class HTCRequestCheck(_LogitsProcessorV1, _LogitsProcessorV2):
+    """Request admission for the connector: vLLM's ``logits_processors`` (``--logits-processors
+    htc_model.serving.vllm_connector:HTCRequestCheck``) runs ``validate_params`` on every request
+    before the engine sees it. A request naming a compressed file that would skip the prefix cache
+    (``prompt_logprobs``, or ``skip_reading_prefix_cache=True``) is refused there: vLLM ignores a
+    connector's claim for such a request, so past admission nothing could refuse it alone. Offline
+    it raises in ``generate``; the OpenAI server answers HTTP 400; the engine goes on either way.
+
+    Changes no logits (both of vLLM's model-runner interfaces: V1 and V2). vLLM refuses custom logits
+    processors with speculative decoding; without this check such a request stops the engine.
+    """
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        params = (sampling_params.extra_args or {}).get("kv_transfer_params") or {}
+        if PARAMS_KEY in params and sampling_params.skip_reading_prefix_cache:
+            raise ValueError(
+                f"htc connector: a request with kv_transfer_params[{PARAMS_KEY!r}] must read the prefix "
+                "cache (no prompt_logprobs, skip_reading_prefix_cache not True): vLLM would compute its "
+                "placeholders as text"
+            )
+
+    def __init__(self, vllm_config, *args) -> None:  # V1: (config, device, pin); V2: (config, states)
+        pass
+
+    def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
+        return logits
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def update_state(self, batch_update) -> None:
+        return
+
+    def add_request(self, req_idx: int, sampling_params) -> bool:
+        return False  # V2: modifies no request's logits
 
 
 class HTCKVConnector(KVConnectorBase_V1):
@@ -103,6 +147,16 @@ class HTCKVConnector(KVConnectorBase_V1):
                 "would retry forever"
             )
         model = vllm_config.model_config
+        if role == KVConnectorRole.SCHEDULER and not any(
+            lp is HTCRequestCheck or lp == f"{__name__}.HTCRequestCheck"
+            for lp in model.logits_processors or ()
+        ):
+            logger.warning(
+                "htc connector: HTCRequestCheck is not among the logits processors; a request for a "
+                "compressed file with prompt_logprobs will stop the engine instead of being refused "
+                "alone (add --logits-processors %s:HTCRequestCheck)",
+                __name__,
+            )
         cache_dtype = vllm_config.cache_config.cache_dtype
         if cache_dtype != "auto":
             raise ValueError(
