@@ -717,4 +717,5 @@ def test_vllm_openai_server_equals_hf(tmp_path):
     log = log_path.read_text()
     assert f"loads {n} compressed tokens (load 1)" in log, log[-8000:]
     assert "refused: cache_salt 'another'" in log, log[-8000:]
+    assert "HTCRequestCheck is not among the logits processors" not in log, log[-8000:]  # it is
     assert again["choices"][0]["token_ids"] == tokens

@@ -147,15 +147,15 @@ class HTCKVConnector(KVConnectorBase_V1):
                 "would retry forever"
             )
         model = vllm_config.model_config
+        check = f"{HTCRequestCheck.__module__}:{HTCRequestCheck.__qualname__}"  # vLLM's FQCN syntax
         if role == KVConnectorRole.SCHEDULER and not any(
-            lp is HTCRequestCheck or lp == f"{__name__}.HTCRequestCheck"
-            for lp in model.logits_processors or ()
+            lp is HTCRequestCheck or lp == check for lp in model.logits_processors or ()
         ):
             logger.warning(
                 "htc connector: HTCRequestCheck is not among the logits processors; a request for a "
                 "compressed file with prompt_logprobs will stop the engine instead of being refused "
-                "alone (add --logits-processors %s:HTCRequestCheck)",
-                __name__,
+                "alone (add --logits-processors %s)",
+                check,
             )
         cache_dtype = vllm_config.cache_config.cache_dtype
         if cache_dtype != "auto":
