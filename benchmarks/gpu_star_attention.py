@@ -11,6 +11,8 @@ Cases (bf16, star topology, 32 heads, head dim 128; units run in this order, the
     16img      B=1, S=9603: 35 text + 16 x (580 visual + 1 voco + 13 text) + 64 text fwd (+ fwd+bwd)
     llava-b1   B=1, S=680                                                            (fwd, fwd+bwd)
 ``--quick`` runs only the units in front of the brackets, with fewer timing repetitions.
+Triton tile sweep (``--sweep``; default on without ``--quick``): after the units with targets, the triton
+backend at the SWEEP_TILES configurations and its table's, checked and timed like a provider.
 
 Providers: ``htc triton`` / ``htc cuda`` (``hk.star_attention(backend=...)``; a backend that refuses the
 call is SKIP with its reason), ``sdpa dense mask`` (F.scaled_dot_product_attention with the dense bool
@@ -138,6 +140,20 @@ TARGETS = (
     ("16img", "fwd", "speedup", "flex compiled", 3.5),
     ("16img", "fwd", "speedup", "sdpa causal (flash)", 9.0),
 )
+
+
+# Triton tile sweep: the triton backend with other tile configurations than its table's
+# (htc_kernels/triton/star_attention.py, _TILE_TABLE: register and shared-memory budgets, never timed)
+# on these units, so the table can be set from measurements. Fields of TileConfig: block_q, block_k,
+# warps_fwd, warps_bwd, stages. The table's own entry is timed too (marked in the report). Runs after
+# the units with targets; never changes the exit status (a config that fails to compile is an ERROR
+# row; a WRONG one, reported, is a compiler problem at that config: the table must avoid it).
+SWEEP_UNITS = (("llava-b16", "fwd"), ("16img", "fwd"), ("llava-b16", "fwdbwd"))
+SWEEP_TILES = (
+    (64, 64, 4, 8, 1), (64, 64, 4, 8, 2), (64, 64, 4, 8, 3), (64, 64, 8, 8, 2), (64, 64, 4, 4, 2),
+    (128, 64, 4, 8, 2), (128, 64, 8, 8, 2), (128, 128, 8, 8, 2), (64, 32, 4, 4, 2), (32, 32, 2, 4, 2),
+)  # fmt: skip
+SMOKE_SWEEP_TILES = ((32, 32, 1, 1, 1), (16, 16, 1, 1, 1))
 
 
 @dataclasses.dataclass
@@ -438,11 +454,15 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 600 else text[:600] + " ..."
 
 
-def run_provider(name: str, unit: Unit, timer: Timer, deadline: float) -> dict:
+def run_provider(name: str, unit: Unit, timer: Timer, deadline: float, factory=None, context=None) -> dict:
+    """Check one provider against the reference, then time it. ``factory`` (default: PROVIDERS[name])
+    builds the function; ``context`` (a context-manager factory) wraps every whole call, backward
+    included."""
     row: dict = {"provider": name, "status": "ok"}
     if time.monotonic() > deadline:
         return {**row, "status": "SKIP", "reason": "time budget exhausted before this provider"}
-    factory = _htc("reference") if name == STAND_IN else PROVIDERS[name]
+    if factory is None:
+        factory = _htc("reference") if name == STAND_IN else PROVIDERS[name]
     try:
         fn = factory(unit)
     except Skip as exc:
@@ -450,6 +470,13 @@ def run_provider(name: str, unit: Unit, timer: Timer, deadline: float) -> dict:
     except Exception as exc:  # noqa: BLE001 (a peer that cannot be built is reported, not fatal)
         return {**row, "status": "ERROR", "reason": "building it failed: " + _short(exc)}
     call = _call(fn, unit)
+    if context is not None:
+        bare = call
+
+        def call():
+            with context():
+                return bare()
+
     try:
         _sync(unit.device)
         t0 = time.perf_counter()
@@ -494,6 +521,76 @@ def run_provider(name: str, unit: Unit, timer: Timer, deadline: float) -> dict:
     except Exception as exc:  # noqa: BLE001
         return {**row, "status": "ERROR", "reason": "while timing: " + _short(exc)}
     return row
+
+
+def _cfg_text(cfg) -> str:
+    return f"{cfg[0]}×{cfg[1]} w{cfg[2]}/{cfg[3]} s{cfg[4]}"
+
+
+def run_sweep(
+    case: Case, mode: str, device: torch.device, smoke: bool, timer: Timer, deadline: float
+) -> dict:
+    """The triton backend at every SWEEP_TILES configuration (and its table's) on one unit."""
+    from htc_kernels.star_attention import _triton_star
+
+    entry: dict = {"case": case.name, "mode": mode, "shape": case.shape, "rows": []}
+    why = hk.backends.triton_reasons(device)
+    mod = None if why else _triton_star()
+    if mod is None:
+        entry["skipped"] = "; ".join(why or ["the Triton kernel module failed to load"])
+        return entry
+    unit = make_unit(case, mode, device, smoke)
+    table = tuple(mod.tile_config(case.head_dim, DTYPE, device, case.seq_len))
+    entry["table"] = list(table)
+    tiles = list(SMOKE_SWEEP_TILES if smoke else SWEEP_TILES)
+    tiles += [table] if table not in tiles else []
+    for cfg in tiles:
+        tile_cfg = mod.TileConfig(*cfg)
+        row = run_provider(
+            f"htc triton {_cfg_text(cfg)}",
+            unit,
+            timer,
+            deadline,
+            factory=_htc("triton"),
+            context=lambda c=tile_cfg: mod._override_tiles(c),
+        )
+        row["config"] = list(cfg)
+        row["is_table"] = cfg == table
+        entry["rows"].append(row)
+        t = f"{row['median_ms'] * 1e3:.1f} µs" if "median_ms" in row else _status(row)[:160]
+        print(f"[sweep] {case.name} {mode} {_cfg_text(cfg)}: {t}", flush=True)
+    del unit
+    return entry
+
+
+def render_sweep(sweeps: list[dict]) -> list[str]:
+    lines = [
+        "## Triton tile sweep",
+        "",
+        "The triton backend with other tile configurations (block_q×block_k, warps forward/backward, "
+        "stages) than its table's (`_TILE_TABLE` in htc_kernels/triton/star_attention.py); the same "
+        "reference check and timing as above. Speed-up: the table's time / this time (> 1: faster than "
+        "the table's). Not part of the exit status.",
+        "",
+    ]
+    for e in sweeps:
+        lines.append(f"### sweep: {e['case']} {MODES[e['mode']]}: {e['shape']} bf16")
+        lines.append("")
+        if e.get("skipped"):
+            lines += [f"Not run: {e['skipped']}.", ""]
+            continue
+        base = next((r for r in e["rows"] if r.get("is_table") and "median_ms" in r), None)
+        lines += ["| config | µs | speed-up vs table | rel. err | status |", "|---|---|---|---|---|"]
+        for r in e["rows"]:
+            t = r.get("median_ms")
+            cells = [_cfg_text(r["config"]) + (" (table)" if r.get("is_table") else "")]
+            cells.append(_fmt(t * 1e3 if t else None, 4))
+            cells.append(f"{base['median_ms'] / t:.2f}×" if base and t else "")
+            cells.append("/".join(f"{x:.1e}" for x in r.get("rel_err", {}).values()))
+            cells.append(_status(r))
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        lines.append("")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -697,6 +794,8 @@ def render(report: dict) -> str:
         lines += render_unit(u)
     for case, mode, why in report["not_run"]:
         lines.append(f"- {case} {MODES[mode]}: not run ({why})")
+    if report.get("sweeps"):
+        lines += [""] + render_sweep(report["sweeps"])
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -845,6 +944,11 @@ def parse_args(argv):
     p.add_argument("--env", action="store_true", help="print the environment as JSON and exit")
     p.add_argument("--print-stem", action="store_true", help="print the output file stem and exit")
     p.add_argument("--profile", metavar="CASE:MODE:BACKEND,...", help="run these htc units for a profiler")
+    sweep = p.add_mutually_exclusive_group()
+    sweep.add_argument(
+        "--sweep", action="store_true", help="run the Triton tile sweep (default: not with --quick)"
+    )
+    sweep.add_argument("--no-sweep", action="store_true", help="no Triton tile sweep")
     return p.parse_args(argv)
 
 
@@ -926,8 +1030,33 @@ def main(argv: list[str] | None = None) -> int:
         "units": [],
         "not_run": [],
         "targets": [],
+        "sweeps": [],
     }
-    for case_name, mode in units:
+    sweep = args.sweep or (not args.quick and not args.no_sweep)
+    picked = set(args.cases.split(",")) if args.cases else set(cases)
+    sweep_units = [(c, m) for c, m in SWEEP_UNITS if c in cases and c in picked]
+    # The units with targets, then the sweep, then the rest (the budget may not reach them).
+    first = [x for x in units if x in QUICK_UNITS]
+    order = first + (["sweep"] if sweep else []) + [x for x in units if x not in QUICK_UNITS]
+    for item in order:
+        if item == "sweep":
+            for case_name, mode in sweep_units:
+                case = cases[case_name]
+                if time.monotonic() > deadline:
+                    entry = {"case": case_name, "mode": mode, "shape": case.shape, "rows": []}
+                    entry["skipped"] = "time budget exhausted"
+                else:
+                    try:
+                        entry = run_sweep(case, mode, device, args.smoke, timer, deadline)
+                    except Exception as exc:  # noqa: BLE001 (the sweep is exploratory: report, go on)
+                        entry = {"case": case_name, "mode": mode, "shape": case.shape, "rows": []}
+                        entry["skipped"] = "ERROR: " + _short(exc)
+                report["sweeps"].append(entry)
+                _write(report, out, stem)
+                if cuda:
+                    torch.cuda.empty_cache()
+            continue
+        case_name, mode = item
         if time.monotonic() > deadline:
             report["not_run"].append((case_name, mode, f"time budget of {args.budget_s:.0f} s exhausted"))
             continue

@@ -92,6 +92,32 @@ def test_benchmark_reports_wrong_and_failing_providers(tmp_path, monkeypatch):
     assert "WRONG: out relative error" in (tmp_path / f"{stem}.md").read_text()
 
 
+def test_triton_tile_sweep(tmp_path):
+    """--sweep: the triton backend at each sweep configuration and the table's, checked, then timed
+    (ok under TRITON_INTERPRET=1; without it, every sweep says why it did not run)."""
+    argv = ["--smoke", "--cases", "llava-b16", "--providers", "htc triton", "--out", str(tmp_path)]
+    assert g.main(["--sweep", *argv]) == 0
+    stem = "smoke-cuda" if torch.cuda.is_available() else "smoke-cpu"
+    data = json.loads((tmp_path / f"{stem}.json").read_text())
+    md = (tmp_path / f"{stem}.md").read_text()
+    sweeps = data["sweeps"]
+    assert [(e["case"], e["mode"]) for e in sweeps] == [x for x in g.SWEEP_UNITS if x[0] == "llava-b16"]
+    assert "## Triton tile sweep" in md
+    for e in sweeps:
+        if e.get("skipped"):
+            assert not torch.cuda.is_available() and "TRITON_INTERPRET" in e["skipped"]
+            continue
+        configs = [tuple(r["config"]) for r in e["rows"]]
+        assert set(g.SMOKE_SWEEP_TILES) | {tuple(e["table"])} == set(configs)
+        assert sum(r["is_table"] for r in e["rows"]) == 1
+        for r in e["rows"]:
+            assert r["status"] == "ok", r
+            assert all(r["rel_err"][k] <= r["tolerance"][k] for k in r["rel_err"])
+        assert "(table)" in md and "speed-up vs table" in md
+    assert g.main(["--quick", *argv]) == 0
+    assert json.loads((tmp_path / f"{stem}.json").read_text())["sweeps"] == []  # --quick: no sweep
+
+
 def _unit(case, mode, times_us: dict, hbm_spec_us=100.0):
     rows = [{"provider": p, "status": "ok", "median_ms": t / 1e3} for p, t in times_us.items()]
     rows.append({"provider": "xformers bias", "status": "SKIP", "reason": "not installed"})

@@ -639,6 +639,40 @@ def test_triton_backward_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+@needs_triton
+def test_triton_tile_override_reaches_forward_and_backward():
+    """The GPU benchmark's tile sweep (_override_tiles) must run the kernels at its configuration,
+    forward and backward, and stay exact; outside the block the table's configuration is back."""
+    ts = importlib.import_module("htc_kernels.triton.star_attention")
+    layout = hk.StarLayout(random_kinds(5, batch=2, max_visual=40)).to(TRITON_DEVICE)
+    s = layout.seq_len
+    q, k, v = make_qkv(2, 2, 1, s, s, 32, torch.float32, device=TRITON_DEVICE)
+    table = ts.tile_config(32, torch.float32, TRITON_DEVICE, s)
+    cfg = ts.TileConfig(16, 16, 1, 1, 1) if table.block_q != 16 else ts.TileConfig(32, 32, 1, 1, 1)
+    launches = []
+    real_launch = ts._launch
+
+    def spy(device, head_dim, dtype, q_len, backward):
+        launches.append(ts.tile_config(head_dim, dtype, device, q_len))
+        return real_launch(device, head_dim, dtype, q_len, backward)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ts, "_launch", spy)
+        with ts._override_tiles(cfg):
+            qq, kk, vv = [x.detach().requires_grad_() for x in (q, k, v)]
+            out = hk.star_attention(qq, kk, vv, layout, backend="triton")
+            out.backward(torch.ones_like(out))
+    assert (s, cfg.block_q, cfg.block_k) in layout._triton_tile_lists
+    assert launches and all(c == cfg for c in launches)  # forward and backward launches
+    assert ts.tile_config(32, torch.float32, TRITON_DEVICE, s) == table
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out_ref = hk.star_attention_reference(*ref, layout)
+    out_ref.backward(torch.ones_like(out_ref))
+    assert rel(out, out_ref) < 1e-4
+    for got, want in zip((qq, kk, vv), ref):
+        assert rel(got.grad, want.grad) < 1e-4
+
+
 def _poison_case(device):
     """A layout, inputs, the keys to poison (some attended by a few queries only, all PAD keys) and the
     rows / keys whose results may not change."""

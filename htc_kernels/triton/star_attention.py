@@ -36,6 +36,7 @@ Offsets are int64 (strides may exceed 2**31 elements); any strides, including a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -612,8 +613,9 @@ class TileConfig(NamedTuple):  # a NamedTuple: torch.compile traces its construc
 # - 32-row tiles run with 2 warps: measured on an H100 (triton 3.6, 2026-11-22), fp32 32x32 tiles at
 #   D=128 with 4 warps gave wrong outputs (rel. error ~1) and NaN gradients, with 2 warps exact
 #   (≤ 6e-7); 4 and 8 warps at D=256 failed the same tests. A compiler issue we did not isolate.
-# These are register/shared-memory budgets, not tuned measurements. The GPU
-# check (issue 8) should time neighbours (BLOCK 32/64/128, warps 4/8) at the LLaVA shape and fix it.
+# These are register/shared-memory budgets, not tuned measurements. The GPU check's tile sweep
+# (benchmarks/gpu_star_attention.py, SWEEP_TILES, through _override_tiles) times neighbours at the
+# LLaVA shape and 16 images: set this table from its "Triton tile sweep" tables.
 _TILE_TABLE = {
     "sm90": (
         (64, TileConfig(64, 64, 4, 4, 2), TileConfig(64, 64, 4, 4, 1)),
@@ -648,8 +650,26 @@ def cuda_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+# A configuration that replaces the table's for every call while set: the GPU benchmark's tile sweep
+# (benchmarks/gpu_star_attention.py) times neighbours of the table's entries with it. Not an API.
+_TILE_OVERRIDE: TileConfig | None = None
+
+
+@contextlib.contextmanager
+def _override_tiles(cfg: TileConfig):
+    """Every call in the block (forward and its backward) uses ``cfg`` instead of the tile table."""
+    global _TILE_OVERRIDE
+    saved, _TILE_OVERRIDE = _TILE_OVERRIDE, cfg
+    try:
+        yield
+    finally:
+        _TILE_OVERRIDE = saved
+
+
 def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device, q_len: int) -> TileConfig:
     """The tile configuration for one call (block sizes fix the plan the call needs)."""
+    if _TILE_OVERRIDE is not None:
+        return _TILE_OVERRIDE
     if device.type != "cuda":
         cfg = _INTERPRETER_TILES
     else:
