@@ -527,18 +527,29 @@ def _cfg_text(cfg) -> str:
     return f"{cfg[0]}×{cfg[1]} w{cfg[2]}/{cfg[3]} s{cfg[4]}"
 
 
+def _row_text(row: dict) -> str:
+    """One provider row as a log line's tail: its time, or its status and reason."""
+    return f"{row['median_ms'] * 1e3:.1f} µs" if "median_ms" in row else _status(row)[:160]
+
+
+def _sweep_entry(case: Case, mode: str, skipped: str | None = None) -> dict:
+    entry: dict = {"case": case.name, "mode": mode, "shape": case.shape, "rows": []}
+    if skipped:
+        entry["skipped"] = skipped
+    return entry
+
+
 def run_sweep(
     case: Case, mode: str, device: torch.device, smoke: bool, timer: Timer, deadline: float
 ) -> dict:
     """The triton backend at every SWEEP_TILES configuration (and its table's) on one unit."""
     from htc_kernels.star_attention import _triton_star
 
-    entry: dict = {"case": case.name, "mode": mode, "shape": case.shape, "rows": []}
     why = hk.backends.triton_reasons(device)
     mod = None if why else _triton_star()
     if mod is None:
-        entry["skipped"] = "; ".join(why or ["the Triton kernel module failed to load"])
-        return entry
+        return _sweep_entry(case, mode, "; ".join(why or ["the Triton kernel module failed to load"]))
+    entry = _sweep_entry(case, mode)
     unit = make_unit(case, mode, device, smoke)
     table = tuple(mod.tile_config(case.head_dim, DTYPE, device, case.seq_len))
     entry["table"] = list(table)
@@ -557,8 +568,7 @@ def run_sweep(
         row["config"] = list(cfg)
         row["is_table"] = cfg == table
         entry["rows"].append(row)
-        t = f"{row['median_ms'] * 1e3:.1f} µs" if "median_ms" in row else _status(row)[:160]
-        print(f"[sweep] {case.name} {mode} {_cfg_text(cfg)}: {t}", flush=True)
+        print(f"[sweep] {case.name} {mode} {_cfg_text(cfg)}: {_row_text(row)}", flush=True)
     del unit
     return entry
 
@@ -1043,14 +1053,12 @@ def main(argv: list[str] | None = None) -> int:
             for case_name, mode in sweep_units:
                 case = cases[case_name]
                 if time.monotonic() > deadline:
-                    entry = {"case": case_name, "mode": mode, "shape": case.shape, "rows": []}
-                    entry["skipped"] = "time budget exhausted"
+                    entry = _sweep_entry(case, mode, "time budget exhausted")
                 else:
                     try:
                         entry = run_sweep(case, mode, device, args.smoke, timer, deadline)
                     except Exception as exc:  # noqa: BLE001 (the sweep is exploratory: report, go on)
-                        entry = {"case": case_name, "mode": mode, "shape": case.shape, "rows": []}
-                        entry["skipped"] = "ERROR: " + _short(exc)
+                        entry = _sweep_entry(case, mode, "ERROR: " + _short(exc))
                 report["sweeps"].append(entry)
                 _write(report, out, stem)
                 if cuda:
@@ -1082,8 +1090,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in providers:
             row = run_provider(name, unit, timer, deadline)
             entry["rows"].append(row)
-            t = f"{row['median_ms'] * 1e3:.1f} µs" if "median_ms" in row else _status(row)[:160]
-            print(f"[bench] {case.name} {mode} {name}: {t}", flush=True)
+            print(f"[bench] {case.name} {mode} {name}: {_row_text(row)}", flush=True)
         entry["notes"] = {k: v for k, v in unit.notes.items() if not k.startswith("ref_")}
         entry["seconds"] = time.monotonic() - t0
         report["units"].append(entry)

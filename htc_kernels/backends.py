@@ -64,17 +64,21 @@ def select(family: str, backends: Sequence[Backend], name: str, *args, **kwargs)
     # Reasons are gathered only where they decide something or go into an error: a decode step calls
     # this once per layer, and every backend's checks cost microseconds.
     if name == "auto":
+        reasons = {}
         for be in backends:
-            if not be.not_supported_reasons(*args, **kwargs):
+            why = be.not_supported_reasons(*args, **kwargs)
+            if not why:
                 return be
-        reasons = {be.name: be.not_supported_reasons(*args, **kwargs) for be in backends}
+            reasons[be.name] = why
         raise ValueError(f"{family}: no backend can run this call: {reasons}")
     chosen = next((be for be in backends if be.name == name), None)
     if chosen is None:
         raise ValueError(f"{family}: backend {name!r} is not implemented for this op")
     why = chosen.not_supported_reasons(*args, **kwargs)
     if why:
-        usable = [be.name for be in backends if not be.not_supported_reasons(*args, **kwargs)]
+        usable = [
+            be.name for be in backends if be is not chosen and not be.not_supported_reasons(*args, **kwargs)
+        ]
         raise ValueError(
             f"{family}: backend {name!r} cannot run this call: {'; '.join(why)}. "
             f"Backends that can: {usable or 'none'}"
