@@ -15,10 +15,12 @@ Triton tile sweep (``--sweep``; default on without ``--quick``): after the units
 backend at the SWEEP_TILES configurations and its table's, checked and timed like a provider.
 
 Providers: ``htc triton`` / ``htc cuda`` (``hk.star_attention(backend=...)``; a backend that refuses the
-call is SKIP with its reason), ``sdpa dense mask`` (F.scaled_dot_product_attention with the dense bool
-mask), ``flex compiled`` (torch.compile(flex_attention) with the BlockMask of the same rule; the block
-mask build is timed separately, the compile is excluded), ``xformers bias`` (memory_efficient_attention
-with a tensor attn_bias), ``sdpa causal (flash)`` (dense causal attention on SDPA's flash backend: a
+call is SKIP with its reason), ``htc triton, no key panel`` (Triton in the identity key order, on
+layouts with >= 2 images per sample: what the TEXT/VOCO key panel gains; no targets), ``sdpa dense
+mask`` (F.scaled_dot_product_attention with the dense bool mask), ``flex compiled``
+(torch.compile(flex_attention) with the BlockMask of the same rule; the block mask build is timed
+separately, the compile is excluded), ``xformers bias`` (memory_efficient_attention with a tensor
+attn_bias), ``sdpa causal (flash)`` (dense causal attention on SDPA's flash backend: a
 lower bound for *different* work). Builders: ``benchmarks/star_peers.py``.
 
 Correctness first: every provider's output (and dq, dk, dv) is compared with the float64 dense reference
@@ -244,6 +246,20 @@ def _htc(backend: str):
     return factory
 
 
+def _htc_triton_without_panel(unit: Unit):
+    """backend="triton" in the identity key order, on layouts that take the TEXT/VOCO key panel
+    (>= 2 images in a sample): what the panel gains, measured in the same run."""
+    if not unit.layout.uses_key_panel:
+        raise Skip("this layout does not take the key panel (fewer than 2 images per sample)")
+    layout = hk.StarLayout(unit.layout.kinds, unit.layout.groups, unit.layout.topology)
+    layout.uses_key_panel = False
+
+    def fn(q, k, v):
+        return hk.star_attention(q, k, v, layout, backend="triton")
+
+    return fn
+
+
 @functools.cache
 def _flex_compiled():
     from torch.nn.attention.flex_attention import flex_attention
@@ -298,10 +314,12 @@ PROVIDERS: dict[str, Callable[[Unit], Callable]] = {
     "xformers bias": _xformers,
     "flex compiled": _flex,
     "htc triton": _htc("triton"),
+    "htc triton, no key panel": _htc_triton_without_panel,
     "htc cuda": _htc("cuda"),
 }
 STAND_IN = "htc reference (stand-in)"  # smoke only: exercises the htc-row code paths on the CPU
 DIFFERENT_WORK = {"sdpa causal (flash)"}  # checked against causal attention, not the star rule
+UNTARGETED = {"htc triton, no key panel"}  # a comparison row for the panel, not a backend users get
 
 
 def is_htc(provider: str) -> bool:
@@ -631,7 +649,9 @@ def check_targets(units: list[dict]) -> list[dict]:
     N/A entry (with its first reason) instead of one per target."""
     found = {(u["case"], u["mode"]): {r["provider"]: r for r in u["rows"]} for u in units}
     floors_of = {(u["case"], u["mode"]): u["floors"] for u in units}
-    htc_names = sorted({r["provider"] for u in units for r in u["rows"] if is_htc(r["provider"])})
+    htc_names = sorted(
+        {r["provider"] for u in units for r in u["rows"] if is_htc(r["provider"])} - UNTARGETED
+    )
     results = []
     for name in htc_names:
         rows_of_name = [rows[name] for rows in found.values() if name in rows]

@@ -9,9 +9,11 @@
 
 TORCH_LIBRARY(htc, m) {
   // kinds [B, Skv] int8 (TokenKind), groups [B, Skv] int32 -> plan [B, ceil(q_len/block_q),
-  // ceil(Skv/block_k)] uint8 (TileKind). Queries are the last q_len positions of the key sequence.
-  m.def("star_plan(Tensor kinds, Tensor groups, int q_len, int block_q, int block_k, int topology)"
-        " -> Tensor");
+  // P/block_k + ceil(Skv/block_k)] uint8 (TileKind). Queries are the last q_len positions of the key
+  // sequence. panel [B, P] int32 (P = 0 without): the key tiles follow StarLayout.key_panel's mapped
+  // order (the panel's TEXT/VOCO keys, then the sequence with those keys as holes; star_mask.h KeyMap).
+  m.def("star_plan(Tensor kinds, Tensor groups, int q_len, int block_q, int block_k, int topology,"
+        " Tensor? panel=None) -> Tensor");
   // q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] (last dim contiguous) -> out [B, Hq, Sq, D] (q's dtype),
   // lse [B, Hq, Sq] float32 (log-sum-exp of the scaled scores; -inf on PAD rows). `plan` must be
   // star_plan's for these kinds/groups/block sizes/topology (shapes are checked, tile kinds are trusted;

@@ -174,6 +174,24 @@ class StarLayout:
             )
         self.kinds = kinds
         self.groups = groups
+        # The key panel's decision and size, fixed here (where the layout already synchronises) so that
+        # key_panel() is a few torch ops with known shapes (torch.compile traces it). Worth it with
+        # >= 2 images in a sample: without it every visual query tile visits one mostly masked key tile
+        # per earlier image (its <voco> and the text after it); LLaVA's one image gains nothing (30 tile
+        # visits -> 31; 16 images 1798 -> 697, csrc/star_attention/CUDA_NOTES.md).
+        visual = kinds == TokenKind.VISUAL
+        starts = visual.clone()
+        starts[:, 1:] &= ~visual[:, :-1]
+        text_voco = (kinds == TokenKind.TEXT) | (kinds == TokenKind.VOCO)
+        count = text_voco.sum(1, keepdim=True)
+        runs, panel_keys = torch.stack([starts.sum(1), count[:, 0]]).amax(1).tolist()
+        self.uses_key_panel = runs >= 2 and panel_keys > 0
+        # Each sample's TEXT/VOCO positions in order, then -1 ([B, panel_keys] int32; a stable sort
+        # moves them to the front); key_panel() pads it per block_k.
+        order = torch.argsort((~text_voco).to(torch.int8), dim=1, stable=True)[:, :panel_keys]
+        rank = torch.arange(panel_keys, device=kinds.device)
+        self._panel = torch.where(rank < count, order, -1).to(torch.int32)
+        self._panels: dict[int, torch.Tensor] = {}
         self._versions = _versions(kinds, groups)
         self.topology = topology
         self.topology_id = TOPOLOGIES[topology]
@@ -203,12 +221,32 @@ class StarLayout:
             return self
         return StarLayout(self.kinds.to(device), self.groups.to(device), self.topology)
 
-    def plan(self, q_len: int, block_q: int, block_k: int) -> torch.Tensor:
-        """Block plan ``[B, ceil(q_len/block_q), ceil(S/block_k)]`` uint8 of :class:`TileKind`.
+    def key_panel(self, block_k: int) -> torch.Tensor:
+        """The TEXT/VOCO key panel: int32 ``[B, P]``, each sample's TEXT and VOCO positions in
+        ascending order, then -1; ``P`` the largest count of a sample rounded up to a multiple of
+        ``block_k`` (0 when there are none). Cached per block_k.
 
-        ``q_len`` in ``[1, S]``, block sizes in ``[1, MAX_BLOCK]`` (Python ints). Computed once per
-        (q_len, block sizes) and cached. The backward pass reads the same tensor column-wise (its
-        transpose); the tile kinds are symmetric, so no second plan is needed.
+        A plan built with it (``plan(..., panel=True)``) orders the keys as the panel, then the whole
+        sequence with its TEXT/VOCO keys as holes: a visual query tile then visits a few dense panel
+        tiles instead of one mostly masked tile per earlier image. Which backends take it:
+        :attr:`uses_key_panel` and the Triton backend (the CPU and CUDA kernels read the identity order).
+        """
+        cached = self._panels.get(block_k)
+        if cached is None:
+            pad = -self._panel.shape[1] % block_k
+            cached = torch.nn.functional.pad(self._panel, (0, pad), value=-1).contiguous()
+            self._panels[block_k] = cached
+        return cached
+
+    def plan(self, q_len: int, block_q: int, block_k: int, panel: bool = False) -> torch.Tensor:
+        """Block plan ``[B, ceil(q_len/block_q), n_kt]`` uint8 of :class:`TileKind`.
+
+        ``q_len`` in ``[1, S]``, block sizes in ``[1, MAX_BLOCK]`` (Python ints). Without ``panel``
+        key tile ``kt`` holds positions ``[kt*block_k, (kt+1)*block_k)`` and ``n_kt = ceil(S/block_k)``;
+        with it the key tiles follow :meth:`key_panel`'s mapped order (``P/block_k`` panel tiles, then
+        ``ceil(S/block_k)`` sequence tiles whose TEXT/VOCO keys are holes; a panel tile is never DIAG).
+        Computed once per arguments and cached. The backward pass reads the same tensor column-wise
+        (its transpose); the tile kinds are symmetric, so no second plan is needed.
         """
         for name, value in (("q_len", q_len), ("block_q", block_q), ("block_k", block_k)):
             if not isinstance(value, int) or isinstance(value, bool):
@@ -221,10 +259,11 @@ class StarLayout:
                 f"block_k={block_k}"
             )
         self.check_unmodified()
-        key = (q_len, block_q, block_k)
+        key = (q_len, block_q, block_k, bool(panel))
         cached = self._plans.get(key)
         if cached is None:
-            cached = build_plan(self.kinds, self.groups, q_len, block_q, block_k, self.topology_id)
+            key_panel = self.key_panel(block_k) if panel else None
+            cached = build_plan(self.kinds, self.groups, q_len, block_q, block_k, self.topology_id, key_panel)
             self._plans[key] = cached
         return cached
 
@@ -232,11 +271,13 @@ class StarLayout:
         return f"StarLayout(batch={self.batch_size}, seq_len={self.seq_len}, topology={self.topology!r})"
 
 
-def build_plan(kinds, groups, q_len: int, block_q: int, block_k: int, topology_id: int) -> torch.Tensor:
+def build_plan(
+    kinds, groups, q_len: int, block_q: int, block_k: int, topology_id: int, panel=None
+) -> torch.Tensor:
     """The block plan via the compiled op, or the dense mask when the extension is unavailable."""
     if _ext.available():
-        return torch.ops.htc.star_plan(kinds, groups, q_len, block_q, block_k, topology_id)
-    return _plan_from_mask(kinds, groups, q_len, block_q, block_k, topology_id)
+        return torch.ops.htc.star_plan(kinds, groups, q_len, block_q, block_k, topology_id, panel)
+    return _plan_from_mask(kinds, groups, q_len, block_q, block_k, topology_id, panel)
 
 
 def _allowed(kinds: torch.Tensor, groups: torch.Tensor, q_len: int, topology_id: int) -> torch.Tensor:
@@ -258,29 +299,41 @@ def _allowed(kinds: torch.Tensor, groups: torch.Tensor, q_len: int, topology_id:
     return causal & not_pad & torch.where(key_visual, visual_ok, torch.ones_like(visual_ok))
 
 
-def _plan_from_mask(kinds, groups, q_len, block_q, block_k, topology_id) -> torch.Tensor:
-    """Pure-PyTorch block plan (same classification as star_mask.h, from the dense mask)."""
+def _plan_from_mask(kinds, groups, q_len, block_q, block_k, topology_id, panel=None) -> torch.Tensor:
+    """Pure-PyTorch block plan (same classification as star_mask.h, from the dense mask), in the
+    identity key order or, with ``panel`` (:meth:`StarLayout.key_panel`), the mapped one."""
     allowed = _allowed(kinds, groups, q_len, topology_id)
     b, sq, s = allowed.shape
-    n_qt, n_kt = -(-sq // block_q), -(-s // block_k)
-    pos_q = torch.arange(s - sq, s, device=kinds.device)[:, None]
-    pos_k = torch.arange(s, device=kinds.device)[None, :]
-    causal = pos_k <= pos_q
-    diag = pos_k == pos_q
+    pos_k = torch.arange(s, device=kinds.device).expand(b, s)
+    n_panel = 0
+    if panel is not None:  # mapped keys: the panel's positions, then the sequence with TEXT/VOCO holes
+        n_panel = panel.shape[1]
+        filled = panel >= 0
+        holes = (kinds == TokenKind.TEXT) | (kinds == TokenKind.VOCO)
+        from_panel = allowed.gather(2, panel.long().clamp(min=0)[:, None, :].expand(b, sq, -1))
+        allowed = torch.cat([from_panel & filled[:, None, :], allowed & ~holes[:, None, :]], dim=2)
+        no_pos = torch.full_like(pos_k[:, :1], 2**62)
+        pos_k = torch.cat([torch.where(filled, panel.long(), no_pos), pos_k], dim=1)
+    n_keys = n_panel + s
+    n_qt, n_kt = -(-sq // block_q), -(-n_keys // block_k)
+    pos_q = torch.arange(s - sq, s, device=kinds.device)[None, :, None]
+    causal = pos_k[:, None, :] <= pos_q
+    diag = pos_k[:, None, :] == pos_q
 
-    def tiles(x: torch.Tensor) -> torch.Tensor:  # [B, sq, s] bool -> [B, n_qt, n_kt, bq*bk] padded
-        x = torch.nn.functional.pad(x, (0, n_kt * block_k - s, 0, n_qt * block_q - sq))
+    def tiles(x: torch.Tensor) -> torch.Tensor:  # [B, sq, n_keys] bool -> [B, n_qt, n_kt, bq*bk] padded
+        x = torch.nn.functional.pad(x, (0, n_kt * block_k - n_keys, 0, n_qt * block_q - sq))
         return x.view(x.shape[0], n_qt, block_q, n_kt, block_k).transpose(2, 3).flatten(3)
 
-    valid = tiles(torch.ones(1, sq, s, dtype=torch.bool, device=kinds.device))
+    valid = tiles(torch.ones(1, sq, n_keys, dtype=torch.bool, device=kinds.device))
     a = tiles(allowed)
     any_ = a.any(-1)
     all_ = (a | ~valid).all(-1)
-    causal_eq = ((a == tiles(causal.expand(1, sq, s))) | ~valid).all(-1)
-    diag_only = (~a | tiles(diag.expand(1, sq, s))).all(-1)
+    causal_eq = ((a == tiles(causal)) | ~valid).all(-1)
+    diag_only = (~a | tiles(diag)).all(-1)
+    diag_only[:, :, : n_panel // block_k] = False  # a panel tile is never DIAG (star_mask.h)
     plan = torch.full(any_.shape, TileKind.MASKED, dtype=torch.uint8, device=kinds.device)
-    plan[diag_only.expand_as(plan)] = TileKind.DIAG
-    plan[causal_eq.expand_as(plan)] = TileKind.CAUSAL
+    plan[diag_only] = TileKind.DIAG
+    plan[causal_eq] = TileKind.CAUSAL
     plan[all_] = TileKind.FULL
     plan[~any_] = TileKind.SKIP
     return plan

@@ -130,7 +130,9 @@ class _TritonStar(Backend):
     def __call__(self, q, k, v, layout, scale, softcap):
         mod = _triton_star()
         cfg = mod.tile_config(q.shape[-1], q.dtype, q.device, q.shape[2])
-        lists = _triton_tile_lists(layout, q.shape[2], cfg.block_q, cfg.block_k)
+        # The TEXT/VOCO key panel when the layout calls for it (>= 2 images in a sample; StarLayout).
+        panel = layout.key_panel(cfg.block_k) if layout.uses_key_panel else None
+        lists = _triton_tile_lists(layout, q.shape[2], cfg.block_q, cfg.block_k, panel is not None)
         out, _ = torch.ops.htc.star_attention_triton(
             q,
             k,
@@ -143,6 +145,7 @@ class _TritonStar(Backend):
             layout.topology_id,
             scale,
             _op_softcap(softcap),
+            panel,
         )
         return out
 
@@ -218,17 +221,17 @@ def _triton_star():
     return _TRITON_STAR
 
 
-def _triton_tile_lists(layout: StarLayout, q_len: int, block_q: int, block_k: int):
-    """The Triton kernels' tile lists of ``layout.plan(q_len, block_q, block_k)``, built once per layout
-    and block sizes (like the plan itself): no per-call work but a dict lookup."""
+def _triton_tile_lists(layout: StarLayout, q_len: int, block_q: int, block_k: int, panel: bool):
+    """The Triton kernels' tile lists of ``layout.plan(q_len, block_q, block_k, panel)``, built once per
+    layout and arguments (like the plan itself): no per-call work but a dict lookup."""
     cache = getattr(layout, "_triton_tile_lists", None)
     if cache is None:
         cache = {}
         layout._triton_tile_lists = cache
-    key = (q_len, block_q, block_k)
+    key = (q_len, block_q, block_k, panel)
     lists = cache.get(key)
     if lists is None:
-        lists = _triton_star().tile_lists(layout.plan(q_len, block_q, block_k))
+        lists = _triton_star().tile_lists(layout.plan(q_len, block_q, block_k, panel=panel))
         cache[key] = lists
     return lists
 
@@ -287,9 +290,10 @@ def star_attention(
 
 def _register_star_ops() -> None:
     @torch.library.register_fake("htc::star_plan")
-    def _(kinds, groups, q_len, block_q, block_k, topology):
+    def _(kinds, groups, q_len, block_q, block_k, topology, panel=None):
         b, s = kinds.shape
-        return kinds.new_empty((b, -(-q_len // block_q), -(-s // block_k)), dtype=torch.uint8)
+        n_panel = 0 if panel is None else panel.shape[1] // block_k
+        return kinds.new_empty((b, -(-q_len // block_q), n_panel + -(-s // block_k)), dtype=torch.uint8)
 
     @torch.library.register_fake("htc::star_attention")
     def _(q, k, v, kinds, groups, plan, block_q, block_k, topology, scale, softcap):

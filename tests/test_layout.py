@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import htc_kernels as hk
+from htc_kernels import _ext
 from htc_kernels.layout import TileKind, _plan_from_mask
 from tests.layouts import C, P, T, V, llava_kinds, random_kinds
 
@@ -100,6 +101,100 @@ def test_plan_is_exact(seed, topology):
             # Sparse, not just exact: a tile is SKIP exactly when it has no allowed element.
             any_allowed = _tile_any(mask, bq, bk)
             assert torch.equal(plan == TileKind.SKIP, ~any_allowed)
+
+
+def _taken(plan, panel, kinds, mask, bq, bk):
+    """How often a kernel following a key-panel plan computes each (query row, key position):
+    int ``[B, q_len, S]``, from the tile kinds alone (a DIAG row also needs its own key not to be a
+    hole, i.e. a VISUAL row); exact when it equals the mask (0 or 1 each)."""
+    b, q_len, s = mask.shape
+    n_panel = panel.shape[1]
+    positions = torch.cat([panel.long(), torch.arange(s).expand(b, s)], dim=1)  # mapped key -> position
+    kind_k = kinds.long().gather(1, positions.clamp(min=0))
+    hole = (torch.arange(n_panel + s) >= n_panel) & ((kind_k == T) | (kind_k == C))
+    live_k = (positions >= 0) & ~hole & (kind_k != P)
+    p = torch.arange(s - q_len, s)[None, :, None]
+    j = positions[:, None, :]
+    tk = plan[:, torch.arange(q_len)[:, None] // bq, torch.arange(n_panel + s)[None, :] // bk].long()
+    kind_q = kinds[:, s - q_len :, None].long()
+    allowed_mapped = (
+        mask.gather(2, positions.clamp(min=0)[:, None, :].expand(-1, q_len, -1)) & live_k[:, None]
+    )
+    computed = tk == TileKind.FULL
+    computed |= (tk == TileKind.CAUSAL) & (j <= p) & (positions[:, None, :] >= 0)
+    computed |= (tk == TileKind.DIAG) & (j == p) & (kind_q == V)
+    computed |= (tk == TileKind.MASKED) & allowed_mapped
+    assert not ((tk == TileKind.DIAG) & (torch.arange(n_panel + s) < n_panel)).any(), "DIAG panel tile"
+    taken = torch.zeros(b, q_len, s + 1, dtype=torch.long)  # the last column collects empty slots
+    taken.scatter_add_(
+        2, torch.where(positions >= 0, positions, s)[:, None, :].expand(-1, q_len, -1), computed.long()
+    )
+    assert not taken[..., s].any(), "an empty panel slot was computed"
+    return taken[..., :s]
+
+
+@pytest.mark.parametrize("topology", ["star", "group"])
+@pytest.mark.parametrize("seed", range(8))
+def test_key_panel_plan_is_exact(seed, topology):
+    """Plans in the key panel's order (C++ op and the dense-mask fallback): every allowed (row, key)
+    computed exactly once, nothing else; and sparse (a tile is SKIP iff nothing in it is allowed)."""
+    kinds = random_kinds(seed, batch=3)
+    layout = hk.StarLayout(kinds, topology=topology)
+    s = layout.seq_len
+    for q_len, bq, bk in [(s, 16, 16), (s, 7, 5), (1, 64, 64), (max(1, s // 3), 8, 32)]:
+        panel = layout.key_panel(bk)
+        n = ((kinds == T) | (kinds == C)).sum(1)
+        assert panel.shape == (3, -(-int(n.max()) // bk) * bk) and panel.dtype == torch.int32
+        for b in range(3):
+            want = torch.nonzero((layout.kinds[b] == T) | (layout.kinds[b] == C)).flatten()
+            assert panel[b, : len(want)].tolist() == want.tolist() and (panel[b, len(want) :] == -1).all()
+        mask = hk.star_mask(layout, q_len)
+        for plan in (
+            layout.plan(q_len, bq, bk, panel=True),
+            _plan_from_mask(layout.kinds, layout.groups, q_len, bq, bk, layout.topology_id, panel),
+        ):
+            assert plan.shape == (3, -(-q_len // bq), panel.shape[1] // bk + -(-s // bk))
+            assert torch.equal(_taken(plan, panel, layout.kinds, mask, bq, bk), mask.long())
+            positions = torch.cat([panel.long(), torch.arange(s).expand(3, s)], dim=1)
+            kind_k = layout.kinds.long().gather(1, positions.clamp(min=0))
+            hole = (torch.arange(positions.shape[1]) >= panel.shape[1]) & ((kind_k == T) | (kind_k == C))
+            mapped = mask.gather(2, positions.clamp(min=0)[:, None, :].expand(-1, q_len, -1))
+            mapped &= ((positions >= 0) & ~hole)[:, None, :]
+            assert torch.equal(plan == TileKind.SKIP, ~_tile_any(mapped, bq, bk))
+
+
+@pytest.mark.skipif(not _ext.available(), reason="needs the compiled extension")
+def test_plan_op_refuses_a_wrong_panel():
+    """The plan op checks the panel it is given (shape, dtype, and on CPU that it lists exactly the
+    TEXT/VOCO positions in order): a wrong one would make kernels take keys twice or never."""
+    layout = hk.StarLayout(torch.tensor([T, T, V, V, C, T, V, C, T]))
+    args = (layout.kinds, layout.groups, 9, 4, 4, 0)
+    good = layout.key_panel(4)
+    assert good.tolist() == [[0, 1, 4, 5, 7, 8, -1, -1]]
+    torch.ops.htc.star_plan(*args, good)
+    for bad, match in [
+        (good[:, :6], "multiple of block_k"),
+        (good.long(), "int32"),
+        (good.expand(2, -1), r"\[B, P\]"),
+        (torch.tensor([[0, 1, 4, 5, 7, 8, 8, -1]], dtype=torch.int32), "must be -1"),
+        (torch.tensor([[0, 4, 1, 5, 7, 8, -1, -1]], dtype=torch.int32), "must be position 1"),
+        (torch.tensor([[0, 1, 4, 5, 7, -1, -1, -1]], dtype=torch.int32), "must be position 8"),
+    ]:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.htc.star_plan(*args, bad)
+
+
+def test_key_panel_decision_and_visits():
+    """The panel is taken with >= 2 images in a sample, and then it cuts the tile visits."""
+    one = hk.StarLayout(llava_kinds())
+    assert not one.uses_key_panel
+    images = [T] * 5 + ([V] * 100 + [C] + [T] * 13) * 6 + [T] * 20
+    many = hk.StarLayout(torch.tensor(images))
+    assert many.uses_key_panel
+    s = many.seq_len
+    visits = int((many.plan(s, 64, 64) != TileKind.SKIP).sum())
+    with_panel = int((many.plan(s, 64, 64, panel=True) != TileKind.SKIP).sum())
+    assert with_panel < visits, (with_panel, visits)
 
 
 def test_plan_skips_and_diagonals_on_llava_shape():

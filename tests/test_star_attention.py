@@ -226,6 +226,32 @@ def test_several_images_and_voco_tokens_both_paddings(backend):
             check(q, k, v, layout, backend=backend)
 
 
+@needs_triton
+@pytest.mark.parametrize("panel", [True, False])
+@pytest.mark.parametrize("topology", ["star", "group"])
+def test_triton_key_panel(topology, panel, monkeypatch):
+    """Several images per sample: the Triton backend takes the TEXT/VOCO key panel (its plan visits
+    fewer tiles) and is exact with it and, forced, without it: forward, gradients, GQA, padding on
+    (a sample with fewer TEXT/VOCO keys leaves empty panel slots) and decode. (Non-finite masked
+    keys: test_masked_keys_are_never_read, whose layout takes the panel too.)"""
+    rows = [
+        [T] * 3 + ([V] * 37 + [C] + [T] * 5) * 3 + [T] * 4,
+        [T] * 2 + [V] * 20 + [C] * 2 + [T] * 3 + [V] * 9 + [C] + [T] * 6,
+    ]
+    layout = hk.StarLayout(pad_batch(rows, "left"), topology=topology).to(TRITON_DEVICE)
+    assert layout.uses_key_panel
+    monkeypatch.setattr(layout, "uses_key_panel", panel)
+    s = layout.seq_len
+    for q_len in (s, 40, 3):
+        q, k, v = make_qkv(2, 4, 2, q_len, s, 32, torch.float32, device=TRITON_DEVICE)
+        check(q, k, v, layout, backend="triton")
+    used = {key[3] for key in layout._triton_tile_lists}
+    assert used == {panel}
+    if panel:
+        visits = [int((layout.plan(s, 32, 32, panel=p) != 0).sum()) for p in (False, True)]
+        assert visits[1] < visits[0], visits
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layout_broadcast_over_batch(backend):
     layout = hk.StarLayout(llava_kinds(prefix=5, visual=100, voco=2, suffix=7))
@@ -272,17 +298,28 @@ def raw_forward(backend, q, k, v, layout, scale, softcap=0.0):
             q, k, v, layout.kinds, layout.groups, plan, 64, 64, layout.topology_id, scale, softcap
         )
     args = triton_args(layout, q)  # first: it imports the module that registers the op
-    return torch.ops.htc.star_attention_triton(q, k, v, layout.kinds, layout.groups, *args, scale, softcap)
+    panel = triton_panel(layout, q)
+    return torch.ops.htc.star_attention_triton(
+        q, k, v, layout.kinds, layout.groups, *args, scale, softcap, panel
+    )
 
 
 def triton_args(layout, q):
-    """The Triton op's layout arguments after (q, k, v, kinds, groups): tile lists, blocks, topology."""
+    """The Triton op's layout arguments after (q, k, v, kinds, groups): tile lists, blocks, topology
+    (the key-panel plan's lists when the layout takes the panel, as the public function does)."""
     sa = importlib.import_module("htc_kernels.star_attention")  # the module, not hk.star_attention
 
     mod = sa._triton_star()  # loads the kernels and registers the op's autograd
     cfg = mod.tile_config(q.shape[-1], q.dtype, q.device, q.shape[2])
-    lists = sa._triton_tile_lists(layout, q.shape[2], cfg.block_q, cfg.block_k)
+    lists = sa._triton_tile_lists(layout, q.shape[2], cfg.block_q, cfg.block_k, layout.uses_key_panel)
     return (*lists, cfg.block_q, cfg.block_k, layout.topology_id)
+
+
+def triton_panel(layout, q):
+    """The Triton op's last argument: the key panel that goes with triton_args' lists, or None."""
+    ts = importlib.import_module("htc_kernels.triton.star_attention")
+    cfg = ts.tile_config(q.shape[-1], q.dtype, q.device, q.shape[2])
+    return layout.key_panel(cfg.block_k) if layout.uses_key_panel else None
 
 
 @pytest.mark.parametrize("softcap", [None, 1.5])
@@ -333,6 +370,8 @@ def test_opcheck(softcap):
     q, k, v = [x.requires_grad_() for x in make_qkv(2, 4, 2, s, s, 16, torch.float32)]
     plan = layout.plan(s, 64, 64)
     torch.library.opcheck(torch.ops.htc.star_plan, (layout.kinds, layout.groups, s, 64, 64, 0))
+    panel = layout.key_panel(64)
+    torch.library.opcheck(torch.ops.htc.star_plan, (layout.kinds, layout.groups, s, 64, 64, 0, panel))
     args = (layout.kinds, layout.groups, plan, 64, 64, 0, 0.25, softcap)
     out, lse = opcheck_forward_backward(q, k, v, args)
 
@@ -349,7 +388,7 @@ def test_opcheck_triton(softcap):
     # dereferences the traced storages); on a GPU the full opcheck runs.
     utils = ("test_schema", "test_autograd_registration", "test_faketensor") if INTERPRETED else None
     kw = {"test_utils": utils} if utils else {}
-    fwd_args = (q, k, v, layout.kinds, layout.groups, *args, 0.25, softcap)
+    fwd_args = (q, k, v, layout.kinds, layout.groups, *args, 0.25, softcap, triton_panel(layout, q))
     torch.library.opcheck(torch.ops.htc.star_attention_triton.default, fwd_args, **kw)
     out, lse = torch.ops.htc.star_attention_triton(*fwd_args)
     plain = [x.detach() for x in (q, k, v, out, lse)]
@@ -363,6 +402,7 @@ def test_opcheck_triton(softcap):
             *args,
             0.25,
             softcap,
+            fwd_args[-1],
         )
         torch.library.opcheck(torch.ops.htc.star_attention_triton_backward.default, bwd_args, **kw)
 
@@ -662,7 +702,7 @@ def test_triton_tile_override_reaches_forward_and_backward():
             qq, kk, vv = [x.detach().requires_grad_() for x in (q, k, v)]
             out = hk.star_attention(qq, kk, vv, layout, backend="triton")
             out.backward(torch.ones_like(out))
-    assert (s, cfg.block_q, cfg.block_k) in layout._triton_tile_lists
+    assert (s, cfg.block_q, cfg.block_k, layout.uses_key_panel) in layout._triton_tile_lists
     assert launches and all(c == cfg for c in launches)  # forward and backward launches
     assert ts.tile_config(32, torch.float32, TRITON_DEVICE, s) == table
     ref = [x.detach().double().requires_grad_() for x in (q, k, v)]

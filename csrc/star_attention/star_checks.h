@@ -37,6 +37,39 @@ inline void check_plan_args(const at::Tensor& kinds, const at::Tensor& groups, i
   TORCH_CHECK(topology == 0 || topology == 1, "star_plan: topology must be 0 (star) or 1 (group)");
 }
 
+// panel [B, P] int32, P a multiple of block_k: the key panel of StarLayout (positions of every TEXT and
+// VOCO key in order, then -1). Shapes here; check_panel_values reads the values.
+inline void check_panel_args(const std::optional<at::Tensor>& panel, const at::Tensor& kinds, int64_t block_k) {
+  if (!panel) return;
+  TORCH_CHECK(panel->scalar_type() == at::kInt && panel->dim() == 2 && panel->size(0) == kinds.size(0) &&
+                  panel->size(1) % block_k == 0,
+              "star_plan: panel must be int32 [B, P] with P a multiple of block_k=", block_k, ", got ",
+              panel->scalar_type(), " ", panel->sizes());
+  TORCH_CHECK(panel->device() == kinds.device(), "star_plan: panel and kinds on different devices");
+}
+
+// Each sample's panel lists exactly its TEXT/VOCO positions, ascending, then -1 (every key has one
+// slot in the mapped order: the kernels' exactness rests on it). CPU tensors (reads the values).
+inline void check_panel_values(const at::Tensor& panel, const at::Tensor& kinds) {
+  const auto pc = panel.contiguous();
+  const auto kc = kinds.contiguous();
+  const int64_t batch = kinds.size(0), seq_len = kinds.size(1), len = panel.size(1);
+  const int32_t* pp = pc.data_ptr<int32_t>();
+  const int8_t* kp = kc.data_ptr<int8_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t slot = 0;
+    for (int64_t p = 0; p < seq_len; ++p) {
+      if (kp[b * seq_len + p] != kText && kp[b * seq_len + p] != kVoco) continue;
+      TORCH_CHECK(slot < len && pp[b * len + slot] == p, "star_plan: panel[", b, ", ", slot,
+                  "] must be position ", p, " (the panel lists every TEXT/VOCO position in order, then -1)");
+      ++slot;
+    }
+    for (; slot < len; ++slot)
+      TORCH_CHECK(pp[b * len + slot] == -1, "star_plan: panel[", b, ", ", slot, "] = ", pp[b * len + slot],
+                  " must be -1 (after the sample's TEXT/VOCO positions)");
+  }
+}
+
 // softcap: 0 (no capping) or a cap c > 0 that is a normal float32 (scores become c * tanh(s / c); the
 // kernels use 1/c, which must be finite).
 inline void check_softcap(const char* op, double softcap) {

@@ -41,119 +41,170 @@ HTC_HD bool star_allowed(int64_t i, int64_t j, int8_t ki, int32_t gi, int8_t kj,
   return true;
 }
 
-// What a contiguous run of positions holds, for the fast paths of classify_tile.
+// The key order of a plan. Identity (panel_len 0): key index j is position j. With a key panel
+// (CUDA_NOTES.md "the TEXT/VOCO key panel"): indices j < panel_len are the panel, position panel[j]
+// (-1: an empty slot), and j >= panel_len is position j - panel_len, where TEXT/VOCO keys are holes
+// (they live in the panel). Holes and empty slots are PAD for the rule; an empty slot's position lies
+// after every query, so a partly filled panel tile can be CAUSAL but never FULL.
+struct KeyMap {
+  const int32_t* panel = nullptr;  // one sample's panel, panel_len entries
+  int64_t panel_len = 0;           // a multiple of the plan's block_k
+  int64_t seq_len = 0;             // panel entries outside [0, seq_len) count as empty slots
+};
+
+constexpr int64_t kNoPosition = INT64_MAX / 4;  // an empty slot's position
+
+struct MappedKey {
+  int64_t pos;
+  int8_t kind;
+  int32_t group;
+};
+
+HTC_HD MappedKey mapped_key(const int8_t* kinds, const int32_t* groups, const KeyMap& m, int64_t j) {
+  if (j < m.panel_len) {
+    const int64_t p = m.panel[j];
+    if (p < 0 || p >= m.seq_len) return {kNoPosition, kPad, -1};
+    return {p, kinds[p], groups[p]};
+  }
+  const int64_t p = j - m.panel_len;
+  const int8_t kind = kinds[p];
+  if (m.panel_len > 0 && (kind == kText || kind == kVoco)) return {p, kPad, -1};
+  return {p, kind, groups[p]};
+}
+
+// Number of key tiles of a plan: the panel's, then the sequence's.
+HTC_HD int64_t key_tiles(int64_t seq_len, int64_t block_k, const KeyMap& m) {
+  return m.panel_len / block_k + ceil_div(seq_len, block_k);
+}
+
+// What a run of (mapped) keys or of query positions holds, for the fast paths of classify_tile.
 struct RangeSummary {
   bool pad = false, text_only = true, visual_only = true;
   bool plain = true;                                  // no VISUAL and no PAD token
+  int64_t pmin = kNoPosition, pmax = -1;              // positions (empty slots: kNoPosition)
   int32_t gmin = INT32_MAX, gmax = INT32_MIN;         // groups of all tokens (-1: TEXT/PAD)
   int32_t voco_gmin = INT32_MAX, voco_gmax = INT32_MIN;  // groups of the VOCO tokens
   int32_t img_gmin = INT32_MAX, img_gmax = INT32_MIN;    // groups of the VISUAL and VOCO tokens
 };
 
-HTC_HD RangeSummary summarize(const int8_t* kinds, const int32_t* groups, int64_t begin, int64_t end) {
+// Summary of mapped keys [begin, end) (with the identity map: of positions [begin, end)).
+HTC_HD RangeSummary summarize(const int8_t* kinds, const int32_t* groups, int64_t begin, int64_t end,
+                              const KeyMap& m = KeyMap{}) {
   RangeSummary r;
-  for (int64_t p = begin; p < end; ++p) {
-    r.pad |= kinds[p] == kPad;
-    r.text_only &= kinds[p] == kText;
-    r.visual_only &= kinds[p] == kVisual;
-    r.plain &= kinds[p] == kText || kinds[p] == kVoco;
-    r.gmin = groups[p] < r.gmin ? groups[p] : r.gmin;
-    r.gmax = groups[p] > r.gmax ? groups[p] : r.gmax;
-    if (kinds[p] == kVoco) {
-      r.voco_gmin = groups[p] < r.voco_gmin ? groups[p] : r.voco_gmin;
-      r.voco_gmax = groups[p] > r.voco_gmax ? groups[p] : r.voco_gmax;
+  for (int64_t j = begin; j < end; ++j) {
+    const MappedKey t = mapped_key(kinds, groups, m, j);
+    r.pad |= t.kind == kPad;
+    r.text_only &= t.kind == kText;
+    r.visual_only &= t.kind == kVisual;
+    r.plain &= t.kind == kText || t.kind == kVoco;
+    r.pmin = t.pos < r.pmin ? t.pos : r.pmin;
+    r.pmax = t.pos > r.pmax ? t.pos : r.pmax;
+    r.gmin = t.group < r.gmin ? t.group : r.gmin;
+    r.gmax = t.group > r.gmax ? t.group : r.gmax;
+    if (t.kind == kVoco) {
+      r.voco_gmin = t.group < r.voco_gmin ? t.group : r.voco_gmin;
+      r.voco_gmax = t.group > r.voco_gmax ? t.group : r.voco_gmax;
     }
-    if (kinds[p] == kVoco || kinds[p] == kVisual) {
-      r.img_gmin = groups[p] < r.img_gmin ? groups[p] : r.img_gmin;
-      r.img_gmax = groups[p] > r.img_gmax ? groups[p] : r.img_gmax;
+    if (t.kind == kVoco || t.kind == kVisual) {
+      r.img_gmin = t.group < r.img_gmin ? t.group : r.img_gmin;
+      r.img_gmax = t.group > r.img_gmax ? t.group : r.img_gmax;
     }
   }
   return r;
 }
 
-// Classify one tile: query rows [r0, r1) (key-sequence positions r + q_offset) against keys [k0, k1),
-// given the summaries of both ranges. `kinds`/`groups` describe one sample's key sequence. Fast paths
-// decide homogeneous tiles from the summaries; mixed tiles are decided element-wise with an early exit.
+// Classify one tile: query rows [r0, r1) (key-sequence positions r + q_offset) against mapped keys
+// [k0, k1) of `m`, given the summaries of both ranges. `kinds`/`groups` describe one sample's key
+// sequence. Fast paths decide homogeneous tiles from the summaries (key positions, not indices: a
+// panel tile's keys are not contiguous); mixed tiles are decided element-wise with an early exit.
+// A panel tile is never DIAG (the kernels' DIAG path reads each row's own position, which only the
+// sequence's tiles hold): it is MASKED instead.
 HTC_HD uint8_t classify_tile(const int8_t* kinds, const int32_t* groups, int64_t q_offset, int64_t r0,
                              int64_t r1, int64_t k0, int64_t k1, int topology, const RangeSummary& q,
-                             const RangeSummary& k) {
+                             const RangeSummary& k, const KeyMap& m = KeyMap{}) {
   const int64_t p0 = r0 + q_offset, p1 = r1 + q_offset;  // query positions [p0, p1)
-  if (k0 > p1 - 1) return kSkip;                         // entirely above the diagonal
-  if (k.plain && !q.pad) return k1 - 1 <= p0 ? kFull : kCausal;
+  if (k.pmin > p1 - 1) return kSkip;                     // entirely above the diagonal
+  if (k.plain && !q.pad) return k.pmax <= p0 ? kFull : kCausal;
   if (k.visual_only && q.text_only) return kSkip;
-  if (k.visual_only && q.visual_only && topology == kStar) {
-    if (k1 <= p0 || k0 >= p1) return kSkip;  // diagonal does not cross the tile
+  if (k.visual_only && q.visual_only && topology == kStar) {  // only sequence tiles are visual_only
+    if (k.pmax < p0 || k.pmin >= p1) return kSkip;  // diagonal does not cross the tile
     return kDiag;
   }
   if (k.visual_only && q.visual_only) {  // group topology: visual tokens see their own image
     if (q.gmax < k.gmin || k.gmax < q.gmin) return kSkip;
-    if (q.gmin == q.gmax && k.gmin == k.gmax) return k1 - 1 <= p0 ? kFull : kCausal;
+    if (q.gmin == q.gmax && k.gmin == k.gmax) return k.pmax <= p0 ? kFull : kCausal;
   }
   if (k.visual_only) {
     // Only VISUAL rows (their diagonal in "star", their image in "group") and VOCO rows of the same
     // image can see visual keys: skip when no such row overlaps the keys' images.
-    const bool diagonal_crosses = k1 > p0 && k0 < p1;
+    const bool diagonal_crosses = k.pmax >= p0 && k.pmin < p1;
     const bool voco_hit = !(q.voco_gmax < k.gmin || k.gmax < q.voco_gmin);
     const bool image_hit = !(q.img_gmax < k.gmin || k.gmax < q.img_gmin);
     if (topology == kStar ? !diagonal_crosses && !voco_hit : !image_hit) return kSkip;
   }
 
+  const bool panel_tile = k0 < m.panel_len;
   bool any = false, all = true, causal = true, diag = true;
   for (int64_t p = p0; p < p1; ++p) {
     for (int64_t j = k0; j < k1; ++j) {
-      const bool a = star_allowed(p, j, kinds[p], groups[p], kinds[j], groups[j], topology);
+      const MappedKey t = mapped_key(kinds, groups, m, j);
+      const bool a = star_allowed(p, t.pos, kinds[p], groups[p], t.kind, t.group, topology);
       any |= a;
       all &= a;
-      causal &= a == (j <= p);
-      diag &= !a || j == p;
+      causal &= a == (t.pos <= p);
+      diag &= !a || t.pos == p;
     }
-    if (any && !all && !causal && !diag) return kMasked;
+    if (any && !all && !causal && (!diag || panel_tile)) return kMasked;
   }
   if (!any) return kSkip;
   if (all) return kFull;
   if (causal) return kCausal;
-  if (diag) return kDiag;
+  if (diag && !panel_tile) return kDiag;
   return kMasked;
 }
 
 // The same, summarising both ranges first (one tile on its own, e.g. one CUDA thread per tile).
 HTC_HD uint8_t classify_tile(const int8_t* kinds, const int32_t* groups, int64_t q_offset, int64_t r0,
-                             int64_t r1, int64_t k0, int64_t k1, int topology) {
+                             int64_t r1, int64_t k0, int64_t k1, int topology, const KeyMap& m = KeyMap{}) {
   return classify_tile(kinds, groups, q_offset, r0, r1, k0, k1, topology,
-                       summarize(kinds, groups, r0 + q_offset, r1 + q_offset), summarize(kinds, groups, k0, k1));
+                       summarize(kinds, groups, r0 + q_offset, r1 + q_offset),
+                       summarize(kinds, groups, k0, k1, m), m);
 }
 
-// Row qt of one sample's plan: out[kt] for every key tile, with query tiles of `block_q` rows (of
-// q_len rows, bottom-right aligned to the seq_len keys) and key tiles of `block_k` keys.
-// `key_summaries` holds summarize() of every key tile (computed once per sample by the caller).
+// Row qt of one sample's plan: out[kt] for every key tile (key_tiles(seq_len, block_k, m) of them),
+// with query tiles of `block_q` rows (of q_len rows, bottom-right aligned to the seq_len keys) and key
+// tiles of `block_k` mapped keys. `key_summaries` holds summarize() of every key tile (computed once
+// per sample by the caller, summarize_key_tiles).
 inline void plan_row(const int8_t* kinds, const int32_t* groups, int64_t seq_len, int64_t q_len,
                      int64_t block_q, int64_t block_k, int topology, const RangeSummary* key_summaries,
-                     int64_t qt, uint8_t* out) {
-  const int64_t n_kt = ceil_div(seq_len, block_k), q_offset = seq_len - q_len;
+                     int64_t qt, uint8_t* out, const KeyMap& m = KeyMap{}) {
+  const int64_t n_kt = key_tiles(seq_len, block_k, m), n_keys = m.panel_len + seq_len;
+  const int64_t q_offset = seq_len - q_len;
   const int64_t r0 = qt * block_q, r1 = clamp_end(r0, block_q, q_len);
   const RangeSummary q = summarize(kinds, groups, r0 + q_offset, r1 + q_offset);
   for (int64_t kt = 0; kt < n_kt; ++kt) {
-    const int64_t k0 = kt * block_k, k1 = clamp_end(k0, block_k, seq_len);
-    out[kt] = classify_tile(kinds, groups, q_offset, r0, r1, k0, k1, topology, q, key_summaries[kt]);
+    const int64_t k0 = kt * block_k, k1 = clamp_end(k0, block_k, n_keys);
+    out[kt] = classify_tile(kinds, groups, q_offset, r0, r1, k0, k1, topology, q, key_summaries[kt], m);
   }
 }
 
 inline void summarize_key_tiles(const int8_t* kinds, const int32_t* groups, int64_t seq_len, int64_t block_k,
-                                RangeSummary* out) {
-  const int64_t n_kt = ceil_div(seq_len, block_k);
+                                RangeSummary* out, const KeyMap& m = KeyMap{}) {
+  const int64_t n_kt = key_tiles(seq_len, block_k, m), n_keys = m.panel_len + seq_len;
   for (int64_t kt = 0; kt < n_kt; ++kt)
-    out[kt] = summarize(kinds, groups, kt * block_k, clamp_end(kt * block_k, block_k, seq_len));
+    out[kt] = summarize(kinds, groups, kt * block_k, clamp_end(kt * block_k, block_k, n_keys), m);
 }
 
-// The whole plan of one sample: out[qt * n_kt + kt]. Needs seq_len >= q_len >= 1 and block sizes >= 1.
+// The whole plan of one sample: out[qt * n_kt + kt], n_kt = key_tiles(seq_len, block_k, m). Needs
+// seq_len >= q_len >= 1, block sizes >= 1 and m.panel_len a multiple of block_k.
 inline void build_star_plan(const int8_t* kinds, const int32_t* groups, int64_t seq_len,
                             int64_t q_len, int64_t block_q, int64_t block_k, int topology,
-                            uint8_t* out) {
-  const int64_t n_qt = ceil_div(q_len, block_q), n_kt = ceil_div(seq_len, block_k);
+                            uint8_t* out, const KeyMap& m = KeyMap{}) {
+  const int64_t n_qt = ceil_div(q_len, block_q), n_kt = key_tiles(seq_len, block_k, m);
   std::vector<RangeSummary> keys(n_kt);
-  summarize_key_tiles(kinds, groups, seq_len, block_k, keys.data());
+  summarize_key_tiles(kinds, groups, seq_len, block_k, keys.data(), m);
   for (int64_t qt = 0; qt < n_qt; ++qt)
-    plan_row(kinds, groups, seq_len, q_len, block_q, block_k, topology, keys.data(), qt, out + qt * n_kt);
+    plan_row(kinds, groups, seq_len, q_len, block_q, block_k, topology, keys.data(), qt, out + qt * n_kt, m);
 }
 
 }  // namespace htc

@@ -13,21 +13,26 @@ namespace htc {
 namespace {
 
 at::Tensor star_plan_cuda(const at::Tensor& kinds, const at::Tensor& groups, int64_t q_len,
-                          int64_t block_q, int64_t block_k, int64_t topology) {
+                          int64_t block_q, int64_t block_k, int64_t topology,
+                          const std::optional<at::Tensor>& panel) {
   check_plan_args(kinds, groups, q_len, block_q, block_k, topology);
+  check_panel_args(panel, kinds, block_k);
   const c10::cuda::CUDAGuard guard(kinds.device());
   const auto kinds_c = kinds.contiguous();
   const auto groups_c = groups.contiguous();
   const int64_t batch = kinds.size(0), seq_len = kinds.size(1);
-  const int64_t n_qt = (q_len + block_q - 1) / block_q, n_kt = (seq_len + block_k - 1) / block_k;
+  // The panel's values are not read here (a device sync): entries outside [0, Skv) count as empty slots.
+  const auto panel_c = panel ? panel->contiguous() : at::Tensor();
+  const int64_t panel_len = panel ? panel->size(1) : 0;
+  const int64_t n_qt = (q_len + block_q - 1) / block_q, n_kt = panel_len / block_k + (seq_len + block_k - 1) / block_k;
   auto plan = at::empty({batch, n_qt, n_kt}, kinds.options().dtype(at::kByte));
   const int64_t total = batch * n_qt * n_kt;
   if (total == 0) return plan;
   constexpr int kThreads = 128;
   const int64_t blocks = (total + kThreads - 1) / kThreads;
   star_plan_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      kinds_c.data_ptr<int8_t>(), groups_c.data_ptr<int32_t>(), batch, seq_len, q_len, block_q,
-      block_k, static_cast<int>(topology), plan.data_ptr<uint8_t>());
+      kinds_c.data_ptr<int8_t>(), groups_c.data_ptr<int32_t>(), panel ? panel_c.data_ptr<int32_t>() : nullptr,
+      panel_len, batch, seq_len, q_len, block_q, block_k, static_cast<int>(topology), plan.data_ptr<uint8_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return plan;
 }

@@ -52,27 +52,49 @@ int main() {
     const int64_t q_len = 1 + static_cast<int64_t>(rng() % s);
     const int64_t bq = 1 + rng() % 17, bk = 1 + rng() % 17;
     const int topo = static_cast<int>(rng() & 1);
-    const int64_t n_qt = (q_len + bq - 1) / bq, n_kt = (s + bk - 1) / bk;
-    std::vector<uint8_t> plan(n_qt * n_kt);
-    htc::build_star_plan(kinds.data(), groups.data(), s, q_len, bq, bk, topo, plan.data());
-    const int64_t off = s - q_len;
-    for (int64_t r = 0; r < q_len; ++r) {
-      for (int64_t j = 0; j < s; ++j) {
+    // Without a panel, then with the key panel (every TEXT/VOCO position, then -1; sometimes a whole
+    // empty tile more), its tiles checked element by element in the mapped key order.
+    std::vector<int32_t> panel;
+    for (int64_t p = 0; p < s; ++p)
+      if (kinds[p] == htc::kText || kinds[p] == htc::kVoco) panel.push_back(static_cast<int32_t>(p));
+    const int64_t panel_len = (htc::ceil_div(static_cast<int64_t>(panel.size()), bk) + (rng() % 3 == 0)) * bk;
+    panel.resize(panel_len, -1);
+    for (const htc::KeyMap map : {htc::KeyMap{}, htc::KeyMap{panel.data(), panel_len, s}}) {
+      const int64_t n_qt = (q_len + bq - 1) / bq, n_kt = htc::key_tiles(s, bk, map);
+      std::vector<uint8_t> plan(n_qt * n_kt);
+      htc::build_star_plan(kinds.data(), groups.data(), s, q_len, bq, bk, topo, plan.data(), map);
+      const int64_t off = s - q_len;
+      for (int64_t r = 0; r < q_len; ++r) {
         const int64_t p = r + off;
-        const bool allowed = htc::star_allowed(p, j, kinds[p], groups[p], kinds[j], groups[j], topo);
-        const uint8_t tk = plan[(r / bq) * n_kt + j / bk];
-        // What the kernels will compute for this element from the tile kind alone.
-        bool computed = false;
-        switch (tk) {
-          case htc::kSkip: computed = false; break;
-          case htc::kFull: computed = true; break;
-          case htc::kCausal: computed = j <= p; break;
-          case htc::kDiag: computed = j == p && kinds[p] != htc::kPad; break;
-          case htc::kMasked: computed = allowed; break;
-          default: expect(false, "unknown tile kind", seed);
+        std::vector<int> taken(s, 0);  // how often each key position is computed for this row
+        for (int64_t j = 0; j < map.panel_len + s; ++j) {
+          const htc::MappedKey key = htc::mapped_key(kinds.data(), groups.data(), map, j);
+          const bool allowed = htc::star_allowed(p, key.pos, kinds[p], groups[p], key.kind, key.group, topo);
+          const uint8_t tk = plan[(r / bq) * n_kt + j / bk];
+          // What the kernels will compute for this element from the tile kind alone (with a panel a
+          // DIAG row also needs its own key not to be a hole, i.e. a VISUAL row).
+          bool computed = false;
+          switch (tk) {
+            case htc::kSkip: computed = false; break;
+            case htc::kFull: computed = true; break;
+            case htc::kCausal: computed = key.pos <= p; break;
+            case htc::kDiag:
+              expect(j >= map.panel_len, "DIAG panel tile", seed);
+              computed = key.pos == p && kinds[p] != htc::kPad && (map.panel_len == 0 || kinds[p] == htc::kVisual);
+              break;
+            case htc::kMasked: computed = allowed; break;
+            default: expect(false, "unknown tile kind", seed);
+          }
+          expect(computed == allowed, "tile kind disagrees with the element-wise rule", seed);
+          if (computed != allowed) return 1;
+          if (computed) ++taken[key.pos];
         }
-        expect(computed == allowed, "tile kind disagrees with the element-wise rule", seed);
-        if (computed != allowed) return 1;
+        // Independently of the map: every key exactly as often as the rule allows it (0 or 1).
+        for (int64_t j = 0; j < s; ++j) {
+          const bool want = htc::star_allowed(p, j, kinds[p], groups[p], kinds[j], groups[j], topo);
+          expect(taken[j] == static_cast<int>(want), "a key computed other than once per allowed pair", seed);
+          if (taken[j] != static_cast<int>(want)) return 1;
+        }
       }
     }
   }

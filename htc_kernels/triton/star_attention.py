@@ -6,6 +6,15 @@ key tiles in ascending order, each entry ``kt << 3 | kind`` (int32), plus a coun
 key-side lists are the same compaction of the plan's transpose. Kernels walk only these entries, so
 a SKIP tile is never loaded, never tested, never looped over (the LLaVA-shape plan is ~90% SKIP).
 
+Key panel (``StarLayout.key_panel``; taken when a sample holds >= 2 images, ``layout.uses_key_panel``):
+the plan's key tiles are then in a *mapped* order, ``NP`` panel tiles holding every TEXT/VOCO key of
+the sample in position order (empty slots -1 at the end), then the sequence's tiles with those keys as
+holes (PAD: never read; their panel slot computes them). A visual query tile then visits a few dense
+panel tiles instead of one mostly masked tile per earlier image (<voco> and the text after it): 16
+images, 64x64 tiles, 1798 visits -> 697. Kernels gather K/V rows by position (:func:`_key_tile`),
+CAUSAL compares positions, a DIAG tile is always a sequence tile (a TEXT/VOCO row skips its own key
+there), and dK/dV rows are stored from each key's one slot: still one writer per row, no atomics.
+
 Per visited tile, by kind:
   FULL    one ``tl.dot`` pair, no mask (only the causal/PAD-row select, one compare per score).
   CAUSAL  the same with ``j <= i``.
@@ -47,6 +56,7 @@ import triton.language as tl
 from htc_kernels.layout import TileKind, TokenKind
 
 # TokenKind / TileKind values as compile-time constants of the kernels.
+_TEXT = tl.constexpr(int(TokenKind.TEXT))
 _VISUAL = tl.constexpr(int(TokenKind.VISUAL))
 _VOCO = tl.constexpr(int(TokenKind.VOCO))
 _PAD = tl.constexpr(int(TokenKind.PAD))
@@ -79,6 +89,31 @@ def _allowed(pos_q, kind_q, grp_q, pos_k, kind_k, grp_k, tile_kind, topology):
         vis = tl.where(kind_q == _VISUAL, visual_ok, (kind_q == _VOCO) & same_group)
         ok = ok & (kind_k != _PAD) & ((kind_k != _VISUAL) | vis)
     return ok
+
+
+@triton.jit
+def _key_tile(KINDS, GROUPS, PANEL, lay, pan, kt, NP, Skv, BLOCK_N: tl.constexpr):
+    """Mapped key tile ``kt`` (module docstring, "key panel"): positions, kinds, groups ``[BLOCK_N]``
+    int32 and ``own`` (bool: this slot is its key's one slot, so dK/dV rows are stored from here).
+    Tiles ``kt < NP`` are panel tiles (positions from PANEL; empty slots -1 come back PAD at position
+    INT32_MAX, past every query); the rest are sequence tiles, where with a panel (NP > 0) the
+    TEXT/VOCO keys are holes: PAD, never read (their panel slot computes them)."""
+    idx = tl.arange(0, BLOCK_N)
+    if kt < NP:
+        pos = tl.load(PANEL + pan + kt * BLOCK_N + idx)
+        own = pos >= 0
+        kind = tl.load(KINDS + lay + pos, mask=own, other=_PAD).to(tl.int32)
+        grp = tl.load(GROUPS + lay + pos, mask=own, other=-1)
+        pos = tl.where(own, pos, 2147483647)
+    else:
+        pos = (kt - NP) * BLOCK_N + idx
+        own = pos < Skv
+        kind = tl.load(KINDS + lay + pos, mask=own, other=_PAD).to(tl.int32)
+        grp = tl.load(GROUPS + lay + pos, mask=own, other=-1)
+        hole = (NP > 0) & ((kind == _TEXT) | (kind == _VOCO))
+        own = own & ~hole
+        kind = tl.where(hole, _PAD, kind)
+    return pos, kind, grp, own
 
 
 @triton.jit
@@ -150,10 +185,11 @@ def _dot_kept(acc, a, b, keep, PREC: tl.constexpr):
 # specialisation (Triton's "== 1" and "% 16 == 0" variants), so one compiled kernel serves them all;
 # strides and D keep theirs (they decide vectorised loads).
 # fmt: off
-@triton.jit(do_not_specialize=("Hq", "Sq", "Skv", "n_cols", "topology"))
+@triton.jit(do_not_specialize=("Hq", "Sq", "Skv", "n_cols", "topology", "NP"))
 def _star_fwd_kernel(
     Q, K, V, O, LSE,  # q [B,Hq,Sq,D], k/v [B,Hkv,Skv,D] (any strides), out like q, lse [B,Hq,Sq] fp32
     KINDS, GROUPS,  # [Bp, Skv] int8 / int32
+    PANEL,  # key panel [Bp, NP * BLOCK_N] int32 (read only when NP > 0)
     TILES, NTILES,  # row lists [Bp, n_qt, n_kt] int32 (kt << 3 | kind), counts [Bp, n_qt] int32
     sqb, sqh, sqs, sqd,
     skb, skh, sks, skd,
@@ -161,6 +197,7 @@ def _star_fwd_kernel(
     sob, soh, sos, sod,
     slb, slh,
     s_lay,  # batch stride of kinds/groups (0: one layout for the batch)
+    s_pan, NP,  # PANEL batch stride, number of panel tiles (0: identity key order)
     stb, str_, snb,  # TILES batch/row strides, NTILES batch stride (0 when shared by the batch)
     Hq, GROUP, Sq, Skv, D, n_cols,
     qk_scale,  # softmax scale * log2(e)
@@ -206,9 +243,10 @@ def _star_fwd_kernel(
         e = tl.load(tile_row + t)
         kt = e >> 3
         tk = e & 7
-        k0 = kt * BLOCK_N
+        k0 = (kt - NP) * BLOCK_N  # a DIAG tile is a sequence tile
         if tk == _DIAG:  # DIAG: row i meets only key pos_q[i], when that key lies in this tile
-            on = live_q & (pos_q >= k0) & (pos_q < k0 + BLOCK_N)
+            # With a panel a TEXT/VOCO row's own key is a hole here (its panel slot computes it).
+            on = live_q & (pos_q >= k0) & (pos_q < k0 + BLOCK_N) & ((kind_q == _VISUAL) | (NP == 0))
             pos64 = pos_q.to(tl.int64)
             ld_diag = on[:, None] & d_in[None, :]
             kd = tl.load(k_base + pos64[:, None] * sks + dd[None, :] * skd, mask=ld_diag, other=0.0)
@@ -225,10 +263,7 @@ def _star_fwd_kernel(
             acc = acc * alpha[:, None] + pd[:, None] * vd.to(tl.float32)
             m_i = m_new
         else:
-            cols = k0 + tl.arange(0, BLOCK_N)
-            col_in = cols < Skv
-            kind_k = tl.load(KINDS + lay + cols, mask=col_in, other=_PAD).to(tl.int32)
-            grp_k = tl.load(GROUPS + lay + cols, mask=col_in, other=-1)
+            cols, kind_k, grp_k, _own = _key_tile(KINDS, GROUPS, PANEL, lay, b * s_pan, kt, NP, Skv, BLOCK_N)
             ld = (kind_k != _PAD)[:, None] & d_in[None, :]  # PAD keys are never read
             cols64 = cols.to(tl.int64)
             k = tl.load(k_base + cols64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0)
@@ -309,17 +344,17 @@ def _star_bwd_delta_kernel(
 
 
 # fmt: off
-@triton.jit(do_not_specialize=("Hq", "Sq", "Skv", "n_cols", "topology"))
+@triton.jit(do_not_specialize=("Hq", "Sq", "Skv", "n_cols", "topology", "NP"))
 def _star_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
-    KINDS, GROUPS, TILES, NTILES,  # as in _star_fwd_kernel
+    KINDS, GROUPS, PANEL, TILES, NTILES,  # as in _star_fwd_kernel
     sqb, sqh, sqs, sqd,
     skb, skh, sks, skd,
     svb, svh, svs, svd,
     sdb, sdh, sds, sdd,
     slb, slh,
     sqgb, sqgh, sqgs, sqgd,  # dq
-    s_lay, stb, str_, snb,
+    s_lay, s_pan, NP, stb, str_, snb,
     Hq, GROUP, Sq, Skv, D, n_cols, qk_scale, scale,
     topology,  # 0 star, 1 group (runtime: one compiled kernel for both)
     softcap, inv_softcap,  # the cap c and 1/c (read only when SOFTCAP)
@@ -365,9 +400,9 @@ def _star_bwd_dq_kernel(
         e = tl.load(tile_row + t)
         kt = e >> 3
         tk = e & 7
-        k0 = kt * BLOCK_N
-        if tk == _DIAG:  # DIAG
-            on = live_q & (pos_q >= k0) & (pos_q < k0 + BLOCK_N)
+        k0 = (kt - NP) * BLOCK_N  # a DIAG tile is a sequence tile
+        if tk == _DIAG:  # DIAG (see the forward)
+            on = live_q & (pos_q >= k0) & (pos_q < k0 + BLOCK_N) & ((kind_q == _VISUAL) | (NP == 0))
             pos64 = pos_q.to(tl.int64)
             ld_diag = on[:, None] & d_in[None, :]
             kd = tl.load(k_base + pos64[:, None] * sks + dd[None, :] * skd, mask=ld_diag, other=0.0)
@@ -385,10 +420,7 @@ def _star_bwd_dq_kernel(
             dsd = tl.where(on, dsd, 0.0)
             dq += dsd[:, None] * kd
         else:
-            cols = k0 + tl.arange(0, BLOCK_N)
-            col_in = cols < Skv
-            kind_k = tl.load(KINDS + lay + cols, mask=col_in, other=_PAD).to(tl.int32)
-            grp_k = tl.load(GROUPS + lay + cols, mask=col_in, other=-1)
+            cols, kind_k, grp_k, _own = _key_tile(KINDS, GROUPS, PANEL, lay, b * s_pan, kt, NP, Skv, BLOCK_N)
             ld = (kind_k != _PAD)[:, None] & d_in[None, :]
             cols64 = cols.to(tl.int64)
             k = tl.load(k_base + cols64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0)
@@ -424,10 +456,10 @@ def _star_bwd_dq_kernel(
 
 
 # fmt: off
-@triton.jit(do_not_specialize=("Hq", "Hkv", "Sq", "Skv", "n_rows", "topology"))
+@triton.jit(do_not_specialize=("Hq", "Hkv", "Sq", "Skv", "n_rows", "topology", "NP"))
 def _star_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    KINDS, GROUPS,
+    KINDS, GROUPS, PANEL,
     TILES, NTILES,  # column lists [Bp, n_kt, n_qt] int32 (qt << 3 | kind), counts [Bp, n_kt]
     sqb, sqh, sqs, sqd,
     skb, skh, sks, skd,
@@ -436,7 +468,7 @@ def _star_bwd_dkdv_kernel(
     slb, slh,
     skgb, skgh, skgs, skgd,  # dk
     svgb, svgh, svgs, svgd,  # dv
-    s_lay, stb, str_, snb,
+    s_lay, s_pan, NP, stb, str_, snb,
     Hq, Hkv, GROUP, Sq, Skv, D, n_rows, qk_scale, scale,
     topology,  # 0 star, 1 group (runtime: one compiled kernel for both)
     softcap, inv_softcap,  # the cap c and 1/c (read only when SOFTCAP)
@@ -446,18 +478,16 @@ def _star_bwd_dkdv_kernel(
     # fmt: on
     """dK, dV of one key tile of one kv head: the query tiles of its column list, for each of them
     every query head of the GQA group (one writer per dK/dV row: no atomics, fixed order)."""
-    n_kt = tl.cdiv(Skv, BLOCK_N)
+    n_kt = NP + tl.cdiv(Skv, BLOCK_N)
     kt = tl.program_id(0) % n_kt
     bh = tl.program_id(0) // n_kt
     b = (bh // Hkv).to(tl.int64)
     hk = (bh % Hkv).to(tl.int64)
     q_off = Skv - Sq
 
-    cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_in = cols < Skv
     lay = b * s_lay
-    kind_k = tl.load(KINDS + lay + cols, mask=col_in, other=_PAD).to(tl.int32)
-    grp_k = tl.load(GROUPS + lay + cols, mask=col_in, other=-1)
+    # own: the keys whose dK/dV rows this program stores (every key has exactly one such slot).
+    cols, kind_k, grp_k, own = _key_tile(KINDS, GROUPS, PANEL, lay, b * s_pan, kt, NP, Skv, BLOCK_N)
     live_k = kind_k != _PAD
     dd = tl.arange(0, BLOCK_D)
     d_in = dd < D
@@ -554,7 +584,7 @@ def _star_bwd_dkdv_kernel(
                     dv = _dot_kept(dv, pT.to(do.dtype), do, okT, PREC)
                     dk = _dot_kept(dk, dsT.to(q.dtype), q, okT, PREC)
 
-    st = col_in[:, None] & d_in[None, :]
+    st = own[:, None] & d_in[None, :]
     dk_ptrs = DK + b * skgb + hk * skgh + cols64[:, None] * skgs + dd[None, :] * skgd
     dv_ptrs = DV + b * svgb + hk * svgh + cols64[:, None] * svgs + dd[None, :] * svgd
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=st)
@@ -702,7 +732,7 @@ def _new_output(shape, dtype, device) -> torch.Tensor:
 
 
 def _check_args(
-    q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, block_q, block_k, topology, softcap
+    q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, block_q, block_k, topology, softcap, panel
 ):
     """Shape/dtype checks of a raw op call (the public function has validated already): ValueError."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
@@ -731,7 +761,17 @@ def _check_args(
     for blk in (block_q, block_k):
         if blk not in (16, 32, 64, 128):
             raise ValueError(f"star_attention_triton: block sizes must be 16, 32, 64 or 128, got {blk}")
-    n_qt, n_kt = -(-sq // block_q), -(-skv // block_k)
+    n_panel = 0
+    if panel is not None:
+        if panel.dtype != torch.int32 or panel.dim() != 2 or panel.shape[0] != bp or panel.shape[1] % block_k:
+            raise ValueError(
+                f"star_attention_triton: panel must be int32 [1 or B, P] (StarLayout.key_panel(block_k), "
+                f"P a multiple of block_k={block_k}), got {panel.dtype} {tuple(panel.shape)}"
+            )
+        if panel.device != q.device:
+            raise ValueError(f"star_attention_triton: all tensors must be on {q.device}")
+        n_panel = panel.shape[1] // block_k
+    n_qt, n_kt = -(-sq // block_q), n_panel + -(-skv // block_k)
     want = ((bp, n_qt, n_kt), (bp, n_qt), (bp, n_kt, n_qt), (bp, n_kt))
     for name, t, shape in zip(
         ("q_tiles", "q_counts", "k_tiles", "k_counts"), (q_tiles, q_counts, k_tiles, k_counts), want
@@ -739,7 +779,7 @@ def _check_args(
         if t.dtype != torch.int32 or tuple(t.shape) != shape:
             raise ValueError(
                 f"star_attention_triton: {name} must be int32 {shape} (tile_lists of the plan for these "
-                f"block sizes), got {t.dtype} {tuple(t.shape)}"
+                f"block sizes and panel), got {t.dtype} {tuple(t.shape)}"
             )
     if topology not in (0, 1):
         raise ValueError(f"star_attention_triton: topology must be 0 (star) or 1 (group), got {topology}")
@@ -761,6 +801,14 @@ def _cap_args(softcap: float) -> dict:
     """The kernels' soft-capping arguments (softcap 0: no capping, SOFTCAP False)."""
     on = softcap != 0.0
     return {"softcap": softcap, "inv_softcap": 1.0 / softcap if on else 0.0, "SOFTCAP": on}
+
+
+def _panel_args(panel: torch.Tensor | None, groups: torch.Tensor, block_k: int) -> tuple:
+    """(PANEL, s_pan, NP) of a launch. Without a panel (NP = 0: never read) PANEL is another int32
+    tensor (groups), so the pointer argument is valid memory of the type the kernels compile for."""
+    if panel is None or panel.shape[1] == 0:
+        return groups, 0, 0
+    return panel, 0 if panel.shape[0] == 1 else panel.stride(0), panel.shape[1] // block_k
 
 
 def _block_d(d) -> int:
@@ -800,16 +848,18 @@ def star_attention_triton(
     topology: int,
     scale: float,
     softcap: float,
+    panel: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward. q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` (fp32/bf16/fp16, any strides), kinds
     int8 / groups int32 ``[Bp, Skv]``, tile lists of the plan for (Sq, block_q, block_k) from
     :func:`tile_lists` -> out ``[B, Hq, Sq, D]`` (q's dtype), lse ``[B, Hq, Sq]`` float32 (natural
     log of the (capped) scores; -inf on PAD rows). k_tiles/k_counts are unused here (the backward
-    reads them). softcap c > 0: scores ``s`` become ``c * tanh(s / c)``; 0: no capping."""
-    _check_args(
-        q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, block_q, block_k, topology, softcap
-    )
+    reads them). softcap c > 0: scores ``s`` become ``c * tanh(s / c)``; 0: no capping. panel: int32
+    ``[Bp, P]`` (:meth:`StarLayout.key_panel`) when the tile lists are of a key-panel plan, else None."""
+    lists = (q_tiles, q_counts, k_tiles, k_counts)
+    _check_args(q, k, v, kinds, groups, *lists, block_q, block_k, topology, softcap, panel)
     kinds, groups, q_tiles, q_counts = (t.contiguous() for t in (kinds, groups, q_tiles, q_counts))
+    panel = None if panel is None else panel.contiguous()
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     out = _new_output(q.shape, q.dtype, q.device)
@@ -818,10 +868,11 @@ def star_attention_triton(
     tb = 0 if q_tiles.shape[0] == 1 else q_tiles.stride(0)
     nb = 0 if q_counts.shape[0] == 1 else q_counts.stride(0)
     grid = (q_tiles.shape[1] * b * hq,)
+    pan, s_pan, n_panel = _panel_args(panel, groups, block_k)
     torch.library.wrap_triton(_star_fwd_kernel)[grid](
-        q, k, v, out, lse, kinds, groups, q_tiles, q_counts,
+        q, k, v, out, lse, kinds, groups, pan, q_tiles, q_counts,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
-        lay, tb, q_tiles.stride(1), nb,
+        lay, s_pan, n_panel, tb, q_tiles.stride(1), nb,
         hq, hq // hkv, sq, skv, d, q_tiles.shape[2], scale * _LOG2E, topology,
         BLOCK_M=block_q, BLOCK_N=block_k,
         BLOCK_D=_block_d(d), PREC=_prec(q.dtype), F32_DOTS=_f32_dots(q.dtype), **_cap_args(softcap),
@@ -859,13 +910,14 @@ def star_attention_triton_backward(
     topology: int,
     scale: float,
     softcap: float,
+    panel: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of :func:`star_attention_triton`: dout like out (any strides), out/lse from the
     forward, grad_lse ``[B, Hq, Sq]`` float32 or None (the gradient reaching lse directly), scale and
-    softcap the forward's -> dq, dk, dv (shapes and dtypes of q, k, v). Deterministic: no atomics."""
-    _check_args(
-        q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, block_q, block_k, topology, softcap
-    )
+    softcap and panel the forward's -> dq, dk, dv (shapes and dtypes of q, k, v). Deterministic: no
+    atomics."""
+    lists = (q_tiles, q_counts, k_tiles, k_counts)
+    _check_args(q, k, v, kinds, groups, *lists, block_q, block_k, topology, softcap, panel)
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     if dout.shape != q.shape or out.shape != q.shape or lse.shape != (b, hq, sq):
@@ -877,6 +929,7 @@ def star_attention_triton_backward(
     kinds, groups, q_tiles, q_counts, k_tiles, k_counts = (
         t.contiguous() for t in (kinds, groups, q_tiles, q_counts, k_tiles, k_counts)
     )
+    pan, s_pan, n_panel = _panel_args(None if panel is None else panel.contiguous(), groups, block_k)
     dq = _new_output(q.shape, q.dtype, q.device)
     dk = _new_output(k.shape, k.dtype, k.device)
     dv = _new_output(v.shape, v.dtype, v.device)
@@ -898,19 +951,19 @@ def star_attention_triton_backward(
     tb = 0 if q_tiles.shape[0] == 1 else q_tiles.stride(0)
     nb = 0 if q_counts.shape[0] == 1 else q_counts.stride(0)
     torch.library.wrap_triton(_star_bwd_dq_kernel)[(q_tiles.shape[1] * b * hq,)](
-        q, k, v, dout, lse, delta, dq, kinds, groups, q_tiles, q_counts,
+        q, k, v, dout, lse, delta, dq, kinds, groups, pan, q_tiles, q_counts,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1), *dq.stride(),
-        lay, tb, q_tiles.stride(1), nb,
+        lay, s_pan, n_panel, tb, q_tiles.stride(1), nb,
         hq, hq // hkv, sq, skv, d, q_tiles.shape[2], scale * _LOG2E, scale, topology,
         **launch, **common,
     )  # fmt: skip
     tb = 0 if k_tiles.shape[0] == 1 else k_tiles.stride(0)
     nb = 0 if k_counts.shape[0] == 1 else k_counts.stride(0)
     torch.library.wrap_triton(_star_bwd_dkdv_kernel)[(k_tiles.shape[1] * b * hkv,)](
-        q, k, v, dout, lse, delta, dk, dv, kinds, groups, k_tiles, k_counts,
+        q, k, v, dout, lse, delta, dk, dv, kinds, groups, pan, k_tiles, k_counts,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1),
         *dk.stride(), *dv.stride(),
-        lay, tb, k_tiles.stride(1), nb,
+        lay, s_pan, n_panel, tb, k_tiles.stride(1), nb,
         hq, hkv, hq // hkv, sq, skv, d, k_tiles.shape[2], scale * _LOG2E, scale, topology,
         **launch, **common,
     )  # fmt: skip
@@ -927,20 +980,22 @@ def _(dout, q, k, v, out, lse, grad_lse, kinds, groups, q_tiles, q_counts, k_til
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, *args = inputs  # args: block_q .. softcap
+    # args: block_q .. softcap
+    q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, *args, panel = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kinds, groups, q_tiles, q_counts, k_tiles, k_counts)
+    ctx.save_for_backward(q, k, v, out, lse, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, panel)
     ctx.args = tuple(args)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, kinds, groups, q_tiles, q_counts, k_tiles, k_counts = ctx.saved_tensors
+    q, k, v, out, lse, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, panel = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.htc.star_attention_triton_backward(
-        grad_out, q, k, v, out, lse, grad_lse, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, *ctx.args
+        grad_out, q, k, v, out, lse, grad_lse, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, *ctx.args,
+        panel,
     )
-    return dq, dk, dv, *([None] * 11)
+    return dq, dk, dv, *([None] * 12)
 
 
 # At import, not on first call: torch.compile cannot trace a registration, but it runs an import natively,
