@@ -80,6 +80,7 @@ HTC_HD int64_t key_tiles(int64_t seq_len, int64_t block_k, const KeyMap& m) {
 // What a run of (mapped) keys or of query positions holds, for the fast paths of classify_tile.
 struct RangeSummary {
   bool pad = false, text_only = true, visual_only = true;
+  bool visual_or_pad = true;                          // every token VISUAL or PAD (holes, empty slots)
   bool plain = true;                                  // no VISUAL and no PAD token
   int64_t pmin = kNoPosition, pmax = -1;              // positions (empty slots: kNoPosition)
   int32_t gmin = INT32_MAX, gmax = INT32_MIN;         // groups of all tokens (-1: TEXT/PAD)
@@ -96,6 +97,7 @@ HTC_HD RangeSummary summarize(const int8_t* kinds, const int32_t* groups, int64_
     r.pad |= t.kind == kPad;
     r.text_only &= t.kind == kText;
     r.visual_only &= t.kind == kVisual;
+    r.visual_or_pad &= t.kind == kVisual || t.kind == kPad;
     r.plain &= t.kind == kText || t.kind == kVoco;
     r.pmin = t.pos < r.pmin ? t.pos : r.pmin;
     r.pmax = t.pos > r.pmax ? t.pos : r.pmax;
@@ -125,21 +127,24 @@ HTC_HD uint8_t classify_tile(const int8_t* kinds, const int32_t* groups, int64_t
   const int64_t p0 = r0 + q_offset, p1 = r1 + q_offset;  // query positions [p0, p1)
   if (k.pmin > p1 - 1) return kSkip;                     // entirely above the diagonal
   if (k.plain && !q.pad) return k.pmax <= p0 ? kFull : kCausal;
-  if (k.visual_only && q.text_only) return kSkip;
-  if (k.visual_only && q.visual_only && topology == kStar) {  // only sequence tiles are visual_only
+  // Below, keys that are VISUAL or PAD (no row attends a PAD key, a hole or an empty slot): only the
+  // visual part of the rule can allow anything, and it concerns the VISUAL keys' images (img_g*).
+  if (k.visual_or_pad && q.text_only) return kSkip;
+  if (k.visual_or_pad && q.visual_only && topology == kStar) {
+    // A row's own key is the row's VISUAL token: never PAD, so a crossing diagonal is an allowed pair.
     if (k.pmax < p0 || k.pmin >= p1) return kSkip;  // diagonal does not cross the tile
     return kDiag;
   }
-  if (k.visual_only && q.visual_only) {  // group topology: visual tokens see their own image
-    if (q.gmax < k.gmin || k.gmax < q.gmin) return kSkip;
-    if (q.gmin == q.gmax && k.gmin == k.gmax) return k.pmax <= p0 ? kFull : kCausal;
+  if (k.visual_or_pad && q.visual_only) {  // group topology: visual tokens see their own image
+    if (q.gmax < k.img_gmin || k.img_gmax < q.gmin) return kSkip;
+    if (k.visual_only && q.gmin == q.gmax && k.gmin == k.gmax) return k.pmax <= p0 ? kFull : kCausal;
   }
-  if (k.visual_only) {
+  if (k.visual_or_pad) {
     // Only VISUAL rows (their diagonal in "star", their image in "group") and VOCO rows of the same
     // image can see visual keys: skip when no such row overlaps the keys' images.
     const bool diagonal_crosses = k.pmax >= p0 && k.pmin < p1;
-    const bool voco_hit = !(q.voco_gmax < k.gmin || k.gmax < q.voco_gmin);
-    const bool image_hit = !(q.img_gmax < k.gmin || k.gmax < q.img_gmin);
+    const bool voco_hit = !(q.voco_gmax < k.img_gmin || k.img_gmax < q.voco_gmin);
+    const bool image_hit = !(q.img_gmax < k.img_gmin || k.img_gmax < q.img_gmin);
     if (topology == kStar ? !diagonal_crosses && !voco_hit : !image_hit) return kSkip;
   }
 
