@@ -15,8 +15,9 @@ Triton tile sweep (``--sweep``; default on without ``--quick``): after the units
 backend at the SWEEP_TILES configurations and its table's, checked and timed like a provider.
 
 Providers: ``htc triton`` / ``htc cuda`` (``hk.star_attention(backend=...)``; a backend that refuses the
-call is SKIP with its reason), ``htc triton, no key panel`` (Triton in the identity key order, on
-layouts with >= 2 images per sample: what the TEXT/VOCO key panel gains; no targets), ``sdpa dense
+call is SKIP with its reason), ``htc triton, no key panel`` / ``htc cuda, no key panel`` (the same in
+the plain key order, on layouts with >= 2 images per sample: what the TEXT/VOCO key panel gains; no
+targets), ``sdpa dense
 mask`` (F.scaled_dot_product_attention with the dense bool mask), ``flex compiled``
 (torch.compile(flex_attention) with the BlockMask of the same rule; the block mask build is timed
 separately, the compile is excluded), ``xformers bias`` (memory_efficient_attention with a tensor
@@ -246,18 +247,22 @@ def _htc(backend: str):
     return factory
 
 
-def _htc_triton_without_panel(unit: Unit):
-    """backend="triton" in the identity key order, on layouts that take the TEXT/VOCO key panel
-    (>= 2 images in a sample): what the panel gains, measured in the same run."""
-    if not unit.layout.uses_key_panel:
-        raise Skip("this layout does not take the key panel (fewer than 2 images per sample)")
-    layout = hk.StarLayout(unit.layout.kinds, unit.layout.groups, unit.layout.topology)
-    layout.uses_key_panel = False
+def _htc_without_panel(backend: str):
+    """``backend`` in the plain key order, on layouts that take the TEXT/VOCO key panel (>= 2 images
+    in a sample): what the panel gains, measured in the same run."""
 
-    def fn(q, k, v):
-        return hk.star_attention(q, k, v, layout, backend="triton")
+    def factory(unit: Unit):
+        if not unit.layout.uses_key_panel:
+            raise Skip("this layout does not take the key panel (fewer than 2 images per sample)")
+        layout = hk.StarLayout(unit.layout.kinds, unit.layout.groups, unit.layout.topology)
+        layout.uses_key_panel = False
 
-    return fn
+        def fn(q, k, v):
+            return hk.star_attention(q, k, v, layout, backend=backend)
+
+        return fn
+
+    return factory
 
 
 @functools.cache
@@ -314,12 +319,14 @@ PROVIDERS: dict[str, Callable[[Unit], Callable]] = {
     "xformers bias": _xformers,
     "flex compiled": _flex,
     "htc triton": _htc("triton"),
-    "htc triton, no key panel": _htc_triton_without_panel,
+    "htc triton, no key panel": _htc_without_panel("triton"),
     "htc cuda": _htc("cuda"),
+    "htc cuda, no key panel": _htc_without_panel("cuda"),
 }
 STAND_IN = "htc reference (stand-in)"  # smoke only: exercises the htc-row code paths on the CPU
 DIFFERENT_WORK = {"sdpa causal (flash)"}  # checked against causal attention, not the star rule
-UNTARGETED = {"htc triton, no key panel"}  # a comparison row for the panel, not a backend users get
+# Comparison rows for the key panel, not backends users get.
+UNTARGETED = {"htc triton, no key panel", "htc cuda, no key panel"}
 
 
 def is_htc(provider: str) -> bool:

@@ -19,15 +19,17 @@ TORCH_LIBRARY(htc, m) {
   // star_plan's for these kinds/groups/block sizes/topology (shapes are checked, tile kinds are trusted;
   // a value outside TileKind is evaluated element-wise). Masked keys/values and PAD rows are never read
   // into a result (DESIGN.md §2). softcap c > 0: each score s = scale * q.k becomes c * tanh(s / c)
-  // before the mask and softmax (Gemma2); 0: no capping. lse is over the capped scores.
+  // before the mask and softmax (Gemma2); 0: no capping. lse is over the capped scores. panel: the key
+  // panel the plan was built with (star_plan's), or None; only the CUDA kernel takes one.
   m.def("star_attention(Tensor q, Tensor k, Tensor v, Tensor kinds, Tensor groups, Tensor plan,"
-        " int block_q, int block_k, int topology, float scale, float softcap) -> (Tensor, Tensor)");
+        " int block_q, int block_k, int topology, float scale, float softcap, Tensor? panel=None)"
+        " -> (Tensor, Tensor)");
   // out/lse: the forward's outputs; grad_lse [B, Hq, Sq] float32 or None: the gradient reaching lse
-  // directly -> dq, dk, dv (shapes/dtypes of q, k, v). scale and softcap: the forward's.
+  // directly -> dq, dk, dv (shapes/dtypes of q, k, v). scale, softcap and panel: the forward's.
   m.def("star_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
         " Tensor? grad_lse,"
         " Tensor kinds, Tensor groups, Tensor plan, int block_q, int block_k, int topology,"
-        " float scale, float softcap) -> (Tensor, Tensor, Tensor)");
+        " float scale, float softcap, Tensor? panel=None) -> (Tensor, Tensor, Tensor)");
   // MGVQ grouped nearest-code lookup (DESIGN.md §3). z [..., G, d], codebook [G, K, d], same dtype
   // -> codes [..., G, d] (z's dtype; unit-normalised codes when normalize), indices [...,  G] int64.
   // normalize: cosine (largest <z/|z|, c/|c|>), else squared L2. Ties -> lowest index.

@@ -230,8 +230,8 @@ class StarLayout:
 
         A plan built with it (``plan(..., panel=True)``) orders the keys as the panel, then the whole
         sequence with its TEXT/VOCO keys as holes: a visual query tile then visits a few dense panel
-        tiles instead of one mostly masked tile per earlier image. Which backends take it:
-        :attr:`uses_key_panel` and the Triton backend (the CPU and CUDA kernels read the identity order).
+        tiles instead of one mostly masked tile per earlier image. The Triton and CUDA backends take it
+        when :attr:`uses_key_panel`; the CPU kernel reads the plain order.
         """
         cached = self._panels.get(block_k)
         if cached is None:

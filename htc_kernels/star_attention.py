@@ -185,7 +185,9 @@ class _CudaStar(Backend):
 
     def __call__(self, q, k, v, layout, scale, softcap):
         block_k = _cuda_block_k(q.dtype, q.shape[-1])
-        plan = layout.plan(q.shape[2], self.block_q, block_k)
+        # The TEXT/VOCO key panel when the layout calls for it (>= 2 images in a sample; StarLayout).
+        panel = layout.key_panel(block_k) if layout.uses_key_panel else None
+        plan = layout.plan(q.shape[2], self.block_q, block_k, panel=panel is not None)
         out, _ = torch.ops.htc.star_attention(
             q,
             k,
@@ -198,6 +200,7 @@ class _CudaStar(Backend):
             layout.topology_id,
             scale,
             _op_softcap(softcap),
+            panel,
         )
         return out
 
@@ -296,13 +299,13 @@ def _register_star_ops() -> None:
         return kinds.new_empty((b, -(-q_len // block_q), n_panel + -(-s // block_k)), dtype=torch.uint8)
 
     @torch.library.register_fake("htc::star_attention")
-    def _(q, k, v, kinds, groups, plan, block_q, block_k, topology, scale, softcap):
+    def _(q, k, v, kinds, groups, plan, block_q, block_k, topology, scale, softcap, panel=None):
         b, h, s, _d = q.shape
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         return out, q.new_empty((b, h, s), dtype=torch.float32)
 
     @torch.library.register_fake("htc::star_attention_backward")
-    def _(dout, q, k, v, out, lse, grad_lse, kinds, groups, plan, block_q, block_k, topology, scale, softcap):
+    def _(dout, q, k, v, out, lse, grad_lse, kinds, groups, plan, *args):  # args: block_q .. panel
         return (
             torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
@@ -310,21 +313,21 @@ def _register_star_ops() -> None:
         )
 
     def setup_context(ctx, inputs, output):
-        q, k, v, kinds, groups, plan, block_q, block_k, topology, scale, softcap = inputs
+        q, k, v, kinds, groups, plan, block_q, block_k, topology, scale, softcap, panel = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, kinds, groups, plan)
+        ctx.save_for_backward(q, k, v, out, lse, kinds, groups, plan, panel)
         ctx.args = (block_q, block_k, topology, scale, softcap)
 
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, kinds, groups, plan = ctx.saved_tensors
+        q, k, v, out, lse, kinds, groups, plan, panel = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         # The kernel forms delta_i = dO_i . O_i - grad_lse_i itself (FlashAttention-2, plus the gradient
         # reaching lse directly), so both outputs are differentiated exactly without an extra pass.
         dq, dk, dv = torch.ops.htc.star_attention_backward(
-            grad_out, q, k, v, out, lse, grad_lse, kinds, groups, plan, *ctx.args
+            grad_out, q, k, v, out, lse, grad_lse, kinds, groups, plan, *ctx.args, panel
         )
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, *([None] * 9)
 
     torch.library.register_autograd("htc::star_attention", backward, setup_context=setup_context)
 

@@ -502,6 +502,22 @@ def test_op_level_checks_raise_not_crash():
             torch.ops.htc.star_attention(q, k, v, layout.kinds, layout.groups, plan, 64, 64, 0, 0.25, softcap)
 
 
+@needs_ext
+def test_cpu_op_takes_no_key_panel():
+    """The CPU kernel reads the plain key order: a key-panel plan (with or without its panel) is refused."""
+    layout = hk.StarLayout(torch.tensor([T] * 3 + [V] * 20 + [C] + [T] * 2 + [V] * 30 + [C] + [T] * 4))
+    assert layout.uses_key_panel
+    s = layout.seq_len
+    q, k, v = make_qkv(1, 2, 2, s, s, 16, torch.float32)
+    plan, panel = layout.plan(s, 64, 64, panel=True), layout.key_panel(64)
+    base = (q, k, v, layout.kinds, layout.groups, plan, 64, 64, 0, 0.25, 0.0)
+    with pytest.raises(RuntimeError, match="plain key order"):
+        torch.ops.htc.star_attention(*base, panel)
+    with pytest.raises(RuntimeError, match="does not match the problem, block sizes and panel"):
+        torch.ops.htc.star_attention(*base)
+    assert torch.isfinite(hk.star_attention(q, k, v, layout, backend="cpu")).all()  # the backend: plain order
+
+
 @needs_triton
 def test_triton_op_checks_raise_not_crash():
     layout = hk.StarLayout(llava_kinds(4, 30, 1, 5)).to(TRITON_DEVICE)  # S = 40

@@ -26,12 +26,20 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
                 : at::empty(sizes, options);
 }
 
+// The CPU kernel reads key tiles as contiguous position ranges: plans in the plain key order only.
+void check_no_panel(const char* op, const std::optional<at::Tensor>& panel) {
+  TORCH_CHECK(!panel, op, " (CPU): the CPU kernel takes plans in the plain key order; pass panel=None and a "
+              "plan built without one");
+}
+
 std::tuple<at::Tensor, at::Tensor> star_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                       const at::Tensor& v_in, const at::Tensor& kinds,
                                                       const at::Tensor& groups, const at::Tensor& plan,
                                                       int64_t block_q, int64_t block_k,
-                                                      int64_t topology, double scale, double softcap) {
-  check_attention_args(q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology);
+                                                      int64_t topology, double scale, double softcap,
+                                                      const std::optional<at::Tensor>& panel) {
+  check_attention_args(q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology, panel);
+  check_no_panel("star_attention", panel);
   check_softcap("star_attention", softcap);
   check_kinds_values("star_attention", kinds);
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
@@ -49,8 +57,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> star_attention_backward_cpu(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& kinds, const at::Tensor& groups, const at::Tensor& plan, int64_t block_q,
-    int64_t block_k, int64_t topology, double scale, double softcap) {
-  check_attention_args(q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology);
+    int64_t block_k, int64_t topology, double scale, double softcap, const std::optional<at::Tensor>& panel) {
+  check_attention_args(q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology, panel);
+  check_no_panel("star_attention_backward", panel);
   check_softcap("star_attention_backward", softcap);
   check_backward_args(dout_in, q_in, out_in, lse, grad_lse);
   check_kinds_values("star_attention_backward", kinds);

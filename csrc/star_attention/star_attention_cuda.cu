@@ -129,7 +129,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The checks and parameters shared by forward and backward. Keeps the tensors it reads alive.
 struct Problem {
-  at::Tensor q, k, v, kinds, groups, plan;
+  at::Tensor q, k, v, kinds, groups, plan, panel;
   star_cuda::StarParams p{};
   const DeviceInfo* info = nullptr;
   int dev = 0;
@@ -138,8 +138,9 @@ struct Problem {
 
 Problem prepare(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                 const at::Tensor& kinds, const at::Tensor& groups, const at::Tensor& plan, int64_t block_q,
-                int64_t block_k, int64_t topology, double scale, double softcap) {
-  check_attention_args(q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology);
+                int64_t block_k, int64_t topology, double scale, double softcap,
+                const std::optional<at::Tensor>& panel) {
+  check_attention_args(q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology, panel);
   check_softcap(op, softcap);
   TORCH_CHECK(q_in.is_cuda(), op, " (CUDA): tensors are on ", q_in.device());
   Problem pr;
@@ -168,6 +169,12 @@ Problem prepare(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, 
   p.kinds = pr.kinds.data_ptr<int8_t>();
   p.groups = pr.groups.data_ptr<int32_t>();
   p.plan = pr.plan.data_ptr<uint8_t>();
+  // The panel's values are trusted like the plan's tile kinds (entries outside [0, Skv) read as empty).
+  if (panel && panel->size(1) > 0) {
+    pr.panel = panel->contiguous();
+    p.panel = pr.panel.data_ptr<int32_t>();
+    p.panel_len = static_cast<int>(pr.panel.size(1));
+  }
   p.B = static_cast<int>(pr.B), p.Hq = static_cast<int>(pr.Hq), p.Hkv = static_cast<int>(pr.Hkv);
   p.Sq = static_cast<int>(pr.Sq), p.Skv = static_cast<int>(pr.Skv);
   p.n_qt = static_cast<int>(plan.size(1)), p.n_kt = static_cast<int>(plan.size(2));
@@ -198,10 +205,11 @@ std::tuple<at::Tensor, at::Tensor> star_attention_cuda(const at::Tensor& q_in, c
                                                        const at::Tensor& v_in, const at::Tensor& kinds,
                                                        const at::Tensor& groups, const at::Tensor& plan,
                                                        int64_t block_q, int64_t block_k, int64_t topology,
-                                                       double scale, double softcap) {
+                                                       double scale, double softcap,
+                                                       const std::optional<at::Tensor>& panel) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   Problem pr = prepare("star_attention", q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology, scale,
-                       softcap);
+                       softcap, panel);
   auto out = new_output(q_in.sizes(), q_in.options());
   auto lse = new_output({pr.B, pr.Hq, pr.Sq}, q_in.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
@@ -245,10 +253,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> star_attention_backward_cuda(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& kinds, const at::Tensor& groups, const at::Tensor& plan, int64_t block_q, int64_t block_k,
-    int64_t topology, double scale, double softcap) {
+    int64_t topology, double scale, double softcap, const std::optional<at::Tensor>& panel) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   Problem pr = prepare("star_attention_backward", q_in, k_in, v_in, kinds, groups, plan, block_q, block_k,
-                       topology, scale, softcap);
+                       topology, scale, softcap, panel);
   check_backward_args(dout_in, q_in, out_in, lse, grad_lse);
   auto dq = new_output(q_in.sizes(), q_in.options());
   auto dk = new_output(k_in.sizes(), k_in.options());

@@ -367,7 +367,9 @@ struct StarParams {
   void* dv;
   const int8_t* kinds;    // [plan_batch, Skv]
   const int32_t* groups;  // [plan_batch, Skv]
-  const uint8_t* plan;    // [plan_batch, n_qt, n_kt], tiles of 64 query rows x BK keys
+  const uint8_t* plan;    // [plan_batch, n_qt, n_kt], tiles of 64 query rows x BK (mapped) keys
+  const int32_t* panel;   // [plan_batch, panel_len]: the plan's key panel (star_mask.h KeyMap), or null
+  int panel_len;          // 0 (identity key order) or a multiple of BK; n_kt counts its tiles first
   int B, Hq, Hkv, Sq, Skv, n_qt, n_kt, q_off, plan_batch, topology, n_split;
   float scale;       // softmax scale
   float scale_log2;  // softmax scale * log2(e)
@@ -384,6 +386,22 @@ HTC_DEV tile::Capped score_log2(const StarParams& p, float x) {
   } else {
     return {x * p.scale_log2, 1.f};
   }
+}
+
+// Mapped key j of a sample's plan (star_mask.h mapped_key, in int: registers; the identity order
+// without a panel): its position (no_position<int>(), after every row: an empty panel slot, or past
+// the sequence), kind (PAD also for holes, empty slots and keys past the sequence: never read) and
+// group.
+struct KeyAt {
+  int pos;
+  int8_t kind;
+  int32_t group;
+};
+
+HTC_DEV KeyAt key_at(const StarParams& p, const int8_t* kin, const int32_t* grp, const int32_t* panel, int j) {
+  if (j >= p.panel_len + p.Skv) return {no_position<int>(), static_cast<int8_t>(kPad), -1};
+  const MappedKeyT<int> m = mapped_key(kin, grp, KeyMapT<int>{panel, p.panel_len, p.Skv}, j);
+  return {m.pos, m.kind, m.group};
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -417,18 +435,25 @@ HTC_DEV void stream_items(const uint8_t* line, int64_t stride, int n, int lo, in
   }
 }
 
-// 16-byte copies of `rows` rows of D elements from global (row r at base + (row0 + r) * gstride) into
-// shared (row stride LD); row r is read only when ok(r), else zero-filled (the copy then names `base`,
-// a valid address, and reads nothing).
-template <int NT, int D, int LD, class Store, class Ok>
-HTC_DEV void copy_rows(Store* dst, const Store* base, int row0, int64_t gstride, int rows, int tid, Ok&& ok) {
+// 16-byte copies of `rows` rows of D elements from global into shared (row stride LD): shared row r
+// from global row src(r) (at base + src(r) * gstride), zero-filled when src(r) < 0 (the copy then
+// names `base`, a valid address, and reads nothing).
+template <int NT, int D, int LD, class Store, class Src>
+HTC_DEV void gather_rows(Store* dst, const Store* base, int64_t gstride, int rows, int tid, Src&& src) {
   constexpr int kChunk = 16 / static_cast<int>(sizeof(Store)), kRowChunks = D / kChunk;
   for (int c = tid; c < rows * kRowChunks; c += NT) {
     const int r = c / kRowChunks, cc = c - r * kRowChunks;
-    const bool use = ok(r);
-    simt::cp_async16(dst + r * LD + cc * kChunk, use ? base + (row0 + r) * gstride + cc * kChunk : base,
-                     use ? 16 : 0);
+    const int64_t row = src(r);
+    simt::cp_async16(dst + r * LD + cc * kChunk, row >= 0 ? base + row * gstride + cc * kChunk : base,
+                     row >= 0 ? 16 : 0);
   }
+}
+
+// The same for consecutive rows row0 + r, each read only when ok(r).
+template <int NT, int D, int LD, class Store, class Ok>
+HTC_DEV void copy_rows(Store* dst, const Store* base, int row0, int64_t gstride, int rows, int tid, Ok&& ok) {
+  gather_rows<NT, D, LD>(dst, base, gstride, rows, tid,
+                         [&](int r) { return ok(r) ? static_cast<int64_t>(row0) + r : int64_t{-1}; });
 }
 
 // Inf/NaN among the chunks this thread copied with copy_rows (same partition of the work).
@@ -483,13 +508,14 @@ struct RowCfg {
   static constexpr int kRowChunks = D / kChunk;
   static constexpr size_t kQBytes = size_t{BQ} * kLd * sizeof(Store);
   static constexpr size_t kTileBytes = size_t{BK} * kLd * sizeof(Store);
-  // Layout: Q | dO (dq only) | K0 V0 | K1 V1 | key kinds [2][BK] | key groups [2][BK] | bad [BK] |
-  // list | counts
+  // Layout: Q | dO (dq only) | K0 V0 | K1 V1 | key kinds [2][BK] | key groups [2][BK] | key positions
+  // [2][BK] | bad [BK] | list | counts
   static constexpr size_t kOffDo = kQBytes;
   static constexpr size_t kOffK = kQBytes * (kDq ? 2 : 1);
   static constexpr size_t kOffMeta = kOffK + 4 * kTileBytes;
   static constexpr size_t kOffGroups = kOffMeta + 2 * BK;
-  static constexpr size_t kOffBad = kOffGroups + 2 * BK * sizeof(int32_t);
+  static constexpr size_t kOffKeyPos = kOffGroups + 2 * BK * sizeof(int32_t);
+  static constexpr size_t kOffBad = kOffKeyPos + 2 * BK * sizeof(int32_t);
   static constexpr size_t kOffList = (kOffBad + BK + 15) / 16 * 16;
   static constexpr size_t kOffCounts = kOffList + kListWindow * sizeof(int);
   static constexpr size_t kSmemBytes = kOffCounts + 16 * sizeof(int);
@@ -517,8 +543,11 @@ HTC_DEV void star_row_block(const StarParams& p, unsigned char* smem, int tid, i
   constexpr bool kDq = C::kDq;
   constexpr int T = C::kTerms, D = C::D, BK = C::BK, BQ = C::BQ, LD = C::kLd, NT = C::kThreads;
   constexpr int KS = C::KS, NF_S = KS / 8, NF_O = C::DO / 8, NF_FULL = D / 8;
-  // Unrolling limits where registers are tight (fp32 carries every operand as three bf16 terms).
-  [[maybe_unused]] constexpr int kUnrollK = E == Elt::kF32 ? 1 : (D >= 256 || (kDq && D >= 128)) ? 2 : D / 16;
+  // Unrolling limits where registers are tight (fp32 carries every operand as three bf16 terms). The
+  // 16-bit forward at D = 128 unrolls its QK^T loop 4 times, not 8: 252 -> 205 registers on sm_80
+  // (ptxas; the full unroll spilled once the key panel added its gathers).
+  [[maybe_unused]] constexpr int kUnrollK =
+      E == Elt::kF32 ? 1 : (D >= 256 || (kDq && D >= 128)) ? 2 : D >= 128 ? 4 : D / 16;
   constexpr bool kTight = E == Elt::kF32 && D >= 256;  // the most registers: 128 accumulators, 3 terms
   [[maybe_unused]] constexpr int kUnrollDot = kTight ? 2 : (D >= 256 || E == Elt::kF32) ? 4 : NF_FULL;
   constexpr int kFence = kTight ? 4 : (D >= 256 || E == Elt::kF32) ? 8 : 0;
@@ -550,6 +579,7 @@ HTC_DEV void star_row_block(const StarParams& p, unsigned char* smem, int tid, i
   auto sV = [&](int st) { return reinterpret_cast<Store*>(smem + C::kOffK + (2 * st + 1) * C::kTileBytes); };
   int8_t* sKind = reinterpret_cast<int8_t*>(smem + C::kOffMeta);
   int32_t* sGrp = reinterpret_cast<int32_t*>(smem + C::kOffGroups);
+  int32_t* sKeyPos = reinterpret_cast<int32_t*>(smem + C::kOffKeyPos);
   int8_t* sBad = reinterpret_cast<int8_t*>(smem + C::kOffBad);
   int* sList = reinterpret_cast<int*>(smem + C::kOffList);
   int* sCounts = reinterpret_cast<int*>(smem + C::kOffCounts);
@@ -598,16 +628,25 @@ HTC_UNROLL
     for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
   float m_run[2] = {tile::neg_inf(), tile::neg_inf()}, l_run[2] = {0.f, 0.f};
 
-  // Key tile `kt` -> stage `st` (PAD keys and keys past Skv zero-filled) with its keys' kinds/groups.
+  // Key tile `kt` (of the plan's key order) -> stage `st`, its rows gathered by position (PAD keys,
+  // holes, empty slots and keys past Skv zero-filled), with its keys' kinds, groups and positions.
   auto issue = [&](int entry, int /*sub*/, int st) {
-    const int k0 = (entry >> 3) * BK;
-    auto live_key = [&](int r) { return k0 + r < p.Skv && kin[k0 + r] != kPad; };
-    copy_rows<NT, D, LD>(sK(st), kg, k0, p.k_ss, BK, tid, live_key);
-    copy_rows<NT, D, LD>(sV(st), vg, k0, p.v_ss, BK, tid, live_key);
+    const int j0 = (entry >> 3) * BK;
+    // The sample's panel, recomputed per tile from kin (its sample index is kin's row): nothing more
+    // kept live across the tile loop, where the fp32 D=256 dQ and bf16 D=128 forward kernels use
+    // 254-255 registers (any more spills).
+    const int32_t* pan = p.panel ? p.panel + (kin - p.kinds) / p.Skv * p.panel_len : nullptr;
+    auto src = [&](int r) {
+      const KeyAt a = key_at(p, kin, grp, pan, j0 + r);
+      return a.kind != kPad ? static_cast<int64_t>(a.pos) : int64_t{-1};
+    };
+    gather_rows<NT, D, LD>(sK(st), kg, p.k_ss, BK, tid, src);
+    gather_rows<NT, D, LD>(sV(st), vg, p.v_ss, BK, tid, src);
     if (tid < BK) {
-      const int j = k0 + tid;
-      sKind[st * BK + tid] = j < p.Skv ? kin[j] : static_cast<int8_t>(kPad);
-      sGrp[st * BK + tid] = j < p.Skv ? grp[j] : -1;
+      const KeyAt a = key_at(p, kin, grp, pan, j0 + tid);
+      sKind[st * BK + tid] = a.kind;
+      sGrp[st * BK + tid] = a.group;
+      sKeyPos[st * BK + tid] = a.pos;
     }
   };
   // Tiles where some row may not attend some key can meet non-finite values that must stay unread:
@@ -619,12 +658,15 @@ HTC_UNROLL
   };
 
   auto body = [&](int entry, int /*sub*/, int st, int any_bad) {
-    const int kind = entry & 7, k0 = (entry >> 3) * BK;
+    // k0: first position of a sequence tile (DIAG tiles are sequence tiles; a panel tile's k0 < 0
+    // leaves nk = BK, its empty slots being PAD).
+    const int kind = entry & 7, k0 = ((entry >> 3) - p.panel_len / BK) * BK;
     const int nk = p.Skv - k0 < BK ? p.Skv - k0 : BK;
     Store* tK = sK(st);
     Store* tV = sV(st);
     const int8_t* tKind = sKind + st * BK;
     const int32_t* tGrp = sGrp + st * BK;
+    const int32_t* tKeyPos = sKeyPos + st * BK;
     if (!kDq && any_bad) {
       zero_nonfinite_rows<E, D, LD>(tV, BK, sBad, tid);
       simt::sync_block();
@@ -636,7 +678,8 @@ HTC_UNROLL
 HTC_UNROLL
       for (int hh = 0; hh < 2; ++hh) {
         const int jl = pos[hh] - k0;
-        const bool on = alive[hh] && jl >= 0 && jl < nk;
+        // With a panel a TEXT/VOCO row's own key is a hole here (its panel slot computes it).
+        const bool on = alive[hh] && jl >= 0 && jl < nk && (p.panel_len == 0 || rkind[hh] == kVisual);
         const int jr = on ? jl : 0;
         const Store* qrow = sQ + (warp * 16 + g + 8 * hh) * LD;
         const Store* krow = tK + jr * LD;
@@ -690,9 +733,9 @@ HTC_UNROLL
 
     // May row hh of this lane attend column `col` of the tile? (star_mask.h rule, by tile kind)
     auto allowed = [&](int hh, int col) {
-      const int j = k0 + col;
       if (!alive[hh] || col >= nk) return false;
       if (kind == kFull) return true;
+      const int j = tKeyPos[col];  // no_position for an empty panel slot: after every row
       if (kind == kCausal) return j <= pos[hh];
       return star_allowed(pos[hh], j, rkind[hh], rgrp[hh], tKind[col], tGrp[col], p.topology);
     };
@@ -818,7 +861,7 @@ HTC_UNROLL
             pj[0] = n == (jl >> 3) ? q0 : pj[0];
             pj[1] = n == (jl >> 3) ? q1 : pj[1];
           }
-          const Store* row = rg + static_cast<int64_t>(k0 + j) * rs;
+          const Store* row = rg + static_cast<int64_t>(tKeyPos[j]) * rs;
           // Select, not multiply: a row that may not attend j adds exactly 0. Control flow stays
           // warp-uniform (for the fences below).
           const bool ok0 = allowed(0, j), ok1 = allowed(1, j);
@@ -976,9 +1019,10 @@ HTC_DEV void star_key_block(const StarParams& p, unsigned char* smem, int tid, i
   const int b = static_cast<int>(rest / p.Hkv);
   const int group = p.Hq / p.Hkv;
   const int bl = p.plan_batch == 1 ? 0 : b;
-  const int k0 = kt * BK;
+  const int j0 = kt * BK;  // first mapped key of this tile
   const int8_t* kin = p.kinds + static_cast<int64_t>(bl) * p.Skv;
   const int32_t* grp = p.groups + static_cast<int64_t>(bl) * p.Skv;
+  const int32_t* pan = p.panel ? p.panel + static_cast<int64_t>(bl) * p.panel_len : nullptr;
   const uint8_t* plan_col = p.plan + static_cast<int64_t>(bl) * p.n_qt * p.n_kt + kt;
 
   Store* sK = reinterpret_cast<Store*>(smem);
@@ -995,9 +1039,13 @@ HTC_DEV void star_key_block(const StarParams& p, unsigned char* smem, int tid, i
 
   const Store* kg = static_cast<const Store*>(p.k) + b * p.k_sb + hk * p.k_sh;
   const Store* vg = static_cast<const Store*>(p.v) + b * p.v_sb + hk * p.v_sh;
-  auto live_key = [&](int r) { return k0 + r < p.Skv && kin[k0 + r] != kPad; };
-  copy_rows<NT, D, LD>(sK, kg, k0, p.k_ss, BK, tid, live_key);
-  copy_rows<NT, D, LD>(sV, vg, k0, p.v_ss, BK, tid, live_key);
+  // Keys gathered by position (PAD keys, holes, empty slots and keys past Skv zero-filled).
+  auto src = [&](int r) {
+    const KeyAt a = key_at(p, kin, grp, pan, j0 + r);
+    return a.kind != kPad ? static_cast<int64_t>(a.pos) : int64_t{-1};
+  };
+  gather_rows<NT, D, LD>(sK, kg, p.k_ss, BK, tid, src);
+  gather_rows<NT, D, LD>(sV, vg, p.v_ss, BK, tid, src);
   simt::cp_async_commit();
 
   // This lane's two keys: kgrp*16 + g (+8) of the tile.
@@ -1006,12 +1054,11 @@ HTC_DEV void star_key_block(const StarParams& p, unsigned char* smem, int tid, i
   bool kalive[2];
 HTC_UNROLL
   for (int hh = 0; hh < 2; ++hh) {
-    const int j = k0 + kgrp * 16 + g + 8 * hh;
-    kpos[hh] = j;
-    const bool in = j < p.Skv;
-    kkind[hh] = in ? kin[j] : static_cast<int8_t>(kPad);
-    kgr[hh] = in ? grp[j] : -1;
-    kalive[hh] = in && kkind[hh] != kPad;
+    const KeyAt a = key_at(p, kin, grp, pan, j0 + kgrp * 16 + g + 8 * hh);
+    kpos[hh] = a.pos;
+    kkind[hh] = a.kind;
+    kgr[hh] = a.group;
+    kalive[hh] = a.kind != kPad;
   }
 
   float dk[NF_D][4], dv[NF_D][4];
@@ -1191,13 +1238,18 @@ HTC_UNROLL
     }
   }
   simt::sync_block();
-  Store* dkg = static_cast<Store*>(p.dk) + ((static_cast<int64_t>(b) * p.Hkv + hk) * p.Skv + k0) * D;
-  Store* dvg = static_cast<Store*>(p.dv) + ((static_cast<int64_t>(b) * p.Hkv + hk) * p.Skv + k0) * D;
+  // Rows stored from each key's one slot (star_mask.h mapped_owner): not from holes, empty slots or
+  // past the sequence; one writer per dK/dV row.
+  Store* dkg = static_cast<Store*>(p.dk) + (static_cast<int64_t>(b) * p.Hkv + hk) * p.Skv * D;
+  Store* dvg = static_cast<Store*>(p.dv) + (static_cast<int64_t>(b) * p.Hkv + hk) * p.Skv * D;
+  const KeyMap map{pan, p.panel_len, p.Skv};
   for (int c = tid; c < BK * C::kRowChunks; c += NT) {
     const int r = c / C::kRowChunks, cc = c % C::kRowChunks;
-    if (k0 + r >= p.Skv) continue;
-    simt::copy16(dkg + r * D + cc * C::kChunk, sK + r * LD + cc * C::kChunk);
-    simt::copy16(dvg + r * D + cc * C::kChunk, sV + r * LD + cc * C::kChunk);
+    const int j = j0 + r;
+    if (j >= p.panel_len + p.Skv || !mapped_owner(kin, map, int64_t{j})) continue;
+    const int64_t row = key_at(p, kin, grp, pan, j).pos;
+    simt::copy16(dkg + row * D + cc * C::kChunk, sK + r * LD + cc * C::kChunk);
+    simt::copy16(dvg + row * D + cc * C::kChunk, sV + r * LD + cc * C::kChunk);
   }
 }
 

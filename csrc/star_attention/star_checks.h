@@ -93,11 +93,11 @@ inline void check_kinds_values(const char* op, const at::Tensor& kinds) {
 namespace htc {
 
 // q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D], kinds/groups [Bl, Skv] with Bl in {1, B}, plan
-// [Bl, ceil(Sq/block_q), ceil(Skv/block_k)] uint8.
+// [Bl, ceil(Sq/block_q), P/block_k + ceil(Skv/block_k)] uint8, panel None (P = 0) or int32 [Bl, P].
 inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& kinds, const at::Tensor& groups,
                                  const at::Tensor& plan, int64_t block_q, int64_t block_k,
-                                 int64_t topology) {
+                                 int64_t topology, const std::optional<at::Tensor>& panel) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "star_attention: q, k, v must be 4-D [B, H, S, D]");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
@@ -121,9 +121,16 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK(block_q >= 1 && block_k >= 1 && block_q <= kMaxBlock && block_k <= kMaxBlock,
               "star_attention: block sizes must be in [1, ", kMaxBlock, "], got block_q=", block_q,
               ", block_k=", block_k);
+  TORCH_CHECK(!panel || (panel->scalar_type() == at::kInt && panel->dim() == 2 &&
+                          panel->size(0) == kinds.size(0) && panel->size(1) % block_k == 0 &&
+                          panel->device() == q.device()),
+              "star_attention: panel must be int32 [1 or B, P] on ", q.device(), " with P a multiple of block_k=",
+              block_k, " (StarLayout.key_panel(block_k))");
+  const int64_t panel_tiles = panel ? panel->size(1) / block_k : 0;
   TORCH_CHECK(plan.scalar_type() == at::kByte && plan.dim() == 3 && plan.size(0) == kinds.size(0) &&
-                  plan.size(1) == ceil_div(q.size(2), block_q) && plan.size(2) == ceil_div(k.size(2), block_k),
-              "star_attention: plan ", plan.sizes(), " does not match the problem and block sizes");
+                  plan.size(1) == ceil_div(q.size(2), block_q) &&
+                  plan.size(2) == panel_tiles + ceil_div(k.size(2), block_k),
+              "star_attention: plan ", plan.sizes(), " does not match the problem, block sizes and panel");
   TORCH_CHECK(topology == 0 || topology == 1, "star_attention: topology must be 0 or 1");
   for (const at::Tensor* t : {&k, &v, &kinds, &groups, &plan})
     TORCH_CHECK(t->device() == q.device(), "star_attention: all tensors must be on ", q.device());

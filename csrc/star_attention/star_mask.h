@@ -4,6 +4,7 @@
 #pragma once
 #include <climits>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #if defined(__CUDACC__)
@@ -46,30 +47,50 @@ HTC_HD bool star_allowed(int64_t i, int64_t j, int8_t ki, int32_t gi, int8_t kj,
 // (-1: an empty slot), and j >= panel_len is position j - panel_len, where TEXT/VOCO keys are holes
 // (they live in the panel). Holes and empty slots are PAD for the rule; an empty slot's position lies
 // after every query, so a partly filled panel tile can be CAUSAL but never FULL.
-struct KeyMap {
+template <class I>  // int64_t on the host; the CUDA kernels use int (registers)
+struct KeyMapT {
   const int32_t* panel = nullptr;  // one sample's panel, panel_len entries
-  int64_t panel_len = 0;           // a multiple of the plan's block_k
-  int64_t seq_len = 0;             // panel entries outside [0, seq_len) count as empty slots
+  I panel_len = 0;                 // a multiple of the plan's block_k
+  I seq_len = 0;                   // panel entries outside [0, seq_len) count as empty slots
 };
+using KeyMap = KeyMapT<int64_t>;
 
-constexpr int64_t kNoPosition = INT64_MAX / 4;  // an empty slot's position
+// An empty slot's position: after every query position (and no overflow when compared).
+template <class I>
+HTC_HD constexpr I no_position() {
+  return std::numeric_limits<I>::max() / 2;
+}
+constexpr int64_t kNoPosition = no_position<int64_t>();
 
-struct MappedKey {
-  int64_t pos;
+template <class I>
+struct MappedKeyT {
+  I pos;
   int8_t kind;
   int32_t group;
 };
+using MappedKey = MappedKeyT<int64_t>;
 
-HTC_HD MappedKey mapped_key(const int8_t* kinds, const int32_t* groups, const KeyMap& m, int64_t j) {
+// Mapped key j < panel_len + seq_len.
+template <class I>
+HTC_HD MappedKeyT<I> mapped_key(const int8_t* kinds, const int32_t* groups, const KeyMapT<I>& m, I j) {
   if (j < m.panel_len) {
-    const int64_t p = m.panel[j];
-    if (p < 0 || p >= m.seq_len) return {kNoPosition, kPad, -1};
+    const I p = m.panel[j];
+    if (p < 0 || p >= m.seq_len) return {no_position<I>(), kPad, -1};
     return {p, kinds[p], groups[p]};
   }
-  const int64_t p = j - m.panel_len;
+  const I p = j - m.panel_len;
   const int8_t kind = kinds[p];
   if (m.panel_len > 0 && (kind == kText || kind == kVoco)) return {p, kPad, -1};
   return {p, kind, groups[p]};
+}
+
+// Is mapped key j (< panel_len + seq_len) its key's one slot? A filled panel slot, or a sequence key
+// that is not a hole (PAD keys included: their gradient rows are zeros, written from here). Backward
+// kernels store a key's dK/dV rows from this slot only: one writer per row.
+HTC_HD bool mapped_owner(const int8_t* kinds, const KeyMap& m, int64_t j) {
+  if (j < m.panel_len) return m.panel[j] >= 0 && m.panel[j] < m.seq_len;
+  const int8_t kind = kinds[j - m.panel_len];
+  return !(m.panel_len > 0 && (kind == kText || kind == kVoco));
 }
 
 // Number of key tiles of a plan: the panel's, then the sequence's.

@@ -267,6 +267,7 @@ struct Case {
   bool backward = true;   // also dQ, dK, dV (with grad_lse, and NaN grad_out / grad_lse on PAD rows)
   float scale = 0.125f;
   float softcap = 0.f;    // > 0: the kernels with kCap, scores s -> c tanh(s / c)
+  bool panel = false;     // plan in the TEXT/VOCO key panel order (star_mask.h KeyMap)
   uint64_t seed = 1;
 };
 
@@ -512,12 +513,30 @@ void run_case(const Case& c) {
       }
   }
 
-  // Plan with the kernel's tile sizes.
-  const int n_qt = (c.Sq + 63) / 64, n_kt = (c.Skv + BK - 1) / BK;
+  // Plan with the kernel's tile sizes; with c.panel in the key panel's order (each sample's TEXT/VOCO
+  // positions, then -1, to a common multiple of BK).
+  int panel_len = 0;
+  std::vector<std::vector<int32_t>> panels(c.plan_batch);
+  if (c.panel) {
+    for (int bl = 0; bl < c.plan_batch; ++bl) {
+      for (int j = 0; j < c.Skv; ++j) {
+        const int8_t kj = L.kinds[static_cast<size_t>(bl) * c.Skv + j];
+        if (kj == htc::kText || kj == htc::kVoco) panels[bl].push_back(j);
+      }
+      panel_len = std::max(panel_len, static_cast<int>(panels[bl].size() + BK - 1) / BK * BK);
+    }
+  }
+  std::vector<int32_t> panel;
+  for (auto& one : panels) {
+    one.resize(panel_len, -1);
+    panel.insert(panel.end(), one.begin(), one.end());
+  }
+  const int n_qt = (c.Sq + 63) / 64, n_kt = panel_len / BK + (c.Skv + BK - 1) / BK;
   std::vector<uint8_t> plan(static_cast<size_t>(c.plan_batch) * n_qt * n_kt);
   for (int bl = 0; bl < c.plan_batch; ++bl)
     htc::build_star_plan(L.kinds.data() + static_cast<size_t>(bl) * c.Skv, L.groups.data() + static_cast<size_t>(bl) * c.Skv,
-                         c.Skv, c.Sq, 64, BK, c.topology, plan.data() + static_cast<size_t>(bl) * n_qt * n_kt);
+                         c.Skv, c.Sq, 64, BK, c.topology, plan.data() + static_cast<size_t>(bl) * n_qt * n_kt,
+                         htc::KeyMap{c.panel ? panel.data() + static_cast<size_t>(bl) * panel_len : nullptr, panel_len, c.Skv});
 
   const int64_t rows = static_cast<int64_t>(c.B) * c.Hq * c.Sq;
   std::vector<Store> out(static_cast<size_t>(rows) * D, sc::from_f<E>(NAN));
@@ -540,6 +559,8 @@ void run_case(const Case& c) {
   p.kinds = L.kinds.data();
   p.groups = L.groups.data();
   p.plan = plan.data();
+  p.panel = c.panel ? panel.data() : nullptr;
+  p.panel_len = panel_len;
   p.B = c.B, p.Hq = c.Hq, p.Hkv = c.Hkv, p.Sq = c.Sq, p.Skv = c.Skv, p.n_qt = n_qt, p.n_kt = n_kt;
   p.q_off = c.Skv - c.Sq, p.plan_batch = c.plan_batch, p.topology = c.topology, p.n_split = c.n_split;
   p.scale = c.scale;
@@ -707,6 +728,32 @@ void test_forward_kernels() {
       run(e, c);
     }
   }
+  // The TEXT/VOCO key panel order (several images per sample): prefill and decode with split-K, both
+  // topologies, GQA, strided inputs, poisoned masked keys/values (PAD keys, holes' rows stay unread).
+  for (Elt e : elts)
+    for (int d : {64, 128}) {
+      if (kQuick && (d != 64 || e == Elt::kF32)) continue;
+      for (int variant = 0; variant < 3; ++variant) {
+        Case c;
+        c.D = d;
+        c.seed = 1300 + d + variant + 10 * static_cast<int>(e);
+        c.B = 2;
+        c.Hq = 4;
+        c.Hkv = 2;
+        c.Skv = 190 + 29 * variant;
+        c.Sq = variant == 1 ? 3 : variant == 2 ? 70 : c.Skv;
+        c.plan_batch = 2;
+        c.topology = variant % 2;
+        c.n_split = variant == 1 ? 3 : 1;
+        c.poison = true;
+        c.strided = variant == 2;
+        c.panel = true;
+        c.scale = 1.f / std::sqrt(static_cast<float>(d));
+        c.name = std::string(elt_name(e)) + " D=" + std::to_string(d) + " key panel Sq=" + std::to_string(c.Sq) +
+                 "/" + std::to_string(c.Skv) + (c.topology ? " group" : " star");
+        run(e, c);
+      }
+    }
   // Soft-capping (the kCap kernels): scores of standard deviation 4 against caps of 2 and 4, so that
   // many are capped hard; prefill and decode with split-K, both topologies, GQA, poisoned masked keys/values.
   for (Elt e : elts)
