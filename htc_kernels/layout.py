@@ -110,7 +110,7 @@ class StarLayout:
 
     Attributes: ``kinds`` int8 ``[B, S]``, ``groups`` int32 ``[B, S]`` (both contiguous, on the
     device of the input), ``topology`` (str), ``topology_id`` (int), ``batch_size``, ``seq_len``,
-    ``uses_key_panel`` (bool: some sample holds >= 2 images, so the Triton backend plans in
+    ``uses_key_panel`` (bool: some sample holds >= 2 images, so the Triton and CUDA backends plan in
     :meth:`key_panel` order; set it False to keep the plain order, e.g. to compare).
     The layout owns copies of ``kinds``/``groups`` (the caller's tensors may change afterwards);
     modifying ``layout.kinds`` or ``layout.groups`` in place is an error the next time it is used.
