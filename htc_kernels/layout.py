@@ -37,14 +37,19 @@ _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
+def _visual_run_starts(kinds: torch.Tensor) -> torch.Tensor:
+    """``[B, S]`` bool: the first token of each maximal VISUAL run."""
+    visual = kinds == TokenKind.VISUAL
+    starts = visual.clone()
+    starts[:, 1:] &= ~visual[:, :-1]
+    return starts
+
+
 def _default_groups(kinds: torch.Tensor) -> torch.Tensor:
     """Each maximal VISUAL run is a new group 0, 1, ...; a VOCO run joins the last VISUAL run before it.
     TEXT/PAD get -1; VOCO with no image before it gets -1 (rejected by validation)."""
-    visual = kinds == TokenKind.VISUAL
-    prev = torch.zeros_like(visual)
-    prev[:, 1:] = visual[:, :-1]
-    run_index = torch.cumsum((visual & ~prev).to(torch.int32), dim=1) - 1
-    has_group = visual | (kinds == TokenKind.VOCO)
+    run_index = torch.cumsum(_visual_run_starts(kinds).to(torch.int32), dim=1) - 1
+    has_group = (kinds == TokenKind.VISUAL) | (kinds == TokenKind.VOCO)
     return torch.where(has_group, run_index, torch.full_like(run_index, -1)).to(torch.int32)
 
 
@@ -181,12 +186,9 @@ class StarLayout:
         # >= 2 images in a sample: without it every visual query tile visits one mostly masked key tile
         # per earlier image (its <voco> and the text after it); LLaVA's one image gains nothing (30 tile
         # visits -> 31; 16 images 1798 -> 697, csrc/star_attention/CUDA_NOTES.md).
-        visual = kinds == TokenKind.VISUAL
-        starts = visual.clone()
-        starts[:, 1:] &= ~visual[:, :-1]
         text_voco = (kinds == TokenKind.TEXT) | (kinds == TokenKind.VOCO)
         count = text_voco.sum(1, keepdim=True)
-        runs, panel_keys = torch.stack([starts.sum(1), count[:, 0]]).amax(1).tolist()
+        runs, panel_keys = torch.stack([_visual_run_starts(kinds).sum(1), count[:, 0]]).amax(1).tolist()
         self.uses_key_panel = runs >= 2 and panel_keys > 0
         # Each sample's TEXT/VOCO positions in order, then -1 ([B, panel_keys] int32; a stable sort
         # moves them to the front); key_panel() pads it per block_k.

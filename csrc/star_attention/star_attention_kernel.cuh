@@ -392,16 +392,11 @@ HTC_DEV tile::Capped score_log2(const StarParams& p, float x) {
 // without a panel): its position (no_position<int>(), after every row: an empty panel slot, or past
 // the sequence), kind (PAD also for holes, empty slots and keys past the sequence: never read) and
 // group.
-struct KeyAt {
-  int pos;
-  int8_t kind;
-  int32_t group;
-};
+using KeyAt = MappedKeyT<int>;
 
 HTC_DEV KeyAt key_at(const StarParams& p, const int8_t* kin, const int32_t* grp, const int32_t* panel, int j) {
   if (j >= p.panel_len + p.Skv) return {no_position<int>(), static_cast<int8_t>(kPad), -1};
-  const MappedKeyT<int> m = mapped_key(kin, grp, KeyMapT<int>{panel, p.panel_len, p.Skv}, j);
-  return {m.pos, m.kind, m.group};
+  return mapped_key(kin, grp, KeyMapT<int>{panel, p.panel_len, p.Skv}, j);
 }
 
 // ---------------------------------------------------------------------------------------------------

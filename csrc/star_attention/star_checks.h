@@ -37,15 +37,18 @@ inline void check_plan_args(const at::Tensor& kinds, const at::Tensor& groups, i
   TORCH_CHECK(topology == 0 || topology == 1, "star_plan: topology must be 0 (star) or 1 (group)");
 }
 
-// panel [B, P] int32, P a multiple of block_k: the key panel of StarLayout (positions of every TEXT and
-// VOCO key in order, then -1). Shapes here; check_panel_values reads the values.
-inline void check_panel_args(const std::optional<at::Tensor>& panel, const at::Tensor& kinds, int64_t block_k) {
+// panel None or int32 [Bl, P] (Bl: kinds' batch), P a multiple of block_k, on kinds' device: the key
+// panel of StarLayout (positions of every TEXT and VOCO key in order, then -1). Shapes here;
+// check_panel_values reads the values.
+inline void check_panel_args(const char* op, const std::optional<at::Tensor>& panel, const at::Tensor& kinds,
+                             int64_t block_k) {
   if (!panel) return;
   TORCH_CHECK(panel->scalar_type() == at::kInt && panel->dim() == 2 && panel->size(0) == kinds.size(0) &&
                   panel->size(1) % block_k == 0,
-              "star_plan: panel must be int32 [B, P] with P a multiple of block_k=", block_k, ", got ",
-              panel->scalar_type(), " ", panel->sizes());
-  TORCH_CHECK(panel->device() == kinds.device(), "star_plan: panel and kinds on different devices");
+              op, ": panel must be int32 [B, P] (B = ", kinds.size(0), ", the kinds' batch) with P a multiple of "
+              "block_k=", block_k, " (StarLayout.key_panel(block_k)), got ", panel->scalar_type(), " ",
+              panel->sizes());
+  TORCH_CHECK(panel->device() == kinds.device(), op, ": panel and kinds on different devices");
 }
 
 // Each sample's panel lists exactly its TEXT/VOCO positions, ascending, then -1 (every key has one
@@ -121,11 +124,7 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK(block_q >= 1 && block_k >= 1 && block_q <= kMaxBlock && block_k <= kMaxBlock,
               "star_attention: block sizes must be in [1, ", kMaxBlock, "], got block_q=", block_q,
               ", block_k=", block_k);
-  TORCH_CHECK(!panel || (panel->scalar_type() == at::kInt && panel->dim() == 2 &&
-                          panel->size(0) == kinds.size(0) && panel->size(1) % block_k == 0 &&
-                          panel->device() == q.device()),
-              "star_attention: panel must be int32 [1 or B, P] on ", q.device(), " with P a multiple of block_k=",
-              block_k, " (StarLayout.key_panel(block_k))");
+  check_panel_args("star_attention", panel, kinds, block_k);
   const int64_t panel_tiles = panel ? panel->size(1) / block_k : 0;
   TORCH_CHECK(plan.scalar_type() == at::kByte && plan.dim() == 3 && plan.size(0) == kinds.size(0) &&
                   plan.size(1) == ceil_div(q.size(2), block_q) &&

@@ -70,6 +70,12 @@ struct MappedKeyT {
 };
 using MappedKey = MappedKeyT<int64_t>;
 
+// Is a sequence key of this kind a hole (its slot is in the panel)?
+template <class I>
+HTC_HD bool is_hole(const KeyMapT<I>& m, int8_t kind) {
+  return m.panel_len > 0 && (kind == kText || kind == kVoco);
+}
+
 // Mapped key j < panel_len + seq_len.
 template <class I>
 HTC_HD MappedKeyT<I> mapped_key(const int8_t* kinds, const int32_t* groups, const KeyMapT<I>& m, I j) {
@@ -80,7 +86,7 @@ HTC_HD MappedKeyT<I> mapped_key(const int8_t* kinds, const int32_t* groups, cons
   }
   const I p = j - m.panel_len;
   const int8_t kind = kinds[p];
-  if (m.panel_len > 0 && (kind == kText || kind == kVoco)) return {p, kPad, -1};
+  if (is_hole(m, kind)) return {p, kPad, -1};
   return {p, kind, groups[p]};
 }
 
@@ -89,8 +95,7 @@ HTC_HD MappedKeyT<I> mapped_key(const int8_t* kinds, const int32_t* groups, cons
 // kernels store a key's dK/dV rows from this slot only: one writer per row.
 HTC_HD bool mapped_owner(const int8_t* kinds, const KeyMap& m, int64_t j) {
   if (j < m.panel_len) return m.panel[j] >= 0 && m.panel[j] < m.seq_len;
-  const int8_t kind = kinds[j - m.panel_len];
-  return !(m.panel_len > 0 && (kind == kText || kind == kVoco));
+  return !is_hole(m, kinds[j - m.panel_len]);
 }
 
 // Number of key tiles of a plan: the panel's, then the sequence's.

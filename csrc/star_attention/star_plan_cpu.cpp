@@ -16,7 +16,7 @@ at::Tensor star_plan_cpu(const at::Tensor& kinds, const at::Tensor& groups, int6
                          int64_t block_q, int64_t block_k, int64_t topology,
                          const std::optional<at::Tensor>& panel) {
   check_plan_args(kinds, groups, q_len, block_q, block_k, topology);
-  check_panel_args(panel, kinds, block_k);
+  check_panel_args("star_plan", panel, kinds, block_k);
   check_kinds_values("star_plan", kinds);
   if (panel) check_panel_values(*panel, kinds);
   const auto kinds_c = kinds.contiguous();

@@ -16,7 +16,7 @@ at::Tensor star_plan_cuda(const at::Tensor& kinds, const at::Tensor& groups, int
                           int64_t block_q, int64_t block_k, int64_t topology,
                           const std::optional<at::Tensor>& panel) {
   check_plan_args(kinds, groups, q_len, block_q, block_k, topology);
-  check_panel_args(panel, kinds, block_k);
+  check_panel_args("star_plan", panel, kinds, block_k);
   const c10::cuda::CUDAGuard guard(kinds.device());
   const auto kinds_c = kinds.contiguous();
   const auto groups_c = groups.contiguous();
@@ -24,7 +24,8 @@ at::Tensor star_plan_cuda(const at::Tensor& kinds, const at::Tensor& groups, int
   // The panel's values are not read here (a device sync): entries outside [0, Skv) count as empty slots.
   const auto panel_c = panel ? panel->contiguous() : at::Tensor();
   const int64_t panel_len = panel ? panel->size(1) : 0;
-  const int64_t n_qt = (q_len + block_q - 1) / block_q, n_kt = panel_len / block_k + (seq_len + block_k - 1) / block_k;
+  const int64_t n_qt = (q_len + block_q - 1) / block_q;
+  const int64_t n_kt = key_tiles(seq_len, block_k, KeyMap{nullptr, panel_len, seq_len});
   auto plan = at::empty({batch, n_qt, n_kt}, kinds.options().dtype(at::kByte));
   const int64_t total = batch * n_qt * n_kt;
   if (total == 0) return plan;

@@ -13,7 +13,7 @@ __global__ void star_plan_kernel(const int8_t* __restrict__ kinds, const int32_t
                                  int64_t seq_len, int64_t q_len, int64_t block_q, int64_t block_k,
                                  int topology, uint8_t* __restrict__ plan) {
   const int64_t n_qt = (q_len + block_q - 1) / block_q;
-  const int64_t n_kt = panel_len / block_k + (seq_len + block_k - 1) / block_k;
+  const int64_t n_kt = key_tiles(seq_len, block_k, KeyMap{nullptr, panel_len, seq_len});
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= batch * n_qt * n_kt) return;
   const int64_t b = idx / (n_qt * n_kt), qt = (idx / n_kt) % n_qt, kt = idx % n_kt;

@@ -808,6 +808,7 @@ def _panel_args(panel: torch.Tensor | None, groups: torch.Tensor, block_k: int) 
     tensor (groups), so the pointer argument is valid memory of the type the kernels compile for."""
     if panel is None or panel.shape[1] == 0:
         return groups, 0, 0
+    panel = panel.contiguous()
     return panel, 0 if panel.shape[0] == 1 else panel.stride(0), panel.shape[1] // block_k
 
 
@@ -859,7 +860,6 @@ def star_attention_triton(
     lists = (q_tiles, q_counts, k_tiles, k_counts)
     _check_args(q, k, v, kinds, groups, *lists, block_q, block_k, topology, softcap, panel)
     kinds, groups, q_tiles, q_counts = (t.contiguous() for t in (kinds, groups, q_tiles, q_counts))
-    panel = None if panel is None else panel.contiguous()
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     out = _new_output(q.shape, q.dtype, q.device)
@@ -929,7 +929,7 @@ def star_attention_triton_backward(
     kinds, groups, q_tiles, q_counts, k_tiles, k_counts = (
         t.contiguous() for t in (kinds, groups, q_tiles, q_counts, k_tiles, k_counts)
     )
-    pan, s_pan, n_panel = _panel_args(None if panel is None else panel.contiguous(), groups, block_k)
+    pan, s_pan, n_panel = _panel_args(panel, groups, block_k)
     dq = _new_output(q.shape, q.dtype, q.device)
     dk = _new_output(k.shape, k.dtype, k.device)
     dv = _new_output(v.shape, v.dtype, v.device)
