@@ -12,15 +12,19 @@ the sample in position order (empty slots -1 at the end), then the sequence's ti
 holes (PAD: never read; their panel slot computes them). A visual query tile then visits a few dense
 panel tiles instead of one mostly masked tile per earlier image (<voco> and the text after it): 16
 images, 64x64 tiles, 1798 visits -> 697. Kernels gather K/V rows by position (:func:`_key_tile`),
-CAUSAL compares positions, a DIAG tile is always a sequence tile (a TEXT/VOCO row skips its own key
-there), and dK/dV rows are stored from each key's one slot: still one writer per row, no atomics.
+CAUSAL compares positions, a DIAG tile is always a sequence tile (a TEXT/VOCO row's own key there is a
+hole), and dK/dV rows are stored from each key's one slot: still one writer per row, no atomics.
 
-Per visited tile, by kind:
-  FULL    one ``tl.dot`` pair, no mask (only the causal/PAD-row select, one compare per score).
+Every visited tile is one ``tl.dot`` pair (two for dQ and dK/dV) with the mask applied by select:
+  FULL    only the causal/PAD-row compare.
   CAUSAL  the same with ``j <= i``.
   MASKED  the normative rule evaluated per element from the tile's kinds/groups (:func:`_allowed`).
-  DIAG    visual self-attention (star topology): each row meets only its own key, so the tile is
-          row-wise work on CUDA cores (a D-long dot and an axpy per row), never a tensor-core GEMM.
+  DIAG    the same rule (visual self-attention: the diagonal). Tensor-core work the CUDA kernel does
+          row-wise, but here a second, row-wise loop meant q in registers, a branch around loads and
+          spills; a DIAG tile loads the same K/V rows either way.
+The visiting loop has no branch around its loads, so Triton software-pipelines them (``num_stages``).
+What the kernels compile to on sm_80/sm_90 (pipelining, registers, spills) is reported without a GPU
+by :mod:`htc_kernels.triton._codegen`.
 
 Forward: one program per (query tile, batch x query head); FlashAttention-2 online softmax in
 base 2 with fp32 statistics and accumulator; writes out (q's dtype) and lse (float32, natural log,
@@ -32,9 +36,10 @@ query tile, every query head of its GQA group, so each dK/dV row has exactly one
 "Masked means never read" (DESIGN.md §2): scores are masked with ``tl.where`` (a select, so a NaN
 score at a masked pair disappears); q/k/v/dO rows at PAD positions are never loaded (masked loads
 give exact zeros); a V (forward), K (dQ), or Q/dO (dK/dV) row that some rows of a tile attend and
-others may not is the 0 * NaN hazard of ``tl.dot``: :func:`_dot_kept` feeds the dot finite values
-only and adds the non-finite entries' products back for the pairs that are allowed, in a branch
-taken only when the tile holds a non-finite value (one tile-wide check per operand).
+others may not is the 0 * NaN hazard of ``tl.dot``. Each visiting kernel runs twice (the note above
+``_star_fwd_kernel``): a plain pass that flags the programs whose output came out NaN/Inf, then, for
+those only, an exact pass where :func:`_dot_kept` feeds the dot finite values and adds the
+non-finite entries' products back for the pairs that are allowed.
 
 Soft-capping (``softcap`` c > 0, the constexpr SOFTCAP): every score becomes ``c * tanh(s / c)``
 before the mask; the backward recomputes ``t = tanh(s / c)`` and scales dS by ``1 - t^2``. SOFTCAP
@@ -76,14 +81,15 @@ MAX_HEAD_DIM = 256
 
 @triton.jit
 def _allowed(pos_q, kind_q, grp_q, pos_k, kind_k, grp_k, tile_kind, topology):
-    """Which (query, key) pairs of one non-DIAG tile may attend: bool, broadcast of the operands.
+    """Which (query, key) pairs of one tile may attend: bool, broadcast of the operands.
 
     pos/kind/grp are broadcastable ([M, 1] against [1, N] or the transpose). Rows past Sq and keys past
     Skv arrive with kind PAD. FULL and CAUSAL tiles need only causality (they hold no PAD key a live
-    row could reach, and out-of-range keys lie past every live row); MASKED tiles apply DESIGN.md §2.
+    row could reach, and out-of-range keys lie past every live row); MASKED and DIAG tiles apply
+    DESIGN.md §2 (in a DIAG tile that leaves the diagonal of the rows whose own key is there).
     """
     ok = (pos_k <= pos_q) & (kind_q != _PAD)
-    if tile_kind == _MASKED:
+    if tile_kind >= _DIAG:  # DIAG or MASKED
         same_group = grp_q == grp_k
         visual_ok = tl.where(topology == 0, pos_k == pos_q, same_group)  # star: self only; group: image
         vis = tl.where(kind_q == _VISUAL, visual_ok, (kind_q == _VOCO) & same_group)
@@ -95,24 +101,22 @@ def _allowed(pos_q, kind_q, grp_q, pos_k, kind_k, grp_k, tile_kind, topology):
 def _key_tile(KINDS, GROUPS, PANEL, lay, pan, kt, NP, Skv, BLOCK_N: tl.constexpr):
     """Mapped key tile ``kt`` (module docstring, "key panel"): positions, kinds, groups ``[BLOCK_N]``
     int32 and ``own`` (bool: this slot is its key's one slot, so dK/dV rows are stored from here).
-    Tiles ``kt < NP`` are panel tiles (positions from PANEL; empty slots -1 come back PAD at position
-    INT32_MAX, past every query); the rest are sequence tiles, where with a panel (NP > 0) the
-    TEXT/VOCO keys are holes: PAD, never read (their panel slot computes them)."""
+    Tiles ``kt < NP`` are panel tiles (positions from PANEL; empty slots -1 come back PAD); the rest
+    are sequence tiles, where with a panel (NP > 0) the TEXT/VOCO keys are holes: PAD, never read
+    (their panel slot computes them). Keys that are no key (empty slots, past Skv) get position
+    INT32_MAX, past every query. Branch-free (masked loads, selects): the visiting loops call it at
+    their top level, where Triton software-pipelines the K/V loads that depend on it."""
     idx = tl.arange(0, BLOCK_N)
-    if kt < NP:
-        pos = tl.load(PANEL + pan + kt * BLOCK_N + idx)
-        own = pos >= 0
-        kind = tl.load(KINDS + lay + pos, mask=own, other=_PAD).to(tl.int32)
-        grp = tl.load(GROUPS + lay + pos, mask=own, other=-1)
-        pos = tl.where(own, pos, 2147483647)
-    else:
-        pos = (kt - NP) * BLOCK_N + idx
-        own = pos < Skv
-        kind = tl.load(KINDS + lay + pos, mask=own, other=_PAD).to(tl.int32)
-        grp = tl.load(GROUPS + lay + pos, mask=own, other=-1)
-        hole = (NP > 0) & ((kind == _TEXT) | (kind == _VOCO))
-        own = own & ~hole
-        kind = tl.where(hole, _PAD, kind)
+    in_panel = kt < NP
+    slot = tl.load(PANEL + pan + kt * BLOCK_N + idx, mask=in_panel & (idx < BLOCK_N), other=-1)
+    pos = tl.where(in_panel, slot, (kt - NP) * BLOCK_N + idx)
+    valid = (pos >= 0) & (pos < Skv)
+    kind = tl.load(KINDS + lay + pos, mask=valid, other=_PAD).to(tl.int32)
+    grp = tl.load(GROUPS + lay + pos, mask=valid, other=-1)
+    hole = (NP > 0) & (kt >= NP) & ((kind == _TEXT) | (kind == _VOCO))
+    own = valid & ~hole
+    kind = tl.where(hole, _PAD, kind)
+    pos = tl.where(valid, pos, 2147483647)
     return pos, kind, grp, own
 
 
@@ -179,8 +183,29 @@ def _dot_kept(acc, a, b, keep, PREC: tl.constexpr):
 # ------------------------------------------------------------------------------------------------
 
 
-# Sizes that change from call to call (every decode step) are not specialised on (divisibility by 16),
-# so one compiled kernel serves them all; strides and D keep Triton's specialisation (vector loads).
+@triton.jit
+def _nonfinite_rows(x, rows):
+    """Does a row of ``x`` ``[M, N]`` selected by ``rows`` ``[M]`` hold NaN or +-Inf? (one value for the
+    whole program)"""
+    return tl.sum((rows[:, None] & ~(tl.abs(x) < float("inf"))).to(tl.int32)) > 0
+
+
+# Each visiting kernel (forward, dQ, dK/dV) is launched twice, EXACT False, then True (the same source).
+# EXACT False, the pass that does the work: the second product of a tile is a plain tl.dot, where a
+# non-finite entry of its right factor (V; K for dQ; dO, Q for dK/dV) at a pair that some row may not
+# attend poisons that row as 0 * Inf/NaN. Poison is NaN, and NaN stays to the end, so the program looks
+# at its accumulator once and writes FLAGS[pid] = 1 if a row it stores holds NaN/Inf (poisoned, or
+# legitimately non-finite), else 0. EXACT True: only the flagged programs run (the others load and
+# store nothing) the pass again with _dot_kept (each non-finite entry reaches exactly the rows that may
+# attend it), overwriting their outputs. The common pass thus keeps no mask and no copy of the right
+# factor beyond its dot, and the rare path's registers are not charged to it.
+#
+# Every loop visits its list with no branch around its loads: Triton software-pipelines the loads of a
+# loop's body (num_stages), not those under an `if`. So DIAG tiles are tensor-core tiles here, masked by
+# the rule like MASKED ones (the row-wise DIAG path of the CUDA kernel kept a second loop, q in
+# registers and spills).
+
+
 # do_not_specialize: sizes that change from call to call (every decode step) and the topology get no
 # specialisation (Triton's "== 1" and "% 16 == 0" variants), so one compiled kernel serves them all;
 # strides and D keep theirs (they decide vectorised loads).
@@ -191,6 +216,7 @@ def _star_fwd_kernel(
     KINDS, GROUPS,  # [Bp, Skv] int8 / int32
     PANEL,  # key panel [Bp, NP * BLOCK_N] int32 (read only when NP > 0)
     TILES, NTILES,  # row lists [Bp, n_qt, n_kt] int32 (kt << 3 | kind), counts [Bp, n_qt] int32
+    FLAGS,  # int32 [grid]: "redo exactly", per program (the note above)
     sqb, sqh, sqs, sqd,
     skb, skh, sks, skd,
     svb, svh, svs, svd,
@@ -204,14 +230,15 @@ def _star_fwd_kernel(
     topology,  # 0 star, 1 group (runtime: one compiled kernel for both)
     softcap, inv_softcap,  # the cap c and 1/c (read only when SOFTCAP)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr, F32_DOTS: tl.constexpr, SOFTCAP: tl.constexpr,
+    PREC: tl.constexpr, F32_DOTS: tl.constexpr, SOFTCAP: tl.constexpr, EXACT: tl.constexpr,
 ):
     # fmt: on
+    pid = tl.program_id(0)
     n_qt = tl.cdiv(Sq, BLOCK_M)
     # 1-D grid, tile index fastest (consecutive programs share a head's K/V in L2); CUDA caps grid.y
     # at 65535, which B * H can exceed.
-    qt = tl.program_id(0) % n_qt
-    bh = tl.program_id(0) // n_qt
+    qt = pid % n_qt
+    bh = pid // n_qt
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     hk = h // GROUP
@@ -219,6 +246,11 @@ def _star_fwd_kernel(
 
     rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < Sq
+    n = tl.minimum(tl.load(NTILES + b * snb + qt), n_cols)
+    if EXACT:  # only the programs the first launch flagged: the others read nothing, store nothing
+        run = tl.load(FLAGS + pid) != 0
+        row_in = row_in & run
+        n = tl.where(run, n, 0)
     pos_q = rows + q_off
     lay = b * s_lay
     kind_q = tl.load(KINDS + lay + pos_q, mask=row_in, other=_PAD).to(tl.int32)
@@ -232,69 +264,41 @@ def _star_fwd_kernel(
     q = q.to(tl.float32) if F32_DOTS else q
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
+    pan = b * s_pan
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-
-    n = tl.minimum(tl.load(NTILES + b * snb + qt), n_cols)
     tile_row = TILES + b * stb + qt * str_
     for t in range(n):
         e = tl.load(tile_row + t)
-        kt = e >> 3
-        tk = e & 7
-        k0 = (kt - NP) * BLOCK_N  # a DIAG tile is a sequence tile
-        if tk == _DIAG:  # DIAG: row i meets only key pos_q[i], when that key lies in this tile
-            # With a panel a TEXT/VOCO row's own key is a hole here (its panel slot computes it).
-            on = live_q & (pos_q >= k0) & (pos_q < k0 + BLOCK_N) & ((kind_q == _VISUAL) | (NP == 0))
-            pos64 = pos_q.to(tl.int64)
-            ld_diag = on[:, None] & d_in[None, :]
-            kd = tl.load(k_base + pos64[:, None] * sks + dd[None, :] * skd, mask=ld_diag, other=0.0)
-            vd = tl.load(v_base + pos64[:, None] * svs + dd[None, :] * svd, mask=ld_diag, other=0.0)
-            sd = tl.sum(q.to(tl.float32) * kd.to(tl.float32), axis=1) * qk_scale
-            if SOFTCAP:
-                sd, _t = _capped(sd, softcap, inv_softcap)
-            sd = tl.where(on, sd, float("-inf"))
-            m_new = tl.maximum(m_i, sd)
-            ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - ref)
-            pd = tl.exp2(sd - ref)
-            l_i = l_i * alpha + pd
-            acc = acc * alpha[:, None] + pd[:, None] * vd.to(tl.float32)
-            m_i = m_new
+        cols, kind_k, grp_k, _own = _key_tile(KINDS, GROUPS, PANEL, lay, pan, e >> 3, NP, Skv, BLOCK_N)
+        ld = (kind_k != _PAD)[:, None] & d_in[None, :]  # PAD keys are never read
+        cols64 = cols.to(tl.int64)
+        k = tl.load(k_base + cols64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0)
+        v = tl.load(v_base + cols64[:, None] * svs + dd[None, :] * svd, mask=ld, other=0.0)
+        k = k.to(tl.float32) if F32_DOTS else k
+        v = v.to(tl.float32) if F32_DOTS else v
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        if SOFTCAP:  # before the mask: masked scores are replaced below
+            s, _t = _capped(s, softcap, inv_softcap)
+        ok = _allowed(
+            pos_q[:, None], kind_q[:, None], grp_q[:, None], cols[None, :], kind_k[None, :], grp_k[None, :],
+            e & 7, topology,
+        )  # fmt: skip
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - ref)
+        p = tl.exp2(s - ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if EXACT:
+            acc = _dot_kept(acc * alpha[:, None], p.to(v.dtype), v, ok, PREC)
         else:
-            cols, kind_k, grp_k, _own = _key_tile(KINDS, GROUPS, PANEL, lay, b * s_pan, kt, NP, Skv, BLOCK_N)
-            ld = (kind_k != _PAD)[:, None] & d_in[None, :]  # PAD keys are never read
-            cols64 = cols.to(tl.int64)
-            k = tl.load(k_base + cols64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0)
-            v = tl.load(v_base + cols64[:, None] * svs + dd[None, :] * svd, mask=ld, other=0.0)
-            k = k.to(tl.float32) if F32_DOTS else k
-            v = v.to(tl.float32) if F32_DOTS else v
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            if SOFTCAP:  # before the mask: masked scores are replaced below
-                s, _t = _capped(s, softcap, inv_softcap)
-            ok = _allowed(
-                pos_q[:, None],
-                kind_q[:, None],
-                grp_q[:, None],
-                cols[None, :],
-                kind_k[None, :],
-                grp_k[None, :],
-                tk,
-                topology,
-            )
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - ref)
-            p = tl.exp2(s - ref[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-            if tk == _FULL:  # FULL: every live row attends every loaded key
-                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-            else:
-                acc = _dot_kept(acc, p.to(v.dtype), v, ok, PREC)
-            m_i = m_new
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+    if not EXACT:
+        tl.store(FLAGS + pid, _nonfinite_rows(acc, live_q).to(tl.int32))
 
     empty = l_i == 0.0  # PAD rows (every live row attends at least its own position)
     l_safe = tl.where(empty, 1.0, l_i)
@@ -344,10 +348,11 @@ def _star_bwd_delta_kernel(
 
 
 # fmt: off
+# fmt: off
 @triton.jit(do_not_specialize=("Hq", "Sq", "Skv", "n_cols", "topology", "NP"))
 def _star_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
-    KINDS, GROUPS, PANEL, TILES, NTILES,  # as in _star_fwd_kernel
+    KINDS, GROUPS, PANEL, TILES, NTILES, FLAGS,  # as in _star_fwd_kernel
     sqb, sqh, sqs, sqd,
     skb, skh, sks, skd,
     svb, svh, svs, svd,
@@ -359,15 +364,16 @@ def _star_bwd_dq_kernel(
     topology,  # 0 star, 1 group (runtime: one compiled kernel for both)
     softcap, inv_softcap,  # the cap c and 1/c (read only when SOFTCAP)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr, F32_DOTS: tl.constexpr, SOFTCAP: tl.constexpr,
+    PREC: tl.constexpr, F32_DOTS: tl.constexpr, SOFTCAP: tl.constexpr, EXACT: tl.constexpr,
 ):
     # fmt: on
     """dQ of one query tile of one head: dq_i = scale * sum_j dS_ij k_j over the tile's row list."""
+    pid = tl.program_id(0)
     n_qt = tl.cdiv(Sq, BLOCK_M)
     # 1-D grid, tile index fastest (consecutive programs share a head's K/V in L2); CUDA caps grid.y
     # at 65535, which B * H can exceed.
-    qt = tl.program_id(0) % n_qt
-    bh = tl.program_id(0) // n_qt
+    qt = pid % n_qt
+    bh = pid // n_qt
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     hk = h // GROUP
@@ -375,6 +381,11 @@ def _star_bwd_dq_kernel(
 
     rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < Sq
+    n = tl.minimum(tl.load(NTILES + b * snb + qt), n_cols)
+    if EXACT:  # only the flagged programs (see the forward)
+        run = tl.load(FLAGS + pid) != 0
+        row_in = row_in & run
+        n = tl.where(run, n, 0)
     pos_q = rows + q_off
     lay = b * s_lay
     kind_q = tl.load(KINDS + lay + pos_q, mask=row_in, other=_PAD).to(tl.int32)
@@ -392,64 +403,38 @@ def _star_bwd_dq_kernel(
     delta = tl.load(DELTA + (b * Hq + h) * Sq + rows, mask=live_q, other=0.0)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    pan = b * s_pan
 
-    n = tl.minimum(tl.load(NTILES + b * snb + qt), n_cols)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     tile_row = TILES + b * stb + qt * str_
     for t in range(n):
         e = tl.load(tile_row + t)
-        kt = e >> 3
-        tk = e & 7
-        k0 = (kt - NP) * BLOCK_N  # a DIAG tile is a sequence tile
-        if tk == _DIAG:  # DIAG (see the forward)
-            on = live_q & (pos_q >= k0) & (pos_q < k0 + BLOCK_N) & ((kind_q == _VISUAL) | (NP == 0))
-            pos64 = pos_q.to(tl.int64)
-            ld_diag = on[:, None] & d_in[None, :]
-            kd = tl.load(k_base + pos64[:, None] * sks + dd[None, :] * skd, mask=ld_diag, other=0.0)
-            kd = kd.to(tl.float32)
-            vd = tl.load(v_base + pos64[:, None] * svs + dd[None, :] * svd, mask=ld_diag, other=0.0)
-            vd = vd.to(tl.float32)
-            sd = tl.sum(q.to(tl.float32) * kd, axis=1) * qk_scale
-            if SOFTCAP:
-                sd, td = _capped(sd, softcap, inv_softcap)
-            pd = tl.exp2(tl.where(on, sd - lse2, float("-inf")))
-            dpd = tl.sum(do.to(tl.float32) * vd, axis=1)
-            dsd = pd * (dpd - delta)
-            if SOFTCAP:  # d capped / d score = 1 - t^2
-                dsd = dsd * (1.0 - td * td)
-            dsd = tl.where(on, dsd, 0.0)
-            dq += dsd[:, None] * kd
+        cols, kind_k, grp_k, _own = _key_tile(KINDS, GROUPS, PANEL, lay, pan, e >> 3, NP, Skv, BLOCK_N)
+        ld = (kind_k != _PAD)[:, None] & d_in[None, :]
+        cols64 = cols.to(tl.int64)
+        k = tl.load(k_base + cols64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0)
+        v = tl.load(v_base + cols64[:, None] * svs + dd[None, :] * svd, mask=ld, other=0.0)
+        k = k.to(tl.float32) if F32_DOTS else k
+        v = v.to(tl.float32) if F32_DOTS else v
+        ok = _allowed(
+            pos_q[:, None], kind_q[:, None], grp_q[:, None], cols[None, :], kind_k[None, :], grp_k[None, :],
+            e & 7, topology,
+        )  # fmt: skip
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        if SOFTCAP:
+            s, t_cap = _capped(s, softcap, inv_softcap)
+        p = tl.exp2(tl.where(ok, s - lse2[:, None], float("-inf")))
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:  # d capped / d score = 1 - t^2
+            ds = ds * (1.0 - t_cap * t_cap)
+        ds = tl.where(ok, ds, 0.0)  # a select: NaN at masked pairs (non-finite k or v) goes nowhere
+        if EXACT:
+            dq = _dot_kept(dq, ds.to(k.dtype), k, ok, PREC)
         else:
-            cols, kind_k, grp_k, _own = _key_tile(KINDS, GROUPS, PANEL, lay, b * s_pan, kt, NP, Skv, BLOCK_N)
-            ld = (kind_k != _PAD)[:, None] & d_in[None, :]
-            cols64 = cols.to(tl.int64)
-            k = tl.load(k_base + cols64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0)
-            v = tl.load(v_base + cols64[:, None] * svs + dd[None, :] * svd, mask=ld, other=0.0)
-            k = k.to(tl.float32) if F32_DOTS else k
-            v = v.to(tl.float32) if F32_DOTS else v
-            ok = _allowed(
-                pos_q[:, None],
-                kind_q[:, None],
-                grp_q[:, None],
-                cols[None, :],
-                kind_k[None, :],
-                grp_k[None, :],
-                tk,
-                topology,
-            )
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            if SOFTCAP:
-                s, t = _capped(s, softcap, inv_softcap)
-            p = tl.exp2(tl.where(ok, s - lse2[:, None], float("-inf")))
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            if SOFTCAP:
-                ds = ds * (1.0 - t * t)
-            ds = tl.where(ok, ds, 0.0)  # a select: NaN at masked pairs (non-finite k or v) goes nowhere
-            if tk == _FULL:
-                dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
-            else:
-                dq = _dot_kept(dq, ds.to(k.dtype), k, ok, PREC)
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+    if not EXACT:
+        tl.store(FLAGS + pid, _nonfinite_rows(dq, live_q).to(tl.int32))
 
     dq_ptrs = DQ + b * sqgb + h * sqgh + rows64[:, None] * sqgs + dd[None, :] * sqgd
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
@@ -461,6 +446,7 @@ def _star_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     KINDS, GROUPS, PANEL,
     TILES, NTILES,  # column lists [Bp, n_kt, n_qt] int32 (qt << 3 | kind), counts [Bp, n_kt]
+    FLAGS,  # as in _star_fwd_kernel
     sqb, sqh, sqs, sqd,
     skb, skh, sks, skd,
     svb, svh, svs, svd,
@@ -473,14 +459,15 @@ def _star_bwd_dkdv_kernel(
     topology,  # 0 star, 1 group (runtime: one compiled kernel for both)
     softcap, inv_softcap,  # the cap c and 1/c (read only when SOFTCAP)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PREC: tl.constexpr, F32_DOTS: tl.constexpr, SOFTCAP: tl.constexpr,
+    PREC: tl.constexpr, F32_DOTS: tl.constexpr, SOFTCAP: tl.constexpr, EXACT: tl.constexpr,
 ):
     # fmt: on
     """dK, dV of one key tile of one kv head: the query tiles of its column list, for each of them
     every query head of the GQA group (one writer per dK/dV row: no atomics, fixed order)."""
+    pid = tl.program_id(0)
     n_kt = NP + tl.cdiv(Skv, BLOCK_N)
-    kt = tl.program_id(0) % n_kt
-    bh = tl.program_id(0) // n_kt
+    kt = pid % n_kt
+    bh = pid // n_kt
     b = (bh // Hkv).to(tl.int64)
     hk = (bh % Hkv).to(tl.int64)
     q_off = Skv - Sq
@@ -488,6 +475,12 @@ def _star_bwd_dkdv_kernel(
     lay = b * s_lay
     # own: the keys whose dK/dV rows this program stores (every key has exactly one such slot).
     cols, kind_k, grp_k, own = _key_tile(KINDS, GROUPS, PANEL, lay, b * s_pan, kt, NP, Skv, BLOCK_N)
+    n = tl.minimum(tl.load(NTILES + b * snb + kt), n_rows)
+    if EXACT:  # only the flagged programs (see the forward)
+        run = tl.load(FLAGS + pid) != 0
+        own = own & run
+        kind_k = tl.where(run, kind_k, _PAD)
+        n = tl.where(run, n, 0)
     live_k = kind_k != _PAD
     dd = tl.arange(0, BLOCK_D)
     d_in = dd < D
@@ -497,92 +490,50 @@ def _star_bwd_dkdv_kernel(
     v = tl.load(V + b * svb + hk * svh + cols64[:, None] * svs + dd[None, :] * svd, mask=ldk, other=0.0)
     k = k.to(tl.float32) if F32_DOTS else k
     v = v.to(tl.float32) if F32_DOTS else v
+
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # The query row at key j's own position (DIAG partner): global row j - q_off.
-    own_row = cols - q_off
-    own64 = own_row.to(tl.int64)
-
-    n = tl.minimum(tl.load(NTILES + b * snb + kt), n_rows)
     tile_col = TILES + b * stb + kt * str_
-    for t in range(n):
+    # One flat loop over (query tile, head of the GQA group): the loads stay at the loop's top level.
+    for it in range(n * GROUP):
+        t = it // GROUP
+        h = hk * GROUP + (it - t * GROUP)
         e = tl.load(tile_col + t)
-        qt = e >> 3
-        tk = e & 7
-        r0 = qt * BLOCK_M
-        if tk == _DIAG:  # DIAG: key j meets only the query row at its own position, if in this tile
-            on = live_k & (own_row >= r0) & (own_row < r0 + BLOCK_M) & (own_row >= 0) & (own_row < Sq)
-            ld_diag = on[:, None] & d_in[None, :]
-            for g in range(GROUP):
-                h = hk * GROUP + g
-                qd = tl.load(
-                    Q + b * sqb + h * sqh + own64[:, None] * sqs + dd[None, :] * sqd, mask=ld_diag, other=0.0
-                )
-                dod = tl.load(
-                    DO + b * sdb + h * sdh + own64[:, None] * sds + dd[None, :] * sdd, mask=ld_diag, other=0.0
-                )
-                lse2 = tl.load(LSE + b * slb + h * slh + own_row, mask=on, other=0.0) * _LOG2E_C
-                delta = tl.load(DELTA + (b * Hq + h) * Sq + own_row, mask=on, other=0.0)
-                qf = qd.to(tl.float32)
-                dof = dod.to(tl.float32)
-                sd = tl.sum(qf * k.to(tl.float32), axis=1) * qk_scale
-                if SOFTCAP:
-                    sd, td = _capped(sd, softcap, inv_softcap)
-                pd = tl.exp2(tl.where(on, sd - lse2, float("-inf")))
-                dpd = tl.sum(dof * v.to(tl.float32), axis=1)
-                dsd = pd * (dpd - delta)
-                if SOFTCAP:
-                    dsd = dsd * (1.0 - td * td)
-                dsd = tl.where(on, dsd, 0.0)
-                dv += pd[:, None] * dof
-                dk += dsd[:, None] * qf
+        rows = (e >> 3) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_in = rows < Sq
+        pos_q = rows + q_off
+        kind_q = tl.load(KINDS + lay + pos_q, mask=row_in, other=_PAD).to(tl.int32)
+        grp_q = tl.load(GROUPS + lay + pos_q, mask=row_in, other=-1)
+        live_q = kind_q != _PAD
+        okT = _allowed(
+            pos_q[None, :], kind_q[None, :], grp_q[None, :], cols[:, None], kind_k[:, None], grp_k[:, None],
+            e & 7, topology,
+        )  # transposed orientation: [keys, rows]  # fmt: skip
+        rows64 = rows.to(tl.int64)
+        ldq = live_q[:, None] & d_in[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + rows64[:, None] * sqs + dd[None, :] * sqd, mask=ldq, other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + rows64[:, None] * sds + dd[None, :] * sdd, mask=ldq, other=0.0)
+        q = q.to(tl.float32) if F32_DOTS else q
+        do = do.to(tl.float32) if F32_DOTS else do
+        lse2 = tl.load(LSE + b * slb + h * slh + rows, mask=live_q, other=0.0) * _LOG2E_C
+        delta = tl.load(DELTA + (b * Hq + h) * Sq + rows, mask=live_q, other=0.0)
+        sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+        if SOFTCAP:
+            sT, tT = _capped(sT, softcap, inv_softcap)
+        pT = tl.exp2(tl.where(okT, sT - lse2[None, :], float("-inf")))
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
+        dsT = tl.where(okT, dsT, 0.0)
+        if EXACT:
+            dv = _dot_kept(dv, pT.to(do.dtype), do, okT, PREC)
+            dk = _dot_kept(dk, dsT.to(q.dtype), q, okT, PREC)
         else:
-            rows = r0 + tl.arange(0, BLOCK_M)
-            row_in = rows < Sq
-            pos_q = rows + q_off
-            kind_q = tl.load(KINDS + lay + pos_q, mask=row_in, other=_PAD).to(tl.int32)
-            grp_q = tl.load(GROUPS + lay + pos_q, mask=row_in, other=-1)
-            live_q = kind_q != _PAD
-            # Transposed orientation: [keys, rows].
-            okT = _allowed(
-                pos_q[None, :],
-                kind_q[None, :],
-                grp_q[None, :],
-                cols[:, None],
-                kind_k[:, None],
-                grp_k[:, None],
-                tk,
-                topology,
-            )
-            rows64 = rows.to(tl.int64)
-            ldq = live_q[:, None] & d_in[None, :]
-            for g in range(GROUP):
-                h = hk * GROUP + g
-                q = tl.load(
-                    Q + b * sqb + h * sqh + rows64[:, None] * sqs + dd[None, :] * sqd, mask=ldq, other=0.0
-                )
-                do = tl.load(
-                    DO + b * sdb + h * sdh + rows64[:, None] * sds + dd[None, :] * sdd, mask=ldq, other=0.0
-                )
-                q = q.to(tl.float32) if F32_DOTS else q
-                do = do.to(tl.float32) if F32_DOTS else do
-                lse2 = tl.load(LSE + b * slb + h * slh + rows, mask=live_q, other=0.0) * _LOG2E_C
-                delta = tl.load(DELTA + (b * Hq + h) * Sq + rows, mask=live_q, other=0.0)
-                sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-                if SOFTCAP:
-                    sT, tT = _capped(sT, softcap, inv_softcap)
-                pT = tl.exp2(tl.where(okT, sT - lse2[None, :], float("-inf")))
-                dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-                dsT = pT * (dpT - delta[None, :])
-                if SOFTCAP:
-                    dsT = dsT * (1.0 - tT * tT)
-                dsT = tl.where(okT, dsT, 0.0)
-                if tk == _FULL:
-                    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
-                    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
-                else:
-                    dv = _dot_kept(dv, pT.to(do.dtype), do, okT, PREC)
-                    dk = _dot_kept(dk, dsT.to(q.dtype), q, okT, PREC)
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
+    if not EXACT:  # every row this program stores (PAD keys' zeros too: 0 * a NaN q row poisons them)
+        tl.store(FLAGS + pid, (_nonfinite_rows(dk, own) | _nonfinite_rows(dv, own)).to(tl.int32))
 
     st = own[:, None] & d_in[None, :]
     dk_ptrs = DK + b * skgb + hk * skgh + cols64[:, None] * skgs + dd[None, :] * skgd
@@ -630,31 +581,33 @@ class TileConfig(NamedTuple):  # a NamedTuple: torch.compile traces its construc
 # (max head dim, 16-bit config, fp32 config) per arch; D is padded to a power of two in registers.
 # Why these numbers:
 # - Square 64-tiles are the plan's granularity (as the CPU kernel's): at the LLaVA shape the visual
-#   block's diagonal then falls in DIAG tiles done row-wise, and 64 rows are enough for mma.sync /
-#   wgmma M. Larger tiles would turn more DIAG/SKIP tiles into MASKED ones (the workload is
-#   memory-bound: work skipped beats tensor-core efficiency).
-# - Registers bound the tile: the dK/dV program keeps k, v and two fp32 accumulators of
-#   [BLOCK_N, D] live while it streams q/dO tiles; at D=256 (or fp32 at D>64, whose IEEE dots run on
-#   FMA units with fp32 operands) 64-row tiles would spill, so they shrink to 32.
-# - More warps for the backward (three dots per tile against the forward's two) at D >= 128.
-# - Stages: the visiting loop branches per tile kind, so Triton does not software-pipeline its loads
-#   (latency is hidden by occupancy instead: many small programs); sm80 has less shared memory
-#   (164 KB vs 228 KB) and keeps one stage at D > 128.
+#   block's diagonal then falls in DIAG tiles, and 64 rows are enough for mma.sync / wgmma M. Larger
+#   tiles would turn more DIAG/SKIP tiles into MASKED ones (the workload is memory-bound: work skipped
+#   beats tensor-core efficiency).
+# - Registers bound the tile: the dK/dV program keeps k, v and two fp32 accumulators of [BLOCK_N, D]
+#   live while it streams q/dO tiles; at D=256 (or fp32, whose IEEE dots run on FMA units with fp32
+#   operands) 64-row tiles spill more, so they shrink to 32.
+# - Warps and stages from what the kernels compile to (htc_kernels/triton/_codegen.py, triton 3.8,
+#   no GPU needed; table in benchmarks/results/triton-codegen.md): 2 stages software-pipeline the K/V
+#   (q/dO) tile loads of the visiting loops. sm_90, 16-bit, D <= 128: every kernel pipelined and
+#   spill-free (dK/dV at D=64 needs 8 warps: 4 spill). sm_80, D=128: the forward needs 8 warps to be
+#   spill-free; its dK/dV keeps 16 B of spill and unpipelined q/dO loads at any warps/stages tried
+#   with 2 stages (spill-free only without pipelining). D=256 and fp32 still spill (see the table).
 # - 32-row tiles run with 2 warps: measured on an H100 (triton 3.6, 2026-11-22), fp32 32x32 tiles at
 #   D=128 with 4 warps gave wrong outputs (rel. error ~1) and NaN gradients, with 2 warps exact
 #   (≤ 6e-7); 4 and 8 warps at D=256 failed the same tests. A compiler issue we did not isolate.
-# These are register/shared-memory budgets, not tuned measurements. The GPU check's tile sweep
-# (benchmarks/gpu_star_attention.py, SWEEP_TILES, through _override_tiles) times neighbours at the
-# LLaVA shape and 16 images: set this table from its "Triton tile sweep" tables.
+# None of these is a timing: the GPU check's tile sweep (benchmarks/gpu_star_attention.py,
+# SWEEP_TILES, through _override_tiles) times neighbours at the LLaVA shape and 16 images: set this
+# table from its "Triton tile sweep" tables.
 _TILE_TABLE = {
     "sm90": (
-        (64, TileConfig(64, 64, 4, 4, 2), TileConfig(64, 64, 4, 4, 1)),
+        (64, TileConfig(64, 64, 4, 8, 2), TileConfig(64, 64, 4, 4, 1)),
         (128, TileConfig(64, 64, 4, 8, 2), TileConfig(32, 32, 2, 2, 1)),
         (256, TileConfig(32, 32, 2, 2, 2), TileConfig(32, 32, 2, 2, 1)),
     ),
     "sm80": (
         (64, TileConfig(64, 64, 4, 4, 2), TileConfig(64, 64, 4, 4, 1)),
-        (128, TileConfig(64, 64, 4, 8, 2), TileConfig(32, 32, 2, 2, 1)),
+        (128, TileConfig(64, 64, 8, 8, 2), TileConfig(32, 32, 2, 2, 1)),
         (256, TileConfig(32, 32, 2, 2, 1), TileConfig(32, 32, 2, 2, 1)),
     ),
 }
@@ -713,10 +666,14 @@ def tile_config(head_dim: int, dtype: torch.dtype, device: torch.device, q_len: 
     return cfg
 
 
-def _launch(device: torch.device, head_dim: int, dtype: torch.dtype, q_len: int, backward: bool) -> dict:
-    """num_warps / num_stages of one launch (the block sizes arrive with the tile lists)."""
+def _launch(
+    device: torch.device, head_dim: int, dtype: torch.dtype, q_len: int, backward: bool, exact: bool = False
+) -> dict:
+    """num_warps / num_stages of one launch (the block sizes arrive with the tile lists). The exact
+    pass (rare: non-finite values met) is not software-pipelined: its shared memory goes to _dot_kept."""
     cfg = tile_config(head_dim, dtype, device, q_len)
-    return {"num_warps": cfg.warps_bwd if backward else cfg.warps_fwd, "num_stages": cfg.stages}
+    warps = cfg.warps_bwd if backward else cfg.warps_fwd
+    return {"num_warps": warps, "num_stages": 1 if exact else cfg.stages}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -869,15 +826,17 @@ def star_attention_triton(
     nb = 0 if q_counts.shape[0] == 1 else q_counts.stride(0)
     grid = (q_tiles.shape[1] * b * hq,)
     pan, s_pan, n_panel = _panel_args(panel, groups, block_k)
-    torch.library.wrap_triton(_star_fwd_kernel)[grid](
-        q, k, v, out, lse, kinds, groups, pan, q_tiles, q_counts,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
-        lay, s_pan, n_panel, tb, q_tiles.stride(1), nb,
-        hq, hq // hkv, sq, skv, d, q_tiles.shape[2], scale * _LOG2E, topology,
-        BLOCK_M=block_q, BLOCK_N=block_k,
-        BLOCK_D=_block_d(d), PREC=_prec(q.dtype), F32_DOTS=_f32_dots(q.dtype), **_cap_args(softcap),
-        **_launch(q.device, d, q.dtype, sq, backward=False),
-    )  # fmt: skip
+    flags = torch.empty(grid, dtype=torch.int32, device=q.device)
+    for exact in (False, True):  # the plain pass, then the exact one for the programs it flagged
+        torch.library.wrap_triton(_star_fwd_kernel)[grid](
+            q, k, v, out, lse, kinds, groups, pan, q_tiles, q_counts, flags,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
+            lay, s_pan, n_panel, tb, q_tiles.stride(1), nb,
+            hq, hq // hkv, sq, skv, d, q_tiles.shape[2], scale * _LOG2E, topology,
+            BLOCK_M=block_q, BLOCK_N=block_k,
+            BLOCK_D=_block_d(d), PREC=_prec(q.dtype), F32_DOTS=_f32_dots(q.dtype), **_cap_args(softcap),
+            EXACT=exact, **_launch(q.device, d, q.dtype, sq, backward=False, exact=exact),
+        )  # fmt: skip
     return out, lse
 
 
@@ -934,7 +893,7 @@ def star_attention_triton_backward(
     dk = _new_output(k.shape, k.dtype, k.device)
     dv = _new_output(v.shape, v.dtype, v.device)
     delta = _new_output((b, hq, sq), torch.float32, q.device)
-    launch = _launch(q.device, d, q.dtype, sq, backward=True)
+    launch = _launch(q.device, d, q.dtype, sq, backward=True)  # the delta kernel's warps
     block_d = _block_d(d)
     lay = 0 if kinds.shape[0] == 1 else kinds.stride(0)
     glse = lse if grad_lse is None else grad_lse
@@ -950,23 +909,29 @@ def star_attention_triton_backward(
     )  # fmt: skip
     tb = 0 if q_tiles.shape[0] == 1 else q_tiles.stride(0)
     nb = 0 if q_counts.shape[0] == 1 else q_counts.stride(0)
-    torch.library.wrap_triton(_star_bwd_dq_kernel)[(q_tiles.shape[1] * b * hq,)](
-        q, k, v, dout, lse, delta, dq, kinds, groups, pan, q_tiles, q_counts,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1), *dq.stride(),
-        lay, s_pan, n_panel, tb, q_tiles.stride(1), nb,
-        hq, hq // hkv, sq, skv, d, q_tiles.shape[2], scale * _LOG2E, scale, topology,
-        **launch, **common,
-    )  # fmt: skip
+    grid = (q_tiles.shape[1] * b * hq,)
+    flags = torch.empty(grid, dtype=torch.int32, device=q.device)
+    for exact in (False, True):  # the plain pass, then the exact one for the programs it flagged
+        torch.library.wrap_triton(_star_bwd_dq_kernel)[grid](
+            q, k, v, dout, lse, delta, dq, kinds, groups, pan, q_tiles, q_counts, flags,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1), *dq.stride(),
+            lay, s_pan, n_panel, tb, q_tiles.stride(1), nb,
+            hq, hq // hkv, sq, skv, d, q_tiles.shape[2], scale * _LOG2E, scale, topology,
+            EXACT=exact, **_launch(q.device, d, q.dtype, sq, backward=True, exact=exact), **common,
+        )  # fmt: skip
     tb = 0 if k_tiles.shape[0] == 1 else k_tiles.stride(0)
     nb = 0 if k_counts.shape[0] == 1 else k_counts.stride(0)
-    torch.library.wrap_triton(_star_bwd_dkdv_kernel)[(k_tiles.shape[1] * b * hkv,)](
-        q, k, v, dout, lse, delta, dk, dv, kinds, groups, pan, k_tiles, k_counts,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1),
-        *dk.stride(), *dv.stride(),
-        lay, s_pan, n_panel, tb, k_tiles.stride(1), nb,
-        hq, hkv, hq // hkv, sq, skv, d, k_tiles.shape[2], scale * _LOG2E, scale, topology,
-        **launch, **common,
-    )  # fmt: skip
+    grid = (k_tiles.shape[1] * b * hkv,)
+    flags = torch.empty(grid, dtype=torch.int32, device=q.device)
+    for exact in (False, True):
+        torch.library.wrap_triton(_star_bwd_dkdv_kernel)[grid](
+            q, k, v, dout, lse, delta, dk, dv, kinds, groups, pan, k_tiles, k_counts, flags,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1),
+            *dk.stride(), *dv.stride(),
+            lay, s_pan, n_panel, tb, k_tiles.stride(1), nb,
+            hq, hkv, hq // hkv, sq, skv, d, k_tiles.shape[2], scale * _LOG2E, scale, topology,
+            EXACT=exact, **_launch(q.device, d, q.dtype, sq, backward=True, exact=exact), **common,
+        )  # fmt: skip
     return dq, dk, dv
 
 
