@@ -633,6 +633,53 @@ def render_sweep(sweeps: list[dict]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
+def triton_kernels() -> list[dict]:
+    """The Triton star kernels this run compiled, as this machine's Triton built them: registers and
+    spills from the driver, shared memory, and tile loads pipelined / waiting in their loops (TTGIR,
+    htc_kernels/triton/_codegen.py). The same facts the codegen table records from triton 3.8 without
+    a GPU, here for the Triton that ran."""
+    from htc_kernels.triton import _codegen
+    from htc_kernels.triton import star_attention as ts
+
+    rows = []
+    for fn in (ts._star_fwd_kernel, ts._star_bwd_dq_kernel, ts._star_bwd_dkdv_kernel):
+        for entry in getattr(fn, "device_caches", {}).values():
+            for k in entry[0].values():  # (kernel_cache, ...) per device
+                k._init_handles()
+                consts = getattr(k.src, "constants", {}) or {}
+                named = {fn.arg_names[key[0]]: v for key, v in consts.items() if isinstance(key, tuple)}
+                pipelined, waiting = _codegen.loop_tile_loads(k.asm.get("ttgir", ""))
+                rows.append({
+                    "kernel": fn.fn.__name__, "exact": named.get("EXACT"),
+                    "block": [named.get("BLOCK_M"), named.get("BLOCK_N"), named.get("BLOCK_D")],
+                    "num_warps": k.metadata.num_warps, "num_stages": k.metadata.num_stages,
+                    "registers": k.n_regs, "spills": k.n_spills, "shared": k.metadata.shared,
+                    "pipelined": pipelined, "waiting": waiting,
+                })  # fmt: skip
+    return rows
+
+
+def render_triton_kernels(report: dict) -> list[str]:
+    lines = ["## Triton kernels compiled in this run", ""]
+    if report.get("triton_kernels_error"):
+        return lines + [f"Not available: {report['triton_kernels_error']}", ""]
+    lines += [
+        'Registers and spills as the driver reports them; "pipelined / waiting": 2-D tile loads inside '
+        "the visiting loop issued as async copies / waiting for their data (htc_kernels/triton/_codegen.py).",
+        "",
+        "| kernel | EXACT | BLOCK_M, BLOCK_N, BLOCK_D | warps | stages | registers | spills | shared B "
+        "| pipelined / waiting |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report.get("triton_kernels", []):
+        lines.append(
+            f"| {r['kernel']} | {r['exact']} | {', '.join(str(x) for x in r['block'])} | {r['num_warps']} "
+            f"| {r['num_stages']} | {r['registers']} | {r['spills']} | {r['shared']} "
+            f"| {r['pipelined']} / {r['waiting']} |"
+        )
+    return lines + [""]
+
+
 def _target_text(mode: str, kind: str, peer: str | None, thr: float) -> str:
     if kind == "floor":
         return f"{MODES[mode]} ≤ {thr}× the HBM floor at {SPEC['hbm_bytes_per_s'] / 1e12:.2f} TB/s"
@@ -833,6 +880,8 @@ def render(report: dict) -> str:
         lines.append(f"- {case} {MODES[mode]}: not run ({why})")
     if report.get("sweeps"):
         lines += [""] + render_sweep(report["sweeps"])
+    if "triton_kernels" in report or "triton_kernels_error" in report:
+        lines += [""] + render_triton_kernels(report)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -1127,6 +1176,11 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             torch.cuda.empty_cache()
     report["targets"] = check_targets(report["units"])
+    if cuda:
+        try:
+            report["triton_kernels"] = triton_kernels()
+        except Exception as exc:  # noqa: BLE001 (a report of the compiled kernels: never fails the run)
+            report["triton_kernels_error"] = _short(exc)
     report["seconds"] = time.monotonic() - start
     md, js = _write(report, out, stem)
     text = render(report)

@@ -118,18 +118,26 @@ def compile_kernel(
         target=GPUTarget("cuda", arch, 32),
         options={"num_warps": warps, "num_stages": cfg.stages},
     )
-    loops = compiled.asm["ttgir"].split("scf.for", 1)[-1].splitlines()
-    tile = re.compile(r": tensor<\d+x\d+x!tt\.ptr")  # a 2-D tile of pointers
     regs, stack = _cubin_resources(compiled.asm["cubin"])
+    pipelined, waiting = loop_tile_loads(compiled.asm["ttgir"])
     return Codegen(
         kernel=kernel,
         arch=arch,
         registers=regs,
         stack_bytes=stack,
         shared_bytes=compiled.metadata.shared,
-        pipelined_tiles=sum(1 for x in loops if "async_copy_global_to_local" in x and tile.search(x)),
-        sync_tiles=sum(1 for x in loops if " = tt.load " in x and tile.search(x)),
+        pipelined_tiles=pipelined,
+        sync_tiles=waiting,
     )
+
+
+def loop_tile_loads(ttgir: str) -> tuple[int, int]:
+    """(2-D tile loads issued asynchronously, 2-D tile loads that wait) from the first loop of a
+    kernel's TTGIR on: the software pipeliner turns a loop's loads into async copies."""
+    loops = ttgir.split("scf.for", 1)[-1].splitlines()
+    tile = re.compile(r": tensor<\d+x\d+x!tt\.ptr")  # a 2-D tile of pointers
+    pipelined = sum(1 for x in loops if "async_copy_global_to_local" in x and tile.search(x))
+    return pipelined, sum(1 for x in loops if " = tt.load " in x and tile.search(x))
 
 
 def main() -> None:
