@@ -30,7 +30,10 @@ dense math in bf16 + 2e-3 (DESIGN §6). A provider over it is WRONG and not time
 ERROR. The causal peer is checked against float64 causal attention.
 
 Timing: CUDA events around each call, warm-up first, then the median of many repetitions, the L2 cache
-flushed (a 256 MiB write) before each one (``--no-flush`` keeps it warm).
+flushed (a 256 MiB write) before each one (``--no-flush`` keeps it warm). Device time: a GPU sleep
+(``torch.cuda._sleep``, ~0.2 ms) queued before each call's start event lets the host enqueue the call's
+kernels first, so a call whose Python/launch overhead exceeds its GPU time (B=1 shapes) is not timed as
+host time.
 
 Floors: HBM bytes (fwd: q, k, v read + o written; fwd+bwd adds q, k, v, o, dO read + dq, dk, dv
 written) at the measured device-to-device copy rate (bytes read + written) and at the H100 SXM spec
@@ -355,6 +358,7 @@ class Timer:
     max_reps: int = 500
     flush: bool = True
     est_calls: int = 3  # calls that estimate the time of one (sets the warm-up and repetition counts)
+    host_lead_cycles: int = 400_000  # GPU sleep before each start event (~0.2 ms): the host gets ahead
 
     @functools.cached_property
     def _flush_buf(self):
@@ -370,6 +374,7 @@ class Timer:
             "min_reps": self.min_reps,
             "max_reps": self.max_reps,
             "l2_flush_bytes": self._flush_buf.numel() if self._flush_buf is not None else 0,
+            "host_lead_cycles": self.host_lead_cycles if self.device.type == "cuda" else 0,
         }
 
     def __call__(self, fn: Callable[[], object], flush: bool = True) -> dict:
@@ -392,6 +397,9 @@ class Timer:
             for start, end in ev:
                 if buf is not None:
                     buf.zero_()
+                # The GPU sleeps while the host enqueues this call: between the events it then waits
+                # for no launch, and the interval is the call's device time.
+                torch.cuda._sleep(self.host_lead_cycles)
                 start.record()
                 fn()
                 end.record()
@@ -859,6 +867,12 @@ def render(report: dict) -> str:
         + (
             f", L2 flushed ({timing['l2_flush_bytes'] >> 20} MiB write) before each"
             if timing["l2_flush_bytes"]
+            else ""
+        )
+        + (
+            f", a {timing['host_lead_cycles']:,}-cycle GPU sleep before each start event (device time, "
+            "not the host's launch time)"
+            if timing.get("host_lead_cycles")
             else ""
         )
         + "; torch.compile and first-call costs excluded. Every provider is checked against the float64 "
