@@ -245,6 +245,8 @@ def _triton_tile_lists(layout: StarLayout, q_len: int, block_q: int, block_k: in
 # benchmarks/results/gpu-nvidia-h100-80gb-hbm3.md) it was 1.7x faster than Triton in the LLaVA-shape
 # forward at B=16, 2.3x in forward+backward and 1.5x at 16 images. sm_80 has not been measured; the
 # same order is assumed there (both kernels use mma-class tensor cores without Hopper-only paths).
+# The Triton kernels were rewritten after that measurement (2026-11-23: pipelined, spill-free; never
+# timed): the next GPU run re-measures both before this order changes.
 _STAR_CPU_ORDER = (_CpuStar(), _ReferenceStar(), _TritonStar(), _CudaStar())
 _STAR_GPU_ORDER = (_CudaStar(), _TritonStar(), _ReferenceStar(), _CpuStar())
 
