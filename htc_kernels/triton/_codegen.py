@@ -28,7 +28,7 @@ from triton.compiler import ASTSource
 
 from htc_kernels.triton import star_attention as ts
 
-_B, _H, _S = 16, 32, 680
+_H, _S = 32, 680
 _KERNELS = ("fwd", "dq", "dkdv")
 
 

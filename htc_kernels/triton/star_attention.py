@@ -65,7 +65,6 @@ _TEXT = tl.constexpr(int(TokenKind.TEXT))
 _VISUAL = tl.constexpr(int(TokenKind.VISUAL))
 _VOCO = tl.constexpr(int(TokenKind.VOCO))
 _PAD = tl.constexpr(int(TokenKind.PAD))
-_FULL = tl.constexpr(int(TileKind.FULL))
 _DIAG = tl.constexpr(int(TileKind.DIAG))
 _MASKED = tl.constexpr(int(TileKind.MASKED))
 _LOG2E_C = tl.constexpr(1.4426950408889634)
@@ -89,7 +88,7 @@ def _allowed(pos_q, kind_q, grp_q, pos_k, kind_k, grp_k, tile_kind, topology):
     DESIGN.md §2 (in a DIAG tile that leaves the diagonal of the rows whose own key is there).
     """
     ok = (pos_k <= pos_q) & (kind_q != _PAD)
-    if tile_kind >= _DIAG:  # DIAG or MASKED
+    if (tile_kind == _DIAG) | (tile_kind == _MASKED):
         same_group = grp_q == grp_k
         visual_ok = tl.where(topology == 0, pos_k == pos_q, same_group)  # star: self only; group: image
         vis = tl.where(kind_q == _VISUAL, visual_ok, (kind_q == _VOCO) & same_group)
@@ -347,7 +346,6 @@ def _star_bwd_delta_kernel(
     tl.store(DELTA + (b * Hq + h) * Sq + rows, tl.where(live, delta, 0.0), mask=row_in)
 
 
-# fmt: off
 # fmt: off
 @triton.jit(do_not_specialize=("Hq", "Sq", "Skv", "n_cols", "topology", "NP"))
 def _star_bwd_dq_kernel(
@@ -725,8 +723,6 @@ def _check_args(
                 f"star_attention_triton: panel must be int32 [1 or B, P] (StarLayout.key_panel(block_k), "
                 f"P a multiple of block_k={block_k}), got {panel.dtype} {tuple(panel.shape)}"
             )
-        if panel.device != q.device:
-            raise ValueError(f"star_attention_triton: all tensors must be on {q.device}")
         n_panel = panel.shape[1] // block_k
     n_qt, n_kt = -(-sq // block_q), n_panel + -(-skv // block_k)
     want = ((bp, n_qt, n_kt), (bp, n_qt), (bp, n_kt, n_qt), (bp, n_kt))
@@ -745,7 +741,7 @@ def _check_args(
             "star_attention_triton: softcap must be 0 (no capping) or a positive normal float32, "
             f"got {softcap}"
         )
-    for t in (k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts):
+    for t in (k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, *([] if panel is None else [panel])):
         if t.device != q.device:
             raise ValueError(f"star_attention_triton: all tensors must be on {q.device}")
 
