@@ -647,10 +647,9 @@ def triton_kernels() -> list[dict]:
     htc_kernels/triton/_codegen.py). The same facts the codegen table records from triton 3.8 without
     a GPU, here for the Triton that ran."""
     from htc_kernels.triton import _codegen
-    from htc_kernels.triton import star_attention as ts
 
     rows = []
-    for fn in (ts._star_fwd_kernel, ts._star_bwd_dq_kernel, ts._star_bwd_dkdv_kernel):
+    for name, fn in _codegen.KERNELS.items():
         for entry in getattr(fn, "device_caches", {}).values():
             for k in entry[0].values():  # (kernel_cache, ...) per device
                 k._init_handles()
@@ -658,7 +657,7 @@ def triton_kernels() -> list[dict]:
                 named = {fn.arg_names[key[0]]: v for key, v in consts.items() if isinstance(key, tuple)}
                 pipelined, waiting = _codegen.loop_tile_loads(k.asm.get("ttgir", ""))
                 rows.append({
-                    "kernel": fn.fn.__name__, "exact": named.get("EXACT"),
+                    "kernel": name, "exact": named.get("EXACT"),
                     "block": [named.get("BLOCK_M"), named.get("BLOCK_N"), named.get("BLOCK_D")],
                     "num_warps": k.metadata.num_warps, "num_stages": k.metadata.num_stages,
                     "registers": k.n_regs, "spills": k.n_spills, "shared": k.metadata.shared,
