@@ -151,15 +151,18 @@ TARGETS = (
 # Triton tile sweep: the triton backend with other tile configurations than its table's
 # (htc_kernels/triton/star_attention.py, _TILE_TABLE: register and shared-memory budgets, never timed)
 # on these units, so the table can be set from measurements. Fields of TileConfig: block_q, block_k,
-# warps_fwd, warps_bwd, stages. The table's own entry is timed too (marked in the report). Runs after
-# the units with targets; never changes the exit status (a config that fails to compile is an ERROR
-# row; a WRONG one, reported, is a compiler problem at that config: the table must avoid it).
+# warps_fwd, warps_bwd, stages, persist (forward / dQ programs per SM; 0: one per query tile). The
+# table's own entry is timed too (marked in the report). Runs after the units with targets; never
+# changes the exit status (a config that fails to compile is an ERROR row; a WRONG one, reported, is a
+# compiler problem at that config: the table must avoid it).
 SWEEP_UNITS = (("llava-b16", "fwd"), ("16img", "fwd"), ("llava-b16", "fwdbwd"))
 SWEEP_TILES = (
-    (64, 64, 4, 8, 1), (64, 64, 4, 8, 2), (64, 64, 4, 8, 3), (64, 64, 8, 8, 2), (64, 64, 4, 4, 2),
-    (128, 64, 4, 8, 2), (128, 64, 8, 8, 2), (128, 128, 8, 8, 2), (64, 32, 4, 4, 2), (32, 32, 2, 4, 2),
+    (64, 64, 4, 8, 2, 0), (64, 64, 4, 8, 2, 1), (64, 64, 4, 8, 2, 2), (64, 64, 4, 8, 2, 3),
+    (64, 64, 4, 8, 2, 8), (64, 64, 4, 8, 1, 2), (64, 64, 4, 8, 3, 2), (64, 64, 8, 8, 2, 2),
+    (64, 64, 4, 4, 2, 2), (128, 64, 8, 8, 2, 0), (128, 64, 8, 8, 2, 2), (64, 32, 4, 4, 2, 2),
+    (32, 32, 2, 4, 2, 0),
 )  # fmt: skip
-SMOKE_SWEEP_TILES = ((32, 32, 1, 1, 1), (16, 16, 1, 1, 1))
+SMOKE_SWEEP_TILES = ((32, 32, 1, 1, 1, 3), (16, 16, 1, 1, 1, 0))
 
 
 @dataclasses.dataclass
@@ -557,7 +560,7 @@ def run_provider(name: str, unit: Unit, timer: Timer, deadline: float, factory=N
 
 
 def _cfg_text(cfg) -> str:
-    return f"{cfg[0]}×{cfg[1]} w{cfg[2]}/{cfg[3]} s{cfg[4]}"
+    return f"{cfg[0]}×{cfg[1]} w{cfg[2]}/{cfg[3]} s{cfg[4]} p{cfg[5]}"
 
 
 def _row_text(row: dict) -> str:
@@ -611,7 +614,8 @@ def render_sweep(sweeps: list[dict]) -> list[str]:
         "## Triton tile sweep",
         "",
         "The triton backend with other tile configurations (block_q×block_k, warps forward/backward, "
-        "stages) than its table's (`_TILE_TABLE` in htc_kernels/triton/star_attention.py); the same "
+        "stages, persist: forward/dQ programs per SM, 0 = one per query tile) than its table's "
+        "(`_TILE_TABLE` in htc_kernels/triton/star_attention.py); the same "
         "reference check and timing as above. Speed-up: the table's time / this time (> 1: faster than "
         "the table's). Not part of the exit status.",
         "",

@@ -701,7 +701,8 @@ def test_triton_kernels_compile_pipelined_and_spill_free_for_sm90(head_dim):
     """What decides the Triton kernels' speed on an H100, checked without one (issue 8): compiled for
     sm_90 at the tile table's 16-bit entry, the plain pass of the forward, dQ and dK/dV kernels
     software-pipelines its tile loads (async copies inside the visiting loop, none waiting) and spills
-    nothing. Before this check the loops branched per tile kind around their loads (never pipelined)
+    nothing, with persistent forward / dQ programs (the table's) and one program per query tile.
+    Before this check the loops branched per tile kind around their loads (never pipelined)
     and every kernel spilled 1-2 KB per thread (htc_kernels/triton/_codegen.py, the table in
     benchmarks/results/triton-codegen.md)."""
     pytest.importorskip("triton")
@@ -710,14 +711,18 @@ def test_triton_kernels_compile_pipelined_and_spill_free_for_sm90(head_dim):
         "import dataclasses, json, torch\n"
         "from htc_kernels.triton import _codegen as cg, star_attention as ts\n"
         f"cfg = next(h for d_max, h, _f in ts._TILE_TABLE['sm90'] if {head_dim} <= d_max)\n"
+        "assert cfg.persist > 0\n"
         "for kernel in cg._KERNELS:\n"
         f"    c = cg.compile_kernel(kernel, 90, cfg, torch.bfloat16, {head_dim})\n"
+        "    print(json.dumps(dataclasses.asdict(c)))\n"
+        "for kernel in ('fwd', 'dq'):  # one program per query tile: the tile sweep's persist 0 rows\n"
+        f"    c = cg.compile_kernel(kernel, 90, cfg._replace(persist=0), torch.bfloat16, {head_dim})\n"
         "    print(json.dumps(dataclasses.asdict(c)))\n"
     )
     out = run_python(code, TRITON_INTERPRET="0")
     assert out.returncode == 0, out.stderr[-3000:]
     reports = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [c["kernel"] for c in reports] == ["fwd", "dq", "dkdv"], out.stdout
+    assert [c["kernel"] for c in reports] == ["fwd", "dq", "dkdv", "fwd", "dq"], out.stdout
     for c in reports:
         assert c["stack_bytes"] == 0, c
         assert c["pipelined_tiles"] >= 2 and c["sync_tiles"] == 0, c
@@ -777,6 +782,47 @@ def _poison_case(device):
     # keys whose every attending query is clean (their dK/dV may not change)
     clean_keys = ~(allowed & ~clean_rows[:, :, None]).any(1) & ~poison
     return layout, poison, clean_rows, clean_keys
+
+
+def test_triton_work_split_covers_every_query_tile_once():
+    """Persistent forward / dQ programs take ITEMS consecutive query tiles each: together every tile
+    exactly once, no empty program; one program per tile when persist is 0 or tiles are few."""
+    ts = pytest.importorskip("htc_kernels.triton.star_attention")
+    cpu = torch.device("cpu")  # the interpreter counts as one SM
+    for n_items in (1, 2, 3, 4, 5, 12, 13, 100, 4097):
+        for persist in (0, 1, 2, 3):
+            split = ts._work_split(n_items, persist, cpu)
+            (grid,), items = split["grid"], split["ITEMS"]
+            assert (grid - 1) * items < n_items <= grid * items, (n_items, persist, split)
+            assert split["PERSIST"] == (items > 1) and split["ITEMS_P2"] >= items
+            assert split["n_items"] == n_items
+            if persist == 0 or n_items <= persist:
+                assert (grid, items) == (n_items, 1)
+            else:
+                assert grid <= persist
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter: inf * 0
+@pytest.mark.parametrize("persist", [0, 2])
+@pytest.mark.parametrize("case", ["random", "decode", "poison", "panel"])
+def test_triton_forward_and_dq_both_work_splits(case, persist):
+    """The forward and dQ kernels have two code paths: one program per query tile (persist 0: q loaded
+    once; the table's choice on sm_80, for fp32 and D=256) and persistent programs walking several
+    tiles in one loop (the interpreter's default, persist 3; sm_90 16-bit). The matrix runs the
+    device's default; these cases run each path wherever the tests run."""
+    ts = importlib.import_module("htc_kernels.triton.star_attention")
+    cfg = ts.tile_config(32, torch.float32, TRITON_DEVICE, 64)._replace(persist=persist)
+    with ts._override_tiles(cfg):
+        if case == "random":
+            test_random_layouts_fp32("triton", 1, "star")
+        elif case == "decode":
+            test_decode_bottom_right("triton", 2, "left")
+        elif case == "poison":
+            test_masked_means_never_read("triton", torch.float32)
+        else:
+            with pytest.MonkeyPatch.context() as mp:
+                test_triton_key_panel("group", True, mp)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter: inf * 0

@@ -9,7 +9,8 @@ memory per program, the registers per thread, and spills (a stack frame).
 The arguments are specialised as a launch specialises them (pointers 16-byte aligned, integers equal
 to 1 folded, integers divisible by 16 marked so, except the kernel's ``do_not_specialize``), for
 contiguous ``[B, H, S, D]`` tensors of the LLaVA shape (S = 680: not a multiple of 16, as real
-sequence lengths). ``python -m htc_kernels.triton._codegen`` prints the table for every tile-table
+sequence lengths); the forward and dQ get the work split of B = 16 when the tile config persists.
+``python -m htc_kernels.triton._codegen`` prints the table for every tile-table
 entry of both archs.
 """
 
@@ -29,6 +30,7 @@ from triton.compiler import ASTSource
 from htc_kernels.triton import star_attention as ts
 
 _H, _S = 32, 680
+_N_ITEMS, _ITEMS, _ITEMS_P2 = 16 * _H * 11, 22, 32  # forward / dQ work items: B = 16, 2 programs per SM
 # The visiting kernels by short name (the GPU benchmark's compiled-kernel table uses the same).
 KERNELS = {"fwd": ts._star_fwd_kernel, "dq": ts._star_bwd_dq_kernel, "dkdv": ts._star_bwd_dkdv_kernel}
 _KERNELS = tuple(KERNELS)
@@ -61,10 +63,10 @@ def _args(kernel: str, dtype: torch.dtype, d: int) -> dict:
         **_strides("sq", d), **_strides("sk", d), **_strides("sv", d),
     )  # fmt: skip
     if kernel == "fwd":
-        return dict(common, Q=elt, K=elt, V=elt, O=elt, **_strides("so", d))
+        return dict(common, Q=elt, K=elt, V=elt, O=elt, n_items=_N_ITEMS, ITEMS=_ITEMS, **_strides("so", d))
     common.update(Q=elt, K=elt, V=elt, DO=elt, DELTA="*fp32", **_strides("sd", d))
     if kernel == "dq":
-        return dict(common, DQ=elt, **_strides("sqg", d))
+        return dict(common, DQ=elt, n_items=_N_ITEMS, ITEMS=_ITEMS, **_strides("sqg", d))
     return dict(common, DK=elt, DV=elt, **_strides("skg", d), **_strides("svg", d))
 
 
@@ -114,6 +116,10 @@ def compile_kernel(
         BLOCK_M=cfg.block_q, BLOCK_N=cfg.block_k, BLOCK_D=ts._block_d(head_dim), PREC=ts._prec(dtype),
         F32_DOTS=False, SOFTCAP=False, EXACT=False,
     )  # fmt: skip
+    if kernel != "dkdv":
+        # Work items as at the LLaVA shape with B = 16 (5632 query tiles over 2 programs per SM of an H100).
+        persist = cfg.persist > 0
+        constexprs.update(PERSIST=persist, ITEMS_P2=_ITEMS_P2 if persist else 1)
     warps = cfg.warps_fwd if kernel == "fwd" else cfg.warps_bwd
     compiled = triton.compile(
         _source(fn, _args(kernel, dtype, head_dim), constexprs),

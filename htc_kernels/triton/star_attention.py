@@ -26,12 +26,16 @@ The visiting loop has no branch around its loads, so Triton software-pipelines t
 What the kernels compile to on sm_80/sm_90 (pipelining, registers, spills) is reported without a GPU
 by :mod:`htc_kernels.triton._codegen`.
 
-Forward: one program per (query tile, batch x query head); FlashAttention-2 online softmax in
-base 2 with fp32 statistics and accumulator; writes out (q's dtype) and lse (float32, natural log,
--inf on PAD rows). Backward, deterministic (no atomics, a fixed visiting order): a row kernel forms
-delta = rowsum(dO * O) - grad_lse; a dQ kernel per (query tile, query head) walks the row lists; a
-dK/dV kernel per (key tile, batch x kv head) walks the key tile's column list and, for each visited
-query tile, every query head of its GQA group, so each dK/dV row has exactly one writer.
+Forward: FlashAttention-2 online softmax in base 2 with fp32 statistics and accumulator; writes out
+(q's dtype) and lse (float32, natural log, -inf on PAD rows). Its work items are the query tiles of
+every (batch, query head), tile index fastest; a program takes one (``TileConfig.persist`` 0: q
+loaded once, before the loop) or, persistent, ``ITEMS`` consecutive ones (``persist`` programs per SM,
+:func:`_work_split`) in one flat loop over all their visits, q and the rows' kinds loaded per visit
+at the loop's top level so the pipeline fetches the next tile's q and K/V while this one computes
+(the tile table's note says why). Backward, deterministic (no atomics, a fixed visiting order): a row
+kernel forms delta = rowsum(dO * O) - grad_lse; a dQ kernel walks the row lists with the forward's
+work items; a dK/dV kernel per (key tile, batch x kv head) walks the key tile's column list and, for
+each visited query tile, every query head of its GQA group, so each dK/dV row has exactly one writer.
 
 "Masked means never read" (DESIGN.md §2): scores are masked with ``tl.where`` (a select, so a NaN
 score at a masked pair disappears); q/k/v/dO rows at PAD positions are never loaded (masked loads
@@ -205,11 +209,81 @@ def _nonfinite_rows(x, rows):
 # registers and spills).
 
 
+@triton.jit
+def _program_steps(NTILES, snb, i0, ITEMS, n_items, Sq, Hq, n_cols, BLOCK_M: tl.constexpr,
+                   ITEMS_P2: tl.constexpr):  # fmt: skip
+    """Loop steps of a program that owns the work items ``[i0, i0 + ITEMS)`` (:func:`_query_item`; fewer
+    at the end): the sum of their visit counts, each at least 1 (an item with no visit, all of its rows
+    PAD, still takes one step: it stores its zero rows). One vector load, not a loop of them."""
+    n_qt = tl.cdiv(Sq, BLOCK_M)
+    ii = i0 + tl.arange(0, ITEMS_P2)
+    ii_in = (ii < i0 + ITEMS) & (ii < n_items)
+    cnt = tl.load(NTILES + (ii // (n_qt * Hq)).to(tl.int64) * snb + ii % n_qt, mask=ii_in, other=0)
+    return tl.sum(tl.where(ii_in, tl.maximum(tl.minimum(cnt, n_cols), 1), 0))
+
+
+@triton.jit
+def _query_item(item, run, KINDS, GROUPS, NTILES, s_lay, snb, Hq, Sq, Skv, n_cols, BLOCK_M: tl.constexpr):
+    """Work item ``item`` of the forward and dQ (query tile ``qt`` of batch ``b``, query head ``h``; tile
+    index fastest, so consecutive items share a head's K/V in L2): b, h (int64), qt, its visit count
+    ``n``, and its rows: index, in range, position, kind (PAD past Sq), group, live. ``run`` False: an
+    item with no rows and no visits (nothing loaded beyond its count)."""
+    n_qt = tl.cdiv(Sq, BLOCK_M)
+    qt = item % n_qt
+    bh = item // n_qt
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    n = tl.where(run, tl.minimum(tl.load(NTILES + b * snb + qt), n_cols), 0)
+    rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = (rows < Sq) & run
+    pos_q = rows + (Skv - Sq)
+    kind_q = tl.load(KINDS + b * s_lay + pos_q, mask=row_in, other=_PAD).to(tl.int32)
+    grp_q = tl.load(GROUPS + b * s_lay + pos_q, mask=row_in, other=-1)
+    return b, h, qt, n, rows, row_in, pos_q, kind_q, grp_q, kind_q != _PAD
+
+
+@triton.jit
+def _row_tile(X, b, h, rows, live, sb, sh, ss, sd, D, BLOCK_D: tl.constexpr, F32_DOTS: tl.constexpr):
+    """Rows ``rows`` of X[b, h] as a ``[BLOCK_M, BLOCK_D]`` tile; rows not ``live`` (PAD) are never
+    read: zeros."""
+    dd = tl.arange(0, BLOCK_D)
+    ptrs = X + b * sb + h * sh + rows.to(tl.int64)[:, None] * ss + dd[None, :] * sd
+    x = tl.load(ptrs, mask=live[:, None] & (dd < D)[None, :], other=0.0)
+    return x.to(tl.float32) if F32_DOTS else x
+
+
+@triton.jit
+def _fwd_store(acc, l_i, m_i, live_q, O, LSE, b, h, rows, row_in, sob, soh, sos, sod, slb, slh, D,
+               BLOCK_D: tl.constexpr):  # fmt: skip
+    """Store one query tile's output (q's dtype) and lse (float32, natural log; PAD rows: 0 and -inf)
+    from the online-softmax state; returns 1 (int32) if a live row holds NaN/Inf (the note above
+    _star_fwd_kernel), else 0."""
+    empty = l_i == 0.0  # PAD rows (every live row attends at least its own position)
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
+    dd = tl.arange(0, BLOCK_D)
+    o_ptrs = O + b * sob + h * soh + rows.to(tl.int64)[:, None] * sos + dd[None, :] * sod
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_in[:, None] & (dd < D)[None, :])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2_C)
+    tl.store(LSE + b * slb + h * slh + rows, lse, mask=row_in)
+    return _nonfinite_rows(acc, live_q).to(tl.int32)
+
+
+@triton.jit
+def _dq_store(dq, scale, live_q, DQ, b, h, rows, row_in, sqgb, sqgh, sqgs, sqgd, D, BLOCK_D: tl.constexpr):
+    """Store one query tile's dQ (times scale, in q's dtype); returns 1 (int32) if a live row holds
+    NaN/Inf, else 0."""
+    dd = tl.arange(0, BLOCK_D)
+    dq_ptrs = DQ + b * sqgb + h * sqgh + rows.to(tl.int64)[:, None] * sqgs + dd[None, :] * sqgd
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_in[:, None] & (dd < D)[None, :])
+    return _nonfinite_rows(dq, live_q).to(tl.int32)
+
+
 # do_not_specialize: sizes that change from call to call (every decode step) and the topology get no
 # specialisation (Triton's "== 1" and "% 16 == 0" variants), so one compiled kernel serves them all;
 # strides and D keep theirs (they decide vectorised loads).
 # fmt: off
-@triton.jit(do_not_specialize=("Hq", "Sq", "Skv", "n_cols", "topology", "NP"))
+@triton.jit(do_not_specialize=("Hq", "Sq", "Skv", "n_cols", "topology", "NP", "n_items", "ITEMS"))
 def _star_fwd_kernel(
     Q, K, V, O, LSE,  # q [B,Hq,Sq,D], k/v [B,Hkv,Skv,D] (any strides), out like q, lse [B,Hq,Sq] fp32
     KINDS, GROUPS,  # [Bp, Skv] int8 / int32
@@ -225,57 +299,53 @@ def _star_fwd_kernel(
     s_pan, NP,  # PANEL batch stride, number of panel tiles (0: identity key order)
     stb, str_, snb,  # TILES batch/row strides, NTILES batch stride (0 when shared by the batch)
     Hq, GROUP, Sq, Skv, D, n_cols,
+    n_items, ITEMS,  # work items (B * Hq * n_qt), items per program (1 unless PERSIST)
     qk_scale,  # softmax scale * log2(e)
     topology,  # 0 star, 1 group (runtime: one compiled kernel for both)
     softcap, inv_softcap,  # the cap c and 1/c (read only when SOFTCAP)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PERSIST: tl.constexpr, ITEMS_P2: tl.constexpr,
     PREC: tl.constexpr, F32_DOTS: tl.constexpr, SOFTCAP: tl.constexpr, EXACT: tl.constexpr,
 ):
     # fmt: on
     pid = tl.program_id(0)
-    n_qt = tl.cdiv(Sq, BLOCK_M)
-    # 1-D grid, tile index fastest (consecutive programs share a head's K/V in L2); CUDA caps grid.y
-    # at 65535, which B * H can exceed.
-    qt = pid % n_qt
-    bh = pid // n_qt
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
-    hk = h // GROUP
-    q_off = Skv - Sq
-
-    rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_in = rows < Sq
-    n = tl.minimum(tl.load(NTILES + b * snb + qt), n_cols)
-    if EXACT:  # only the programs the first launch flagged: the others read nothing, store nothing
-        run = tl.load(FLAGS + pid) != 0
-        row_in = row_in & run
-        n = tl.where(run, n, 0)
-    pos_q = rows + q_off
-    lay = b * s_lay
-    kind_q = tl.load(KINDS + lay + pos_q, mask=row_in, other=_PAD).to(tl.int32)
-    grp_q = tl.load(GROUPS + lay + pos_q, mask=row_in, other=-1)
-    live_q = kind_q != _PAD
+    item = pid * ITEMS
+    # EXACT: only the programs the first launch flagged run; the others read nothing, store nothing.
+    run = (tl.load(FLAGS + pid) != 0) if EXACT else True
+    if PERSIST:  # several items: q and the rows are loaded per visit, in the loop (the note above)
+        steps = _program_steps(NTILES, snb, item, ITEMS, n_items, Sq, Hq, n_cols, BLOCK_M, ITEMS_P2)
+        steps = tl.where(run, steps, 0)
+    else:  # one item: q and the rows once, before the loop
+        b, h, qt, n, rows, row_in, pos_q, kind_q, grp_q, live_q = _query_item(
+            item, run, KINDS, GROUPS, NTILES, s_lay, snb, Hq, Sq, Skv, n_cols, BLOCK_M
+        )
+        q = _row_tile(Q, b, h, rows, live_q, sqb, sqh, sqs, sqd, D, BLOCK_D, F32_DOTS)
+        steps = n
     dd = tl.arange(0, BLOCK_D)
     d_in = dd < D
-    rows64 = rows.to(tl.int64)
-    q_ptrs = Q + b * sqb + h * sqh + rows64[:, None] * sqs + dd[None, :] * sqd
-    q = tl.load(q_ptrs, mask=live_q[:, None] & d_in[None, :], other=0.0)
-    q = q.to(tl.float32) if F32_DOTS else q
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    pan = b * s_pan
-
+    bad = 0
+    t = 0
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    tile_row = TILES + b * stb + qt * str_
-    for t in range(n):
-        e = tl.load(tile_row + t)
-        cols, kind_k, grp_k, _own = _key_tile(KINDS, GROUPS, PANEL, lay, pan, e >> 3, NP, Skv, BLOCK_N)
+    # One flat loop over the visits of this program's items (visit t of `item`), every load at its top
+    # level: with PERSIST the next item's q and first tiles load while this one finishes.
+    for _step in range(steps):
+        if PERSIST:
+            b, h, qt, n, rows, row_in, pos_q, kind_q, grp_q, live_q = _query_item(
+                item, True, KINDS, GROUPS, NTILES, s_lay, snb, Hq, Sq, Skv, n_cols, BLOCK_M
+            )
+            q = _row_tile(Q, b, h, rows, live_q, sqb, sqh, sqs, sqd, D, BLOCK_D, F32_DOTS)
+        hk = h // GROUP
+        e = tl.load(TILES + b * stb + qt * str_ + t)
+        lay = b * s_lay
+        cols, kind_k, grp_k, _own = _key_tile(KINDS, GROUPS, PANEL, lay, b * s_pan, e >> 3, NP, Skv, BLOCK_N)
+        if PERSIST:  # the one step of an item without visits (all rows PAD) reads no key
+            kind_k = tl.where(t < n, kind_k, _PAD)
         ld = (kind_k != _PAD)[:, None] & d_in[None, :]  # PAD keys are never read
         cols64 = cols.to(tl.int64)
-        k = tl.load(k_base + cols64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0)
-        v = tl.load(v_base + cols64[:, None] * svs + dd[None, :] * svd, mask=ld, other=0.0)
+        k = tl.load(K + b * skb + hk * skh + cols64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0)
+        v = tl.load(V + b * svb + hk * svh + cols64[:, None] * svs + dd[None, :] * svd, mask=ld, other=0.0)
         k = k.to(tl.float32) if F32_DOTS else k
         v = v.to(tl.float32) if F32_DOTS else v
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
@@ -296,16 +366,27 @@ def _star_fwd_kernel(
         else:
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
+        if PERSIST:
+            if t + 1 >= n:  # the item's last visit: store its rows, start the next item
+                bad |= _fwd_store(
+                    acc, l_i, m_i, live_q, O, LSE, b, h, rows, row_in,
+                    sob, soh, sos, sod, slb, slh, D, BLOCK_D,
+                )  # fmt: skip
+                m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                l_i = tl.zeros([BLOCK_M], tl.float32)
+                acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                item += 1
+                t = 0
+            else:
+                t += 1
+        else:
+            t += 1
+    if not PERSIST:  # after the loop (in it, the store's registers would count against the loop's)
+        bad = _fwd_store(
+            acc, l_i, m_i, live_q, O, LSE, b, h, rows, row_in, sob, soh, sos, sod, slb, slh, D, BLOCK_D
+        )
     if not EXACT:
-        tl.store(FLAGS + pid, _nonfinite_rows(acc, live_q).to(tl.int32))
-
-    empty = l_i == 0.0  # PAD rows (every live row attends at least its own position)
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
-    o_ptrs = O + b * sob + h * soh + rows64[:, None] * sos + dd[None, :] * sod
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2_C)
-    tl.store(LSE + b * slb + h * slh + rows, lse, mask=row_in)
+        tl.store(FLAGS + pid, bad)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,7 +428,7 @@ def _star_bwd_delta_kernel(
 
 
 # fmt: off
-@triton.jit(do_not_specialize=("Hq", "Sq", "Skv", "n_cols", "topology", "NP"))
+@triton.jit(do_not_specialize=("Hq", "Sq", "Skv", "n_cols", "topology", "NP", "n_items", "ITEMS"))
 def _star_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     KINDS, GROUPS, PANEL, TILES, NTILES, FLAGS,  # as in _star_fwd_kernel
@@ -358,60 +439,57 @@ def _star_bwd_dq_kernel(
     slb, slh,
     sqgb, sqgh, sqgs, sqgd,  # dq
     s_lay, s_pan, NP, stb, str_, snb,
-    Hq, GROUP, Sq, Skv, D, n_cols, qk_scale, scale,
+    Hq, GROUP, Sq, Skv, D, n_cols,
+    n_items, ITEMS,  # as in _star_fwd_kernel
+    qk_scale, scale,
     topology,  # 0 star, 1 group (runtime: one compiled kernel for both)
     softcap, inv_softcap,  # the cap c and 1/c (read only when SOFTCAP)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PERSIST: tl.constexpr, ITEMS_P2: tl.constexpr,
     PREC: tl.constexpr, F32_DOTS: tl.constexpr, SOFTCAP: tl.constexpr, EXACT: tl.constexpr,
 ):
     # fmt: on
-    """dQ of one query tile of one head: dq_i = scale * sum_j dS_ij k_j over the tile's row list."""
+    """dQ of query tiles (work items as in the forward): dq_i = scale * sum_j dS_ij k_j over each
+    tile's row list."""
     pid = tl.program_id(0)
-    n_qt = tl.cdiv(Sq, BLOCK_M)
-    # 1-D grid, tile index fastest (consecutive programs share a head's K/V in L2); CUDA caps grid.y
-    # at 65535, which B * H can exceed.
-    qt = pid % n_qt
-    bh = pid // n_qt
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
-    hk = h // GROUP
-    q_off = Skv - Sq
-
-    rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_in = rows < Sq
-    n = tl.minimum(tl.load(NTILES + b * snb + qt), n_cols)
-    if EXACT:  # only the flagged programs (see the forward)
-        run = tl.load(FLAGS + pid) != 0
-        row_in = row_in & run
-        n = tl.where(run, n, 0)
-    pos_q = rows + q_off
-    lay = b * s_lay
-    kind_q = tl.load(KINDS + lay + pos_q, mask=row_in, other=_PAD).to(tl.int32)
-    grp_q = tl.load(GROUPS + lay + pos_q, mask=row_in, other=-1)
-    live_q = kind_q != _PAD
+    item = pid * ITEMS
+    run = (tl.load(FLAGS + pid) != 0) if EXACT else True  # as in the forward
+    if PERSIST:  # as in the forward: the rows' q, dO, lse, delta loaded per visit
+        steps = _program_steps(NTILES, snb, item, ITEMS, n_items, Sq, Hq, n_cols, BLOCK_M, ITEMS_P2)
+        steps = tl.where(run, steps, 0)
+    else:
+        b, h, qt, n, rows, row_in, pos_q, kind_q, grp_q, live_q = _query_item(
+            item, run, KINDS, GROUPS, NTILES, s_lay, snb, Hq, Sq, Skv, n_cols, BLOCK_M
+        )
+        q = _row_tile(Q, b, h, rows, live_q, sqb, sqh, sqs, sqd, D, BLOCK_D, F32_DOTS)
+        do = _row_tile(DO, b, h, rows, live_q, sdb, sdh, sds, sdd, D, BLOCK_D, F32_DOTS)
+        lse2 = tl.load(LSE + b * slb + h * slh + rows, mask=live_q, other=0.0) * _LOG2E_C
+        delta = tl.load(DELTA + (b * Hq + h) * Sq + rows, mask=live_q, other=0.0)
+        steps = n
     dd = tl.arange(0, BLOCK_D)
     d_in = dd < D
-    rows64 = rows.to(tl.int64)
-    ldq = live_q[:, None] & d_in[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + rows64[:, None] * sqs + dd[None, :] * sqd, mask=ldq, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + rows64[:, None] * sds + dd[None, :] * sdd, mask=ldq, other=0.0)
-    q = q.to(tl.float32) if F32_DOTS else q
-    do = do.to(tl.float32) if F32_DOTS else do
-    lse2 = tl.load(LSE + b * slb + h * slh + rows, mask=live_q, other=0.0) * _LOG2E_C
-    delta = tl.load(DELTA + (b * Hq + h) * Sq + rows, mask=live_q, other=0.0)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    pan = b * s_pan
-
+    bad = 0
+    t = 0
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    tile_row = TILES + b * stb + qt * str_
-    for t in range(n):
-        e = tl.load(tile_row + t)
-        cols, kind_k, grp_k, _own = _key_tile(KINDS, GROUPS, PANEL, lay, pan, e >> 3, NP, Skv, BLOCK_N)
+    for _step in range(steps):
+        if PERSIST:
+            b, h, qt, n, rows, row_in, pos_q, kind_q, grp_q, live_q = _query_item(
+                item, True, KINDS, GROUPS, NTILES, s_lay, snb, Hq, Sq, Skv, n_cols, BLOCK_M
+            )
+            q = _row_tile(Q, b, h, rows, live_q, sqb, sqh, sqs, sqd, D, BLOCK_D, F32_DOTS)
+            do = _row_tile(DO, b, h, rows, live_q, sdb, sdh, sds, sdd, D, BLOCK_D, F32_DOTS)
+            lse2 = tl.load(LSE + b * slb + h * slh + rows, mask=live_q, other=0.0) * _LOG2E_C
+            delta = tl.load(DELTA + (b * Hq + h) * Sq + rows, mask=live_q, other=0.0)
+        hk = h // GROUP
+        e = tl.load(TILES + b * stb + qt * str_ + t)
+        lay = b * s_lay
+        cols, kind_k, grp_k, _own = _key_tile(KINDS, GROUPS, PANEL, lay, b * s_pan, e >> 3, NP, Skv, BLOCK_N)
+        if PERSIST:  # the one step of an item without visits (all rows PAD) reads no key
+            kind_k = tl.where(t < n, kind_k, _PAD)
         ld = (kind_k != _PAD)[:, None] & d_in[None, :]
         cols64 = cols.to(tl.int64)
-        k = tl.load(k_base + cols64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0)
-        v = tl.load(v_base + cols64[:, None] * svs + dd[None, :] * svd, mask=ld, other=0.0)
+        k = tl.load(K + b * skb + hk * skh + cols64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0)
+        v = tl.load(V + b * svb + hk * svh + cols64[:, None] * svs + dd[None, :] * svd, mask=ld, other=0.0)
         k = k.to(tl.float32) if F32_DOTS else k
         v = v.to(tl.float32) if F32_DOTS else v
         ok = _allowed(
@@ -431,11 +509,22 @@ def _star_bwd_dq_kernel(
             dq = _dot_kept(dq, ds.to(k.dtype), k, ok, PREC)
         else:
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+        if PERSIST:
+            if t + 1 >= n:  # the item's last visit: store its rows, start the next item
+                bad |= _dq_store(
+                    dq, scale, live_q, DQ, b, h, rows, row_in, sqgb, sqgh, sqgs, sqgd, D, BLOCK_D
+                )
+                dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                item += 1
+                t = 0
+            else:
+                t += 1
+        else:
+            t += 1
+    if not PERSIST:
+        bad = _dq_store(dq, scale, live_q, DQ, b, h, rows, row_in, sqgb, sqgh, sqgs, sqgd, D, BLOCK_D)
     if not EXACT:
-        tl.store(FLAGS + pid, _nonfinite_rows(dq, live_q).to(tl.int32))
-
-    dq_ptrs = DQ + b * sqgb + h * sqgh + rows64[:, None] * sqgs + dd[None, :] * sqgd
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
+        tl.store(FLAGS + pid, bad)
 
 
 # fmt: off
@@ -574,6 +663,8 @@ class TileConfig(NamedTuple):  # a NamedTuple: torch.compile traces its construc
     warps_fwd: int
     warps_bwd: int
     stages: int
+    # Forward and dQ programs per SM (_work_split); 0: one program per query tile (q loaded once).
+    persist: int = 0
 
 
 # (max head dim, 16-bit config, fp32 config) per arch; D is padded to a power of two in registers.
@@ -594,13 +685,24 @@ class TileConfig(NamedTuple):  # a NamedTuple: torch.compile traces its construc
 # - 32-row tiles run with 2 warps: measured on an H100 (triton 3.6, 2026-11-22), fp32 32x32 tiles at
 #   D=128 with 4 warps gave wrong outputs (rel. error ~1) and NaN gradients, with 2 warps exact
 #   (≤ 6e-7); 4 and 8 warps at D=256 failed the same tests. A compiler issue we did not isolate.
+# - persist: a forward / dQ program per query tile lives for ~2-3 tile visits at the LLaVA shape (most
+#   visual tiles visit 2), so each pays its prologue's chain of dependent loads (counts, kinds, q, the
+#   tile list, key kinds, K/V) with nothing in flight behind it; the H100 run of 2026-11-22 put the
+#   CUDA kernel (same one program per tile) at ~9 CTA-us per visit, ~10x its MMA time. Persistent
+#   programs (2 per SM) walk one flat loop over the visits of ~B*H*n_qt/(2*SMs) consecutive tiles, so
+#   the next tile's q, list entry and K/V load while this one computes. Costs: q through shared memory
+#   per visit (sm_90 D=128 forward: 107 KB instead of 82 KB, 230 registers: still 2 per SM), and the
+#   split is static (equal tile counts, not equal visits: where tiles' visit counts differ, as at 16
+#   images, the busiest program sets the time; the sweep's persist 8 trades latency hiding for the
+#   hardware scheduler's balancing). Not on sm_80 (its forward spills 72 B, its dQ 1.2 KB that way),
+#   fp32 or D=256. Never timed.
 # None of these is a timing: the GPU check's tile sweep (benchmarks/gpu_star_attention.py,
 # SWEEP_TILES, through _override_tiles) times neighbours at the LLaVA shape and 16 images: set this
 # table from its "Triton tile sweep" tables.
 _TILE_TABLE = {
     "sm90": (
-        (64, TileConfig(64, 64, 4, 8, 2), TileConfig(64, 64, 4, 4, 1)),
-        (128, TileConfig(64, 64, 4, 8, 2), TileConfig(32, 32, 2, 2, 1)),
+        (64, TileConfig(64, 64, 4, 8, 2, 2), TileConfig(64, 64, 4, 4, 1)),
+        (128, TileConfig(64, 64, 4, 8, 2, 2), TileConfig(32, 32, 2, 2, 1)),
         (256, TileConfig(32, 32, 2, 2, 2), TileConfig(32, 32, 2, 2, 1)),
     ),
     "sm80": (
@@ -611,8 +713,9 @@ _TILE_TABLE = {
 }
 # Under TRITON_INTERPRET=1 (CPU tests): small tiles, so small test shapes still span several tiles of
 # every kind. Not 16: the interpreter's cost is per operation, whatever the tile size (32 halves the
-# suite's time against 16).
-_INTERPRETER_TILES = TileConfig(32, 32, 1, 1, 1)
+# suite's time against 16). persist 3 (the interpreter counts as one SM): 3 programs, so the tests walk
+# several query tiles per program (tests/test_star_attention.py also runs persist 0).
+_INTERPRETER_TILES = TileConfig(32, 32, 1, 1, 1, 3)
 # Decode (few query rows): tl.dot's minimum M instead of rows that would be masked away.
 _DECODE_BLOCK_Q = 16
 
@@ -629,6 +732,25 @@ def interpreting() -> bool:
 def cuda_capability(index: int) -> tuple[int, int]:
     """Compute capability of CUDA device ``index`` (a constant to torch.compile: no graph break)."""
     return torch.cuda.get_device_capability(index)
+
+
+@torch.compiler.assume_constant_result
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _work_split(n_items, persist: int, device: torch.device) -> dict:
+    """Grid and work-item arguments of a forward / dQ launch over ``n_items`` query tiles: one program
+    per tile (persist 0, or too few tiles), else ``persist`` programs per SM (the interpreter counts as
+    one SM), each taking ``ITEMS`` consecutive tiles (the last program fewer)."""
+    programs = persist * (_sm_count(_index(device)) if device.type == "cuda" else 1)
+    items = -(-n_items // programs) if persist else 1
+    if items <= 1:
+        return {"grid": (n_items,), "n_items": n_items, "ITEMS": 1, "PERSIST": False, "ITEMS_P2": 1}
+    return {
+        "grid": (-(-n_items // items),), "n_items": n_items, "ITEMS": items, "PERSIST": True,
+        "ITEMS_P2": triton.next_power_of_2(items),
+    }  # fmt: skip
 
 
 # A configuration that replaces the table's for every call while set: the GPU benchmark's tile sweep
@@ -820,7 +942,8 @@ def star_attention_triton(
     lay = 0 if kinds.shape[0] == 1 else kinds.stride(0)
     tb = 0 if q_tiles.shape[0] == 1 else q_tiles.stride(0)
     nb = 0 if q_counts.shape[0] == 1 else q_counts.stride(0)
-    grid = (q_tiles.shape[1] * b * hq,)
+    split = _work_split(q_tiles.shape[1] * b * hq, tile_config(d, q.dtype, q.device, sq).persist, q.device)
+    grid = split.pop("grid")
     pan, s_pan, n_panel = _panel_args(panel, groups, block_k)
     flags = torch.empty(grid, dtype=torch.int32, device=q.device)
     for exact in (False, True):  # the plain pass, then the exact one for the programs it flagged
@@ -828,7 +951,7 @@ def star_attention_triton(
             q, k, v, out, lse, kinds, groups, pan, q_tiles, q_counts, flags,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
             lay, s_pan, n_panel, tb, q_tiles.stride(1), nb,
-            hq, hq // hkv, sq, skv, d, q_tiles.shape[2], scale * _LOG2E, topology,
+            hq, hq // hkv, sq, skv, d, q_tiles.shape[2], qk_scale=scale * _LOG2E, topology=topology, **split,
             BLOCK_M=block_q, BLOCK_N=block_k,
             BLOCK_D=_block_d(d), PREC=_prec(q.dtype), F32_DOTS=_f32_dots(q.dtype), **_cap_args(softcap),
             EXACT=exact, **_launch(q.device, d, q.dtype, sq, backward=False, exact=exact),
@@ -905,14 +1028,16 @@ def star_attention_triton_backward(
     )  # fmt: skip
     tb = 0 if q_tiles.shape[0] == 1 else q_tiles.stride(0)
     nb = 0 if q_counts.shape[0] == 1 else q_counts.stride(0)
-    grid = (q_tiles.shape[1] * b * hq,)
+    split = _work_split(q_tiles.shape[1] * b * hq, tile_config(d, q.dtype, q.device, sq).persist, q.device)
+    grid = split.pop("grid")
     flags = torch.empty(grid, dtype=torch.int32, device=q.device)
     for exact in (False, True):  # the plain pass, then the exact one for the programs it flagged
         torch.library.wrap_triton(_star_bwd_dq_kernel)[grid](
             q, k, v, dout, lse, delta, dq, kinds, groups, pan, q_tiles, q_counts, flags,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1), *dq.stride(),
             lay, s_pan, n_panel, tb, q_tiles.stride(1), nb,
-            hq, hq // hkv, sq, skv, d, q_tiles.shape[2], scale * _LOG2E, scale, topology,
+            hq, hq // hkv, sq, skv, d, q_tiles.shape[2],
+            qk_scale=scale * _LOG2E, scale=scale, topology=topology, **split,
             EXACT=exact, **_launch(q.device, d, q.dtype, sq, backward=True, exact=exact), **common,
         )  # fmt: skip
     tb = 0 if k_tiles.shape[0] == 1 else k_tiles.stride(0)
