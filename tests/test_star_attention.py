@@ -784,22 +784,38 @@ def _poison_case(device):
     return layout, poison, clean_rows, clean_keys
 
 
-def test_triton_work_split_covers_every_query_tile_once():
-    """Persistent forward / dQ programs take ITEMS consecutive query tiles each: together every tile
-    exactly once, no empty program; one program per tile when persist is 0 or tiles are few."""
-    ts = pytest.importorskip("htc_kernels.triton.star_attention")
-    cpu = torch.device("cpu")  # the interpreter counts as one SM
-    for n_items in (1, 2, 3, 4, 5, 12, 13, 100, 4097):
-        for persist in (0, 1, 2, 3):
-            split = ts._work_split(n_items, persist, cpu)
-            (grid,), items = split["grid"], split["ITEMS"]
-            assert (grid - 1) * items < n_items <= grid * items, (n_items, persist, split)
-            assert split["PERSIST"] == (items > 1) and split["ITEMS_P2"] >= items
-            assert split["n_items"] == n_items
-            if persist == 0 or n_items <= persist:
-                assert (grid, items) == (n_items, 1)
-            else:
-                assert grid <= persist
+@needs_triton
+@pytest.mark.parametrize("shared", [True, False])
+def test_triton_work_split_covers_every_query_tile_once(shared):
+    """Persistent forward / dQ programs (_star_split_kernel): runs of whole query tiles, in order,
+    together every tile of every (batch, head) exactly once, with near-equal loop steps (one per
+    visit, one for a tile without visits); one program per tile when persist is 0 or tiles are few."""
+    ts = importlib.import_module("htc_kernels.triton.star_attention")
+    dev = TRITON_DEVICE
+    n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+    kinds = random_kinds(7, batch=1 if shared else 3, max_visual=90)
+    kinds[-1, :40] = P  # a sample with leading PAD tiles: tiles without visits
+    layout = hk.StarLayout(kinds).to(dev)
+    s = layout.seq_len
+    q_tiles, q_steps, _kt, _kc = ts.tile_lists(layout.plan(s, 16, 16))
+    per_tile = (q_steps[:, 1:] - q_steps[:, :-1]).cpu()
+    assert (per_tile >= 1).all() and (per_tile == 1).any()
+    batch = 3
+    for heads in (1, 3):
+        items = per_tile.expand(batch, -1)[:, None, :].expand(batch, heads, -1).reshape(-1).tolist()
+        for persist in (0, 1, 2, 7):
+            split = ts._work_split(q_tiles, q_steps, batch, heads, persist, dev)
+            if persist * n_sm >= len(items) or not persist:
+                assert not split["PERSIST"] and split["grid"] == (len(items),)
+                continue
+            assert split["PERSIST"] and split["grid"] == (persist * n_sm,)
+            work = split["WORK"].cpu().tolist()
+            firsts = [w[0] for w in work] + [len(items)]
+            assert firsts[0] == 0 and firsts == sorted(firsts)
+            for p, (first, steps) in enumerate(work):
+                assert steps == sum(items[first : firsts[p + 1]]), (p, work)
+            fair = sum(items) / len(work)
+            assert max(w[1] for w in work) <= fair + max(items), (fair, work)
 
 
 @needs_triton

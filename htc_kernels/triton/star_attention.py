@@ -2,8 +2,9 @@
 
 Data flow: layout -> block plan (uint8 ``[Bp, n_qt, n_kt]`` of TileKind) -> *tile lists* -> kernels.
 The tile lists (:func:`tile_lists`) are the plan compacted per row: for query tile ``qt`` the non-SKIP
-key tiles in ascending order, each entry ``kt << 3 | kind`` (int32), plus a count; the backward's
-key-side lists are the same compaction of the plan's transpose. Kernels walk only these entries, so
+key tiles in ascending order, each entry ``kt << 3 | kind`` (int32), and the rows' loop steps as an
+exclusive prefix (a row's visits, 1 for a row without any); the backward's key-side lists are the
+same compaction of the plan's transpose, with counts. Kernels walk only these entries, so
 a SKIP tile is never loaded, never tested, never looped over (the LLaVA-shape plan is ~90% SKIP).
 
 Key panel (``StarLayout.key_panel``; taken when a sample holds >= 2 images, ``layout.uses_key_panel``):
@@ -29,10 +30,11 @@ by :mod:`htc_kernels.triton._codegen`.
 Forward: FlashAttention-2 online softmax in base 2 with fp32 statistics and accumulator; writes out
 (q's dtype) and lse (float32, natural log, -inf on PAD rows). Its work items are the query tiles of
 every (batch, query head), tile index fastest; a program takes one (``TileConfig.persist`` 0: q
-loaded once, before the loop) or, persistent, ``ITEMS`` consecutive ones (``persist`` programs per SM,
-:func:`_work_split`) in one flat loop over all their visits, q and the rows' kinds loaded per visit
-at the loop's top level so the pipeline fetches the next tile's q and K/V while this one computes
-(the tile table's note says why). Backward, deterministic (no atomics, a fixed visiting order): a row
+loaded once, before the loop) or, persistent (``persist`` programs per SM, :func:`_work_split`), a
+run of consecutive ones with near-equal visit counts (split on the device by
+:func:`_star_split_kernel`) in one flat loop over all their visits, q and the rows' kinds loaded
+per visit at the loop's top level so the pipeline fetches the next tile's q and K/V while this one
+computes (the tile table's note says why). Backward, deterministic (no atomics, a fixed visiting order): a row
 kernel forms delta = rowsum(dO * O) - grad_lse; a dQ kernel walks the row lists with the forward's
 work items; a dK/dV kernel per (key tile, batch x kv head) walks the key tile's column list and, for
 each visited query tile, every query head of its GQA group, so each dK/dV row has exactly one writer.
@@ -69,6 +71,7 @@ _TEXT = tl.constexpr(int(TokenKind.TEXT))
 _VISUAL = tl.constexpr(int(TokenKind.VISUAL))
 _VOCO = tl.constexpr(int(TokenKind.VOCO))
 _PAD = tl.constexpr(int(TokenKind.PAD))
+_SKIP = tl.constexpr(int(TileKind.SKIP))
 _DIAG = tl.constexpr(int(TileKind.DIAG))
 _MASKED = tl.constexpr(int(TileKind.MASKED))
 _LOG2E_C = tl.constexpr(1.4426950408889634)
@@ -210,30 +213,76 @@ def _nonfinite_rows(x, rows):
 
 
 @triton.jit
-def _program_steps(NTILES, snb, i0, ITEMS, n_items, Sq, Hq, n_cols, BLOCK_M: tl.constexpr,
-                   ITEMS_P2: tl.constexpr):  # fmt: skip
-    """Loop steps of a program that owns the work items ``[i0, i0 + ITEMS)`` (:func:`_query_item`; fewer
-    at the end): the sum of their visit counts, each at least 1 (an item with no visit, all of its rows
-    PAD, still takes one step: it stores its zero rows). One vector load, not a loop of them."""
-    n_qt = tl.cdiv(Sq, BLOCK_M)
-    ii = i0 + tl.arange(0, ITEMS_P2)
-    ii_in = (ii < i0 + ITEMS) & (ii < n_items)
-    cnt = tl.load(NTILES + (ii // (n_qt * Hq)).to(tl.int64) * snb + ii % n_qt, mask=ii_in, other=0)
-    return tl.sum(tl.where(ii_in, tl.maximum(tl.minimum(cnt, n_cols), 1), 0))
+def _first_item(a, STEPS, ssb, Bp, Hq, n_qt, BP2: tl.constexpr, NQT_P2: tl.constexpr):
+    """The first work item (:func:`_query_item`) whose first loop step is >= ``a`` (below the total),
+    and that step. Steps of (b, h, qt): all of samples < b (every head), then heads < h of sample b,
+    then STEPS[b, qt] (the row's exclusive prefix; STEPS[b, n_qt] is one head's total). int32: the
+    host keeps the total below 2**31 (_work_split)."""
+    if BP2 == 1:  # one layout for the batch: the same steps per (batch, head)
+        per_head = tl.load(STEPS + n_qt)
+        b = a // (Hq * per_head)
+        before = b * Hq * per_head
+    else:
+        bb = tl.arange(0, BP2)
+        tb = tl.load(STEPS + bb * ssb + n_qt, mask=bb < Bp, other=0)
+        upto = tl.cumsum(tb, 0) * Hq  # steps of samples 0..b
+        b = tl.sum(((upto <= a) & (bb < Bp)).to(tl.int32))
+        before = tl.sum(tl.where(bb == b, upto - Hq * tb, 0))
+        per_head = tl.sum(tl.where(bb == b, tb, 0))
+    r = a - before
+    h = r // per_head
+    r = r - h * per_head
+    row = STEPS + b * ssb
+    qq = tl.arange(0, NQT_P2)
+    qt = tl.sum((tl.load(row + qq, mask=qq < n_qt, other=2147483647) < r).to(tl.int32))  # n_qt: next head
+    return (b * Hq + h) * n_qt + qt, before + h * per_head + tl.load(row + qt)
 
 
 @triton.jit
-def _query_item(item, run, KINDS, GROUPS, NTILES, s_lay, snb, Hq, Sq, Skv, n_cols, BLOCK_M: tl.constexpr):
+def _program_items(STEPS, ssb, B, Bp, Hq, n_qt, BP2: tl.constexpr, NQT_P2: tl.constexpr):
+    """A persistent program's work: its first item and its number of loop steps. The programs split
+    all steps (visits, at least one per item) into near-equal runs of whole items, in item order."""
+    if BP2 == 1:
+        total = B * Hq * tl.load(STEPS + n_qt)
+    else:
+        bb = tl.arange(0, BP2)
+        total = Hq * tl.sum(tl.load(STEPS + bb * ssb + n_qt, mask=bb < Bp, other=0))
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    chunk = total // n_prog
+    rem = total - chunk * n_prog
+    a0 = pid * chunk + tl.minimum(pid, rem)  # run p: steps [a0, a1), no product beyond the total
+    a1 = a0 + chunk + (pid < rem).to(tl.int32)
+    item, first = _first_item(a0, STEPS, ssb, Bp, Hq, n_qt, BP2, NQT_P2)
+    _next, stop = _first_item(tl.minimum(a1, total - 1), STEPS, ssb, Bp, Hq, n_qt, BP2, NQT_P2)
+    return item, tl.where(a1 >= total, total, stop) - first
+
+
+@triton.jit(do_not_specialize=("B", "Bp", "Hq", "n_qt"))
+def _star_split_kernel(STEPS, WORK, ssb, B, Bp, Hq, n_qt, BP2: tl.constexpr, NQT_P2: tl.constexpr):
+    """WORK[p] = (first item, loop steps) of persistent program p (grid: the programs of the forward or
+    dQ launch that follows). Its own launch: computed in those kernels' prologue it cost them 20-30
+    registers in the loop (sm_90, ptxas), 255 at D=128."""
+    item, steps = _program_items(STEPS, ssb, B, Bp, Hq, n_qt, BP2, NQT_P2)
+    pid = tl.program_id(0)
+    tl.store(WORK + 2 * pid, item)
+    tl.store(WORK + 2 * pid + 1, steps)
+
+
+@triton.jit
+def _query_item(item, run, KINDS, GROUPS, STEPS, s_lay, ssb, Hq, Sq, Skv, BLOCK_M: tl.constexpr):
     """Work item ``item`` of the forward and dQ (query tile ``qt`` of batch ``b``, query head ``h``; tile
-    index fastest, so consecutive items share a head's K/V in L2): b, h (int64), qt, its visit count
-    ``n``, and its rows: index, in range, position, kind (PAD past Sq), group, live. ``run`` False: an
-    item with no rows and no visits (nothing loaded beyond its count)."""
+    index fastest, so consecutive items share a head's K/V in L2): b, h (int64), qt, its loop steps
+    ``n`` (its visits; 1 for a tile without visits, all rows PAD, whose step only stores its zero
+    rows), and its rows: index, in range, position, kind (PAD past Sq), group, live. ``run`` False: an
+    item with no rows and no steps (nothing loaded beyond its steps)."""
     n_qt = tl.cdiv(Sq, BLOCK_M)
     qt = item % n_qt
     bh = item // n_qt
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
-    n = tl.where(run, tl.minimum(tl.load(NTILES + b * snb + qt), n_cols), 0)
+    steps = STEPS + b * ssb + qt
+    n = tl.where(run, tl.load(steps + 1) - tl.load(steps), 0)
     rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = (rows < Sq) & run
     pos_q = rows + (Skv - Sq)
@@ -283,13 +332,15 @@ def _dq_store(dq, scale, live_q, DQ, b, h, rows, row_in, sqgb, sqgh, sqgs, sqgd,
 # specialisation (Triton's "== 1" and "% 16 == 0" variants), so one compiled kernel serves them all;
 # strides and D keep theirs (they decide vectorised loads).
 # fmt: off
-@triton.jit(do_not_specialize=("Hq", "Sq", "Skv", "n_cols", "topology", "NP", "n_items", "ITEMS"))
+@triton.jit(do_not_specialize=("Hq", "Sq", "Skv", "topology", "NP"))
 def _star_fwd_kernel(
     Q, K, V, O, LSE,  # q [B,Hq,Sq,D], k/v [B,Hkv,Skv,D] (any strides), out like q, lse [B,Hq,Sq] fp32
     KINDS, GROUPS,  # [Bp, Skv] int8 / int32
     PANEL,  # key panel [Bp, NP * BLOCK_N] int32 (read only when NP > 0)
-    TILES, NTILES,  # row lists [Bp, n_qt, n_kt] int32 (kt << 3 | kind), counts [Bp, n_qt] int32
+    TILES,  # row lists [Bp, n_qt, n_kt] int32 (kt << 3 | kind, zeros after the row's visits)
+    STEPS,  # [Bp, n_qt + 1] int32: per row, the exclusive prefix of its loop steps (tile_lists)
     FLAGS,  # int32 [grid]: "redo exactly", per program (the note above)
+    WORK,  # int32 [grid, 2]: (first item, loop steps) per program when PERSIST (_star_split_kernel)
     sqb, sqh, sqs, sqd,
     skb, skh, sks, skd,
     svb, svh, svs, svd,
@@ -297,27 +348,26 @@ def _star_fwd_kernel(
     slb, slh,
     s_lay,  # batch stride of kinds/groups (0: one layout for the batch)
     s_pan, NP,  # PANEL batch stride, number of panel tiles (0: identity key order)
-    stb, str_, snb,  # TILES batch/row strides, NTILES batch stride (0 when shared by the batch)
-    Hq, GROUP, Sq, Skv, D, n_cols,
-    n_items, ITEMS,  # work items (B * Hq * n_qt), items per program (1 unless PERSIST)
+    stb, str_, ssb,  # TILES batch/row strides, STEPS batch stride (0 when shared by the batch)
+    Hq, GROUP, Sq, Skv, D,
     qk_scale,  # softmax scale * log2(e)
     topology,  # 0 star, 1 group (runtime: one compiled kernel for both)
     softcap, inv_softcap,  # the cap c and 1/c (read only when SOFTCAP)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PERSIST: tl.constexpr, ITEMS_P2: tl.constexpr,
+    PERSIST: tl.constexpr,
     PREC: tl.constexpr, F32_DOTS: tl.constexpr, SOFTCAP: tl.constexpr, EXACT: tl.constexpr,
 ):
     # fmt: on
     pid = tl.program_id(0)
-    item = pid * ITEMS
     # EXACT: only the programs the first launch flagged run; the others read nothing, store nothing.
     run = (tl.load(FLAGS + pid) != 0) if EXACT else True
-    if PERSIST:  # several items: q and the rows are loaded per visit, in the loop (the note above)
-        steps = _program_steps(NTILES, snb, item, ITEMS, n_items, Sq, Hq, n_cols, BLOCK_M, ITEMS_P2)
-        steps = tl.where(run, steps, 0)
+    if PERSIST:  # a run of items: q and the rows are loaded per visit, in the loop (the note above)
+        item = tl.load(WORK + 2 * pid)
+        steps = tl.where(run, tl.load(WORK + 2 * pid + 1), 0)
     else:  # one item: q and the rows once, before the loop
+        item = pid
         b, h, qt, n, rows, row_in, pos_q, kind_q, grp_q, live_q = _query_item(
-            item, run, KINDS, GROUPS, NTILES, s_lay, snb, Hq, Sq, Skv, n_cols, BLOCK_M
+            item, run, KINDS, GROUPS, STEPS, s_lay, ssb, Hq, Sq, Skv, BLOCK_M
         )
         q = _row_tile(Q, b, h, rows, live_q, sqb, sqh, sqs, sqd, D, BLOCK_D, F32_DOTS)
         steps = n
@@ -333,15 +383,14 @@ def _star_fwd_kernel(
     for _step in range(steps):
         if PERSIST:
             b, h, qt, n, rows, row_in, pos_q, kind_q, grp_q, live_q = _query_item(
-                item, True, KINDS, GROUPS, NTILES, s_lay, snb, Hq, Sq, Skv, n_cols, BLOCK_M
+                item, True, KINDS, GROUPS, STEPS, s_lay, ssb, Hq, Sq, Skv, BLOCK_M
             )
             q = _row_tile(Q, b, h, rows, live_q, sqb, sqh, sqs, sqd, D, BLOCK_D, F32_DOTS)
         hk = h // GROUP
         e = tl.load(TILES + b * stb + qt * str_ + t)
         lay = b * s_lay
         cols, kind_k, grp_k, _own = _key_tile(KINDS, GROUPS, PANEL, lay, b * s_pan, e >> 3, NP, Skv, BLOCK_N)
-        if PERSIST:  # the one step of an item without visits (all rows PAD) reads no key
-            kind_k = tl.where(t < n, kind_k, _PAD)
+        kind_k = tl.where((e & 7) != _SKIP, kind_k, _PAD)  # an item without visits: its step reads no key
         ld = (kind_k != _PAD)[:, None] & d_in[None, :]  # PAD keys are never read
         cols64 = cols.to(tl.int64)
         k = tl.load(K + b * skb + hk * skh + cols64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0)
@@ -428,38 +477,37 @@ def _star_bwd_delta_kernel(
 
 
 # fmt: off
-@triton.jit(do_not_specialize=("Hq", "Sq", "Skv", "n_cols", "topology", "NP", "n_items", "ITEMS"))
+@triton.jit(do_not_specialize=("Hq", "Sq", "Skv", "topology", "NP"))
 def _star_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
-    KINDS, GROUPS, PANEL, TILES, NTILES, FLAGS,  # as in _star_fwd_kernel
+    KINDS, GROUPS, PANEL, TILES, STEPS, FLAGS, WORK,  # as in _star_fwd_kernel
     sqb, sqh, sqs, sqd,
     skb, skh, sks, skd,
     svb, svh, svs, svd,
     sdb, sdh, sds, sdd,
     slb, slh,
     sqgb, sqgh, sqgs, sqgd,  # dq
-    s_lay, s_pan, NP, stb, str_, snb,
-    Hq, GROUP, Sq, Skv, D, n_cols,
-    n_items, ITEMS,  # as in _star_fwd_kernel
+    s_lay, s_pan, NP, stb, str_, ssb,
+    Hq, GROUP, Sq, Skv, D,
     qk_scale, scale,
     topology,  # 0 star, 1 group (runtime: one compiled kernel for both)
     softcap, inv_softcap,  # the cap c and 1/c (read only when SOFTCAP)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PERSIST: tl.constexpr, ITEMS_P2: tl.constexpr,
+    PERSIST: tl.constexpr,
     PREC: tl.constexpr, F32_DOTS: tl.constexpr, SOFTCAP: tl.constexpr, EXACT: tl.constexpr,
 ):
     # fmt: on
     """dQ of query tiles (work items as in the forward): dq_i = scale * sum_j dS_ij k_j over each
     tile's row list."""
     pid = tl.program_id(0)
-    item = pid * ITEMS
     run = (tl.load(FLAGS + pid) != 0) if EXACT else True  # as in the forward
     if PERSIST:  # as in the forward: the rows' q, dO, lse, delta loaded per visit
-        steps = _program_steps(NTILES, snb, item, ITEMS, n_items, Sq, Hq, n_cols, BLOCK_M, ITEMS_P2)
-        steps = tl.where(run, steps, 0)
+        item = tl.load(WORK + 2 * pid)
+        steps = tl.where(run, tl.load(WORK + 2 * pid + 1), 0)
     else:
+        item = pid
         b, h, qt, n, rows, row_in, pos_q, kind_q, grp_q, live_q = _query_item(
-            item, run, KINDS, GROUPS, NTILES, s_lay, snb, Hq, Sq, Skv, n_cols, BLOCK_M
+            item, run, KINDS, GROUPS, STEPS, s_lay, ssb, Hq, Sq, Skv, BLOCK_M
         )
         q = _row_tile(Q, b, h, rows, live_q, sqb, sqh, sqs, sqd, D, BLOCK_D, F32_DOTS)
         do = _row_tile(DO, b, h, rows, live_q, sdb, sdh, sds, sdd, D, BLOCK_D, F32_DOTS)
@@ -474,7 +522,7 @@ def _star_bwd_dq_kernel(
     for _step in range(steps):
         if PERSIST:
             b, h, qt, n, rows, row_in, pos_q, kind_q, grp_q, live_q = _query_item(
-                item, True, KINDS, GROUPS, NTILES, s_lay, snb, Hq, Sq, Skv, n_cols, BLOCK_M
+                item, True, KINDS, GROUPS, STEPS, s_lay, ssb, Hq, Sq, Skv, BLOCK_M
             )
             q = _row_tile(Q, b, h, rows, live_q, sqb, sqh, sqs, sqd, D, BLOCK_D, F32_DOTS)
             do = _row_tile(DO, b, h, rows, live_q, sdb, sdh, sds, sdd, D, BLOCK_D, F32_DOTS)
@@ -484,8 +532,7 @@ def _star_bwd_dq_kernel(
         e = tl.load(TILES + b * stb + qt * str_ + t)
         lay = b * s_lay
         cols, kind_k, grp_k, _own = _key_tile(KINDS, GROUPS, PANEL, lay, b * s_pan, e >> 3, NP, Skv, BLOCK_N)
-        if PERSIST:  # the one step of an item without visits (all rows PAD) reads no key
-            kind_k = tl.where(t < n, kind_k, _PAD)
+        kind_k = tl.where((e & 7) != _SKIP, kind_k, _PAD)  # an item without visits: its step reads no key
         ld = (kind_k != _PAD)[:, None] & d_in[None, :]
         cols64 = cols.to(tl.int64)
         k = tl.load(K + b * skb + hk * skh + cols64[:, None] * sks + dd[None, :] * skd, mask=ld, other=0.0)
@@ -650,11 +697,13 @@ def _compact(plan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def tile_lists(plan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernels' sparse form of a block plan ``[Bp, n_qt, n_kt]``: row lists ``[Bp, n_qt, n_kt]``
-    and counts ``[Bp, n_qt]`` (forward, dQ), column lists ``[Bp, n_kt, n_qt]`` and counts
-    ``[Bp, n_kt]`` (dK/dV), all int32."""
+    and row steps ``[Bp, n_qt + 1]`` (forward, dQ: the exclusive prefix over the rows of their loop
+    steps, a row's visit count or 1 for a row without visits; the last column is the sample's total
+    per head), column lists ``[Bp, n_kt, n_qt]`` and counts ``[Bp, n_kt]`` (dK/dV), all int32."""
     q_tiles, q_counts = _compact(plan)
     k_tiles, k_counts = _compact(plan.transpose(1, 2))
-    return q_tiles, q_counts, k_tiles, k_counts
+    q_steps = torch.nn.functional.pad(torch.cumsum(q_counts.clamp(min=1), -1, dtype=torch.int32), (1, 0))
+    return q_tiles, q_steps, k_tiles, k_counts
 
 
 class TileConfig(NamedTuple):  # a NamedTuple: torch.compile traces its construction without a break
@@ -691,11 +740,10 @@ class TileConfig(NamedTuple):  # a NamedTuple: torch.compile traces its construc
 #   CUDA kernel (same one program per tile) at ~9 CTA-us per visit, ~10x its MMA time. Persistent
 #   programs (2 per SM) walk one flat loop over the visits of ~B*H*n_qt/(2*SMs) consecutive tiles, so
 #   the next tile's q, list entry and K/V load while this one computes. Costs: q through shared memory
-#   per visit (sm_90 D=128 forward: 107 KB instead of 82 KB, 230 registers: still 2 per SM), and the
-#   split is static (equal tile counts, not equal visits: where tiles' visit counts differ, as at 16
-#   images, the busiest program sets the time; the sweep's persist 8 trades latency hiding for the
-#   hardware scheduler's balancing). Not on sm_80 (its forward spills 72 B, its dQ 1.2 KB that way),
-#   fp32 or D=256. Never timed.
+#   per visit (sm_90 D=128 forward: 107 KB instead of 82 KB, 225 registers: still 2 per SM), and a
+#   split kernel per launch (runs of near-equal visits: equal tile counts left the busiest program
+#   1.39x the mean at 16 images, the LLaVA shape 1.00x). Not on sm_80 (its forward spills 72 B, its
+#   dQ 1.2 KB that way), fp32 or D=256. Never timed.
 # None of these is a timing: the GPU check's tile sweep (benchmarks/gpu_star_attention.py,
 # SWEEP_TILES, through _override_tiles) times neighbours at the LLaVA shape and 16 images: set this
 # table from its "Triton tile sweep" tables.
@@ -739,18 +787,25 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _work_split(n_items, persist: int, device: torch.device) -> dict:
-    """Grid and work-item arguments of a forward / dQ launch over ``n_items`` query tiles: one program
-    per tile (persist 0, or too few tiles), else ``persist`` programs per SM (the interpreter counts as
-    one SM), each taking ``ITEMS`` consecutive tiles (the last program fewer)."""
+def _work_split(q_tiles: torch.Tensor, q_steps: torch.Tensor, batch, heads, persist: int, device) -> dict:
+    """Grid and WORK of a forward / dQ launch over the ``batch * heads * n_qt`` query tiles of the row
+    lists ``q_tiles`` / ``q_steps`` (:func:`tile_lists`): one program per tile (persist 0, few tiles,
+    or so many that the steps could pass int32) with WORK unused, else ``persist`` programs per SM
+    (the interpreter counts as one SM), each a run of whole tiles with near-equal loop steps, WORK
+    from :func:`_star_split_kernel`."""
+    bp, n_qt, n_kt = q_tiles.shape
+    n_items = batch * heads * n_qt
     programs = persist * (_sm_count(_index(device)) if device.type == "cuda" else 1)
-    items = -(-n_items // programs) if persist else 1
-    if items <= 1:
-        return {"grid": (n_items,), "n_items": n_items, "ITEMS": 1, "PERSIST": False, "ITEMS_P2": 1}
-    return {
-        "grid": (-(-n_items // items),), "n_items": n_items, "ITEMS": items, "PERSIST": True,
-        "ITEMS_P2": triton.next_power_of_2(items),
-    }  # fmt: skip
+    bound = n_items * max(n_kt, 1)  # steps: at most one per key tile, per query tile
+    if not persist or n_items <= programs or bound >= 2**31:
+        return {"grid": (n_items,), "WORK": q_steps, "PERSIST": False}
+    work = torch.empty((programs, 2), dtype=torch.int32, device=device)
+    bp2 = 1 if bp == 1 else triton.next_power_of_2(bp)
+    torch.library.wrap_triton(_star_split_kernel)[(programs,)](
+        q_steps, work, 0 if bp == 1 else q_steps.stride(0), batch, bp, heads, n_qt,
+        BP2=bp2, NQT_P2=triton.next_power_of_2(n_qt),
+    )  # fmt: skip
+    return {"grid": (programs,), "WORK": work, "PERSIST": True}
 
 
 # A configuration that replaces the table's for every call while set: the GPU benchmark's tile sweep
@@ -809,7 +864,7 @@ def _new_output(shape, dtype, device) -> torch.Tensor:
 
 
 def _check_args(
-    q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, block_q, block_k, topology, softcap, panel
+    q, k, v, kinds, groups, q_tiles, q_steps, k_tiles, k_counts, block_q, block_k, topology, softcap, panel
 ):
     """Shape/dtype checks of a raw op call (the public function has validated already): ValueError."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
@@ -847,9 +902,9 @@ def _check_args(
             )
         n_panel = panel.shape[1] // block_k
     n_qt, n_kt = -(-sq // block_q), n_panel + -(-skv // block_k)
-    want = ((bp, n_qt, n_kt), (bp, n_qt), (bp, n_kt, n_qt), (bp, n_kt))
+    want = ((bp, n_qt, n_kt), (bp, n_qt + 1), (bp, n_kt, n_qt), (bp, n_kt))
     for name, t, shape in zip(
-        ("q_tiles", "q_counts", "k_tiles", "k_counts"), (q_tiles, q_counts, k_tiles, k_counts), want
+        ("q_tiles", "q_steps", "k_tiles", "k_counts"), (q_tiles, q_steps, k_tiles, k_counts), want
     ):
         if t.dtype != torch.int32 or tuple(t.shape) != shape:
             raise ValueError(
@@ -863,7 +918,7 @@ def _check_args(
             "star_attention_triton: softcap must be 0 (no capping) or a positive normal float32, "
             f"got {softcap}"
         )
-    for t in (k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, *([] if panel is None else [panel])):
+    for t in (k, v, kinds, groups, q_tiles, q_steps, k_tiles, k_counts, *([] if panel is None else [panel])):
         if t.device != q.device:
             raise ValueError(f"star_attention_triton: all tensors must be on {q.device}")
 
@@ -916,7 +971,7 @@ def star_attention_triton(
     kinds: torch.Tensor,
     groups: torch.Tensor,
     q_tiles: torch.Tensor,
-    q_counts: torch.Tensor,
+    q_steps: torch.Tensor,
     k_tiles: torch.Tensor,
     k_counts: torch.Tensor,
     block_q: int,
@@ -932,26 +987,26 @@ def star_attention_triton(
     log of the (capped) scores; -inf on PAD rows). k_tiles/k_counts are unused here (the backward
     reads them). softcap c > 0: scores ``s`` become ``c * tanh(s / c)``; 0: no capping. panel: int32
     ``[Bp, P]`` (:meth:`StarLayout.key_panel`) when the tile lists are of a key-panel plan, else None."""
-    lists = (q_tiles, q_counts, k_tiles, k_counts)
+    lists = (q_tiles, q_steps, k_tiles, k_counts)
     _check_args(q, k, v, kinds, groups, *lists, block_q, block_k, topology, softcap, panel)
-    kinds, groups, q_tiles, q_counts = (t.contiguous() for t in (kinds, groups, q_tiles, q_counts))
+    kinds, groups, q_tiles, q_steps = (t.contiguous() for t in (kinds, groups, q_tiles, q_steps))
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     out = _new_output(q.shape, q.dtype, q.device)
     lse = _new_output((b, hq, sq), torch.float32, q.device)
     lay = 0 if kinds.shape[0] == 1 else kinds.stride(0)
     tb = 0 if q_tiles.shape[0] == 1 else q_tiles.stride(0)
-    nb = 0 if q_counts.shape[0] == 1 else q_counts.stride(0)
-    split = _work_split(q_tiles.shape[1] * b * hq, tile_config(d, q.dtype, q.device, sq).persist, q.device)
-    grid = split.pop("grid")
+    nb = 0 if q_steps.shape[0] == 1 else q_steps.stride(0)
+    split = _work_split(q_tiles, q_steps, b, hq, tile_config(d, q.dtype, q.device, sq).persist, q.device)
+    grid, work = split.pop("grid"), split.pop("WORK")
     pan, s_pan, n_panel = _panel_args(panel, groups, block_k)
     flags = torch.empty(grid, dtype=torch.int32, device=q.device)
     for exact in (False, True):  # the plain pass, then the exact one for the programs it flagged
         torch.library.wrap_triton(_star_fwd_kernel)[grid](
-            q, k, v, out, lse, kinds, groups, pan, q_tiles, q_counts, flags,
+            q, k, v, out, lse, kinds, groups, pan, q_tiles, q_steps, flags, work,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
             lay, s_pan, n_panel, tb, q_tiles.stride(1), nb,
-            hq, hq // hkv, sq, skv, d, q_tiles.shape[2], qk_scale=scale * _LOG2E, topology=topology, **split,
+            hq, hq // hkv, sq, skv, d, qk_scale=scale * _LOG2E, topology=topology, **split,
             BLOCK_M=block_q, BLOCK_N=block_k,
             BLOCK_D=_block_d(d), PREC=_prec(q.dtype), F32_DOTS=_f32_dots(q.dtype), **_cap_args(softcap),
             EXACT=exact, **_launch(q.device, d, q.dtype, sq, backward=False, exact=exact),
@@ -960,7 +1015,7 @@ def star_attention_triton(
 
 
 @star_attention_triton.register_fake
-def _(q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, *args):
+def _(q, k, v, kinds, groups, q_tiles, q_steps, k_tiles, k_counts, *args):
     # Explicit fake: under TRITON_INTERPRET=1 the traced body would interpret on FakeTensors.
     b, hq, sq, _d = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
@@ -980,7 +1035,7 @@ def star_attention_triton_backward(
     kinds: torch.Tensor,
     groups: torch.Tensor,
     q_tiles: torch.Tensor,
-    q_counts: torch.Tensor,
+    q_steps: torch.Tensor,
     k_tiles: torch.Tensor,
     k_counts: torch.Tensor,
     block_q: int,
@@ -994,7 +1049,7 @@ def star_attention_triton_backward(
     forward, grad_lse ``[B, Hq, Sq]`` float32 or None (the gradient reaching lse directly), scale and
     softcap and panel the forward's -> dq, dk, dv (shapes and dtypes of q, k, v). Deterministic: no
     atomics."""
-    lists = (q_tiles, q_counts, k_tiles, k_counts)
+    lists = (q_tiles, q_steps, k_tiles, k_counts)
     _check_args(q, k, v, kinds, groups, *lists, block_q, block_k, topology, softcap, panel)
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
@@ -1004,8 +1059,8 @@ def star_attention_triton_backward(
         raise ValueError("star_attention_triton_backward: grad_lse must be shaped like lse")
     lse = lse.float().contiguous()
     grad_lse = None if grad_lse is None else grad_lse.float().contiguous()
-    kinds, groups, q_tiles, q_counts, k_tiles, k_counts = (
-        t.contiguous() for t in (kinds, groups, q_tiles, q_counts, k_tiles, k_counts)
+    kinds, groups, q_tiles, q_steps, k_tiles, k_counts = (
+        t.contiguous() for t in (kinds, groups, q_tiles, q_steps, k_tiles, k_counts)
     )
     pan, s_pan, n_panel = _panel_args(panel, groups, block_k)
     dq = _new_output(q.shape, q.dtype, q.device)
@@ -1027,17 +1082,16 @@ def star_attention_triton_backward(
         F32_DOTS=_f32_dots(q.dtype), **_cap_args(softcap),
     )  # fmt: skip
     tb = 0 if q_tiles.shape[0] == 1 else q_tiles.stride(0)
-    nb = 0 if q_counts.shape[0] == 1 else q_counts.stride(0)
-    split = _work_split(q_tiles.shape[1] * b * hq, tile_config(d, q.dtype, q.device, sq).persist, q.device)
-    grid = split.pop("grid")
+    nb = 0 if q_steps.shape[0] == 1 else q_steps.stride(0)
+    split = _work_split(q_tiles, q_steps, b, hq, tile_config(d, q.dtype, q.device, sq).persist, q.device)
+    grid, work = split.pop("grid"), split.pop("WORK")
     flags = torch.empty(grid, dtype=torch.int32, device=q.device)
     for exact in (False, True):  # the plain pass, then the exact one for the programs it flagged
         torch.library.wrap_triton(_star_bwd_dq_kernel)[grid](
-            q, k, v, dout, lse, delta, dq, kinds, groups, pan, q_tiles, q_counts, flags,
+            q, k, v, dout, lse, delta, dq, kinds, groups, pan, q_tiles, q_steps, flags, work,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1), *dq.stride(),
             lay, s_pan, n_panel, tb, q_tiles.stride(1), nb,
-            hq, hq // hkv, sq, skv, d, q_tiles.shape[2],
-            qk_scale=scale * _LOG2E, scale=scale, topology=topology, **split,
+            hq, hq // hkv, sq, skv, d, qk_scale=scale * _LOG2E, scale=scale, topology=topology, **split,
             EXACT=exact, **_launch(q.device, d, q.dtype, sq, backward=True, exact=exact), **common,
         )  # fmt: skip
     tb = 0 if k_tiles.shape[0] == 1 else k_tiles.stride(0)
@@ -1057,7 +1111,7 @@ def star_attention_triton_backward(
 
 
 @star_attention_triton_backward.register_fake
-def _(dout, q, k, v, out, lse, grad_lse, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, *args):
+def _(dout, q, k, v, out, lse, grad_lse, kinds, groups, q_tiles, q_steps, k_tiles, k_counts, *args):
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         torch.empty_like(k, memory_format=torch.contiguous_format),
@@ -1067,18 +1121,18 @@ def _(dout, q, k, v, out, lse, grad_lse, kinds, groups, q_tiles, q_counts, k_til
 
 def _setup_context(ctx, inputs, output):
     # args: block_q .. softcap
-    q, k, v, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, *args, panel = inputs
+    q, k, v, kinds, groups, q_tiles, q_steps, k_tiles, k_counts, *args, panel = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, panel)
+    ctx.save_for_backward(q, k, v, out, lse, kinds, groups, q_tiles, q_steps, k_tiles, k_counts, panel)
     ctx.args = tuple(args)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, panel = ctx.saved_tensors
+    q, k, v, out, lse, kinds, groups, q_tiles, q_steps, k_tiles, k_counts, panel = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.htc.star_attention_triton_backward(
-        grad_out, q, k, v, out, lse, grad_lse, kinds, groups, q_tiles, q_counts, k_tiles, k_counts, *ctx.args,
+        grad_out, q, k, v, out, lse, grad_lse, kinds, groups, q_tiles, q_steps, k_tiles, k_counts, *ctx.args,
         panel,
     )
     return dq, dk, dv, *([None] * 12)
