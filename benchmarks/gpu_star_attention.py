@@ -661,7 +661,7 @@ def triton_kernels() -> list[dict]:
                 named = {fn.arg_names[key[0]]: v for key, v in consts.items() if isinstance(key, tuple)}
                 pipelined, waiting = _codegen.loop_tile_loads(k.asm.get("ttgir", ""))
                 rows.append({
-                    "kernel": name, "exact": named.get("EXACT"),
+                    "kernel": name, "exact": named.get("EXACT"), "persist": named.get("PERSIST"),
                     "block": [named.get("BLOCK_M"), named.get("BLOCK_N"), named.get("BLOCK_D")],
                     "num_warps": k.metadata.num_warps, "num_stages": k.metadata.num_stages,
                     "registers": k.n_regs, "spills": k.n_spills, "shared": k.metadata.shared,
@@ -678,13 +678,14 @@ def render_triton_kernels(report: dict) -> list[str]:
         'Registers and spills as the driver reports them; "pipelined / waiting": 2-D tile loads inside '
         "the visiting loop issued as async copies / waiting for their data (htc_kernels/triton/_codegen.py).",
         "",
-        "| kernel | EXACT | BLOCK_M, BLOCK_N, BLOCK_D | warps | stages | registers | spills | shared B "
-        "| pipelined / waiting |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| kernel | EXACT | PERSIST | BLOCK_M, BLOCK_N, BLOCK_D | warps | stages | registers | spills "
+        "| shared B | pipelined / waiting |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report.get("triton_kernels", []):
         lines.append(
-            f"| {r['kernel']} | {r['exact']} | {', '.join(str(x) for x in r['block'])} | {r['num_warps']} "
+            f"| {r['kernel']} | {r['exact']} | {r['persist']} | {', '.join(str(x) for x in r['block'])} "
+            f"| {r['num_warps']} "
             f"| {r['num_stages']} | {r['registers']} | {r['spills']} | {r['shared']} "
             f"| {r['pipelined']} / {r['waiting']} |"
         )
