@@ -10,7 +10,8 @@
 #            torch that is there, nvcc for this device's arch only, MAX_JOBS=nproc (~1-3 min)
 #   3 tests  pytest tests/test_star_attention.py tests/test_mgvq_lookup.py on the GPU (~1-2 min)
 #   4 bench  python -m benchmarks.gpu_star_attention -> benchmarks/results/gpu-<device>.md/.json (~2-4 min)
-#            (without --quick also its Triton tile sweep: triton at 10 other tile configs, ~1-2 min)
+#            (without --quick also its Triton tile sweep: triton at 13 other tile configs, ~2-4 min;
+#            the budget cuts it short, in SWEEP_TILES order)
 #   5 profile  Nsight Compute (ncu, when installed) on the htc kernels of HTC_GPU_PROFILE_UNITS (default:
 #            llava-b16 fwd and fwd+bwd on cuda, fwd on triton; 16img fwd on cuda): speed of light,
 #            occupancy, launch stats (registers, shared memory), warp stalls, memory workload ->
