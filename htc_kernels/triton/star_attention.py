@@ -34,10 +34,11 @@ loaded once, before the loop) or, persistent (``persist`` programs per SM, :func
 run of consecutive ones with near-equal visit counts (split on the device by
 :func:`_star_split_kernel`) in one flat loop over all their visits, q and the rows' kinds loaded
 per visit at the loop's top level so the pipeline fetches the next tile's q and K/V while this one
-computes (the tile table's note says why). Backward, deterministic (no atomics, a fixed visiting order): a row
-kernel forms delta = rowsum(dO * O) - grad_lse; a dQ kernel walks the row lists with the forward's
-work items; a dK/dV kernel per (key tile, batch x kv head) walks the key tile's column list and, for
-each visited query tile, every query head of its GQA group, so each dK/dV row has exactly one writer.
+computes (the tile table's note says why). Backward, deterministic (no atomics, a fixed visiting
+order): a row kernel forms delta = rowsum(dO * O) - grad_lse; a dQ kernel walks the row lists with
+the forward's work items; a dK/dV kernel per (key tile, batch x kv head) walks the key tile's column
+list and, for each visited query tile, every query head of its GQA group, so each dK/dV row has
+exactly one writer.
 
 "Masked means never read" (DESIGN.md §2): scores are masked with ``tl.where`` (a select, so a NaN
 score at a masked pair disappears); q/k/v/dO rows at PAD positions are never loaded (masked loads
@@ -272,7 +273,8 @@ def _star_split_kernel(STEPS, WORK, ssb, B, Bp, Hq, n_qt, BP2: tl.constexpr, NQT
 @triton.jit
 def _query_item(item, run, KINDS, GROUPS, STEPS, s_lay, ssb, Hq, Sq, Skv, BLOCK_M: tl.constexpr):
     """Work item ``item`` of the forward and dQ (query tile ``qt`` of batch ``b``, query head ``h``; tile
-    index fastest, so consecutive items share a head's K/V in L2): b, h (int64), qt, its loop steps
+    index fastest, so consecutive items share a head's K/V in L2; one index, not a 2-D grid: CUDA caps
+    grid.y at 65535, which B * H can exceed): b, h (int64), qt, its loop steps
     ``n`` (its visits; 1 for a tile without visits, all rows PAD, whose step only stores its zero
     rows), and its rows: index, in range, position, kind (PAD past Sq), group, live. ``run`` False: an
     item with no rows and no steps (nothing loaded beyond its steps)."""
@@ -281,8 +283,8 @@ def _query_item(item, run, KINDS, GROUPS, STEPS, s_lay, ssb, Hq, Sq, Skv, BLOCK_
     bh = item // n_qt
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
-    steps = STEPS + b * ssb + qt
-    n = tl.where(run, tl.load(steps + 1) - tl.load(steps), 0)
+    prefix = STEPS + b * ssb + qt
+    n = tl.where(run, tl.load(prefix + 1) - tl.load(prefix), 0)
     rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = (rows < Sq) & run
     pos_q = rows + (Skv - Sq)
