@@ -151,7 +151,7 @@ TARGETS = (
 # Triton tile sweep: the triton backend with other tile configurations than its table's
 # (htc_kernels/triton/star_attention.py, _TILE_TABLE: register and shared-memory budgets, never timed)
 # on these units, so the table can be set from measurements. Fields of TileConfig: block_q, block_k,
-# warps_fwd, warps_bwd, stages, persist (forward / dQ programs per SM; 0: one per query tile). The
+# warps_fwd, warps_bwd, stages, persist (visiting kernels' programs per SM; 0: one per tile). The
 # table's own entry is timed too (marked in the report). Runs after the units with targets; never
 # changes the exit status (a config that fails to compile is an ERROR row; a WRONG one, reported, is a
 # compiler problem at that config: the table must avoid it).
@@ -614,7 +614,7 @@ def render_sweep(sweeps: list[dict]) -> list[str]:
         "## Triton tile sweep",
         "",
         "The triton backend with other tile configurations (block_q×block_k, warps forward/backward, "
-        "stages, persist: forward/dQ programs per SM, 0 = one per query tile) than its table's "
+        "stages, persist: programs per SM, 0 = one per tile) than its table's "
         "(`_TILE_TABLE` in htc_kernels/triton/star_attention.py); the same "
         "reference check and timing as above. Speed-up: the table's time / this time (> 1: faster than "
         "the table's). Not part of the exit status.",

@@ -701,7 +701,7 @@ def test_triton_kernels_compile_pipelined_and_spill_free_for_sm90(head_dim):
     """What decides the Triton kernels' speed on an H100, checked without one (issue 8): compiled for
     sm_90 at the tile table's 16-bit entry, the plain pass of the forward, dQ and dK/dV kernels
     software-pipelines its tile loads (async copies inside the visiting loop, none waiting) and spills
-    nothing, with persistent forward / dQ programs (the table's) and one program per query tile.
+    nothing, with persistent programs (the table's) and one program per tile.
     Before this check the loops branched per tile kind around their loads (never pipelined)
     and every kernel spilled 1-2 KB per thread (htc_kernels/triton/_codegen.py, the table in
     benchmarks/results/triton-codegen.md)."""
@@ -715,14 +715,14 @@ def test_triton_kernels_compile_pipelined_and_spill_free_for_sm90(head_dim):
         "for kernel in cg._KERNELS:\n"
         f"    c = cg.compile_kernel(kernel, 90, cfg, torch.bfloat16, {head_dim})\n"
         "    print(json.dumps(dataclasses.asdict(c)))\n"
-        "for kernel in ('fwd', 'dq'):  # one program per query tile: the tile sweep's persist 0 rows\n"
+        "for kernel in cg._KERNELS:  # one program per tile: the tile sweep's persist 0 rows\n"
         f"    c = cg.compile_kernel(kernel, 90, cfg._replace(persist=0), torch.bfloat16, {head_dim})\n"
         "    print(json.dumps(dataclasses.asdict(c)))\n"
     )
     out = run_python(code, TRITON_INTERPRET="0")
     assert out.returncode == 0, out.stderr[-3000:]
     reports = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [c["kernel"] for c in reports] == ["fwd", "dq", "dkdv", "fwd", "dq"], out.stdout
+    assert [c["kernel"] for c in reports] == ["fwd", "dq", "dkdv"] * 2, out.stdout
     for c in reports:
         assert c["stack_bytes"] == 0, c
         assert c["pipelined_tiles"] >= 2 and c["sync_tiles"] == 0, c
@@ -785,26 +785,28 @@ def _poison_case(device):
 
 
 @needs_triton
+@pytest.mark.parametrize("side", ["rows", "columns"])
 @pytest.mark.parametrize("shared", [True, False])
-def test_triton_work_split_covers_every_query_tile_once(shared):
-    """Persistent forward / dQ programs (_star_split_kernel): runs of whole query tiles, in order,
-    together every tile of every (batch, head) exactly once, with near-equal loop steps (one per
-    visit, one for a tile without visits); one program per tile when persist is 0 or tiles are few."""
+def test_triton_work_split_covers_every_tile_once(shared, side):
+    """Persistent programs (_star_split_kernel): runs of whole tiles (query tiles of (batch, head) for
+    the forward and dQ, key tiles of (batch, kv head) times the GQA group for dK/dV), in order,
+    together every tile exactly once, with near-equal loop steps (one per visit, one for a tile
+    without visits); one program per tile when persist is 0 or tiles are few."""
     ts = importlib.import_module("htc_kernels.triton.star_attention")
     dev = TRITON_DEVICE
     n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
     kinds = random_kinds(7, batch=1 if shared else 3, max_visual=90)
     kinds[-1, :40] = P  # a sample with leading PAD tiles: tiles without visits
     layout = hk.StarLayout(kinds).to(dev)
-    s = layout.seq_len
-    q_tiles, q_steps, _kt, _kc = ts.tile_lists(layout.plan(s, 16, 16))
-    per_tile = (q_steps[:, 1:] - q_steps[:, :-1]).cpu()
+    q_tiles, q_steps, k_tiles, k_steps = ts.tile_lists(layout.plan(layout.seq_len, 16, 16))
+    tiles, steps = (q_tiles, q_steps) if side == "rows" else (k_tiles, k_steps)
+    per_tile = (steps[:, 1:] - steps[:, :-1]).cpu()
     assert (per_tile >= 1).all() and (per_tile == 1).any()
     batch = 3
-    for heads in (1, 3):
-        items = per_tile.expand(batch, -1)[:, None, :].expand(batch, heads, -1).reshape(-1).tolist()
+    for heads, mult in ((1, 1), (3, 1), (2, 3)):
+        items = (per_tile.expand(batch, -1)[:, None, :].expand(batch, heads, -1).reshape(-1) * mult).tolist()
         for persist in (0, 1, 2, 7):
-            split = ts._work_split(q_tiles, q_steps, batch, heads, persist, dev)
+            split = ts._work_split(tiles, steps, batch, heads, persist, dev, mult=mult)
             if persist * n_sm >= len(items) or not persist:
                 assert not split["PERSIST"] and split["grid"] == (len(items),)
                 continue
@@ -812,8 +814,8 @@ def test_triton_work_split_covers_every_query_tile_once(shared):
             work = split["WORK"].cpu().tolist()
             firsts = [w[0] for w in work] + [len(items)]
             assert firsts[0] == 0 and firsts == sorted(firsts)
-            for p, (first, steps) in enumerate(work):
-                assert steps == sum(items[first : firsts[p + 1]]), (p, work)
+            for p, (first, n) in enumerate(work):
+                assert n == sum(items[first : firsts[p + 1]]), (p, work)
             fair = sum(items) / len(work)
             assert max(w[1] for w in work) <= fair + max(items), (fair, work)
 
@@ -822,11 +824,11 @@ def test_triton_work_split_covers_every_query_tile_once(shared):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter: inf * 0
 @pytest.mark.parametrize("persist", [0, 2])
 @pytest.mark.parametrize("case", ["random", "decode", "poison", "panel"])
-def test_triton_forward_and_dq_both_work_splits(case, persist):
-    """The forward and dQ kernels have two code paths: one program per query tile (persist 0: q loaded
-    once; the table's choice on sm_80, for fp32 and D=256) and persistent programs walking several
-    tiles in one loop (the interpreter's default, persist 3; sm_90 16-bit). The matrix runs the
-    device's default; these cases run each path wherever the tests run."""
+def test_triton_both_work_splits(case, persist):
+    """The visiting kernels have two code paths: one program per tile (persist 0: q, or k and v for
+    dK/dV, loaded once; the table's choice on sm_80, for fp32 and D=256) and persistent programs
+    walking several tiles in one loop (the interpreter's default, persist 3; sm_90 16-bit). The matrix
+    runs the device's default; these cases (forward and backward) run each path wherever tests run."""
     ts = importlib.import_module("htc_kernels.triton.star_attention")
     cfg = ts.tile_config(32, torch.float32, TRITON_DEVICE, 64)._replace(persist=persist)
     with ts._override_tiles(cfg):

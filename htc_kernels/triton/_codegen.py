@@ -55,10 +55,10 @@ def _args(kernel: str, dtype: torch.dtype, d: int) -> dict:
     elt = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
     n_t = -(-_S // 64)
     common = dict(
-        KINDS="*i8", GROUPS="*i32", PANEL="*i32", TILES="*i32", NTILES="*i32", STEPS="*i32",
+        KINDS="*i8", GROUPS="*i32", PANEL="*i32", TILES="*i32", STEPS="*i32",
         FLAGS="*i32", WORK="*i32",
-        LSE="*fp32", slb=_H * _S, slh=_S, s_lay=0, s_pan=0, NP=0, stb=0, str_=n_t, snb=0, ssb=0,
-        Hq=_H, Hkv=_H, GROUP=1, Sq=_S, Skv=_S, D=d, n_rows=n_t,
+        LSE="*fp32", slb=_H * _S, slh=_S, s_lay=0, s_pan=0, NP=0, stb=0, str_=n_t, ssb=0,
+        Hq=_H, Hkv=_H, GROUP=1, Sq=_S, Skv=_S, D=d,
         qk_scale=0.125, scale=0.125, topology=0, softcap=0.0, inv_softcap=0.0,
         **_strides("sq", d), **_strides("sk", d), **_strides("sv", d),
     )  # fmt: skip
@@ -116,8 +116,7 @@ def compile_kernel(
         BLOCK_M=cfg.block_q, BLOCK_N=cfg.block_k, BLOCK_D=ts._block_d(head_dim), PREC=ts._prec(dtype),
         F32_DOTS=False, SOFTCAP=False, EXACT=False,
     )  # fmt: skip
-    if kernel != "dkdv":
-        constexprs["PERSIST"] = cfg.persist > 0
+    constexprs["PERSIST"] = cfg.persist > 0
     warps = cfg.warps_fwd if kernel == "fwd" else cfg.warps_bwd
     compiled = triton.compile(
         _source(fn, _args(kernel, dtype, head_dim), constexprs),

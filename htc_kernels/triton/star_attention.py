@@ -36,9 +36,9 @@ run of consecutive ones with near-equal visit counts (split on the device by
 per visit at the loop's top level so the pipeline fetches the next tile's q and K/V while this one
 computes (the tile table's note says why). Backward, deterministic (no atomics, a fixed visiting
 order): a row kernel forms delta = rowsum(dO * O) - grad_lse; a dQ kernel walks the row lists with
-the forward's work items; a dK/dV kernel per (key tile, batch x kv head) walks the key tile's column
-list and, for each visited query tile, every query head of its GQA group, so each dK/dV row has
-exactly one writer.
+the forward's work items; a dK/dV kernel walks, per (key tile, batch x kv head) item (one program
+each or persistent runs, as in the forward), the key tile's column list and, for each visited query
+tile, every query head of its GQA group, so each dK/dV row has exactly one writer.
 
 "Masked means never read" (DESIGN.md §2): scores are masked with ``tl.where`` (a select, so a NaN
 score at a masked pair disappears); q/k/v/dO rows at PAD positions are never loaded (masked loads
@@ -214,57 +214,60 @@ def _nonfinite_rows(x, rows):
 
 
 @triton.jit
-def _first_item(a, STEPS, ssb, Bp, Hq, n_qt, BP2: tl.constexpr, NQT_P2: tl.constexpr):
-    """The first work item (:func:`_query_item`) whose first loop step is >= ``a`` (below the total),
-    and that step. Steps of (b, h, qt): all of samples < b (every head), then heads < h of sample b,
-    then STEPS[b, qt] (the row's exclusive prefix; STEPS[b, n_qt] is one head's total). int32: the
-    host keeps the total below 2**31 (_work_split)."""
+def _first_item(a, STEPS, ssb, mult, Bp, H, n_t, BP2: tl.constexpr, NT_P2: tl.constexpr):
+    """The first work item whose first loop step is >= ``a`` (below the total), and that step. Items
+    are (b, h, tile), tile fastest; steps of (b, h, tile): all of samples < b (every head), then heads
+    < h of sample b, then mult * STEPS[b, tile] (the exclusive prefix; STEPS[b, n_t] is one head's
+    total). int32: the host keeps the total below 2**31 (_work_split)."""
     if BP2 == 1:  # one layout for the batch: the same steps per (batch, head)
-        per_head = tl.load(STEPS + n_qt)
-        b = a // (Hq * per_head)
-        before = b * Hq * per_head
+        per_head = tl.load(STEPS + n_t) * mult
+        b = a // (H * per_head)
+        before = b * H * per_head
     else:
         bb = tl.arange(0, BP2)
-        tb = tl.load(STEPS + bb * ssb + n_qt, mask=bb < Bp, other=0)
-        upto = tl.cumsum(tb, 0) * Hq  # steps of samples 0..b
+        tb = tl.load(STEPS + bb * ssb + n_t, mask=bb < Bp, other=0) * mult
+        upto = tl.cumsum(tb, 0) * H  # steps of samples 0..b
         b = tl.sum(((upto <= a) & (bb < Bp)).to(tl.int32))
-        before = tl.sum(tl.where(bb == b, upto - Hq * tb, 0))
+        before = tl.sum(tl.where(bb == b, upto - H * tb, 0))
         per_head = tl.sum(tl.where(bb == b, tb, 0))
     r = a - before
     h = r // per_head
     r = r - h * per_head
     row = STEPS + b * ssb
-    qq = tl.arange(0, NQT_P2)
-    qt = tl.sum((tl.load(row + qq, mask=qq < n_qt, other=2147483647) < r).to(tl.int32))  # n_qt: next head
-    return (b * Hq + h) * n_qt + qt, before + h * per_head + tl.load(row + qt)
+    tt = tl.arange(0, NT_P2)
+    before_tile = tl.load(row + tt, mask=tt < n_t, other=0) * mult
+    tile = tl.sum(((before_tile < r) & (tt < n_t)).to(tl.int32))  # n_t: the next head's first tile
+    return (b * H + h) * n_t + tile, before + h * per_head + tl.load(row + tile) * mult
 
 
 @triton.jit
-def _program_items(STEPS, ssb, B, Bp, Hq, n_qt, BP2: tl.constexpr, NQT_P2: tl.constexpr):
+def _program_items(STEPS, ssb, mult, B, Bp, H, n_t, BP2: tl.constexpr, NT_P2: tl.constexpr):
     """A persistent program's work: its first item and its number of loop steps. The programs split
     all steps (visits, at least one per item) into near-equal runs of whole items, in item order."""
     if BP2 == 1:
-        total = B * Hq * tl.load(STEPS + n_qt)
+        total = B * H * tl.load(STEPS + n_t) * mult
     else:
         bb = tl.arange(0, BP2)
-        total = Hq * tl.sum(tl.load(STEPS + bb * ssb + n_qt, mask=bb < Bp, other=0))
+        total = H * mult * tl.sum(tl.load(STEPS + bb * ssb + n_t, mask=bb < Bp, other=0))
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     chunk = total // n_prog
     rem = total - chunk * n_prog
     a0 = pid * chunk + tl.minimum(pid, rem)  # run p: steps [a0, a1), no product beyond the total
     a1 = a0 + chunk + (pid < rem).to(tl.int32)
-    item, first = _first_item(a0, STEPS, ssb, Bp, Hq, n_qt, BP2, NQT_P2)
-    _next, stop = _first_item(tl.minimum(a1, total - 1), STEPS, ssb, Bp, Hq, n_qt, BP2, NQT_P2)
+    item, first = _first_item(a0, STEPS, ssb, mult, Bp, H, n_t, BP2, NT_P2)
+    _next, stop = _first_item(tl.minimum(a1, total - 1), STEPS, ssb, mult, Bp, H, n_t, BP2, NT_P2)
     return item, tl.where(a1 >= total, total, stop) - first
 
 
-@triton.jit(do_not_specialize=("B", "Bp", "Hq", "n_qt"))
-def _star_split_kernel(STEPS, WORK, ssb, B, Bp, Hq, n_qt, BP2: tl.constexpr, NQT_P2: tl.constexpr):
-    """WORK[p] = (first item, loop steps) of persistent program p (grid: the programs of the forward or
-    dQ launch that follows). Its own launch: computed in those kernels' prologue it cost them 20-30
-    registers in the loop (sm_90, ptxas), 255 at D=128."""
-    item, steps = _program_items(STEPS, ssb, B, Bp, Hq, n_qt, BP2, NQT_P2)
+@triton.jit(do_not_specialize=("mult", "B", "Bp", "H", "n_t"))
+def _star_split_kernel(STEPS, WORK, ssb, mult, B, Bp, H, n_t, BP2: tl.constexpr, NT_P2: tl.constexpr):
+    """WORK[p] = (first item, loop steps) of persistent program p (grid: the programs of the forward,
+    dQ or dK/dV launch that follows; items of the forward and dQ are query tiles of (batch, query
+    head), mult 1; of dK/dV key tiles of (batch, kv head), mult the GQA group). Its own launch:
+    computed in those kernels' prologue it cost them 20-30 registers in the loop (sm_90, ptxas), 255
+    at D=128."""
+    item, steps = _program_items(STEPS, ssb, mult, B, Bp, H, n_t, BP2, NT_P2)
     pid = tl.program_id(0)
     tl.store(WORK + 2 * pid, item)
     tl.store(WORK + 2 * pid + 1, steps)
@@ -576,13 +579,33 @@ def _star_bwd_dq_kernel(
         tl.store(FLAGS + pid, bad)
 
 
+@triton.jit
+def _key_item(item, run, KINDS, GROUPS, PANEL, STEPS, s_lay, s_pan, ssb, NP, Hkv, GROUP, Skv,
+              BLOCK_N: tl.constexpr):  # fmt: skip
+    """Work item ``item`` of dK/dV (mapped key tile ``kt`` of batch ``b``, kv head ``hk``; tile index
+    fastest): b, hk (int64), kt, its loop steps ``n`` (query tiles of its column list times the GQA
+    group; a column without visits takes the group's steps, its rows never read), and its keys as
+    :func:`_key_tile` gives them (``own``: the keys whose dK/dV rows it stores). ``run`` False: no
+    steps, no keys."""
+    n_kt = NP + tl.cdiv(Skv, BLOCK_N)
+    kt = item % n_kt
+    bh = item // n_kt
+    b = (bh // Hkv).to(tl.int64)
+    hk = (bh % Hkv).to(tl.int64)
+    cols, kind_k, grp_k, own = _key_tile(KINDS, GROUPS, PANEL, b * s_lay, b * s_pan, kt, NP, Skv, BLOCK_N)
+    prefix = STEPS + b * ssb + kt
+    n = tl.where(run, (tl.load(prefix + 1) - tl.load(prefix)) * GROUP, 0)
+    return b, hk, kt, n, cols, tl.where(run, kind_k, _PAD), grp_k, own & run
+
+
 # fmt: off
-@triton.jit(do_not_specialize=("Hq", "Hkv", "Sq", "Skv", "n_rows", "topology", "NP"))
+@triton.jit(do_not_specialize=("Hq", "Hkv", "Sq", "Skv", "topology", "NP"))
 def _star_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     KINDS, GROUPS, PANEL,
-    TILES, NTILES,  # column lists [Bp, n_kt, n_qt] int32 (qt << 3 | kind), counts [Bp, n_kt]
-    FLAGS,  # as in _star_fwd_kernel
+    TILES,  # column lists [Bp, n_kt, n_qt] int32 (qt << 3 | kind, zeros after the column's visits)
+    STEPS,  # [Bp, n_kt + 1] int32: per column, the exclusive prefix of its visits (tile_lists)
+    FLAGS, WORK,  # as in _star_fwd_kernel
     sqb, sqh, sqs, sqd,
     skb, skh, sks, skd,
     svb, svh, svs, svd,
@@ -590,54 +613,53 @@ def _star_bwd_dkdv_kernel(
     slb, slh,
     skgb, skgh, skgs, skgd,  # dk
     svgb, svgh, svgs, svgd,  # dv
-    s_lay, s_pan, NP, stb, str_, snb,
-    Hq, Hkv, GROUP, Sq, Skv, D, n_rows, qk_scale, scale,
+    s_lay, s_pan, NP, stb, str_, ssb,
+    Hq, Hkv, GROUP, Sq, Skv, D, qk_scale, scale,
     topology,  # 0 star, 1 group (runtime: one compiled kernel for both)
     softcap, inv_softcap,  # the cap c and 1/c (read only when SOFTCAP)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PERSIST: tl.constexpr,
     PREC: tl.constexpr, F32_DOTS: tl.constexpr, SOFTCAP: tl.constexpr, EXACT: tl.constexpr,
 ):
     # fmt: on
-    """dK, dV of one key tile of one kv head: the query tiles of its column list, for each of them
-    every query head of the GQA group (one writer per dK/dV row: no atomics, fixed order)."""
+    """dK, dV of key tiles of kv heads: for each, the query tiles of its column list and for each of
+    them every query head of the GQA group (one writer per dK/dV row: no atomics, fixed order). Work
+    items and persistence as in the forward; k and v are loaded once per item (persist 0) or per
+    visit."""
     pid = tl.program_id(0)
-    n_kt = NP + tl.cdiv(Skv, BLOCK_N)
-    kt = pid % n_kt
-    bh = pid // n_kt
-    b = (bh // Hkv).to(tl.int64)
-    hk = (bh % Hkv).to(tl.int64)
     q_off = Skv - Sq
-
-    lay = b * s_lay
-    # own: the keys whose dK/dV rows this program stores (every key has exactly one such slot).
-    cols, kind_k, grp_k, own = _key_tile(KINDS, GROUPS, PANEL, lay, b * s_pan, kt, NP, Skv, BLOCK_N)
-    n = tl.minimum(tl.load(NTILES + b * snb + kt), n_rows)
-    if EXACT:  # only the flagged programs (see the forward)
-        run = tl.load(FLAGS + pid) != 0
-        own = own & run
-        kind_k = tl.where(run, kind_k, _PAD)
-        n = tl.where(run, n, 0)
-    live_k = kind_k != _PAD
-    dd = tl.arange(0, BLOCK_D)
-    d_in = dd < D
-    cols64 = cols.to(tl.int64)
-    ldk = live_k[:, None] & d_in[None, :]
-    k = tl.load(K + b * skb + hk * skh + cols64[:, None] * sks + dd[None, :] * skd, mask=ldk, other=0.0)
-    v = tl.load(V + b * svb + hk * svh + cols64[:, None] * svs + dd[None, :] * svd, mask=ldk, other=0.0)
-    k = k.to(tl.float32) if F32_DOTS else k
-    v = v.to(tl.float32) if F32_DOTS else v
-
+    run = (tl.load(FLAGS + pid) != 0) if EXACT else True  # as in the forward
+    if PERSIST:
+        item = tl.load(WORK + 2 * pid)
+        steps = tl.where(run, tl.load(WORK + 2 * pid + 1), 0)
+    else:
+        item = pid
+        b, hk, kt, n, cols, kind_k, grp_k, own = _key_item(
+            item, run, KINDS, GROUPS, PANEL, STEPS, s_lay, s_pan, ssb, NP, Hkv, GROUP, Skv, BLOCK_N
+        )
+        k = _row_tile(K, b, hk, cols, kind_k != _PAD, skb, skh, sks, skd, D, BLOCK_D, F32_DOTS)
+        v = _row_tile(V, b, hk, cols, kind_k != _PAD, svb, svh, svs, svd, D, BLOCK_D, F32_DOTS)
+        steps = n
+    bad = 0
+    it = 0
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    tile_col = TILES + b * stb + kt * str_
-    # One flat loop over (query tile, head of the GQA group): the loads stay at the loop's top level.
-    for it in range(n * GROUP):
+    # One flat loop over (query tile, head of the GQA group) visits: the loads stay at the loop's top
+    # level; with PERSIST over the visits of a run of key tiles.
+    for _step in range(steps):
+        if PERSIST:
+            b, hk, kt, n, cols, kind_k, grp_k, own = _key_item(
+                item, True, KINDS, GROUPS, PANEL, STEPS, s_lay, s_pan, ssb, NP, Hkv, GROUP, Skv, BLOCK_N
+            )
+            k = _row_tile(K, b, hk, cols, kind_k != _PAD, skb, skh, sks, skd, D, BLOCK_D, F32_DOTS)
+            v = _row_tile(V, b, hk, cols, kind_k != _PAD, svb, svh, svs, svd, D, BLOCK_D, F32_DOTS)
         t = it // GROUP
         h = hk * GROUP + (it - t * GROUP)
-        e = tl.load(tile_col + t)
+        e = tl.load(TILES + b * stb + kt * str_ + t)
         rows = (e >> 3) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_in = rows < Sq
+        row_in = (rows < Sq) & ((e & 7) != _SKIP)  # a column without visits: its steps read no row
         pos_q = rows + q_off
+        lay = b * s_lay
         kind_q = tl.load(KINDS + lay + pos_q, mask=row_in, other=_PAD).to(tl.int32)
         grp_q = tl.load(GROUPS + lay + pos_q, mask=row_in, other=-1)
         live_q = kind_q != _PAD
@@ -645,12 +667,8 @@ def _star_bwd_dkdv_kernel(
             pos_q[None, :], kind_q[None, :], grp_q[None, :], cols[:, None], kind_k[:, None], grp_k[:, None],
             e & 7, topology,
         )  # transposed orientation: [keys, rows]  # fmt: skip
-        rows64 = rows.to(tl.int64)
-        ldq = live_q[:, None] & d_in[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + rows64[:, None] * sqs + dd[None, :] * sqd, mask=ldq, other=0.0)
-        do = tl.load(DO + b * sdb + h * sdh + rows64[:, None] * sds + dd[None, :] * sdd, mask=ldq, other=0.0)
-        q = q.to(tl.float32) if F32_DOTS else q
-        do = do.to(tl.float32) if F32_DOTS else do
+        q = _row_tile(Q, b, h, rows, live_q, sqb, sqh, sqs, sqd, D, BLOCK_D, F32_DOTS)
+        do = _row_tile(DO, b, h, rows, live_q, sdb, sdh, sds, sdd, D, BLOCK_D, F32_DOTS)
         lse2 = tl.load(LSE + b * slb + h * slh + rows, mask=live_q, other=0.0) * _LOG2E_C
         delta = tl.load(DELTA + (b * Hq + h) * Sq + rows, mask=live_q, other=0.0)
         sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
@@ -668,14 +686,42 @@ def _star_bwd_dkdv_kernel(
         else:
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
             dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
-    if not EXACT:  # every row this program stores (PAD keys' zeros too: 0 * a NaN q row poisons them)
-        tl.store(FLAGS + pid, (_nonfinite_rows(dk, own) | _nonfinite_rows(dv, own)).to(tl.int32))
+        if PERSIST:
+            if it + 1 >= n:  # the item's last visit: store its rows, start the next item
+                bad |= _dkdv_store(
+                    dk, dv, scale, own, DK, DV, b, hk, cols, skgb, skgh, skgs, skgd, svgb, svgh, svgs, svgd,
+                    D, BLOCK_D,
+                )  # fmt: skip
+                dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+                dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+                item += 1
+                it = 0
+            else:
+                it += 1
+        else:
+            it += 1
+    if not PERSIST:
+        bad = _dkdv_store(
+            dk, dv, scale, own, DK, DV, b, hk, cols, skgb, skgh, skgs, skgd, svgb, svgh, svgs, svgd,
+            D, BLOCK_D,
+        )  # fmt: skip
+    if not EXACT:
+        tl.store(FLAGS + pid, bad)
 
-    st = own[:, None] & d_in[None, :]
+
+@triton.jit
+def _dkdv_store(dk, dv, scale, own, DK, DV, b, hk, cols, skgb, skgh, skgs, skgd, svgb, svgh, svgs, svgd, D,
+                BLOCK_D: tl.constexpr):  # fmt: skip
+    """Store one key tile's dK (times scale) and dV in k's dtype, the rows it ``own``s; returns 1
+    (int32) if one of them holds NaN/Inf (PAD keys' zeros too: 0 * a NaN q row poisons them)."""
+    dd = tl.arange(0, BLOCK_D)
+    st = own[:, None] & (dd < D)[None, :]
+    cols64 = cols.to(tl.int64)
     dk_ptrs = DK + b * skgb + hk * skgh + cols64[:, None] * skgs + dd[None, :] * skgd
     dv_ptrs = DV + b * svgb + hk * svgh + cols64[:, None] * svgs + dd[None, :] * svgd
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=st)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=st)
+    return (_nonfinite_rows(dk, own) | _nonfinite_rows(dv, own)).to(tl.int32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -699,13 +745,18 @@ def _compact(plan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def tile_lists(plan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernels' sparse form of a block plan ``[Bp, n_qt, n_kt]``: row lists ``[Bp, n_qt, n_kt]``
-    and row steps ``[Bp, n_qt + 1]`` (forward, dQ: the exclusive prefix over the rows of their loop
-    steps, a row's visit count or 1 for a row without visits; the last column is the sample's total
-    per head), column lists ``[Bp, n_kt, n_qt]`` and counts ``[Bp, n_kt]`` (dK/dV), all int32."""
+    and row steps ``[Bp, n_qt + 1]`` (forward, dQ: the exclusive prefix over the rows of their visit
+    counts, 1 for a row without visits; the last column is the sample's total per head), column lists
+    ``[Bp, n_kt, n_qt]`` and column steps ``[Bp, n_kt + 1]`` (dK/dV, the same over the columns; a
+    visit is then a query tile, times the GQA group's heads), all int32."""
     q_tiles, q_counts = _compact(plan)
-    k_tiles, k_counts = _compact(plan.transpose(1, 2))
-    q_steps = torch.nn.functional.pad(torch.cumsum(q_counts.clamp(min=1), -1, dtype=torch.int32), (1, 0))
-    return q_tiles, q_steps, k_tiles, k_counts
+    k_tiles, k_steps = _compact(plan.transpose(1, 2))
+    return q_tiles, _steps(q_counts), k_tiles, _steps(k_steps)
+
+
+def _steps(counts: torch.Tensor) -> torch.Tensor:
+    """counts ``[Bp, R]`` -> the exclusive prefix ``[Bp, R + 1]`` of ``max(count, 1)`` (int32)."""
+    return torch.nn.functional.pad(torch.cumsum(counts.clamp(min=1), -1, dtype=torch.int32), (1, 0))
 
 
 class TileConfig(NamedTuple):  # a NamedTuple: torch.compile traces its construction without a break
@@ -714,7 +765,8 @@ class TileConfig(NamedTuple):  # a NamedTuple: torch.compile traces its construc
     warps_fwd: int
     warps_bwd: int
     stages: int
-    # Forward and dQ programs per SM (_work_split); 0: one program per query tile (q loaded once).
+    # Programs per SM of the visiting kernels (_work_split); 0: one program per tile (its q, or k and v,
+    # loaded once).
     persist: int = 0
 
 
@@ -731,21 +783,23 @@ class TileConfig(NamedTuple):  # a NamedTuple: torch.compile traces its construc
 #   no GPU needed; table in benchmarks/results/triton-codegen.md): 2 stages software-pipeline the K/V
 #   (q/dO) tile loads of the visiting loops. sm_90, 16-bit, D <= 128: every kernel pipelined and
 #   spill-free (dK/dV at D=64 needs 8 warps: 4 spill). sm_80, D=128: the forward needs 8 warps to be
-#   spill-free; its dK/dV keeps 16 B of spill and unpipelined q/dO loads at any warps/stages tried
+#   spill-free; its dK/dV keeps 8 B of spill and unpipelined q/dO loads at any warps/stages tried
 #   with 2 stages (spill-free only without pipelining). D=256 and fp32 still spill (see the table).
 # - 32-row tiles run with 2 warps: measured on an H100 (triton 3.6, 2026-11-22), fp32 32x32 tiles at
 #   D=128 with 4 warps gave wrong outputs (rel. error ~1) and NaN gradients, with 2 warps exact
 #   (≤ 6e-7); 4 and 8 warps at D=256 failed the same tests. A compiler issue we did not isolate.
-# - persist: a forward / dQ program per query tile lives for ~2-3 tile visits at the LLaVA shape (most
-#   visual tiles visit 2), so each pays its prologue's chain of dependent loads (counts, kinds, q, the
-#   tile list, key kinds, K/V) with nothing in flight behind it; the H100 run of 2026-11-22 put the
-#   CUDA kernel (same one program per tile) at ~9 CTA-us per visit, ~10x its MMA time. Persistent
-#   programs (2 per SM) walk one flat loop over the visits of ~B*H*n_qt/(2*SMs) consecutive tiles, so
-#   the next tile's q, list entry and K/V load while this one computes. Costs: q through shared memory
-#   per visit (sm_90 D=128 forward: 107 KB instead of 82 KB, 225 registers: still 2 per SM), and a
-#   split kernel per launch (runs of near-equal visits: equal tile counts left the busiest program
-#   1.39x the mean at 16 images, the LLaVA shape 1.00x). Not on sm_80 (its forward spills 72 B, its
-#   dQ 1.2 KB that way), fp32 or D=256. Never timed.
+# - persist: a program per tile lives for ~2-3 visits at the LLaVA shape (a visual query tile visits
+#   2: the text-prefix tile and its DIAG tile; a visual key tile is visited by its DIAG and the <voco>
+#   tile), so each pays its prologue's chain of dependent loads (counts, kinds, q, the list entry, key
+#   kinds, K/V) with nothing in flight behind it; the H100 run of 2026-11-22 put the CUDA kernel (the
+#   same one program per tile) at ~9 CTA-us per visit, ~10x its MMA time. Persistent programs (2 per
+#   SM) walk one flat loop over the visits of a run of consecutive tiles, so the next tile's operands
+#   load while this one computes. Costs: the per-tile operands through shared memory per visit (sm_90
+#   D=128: forward 107 KB instead of 82 KB at 225 registers, still 2 per SM; dQ 148 KB; dK/dV 148 KB
+#   but 193 registers instead of 255), K/V (dK/dV) re-read from L2 per visit, and a split kernel per
+#   launch (runs of near-equal visits: equal tile counts left the busiest program 1.39x the mean at 16
+#   images, the LLaVA shape 1.00x). Not on sm_80 (its forward spills 72 B, its dQ 1.2 KB that way),
+#   fp32 or D=256. Never timed.
 # None of these is a timing: the GPU check's tile sweep (benchmarks/gpu_star_attention.py,
 # SWEEP_TILES, through _override_tiles) times neighbours at the LLaVA shape and 16 images: set this
 # table from its "Triton tile sweep" tables.
@@ -789,23 +843,23 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _work_split(q_tiles: torch.Tensor, q_steps: torch.Tensor, batch, heads, persist: int, device) -> dict:
-    """Grid and WORK of a forward / dQ launch over the ``batch * heads * n_qt`` query tiles of the row
-    lists ``q_tiles`` / ``q_steps`` (:func:`tile_lists`): one program per tile (persist 0, few tiles,
-    or so many that the steps could pass int32) with WORK unused, else ``persist`` programs per SM
-    (the interpreter counts as one SM), each a run of whole tiles with near-equal loop steps, WORK
-    from :func:`_star_split_kernel`."""
-    bp, n_qt, n_kt = q_tiles.shape
-    n_items = batch * heads * n_qt
+def _work_split(tiles: torch.Tensor, steps: torch.Tensor, batch, heads, persist: int, device, mult=1) -> dict:
+    """Grid and WORK of a visiting launch over the ``batch * heads * n_t`` tiles of the lists ``tiles``
+    / ``steps`` (:func:`tile_lists`; rows for the forward and dQ, columns with ``mult`` the GQA group
+    for dK/dV): one program per tile (persist 0, few tiles, or so many that the steps could pass
+    int32) with WORK unused, else ``persist`` programs per SM (the interpreter counts as one SM), each
+    a run of whole tiles with near-equal loop steps, WORK from :func:`_star_split_kernel`."""
+    bp, n_t, width = tiles.shape
+    n_items = batch * heads * n_t
     programs = persist * (_sm_count(_index(device)) if device.type == "cuda" else 1)
-    bound = n_items * max(n_kt, 1)  # steps: at most one per key tile, per query tile
+    bound = n_items * max(width, 1) * mult  # steps: at most one per list entry (and head), per tile
     if not persist or n_items <= programs or bound >= 2**31:
-        return {"grid": (n_items,), "WORK": q_steps, "PERSIST": False}
+        return {"grid": (n_items,), "WORK": steps, "PERSIST": False}
     work = torch.empty((programs, 2), dtype=torch.int32, device=device)
     bp2 = 1 if bp == 1 else triton.next_power_of_2(bp)
     torch.library.wrap_triton(_star_split_kernel)[(programs,)](
-        q_steps, work, 0 if bp == 1 else q_steps.stride(0), batch, bp, heads, n_qt,
-        BP2=bp2, NQT_P2=triton.next_power_of_2(n_qt),
+        steps, work, 0 if bp == 1 else steps.stride(0), mult, batch, bp, heads, n_t,
+        BP2=bp2, NT_P2=triton.next_power_of_2(n_t),
     )  # fmt: skip
     return {"grid": (programs,), "WORK": work, "PERSIST": True}
 
@@ -866,7 +920,7 @@ def _new_output(shape, dtype, device) -> torch.Tensor:
 
 
 def _check_args(
-    q, k, v, kinds, groups, q_tiles, q_steps, k_tiles, k_counts, block_q, block_k, topology, softcap, panel
+    q, k, v, kinds, groups, q_tiles, q_steps, k_tiles, k_steps, block_q, block_k, topology, softcap, panel
 ):
     """Shape/dtype checks of a raw op call (the public function has validated already): ValueError."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
@@ -904,9 +958,9 @@ def _check_args(
             )
         n_panel = panel.shape[1] // block_k
     n_qt, n_kt = -(-sq // block_q), n_panel + -(-skv // block_k)
-    want = ((bp, n_qt, n_kt), (bp, n_qt + 1), (bp, n_kt, n_qt), (bp, n_kt))
+    want = ((bp, n_qt, n_kt), (bp, n_qt + 1), (bp, n_kt, n_qt), (bp, n_kt + 1))
     for name, t, shape in zip(
-        ("q_tiles", "q_steps", "k_tiles", "k_counts"), (q_tiles, q_steps, k_tiles, k_counts), want
+        ("q_tiles", "q_steps", "k_tiles", "k_steps"), (q_tiles, q_steps, k_tiles, k_steps), want
     ):
         if t.dtype != torch.int32 or tuple(t.shape) != shape:
             raise ValueError(
@@ -920,7 +974,7 @@ def _check_args(
             "star_attention_triton: softcap must be 0 (no capping) or a positive normal float32, "
             f"got {softcap}"
         )
-    for t in (k, v, kinds, groups, q_tiles, q_steps, k_tiles, k_counts, *([] if panel is None else [panel])):
+    for t in (k, v, kinds, groups, q_tiles, q_steps, k_tiles, k_steps, *([] if panel is None else [panel])):
         if t.device != q.device:
             raise ValueError(f"star_attention_triton: all tensors must be on {q.device}")
 
@@ -975,7 +1029,7 @@ def star_attention_triton(
     q_tiles: torch.Tensor,
     q_steps: torch.Tensor,
     k_tiles: torch.Tensor,
-    k_counts: torch.Tensor,
+    k_steps: torch.Tensor,
     block_q: int,
     block_k: int,
     topology: int,
@@ -986,10 +1040,10 @@ def star_attention_triton(
     """Forward. q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` (fp32/bf16/fp16, any strides), kinds
     int8 / groups int32 ``[Bp, Skv]``, tile lists of the plan for (Sq, block_q, block_k) from
     :func:`tile_lists` -> out ``[B, Hq, Sq, D]`` (q's dtype), lse ``[B, Hq, Sq]`` float32 (natural
-    log of the (capped) scores; -inf on PAD rows). k_tiles/k_counts are unused here (the backward
+    log of the (capped) scores; -inf on PAD rows). k_tiles/k_steps are unused here (the backward
     reads them). softcap c > 0: scores ``s`` become ``c * tanh(s / c)``; 0: no capping. panel: int32
     ``[Bp, P]`` (:meth:`StarLayout.key_panel`) when the tile lists are of a key-panel plan, else None."""
-    lists = (q_tiles, q_steps, k_tiles, k_counts)
+    lists = (q_tiles, q_steps, k_tiles, k_steps)
     _check_args(q, k, v, kinds, groups, *lists, block_q, block_k, topology, softcap, panel)
     kinds, groups, q_tiles, q_steps = (t.contiguous() for t in (kinds, groups, q_tiles, q_steps))
     b, hq, sq, d = q.shape
@@ -1017,7 +1071,7 @@ def star_attention_triton(
 
 
 @star_attention_triton.register_fake
-def _(q, k, v, kinds, groups, q_tiles, q_steps, k_tiles, k_counts, *args):
+def _(q, k, v, kinds, groups, q_tiles, q_steps, k_tiles, k_steps, *args):
     # Explicit fake: under TRITON_INTERPRET=1 the traced body would interpret on FakeTensors.
     b, hq, sq, _d = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
@@ -1039,7 +1093,7 @@ def star_attention_triton_backward(
     q_tiles: torch.Tensor,
     q_steps: torch.Tensor,
     k_tiles: torch.Tensor,
-    k_counts: torch.Tensor,
+    k_steps: torch.Tensor,
     block_q: int,
     block_k: int,
     topology: int,
@@ -1051,7 +1105,7 @@ def star_attention_triton_backward(
     forward, grad_lse ``[B, Hq, Sq]`` float32 or None (the gradient reaching lse directly), scale and
     softcap and panel the forward's -> dq, dk, dv (shapes and dtypes of q, k, v). Deterministic: no
     atomics."""
-    lists = (q_tiles, q_steps, k_tiles, k_counts)
+    lists = (q_tiles, q_steps, k_tiles, k_steps)
     _check_args(q, k, v, kinds, groups, *lists, block_q, block_k, topology, softcap, panel)
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
@@ -1061,8 +1115,8 @@ def star_attention_triton_backward(
         raise ValueError("star_attention_triton_backward: grad_lse must be shaped like lse")
     lse = lse.float().contiguous()
     grad_lse = None if grad_lse is None else grad_lse.float().contiguous()
-    kinds, groups, q_tiles, q_steps, k_tiles, k_counts = (
-        t.contiguous() for t in (kinds, groups, q_tiles, q_steps, k_tiles, k_counts)
+    kinds, groups, q_tiles, q_steps, k_tiles, k_steps = (
+        t.contiguous() for t in (kinds, groups, q_tiles, q_steps, k_tiles, k_steps)
     )
     pan, s_pan, n_panel = _panel_args(panel, groups, block_k)
     dq = _new_output(q.shape, q.dtype, q.device)
@@ -1085,7 +1139,8 @@ def star_attention_triton_backward(
     )  # fmt: skip
     tb = 0 if q_tiles.shape[0] == 1 else q_tiles.stride(0)
     nb = 0 if q_steps.shape[0] == 1 else q_steps.stride(0)
-    split = _work_split(q_tiles, q_steps, b, hq, tile_config(d, q.dtype, q.device, sq).persist, q.device)
+    persist = tile_config(d, q.dtype, q.device, sq).persist
+    split = _work_split(q_tiles, q_steps, b, hq, persist, q.device)
     grid, work = split.pop("grid"), split.pop("WORK")
     flags = torch.empty(grid, dtype=torch.int32, device=q.device)
     for exact in (False, True):  # the plain pass, then the exact one for the programs it flagged
@@ -1097,23 +1152,25 @@ def star_attention_triton_backward(
             EXACT=exact, **_launch(q.device, d, q.dtype, sq, backward=True, exact=exact), **common,
         )  # fmt: skip
     tb = 0 if k_tiles.shape[0] == 1 else k_tiles.stride(0)
-    nb = 0 if k_counts.shape[0] == 1 else k_counts.stride(0)
-    grid = (k_tiles.shape[1] * b * hkv,)
+    nb = 0 if k_steps.shape[0] == 1 else k_steps.stride(0)
+    persist = tile_config(d, q.dtype, q.device, sq).persist
+    split = _work_split(k_tiles, k_steps, b, hkv, persist, q.device, mult=hq // hkv)
+    grid, work = split.pop("grid"), split.pop("WORK")
     flags = torch.empty(grid, dtype=torch.int32, device=q.device)
     for exact in (False, True):
         torch.library.wrap_triton(_star_bwd_dkdv_kernel)[grid](
-            q, k, v, dout, lse, delta, dk, dv, kinds, groups, pan, k_tiles, k_counts, flags,
+            q, k, v, dout, lse, delta, dk, dv, kinds, groups, pan, k_tiles, k_steps, flags, work,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), lse.stride(0), lse.stride(1),
             *dk.stride(), *dv.stride(),
             lay, s_pan, n_panel, tb, k_tiles.stride(1), nb,
-            hq, hkv, hq // hkv, sq, skv, d, k_tiles.shape[2], scale * _LOG2E, scale, topology,
+            hq, hkv, hq // hkv, sq, skv, d, qk_scale=scale * _LOG2E, scale=scale, topology=topology, **split,
             EXACT=exact, **_launch(q.device, d, q.dtype, sq, backward=True, exact=exact), **common,
         )  # fmt: skip
     return dq, dk, dv
 
 
 @star_attention_triton_backward.register_fake
-def _(dout, q, k, v, out, lse, grad_lse, kinds, groups, q_tiles, q_steps, k_tiles, k_counts, *args):
+def _(dout, q, k, v, out, lse, grad_lse, kinds, groups, q_tiles, q_steps, k_tiles, k_steps, *args):
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         torch.empty_like(k, memory_format=torch.contiguous_format),
@@ -1123,18 +1180,18 @@ def _(dout, q, k, v, out, lse, grad_lse, kinds, groups, q_tiles, q_steps, k_tile
 
 def _setup_context(ctx, inputs, output):
     # args: block_q .. softcap
-    q, k, v, kinds, groups, q_tiles, q_steps, k_tiles, k_counts, *args, panel = inputs
+    q, k, v, kinds, groups, q_tiles, q_steps, k_tiles, k_steps, *args, panel = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, kinds, groups, q_tiles, q_steps, k_tiles, k_counts, panel)
+    ctx.save_for_backward(q, k, v, out, lse, kinds, groups, q_tiles, q_steps, k_tiles, k_steps, panel)
     ctx.args = tuple(args)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, kinds, groups, q_tiles, q_steps, k_tiles, k_counts, panel = ctx.saved_tensors
+    q, k, v, out, lse, kinds, groups, q_tiles, q_steps, k_tiles, k_steps, panel = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.htc.star_attention_triton_backward(
-        grad_out, q, k, v, out, lse, grad_lse, kinds, groups, q_tiles, q_steps, k_tiles, k_counts, *ctx.args,
+        grad_out, q, k, v, out, lse, grad_lse, kinds, groups, q_tiles, q_steps, k_tiles, k_steps, *ctx.args,
         panel,
     )
     return dq, dk, dv, *([None] * 12)
