@@ -685,8 +685,7 @@ def render_triton_kernels(report: dict) -> list[str]:
     for r in report.get("triton_kernels", []):
         lines.append(
             f"| {r['kernel']} | {r['exact']} | {r['persist']} | {', '.join(str(x) for x in r['block'])} "
-            f"| {r['num_warps']} "
-            f"| {r['num_stages']} | {r['registers']} | {r['spills']} | {r['shared']} "
+            f"| {r['num_warps']} | {r['num_stages']} | {r['registers']} | {r['spills']} | {r['shared']} "
             f"| {r['pipelined']} / {r['waiting']} |"
         )
     return lines + [""]

@@ -481,6 +481,22 @@ def _star_bwd_delta_kernel(
     tl.store(DELTA + (b * Hq + h) * Sq + rows, tl.where(live, delta, 0.0), mask=row_in)
 
 
+@triton.jit
+def _dq_item(
+    item, run, Q, DO, LSE, DELTA, KINDS, GROUPS, STEPS, sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd, slb, slh,
+    s_lay, ssb, Hq, Sq, Skv, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, F32_DOTS: tl.constexpr,
+):
+    """:func:`_query_item` of dQ, plus the rows' q, dO, lse (log2 domain) and delta."""
+    b, h, qt, n, rows, row_in, pos_q, kind_q, grp_q, live_q = _query_item(
+        item, run, KINDS, GROUPS, STEPS, s_lay, ssb, Hq, Sq, Skv, BLOCK_M
+    )
+    q = _row_tile(Q, b, h, rows, live_q, sqb, sqh, sqs, sqd, D, BLOCK_D, F32_DOTS)
+    do = _row_tile(DO, b, h, rows, live_q, sdb, sdh, sds, sdd, D, BLOCK_D, F32_DOTS)
+    lse2 = tl.load(LSE + b * slb + h * slh + rows, mask=live_q, other=0.0) * _LOG2E_C
+    delta = tl.load(DELTA + (b * Hq + h) * Sq + rows, mask=live_q, other=0.0)
+    return b, h, qt, n, rows, row_in, pos_q, kind_q, grp_q, live_q, q, do, lse2, delta
+
+
 # fmt: off
 @triton.jit(do_not_specialize=("Hq", "Sq", "Skv", "topology", "NP"))
 def _star_bwd_dq_kernel(
@@ -511,13 +527,10 @@ def _star_bwd_dq_kernel(
         steps = tl.where(run, tl.load(WORK + 2 * pid + 1), 0)
     else:
         item = pid
-        b, h, qt, n, rows, row_in, pos_q, kind_q, grp_q, live_q = _query_item(
-            item, run, KINDS, GROUPS, STEPS, s_lay, ssb, Hq, Sq, Skv, BLOCK_M
-        )
-        q = _row_tile(Q, b, h, rows, live_q, sqb, sqh, sqs, sqd, D, BLOCK_D, F32_DOTS)
-        do = _row_tile(DO, b, h, rows, live_q, sdb, sdh, sds, sdd, D, BLOCK_D, F32_DOTS)
-        lse2 = tl.load(LSE + b * slb + h * slh + rows, mask=live_q, other=0.0) * _LOG2E_C
-        delta = tl.load(DELTA + (b * Hq + h) * Sq + rows, mask=live_q, other=0.0)
+        b, h, qt, n, rows, row_in, pos_q, kind_q, grp_q, live_q, q, do, lse2, delta = _dq_item(
+            item, run, Q, DO, LSE, DELTA, KINDS, GROUPS, STEPS, sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd,
+            slb, slh, s_lay, ssb, Hq, Sq, Skv, D, BLOCK_M, BLOCK_D, F32_DOTS,
+        )  # fmt: skip
         steps = n
     dd = tl.arange(0, BLOCK_D)
     d_in = dd < D
@@ -526,13 +539,10 @@ def _star_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for _step in range(steps):
         if PERSIST:
-            b, h, qt, n, rows, row_in, pos_q, kind_q, grp_q, live_q = _query_item(
-                item, True, KINDS, GROUPS, STEPS, s_lay, ssb, Hq, Sq, Skv, BLOCK_M
-            )
-            q = _row_tile(Q, b, h, rows, live_q, sqb, sqh, sqs, sqd, D, BLOCK_D, F32_DOTS)
-            do = _row_tile(DO, b, h, rows, live_q, sdb, sdh, sds, sdd, D, BLOCK_D, F32_DOTS)
-            lse2 = tl.load(LSE + b * slb + h * slh + rows, mask=live_q, other=0.0) * _LOG2E_C
-            delta = tl.load(DELTA + (b * Hq + h) * Sq + rows, mask=live_q, other=0.0)
+            b, h, qt, n, rows, row_in, pos_q, kind_q, grp_q, live_q, q, do, lse2, delta = _dq_item(
+                item, True, Q, DO, LSE, DELTA, KINDS, GROUPS, STEPS, sqb, sqh, sqs, sqd, sdb, sdh, sds, sdd,
+                slb, slh, s_lay, ssb, Hq, Sq, Skv, D, BLOCK_M, BLOCK_D, F32_DOTS,
+            )  # fmt: skip
         hk = h // GROUP
         e = tl.load(TILES + b * stb + qt * str_ + t)
         lay = b * s_lay
@@ -1139,7 +1149,7 @@ def star_attention_triton_backward(
     )  # fmt: skip
     tb = 0 if q_tiles.shape[0] == 1 else q_tiles.stride(0)
     nb = 0 if q_steps.shape[0] == 1 else q_steps.stride(0)
-    persist = tile_config(d, q.dtype, q.device, sq).persist
+    persist = tile_config(d, q.dtype, q.device, sq).persist  # the dQ and dK/dV launches
     split = _work_split(q_tiles, q_steps, b, hq, persist, q.device)
     grid, work = split.pop("grid"), split.pop("WORK")
     flags = torch.empty(grid, dtype=torch.int32, device=q.device)
@@ -1153,7 +1163,6 @@ def star_attention_triton_backward(
         )  # fmt: skip
     tb = 0 if k_tiles.shape[0] == 1 else k_tiles.stride(0)
     nb = 0 if k_steps.shape[0] == 1 else k_steps.stride(0)
-    persist = tile_config(d, q.dtype, q.device, sq).persist
     split = _work_split(k_tiles, k_steps, b, hkv, persist, q.device, mult=hq // hkv)
     grid, work = split.pop("grid"), split.pop("WORK")
     flags = torch.empty(grid, dtype=torch.int32, device=q.device)
