@@ -399,6 +399,14 @@ HTC_DEV KeyAt key_at(const StarParams& p, const int8_t* kin, const int32_t* grp,
   return mapped_key(kin, grp, KeyMapT<int>{panel, p.panel_len, p.Skv}, j);
 }
 
+// Is query row i (< Sq or not) one to load: in the sequence and not PAD? Its kind is read at a clamped,
+// always valid index and the answer selected: a load behind a branch is waited for inside it (SASS:
+// a thread's rows then load one after the other), unconditional ones are in flight together.
+HTC_DEV bool live_query(const StarParams& p, const int8_t* kin, int i) {
+  const int8_t kind = kin[(i < p.Sq ? i : p.Sq - 1) + p.q_off];
+  return (i < p.Sq) & (kind != kPad);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // The pipeline shared by every kernel: the non-SKIP entries of a plan line (a row, stride 1: the key
 // tiles of a query tile; or a column, stride n_kt: the query tiles of a key tile) are compacted window
@@ -436,6 +444,9 @@ HTC_DEV void stream_items(const uint8_t* line, int64_t stride, int n, int lo, in
 template <int NT, int D, int LD, class Store, class Src>
 HTC_DEV void gather_rows(Store* dst, const Store* base, int64_t gstride, int rows, int tid, Src&& src) {
   constexpr int kChunk = 16 / static_cast<int>(sizeof(Store)), kRowChunks = D / kChunk;
+  // Not unrolled: with src a shared-memory read, the unrolled copies' addresses were all computed
+  // ahead, +7-15 registers, and the D = 256 row kernels spilled on sm_90 (ptxas).
+  HTC_UNROLL_N(1)
   for (int c = tid; c < rows * kRowChunks; c += NT) {
     const int r = c / kRowChunks, cc = c - r * kRowChunks;
     const int64_t row = src(r);
@@ -586,7 +597,7 @@ HTC_DEV void star_row_block(const StarParams& p, unsigned char* smem, int tid, i
 
   // Query (and dO) rows -> shared; rows past Sq and PAD rows are zero-filled, never read: a PAD
   // row's q, and its grad_out, may hold anything (DESIGN.md §2).
-  auto live_row = [&](int r) { return r0 + r < p.Sq && kin[r0 + r + p.q_off] != kPad; };
+  auto live_row = [&](int r) { return live_query(p, kin, r0 + r); };
   copy_rows<NT, D, LD>(sQ, qg, r0, p.q_ss, BQ, tid, live_row);
   if constexpr (kDq) {
     const Store* dog = static_cast<const Store*>(p.dout) + b * p.do_sb + h * p.do_sh;
@@ -625,24 +636,28 @@ HTC_UNROLL
 
   // Key tile `kt` (of the plan's key order) -> stage `st`, its rows gathered by position (PAD keys,
   // holes, empty slots and keys past Skv zero-filled), with its keys' kinds, groups and positions.
+  // Each key is looked up once, by thread `key` of the tile, into shared memory; the copies read their
+  // rows from there after a barrier. Looked up by every copying thread (until 2026-11-24), a thread
+  // ran 16 chains of 2-3 dependent global loads in series per tile (sm_90 bf16 D=128 SASS: each
+  // chain behind a branch and behind the previous cp.async), before the tile's compute could start.
   auto issue = [&](int entry, int /*sub*/, int st) {
     const int j0 = (entry >> 3) * BK;
     // The sample's panel, recomputed per tile from kin (its sample index is kin's row): nothing more
     // kept live across the tile loop, where the fp32 D=256 dQ and bf16 D=128 forward kernels use
     // 254-255 registers (any more spills).
     const int32_t* pan = p.panel ? p.panel + (kin - p.kinds) / p.Skv * p.panel_len : nullptr;
-    auto src = [&](int r) {
-      const KeyAt a = key_at(p, kin, grp, pan, j0 + r);
-      return a.kind != kPad ? static_cast<int64_t>(a.pos) : int64_t{-1};
-    };
-    gather_rows<NT, D, LD>(sK(st), kg, p.k_ss, BK, tid, src);
-    gather_rows<NT, D, LD>(sV(st), vg, p.v_ss, BK, tid, src);
     if (tid < BK) {
       const KeyAt a = key_at(p, kin, grp, pan, j0 + tid);
       sKind[st * BK + tid] = a.kind;
       sGrp[st * BK + tid] = a.group;
       sKeyPos[st * BK + tid] = a.pos;
     }
+    simt::sync_block();  // the stage's keys are visible to every thread (the body reads the other stage)
+    const int8_t* kind = sKind + st * BK;
+    const int32_t* kpos = sKeyPos + st * BK;
+    auto src = [&](int r) { return kind[r] != kPad ? static_cast<int64_t>(kpos[r]) : int64_t{-1}; };
+    gather_rows<NT, D, LD>(sK(st), kg, p.k_ss, BK, tid, src);
+    gather_rows<NT, D, LD>(sV(st), vg, p.v_ss, BK, tid, src);
   };
   // Tiles where some row may not attend some key can meet non-finite values that must stay unread:
   // V in the forward's P V, K in the dq's dS K (scores are masked by select, which needs nothing).
@@ -1069,21 +1084,32 @@ HTC_UNROLL
 
     // Sub-tile `sub` of query tile entry>>3 -> stage st: Q and dO rows (PAD rows and rows past Sq
     // zero-filled: never read) and the rows' position, kind, group, lse (log2) and delta.
+    // As in the row kernel: each row's kind is read once, by thread `row`, and the copies take it
+    // from shared memory; lse and delta are loaded before the copies and stored after them.
     auto issue = [&](int entry, int sub, int st) {
       const int i0 = (entry >> 3) * 64 + sub * QS;
-      auto live = [&](int r) { return i0 + r < p.Sq && kin[i0 + r + p.q_off] != kPad; };
+      const int i = i0 + tid;
+      const bool in = tid < QS && i < p.Sq;
+      int32_t group = -1;
+      float lse2 = 0.f, dlt = 0.f;
+      if (tid < QS) {
+        const int8_t kind = in ? kin[i + p.q_off] : static_cast<int8_t>(kPad);
+        const bool ok = kind != kPad;
+        lse2 = ok ? p.lse_in[row_base + i] * tile::kLog2e : 0.f;
+        dlt = ok ? p.delta[row_base + i] : 0.f;
+        group = in ? grp[i + p.q_off] : -1;
+        mPos[st * QS + tid] = i + p.q_off;
+        mKind[st * QS + tid] = kind;
+      }
+      simt::sync_block();  // the stage's row kinds are visible to every thread
+      const int8_t* kind = mKind + st * QS;
+      auto live = [&](int r) { return kind[r] != kPad; };
       copy_rows<NT, D, LD>(sQ(st), qg, i0, p.q_ss, QS, tid, live);
       copy_rows<NT, D, LD>(sDo(st), dog, i0, p.do_ss, QS, tid, live);
       if (tid < QS) {
-        const int i = i0 + tid;
-        const bool in = i < p.Sq;
-        const int8_t kind = in ? kin[i + p.q_off] : static_cast<int8_t>(kPad);
-        const bool ok = in && kind != kPad;
-        mPos[st * QS + tid] = i + p.q_off;
-        mKind[st * QS + tid] = kind;
-        mGrp[st * QS + tid] = in ? grp[i + p.q_off] : -1;
-        mLse2[st * QS + tid] = ok ? p.lse_in[row_base + i] * tile::kLog2e : 0.f;
-        mDelta[st * QS + tid] = ok ? p.delta[row_base + i] : 0.f;
+        mGrp[st * QS + tid] = group;
+        mLse2[st * QS + tid] = lse2;
+        mDelta[st * QS + tid] = dlt;
       }
     };
     auto check = [&](int, int, int) { return false; };
