@@ -1049,11 +1049,16 @@ HTC_DEV void star_key_block(const StarParams& p, unsigned char* smem, int tid, i
 
   const Store* kg = static_cast<const Store*>(p.k) + b * p.k_sb + hk * p.k_sh;
   const Store* vg = static_cast<const Store*>(p.v) + b * p.v_sb + hk * p.v_sh;
-  // Keys gathered by position (PAD keys, holes, empty slots and keys past Skv zero-filled).
-  auto src = [&](int r) {
-    const KeyAt a = key_at(p, kin, grp, pan, j0 + r);
-    return a.kind != kPad ? static_cast<int64_t>(a.pos) : int64_t{-1};
-  };
+  // Keys gathered by position (PAD keys, holes, empty slots and keys past Skv zero-filled), each looked
+  // up once into the list's shared memory (free until the first compact_window, which begins with a
+  // barrier); the copies read their rows there (star_row_block's issue says why).
+  static_assert(BK <= kListWindow, "the key rows borrow the list's shared memory");
+  if (tid < BK) {
+    const KeyAt a = key_at(p, kin, grp, pan, j0 + tid);
+    sList[tid] = a.kind != kPad ? a.pos : -1;
+  }
+  simt::sync_block();
+  auto src = [&](int r) { return static_cast<int64_t>(sList[r]); };
   gather_rows<NT, D, LD>(sK, kg, p.k_ss, BK, tid, src);
   gather_rows<NT, D, LD>(sV, vg, p.v_ss, BK, tid, src);
   simt::cp_async_commit();
