@@ -1086,23 +1086,25 @@ HTC_UNROLL
     const Store* qg = static_cast<const Store*>(p.q) + b * p.q_sb + h * p.q_sh;
     const Store* dog = static_cast<const Store*>(p.dout) + b * p.do_sb + h * p.do_sh;
     const int64_t row_base = (static_cast<int64_t>(b) * p.Hq + h) * p.Sq;
+    float pend_lse2 = 0.f, pend_delta = 0.f;  // thread tid < QS: its row of the last issued sub-tile
+    int32_t pend_group = -1;
 
     // Sub-tile `sub` of query tile entry>>3 -> stage st: Q and dO rows (PAD rows and rows past Sq
     // zero-filled: never read) and the rows' position, kind, group, lse (log2) and delta.
     // As in the row kernel: each row's kind is read once, by thread `row`, and the copies take it
-    // from shared memory; lse and delta are loaded before the copies and stored after them.
+    // from shared memory. The rows' group, lse and delta are loaded here but stored by `check`, which
+    // runs just before the barrier that publishes the stage: stored here, their loads (lse and delta
+    // come from L2 or HBM) held up this thread's body of the current sub-tile.
     auto issue = [&](int entry, int sub, int st) {
       const int i0 = (entry >> 3) * 64 + sub * QS;
       const int i = i0 + tid;
-      const bool in = tid < QS && i < p.Sq;
-      int32_t group = -1;
-      float lse2 = 0.f, dlt = 0.f;
       if (tid < QS) {
+        const bool in = i < p.Sq;
         const int8_t kind = in ? kin[i + p.q_off] : static_cast<int8_t>(kPad);
         const bool ok = kind != kPad;
-        lse2 = ok ? p.lse_in[row_base + i] * tile::kLog2e : 0.f;
-        dlt = ok ? p.delta[row_base + i] : 0.f;
-        group = in ? grp[i + p.q_off] : -1;
+        pend_lse2 = ok ? p.lse_in[row_base + i] * tile::kLog2e : 0.f;
+        pend_delta = ok ? p.delta[row_base + i] : 0.f;
+        pend_group = in ? grp[i + p.q_off] : -1;
         mPos[st * QS + tid] = i + p.q_off;
         mKind[st * QS + tid] = kind;
       }
@@ -1111,13 +1113,15 @@ HTC_UNROLL
       auto live = [&](int r) { return kind[r] != kPad; };
       copy_rows<NT, D, LD>(sQ(st), qg, i0, p.q_ss, QS, tid, live);
       copy_rows<NT, D, LD>(sDo(st), dog, i0, p.do_ss, QS, tid, live);
-      if (tid < QS) {
-        mGrp[st * QS + tid] = group;
-        mLse2[st * QS + tid] = lse2;
-        mDelta[st * QS + tid] = dlt;
-      }
     };
-    auto check = [&](int, int, int) { return false; };
+    auto check = [&](int, int, int st) {
+      if (tid < QS) {
+        mGrp[st * QS + tid] = pend_group;
+        mLse2[st * QS + tid] = pend_lse2;
+        mDelta[st * QS + tid] = pend_delta;
+      }
+      return false;
+    };
 
     auto body = [&](int entry, int sub, int st, int) {
       const int kind = entry & 7, i0 = (entry >> 3) * 64 + sub * QS;
