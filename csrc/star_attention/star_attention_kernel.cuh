@@ -411,9 +411,11 @@ HTC_DEV bool live_query(const StarParams& p, const int8_t* kin, int i) {
 // The pipeline shared by every kernel: the non-SKIP entries of a plan line (a row, stride 1: the key
 // tiles of a query tile; or a column, stride n_kt: the query tiles of a key tile) are compacted window
 // by window; entry e expands to n_sub items (sub-tiles), streamed through a 2-stage cp.async pipeline.
-//   issue(entry, sub, stage): this thread's copies of one item into `stage` (no commit);
+//   issue(entry, sub, stage): this thread's copies of one item into `stage` (no commit), called by
+//     every thread (it may hold a barrier of its own);
 //   check(entry, sub, stage): a per-thread predicate on the landed item (e.g. "my V chunks hold
-//     Inf/NaN"), OR-reduced over the block by the barrier that publishes the stage;
+//     Inf/NaN"), OR-reduced over the block by the barrier that publishes the stage; called by every
+//     thread just before that barrier, so it may also store what issue loaded for the stage;
 //   body(entry, sub, stage, any): the item's work, called by every thread (block-uniform).
 // Only entries whose rank among all non-SKIP entries is in [lo, hi) are streamed (split-K).
 template <int NT, class Issue, class Check, class Body>
@@ -636,7 +638,7 @@ HTC_UNROLL
 
   // Key tile `kt` (of the plan's key order) -> stage `st`, its rows gathered by position (PAD keys,
   // holes, empty slots and keys past Skv zero-filled), with its keys' kinds, groups and positions.
-  // Each key is looked up once, by thread `key` of the tile, into shared memory; the copies read their
+  // Each key j of the tile is looked up once, by thread j, into shared memory; the copies read their
   // rows from there after a barrier. Looked up by every copying thread (until 2026-11-24), a thread
   // ran 16 chains of 2-3 dependent global loads in series per tile (sm_90 bf16 D=128 SASS: each
   // chain behind a branch and behind the previous cp.async), before the tile's compute could start.
