@@ -82,8 +82,7 @@ status_of() { # exit code -> words (timeout passes on a child's death by signal 
   case "$1" in
     0) echo ok ;;
     124 | 137) echo "TIMED OUT (limit $2 s)" ;;
-    129 | 13[0-6] | 13[89] | 14[0-9] | 15[0-9]) echo "CRASHED (signal $(($1 - 128)))" ;;
-    *) echo "FAILED (exit $1)" ;;
+    *) if (($1 > 128)); then echo "CRASHED (signal $(($1 - 128)))"; else echo "FAILED (exit $1)"; fi ;;
   esac
 }
 
@@ -208,9 +207,9 @@ else
   echo "pytest ${THROW_TESTS[*]} (C++ exceptions, own process)" | tee -a "$LOG_TESTS"
   timeout -k 15 120 "$PY" -X faulthandler -m pytest "${THROW_TESTS[@]}" -q -p no:cacheprovider 2>&1 |
     tee -a "$LOG_TESTS" | tail -n 5
-  rc=${PIPESTATUS[0]}
-  record exceptions "$(status_of "$rc" 120): $(tail -n1 "$LOG_TESTS")" $(($(date +%s) - t))
-  if ((rc > 128 && rc != 137)); then
+  st=$(status_of "${PIPESTATUS[0]}" 120)
+  record exceptions "$st: $(tail -n1 "$LOG_TESTS")" $(($(date +%s) - t))
+  if [[ $st == CRASHED* ]]; then
     {
       echo "---- runtime libraries mapped after loading htc_kernels._C:"
       "$PY" -c 'import torch, htc_kernels._C

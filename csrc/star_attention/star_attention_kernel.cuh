@@ -1099,8 +1099,8 @@ HTC_UNROLL
     // come from L2 or HBM) held up this thread's body of the current sub-tile.
     auto issue = [&](int entry, int sub, int st) {
       const int i0 = (entry >> 3) * 64 + sub * QS;
-      const int i = i0 + tid;
       if (tid < QS) {
+        const int i = i0 + tid;
         const bool in = i < p.Sq;
         const int8_t kind = in ? kin[i + p.q_off] : static_cast<int8_t>(kPad);
         const bool ok = kind != kPad;
