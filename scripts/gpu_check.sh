@@ -18,7 +18,10 @@
 #   5 profile  Nsight Compute (ncu, when installed) on the htc kernels of HTC_GPU_PROFILE_UNITS (default:
 #            llava-b16 fwd and fwd+bwd on cuda, fwd on triton; 16img fwd on cuda): speed of light,
 #            occupancy, launch stats (registers, shared memory), warp stalls, memory workload ->
-#            gpu-<device>-ncu.txt (~1 min; its time is held back from the benchmark's budget)
+#            gpu-<device>-ncu.txt (~1 min); then warp-stall sampling per SASS instruction (SourceCounters)
+#            of the CUDA forward on HTC_GPU_STALL_UNITS (default llava-b16 and 16img fwd), summarised
+#            by benchmarks/ncu_stalls.py -> gpu-<device>-stalls.md (+ -sass.csv.gz, -stalls.ncu-rep;
+#            ~1 min). Both are held back from the benchmark's budget
 #   6 tests  the rest of tests/, only if the budget has time left (not with --quick)
 #   7 copy   results and logs to $OUT when it is set (the device tool returns files from there)
 # Whole run: under 8 minutes on an H100. Budget HTC_GPU_CHECK_BUDGET_S (default 400 s): each phase gets
@@ -133,7 +136,8 @@ STEM=${STEM:-gpu-unknown} # the benchmark module failed to import: its phase wil
 RES=benchmarks/results
 mkdir -p "$RES"
 LOG_BUILD=$RES/$STEM-build.log LOG_TESTS=$RES/$STEM-tests.log LOG_BENCH=$RES/$STEM-bench.log
-LOG_NCU=$RES/$STEM-ncu.txt
+LOG_NCU=$RES/$STEM-ncu.txt LOG_STALLS=$RES/$STEM-stalls.md
+REP_STALLS=$RES/$STEM-stalls CSV_STALLS=$RES/$STEM-sass.csv
 echo "results: $RES/$STEM.md, .json; logs: $RES/$STEM-{build,tests,bench}.log"
 record env ok $(($(date +%s) - t))
 
@@ -244,7 +248,7 @@ t=$(date +%s)
 unset HTC_POISON_OUTPUTS # tests poison kernel outputs with NaN (an extra pass): never while timing
 NCU=$(command -v ncu || find /opt/nvidia /usr/local/cuda*/ -name ncu -type f 2>/dev/null | sort | tail -n1)
 PROFILE_RESERVE=0
-[ -n "$NCU" ] && [ "$NO_PROFILE" != 1 ] && [ "$SMOKE" != 1 ] && PROFILE_RESERVE=90
+[ -n "$NCU" ] && [ "$NO_PROFILE" != 1 ] && [ "$SMOKE" != 1 ] && PROFILE_RESERVE=150
 budget=$(($(left) - 20 - PROFILE_RESERVE))
 ((budget < 90)) && budget=90
 BENCH_ARGS=(--out "$RES" --budget-s "$budget" ${SMOKE_ARG[@]+"${SMOKE_ARG[@]}"})
@@ -277,7 +281,7 @@ elif [ -z "$NCU" ]; then
 elif (($(left) < 45)); then
   record profile "skipped (budget: $(left) s left)" 0
 else
-  limit=$(clamp $(($(left) - 30)) 45 240)
+  limit=$(clamp $(($(left) - 90)) 45 240) # the rest: the stall sampling below
   # --clock-control none: leave the clocks as the benchmark saw them; only kernels named *star* (the
   # plan, forward, backward, combine and delta kernels of both backends), only inside the profiled runs.
   NCU_ARGS=(--clock-control none --profile-from-start off --kernel-name regex:star
@@ -290,6 +294,30 @@ else
   grep -E '^\[profile\]|==ERROR==|==WARNING==' "$LOG_NCU" | head -n 20
   echo "$(grep -c 'Section: Occupancy' "$LOG_NCU") kernel launches profiled; details: $LOG_NCU"
   record profile "$(status_of "$rc" "$limit")" $(($(date +%s) - t))
+  # Where the forward's warps wait, by SASS instruction: warp-stall sampling (SourceCounters) of the
+  # CUDA forward, exported as ncu's source page and summarised by benchmarks/ncu_stalls.py.
+  t=$(date +%s)
+  if (($(left) < 40)); then
+    record stalls "skipped (budget: $(left) s left)" 0
+  else
+    limit=$(clamp $(($(left) - 20)) 30 150)
+    SUNITS=${HTC_GPU_STALL_UNITS:-llava-b16:fwd:cuda,16img:fwd:cuda}
+    echo "stalls: $NCU --section SourceCounters (star_row_kernel) --profile $SUNITS (limit $limit s)" | tee -a "$LOG_NCU"
+    rm -f "$REP_STALLS.ncu-rep" "$CSV_STALLS" "$CSV_STALLS.gz"
+    timeout -k 15 "$limit" "$NCU" --clock-control none --profile-from-start off --kernel-name regex:star_row_kernel \
+      --section SourceCounters -f -o "$REP_STALLS" "$PY" -m benchmarks.gpu_star_attention --profile "$SUNITS" \
+      >>"$LOG_NCU" 2>&1
+    rc=$?
+    if [ -f "$REP_STALLS.ncu-rep" ] &&
+      "$NCU" --import "$REP_STALLS.ncu-rep" --page source --csv --print-source sass >"$CSV_STALLS" 2>>"$LOG_NCU" &&
+      "$PY" -m benchmarks.ncu_stalls "$CSV_STALLS" >"$LOG_STALLS" 2>>"$LOG_NCU"; then
+      head -n 40 "$LOG_STALLS"
+      gzip -f "$CSV_STALLS"
+      record stalls "$(status_of "$rc" "$limit"): $LOG_STALLS" $(($(date +%s) - t))
+    else
+      record stalls "FAILED (ncu exit $rc, no source page; see $LOG_NCU)" $(($(date +%s) - t))
+    fi
+  fi
 fi
 
 # ----------------------------------------------------------------------------------------- 6 tests-all
@@ -319,7 +347,7 @@ if [ -f "$MD" ]; then
     echo
     echo "## scripts/gpu_check.sh"
     echo
-    echo "Options: ${*:-none}; $(elapsed) s in all. Logs: \`$STEM-{build,tests,bench}.log\`, \`$STEM-ncu.txt\`."
+    echo "Options: ${*:-none}; $(elapsed) s in all. Logs: \`$STEM-{build,tests,bench}.log\`, \`$STEM-ncu.txt\`, \`$STEM-stalls.md\`."
     echo
     echo '```'
     printf '%s\n' "${SUMMARY[@]}"
@@ -328,7 +356,8 @@ if [ -f "$MD" ]; then
 fi
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
-  for f in "$MD" "$RES/$STEM.json" "$LOG_BUILD" "$LOG_TESTS" "$LOG_BENCH" "$LOG_NCU"; do
+  for f in "$MD" "$RES/$STEM.json" "$LOG_BUILD" "$LOG_TESTS" "$LOG_BENCH" "$LOG_NCU" "$LOG_STALLS" \
+    "$CSV_STALLS.gz" "$REP_STALLS.ncu-rep"; do
     [ -f "$f" ] && cp "$f" "$OUT/"
   done
   echo "copied results and logs to $OUT"

@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) does not put 
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import gpu_star_attention as g  # noqa: E402
+from benchmarks import ncu_stalls  # noqa: E402
 
 
 def test_benchmark_smoke_writes_tables_and_json(tmp_path):
@@ -158,6 +159,40 @@ def test_targets_arithmetic():
     assert cuda[("llava-b16", "fwd", "floor", None)]["measured"] == pytest.approx(1.2)
     triton = [t for t in res if t["htc"] == "htc triton"]
     assert len(triton) == 1 and triton[0]["verdict"] == "N/A" and "no triton" in triton[0]["detail"]
+
+
+# The layout of `ncu --import rep --page source --csv --print-source sass` (one block per launch),
+# with a profiler message before it and the "-" of an empty cell.
+_SASS_CSV = """==PROF== Connected to process 1234
+"Kernel Name","void htc::star_cuda::star_row_kernel<Cfg>(StarParams)"
+"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)",\
+"stall_barrier","stall_long_sb","stall_long_sb (Not Issued)"
+"0x7f0000000000","      IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ","2","1","0","0","0"
+"0x7f0000000010","      @!P2 LDG.E.U8 R17, desc[UR8][R14.64] ","-","-","-","-","-"
+"0x7f0000000020","      DEPBAR.LE SB0, 0x0 ","60","50","0","55","50"
+"0x7f0000000030","      BAR.SYNC.DEFER_BLOCKING 0x0 ","38","30","38","0","0"
+"Kernel Name","void htc::star_cuda::star_combine_kernel<(Elt)1, 128>(StarParams)"
+"Address","Source","Warp Stall Sampling (All Samples)"
+"0x7f0000100000","      EXIT ","0"
+"""
+
+
+def test_ncu_stalls_summary():
+    launches = ncu_stalls.parse(_SASS_CSV)
+    assert [len(la.rows) for la in launches] == [4, 1]
+    md = ncu_stalls.report(_SASS_CSV)
+    assert "100 samples" in md and "star_row_kernel" in md
+    # by opcode, hottest first; predicates and modifiers stripped
+    assert md.index("| DEPBAR | 60 | 60.0% |") < md.index("| BAR | 38 | 38.0% |")
+    assert "| LDG | 0 | 0.0% |" in md
+    # per instruction: offset from the kernel's first one, its main reasons ("Not Issued" ignored)
+    assert "| 0x0020 | 60 | 60.0% | long_sb 92% | `DEPBAR.LE SB0, 0x0` |" in md
+    assert "| 0x0030 | 38 | 38.0% | barrier 100% |" in md
+    assert "Stall reasons over the kernel: long_sb 55.0%, barrier 38.0%." in md
+    assert "No samples." in md  # the second launch
+    assert "No launch" in ncu_stalls.report("==PROF== nothing\n")
+    no_column = '"Kernel Name","k"\n"Address","Source"\n"0x10","EXIT"\n'
+    assert "No stall-sampling column" in ncu_stalls.report(no_column)
 
 
 def test_script_syntax_and_options():

@@ -411,29 +411,34 @@ HTC_DEV bool live_query(const StarParams& p, const int8_t* kin, int i) {
 // The pipeline shared by every kernel: the non-SKIP entries of a plan line (a row, stride 1: the key
 // tiles of a query tile; or a column, stride n_kt: the query tiles of a key tile) are compacted window
 // by window; entry e expands to n_sub items (sub-tiles), streamed through a 2-stage cp.async pipeline.
-//   issue(entry, sub, stage): this thread's copies of one item into `stage` (no commit), called by
-//     every thread (it may hold a barrier of its own);
+//   fetch(entry, sub): this thread's global loads of one item's metadata into registers (no shared
+//     memory: both stages may still be read). Called for item it + 1 before waiting for item it, so
+//     the loads are in flight during that wait and the barrier after it;
+//   issue(entry, sub, stage): stores what fetch loaded into `stage` and issues this thread's copies
+//     of the item (no commit); called by every thread (it may hold a barrier of its own);
 //   check(entry, sub, stage): a per-thread predicate on the landed item (e.g. "my V chunks hold
-//     Inf/NaN"), OR-reduced over the block by the barrier that publishes the stage; called by every
-//     thread just before that barrier, so it may also store what issue loaded for the stage;
+//     Inf/NaN"), OR-reduced over the block by the barrier that publishes the stage;
 //   body(entry, sub, stage, any): the item's work, called by every thread (block-uniform).
 // Only entries whose rank among all non-SKIP entries is in [lo, hi) are streamed (split-K).
-template <int NT, class Issue, class Check, class Body>
+template <int NT, class Fetch, class Issue, class Check, class Body>
 HTC_DEV void stream_items(const uint8_t* line, int64_t stride, int n, int lo, int hi, int n_sub, int* list,
-                          int* counts, int tid, Issue&& issue, Check&& check, Body&& body) {
+                          int* counts, int tid, Fetch&& fetch, Issue&& issue, Check&& check, Body&& body) {
   int seen = 0;
   for (int w0 = 0; w0 < n && seen < hi; w0 += kListWindow) {
     const int n_list = compact_window<NT>(line, stride, n, w0, lo, hi, seen, list, counts, tid);
     const int items = n_list * n_sub;
     if (items == 0) continue;
+    fetch(list[0], 0);
     issue(list[0], 0, 0);
     simt::cp_async_commit();
     for (int it = 0; it < items; ++it) {
       const int e = it / n_sub, u = it - e * n_sub, st = it & 1;
+      const bool next = it + 1 < items;
+      if (next) fetch(list[(it + 1) / n_sub], (it + 1) % n_sub);
       simt::cp_async_wait<0>();
       // Barrier: item `it` is visible to every thread, and every warp is done with the other stage.
       const int any = simt::sync_block_or(check(list[e], u, st));
-      if (it + 1 < items) issue(list[(it + 1) / n_sub], (it + 1) % n_sub, st ^ 1);
+      if (next) issue(list[(it + 1) / n_sub], (it + 1) % n_sub, st ^ 1);
       simt::cp_async_commit();
       body(list[e], u, st, any);
     }
@@ -638,21 +643,24 @@ HTC_UNROLL
 
   // Key tile `kt` (of the plan's key order) -> stage `st`, its rows gathered by position (PAD keys,
   // holes, empty slots and keys past Skv zero-filled), with its keys' kinds, groups and positions.
-  // Each key j of the tile is looked up once, by thread j, into shared memory; the copies read their
-  // rows from there after a barrier. Looked up by every copying thread (until 2026-11-24), a thread
+  // Key j of the tile is looked up by thread j (fetch: 2-3 dependent global loads, in flight while
+  // the block waits for the current tile), stored to shared memory (issue), and after a barrier the
+  // copies read their rows from there. Looked up by every copying thread (until 2026-11-24), a thread
   // ran 16 chains of 2-3 dependent global loads in series per tile (sm_90 bf16 D=128 SASS: each
   // chain behind a branch and behind the previous cp.async), before the tile's compute could start.
-  auto issue = [&](int entry, int /*sub*/, int st) {
-    const int j0 = (entry >> 3) * BK;
+  KeyAt next_key{no_position<int>(), static_cast<int8_t>(kPad), -1};  // thread tid < BK: its key
+  auto fetch = [&](int entry, int /*sub*/) {
     // The sample's panel, recomputed per tile from kin (its sample index is kin's row): nothing more
     // kept live across the tile loop, where the fp32 D=256 dQ and bf16 D=128 forward kernels use
     // 254-255 registers (any more spills).
     const int32_t* pan = p.panel ? p.panel + (kin - p.kinds) / p.Skv * p.panel_len : nullptr;
+    if (tid < BK) next_key = key_at(p, kin, grp, pan, (entry >> 3) * BK + tid);
+  };
+  auto issue = [&](int /*entry*/, int /*sub*/, int st) {
     if (tid < BK) {
-      const KeyAt a = key_at(p, kin, grp, pan, j0 + tid);
-      sKind[st * BK + tid] = a.kind;
-      sGrp[st * BK + tid] = a.group;
-      sKeyPos[st * BK + tid] = a.pos;
+      sKind[st * BK + tid] = next_key.kind;
+      sGrp[st * BK + tid] = next_key.group;
+      sKeyPos[st * BK + tid] = next_key.pos;
     }
     simt::sync_block();  // the stage's keys are visible to every thread (the body reads the other stage)
     const int8_t* kind = sKind + st * BK;
@@ -914,7 +922,7 @@ HTC_UNROLL
     lo = static_cast<int>(static_cast<int64_t>(total) * split / p.n_split);
     hi = static_cast<int>(static_cast<int64_t>(total) * (split + 1) / p.n_split);
   }
-  stream_items<NT>(plan_row, 1, p.n_kt, lo, hi, 1, sList, sCounts, tid, issue, check, body);
+  stream_items<NT>(plan_row, 1, p.n_kt, lo, hi, 1, sList, sCounts, tid, fetch, issue, check, body);
 
   // Epilogue. The Q rows of this warp become its output staging area (after the Q copies landed:
   // a tile with no work never waited for them).
@@ -1088,27 +1096,39 @@ HTC_UNROLL
     const Store* qg = static_cast<const Store*>(p.q) + b * p.q_sb + h * p.q_sh;
     const Store* dog = static_cast<const Store*>(p.dout) + b * p.do_sb + h * p.do_sh;
     const int64_t row_base = (static_cast<int64_t>(b) * p.Hq + h) * p.Sq;
-    float pend_lse2 = 0.f, pend_delta = 0.f;  // thread tid < QS: its row of the last issued sub-tile
+    // Thread tid < QS: its row of the next sub-tile (fetch loads, issue stores).
+    int8_t pend_kind = kPad;
     int32_t pend_group = -1;
+    float pend_lse2 = 0.f, pend_delta = 0.f;
 
     // Sub-tile `sub` of query tile entry>>3 -> stage st: Q and dO rows (PAD rows and rows past Sq
-    // zero-filled: never read) and the rows' position, kind, group, lse (log2) and delta.
-    // As in the row kernel: each row's kind is read once, by thread `row`, and the copies take it
-    // from shared memory. The rows' group, lse and delta are loaded here but stored by `check`, which
-    // runs just before the barrier that publishes the stage: stored here, their loads (lse and delta
-    // come from L2 or HBM) held up this thread's body of the current sub-tile.
+    // zero-filled: never read) and the rows' position, kind, group, lse (log2) and delta. As in the
+    // row kernel, row r's metadata is loaded by thread r (fetch: lse and delta come from L2 or HBM,
+    // in flight while the block waits for the current sub-tile) and stored to shared memory (issue);
+    // the copies take the kinds from there after a barrier.
+    auto fetch = [&](int entry, int sub) {
+      if (tid < QS) {
+        // Read at a clamped, always valid row and selected: four independent loads (live_query).
+        const int i = (entry >> 3) * 64 + sub * QS + tid, ic = i < p.Sq ? i : p.Sq - 1;
+        const bool in = i < p.Sq;
+        const int8_t kind = kin[ic + p.q_off];
+        const float lse = p.lse_in[row_base + ic], delta = p.delta[row_base + ic];
+        const int32_t group = grp[ic + p.q_off];
+        pend_kind = in ? kind : static_cast<int8_t>(kPad);
+        const bool ok = pend_kind != kPad;
+        pend_lse2 = ok ? lse * tile::kLog2e : 0.f;
+        pend_delta = ok ? delta : 0.f;
+        pend_group = in ? group : -1;
+      }
+    };
     auto issue = [&](int entry, int sub, int st) {
       const int i0 = (entry >> 3) * 64 + sub * QS;
       if (tid < QS) {
-        const int i = i0 + tid;
-        const bool in = i < p.Sq;
-        const int8_t kind = in ? kin[i + p.q_off] : static_cast<int8_t>(kPad);
-        const bool ok = kind != kPad;
-        pend_lse2 = ok ? p.lse_in[row_base + i] * tile::kLog2e : 0.f;
-        pend_delta = ok ? p.delta[row_base + i] : 0.f;
-        pend_group = in ? grp[i + p.q_off] : -1;
-        mPos[st * QS + tid] = i + p.q_off;
-        mKind[st * QS + tid] = kind;
+        mPos[st * QS + tid] = i0 + tid + p.q_off;
+        mKind[st * QS + tid] = pend_kind;
+        mGrp[st * QS + tid] = pend_group;
+        mLse2[st * QS + tid] = pend_lse2;
+        mDelta[st * QS + tid] = pend_delta;
       }
       simt::sync_block();  // the stage's row kinds are visible to every thread
       const int8_t* kind = mKind + st * QS;
@@ -1116,14 +1136,7 @@ HTC_UNROLL
       copy_rows<NT, D, LD>(sQ(st), qg, i0, p.q_ss, QS, tid, live);
       copy_rows<NT, D, LD>(sDo(st), dog, i0, p.do_ss, QS, tid, live);
     };
-    auto check = [&](int, int, int st) {
-      if (tid < QS) {
-        mGrp[st * QS + tid] = pend_group;
-        mLse2[st * QS + tid] = pend_lse2;
-        mDelta[st * QS + tid] = pend_delta;
-      }
-      return false;
-    };
+    auto check = [](int, int, int) { return false; };
 
     auto body = [&](int entry, int sub, int st, int) {
       const int kind = entry & 7, i0 = (entry >> 3) * 64 + sub * QS;
@@ -1249,7 +1262,7 @@ HTC_UNROLL
         }
       }
     };
-    stream_items<NT>(plan_col, p.n_kt, p.n_qt, 0, INT_MAX, 64 / QS, sList, sCounts, tid, issue, check, body);
+    stream_items<NT>(plan_col, p.n_kt, p.n_qt, 0, INT_MAX, 64 / QS, sList, sCounts, tid, fetch, issue, check, body);
   }
 
   // Epilogue: stage dK (x scale) and dV in the K / V tiles (each warp its own keys and D slice), then
