@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check (issue 8): one command for a machine with a CUDA GPU and no network. Run from anywhere:
 #
-#   bash scripts/gpu_check.sh [--quick] [--skip-build] [--skip-tests] [--no-profile] [--smoke]
+#   bash scripts/gpu_check.sh [--quick] [--skip-build] [--skip-tests] [--no-profile] [--smoke] [--sanitize]
 #
 # Phases (each timed; a failing phase is recorded and the next ones still run; exit 1 at the end if
 # any failed, 2 if torch sees no GPU):
@@ -34,6 +34,9 @@
 #   --skip-tests  no pytest phase
 #   --no-profile  no Nsight Compute phase
 #   --smoke       no GPU needed: the whole script on this machine, the benchmark in --smoke mode
+#   --sanitize    instead of phases 3-6: compute-sanitizer memcheck, racecheck and synccheck on eight CUDA
+#                 tests that reach every star kernel and path (-> gpu-<device>-sanitize.log; ~3-6 min;
+#                 budget 540 s). After a full run: --skip-build --sanitize
 # Environment: PYTHON (default: the first of python3, .venv/bin/python, python that imports torch),
 #   TORCH_CUDA_ARCH_LIST (default: this device's capability, e.g. 9.0), MAX_JOBS (default: nproc),
 #   CUDA_HOME (default: /usr/local/cuda if it has nvcc, else from the nvcc on PATH), OUT,
@@ -42,13 +45,15 @@ set -uo pipefail # no -e: phases record their failures and the script goes on
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD
 
-QUICK=0 SKIP_BUILD=0 SKIP_TESTS=0 SMOKE=0 NO_PROFILE=0
+QUICK=0 SKIP_BUILD=0 SKIP_TESTS=0 SMOKE=0 NO_PROFILE=0 SANITIZE=0
+TESTS_OFF=--skip-tests PROFILE_OFF=--no-profile
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
     --skip-build) SKIP_BUILD=1 ;;
     --skip-tests) SKIP_TESTS=1 ;;
     --no-profile) NO_PROFILE=1 ;;
+    --sanitize) SANITIZE=1 SKIP_TESTS=1 NO_PROFILE=1 TESTS_OFF=--sanitize PROFILE_OFF=--sanitize ;;
     --smoke) SMOKE=1 ;;
     -h | --help)
       sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
@@ -61,7 +66,7 @@ for arg in "$@"; do
   esac
 done
 
-BUDGET=${HTC_GPU_CHECK_BUDGET_S:-400}
+BUDGET=${HTC_GPU_CHECK_BUDGET_S:-$([ "$SANITIZE" = 1 ] && echo 540 || echo 400)}
 T0=$(date +%s)
 FAILED=0
 SUMMARY=()
@@ -136,7 +141,7 @@ STEM=${STEM:-gpu-unknown} # the benchmark module failed to import: its phase wil
 RES=benchmarks/results
 mkdir -p "$RES"
 LOG_BUILD=$RES/$STEM-build.log LOG_TESTS=$RES/$STEM-tests.log LOG_BENCH=$RES/$STEM-bench.log
-LOG_NCU=$RES/$STEM-ncu.txt LOG_STALLS=$RES/$STEM-stalls.md
+LOG_NCU=$RES/$STEM-ncu.txt LOG_STALLS=$RES/$STEM-stalls.md LOG_SAN=$RES/$STEM-sanitize.log
 REP_STALLS=$RES/$STEM-stalls CSV_STALLS=$RES/$STEM-sass.csv
 echo "results: $RES/$STEM.md, .json; logs: $RES/$STEM-{build,tests,bench}.log"
 record env ok $(($(date +%s) - t))
@@ -192,6 +197,49 @@ else
   record build "$st; $NOTE" $(($(date +%s) - t))
 fi
 
+# ----------------------------------------------------------------------------------------- 3 sanitize
+if [ "$SANITIZE" = 1 ]; then
+  # compute-sanitizer's memcheck, racecheck (shared-memory hazards: the kernels' barriers) and synccheck
+  # on CUDA tests that reach every kernel and path: forward, delta, dQ, dK/dV at three dtypes and head
+  # dims, decode with split-K and the combine, the key panel, non-finite keys (the exact fix-up), two
+  # runs bit for bit. Only kernels whose mangled name holds "star" are instrumented (torch's are not).
+  banner "3/7 compute-sanitizer"
+  SAN=$(command -v compute-sanitizer ||
+    find /usr/local/cuda*/bin /opt/nvidia -name compute-sanitizer -type f 2>/dev/null | sort | tail -n1)
+  SAN_TESTS=("tests/test_star_attention.py::test_cuda_head_dims[64-dtype0]"
+    "tests/test_star_attention.py::test_cuda_head_dims[128-dtype1]"
+    "tests/test_star_attention.py::test_cuda_head_dims[256-dtype2]"
+    "tests/test_star_attention.py::test_decode_bottom_right[cuda-left-1]"
+    "tests/test_star_attention.py::test_decode_bottom_right[cuda-right-65]"
+    "tests/test_star_attention.py::test_several_images_and_voco_tokens_both_paddings[cuda]"
+    "tests/test_star_attention.py::test_cuda_masked_keys_and_values_are_never_read[dtype1]"
+    "tests/test_star_attention.py::test_gpu_backends_are_deterministic[cuda]")
+  : >"$LOG_SAN"
+  if [ -z "$SAN" ]; then
+    record sanitize "FAILED (compute-sanitizer not found)" 0
+  else
+    for tool in memcheck racecheck synccheck; do
+      t=$(date +%s)
+      limit=$(clamp $(($(left) - 20)) 60 240)
+      echo "---- $SAN --tool $tool (limit $limit s)" | tee -a "$LOG_SAN"
+      timeout -k 15 "$limit" "$SAN" --tool "$tool" --kernel-name kns=star --error-exitcode 9 --print-limit 20 \
+        "$PY" -m pytest "${SAN_TESTS[@]}" -q -p no:cacheprovider >"$LOG_SAN.part" 2>&1
+      rc=$?
+      cat "$LOG_SAN.part" >>"$LOG_SAN"
+      found=$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|SYNCCHECK SUMMARY' "$LOG_SAN.part" | tail -n1 | sed 's/^=* *//')
+      ran=$(grep -E '[0-9]+ (passed|failed|skipped|error)' "$LOG_SAN.part" | tail -n1) # skipped = not run
+      tail -n 4 "$LOG_SAN.part"
+      case "$rc" in
+        0) st="ok: ${found:-no summary line}; pytest: $ran" ;;
+        9) st="FAILED: ${found:-errors} (see $LOG_SAN); pytest: $ran" ;;
+        *) st="$(status_of "$rc" "$limit"): ${found:-no summary line}; pytest: $ran" ;;
+      esac
+      record "$tool" "$st" $(($(date +%s) - t))
+    done
+    rm -f "$LOG_SAN.part"
+  fi
+fi
+
 # ----------------------------------------------------------------------------------------- 3 tests
 banner "3/7 GPU tests"
 t=$(date +%s)
@@ -200,7 +248,7 @@ GPU_TESTS=(tests/test_star_attention.py tests/test_mgvq_lookup.py)
 read -r -a PYTEST_ARGS <<<"${HTC_GPU_CHECK_PYTEST_ARGS:-}"
 : >"$LOG_TESTS"
 if [ "$SKIP_TESTS" = 1 ]; then
-  record tests "skipped (--skip-tests)" 0
+  record tests "skipped ($TESTS_OFF)" 0
 else
   # A C++ exception from a CPU op (TORCH_CHECK) killed the test process on the 2026-11-22 H100 (the
   # extension built there with /opt/gcc's g++ against torch 2.11; not understood). Those tests run first,
@@ -247,21 +295,25 @@ banner "4/7 benchmark"
 t=$(date +%s)
 unset HTC_POISON_OUTPUTS # tests poison kernel outputs with NaN (an extra pass): never while timing
 NCU=$(command -v ncu || find /opt/nvidia /usr/local/cuda*/ -name ncu -type f 2>/dev/null | sort | tail -n1)
-PROFILE_RESERVE=0
-[ -n "$NCU" ] && [ "$NO_PROFILE" != 1 ] && [ "$SMOKE" != 1 ] && PROFILE_RESERVE=150
-budget=$(($(left) - 20 - PROFILE_RESERVE))
-((budget < 90)) && budget=90
-BENCH_ARGS=(--out "$RES" --budget-s "$budget" ${SMOKE_ARG[@]+"${SMOKE_ARG[@]}"})
-[ "$QUICK" = 1 ] && BENCH_ARGS+=(--quick)
-echo "python -m benchmarks.gpu_star_attention ${BENCH_ARGS[*]}"
-timeout -k 15 $((budget + 120)) "$PY" -m benchmarks.gpu_star_attention "${BENCH_ARGS[@]}" 2>&1 | tee "$LOG_BENCH"
-rc=${PIPESTATUS[0]}
-case "$rc" in
-  0) st=ok ;;
-  3) st="FAILED: a provider was WRONG or raised (see the tables)" ;;
-  *) st=$(status_of "$rc" $((budget + 120))) ;;
-esac
-record bench "$st" $(($(date +%s) - t))
+if [ "$SANITIZE" = 1 ]; then
+  record bench "skipped (--sanitize)" 0
+else
+  PROFILE_RESERVE=0
+  [ -n "$NCU" ] && [ "$NO_PROFILE" != 1 ] && [ "$SMOKE" != 1 ] && PROFILE_RESERVE=150
+  budget=$(($(left) - 20 - PROFILE_RESERVE))
+  ((budget < 90)) && budget=90
+  BENCH_ARGS=(--out "$RES" --budget-s "$budget" ${SMOKE_ARG[@]+"${SMOKE_ARG[@]}"})
+  [ "$QUICK" = 1 ] && BENCH_ARGS+=(--quick)
+  echo "python -m benchmarks.gpu_star_attention ${BENCH_ARGS[*]}"
+  timeout -k 15 $((budget + 120)) "$PY" -m benchmarks.gpu_star_attention "${BENCH_ARGS[@]}" 2>&1 | tee "$LOG_BENCH"
+  rc=${PIPESTATUS[0]}
+  case "$rc" in
+    0) st=ok ;;
+    3) st="FAILED: a provider was WRONG or raised (see the tables)" ;;
+    *) st=$(status_of "$rc" $((budget + 120))) ;;
+  esac
+  record bench "$st" $(($(date +%s) - t))
+fi
 
 # ----------------------------------------------------------------------------------------- 5 profile
 banner "5/7 profile (Nsight Compute)"
@@ -269,7 +321,7 @@ t=$(date +%s)
 UNITS=${HTC_GPU_PROFILE_UNITS:-llava-b16:fwd:cuda,llava-b16:fwdbwd:cuda,llava-b16:fwd:triton,16img:fwd:cuda}
 : >"$LOG_NCU"
 if [ "$NO_PROFILE" = 1 ]; then
-  record profile "skipped (--no-profile)" 0
+  record profile "skipped ($PROFILE_OFF)" 0
 elif [ "$SMOKE" = 1 ]; then
   # No GPU, no ncu: the profile runs themselves (checked against the reference), on the CPU.
   "$PY" -m benchmarks.gpu_star_attention --smoke --profile llava-b16:fwd:reference,16img:fwdbwd:reference \
@@ -325,7 +377,7 @@ banner "6/7 the rest of tests/"
 t=$(date +%s)
 limit=$(($(left) - 10))
 if [ "$SKIP_TESTS" = 1 ]; then
-  record tests-all "skipped (--skip-tests)" 0
+  record tests-all "skipped ($TESTS_OFF)" 0
 elif [ "$QUICK" = 1 ]; then
   record tests-all "skipped (--quick)" 0
 elif ((limit < 45)); then
@@ -357,7 +409,7 @@ fi
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   for f in "$MD" "$RES/$STEM.json" "$LOG_BUILD" "$LOG_TESTS" "$LOG_BENCH" "$LOG_NCU" "$LOG_STALLS" \
-    "$CSV_STALLS.gz" "$REP_STALLS.ncu-rep"; do
+    "$CSV_STALLS.gz" "$REP_STALLS.ncu-rep" "$LOG_SAN"; do
     [ -f "$f" ] && cp "$f" "$OUT/"
   done
   echo "copied results and logs to $OUT"

@@ -6,6 +6,7 @@ the script passes bash's syntax check (and shellcheck where it is installed)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -201,10 +202,22 @@ def test_script_syntax_and_options():
         pytest.skip("bash is not installed")
     subprocess.run([bash, "-n", str(SCRIPT)], check=True)
     help_text = subprocess.run([bash, str(SCRIPT), "--help"], capture_output=True, text=True, check=True)
-    for opt in ("--quick", "--skip-build", "--skip-tests", "--no-profile", "--smoke"):
+    for opt in ("--quick", "--skip-build", "--skip-tests", "--no-profile", "--smoke", "--sanitize"):
         assert opt in help_text.stdout
     bad = subprocess.run([bash, str(SCRIPT), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown option" in bad.stderr
+
+
+def test_script_sanitize_tests_exist():
+    """--sanitize names its tests by node id: each must still be collected (or the GPU run checks nothing)."""
+    ids = re.findall(r'"(tests/test_star_attention\.py::[^"]+)"', SCRIPT.read_text())
+    assert len(ids) >= 8
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *ids],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert all(i in res.stdout for i in ids)
 
 
 def test_script_shellcheck():
