@@ -17,7 +17,8 @@ backend at the SWEEP_TILES configurations and its table's, checked and timed lik
 Providers: ``htc triton`` / ``htc cuda`` (``hk.star_attention(backend=...)``; a backend that refuses the
 call is SKIP with its reason), ``htc triton, no key panel`` / ``htc cuda, no key panel`` (the same in
 the plain key order, on layouts with >= 2 images per sample: what the TEXT/VOCO key panel gains; no
-targets), ``sdpa dense
+targets), ``htc cuda, no prefill split`` (the CUDA forward without splitting its long query tiles, at
+the small grids where it splits them: llava-b1; no targets), ``sdpa dense
 mask`` (F.scaled_dot_product_attention with the dense bool mask), ``flex compiled``
 (torch.compile(flex_attention) with the BlockMask of the same rule; the block mask build is timed
 separately, the compile is excluded), ``xformers bias`` (memory_efficient_attention with a tensor
@@ -253,6 +254,34 @@ def _htc(backend: str):
     return factory
 
 
+def _cuda_without_prefill_split(unit: Unit):
+    """``htc cuda`` with its prefill split-K off (HTC_CUDA_PREFILL_SPLIT=0, read per call), at the
+    small prefill grids where it would split the long query tiles: what that split gains, measured in
+    the same run. The grid rule mirrors star_attention_cuda.cu (kPrefillSplitWaves: split below 4 CTAs
+    per SM, decode's own split-K below 1)."""
+    if unit.device.type != "cuda":
+        raise Skip("the CUDA backend needs a CUDA device")
+    case = unit.case
+    ctas = case.batch * case.heads * -(-len(case.kinds) // 64)
+    sms = torch.cuda.get_device_properties(unit.device).multi_processor_count
+    if not sms <= ctas < 4 * sms:
+        raise Skip(f"{ctas} query-tile CTAs on {sms} SMs: no prefill split here (only {sms}..{4 * sms - 1})")
+    layout = unit.layout
+
+    def fn(q, k, v):
+        old = os.environ.get("HTC_CUDA_PREFILL_SPLIT")
+        os.environ["HTC_CUDA_PREFILL_SPLIT"] = "0"
+        try:
+            return hk.star_attention(q, k, v, layout, backend="cuda")
+        finally:
+            if old is None:
+                del os.environ["HTC_CUDA_PREFILL_SPLIT"]
+            else:
+                os.environ["HTC_CUDA_PREFILL_SPLIT"] = old
+
+    return fn
+
+
 def _htc_without_panel(backend: str):
     """``backend`` in the plain key order, on layouts that take the TEXT/VOCO key panel (>= 2 images
     in a sample): what the panel gains, measured in the same run."""
@@ -328,11 +357,12 @@ PROVIDERS: dict[str, Callable[[Unit], Callable]] = {
     "htc triton, no key panel": _htc_without_panel("triton"),
     "htc cuda": _htc("cuda"),
     "htc cuda, no key panel": _htc_without_panel("cuda"),
+    "htc cuda, no prefill split": _cuda_without_prefill_split,
 }
 STAND_IN = "htc reference (stand-in)"  # smoke only: exercises the htc-row code paths on the CPU
 DIFFERENT_WORK = {"sdpa causal (flash)"}  # checked against causal attention, not the star rule
 # Comparison rows for the key panel, not backends users get.
-UNTARGETED = {"htc triton, no key panel", "htc cuda, no key panel"}
+UNTARGETED = {"htc triton, no key panel", "htc cuda, no key panel", "htc cuda, no prefill split"}
 
 
 def is_htc(provider: str) -> bool:

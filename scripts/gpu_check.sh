@@ -34,7 +34,7 @@
 #   --skip-tests  no pytest phase
 #   --no-profile  no Nsight Compute phase
 #   --smoke       no GPU needed: the whole script on this machine, the benchmark in --smoke mode
-#   --sanitize    instead of phases 3-6: compute-sanitizer memcheck, racecheck and synccheck on eight CUDA
+#   --sanitize    instead of phases 3-6: compute-sanitizer memcheck, racecheck and synccheck on nine CUDA
 #                 tests that reach every star kernel and path (-> gpu-<device>-sanitize.log; ~3-6 min;
 #                 budget 540 s). After a full run: --skip-build --sanitize
 # Environment: PYTHON (default: the first of python3, .venv/bin/python, python that imports torch),
@@ -201,8 +201,8 @@ fi
 if [ "$SANITIZE" = 1 ]; then
   # compute-sanitizer's memcheck, racecheck (shared-memory hazards: the kernels' barriers) and synccheck
   # on CUDA tests that reach every kernel and path: forward, delta, dQ, dK/dV at three dtypes and head
-  # dims, decode with split-K and the combine, the key panel, non-finite keys (the exact fix-up), two
-  # runs bit for bit. Only kernels whose mangled name holds "star" are instrumented (torch's are not).
+  # dims, decode with split-K and the combine, prefill split-K of long tiles, the key panel, non-finite
+  # keys (the exact fix-up), two runs bit for bit. Only kernels whose mangled name holds "star" are instrumented (torch's are not).
   banner "3/7 compute-sanitizer"
   SAN=$(command -v compute-sanitizer ||
     find /usr/local/cuda*/bin /opt/nvidia -name compute-sanitizer -type f 2>/dev/null | sort | tail -n1)
@@ -213,7 +213,8 @@ if [ "$SANITIZE" = 1 ]; then
     "tests/test_star_attention.py::test_decode_bottom_right[cuda-right-65]"
     "tests/test_star_attention.py::test_several_images_and_voco_tokens_both_paddings[cuda]"
     "tests/test_star_attention.py::test_cuda_masked_keys_and_values_are_never_read[dtype1]"
-    "tests/test_star_attention.py::test_gpu_backends_are_deterministic[cuda]")
+    "tests/test_star_attention.py::test_gpu_backends_are_deterministic[cuda]"
+    "tests/test_star_attention.py::test_cuda_prefill_split_of_long_tiles")
   : >"$LOG_SAN"
   if [ -z "$SAN" ]; then
     record sanitize "FAILED (compute-sanitizer not found)" 0

@@ -1041,6 +1041,28 @@ def test_cuda_opcheck_lse_and_split_k():
         check(qd, k.detach(), v.detach(), layout, backend="cuda")
 
 
+@needs_gpu
+def test_cuda_prefill_split_of_long_tiles(monkeypatch):
+    """At a small prefill grid (LLaVA, B=1: 352 query-tile CTAs) the CUDA forward splits only its long
+    query tiles (the `<voco>` tile visits its whole image): exact, and every tile of one part is computed
+    exactly as without the split (HTC_CUDA_PREFILL_SPLIT=0), bit for bit."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    layout = hk.StarLayout(llava_kinds()).to("cuda")
+    s, heads = layout.seq_len, 32
+    ctas = heads * -(-s // 64)
+    if not sms <= ctas < 4 * sms:
+        pytest.skip(f"{ctas} query-tile CTAs on {sms} SMs: this GPU would not split (star_attention_cuda.cu)")
+    q, k, v = make_qkv(1, heads, heads, s, s, 64, torch.bfloat16, device="cuda")
+    check(q, k, v, layout, backend="cuda", grads=False)
+    split = hk.star_attention(q, k, v, layout, backend="cuda")
+    monkeypatch.setenv("HTC_CUDA_PREFILL_SPLIT", "0")
+    whole = hk.star_attention(q, k, v, layout, backend="cuda")
+    voco_tile = int((layout.kinds[0] == C).nonzero()[0]) // 64
+    rows = torch.arange(s, device="cuda") // 64 != voco_tile
+    assert torch.equal(split[:, :, rows], whole[:, :, rows])
+    assert not torch.equal(split, whole)  # the `<voco>` tile went through the combine
+
+
 # --------------------------------------------------------------------------------------------------
 # Hardening (issue 9)
 # --------------------------------------------------------------------------------------------------

@@ -29,6 +29,19 @@ namespace {
 using star_cuda::Elt;
 
 constexpr int kMaxSplit = 32;
+// Prefill split-K (the forward's long query tiles only): below kPrefillSplitWaves CTAs per SM (about
+// 2 waves at 2 CTAs per SM) a CTA that visits many key tiles is the launch's critical path: at the
+// LLaVA shape, B = 1, the `<voco>` query tile visits 10 tiles and every other tile 2 or 3, ~3.6 per
+// CTA slot balanced. Up to kPrefillParts parts of at least kPrefillPartMin tiles of 64 keys each
+// (split_parts; fp32's 16-key tiles count 4 to one).
+// A prediction from the H100 run's per-visit cost (CUDA_NOTES.md), not yet measured: the benchmark
+// times it against HTC_CUDA_PREFILL_SPLIT=0 (off; read per call) at llava-b1.
+constexpr int kPrefillSplitWaves = 4, kPrefillParts = 4, kPrefillPartMin = 3;
+
+bool prefill_split_enabled() {
+  const char* env = std::getenv("HTC_CUDA_PREFILL_SPLIT");
+  return env == nullptr || env[0] != '0';
+}
 
 struct DeviceInfo {
   int major = 0, minor = 0, sms = 0, smem_optin = 0;
@@ -181,6 +194,7 @@ Problem prepare(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, 
   p.q_off = static_cast<int>(pr.Skv - pr.Sq), p.plan_batch = static_cast<int>(plan.size(0));
   p.topology = static_cast<int>(topology);
   p.n_split = 1;
+  p.split_min = 1;
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale) * tile::kLog2e;
   p.softcap = static_cast<float>(softcap);
@@ -218,18 +232,27 @@ std::tuple<at::Tensor, at::Tensor> star_attention_cuda(const at::Tensor& q_in, c
   p.lse = lse.data_ptr<float>();
 
   // Split-K when the (batch, head, query tile) CTAs cannot fill the GPU (decode, small B*H): each
-  // split takes a contiguous, count-balanced share of a tile's non-SKIP key tiles.
+  // split takes a contiguous, count-balanced share of a tile's non-SKIP key tiles; and at small
+  // prefill grids for the long tiles only (kPrefillSplitWaves). split_parts decides per tile.
   const int64_t ctas = pr.B * pr.Hq * p.n_qt;
   int64_t n_split = 1;
-  if (ctas < pr.info->sms)
+  p.split_min = 1;
+  if (ctas < pr.info->sms) {
     n_split = std::max<int64_t>(1, std::min<int64_t>({ceil_div(2 * pr.info->sms, ctas), ceil_div(p.n_kt, 2), kMaxSplit}));
+  } else if (const int split_min = kPrefillPartMin * 64 / static_cast<int>(block_k);
+             ctas < kPrefillSplitWaves * pr.info->sms && p.n_kt >= 2 * split_min && prefill_split_enabled()) {
+    n_split = kPrefillParts;
+    p.split_min = split_min;
+  }
   p.n_split = static_cast<int>(n_split);
-  at::Tensor o_part, lse_part;
+  at::Tensor o_part, lse_part, n_parts;
   if (n_split > 1) {
     o_part = at::empty({n_split, pr.B, pr.Hq, pr.Sq, pr.D}, out.options().dtype(at::kFloat));
     lse_part = at::empty({n_split, pr.B, pr.Hq, pr.Sq}, out.options().dtype(at::kFloat));
+    n_parts = at::empty({pr.B, pr.Hq, p.n_qt}, out.options().dtype(at::kInt));
     p.o_part = o_part.data_ptr<float>();
     p.lse_part = lse_part.data_ptr<float>();
+    p.n_parts = n_parts.data_ptr<int32_t>();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch(pr.q.scalar_type(), pr.D, softcap, [&](auto elt_c, auto dim_c, auto cap_c) {

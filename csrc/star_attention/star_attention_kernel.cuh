@@ -19,9 +19,11 @@
 //    load, and in CAUSAL/MASKED tiles a V row holding Inf/NaN is zeroed in shared memory before the
 //    P V product (0 * NaN would leak into every row) and added back exactly, from global memory, only
 //    to the rows allowed to attend it;
-//  - split-K (decode, small B*H): CTA `split` of n_split takes a contiguous share of the tile list
-//    (balanced by count) and writes a normalised fp32 partial and its lse; star_combine_thread merges
-//    them in split order (deterministic).
+//  - split-K (decode, small B*H; prefill at small grids, its long query tiles only): a tile with
+//    `parts` = split_parts(...) > 1 is computed by that many CTAs, each taking a contiguous share of
+//    the tile list (balanced by count) and writing a normalised fp32 partial and its lse;
+//    star_combine_thread merges them in split order (deterministic). A tile of one part is written
+//    directly, and the combine leaves its rows alone.
 //
 // Backward (deterministic, no atomics; the same plan, read row-wise for dQ and column-wise for dK/dV):
 //  - star_delta_warp: delta = dO.O - grad_lse per live row (0 on PAD rows);
@@ -354,6 +356,8 @@ struct StarParams {
   float* lse;       // forward: [B, Hq, Sq]
   float* o_part;    // split-K: [n_split, B, Hq, Sq, D] fp32 (normalised partial outputs)
   float* lse_part;  // split-K: [n_split, B, Hq, Sq]
+  int32_t* n_parts;  // split-K: [B, Hq, n_qt], the parts of each query tile (split_parts; 1: written
+                     // directly to out/lse by its only CTA, not combined)
   // backward
   const void* dout;  // [B, Hq, Sq, D], strides below
   int64_t do_sb, do_sh, do_ss;
@@ -371,10 +375,21 @@ struct StarParams {
   const int32_t* panel;   // [plan_batch, panel_len]: the plan's key panel (star_mask.h KeyMap), or null
   int panel_len;          // 0 (identity key order) or a multiple of BK; n_kt counts its tiles first
   int B, Hq, Hkv, Sq, Skv, n_qt, n_kt, q_off, plan_batch, topology, n_split;
+  int split_min;     // split-K: the fewest non-SKIP tiles a part takes (split_parts; >= 1)
   float scale;       // softmax scale
   float scale_log2;  // softmax scale * log2(e)
   float softcap, inv_softcap;  // the cap c and 1/c (read by the kCap kernels only)
 };
+
+// Split-K parts of a query tile with `total` non-SKIP key tiles: as many as the launch has splits, but
+// no part with fewer than split_min tiles (and one for an empty tile). Parts take contiguous,
+// count-balanced shares; splits past the tile's parts exit at once. Decode (split_min 1) splits every
+// row; prefill splits only its long tiles (the `<voco>` query tile visits its whole image, the others
+// two or three tiles), which would otherwise be the launch's critical path.
+HTC_HD int split_parts(int total, int split_min, int n_split) {
+  const int want = (total + split_min - 1) / split_min;
+  return want < 1 ? 1 : (want < n_split ? want : n_split);
+}
 
 // A raw product x = q.k as a log2-domain score, soft-capped when kCap (star_tile_math.h), and
 // d capped / d score for the backward's dS (1 without capping: the multiply folds away).
@@ -509,6 +524,11 @@ struct RowCfg {
   static constexpr bool kDq = kDq_;
   static constexpr int D = D_, BK = BK_, kWarps = kWarps_, kThreads = 32 * kWarps_, BQ = 16 * kWarps_;
   static constexpr int kOSplit = kOSplit_, DO = D_ / kOSplit_;
+  // CTAs per SM the kernel is compiled for on sm_90 (__launch_bounds__, star_row_kernel): 3 for the
+  // 16-bit forward at D = 64, whose ~49 KB of shared memory allow 3 and whose registers fit 168
+  // (65536 / 384, in units of 8; it used 165-167 before 2026-11-24's prefetch and split-K, 173 after,
+  // without the bound): 12 warps per SM instead of 8. Elsewhere registers or shared memory allow 2.
+  static constexpr int kMinBlocks = (!kDq_ && E != Elt::kF32 && D_ <= 64) ? 3 : 1;
   // Keys per compute sub-block: the whole tile in the forward; at most 32 (16 at D >= 128) for dq,
   // whose scores and dP are live together.
   static constexpr int KS = !kDq_ ? BK_ : (D_ >= 128 ? 16 : (BK_ < 32 ? BK_ : 32));
@@ -532,6 +552,8 @@ struct RowCfg {
   static constexpr size_t kOffList = (kOffBad + BK + 15) / 16 * 16;
   static constexpr size_t kOffCounts = kOffList + kListWindow * sizeof(int);
   static constexpr size_t kSmemBytes = kOffCounts + 16 * sizeof(int);
+  // kMinBlocks CTAs (with the 1 KB the driver reserves per CTA) within sm_80's 164 KB per SM.
+  static_assert(kMinBlocks * (kSmemBytes + 1024) <= 164 * 1024, "kMinBlocks CTAs do not fit an SM's shared memory");
 };
 
 // Head dims and key-tile sizes the CUDA kernels are built for (the Python backend mirrors this table:
@@ -601,6 +623,18 @@ HTC_DEV void star_row_block(const StarParams& p, unsigned char* smem, int tid, i
   const Store* kg = static_cast<const Store*>(p.k) + b * p.k_sb + hk * p.k_sh;
   const Store* vg = static_cast<const Store*>(p.v) + b * p.v_sb + hk * p.v_sh;
   const int64_t row_base = (static_cast<int64_t>(b) * p.Hq + h) * p.Sq;
+
+  // Split-K (forward only): this CTA's part of the tile's non-SKIP tiles [lo, hi), before any copy:
+  // a split past the tile's parts exits here (block-uniform), reading nothing.
+  int lo = 0, hi = INT_MAX, parts = 1;
+  if (p.n_split > 1) {
+    const int total = count_nonskip<NT>(plan_row, 1, p.n_kt, tid);
+    parts = split_parts(total, p.split_min, p.n_split);
+    if (split == 0 && o0 == 0 && tid == 0) p.n_parts[(static_cast<int64_t>(b) * p.Hq + h) * p.n_qt + r0 / 64] = parts;
+    if (split >= parts) return;
+    lo = static_cast<int>(static_cast<int64_t>(total) * split / parts);
+    hi = static_cast<int>(static_cast<int64_t>(total) * (split + 1) / parts);
+  }
 
   // Query (and dO) rows -> shared; rows past Sq and PAD rows are zero-filled, never read: a PAD
   // row's q, and its grad_out, may hold anything (DESIGN.md §2).
@@ -915,13 +949,6 @@ HTC_UNROLL
     }
   };
 
-  // Split-K share of the non-SKIP tiles (balanced by count; forward only).
-  int lo = 0, hi = INT_MAX;
-  if (p.n_split > 1) {
-    const int total = count_nonskip<NT>(plan_row, 1, p.n_kt, tid);
-    lo = static_cast<int>(static_cast<int64_t>(total) * split / p.n_split);
-    hi = static_cast<int>(static_cast<int64_t>(total) * (split + 1) / p.n_split);
-  }
   stream_items<NT>(plan_row, 1, p.n_kt, lo, hi, 1, sList, sCounts, tid, fetch, issue, check, body);
 
   // Epilogue. The Q rows of this warp become its output staging area (after the Q copies landed:
@@ -940,7 +967,7 @@ HTC_UNROLL
   } else {
     inv[0] = inv[1] = p.scale;  // dQ = scale * sum_j dS_ij k_j
   }
-  if (kDq || p.n_split == 1) {
+  if (kDq || parts == 1) {
 HTC_UNROLL
     for (int hh = 0; hh < 2; ++hh) {
       Store* srow = sQ + (warp * 16 + g + 8 * hh) * LD;
@@ -1326,9 +1353,12 @@ HTC_DEV void star_combine_thread(const StarParams& p, int64_t idx) {
   if (idx >= rows * (D / 4)) return;
   const int64_t row = idx / (D / 4);
   const int c0 = static_cast<int>(idx % (D / 4)) * 4;
-  const float lse = tile::combine_lse(p.lse_part + row, rows, p.n_split);
+  // The row's query tile (plan tiles of 64 rows): one part was written to out/lse by its CTA.
+  const int parts = p.n_parts[row / p.Sq * p.n_qt + static_cast<int>(row % p.Sq) / 64];
+  if (parts <= 1) return;
+  const float lse = tile::combine_lse(p.lse_part + row, rows, parts);
   float o[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int k = 0; k < p.n_split; ++k) {
+  for (int k = 0; k < parts; ++k) {
     const float w = tile::combine_weight(p.lse_part[k * rows + row], lse);
     if (w == 0.f) continue;  // a split that saw nothing (its partial is 0; skip 0 * anything)
     const float* src = p.o_part + (k * rows + row) * D + c0;
@@ -1344,8 +1374,14 @@ HTC_UNROLL
 #if defined(__CUDACC__)
 // The __global__ entry points (1-D grids; the bodies above take thread and block indices).
 // Forward (C = FwdCfg) and dQ (C = DqCfg): grid B * Hq * ceil(Sq / C::BQ) * n_split * C::kOSplit.
+// sm_80: one CTA per SM as the bound (ptxas spills the uncapped D = 64 forward at 168 registers there).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define HTC_ROW_MIN_BLOCKS(C) (C::kMinBlocks)
+#else
+#define HTC_ROW_MIN_BLOCKS(C) 1
+#endif
 template <class C>
-__global__ void __launch_bounds__(C::kThreads, 1) star_row_kernel(const StarParams p) {
+__global__ void __launch_bounds__(C::kThreads, HTC_ROW_MIN_BLOCKS(C)) star_row_kernel(const StarParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   star_row_block<C>(p, smem, static_cast<int>(threadIdx.x), static_cast<int64_t>(blockIdx.x));
 }

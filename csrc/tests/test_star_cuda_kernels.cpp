@@ -262,6 +262,7 @@ void random_layout(std::mt19937& rng, int min_len, std::vector<int8_t>& kinds, s
 struct Case {
   std::string name;
   int B = 1, Hq = 2, Hkv = 1, Sq = 0, Skv = 0, D = 64, plan_batch = 1, topology = 0, n_split = 1;
+  int split_min = 1;      // split-K: the fewest tiles per part (star_attention_kernel.cuh split_parts)
   bool strided = false;   // q/k/v stored [B, S, H, D] (HF's transpose(1, 2) views)
   bool poison = false;    // NaN/Inf in keys/values that the checked rows may not attend
   bool backward = true;   // also dQ, dK, dV (with grad_lse, and NaN grad_out / grad_lse on PAD rows)
@@ -365,6 +366,7 @@ void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const s
   p.dk = dk.data();
   p.dv = dv.data();
   p.n_split = 1;
+  p.split_min = 1;
   emu::add_global_range(dout.data(), dout.size() * sizeof(Store));
   emu::launch((rows + 7) / 8, 256, 0, [&](int tid, int64_t blk, unsigned char*) {
     sc::star_delta_warp<E, D>(p, blk * 8 + tid / 32, tid % 32);
@@ -541,9 +543,11 @@ void run_case(const Case& c) {
   const int64_t rows = static_cast<int64_t>(c.B) * c.Hq * c.Sq;
   std::vector<Store> out(static_cast<size_t>(rows) * D, sc::from_f<E>(NAN));
   std::vector<float> lse(rows, NAN), o_part, lse_part;
+  std::vector<int32_t> n_parts;
   if (c.n_split > 1) {
     o_part.assign(static_cast<size_t>(c.n_split) * rows * D, NAN);
     lse_part.assign(static_cast<size_t>(c.n_split) * rows, NAN);
+    n_parts.assign(static_cast<size_t>(c.B) * c.Hq * n_qt, -1);
   }
   sc::StarParams p{};
   p.q = t.q.data();
@@ -556,6 +560,7 @@ void run_case(const Case& c) {
   p.lse = lse.data();
   p.o_part = o_part.data();
   p.lse_part = lse_part.data();
+  p.n_parts = n_parts.data();
   p.kinds = L.kinds.data();
   p.groups = L.groups.data();
   p.plan = plan.data();
@@ -563,6 +568,7 @@ void run_case(const Case& c) {
   p.panel_len = panel_len;
   p.B = c.B, p.Hq = c.Hq, p.Hkv = c.Hkv, p.Sq = c.Sq, p.Skv = c.Skv, p.n_qt = n_qt, p.n_kt = n_kt;
   p.q_off = c.Skv - c.Sq, p.plan_batch = c.plan_batch, p.topology = c.topology, p.n_split = c.n_split;
+  p.split_min = c.split_min;
   p.scale = c.scale;
   p.scale_log2 = c.scale * htc::tile::kLog2e;
   p.softcap = c.softcap;
@@ -577,6 +583,14 @@ void run_case(const Case& c) {
   emu::launch(grid, Cfg::kThreads, Cfg::kSmemBytes,
               [&](int tid, int64_t blk, unsigned char* smem) { sc::star_row_block<Cfg>(p, smem, tid, blk); });
   if (c.n_split > 1) {
+    int single = 0, split = 0;
+    for (int v : n_parts) {
+      EXPECT(v >= 1 && v <= c.n_split, "%s: a tile's parts = %d", c.name.c_str(), v);
+      ++(v == 1 ? single : split);
+    }
+    // Prefill split (split_min > 1) must reach both paths: tiles written directly and tiles combined.
+    EXPECT(c.split_min == 1 || (single > 0 && split > 0), "%s: %d tiles of one part, %d split", c.name.c_str(),
+           single, split);
     const int64_t n = rows * (D / 4);
     for (int64_t i = 0; i < n; ++i) sc::star_combine_thread<E, D>(p, i);
   }
@@ -753,6 +767,30 @@ void test_forward_kernels() {
                  "/" + std::to_string(c.Skv) + (c.topology ? " group" : " star");
         run(e, c);
       }
+    }
+  // Prefill split-K of the long query tiles only (split_min > 1): tiles of one part are written by their
+  // CTA, the others by the combine, and splits past a tile's parts exit before reading anything; with
+  // and without the key panel, GQA, poisoned masked keys/values.
+  for (Elt e : elts)
+    for (int variant = 0; variant < 2; ++variant) {
+      if (kQuick && e == Elt::kF32) continue;
+      Case c;
+      c.D = variant ? 128 : 64;
+      c.seed = 1700 + variant + 10 * static_cast<int>(e);
+      c.B = 2;
+      c.Hq = 4;
+      c.Hkv = 2;
+      c.Skv = c.Sq = 300 + 41 * variant;
+      c.plan_batch = 2;
+      c.topology = variant;
+      c.n_split = 4;
+      c.split_min = e == Elt::kF32 ? 8 : 2;  // fp32's key tiles are 16 keys, not 64
+      c.poison = true;
+      c.panel = variant == 1;
+      c.scale = 1.f / std::sqrt(static_cast<float>(c.D));
+      c.name = std::string(elt_name(e)) + " D=" + std::to_string(c.D) + " prefill split S=" + std::to_string(c.Skv) +
+               (c.panel ? " key panel" : "") + (c.topology ? " group" : " star");
+      run(e, c);
     }
   // Soft-capping (the kCap kernels): scores of standard deviation 4 against caps of 2 and 4, so that
   // many are capped hard; prefill and decode with split-K, both topologies, GQA, poisoned masked keys/values.
