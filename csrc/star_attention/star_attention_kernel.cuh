@@ -524,10 +524,10 @@ struct RowCfg {
   static constexpr bool kDq = kDq_;
   static constexpr int D = D_, BK = BK_, kWarps = kWarps_, kThreads = 32 * kWarps_, BQ = 16 * kWarps_;
   static constexpr int kOSplit = kOSplit_, DO = D_ / kOSplit_;
-  // CTAs per SM the kernel is compiled for on sm_90 (__launch_bounds__, star_row_kernel): 3 for the
-  // 16-bit forward at D = 64, whose ~49 KB of shared memory allow 3 and whose registers fit 168
-  // (65536 / 384, in units of 8; it used 165-167 before 2026-11-24's prefetch and split-K, 173 after,
-  // without the bound): 12 warps per SM instead of 8. Elsewhere registers or shared memory allow 2.
+  // CTAs per SM the kernel is compiled for (__launch_bounds__, star_row_kernel): 3 for the 16-bit
+  // forward at D = 64, whose ~49 KB of shared memory allow 3 and whose registers fit 168 (65536 / 384,
+  // in units of 8; sm_90 used 165-167 before 2026-11-24's prefetch and split-K, 173 after, without the
+  // bound): 12 warps per SM instead of 8. Elsewhere registers or shared memory allow 2.
   static constexpr int kMinBlocks = (!kDq_ && E != Elt::kF32 && D_ <= 64) ? 3 : 1;
   // Keys per compute sub-block: the whole tile in the forward; at most 32 (16 at D >= 128) for dq,
   // whose scores and dP are live together.
@@ -785,25 +785,49 @@ HTC_UNROLL
       return;
     }
 
-    // May row hh of this lane attend column `col` of the tile? (star_mask.h rule, by tile kind)
+    // May row hh of this lane attend column `col` of the tile? (star_mask.h rule, by tile kind.) Without
+    // branches (star_allowed_flat), so the 32 questions of a thread load their keys' metadata together.
+    // The rows' kinds and liveness as one opaque word per sub-block: what the rule derives from them is
+    // recomputed per sub-block, not kept live across the tile loop (the fp32 D=256 dq kernel spilled).
+    unsigned rows_word = 0;
+    auto row_kind = [&](int hh) { return static_cast<int8_t>((rows_word >> (8 * hh)) & 0xffu); };
+    auto row_alive = [&](int hh) { return ((rows_word >> (16 + hh)) & 1u) != 0; };
+    auto full_ok = [&](int hh, int col) { return row_alive(hh) & (col < nk); };
+    // An empty panel slot's position is no_position: after every row.
+    auto causal_ok = [&](int hh, int col) { return full_ok(hh, col) & (tKeyPos[col] <= pos[hh]); };
+    auto masked_ok = [&](int hh, int col) {
+      return full_ok(hh, col) &
+             star_allowed_flat<int>(pos[hh], tKeyPos[col], row_kind(hh), rgrp[hh], tKind[col], tGrp[col], p.topology);
+    };
     auto allowed = [&](int hh, int col) {
-      if (!alive[hh] || col >= nk) return false;
-      if (kind == kFull) return true;
-      const int j = tKeyPos[col];  // no_position for an empty panel slot: after every row
-      if (kind == kCausal) return j <= pos[hh];
-      return star_allowed(pos[hh], j, rkind[hh], rgrp[hh], tKind[col], tGrp[col], p.topology);
+      return kind == kFull ? full_ok(hh, col) : kind == kCausal ? causal_ok(hh, col) : masked_ok(hh, col);
+    };
+    // This lane's bits of a sub-block (n * 4 + e4: fragment n, element e4), the tile kind decided once.
+    auto mask_bits = [&](int c0, auto&& ok) {
+      unsigned b = 0;
+HTC_UNROLL
+      for (int n = 0; n < NF_S; ++n)
+HTC_UNROLL
+        for (int e4 = 0; e4 < 4; ++e4)
+          b |= static_cast<unsigned>(ok(e4 >> 1, c0 + n * 8 + 2 * t + (e4 & 1))) << (n * 4 + e4);
+      return b;
     };
 
     // The tile in sub-blocks of KS keys (dq: fewer score and dP registers live at once); not
     // unrolled, or the compiler interleaves the sub-blocks and the saving is gone.
     HTC_UNROLL_N(1)
     for (int c0 = 0; c0 < BK; c0 += KS) {
-      unsigned bits = 0;
-HTC_UNROLL
-      for (int n = 0; n < NF_S; ++n)
-HTC_UNROLL
-        for (int e4 = 0; e4 < 4; ++e4)
-          bits |= static_cast<unsigned>(allowed(e4 >> 1, c0 + n * 8 + 2 * t + (e4 & 1))) << (n * 4 + e4);
+      rows_word = static_cast<uint8_t>(rkind[0]) | (static_cast<unsigned>(static_cast<uint8_t>(rkind[1])) << 8) |
+                  (static_cast<unsigned>(alive[0]) << 16) | (static_cast<unsigned>(alive[1]) << 17);
+      simt::opaque(rows_word);
+      unsigned bits;
+      if (kind == kFull) {
+        bits = mask_bits(c0, full_ok);
+      } else if (kind == kCausal) {
+        bits = mask_bits(c0, causal_ok);
+      } else {
+        bits = mask_bits(c0, masked_ok);
+      }
       simt::opaque(bits);  // one register across the MMAs, not its ingredients (spills otherwise)
       const bool active = simt::any_warp(bits != 0);  // does any row of this warp see these keys?
       auto bit = [&](int n, int e4) { return ((bits >> (n * 4 + e4)) & 1u) != 0; };
@@ -1213,19 +1237,31 @@ HTC_UNROLL
         return;
       }
 
-      // May key hh of this lane be attended by query column `col` of the sub-tile?
-      auto allowed = [&](int hh, int col) {
-        if (!kalive[hh] || tKind[col] == kPad) return false;
-        if (kind == kFull) return true;
-        if (kind == kCausal) return kpos[hh] <= tPos[col];
-        return star_allowed(tPos[col], kpos[hh], tKind[col], tGrp[col], kkind[hh], kgr[hh], p.topology);
+      // May key hh of this lane be attended by query column `col` of the sub-tile? Without branches
+      // (star_allowed_flat; star_row_block's mask_bits says why), the tile kind decided once.
+      auto full_ok = [&](int hh, int col) { return kalive[hh] & (tKind[col] != kPad); };
+      auto causal_ok = [&](int hh, int col) { return full_ok(hh, col) & (kpos[hh] <= tPos[col]); };
+      auto masked_ok = [&](int hh, int col) {
+        return kalive[hh] &
+               star_allowed_flat<int>(tPos[col], kpos[hh], tKind[col], tGrp[col], kkind[hh], kgr[hh], p.topology);
       };
-      unsigned bits = 0;
+      auto mask_bits = [&](auto&& ok) {
+        unsigned b = 0;
 HTC_UNROLL
-      for (int n = 0; n < NF_Q; ++n)
+        for (int n = 0; n < NF_Q; ++n)
 HTC_UNROLL
-        for (int e4 = 0; e4 < 4; ++e4)
-          bits |= static_cast<unsigned>(allowed(e4 >> 1, n * 8 + 2 * t + (e4 & 1))) << (n * 4 + e4);
+          for (int e4 = 0; e4 < 4; ++e4)
+            b |= static_cast<unsigned>(ok(e4 >> 1, n * 8 + 2 * t + (e4 & 1))) << (n * 4 + e4);
+        return b;
+      };
+      unsigned bits;
+      if (kind == kFull) {
+        bits = mask_bits(full_ok);
+      } else if (kind == kCausal) {
+        bits = mask_bits(causal_ok);
+      } else {
+        bits = mask_bits(masked_ok);
+      }
       simt::opaque(bits);  // one register across the MMAs, not its ingredients (spills otherwise)
       if (!simt::any_warp(bits != 0)) return;
 
@@ -1374,14 +1410,8 @@ HTC_UNROLL
 #if defined(__CUDACC__)
 // The __global__ entry points (1-D grids; the bodies above take thread and block indices).
 // Forward (C = FwdCfg) and dQ (C = DqCfg): grid B * Hq * ceil(Sq / C::BQ) * n_split * C::kOSplit.
-// sm_80: one CTA per SM as the bound (ptxas spills the uncapped D = 64 forward at 168 registers there).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define HTC_ROW_MIN_BLOCKS(C) (C::kMinBlocks)
-#else
-#define HTC_ROW_MIN_BLOCKS(C) 1
-#endif
 template <class C>
-__global__ void __launch_bounds__(C::kThreads, HTC_ROW_MIN_BLOCKS(C)) star_row_kernel(const StarParams p) {
+__global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) star_row_kernel(const StarParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   star_row_block<C>(p, smem, static_cast<int>(threadIdx.x), static_cast<int64_t>(blockIdx.x));
 }

@@ -42,6 +42,19 @@ HTC_HD bool star_allowed(int64_t i, int64_t j, int8_t ki, int32_t gi, int8_t kj,
   return true;
 }
 
+// star_allowed without branches (bitwise, no short-circuit), in the kernels' integer type: the CUDA
+// kernels evaluate it for 32 (row, key) pairs per thread and tile, where star_allowed's branches made
+// each call a divergence region (BSSY/BSYNC) around up to three dependent shared-memory loads, one
+// call after another (sm_90 SASS, 2026-11-24). Equal to star_allowed for every input (test_star_plan
+// checks all kinds, topologies, orders and group relations).
+template <class I>
+HTC_HD bool star_allowed_flat(I i, I j, int8_t ki, int32_t gi, int8_t kj, int32_t gj, int topology) {
+  const bool live = (j <= i) & (ki != kPad) & (kj != kPad);
+  const bool self_only = (topology == kStar) & (ki == kVisual);  // a visual row under "star"
+  const bool by_group = ((ki == kVisual) | (ki == kVoco)) & !self_only & (gj == gi);
+  return live & ((kj != kVisual) | (self_only & (j == i)) | by_group);
+}
+
 // The key order of a plan. Identity (panel_len 0): key index j is position j. With a key panel
 // (CUDA_NOTES.md "the TEXT/VOCO key panel"): indices j < panel_len are the panel, position panel[j]
 // (-1: an empty slot), and j >= panel_len is position j - panel_len, where TEXT/VOCO keys are holes

@@ -42,7 +42,32 @@ void random_layout(std::mt19937& rng, std::vector<int8_t>& kinds, std::vector<in
 
 }  // namespace
 
+// star_allowed_flat (the kernels' branch-free form) equals star_allowed on every combination of kinds,
+// topology, key before / at / after the query, and same / other group.
+void test_flat_rule() {
+  int checked = 0;
+  for (int topo = 0; topo < 2; ++topo)
+    for (int ki = 0; ki < 4; ++ki)
+      for (int kj = 0; kj < 4; ++kj)
+        for (int64_t j = 3; j <= 5; ++j)
+          for (int32_t gj = -1; gj <= 1; ++gj) {
+            const int64_t i = 4;
+            const int32_t gi = 0;
+            const bool want = htc::star_allowed(i, j, static_cast<int8_t>(ki), gi, static_cast<int8_t>(kj), gj, topo);
+            const bool got = htc::star_allowed_flat<int>(static_cast<int>(i), static_cast<int>(j), static_cast<int8_t>(ki),
+                                                         gi, static_cast<int8_t>(kj), gj, topo);
+            if (got != want) {
+              std::fprintf(stderr, "star_allowed_flat(i=4, j=%lld, ki=%d, kj=%d, gj=%d, topo=%d) = %d, want %d\n",
+                           static_cast<long long>(j), ki, kj, gj, topo, got, want);
+              std::exit(1);
+            }
+            ++checked;
+          }
+  std::printf("star_allowed_flat == star_allowed on %d cases\n", checked);
+}
+
 int main() {
+  test_flat_rule();
   std::mt19937 rng(1234);
   for (int seed = 0; seed < 400; ++seed) {
     std::vector<int8_t> kinds;
