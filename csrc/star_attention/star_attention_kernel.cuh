@@ -460,11 +460,13 @@ HTC_DEV void stream_items(const uint8_t* line, int64_t stride, int n, int lo, in
   }
 }
 
-// 16-byte copies of `rows` rows of D elements from global into shared (row stride LD): shared row r
-// from global row src(r) (at base + src(r) * gstride), zero-filled when src(r) < 0 (the copy then
-// names `base`, a valid address, and reads nothing).
-template <int NT, int D, int LD, class Store, class Src>
-HTC_DEV void gather_rows(Store* dst, const Store* base, int64_t gstride, int rows, int tid, Src&& src) {
+// 16-byte copies of `rows` rows of D elements from global into shared (row stride LD), for N tensors
+// that share their rows (K and V; Q and dO): shared row r of tensor t from global row src(r) (at
+// base[t] + src(r) * gstride[t]), zero-filled when src(r) < 0 (the copy then names base[t], a valid
+// address, and reads nothing). One loop for the N tensors: src and the chunk's indices once per row.
+template <int NT, int D, int LD, int N, class Store, class Src>
+HTC_DEV void gather_rows(Store* const (&dst)[N], const Store* const (&base)[N], const int64_t (&gstride)[N],
+                         int rows, int tid, Src&& src) {
   constexpr int kChunk = 16 / static_cast<int>(sizeof(Store)), kRowChunks = D / kChunk;
   // Not unrolled: with src a shared-memory read, the unrolled copies' addresses were all computed
   // ahead, +7-15 registers, and the D = 256 row kernels spilled on sm_90 (ptxas).
@@ -472,14 +474,17 @@ HTC_DEV void gather_rows(Store* dst, const Store* base, int64_t gstride, int row
   for (int c = tid; c < rows * kRowChunks; c += NT) {
     const int r = c / kRowChunks, cc = c - r * kRowChunks;
     const int64_t row = src(r);
-    simt::cp_async16(dst + r * LD + cc * kChunk, row >= 0 ? base + row * gstride + cc * kChunk : base,
-                     row >= 0 ? 16 : 0);
+HTC_UNROLL
+    for (int t = 0; t < N; ++t)
+      simt::cp_async16(dst[t] + r * LD + cc * kChunk, row >= 0 ? base[t] + row * gstride[t] + cc * kChunk : base[t],
+                       row >= 0 ? 16 : 0);
   }
 }
 
 // The same for consecutive rows row0 + r, each read only when ok(r).
-template <int NT, int D, int LD, class Store, class Ok>
-HTC_DEV void copy_rows(Store* dst, const Store* base, int row0, int64_t gstride, int rows, int tid, Ok&& ok) {
+template <int NT, int D, int LD, int N, class Store, class Ok>
+HTC_DEV void copy_rows(Store* const (&dst)[N], const Store* const (&base)[N], const int64_t (&gstride)[N], int row0,
+                       int rows, int tid, Ok&& ok) {
   gather_rows<NT, D, LD>(dst, base, gstride, rows, tid,
                          [&](int r) { return ok(r) ? static_cast<int64_t>(row0) + r : int64_t{-1}; });
 }
@@ -524,11 +529,12 @@ struct RowCfg {
   static constexpr bool kDq = kDq_;
   static constexpr int D = D_, BK = BK_, kWarps = kWarps_, kThreads = 32 * kWarps_, BQ = 16 * kWarps_;
   static constexpr int kOSplit = kOSplit_, DO = D_ / kOSplit_;
-  // CTAs per SM the kernel is compiled for (__launch_bounds__, star_row_kernel): 3 for the 16-bit
-  // forward at D = 64, whose ~49 KB of shared memory allow 3 and whose registers fit 168 (65536 / 384,
-  // in units of 8; sm_90 used 165-167 before 2026-11-24's prefetch and split-K, 173 after, without the
-  // bound): 12 warps per SM instead of 8. Elsewhere registers or shared memory allow 2.
-  static constexpr int kMinBlocks = (!kDq_ && E != Elt::kF32 && D_ <= 64) ? 3 : 1;
+  // CTAs per SM the kernel is compiled for (__launch_bounds__, star_row_kernel): 3 for the forward at
+  // D = 64, whose 38-49 KB of shared memory allow 3 and whose registers fit 168 (65536 / 384, in units
+  // of 8) without a spill (ptxas, sm_80 / sm_90: 16-bit 167 / 168, fp32 160 / 167; unbounded the
+  // 16-bit one drifted to 173 on 2026-11-24, the fp32 one uses 197 on sm_90): 12 warps per SM instead
+  // of 8. D = 80 / 96 spill at 168; elsewhere shared memory allows 2 at most.
+  static constexpr int kMinBlocks = (!kDq_ && D_ <= 64) ? 3 : 1;
   // Keys per compute sub-block: the whole tile in the forward; at most 32 (16 at D >= 128) for dq,
   // whose scores and dP are live together.
   static constexpr int KS = !kDq_ ? BK_ : (D_ >= 128 ? 16 : (BK_ < 32 ? BK_ : 32));
@@ -542,13 +548,14 @@ struct RowCfg {
   static constexpr size_t kQBytes = size_t{BQ} * kLd * sizeof(Store);
   static constexpr size_t kTileBytes = size_t{BK} * kLd * sizeof(Store);
   // Layout: Q | dO (dq only) | K0 V0 | K1 V1 | key kinds [2][BK] | key groups [2][BK] | key positions
-  // [2][BK] | bad [BK] | list | counts
+  // [2][BK] | key source rows [2][BK] | bad [BK] | list | counts
   static constexpr size_t kOffDo = kQBytes;
   static constexpr size_t kOffK = kQBytes * (kDq ? 2 : 1);
   static constexpr size_t kOffMeta = kOffK + 4 * kTileBytes;
   static constexpr size_t kOffGroups = kOffMeta + 2 * BK;
   static constexpr size_t kOffKeyPos = kOffGroups + 2 * BK * sizeof(int32_t);
-  static constexpr size_t kOffBad = kOffKeyPos + 2 * BK * sizeof(int32_t);
+  static constexpr size_t kOffSrc = kOffKeyPos + 2 * BK * sizeof(int32_t);
+  static constexpr size_t kOffBad = kOffSrc + 2 * BK * sizeof(int32_t);
   static constexpr size_t kOffList = (kOffBad + BK + 15) / 16 * 16;
   static constexpr size_t kOffCounts = kOffList + kListWindow * sizeof(int);
   static constexpr size_t kSmemBytes = kOffCounts + 16 * sizeof(int);
@@ -615,6 +622,7 @@ HTC_DEV void star_row_block(const StarParams& p, unsigned char* smem, int tid, i
   int8_t* sKind = reinterpret_cast<int8_t*>(smem + C::kOffMeta);
   int32_t* sGrp = reinterpret_cast<int32_t*>(smem + C::kOffGroups);
   int32_t* sKeyPos = reinterpret_cast<int32_t*>(smem + C::kOffKeyPos);
+  int32_t* sSrc = reinterpret_cast<int32_t*>(smem + C::kOffSrc);
   int8_t* sBad = reinterpret_cast<int8_t*>(smem + C::kOffBad);
   int* sList = reinterpret_cast<int*>(smem + C::kOffList);
   int* sCounts = reinterpret_cast<int*>(smem + C::kOffCounts);
@@ -639,10 +647,17 @@ HTC_DEV void star_row_block(const StarParams& p, unsigned char* smem, int tid, i
   // Query (and dO) rows -> shared; rows past Sq and PAD rows are zero-filled, never read: a PAD
   // row's q, and its grad_out, may hold anything (DESIGN.md §2).
   auto live_row = [&](int r) { return live_query(p, kin, r0 + r); };
-  copy_rows<NT, D, LD>(sQ, qg, r0, p.q_ss, BQ, tid, live_row);
   if constexpr (kDq) {
     const Store* dog = static_cast<const Store*>(p.dout) + b * p.do_sb + h * p.do_sh;
-    copy_rows<NT, D, LD>(sDo, dog, r0, p.do_ss, BQ, tid, live_row);
+    Store* const dst[2] = {sQ, sDo};
+    const Store* const src[2] = {qg, dog};
+    const int64_t stride[2] = {p.q_ss, p.do_ss};
+    copy_rows<NT, D, LD>(dst, src, stride, r0, BQ, tid, live_row);
+  } else {
+    Store* const dst[1] = {sQ};
+    const Store* const src[1] = {qg};
+    const int64_t stride[1] = {p.q_ss};
+    copy_rows<NT, D, LD>(dst, src, stride, r0, BQ, tid, live_row);
   }
   simt::cp_async_commit();
 
@@ -695,13 +710,15 @@ HTC_UNROLL
       sKind[st * BK + tid] = next_key.kind;
       sGrp[st * BK + tid] = next_key.group;
       sKeyPos[st * BK + tid] = next_key.pos;
+      sSrc[st * BK + tid] = next_key.kind != kPad ? next_key.pos : -1;
     }
     simt::sync_block();  // the stage's keys are visible to every thread (the body reads the other stage)
-    const int8_t* kind = sKind + st * BK;
-    const int32_t* kpos = sKeyPos + st * BK;
-    auto src = [&](int r) { return kind[r] != kPad ? static_cast<int64_t>(kpos[r]) : int64_t{-1}; };
-    gather_rows<NT, D, LD>(sK(st), kg, p.k_ss, BK, tid, src);
-    gather_rows<NT, D, LD>(sV(st), vg, p.v_ss, BK, tid, src);
+    // One shared load per copied row (its source row, -1: zero-fill), K and V in one loop.
+    const int32_t* rsrc = sSrc + st * BK;
+    Store* const dst[2] = {sK(st), sV(st)};
+    const Store* const src[2] = {kg, vg};
+    const int64_t stride[2] = {p.k_ss, p.v_ss};
+    gather_rows<NT, D, LD>(dst, src, stride, BK, tid, [&](int r) { return static_cast<int64_t>(rsrc[r]); });
   };
   // Tiles where some row may not attend some key can meet non-finite values that must stay unread:
   // V in the forward's P V, K in the dq's dS K (scores are masked by select, which needs nothing).
@@ -1119,9 +1136,12 @@ HTC_DEV void star_key_block(const StarParams& p, unsigned char* smem, int tid, i
     sList[tid] = a.kind != kPad ? a.pos : -1;
   }
   simt::sync_block();
-  auto src = [&](int r) { return static_cast<int64_t>(sList[r]); };
-  gather_rows<NT, D, LD>(sK, kg, p.k_ss, BK, tid, src);
-  gather_rows<NT, D, LD>(sV, vg, p.v_ss, BK, tid, src);
+  {
+    Store* const dst[2] = {sK, sV};
+    const Store* const src[2] = {kg, vg};
+    const int64_t stride[2] = {p.k_ss, p.v_ss};
+    gather_rows<NT, D, LD>(dst, src, stride, BK, tid, [&](int r) { return static_cast<int64_t>(sList[r]); });
+  }
   simt::cp_async_commit();
 
   // This lane's two keys: kgrp*16 + g (+8) of the tile.
@@ -1184,8 +1204,10 @@ HTC_UNROLL
       simt::sync_block();  // the stage's row kinds are visible to every thread
       const int8_t* kind = mKind + st * QS;
       auto live = [&](int r) { return kind[r] != kPad; };
-      copy_rows<NT, D, LD>(sQ(st), qg, i0, p.q_ss, QS, tid, live);
-      copy_rows<NT, D, LD>(sDo(st), dog, i0, p.do_ss, QS, tid, live);
+      Store* const dst[2] = {sQ(st), sDo(st)};
+      const Store* const src[2] = {qg, dog};
+      const int64_t stride[2] = {p.q_ss, p.do_ss};
+      copy_rows<NT, D, LD>(dst, src, stride, i0, QS, tid, live);
     };
     auto check = [](int, int, int) { return false; };
 
