@@ -645,19 +645,25 @@ HTC_DEV void star_row_block(const StarParams& p, unsigned char* smem, int tid, i
   }
 
   // Query (and dO) rows -> shared; rows past Sq and PAD rows are zero-filled, never read: a PAD
-  // row's q, and its grad_out, may hold anything (DESIGN.md §2).
-  auto live_row = [&](int r) { return live_query(p, kin, r0 + r); };
+  // row's q, and its grad_out, may hold anything (DESIGN.md §2). Row r's source (r0 + r, or -1) is
+  // read once, by thread r, into the list's shared memory (free until compact_window's first barrier);
+  // read per copied chunk instead, a thread's 8 kind loads ran one after another, each waited for by
+  // its cp.async before the next was issued (sm_90 SASS).
+  static_assert(BQ <= kListWindow, "the query rows borrow the list's shared memory");
+  if (tid < BQ) sList[tid] = live_query(p, kin, r0 + tid) ? r0 + tid : -1;
+  simt::sync_block();
+  auto row_src = [&](int r) { return static_cast<int64_t>(sList[r]); };
   if constexpr (kDq) {
     const Store* dog = static_cast<const Store*>(p.dout) + b * p.do_sb + h * p.do_sh;
     Store* const dst[2] = {sQ, sDo};
     const Store* const src[2] = {qg, dog};
     const int64_t stride[2] = {p.q_ss, p.do_ss};
-    copy_rows<NT, D, LD>(dst, src, stride, r0, BQ, tid, live_row);
+    gather_rows<NT, D, LD>(dst, src, stride, BQ, tid, row_src);
   } else {
     Store* const dst[1] = {sQ};
     const Store* const src[1] = {qg};
     const int64_t stride[1] = {p.q_ss};
-    copy_rows<NT, D, LD>(dst, src, stride, r0, BQ, tid, live_row);
+    gather_rows<NT, D, LD>(dst, src, stride, BQ, tid, row_src);
   }
   simt::cp_async_commit();
 
