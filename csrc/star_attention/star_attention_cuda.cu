@@ -235,8 +235,7 @@ std::tuple<at::Tensor, at::Tensor> star_attention_cuda(const at::Tensor& q_in, c
   // split takes a contiguous, count-balanced share of a tile's non-SKIP key tiles; and at small
   // prefill grids for the long tiles only (kPrefillSplitWaves). split_parts decides per tile.
   const int64_t ctas = pr.B * pr.Hq * p.n_qt;
-  int64_t n_split = 1;
-  p.split_min = 1;
+  int64_t n_split = 1;  // and p.split_min = 1 (prepare)
   if (ctas < pr.info->sms) {
     n_split = std::max<int64_t>(1, std::min<int64_t>({ceil_div(2 * pr.info->sms, ctas), ceil_div(p.n_kt, 2), kMaxSplit}));
   } else if (const int split_min = kPrefillPartMin * 64 / static_cast<int>(block_k);

@@ -422,6 +422,26 @@ HTC_DEV bool live_query(const StarParams& p, const int8_t* kin, int i) {
   return (i < p.Sq) & (kind != kPad);
 }
 
+// A lane's mask bits over NF fragments of 8 columns from col0 (bit n * 4 + e4: fragment n, element e4,
+// which is row e4 / 2 of the lane and column col0 + n * 8 + 2 t + e4 % 2), the tile kind decided once
+// and each predicate branch-free (star_allowed_flat): with star_allowed's branches every question was
+// a divergence region around dependent shared-memory loads, 32 of them in series per MASKED visit.
+template <int NF, class Full, class Causal, class Masked>
+HTC_DEV unsigned tile_mask_bits(int kind, int col0, int t, Full&& full, Causal&& causal, Masked&& masked) {
+  auto fill = [&](auto&& ok) {
+    unsigned b = 0;
+HTC_UNROLL
+    for (int n = 0; n < NF; ++n)
+HTC_UNROLL
+      for (int e4 = 0; e4 < 4; ++e4)
+        b |= static_cast<unsigned>(ok(e4 >> 1, col0 + n * 8 + 2 * t + (e4 & 1))) << (n * 4 + e4);
+    return b;
+  };
+  if (kind == kFull) return fill(full);
+  if (kind == kCausal) return fill(causal);
+  return fill(masked);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // The pipeline shared by every kernel: the non-SKIP entries of a plan line (a row, stride 1: the key
 // tiles of a query tile; or a column, stride n_kt: the query tiles of a key tile) are compacted window
@@ -531,7 +551,7 @@ struct RowCfg {
   static constexpr int kOSplit = kOSplit_, DO = D_ / kOSplit_;
   // CTAs per SM the kernel is compiled for (__launch_bounds__, star_row_kernel): 3 for the forward at
   // D = 64, whose 38-49 KB of shared memory allow 3 and whose registers fit 168 (65536 / 384, in units
-  // of 8) without a spill (ptxas, sm_80 / sm_90: 16-bit 167 / 168, fp32 160 / 167; unbounded the
+  // of 8) without a spill (ptxas, sm_80 / sm_90: 16-bit 167 / 167, fp32 160 / 167; unbounded the
   // 16-bit one drifted to 173 on 2026-11-24, the fp32 one uses 197 on sm_90): 12 warps per SM instead
   // of 8. D = 80 / 96 spill at 168; elsewhere shared memory allows 2 at most.
   static constexpr int kMinBlocks = (!kDq_ && D_ <= 64) ? 3 : 1;
@@ -808,10 +828,10 @@ HTC_UNROLL
       return;
     }
 
-    // May row hh of this lane attend column `col` of the tile? (star_mask.h rule, by tile kind.) Without
-    // branches (star_allowed_flat), so the 32 questions of a thread load their keys' metadata together.
-    // The rows' kinds and liveness as one opaque word per sub-block: what the rule derives from them is
-    // recomputed per sub-block, not kept live across the tile loop (the fp32 D=256 dq kernel spilled).
+    // May row hh of this lane attend column `col` of the tile? (star_mask.h rule, by tile kind;
+    // tile_mask_bits says why without branches.) The rows' kinds and liveness as one opaque word per
+    // sub-block: what the rule derives from them is recomputed per sub-block, not kept live across the
+    // tile loop (the fp32 D=256 dq kernel spilled).
     unsigned rows_word = 0;
     auto row_kind = [&](int hh) { return static_cast<int8_t>((rows_word >> (8 * hh)) & 0xffu); };
     auto row_alive = [&](int hh) { return ((rows_word >> (16 + hh)) & 1u) != 0; };
@@ -825,16 +845,6 @@ HTC_UNROLL
     auto allowed = [&](int hh, int col) {
       return kind == kFull ? full_ok(hh, col) : kind == kCausal ? causal_ok(hh, col) : masked_ok(hh, col);
     };
-    // This lane's bits of a sub-block (n * 4 + e4: fragment n, element e4), the tile kind decided once.
-    auto mask_bits = [&](int c0, auto&& ok) {
-      unsigned b = 0;
-HTC_UNROLL
-      for (int n = 0; n < NF_S; ++n)
-HTC_UNROLL
-        for (int e4 = 0; e4 < 4; ++e4)
-          b |= static_cast<unsigned>(ok(e4 >> 1, c0 + n * 8 + 2 * t + (e4 & 1))) << (n * 4 + e4);
-      return b;
-    };
 
     // The tile in sub-blocks of KS keys (dq: fewer score and dP registers live at once); not
     // unrolled, or the compiler interleaves the sub-blocks and the saving is gone.
@@ -843,14 +853,7 @@ HTC_UNROLL
       rows_word = static_cast<uint8_t>(rkind[0]) | (static_cast<unsigned>(static_cast<uint8_t>(rkind[1])) << 8) |
                   (static_cast<unsigned>(alive[0]) << 16) | (static_cast<unsigned>(alive[1]) << 17);
       simt::opaque(rows_word);
-      unsigned bits;
-      if (kind == kFull) {
-        bits = mask_bits(c0, full_ok);
-      } else if (kind == kCausal) {
-        bits = mask_bits(c0, causal_ok);
-      } else {
-        bits = mask_bits(c0, masked_ok);
-      }
+      unsigned bits = tile_mask_bits<NF_S>(kind, c0, t, full_ok, causal_ok, masked_ok);
       simt::opaque(bits);  // one register across the MMAs, not its ingredients (spills otherwise)
       const bool active = simt::any_warp(bits != 0);  // does any row of this warp see these keys?
       auto bit = [&](int n, int e4) { return ((bits >> (n * 4 + e4)) & 1u) != 0; };
@@ -1265,31 +1268,14 @@ HTC_UNROLL
         return;
       }
 
-      // May key hh of this lane be attended by query column `col` of the sub-tile? Without branches
-      // (star_allowed_flat; star_row_block's mask_bits says why), the tile kind decided once.
+      // May key hh of this lane be attended by query column `col` of the sub-tile? (tile_mask_bits)
       auto full_ok = [&](int hh, int col) { return kalive[hh] & (tKind[col] != kPad); };
       auto causal_ok = [&](int hh, int col) { return full_ok(hh, col) & (kpos[hh] <= tPos[col]); };
       auto masked_ok = [&](int hh, int col) {
         return kalive[hh] &
                star_allowed_flat<int>(tPos[col], kpos[hh], tKind[col], tGrp[col], kkind[hh], kgr[hh], p.topology);
       };
-      auto mask_bits = [&](auto&& ok) {
-        unsigned b = 0;
-HTC_UNROLL
-        for (int n = 0; n < NF_Q; ++n)
-HTC_UNROLL
-          for (int e4 = 0; e4 < 4; ++e4)
-            b |= static_cast<unsigned>(ok(e4 >> 1, n * 8 + 2 * t + (e4 & 1))) << (n * 4 + e4);
-        return b;
-      };
-      unsigned bits;
-      if (kind == kFull) {
-        bits = mask_bits(full_ok);
-      } else if (kind == kCausal) {
-        bits = mask_bits(causal_ok);
-      } else {
-        bits = mask_bits(masked_ok);
-      }
+      unsigned bits = tile_mask_bits<NF_Q>(kind, 0, t, full_ok, causal_ok, masked_ok);
       simt::opaque(bits);  // one register across the MMAs, not its ingredients (spills otherwise)
       if (!simt::any_warp(bits != 0)) return;
 
