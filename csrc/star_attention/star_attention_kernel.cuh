@@ -443,23 +443,43 @@ HTC_UNROLL
 }
 
 // ---------------------------------------------------------------------------------------------------
+// cp.async.wait_group with a run-time count n in [0, NS): the count is an immediate of the instruction.
+template <int NS>
+HTC_DEV void cp_async_wait_upto(int n) {
+  static_assert(NS >= 2 && NS <= 4, "pipeline stages");
+  if (n <= 0) {
+    simt::cp_async_wait<0>();
+  } else if (NS == 2 || n == 1) {
+    simt::cp_async_wait<1>();
+  } else if constexpr (NS == 3) {
+    simt::cp_async_wait<2>();
+  } else if (n == 2) {
+    simt::cp_async_wait<2>();
+  } else {
+    simt::cp_async_wait<3>();
+  }
+}
+
 // The pipeline shared by every kernel: the non-SKIP entries of a plan line (a row, stride 1: the key
 // tiles of a query tile; or a column, stride n_kt: the query tiles of a key tile) are compacted window
-// by window; entry e expands to n_sub items (sub-tiles), streamed through a 2-stage cp.async pipeline.
+// by window; entry e expands to n_sub items (sub-tiles), streamed through an NS-stage cp.async
+// pipeline (item it in stage it % NS).
 //   fetch(entry, sub): this thread's global loads of one item's metadata into registers (no shared
-//     memory: both stages may still be read). Called for item it + 1 before waiting for item it, so
-//     the loads are in flight during that wait and the barrier after it;
+//     memory: every stage may still be read). Called for item it + NS - 1 before waiting for item it,
+//     so the loads are in flight during that wait and the barrier after it;
 //   issue(entry, sub, stage): stores what fetch loaded into `stage` and issues this thread's copies
 //     of the item (no commit); called by every thread (it may hold a barrier of its own);
 //   check(entry, sub, stage): a per-thread predicate on the landed item (e.g. "my V chunks hold
 //     Inf/NaN"), OR-reduced over the block by the barrier that publishes the stage;
 //   body(entry, sub, stage, any): the item's work, called by every thread (block-uniform).
 // Only entries whose rank among all non-SKIP entries is in [lo, hi) are streamed (split-K).
-// Items 0 and 1 are both issued before the first wait (both stages are free: compact_window begins
-// with a barrier): issued after item 0 landed, as every later item is, item 1's copies began one
-// global-memory latency later, and most CTAs have only 2-3 items (a visual query tile of LLaVA: its
-// prefix tile and its diagonal), so that latency was a third of their copy time.
-template <int NT, class Fetch, class Issue, class Check, class Body>
+// Items 0 .. NS-1 are all issued before the first wait (every stage is free: compact_window begins
+// with a barrier). Item it + NS - 1 reuses the stage of item it - 1, so in steady state it is issued
+// after the barrier of item it, when every warp is done with item it - 1; but the last stage had
+// never been used, and issued that way its copies waited a whole global-memory latency for nothing.
+// Most CTAs have 2-3 items (a visual query tile of LLaVA: its prefix tile and its diagonal), so with
+// 2 stages that latency was a third of their copy time.
+template <int NT, int NS, class Fetch, class Issue, class Check, class Body>
 HTC_DEV void stream_items(const uint8_t* line, int64_t stride, int n, int lo, int hi, int n_sub, int* list,
                           int* counts, int tid, Fetch&& fetch, Issue&& issue, Check&& check, Body&& body) {
   int seen = 0;
@@ -467,25 +487,25 @@ HTC_DEV void stream_items(const uint8_t* line, int64_t stride, int n, int lo, in
     const int n_list = compact_window<NT>(line, stride, n, w0, lo, hi, seen, list, counts, tid);
     const int items = n_list * n_sub;
     if (items == 0) continue;
-    for (int it = 0; it < 2 && it < items; ++it) {
+    const int pre = items < NS ? items : NS;
+    for (int it = 0; it < pre; ++it) {
       fetch(list[it / n_sub], it % n_sub);
       issue(list[it / n_sub], it % n_sub, it);
       simt::cp_async_commit();
     }
     for (int it = 0; it < items; ++it) {
-      const int e = it / n_sub, u = it - e * n_sub, st = it & 1;
-      // Item it + 1 still to issue (item 1 was issued with item 0).
-      const bool next = it >= 1 && it + 1 < items;
-      if (next) fetch(list[(it + 1) / n_sub], (it + 1) % n_sub);
-      // Item it landed (and what was committed before it); at it = 0 item 1 may still be in flight.
-      if (it == 0 && items > 1) {
-        simt::cp_async_wait<1>();
-      } else {
-        simt::cp_async_wait<0>();
-      }
-      // Barrier: item `it` is visible to every thread, and every warp is done with the other stage.
+      const int e = it / n_sub, u = it - e * n_sub, st = it % NS;
+      // Item nx still to issue, into the stage of item it - 1 (items < pre were issued above).
+      const int nx = it + NS - 1;
+      const bool next = it >= 1 && nx < items;
+      if (next) fetch(list[nx / n_sub], nx % n_sub);
+      // Item it landed (and what was committed before it). Committed after it: the prologue's later
+      // items and this loop's groups (one per iteration, empty ones included), pre - 1 in all while
+      // it < pre, then NS - 2.
+      cp_async_wait_upto<NS>(it < pre ? pre - 1 : NS - 2);
+      // Barrier: item `it` is visible to every thread, and every warp is done with item it - 1.
       const int any = simt::sync_block_or(check(list[e], u, st));
-      if (next) issue(list[(it + 1) / n_sub], (it + 1) % n_sub, st ^ 1);
+      if (next) issue(list[nx / n_sub], nx % n_sub, nx % NS);
       simt::cp_async_commit();
       body(list[e], u, st, any);
     }
@@ -1011,7 +1031,7 @@ HTC_UNROLL
     }
   };
 
-  stream_items<NT>(plan_row, 1, p.n_kt, lo, hi, 1, sList, sCounts, tid, fetch, issue, check, body);
+  stream_items<NT, 2>(plan_row, 1, p.n_kt, lo, hi, 1, sList, sCounts, tid, fetch, issue, check, body);
 
   // Epilogue. The Q rows of this warp become its output staging area (after the Q copies landed:
   // a tile with no work never waited for them).
@@ -1098,14 +1118,24 @@ struct KeyCfg {
   static constexpr int kRowChunks = D / kChunk;
   static constexpr size_t kKeyBytes = size_t{BK} * kLd * sizeof(Store);
   static constexpr size_t kSubBytes = size_t{QS} * kLd * sizeof(Store);
-  // Layout: K | V | (Q0 dO0) (Q1 dO1) | row meta [2][QS]: pos, group, lse2, delta (4 B each), kind
-  // (1 B) | list | counts
+  // Layout: K | V | (Q0 dO0) .. (Q[NS-1] dO[NS-1]) | row meta [NS][QS]: pos, group, lse2, delta (4 B
+  // each), kind (1 B) | list | counts
   static constexpr size_t kOffSub = 2 * kKeyBytes;
-  static constexpr size_t kOffMeta = kOffSub + 4 * kSubBytes;
-  static constexpr size_t kOffKind = kOffMeta + 4 * 2 * QS * 4;
-  static constexpr size_t kOffList = (kOffKind + 2 * QS + 15) / 16 * 16;
+  static constexpr size_t smem_bytes(int ns) {
+    return (2 * kKeyBytes + 2 * ns * kSubBytes + 17 * ns * QS + 15) / 16 * 16 + (kListWindow + 16) * sizeof(int);
+  }
+  // Pipeline stages of query sub-tiles: as many as fit (at most 4) while two CTAs still fit sm_80's
+  // 164 KB per SM (the registers allow two): a sub-tile is 16 or 32 rows, its body short beside a
+  // global-memory latency, so with 2 stages (one copy in flight during a body) the loads were the
+  // critical path of every item. D = 256 and fp32 D >= 128 keep 2 or 3.
+  static constexpr int kStages =
+      smem_bytes(4) + 1024 <= 82 * 1024 ? 4 : (smem_bytes(3) + 1024 <= 82 * 1024 ? 3 : 2);
+  static constexpr size_t kOffMeta = kOffSub + 2 * kStages * kSubBytes;
+  static constexpr size_t kOffKind = kOffMeta + 4 * kStages * QS * 4;
+  static constexpr size_t kOffList = (kOffKind + kStages * QS + 15) / 16 * 16;
   static constexpr size_t kOffCounts = kOffList + kListWindow * sizeof(int);
   static constexpr size_t kSmemBytes = kOffCounts + 16 * sizeof(int);
+  static_assert(kSmemBytes == smem_bytes(kStages), "shared memory layout");
 };
 // Query sub-tiles of 16 rows where registers are tight (fp32's three-term operands; D >= 96).
 template <Elt E, int D, bool kCap = false>
@@ -1138,11 +1168,12 @@ HTC_DEV void star_key_block(const StarParams& p, unsigned char* smem, int tid, i
   Store* sV = reinterpret_cast<Store*>(smem + C::kKeyBytes);
   auto sQ = [&](int st) { return reinterpret_cast<Store*>(smem + C::kOffSub + 2 * st * C::kSubBytes); };
   auto sDo = [&](int st) { return reinterpret_cast<Store*>(smem + C::kOffSub + (2 * st + 1) * C::kSubBytes); };
-  int32_t* mPos = reinterpret_cast<int32_t*>(smem + C::kOffMeta);             // [2][QS]
-  int32_t* mGrp = mPos + 2 * QS;                                              // [2][QS]
-  float* mLse2 = reinterpret_cast<float*>(mGrp + 2 * QS);                     // [2][QS]
-  float* mDelta = mLse2 + 2 * QS;                                             // [2][QS]
-  int8_t* mKind = reinterpret_cast<int8_t*>(smem + C::kOffKind);              // [2][QS]
+  constexpr int NS = C::kStages;
+  int32_t* mPos = reinterpret_cast<int32_t*>(smem + C::kOffMeta);  // [NS][QS]
+  int32_t* mGrp = mPos + NS * QS;                                  // [NS][QS]
+  float* mLse2 = reinterpret_cast<float*>(mGrp + NS * QS);         // [NS][QS]
+  float* mDelta = mLse2 + NS * QS;                                 // [NS][QS]
+  int8_t* mKind = reinterpret_cast<int8_t*>(smem + C::kOffKind);   // [NS][QS]
   int* sList = reinterpret_cast<int*>(smem + C::kOffList);
   int* sCounts = reinterpret_cast<int*>(smem + C::kOffCounts);
 
@@ -1351,7 +1382,7 @@ HTC_UNROLL
         }
       }
     };
-    stream_items<NT>(plan_col, p.n_kt, p.n_qt, 0, INT_MAX, 64 / QS, sList, sCounts, tid, fetch, issue, check, body);
+    stream_items<NT, C::kStages>(plan_col, p.n_kt, p.n_qt, 0, INT_MAX, 64 / QS, sList, sCounts, tid, fetch, issue, check, body);
   }
 
   // Epilogue: stage dK (x scale) and dV in the K / V tiles (each warp its own keys and D slice), then
