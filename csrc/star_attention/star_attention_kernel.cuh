@@ -587,28 +587,33 @@ struct RowCfg {
   // 16-bit one drifted to 173 on 2026-11-24, the fp32 one uses 197 on sm_90): 12 warps per SM instead
   // of 8. D = 80 / 96 spill at 168; elsewhere shared memory allows 2 at most.
   static constexpr int kMinBlocks = (!kDq_ && D_ <= 64) ? 3 : 1;
-  // Keys per compute sub-block: the whole tile in the forward; at most 32 (16 at D >= 128) for dq,
+  // A plan tile of BK keys is streamed as kSub items of BKI keys through kStages = 2 kSub stages: the
+  // shared memory of two whole tiles, but with 16-bit tiles in halves three copies are in flight
+  // during a body instead of one (a visual query tile of LLaVA: all four of its items before its
+  // first wait). fp32 tiles (16 keys) are not split (an MMA takes 16 keys).
+  static constexpr int kSub = E == Elt::kF32 ? 1 : 2, BKI = BK_ / kSub, kStages = 2 * kSub;
+  // Keys per compute sub-block: the whole item in the forward; at most 32 (16 at D >= 128) for dq,
   // whose scores and dP are live together.
-  static constexpr int KS = !kDq_ ? BK_ : (D_ >= 128 ? 16 : (BK_ < 32 ? BK_ : 32));
+  static constexpr int KS = !kDq_ ? BKI : (D_ >= 128 ? 16 : (BKI < 32 ? BKI : 32));
   static_assert(D % 16 == 0 && BK % 16 == 0 && BK <= 64 && 64 % BQ == 0 && DO % 16 == 0, "tile shape");
-  static_assert(KS % 16 == 0 && BK % KS == 0, "key sub-block");
+  static_assert(KS % 16 == 0 && BKI % KS == 0 && BK % kSub == 0, "key sub-block");
   // Shared rows padded by 16 bytes (bf16/fp16) or 32 bytes (fp32): the 8 rows of an ldmatrix, and
   // the float2 fragment loads of a half-warp, hit distinct banks.
   static constexpr int kLd = D + 8;
   static constexpr int kChunk = 16 / static_cast<int>(sizeof(Store));
   static constexpr int kRowChunks = D / kChunk;
   static constexpr size_t kQBytes = size_t{BQ} * kLd * sizeof(Store);
-  static constexpr size_t kTileBytes = size_t{BK} * kLd * sizeof(Store);
-  // Layout: Q | dO (dq only) | K0 V0 | K1 V1 | key kinds [2][BK] | key groups [2][BK] | key positions
-  // [2][BK] | key source rows [2][BK] | bad [BK] | list | counts
+  static constexpr size_t kTileBytes = size_t{BKI} * kLd * sizeof(Store);  // K or V of one item
+  // Layout: Q | dO (dq only) | K0 V0 | .. | K[NS-1] V[NS-1] | key kinds [NS][BKI] | key groups
+  // [NS][BKI] | key positions [NS][BKI] | key source rows [NS][BKI] | bad [BKI] | list | counts
   static constexpr size_t kOffDo = kQBytes;
   static constexpr size_t kOffK = kQBytes * (kDq ? 2 : 1);
-  static constexpr size_t kOffMeta = kOffK + 4 * kTileBytes;
-  static constexpr size_t kOffGroups = kOffMeta + 2 * BK;
-  static constexpr size_t kOffKeyPos = kOffGroups + 2 * BK * sizeof(int32_t);
-  static constexpr size_t kOffSrc = kOffKeyPos + 2 * BK * sizeof(int32_t);
-  static constexpr size_t kOffBad = kOffSrc + 2 * BK * sizeof(int32_t);
-  static constexpr size_t kOffList = (kOffBad + BK + 15) / 16 * 16;
+  static constexpr size_t kOffMeta = kOffK + 2 * kStages * kTileBytes;
+  static constexpr size_t kOffGroups = kOffMeta + kStages * BKI;
+  static constexpr size_t kOffKeyPos = kOffGroups + kStages * BKI * sizeof(int32_t);
+  static constexpr size_t kOffSrc = kOffKeyPos + kStages * BKI * sizeof(int32_t);
+  static constexpr size_t kOffBad = kOffSrc + kStages * BKI * sizeof(int32_t);
+  static constexpr size_t kOffList = (kOffBad + BKI + 15) / 16 * 16;
   static constexpr size_t kOffCounts = kOffList + kListWindow * sizeof(int);
   static constexpr size_t kSmemBytes = kOffCounts + 16 * sizeof(int);
   // kMinBlocks CTAs (with the 1 KB the driver reserves per CTA) within sm_80's 164 KB per SM.
@@ -635,7 +640,7 @@ HTC_DEV void star_row_block(const StarParams& p, unsigned char* smem, int tid, i
   using Store = typename C::Store;
   constexpr Elt E = C::kElt;
   constexpr bool kDq = C::kDq;
-  constexpr int T = C::kTerms, D = C::D, BK = C::BK, BQ = C::BQ, LD = C::kLd, NT = C::kThreads;
+  constexpr int T = C::kTerms, D = C::D, BK = C::BK, BKI = C::BKI, BQ = C::BQ, LD = C::kLd, NT = C::kThreads;
   constexpr int KS = C::KS, NF_S = KS / 8, NF_O = C::DO / 8, NF_FULL = D / 8;
   // Unrolling limits where registers are tight (fp32 carries every operand as three bf16 terms). The
   // 16-bit forward at D = 128 unrolls its QK^T loop 4 times, not 8: 252 -> 205 registers on sm_80
@@ -755,49 +760,49 @@ HTC_UNROLL
   // copies read their rows from there. Looked up by every copying thread (until 2026-11-24), a thread
   // ran 16 chains of 2-3 dependent global loads in series per tile (sm_90 bf16 D=128 SASS: each
   // chain behind a branch and behind the previous cp.async), before the tile's compute could start.
-  KeyAt next_key{no_position<int>(), static_cast<int8_t>(kPad), -1};  // thread tid < BK: its key
-  auto fetch = [&](int entry, int /*sub*/) {
+  KeyAt next_key{no_position<int>(), static_cast<int8_t>(kPad), -1};  // thread tid < BKI: its key
+  auto fetch = [&](int entry, int sub) {
     // The sample's panel, recomputed per tile from kin (its sample index is kin's row): nothing more
     // kept live across the tile loop, where the fp32 D=256 dQ and bf16 D=128 forward kernels use
     // 254-255 registers (any more spills).
     const int32_t* pan = p.panel ? p.panel + (kin - p.kinds) / p.Skv * p.panel_len : nullptr;
-    if (tid < BK) next_key = key_at(p, kin, grp, pan, (entry >> 3) * BK + tid);
+    if (tid < BKI) next_key = key_at(p, kin, grp, pan, (entry >> 3) * BK + sub * BKI + tid);
   };
   auto issue = [&](int /*entry*/, int /*sub*/, int st) {
-    if (tid < BK) {
-      sKind[st * BK + tid] = next_key.kind;
-      sGrp[st * BK + tid] = next_key.group;
-      sKeyPos[st * BK + tid] = next_key.pos;
-      sSrc[st * BK + tid] = next_key.kind != kPad ? next_key.pos : -1;
+    if (tid < BKI) {
+      sKind[st * BKI + tid] = next_key.kind;
+      sGrp[st * BKI + tid] = next_key.group;
+      sKeyPos[st * BKI + tid] = next_key.pos;
+      sSrc[st * BKI + tid] = next_key.kind != kPad ? next_key.pos : -1;
     }
     simt::sync_block();  // the stage's keys are visible to every thread (the body reads the other stage)
     // One shared load per copied row (its source row, -1: zero-fill), K and V in one loop.
-    const int32_t* rsrc = sSrc + st * BK;
+    const int32_t* rsrc = sSrc + st * BKI;
     Store* const dst[2] = {sK(st), sV(st)};
     const Store* const src[2] = {kg, vg};
     const int64_t stride[2] = {p.k_ss, p.v_ss};
-    gather_rows<NT, D, LD>(dst, src, stride, BK, tid, [&](int r) { return static_cast<int64_t>(rsrc[r]); });
+    gather_rows<NT, D, LD>(dst, src, stride, BKI, tid, [&](int r) { return static_cast<int64_t>(rsrc[r]); });
   };
   // Tiles where some row may not attend some key can meet non-finite values that must stay unread:
   // V in the forward's P V, K in the dq's dS K (scores are masked by select, which needs nothing).
   auto check = [&](int entry, int /*sub*/, int st) {
     const int kind = entry & 7;
     if (kind != kCausal && kind != kMasked) return false;
-    return my_rows_nonfinite<E, NT, D, LD>(kDq ? sK(st) : sV(st), BK, tid);
+    return my_rows_nonfinite<E, NT, D, LD>(kDq ? sK(st) : sV(st), BKI, tid);
   };
 
-  auto body = [&](int entry, int /*sub*/, int st, int any_bad) {
-    // k0: first position of a sequence tile (DIAG tiles are sequence tiles; a panel tile's k0 < 0
-    // leaves nk = BK, its empty slots being PAD).
-    const int kind = entry & 7, k0 = ((entry >> 3) - p.panel_len / BK) * BK;
-    const int nk = p.Skv - k0 < BK ? p.Skv - k0 : BK;
+  auto body = [&](int entry, int sub, int st, int any_bad) {
+    // k0: first position of this item of a sequence tile (DIAG tiles are sequence tiles; a panel
+    // tile's k0 < 0 leaves nk = BKI, its empty slots being PAD; nk <= 0: past the sequence).
+    const int kind = entry & 7, k0 = ((entry >> 3) - p.panel_len / BK) * BK + sub * BKI;
+    const int nk = p.Skv - k0 < BKI ? p.Skv - k0 : BKI;
     Store* tK = sK(st);
     Store* tV = sV(st);
-    const int8_t* tKind = sKind + st * BK;
-    const int32_t* tGrp = sGrp + st * BK;
-    const int32_t* tKeyPos = sKeyPos + st * BK;
+    const int8_t* tKind = sKind + st * BKI;
+    const int32_t* tGrp = sGrp + st * BKI;
+    const int32_t* tKeyPos = sKeyPos + st * BKI;
     if (!kDq && any_bad) {
-      zero_nonfinite_rows<E, D, LD>(tV, BK, sBad, tid);
+      zero_nonfinite_rows<E, D, LD>(tV, BKI, sBad, tid);
       simt::sync_block();
     }
 
@@ -881,7 +886,7 @@ HTC_UNROLL
     // The tile in sub-blocks of KS keys (dq: fewer score and dP registers live at once); not
     // unrolled, or the compiler interleaves the sub-blocks and the saving is gone.
     HTC_UNROLL_N(1)
-    for (int c0 = 0; c0 < BK; c0 += KS) {
+    for (int c0 = 0; c0 < BKI; c0 += KS) {
       rows_word = static_cast<uint8_t>(rkind[0]) | (static_cast<unsigned>(static_cast<uint8_t>(rkind[1])) << 8) |
                   (static_cast<unsigned>(alive[0]) << 16) | (static_cast<unsigned>(alive[1]) << 17);
       simt::opaque(rows_word);
@@ -1031,7 +1036,7 @@ HTC_UNROLL
     }
   };
 
-  stream_items<NT, 2>(plan_row, 1, p.n_kt, lo, hi, 1, sList, sCounts, tid, fetch, issue, check, body);
+  stream_items<NT, C::kStages>(plan_row, 1, p.n_kt, lo, hi, C::kSub, sList, sCounts, tid, fetch, issue, check, body);
 
   // Epilogue. The Q rows of this warp become its output staging area (after the Q copies landed:
   // a tile with no work never waited for them).
