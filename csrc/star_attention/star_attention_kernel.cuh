@@ -807,13 +807,22 @@ HTC_UNROLL
     }
 
     if (kind == kDiag) {
-      // Each live row whose own key lies in this tile: one score (row-wise dot on CUDA cores, a quad
-      // of lanes per row), then one online-softmax step (forward) or one gradient step (dq).
+      // Each live row whose own key lies in this item: one score (row-wise dot on CUDA cores, a quad
+      // of lanes per row), then one online-softmax step (forward) or one gradient step (dq). A warp
+      // none of whose rows has its key here skips the item (warp-uniform): with aligned query and
+      // key tiles, half of the warps for each half of a tile.
+      bool on_row[2];
 HTC_UNROLL
       for (int hh = 0; hh < 2; ++hh) {
         const int jl = pos[hh] - k0;
         // With a panel a TEXT/VOCO row's own key is a hole here (its panel slot computes it).
-        const bool on = alive[hh] && jl >= 0 && jl < nk && (p.panel_len == 0 || rkind[hh] == kVisual);
+        on_row[hh] = alive[hh] && jl >= 0 && jl < nk && (p.panel_len == 0 || rkind[hh] == kVisual);
+      }
+      if (!simt::any_warp(on_row[0] || on_row[1])) return;
+HTC_UNROLL
+      for (int hh = 0; hh < 2; ++hh) {
+        const int jl = pos[hh] - k0;
+        const bool on = on_row[hh];
         const int jr = on ? jl : 0;
         const Store* qrow = sQ + (warp * 16 + g + 8 * hh) * LD;
         const Store* krow = tK + jr * LD;
@@ -1281,11 +1290,20 @@ HTC_UNROLL
 
       if (kind == kDiag) {
         // Each live key whose own query row lies in this sub-tile: p, dp by row-wise dots over D (a
-        // quad of lanes per key), then dV += p dO, dK += dS q on this warp's slice of D.
+        // quad of lanes per key), then dV += p dO, dK += dS q on this warp's slice of D. A warp none
+        // of whose keys has its row here skips the sub-tile (warp-uniform): with aligned tiles, all
+        // but the warps of one key group of 16 per sub-tile of 16 rows.
+        bool on_key[2];
 HTC_UNROLL
         for (int hh = 0; hh < 2; ++hh) {
           const int il = kpos[hh] - p.q_off - i0;
-          const bool on = kalive[hh] && il >= 0 && il < QS && tKind[il >= 0 && il < QS ? il : 0] != kPad;
+          on_key[hh] = kalive[hh] && il >= 0 && il < QS && tKind[il >= 0 && il < QS ? il : 0] != kPad;
+        }
+        if (!simt::any_warp(on_key[0] || on_key[1])) return;
+HTC_UNROLL
+        for (int hh = 0; hh < 2; ++hh) {
+          const int il = kpos[hh] - p.q_off - i0;
+          const bool on = on_key[hh];
           const int ir = on ? il : 0;
           const Store* qrow = tQ + ir * LD;
           const Store* dorow = tDo + ir * LD;
