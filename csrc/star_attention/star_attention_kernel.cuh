@@ -464,9 +464,11 @@ HTC_DEV void cp_async_wait_upto(int n) {
 // tiles of a query tile; or a column, stride n_kt: the query tiles of a key tile) are compacted window
 // by window; entry e expands to n_sub items (sub-tiles), streamed through an NS-stage cp.async
 // pipeline (item it in stage it % NS).
-//   fetch(entry, sub): this thread's global loads of one item's metadata into registers (no shared
-//     memory: every stage may still be read). Called for item it + NS - 1 before waiting for item it,
-//     so the loads are in flight during that wait and the barrier after it;
+//   fetch(entry, sub, stage): this thread's global loads of one item's metadata into registers (no
+//     shared memory: every stage may still be read), by the threads the stage assigns them to (each
+//     thread holds one item's, so the prologue's items load at once, not one after another). Called
+//     for item it + NS - 1 before waiting for item it, so the loads are in flight during that wait
+//     and the barrier after it;
 //   issue(entry, sub, stage): stores what fetch loaded into `stage` and issues this thread's copies
 //     of the item (no commit); called by every thread (it may hold a barrier of its own);
 //   check(entry, sub, stage): a per-thread predicate on the landed item (e.g. "my V chunks hold
@@ -488,8 +490,8 @@ HTC_DEV void stream_items(const uint8_t* line, int64_t stride, int n, int lo, in
     const int items = n_list * n_sub;
     if (items == 0) continue;
     const int pre = items < NS ? items : NS;
+    for (int it = 0; it < pre; ++it) fetch(list[it / n_sub], it % n_sub, it);
     for (int it = 0; it < pre; ++it) {
-      fetch(list[it / n_sub], it % n_sub);
       issue(list[it / n_sub], it % n_sub, it);
       simt::cp_async_commit();
     }
@@ -498,7 +500,7 @@ HTC_DEV void stream_items(const uint8_t* line, int64_t stride, int n, int lo, in
       // Item nx still to issue, into the stage of item it - 1 (items < pre were issued above).
       const int nx = it + NS - 1;
       const bool next = it >= 1 && nx < items;
-      if (next) fetch(list[nx / n_sub], nx % n_sub);
+      if (next) fetch(list[nx / n_sub], nx % n_sub, nx % NS);
       // Item it landed (and what was committed before it). Committed after it: the prologue's later
       // items and this loop's groups (one per iteration, empty ones included), pre - 1 in all while
       // it < pre, then NS - 2.
@@ -761,19 +763,24 @@ HTC_UNROLL
   // ran 16 chains of 2-3 dependent global loads in series per tile (sm_90 bf16 D=128 SASS: each
   // chain behind a branch and behind the previous cp.async), before the tile's compute could start.
   KeyAt next_key{no_position<int>(), static_cast<int8_t>(kPad), -1};  // thread tid < BKI: its key
-  auto fetch = [&](int entry, int sub) {
+  // Key j of stage st's item is looked up by thread st * BKI + j: the prologue's items by distinct
+  // threads, so their lookups are in flight together (stream_items).
+  static_assert(C::kStages * BKI <= NT, "a thread per key of every stage");
+  auto fetch = [&](int entry, int sub, int st) {
     // The sample's panel, recomputed per tile from kin (its sample index is kin's row): nothing more
     // kept live across the tile loop, where the fp32 D=256 dQ and bf16 D=128 forward kernels use
     // 254-255 registers (any more spills).
     const int32_t* pan = p.panel ? p.panel + (kin - p.kinds) / p.Skv * p.panel_len : nullptr;
-    if (tid < BKI) next_key = key_at(p, kin, grp, pan, (entry >> 3) * BK + sub * BKI + tid);
+    const int j = tid - st * BKI;
+    if (j >= 0 && j < BKI) next_key = key_at(p, kin, grp, pan, (entry >> 3) * BK + sub * BKI + j);
   };
   auto issue = [&](int /*entry*/, int /*sub*/, int st) {
-    if (tid < BKI) {
-      sKind[st * BKI + tid] = next_key.kind;
-      sGrp[st * BKI + tid] = next_key.group;
-      sKeyPos[st * BKI + tid] = next_key.pos;
-      sSrc[st * BKI + tid] = next_key.kind != kPad ? next_key.pos : -1;
+    const int j = tid - st * BKI;
+    if (j >= 0 && j < BKI) {
+      sKind[st * BKI + j] = next_key.kind;
+      sGrp[st * BKI + j] = next_key.group;
+      sKeyPos[st * BKI + j] = next_key.pos;
+      sSrc[st * BKI + j] = next_key.kind != kPad ? next_key.pos : -1;
     }
     simt::sync_block();  // the stage's keys are visible to every thread (the body reads the other stage)
     // One shared load per copied row (its source row, -1: zero-fill), K and V in one loop.
@@ -1243,10 +1250,14 @@ HTC_UNROLL
     // row kernel, row r's metadata is loaded by thread r (fetch: lse and delta come from L2 or HBM,
     // in flight while the block waits for the current sub-tile) and stored to shared memory (issue);
     // the copies take the kinds from there after a barrier.
-    auto fetch = [&](int entry, int sub) {
-      if (tid < QS) {
+    // Row r of stage st's sub-tile is looked up by thread st * QS + r (stream_items: the prologue's
+    // lookups in flight together).
+    static_assert(C::kStages * QS <= NT, "a thread per row of every stage");
+    auto fetch = [&](int entry, int sub, int st) {
+      const int r = tid - st * QS;
+      if (r >= 0 && r < QS) {
         // Read at a clamped, always valid row and selected: four independent loads (live_query).
-        const int i = (entry >> 3) * 64 + sub * QS + tid, ic = i < p.Sq ? i : p.Sq - 1;
+        const int i = (entry >> 3) * 64 + sub * QS + r, ic = i < p.Sq ? i : p.Sq - 1;
         const bool in = i < p.Sq;
         const int8_t kind = kin[ic + p.q_off];
         const float lse = p.lse_in[row_base + ic], delta = p.delta[row_base + ic];
@@ -1259,13 +1270,13 @@ HTC_UNROLL
       }
     };
     auto issue = [&](int entry, int sub, int st) {
-      const int i0 = (entry >> 3) * 64 + sub * QS;
-      if (tid < QS) {
-        mPos[st * QS + tid] = i0 + tid + p.q_off;
-        mKind[st * QS + tid] = pend_kind;
-        mGrp[st * QS + tid] = pend_group;
-        mLse2[st * QS + tid] = pend_lse2;
-        mDelta[st * QS + tid] = pend_delta;
+      const int i0 = (entry >> 3) * 64 + sub * QS, r = tid - st * QS;
+      if (r >= 0 && r < QS) {
+        mPos[st * QS + r] = i0 + r + p.q_off;
+        mKind[st * QS + r] = pend_kind;
+        mGrp[st * QS + r] = pend_group;
+        mLse2[st * QS + r] = pend_lse2;
+        mDelta[st * QS + r] = pend_delta;
       }
       simt::sync_block();  // the stage's row kinds are visible to every thread
       const int8_t* kind = mKind + st * QS;
