@@ -101,6 +101,8 @@ HTC_DEV void cp_async16(void* smem, const void* gmem, int src_bytes) {
                "r"(src_bytes)
                : "memory");
 }
+// A hint: the global line holding p is brought into L1 (no register waits for it).
+HTC_DEV void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p)); }
 HTC_DEV void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 HTC_DEV void cp_async_wait() {

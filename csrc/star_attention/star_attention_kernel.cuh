@@ -671,6 +671,9 @@ HTC_DEV void star_row_block(const StarParams& p, unsigned char* smem, int tid, i
   const int32_t* grp = p.groups + static_cast<int64_t>(bl) * p.Skv;
   // A plan tile's kind holds for any subset of its rows, so a BQ < 64 row tile uses its tile's row.
   const uint8_t* plan_row = p.plan + (static_cast<int64_t>(bl) * p.n_qt + r0 / 64) * p.n_kt;
+  // The plan row's lines into L1 now, in flight with the Q rows' lookups: compact_window reads the row
+  // after their barrier, so its read was one more L2 latency in series before the first lookups.
+  for (int x = tid * 64; x < p.n_kt + 63; x += NT * 64) simt::prefetch_l1(plan_row + (x < p.n_kt ? x : p.n_kt - 1));
 
   Store* sQ = reinterpret_cast<Store*>(smem);
   Store* sDo = reinterpret_cast<Store*>(smem + C::kOffDo);
@@ -1184,6 +1187,8 @@ HTC_DEV void star_key_block(const StarParams& p, unsigned char* smem, int tid, i
   const int32_t* grp = p.groups + static_cast<int64_t>(bl) * p.Skv;
   const int32_t* pan = p.panel ? p.panel + static_cast<int64_t>(bl) * p.panel_len : nullptr;
   const uint8_t* plan_col = p.plan + static_cast<int64_t>(bl) * p.n_qt * p.n_kt + kt;
+  // The plan column's entries into L1, in flight with the key lookups below (star_row_block says why).
+  for (int x = tid; x < p.n_qt && x < kListWindow; x += NT) simt::prefetch_l1(plan_col + static_cast<int64_t>(x) * p.n_kt);
 
   Store* sK = reinterpret_cast<Store*>(smem);
   Store* sV = reinterpret_cast<Store*>(smem + C::kKeyBytes);

@@ -153,8 +153,8 @@ inline Machine& M() {
   return m;
 }
 
-[[noreturn]] inline void fail(const char* what) {
-  std::fprintf(stderr, "simt emulator: %s (block %lld, thread %d)\n", what,
+[[noreturn]] inline void fail(const char* what, const char* more = "") {
+  std::fprintf(stderr, "simt emulator: %s%s (block %lld, thread %d)\n", what, more,
                static_cast<long long>(M().block), M().current >= 0 ? M().fibers[M().current].tid : -1);
   std::abort();
 }
@@ -226,13 +226,13 @@ inline void check_smem(const void* p, size_t bytes, const char* what) {
   if (c < m.smem || c + bytes > m.smem + m.smem_bytes) fail(what);
 }
 
-inline void check_global(const void* p, size_t bytes) {
+inline void check_global(const void* p, size_t bytes, const char* what = "cp.async source") {
   const Machine& m = M();
   if (m.globals.empty()) return;
   const char* c = static_cast<const char*>(p);
   for (const auto& r : m.globals)
     if (c >= r.first && c + bytes <= r.second) return;
-  fail("cp.async source outside every registered global buffer");
+  fail(what, " outside every registered global buffer");
 }
 
 // Runs `body(tid, block, smem)` for every block of a 1-D grid, blocks one after another.
@@ -453,6 +453,8 @@ inline void cp_async16(void* smem, const void* gmem, int src_bytes) {
   }
   emu::self().open.push_back({smem, gmem, src_bytes});
 }
+// A cache hint on the GPU; here the address is checked (a prefetch names a valid global byte).
+inline void prefetch_l1(const void* p) { emu::check_global(p, 1, "prefetch address"); }
 inline void cp_async_commit() {
   emu::Fiber& f = emu::self();
   f.groups.push_back(std::move(f.open));

@@ -578,6 +578,7 @@ void run_case(const Case& c) {
   emu::add_global_range(t.q.data(), t.q.size() * sizeof(Store));
   emu::add_global_range(t.k.data(), t.k.size() * sizeof(Store));
   emu::add_global_range(t.v.data(), t.v.size() * sizeof(Store));
+  emu::add_global_range(plan.data(), plan.size());  // prefetched (simt::prefetch_l1)
   emu::set_scheduling_seed(c.seed * 7919);
   const int64_t grid = static_cast<int64_t>(c.B) * c.Hq * n_qt * c.n_split * Cfg::kOSplit;
   emu::launch(grid, Cfg::kThreads, Cfg::kSmemBytes,
