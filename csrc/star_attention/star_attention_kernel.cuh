@@ -8,8 +8,9 @@
 //    16w..16w+15, two rows per lane in the mma.m16n8k16 accumulator layout;
 //  - the plan row of the tile is compacted in shared memory into the list of non-SKIP key tiles
 //    (in windows of 256 entries), so skipped tiles cost one byte read and are never loaded;
-//  - K/V tiles of BK keys stream through a 2-stage cp.async pipeline (16-byte copies, rows of PAD keys
-//    and past the end zero-filled: never read);
+//  - K/V tiles of BK keys stream through a cp.async pipeline (16-bit: as two items of BK/2 keys
+//    through 4 stages; fp32: whole tiles through 2), 16-byte copies, rows of PAD keys and past the
+//    end zero-filled: never read;
 //  - FULL/CAUSAL/MASKED tiles: S = Q K^T and O += P V on tensor cores (bf16/fp16 operands; fp32 inputs
 //    as three bf16 terms, star_tile_math.h), the mask applied per element by select (star_allowed
 //    for MASKED), online softmax in registers; a warp whose rows see nothing in the tile skips it;
@@ -785,7 +786,7 @@ HTC_UNROLL
       sKeyPos[st * BKI + j] = next_key.pos;
       sSrc[st * BKI + j] = next_key.kind != kPad ? next_key.pos : -1;
     }
-    simt::sync_block();  // the stage's keys are visible to every thread (the body reads the other stage)
+    simt::sync_block();  // the stage's keys are visible to every thread (bodies read other stages)
     // One shared load per copied row (its source row, -1: zero-fill), K and V in one loop.
     const int32_t* rsrc = sSrc + st * BKI;
     Store* const dst[2] = {sK(st), sV(st)};
@@ -1245,7 +1246,7 @@ HTC_UNROLL
     const Store* qg = static_cast<const Store*>(p.q) + b * p.q_sb + h * p.q_sh;
     const Store* dog = static_cast<const Store*>(p.dout) + b * p.do_sb + h * p.do_sh;
     const int64_t row_base = (static_cast<int64_t>(b) * p.Hq + h) * p.Sq;
-    // Thread tid < QS: its row of the next sub-tile (fetch loads, issue stores).
+    // Thread st * QS + r: row r of stage st's sub-tile (fetch loads, issue stores).
     int8_t pend_kind = kPad;
     int32_t pend_group = -1;
     float pend_lse2 = 0.f, pend_delta = 0.f;
