@@ -18,7 +18,8 @@ Providers: ``htc triton`` / ``htc cuda`` (``hk.star_attention(backend=...)``; a 
 call is SKIP with its reason), ``htc triton, no key panel`` / ``htc cuda, no key panel`` (the same in
 the plain key order, on layouts with >= 2 images per sample: what the TEXT/VOCO key panel gains; no
 targets), ``htc cuda, no prefill split`` (the CUDA forward without splitting its long query tiles, at
-the small grids where it splits them: llava-b1; no targets), ``sdpa dense
+the small grids where it splits them: llava-b1; no targets), ``htc cuda, 3 CTAs/SM`` (the CUDA kernels'
+builds for three CTAs per SM, HTC_CUDA_THREE_CTAS=1; sm_90 only; no targets), ``sdpa dense
 mask`` (F.scaled_dot_product_attention with the dense bool mask), ``flex compiled``
 (torch.compile(flex_attention) with the BlockMask of the same rule; the block mask build is timed
 separately, the compile is excluded), ``xformers bias`` (memory_efficient_attention with a tensor
@@ -254,11 +255,30 @@ def _htc(backend: str):
     return factory
 
 
+def _cuda_with_env(unit: Unit, var: str, value: str):
+    """``htc cuda`` with the environment variable ``var`` (read per call by star_attention_cuda.cu) set
+    to ``value`` around each call."""
+    layout = unit.layout
+
+    def fn(q, k, v):
+        old = os.environ.get(var)
+        os.environ[var] = value
+        try:
+            return hk.star_attention(q, k, v, layout, backend="cuda")
+        finally:
+            if old is None:
+                del os.environ[var]
+            else:
+                os.environ[var] = old
+
+    return fn
+
+
 def _cuda_without_prefill_split(unit: Unit):
-    """``htc cuda`` with its prefill split-K off (HTC_CUDA_PREFILL_SPLIT=0, read per call), at the
-    small prefill grids where it would split the long query tiles: what that split gains, measured in
-    the same run. The grid rule mirrors star_attention_cuda.cu (kPrefillSplitWaves: split below 4 CTAs
-    per SM, decode's own split-K below 1)."""
+    """``htc cuda`` with its prefill split-K off (HTC_CUDA_PREFILL_SPLIT=0), at the small prefill grids
+    where it would split the long query tiles: what that split gains, measured in the same run. The grid
+    rule mirrors star_attention_cuda.cu (kPrefillSplitWaves: split below 4 CTAs per SM, decode's own
+    split-K below 1)."""
     if unit.device.type != "cuda":
         raise Skip("the CUDA backend needs a CUDA device")
     case = unit.case
@@ -266,20 +286,20 @@ def _cuda_without_prefill_split(unit: Unit):
     sms = torch.cuda.get_device_properties(unit.device).multi_processor_count
     if not sms <= ctas < 4 * sms:
         raise Skip(f"{ctas} query-tile CTAs on {sms} SMs: no prefill split here (only {sms}..{4 * sms - 1})")
-    layout = unit.layout
+    return _cuda_with_env(unit, "HTC_CUDA_PREFILL_SPLIT", "0")
 
-    def fn(q, k, v):
-        old = os.environ.get("HTC_CUDA_PREFILL_SPLIT")
-        os.environ["HTC_CUDA_PREFILL_SPLIT"] = "0"
-        try:
-            return hk.star_attention(q, k, v, layout, backend="cuda")
-        finally:
-            if old is None:
-                del os.environ["HTC_CUDA_PREFILL_SPLIT"]
-            else:
-                os.environ["HTC_CUDA_PREFILL_SPLIT"] = old
 
-    return fn
+def _cuda_three_ctas(unit: Unit):
+    """``htc cuda`` with HTC_CUDA_THREE_CTAS=1: the forward and dQ kernels' builds for three CTAs per SM
+    (12 warps instead of 8; at bf16 D=128 the forward has 3 pipeline stages instead of 4 and dQ 2, and
+    both unroll less to fit 168 registers). What more warps per SM gain, measured in the same run; the
+    default changes if it wins. Needs sm_90's 228 KB of shared memory per SM."""
+    if unit.device.type != "cuda":
+        raise Skip("the CUDA backend needs a CUDA device")
+    smem = torch.cuda.get_device_properties(unit.device).shared_memory_per_multiprocessor
+    if smem < 228 * 1024:
+        raise Skip(f"{smem // 1024} KB of shared memory per SM: three CTAs need 228 KB (sm_90)")
+    return _cuda_with_env(unit, "HTC_CUDA_THREE_CTAS", "1")
 
 
 def _htc_without_panel(backend: str):
@@ -358,11 +378,17 @@ PROVIDERS: dict[str, Callable[[Unit], Callable]] = {
     "htc cuda": _htc("cuda"),
     "htc cuda, no key panel": _htc_without_panel("cuda"),
     "htc cuda, no prefill split": _cuda_without_prefill_split,
+    "htc cuda, 3 CTAs/SM": _cuda_three_ctas,
 }
 STAND_IN = "htc reference (stand-in)"  # smoke only: exercises the htc-row code paths on the CPU
 DIFFERENT_WORK = {"sdpa causal (flash)"}  # checked against causal attention, not the star rule
-# Comparison rows for the key panel, not backends users get.
-UNTARGETED = {"htc triton, no key panel", "htc cuda, no key panel", "htc cuda, no prefill split"}
+# Comparison rows (the key panel, the prefill split, three CTAs per SM), not backends users get.
+UNTARGETED = {
+    "htc triton, no key panel",
+    "htc cuda, no key panel",
+    "htc cuda, no prefill split",
+    "htc cuda, 3 CTAs/SM",
+}
 
 
 def is_htc(provider: str) -> bool:

@@ -202,7 +202,7 @@ if [ "$SANITIZE" = 1 ]; then
   # compute-sanitizer's memcheck, racecheck (shared-memory hazards: the kernels' barriers) and synccheck
   # on CUDA tests that reach every kernel and path: forward, delta, dQ, dK/dV at three dtypes and head
   # dims, decode with split-K and the combine, prefill split-K of long tiles, the key panel, non-finite
-  # keys (the exact fix-up), two runs bit for bit. Only kernels whose mangled name holds "star" are
+  # keys (the exact fix-up), two runs bit for bit, the three-CTA builds (HTC_CUDA_THREE_CTAS). Only kernels whose mangled name holds "star" are
   # instrumented (torch's are not).
   banner "3/7 compute-sanitizer"
   SAN=$(command -v compute-sanitizer ||
@@ -215,7 +215,8 @@ if [ "$SANITIZE" = 1 ]; then
     "tests/test_star_attention.py::test_several_images_and_voco_tokens_both_paddings[cuda]"
     "tests/test_star_attention.py::test_cuda_masked_keys_and_values_are_never_read[dtype1]"
     "tests/test_star_attention.py::test_gpu_backends_are_deterministic[cuda]"
-    "tests/test_star_attention.py::test_cuda_prefill_split_of_long_tiles")
+    "tests/test_star_attention.py::test_cuda_prefill_split_of_long_tiles"
+    "tests/test_star_attention.py::test_cuda_three_ctas_builds[128-dtype0]")
   : >"$LOG_SAN"
   if [ -z "$SAN" ]; then
     record sanitize "FAILED (compute-sanitizer not found)" 0

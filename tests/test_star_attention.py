@@ -1063,6 +1063,33 @@ def test_cuda_prefill_split_of_long_tiles(monkeypatch):
     assert not torch.equal(split, whole)  # the `<voco>` tile went through the combine
 
 
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 80, 96, 128])
+def test_cuda_three_ctas_builds(monkeypatch, dtype, d):
+    """HTC_CUDA_THREE_CTAS=1: the forward and dQ kernels' builds for three CTAs per SM (fewer pipeline
+    stages, less unrolling; star_attention_cuda.cu) compute exactly what the default ones do: forward
+    and gradients against float64, with padding, GQA, decode split-K, the key panel and soft-capping."""
+    props = torch.cuda.get_device_properties(0)
+    if props.shared_memory_per_multiprocessor < 228 * 1024:
+        pytest.skip(
+            f"{props.shared_memory_per_multiprocessor // 1024} KB of shared memory per SM: the three-CTA "
+            "builds need sm_90's 228 KB (the default builds run here)"
+        )
+    monkeypatch.setenv("HTC_CUDA_THREE_CTAS", "1")
+    layout = hk.StarLayout(
+        random_kinds(60 + d, batch=2, max_visual=150), topology="group" if d == 80 else "star"
+    )
+    s = layout.seq_len
+    q, k, v = make_qkv(2, 4, 2, s, s, d, dtype, noncontig=d == 96)
+    check(q, k, v, layout, backend="cuda", softcap=30.0 if d == 128 else None)
+    check(q[:, :, -3:], k, v, layout, backend="cuda")  # decode: split-K over the key tiles
+    images = hk.StarLayout(torch.cat([llava_kinds(prefix=5, visual=70, voco=1, suffix=3)] * 3))  # key panel
+    assert images.uses_key_panel
+    q, k, v = make_qkv(1, 4, 2, images.seq_len, images.seq_len, d, dtype)
+    check(q, k, v, images, backend="cuda")
+
+
 # --------------------------------------------------------------------------------------------------
 # Hardening (issue 9)
 # --------------------------------------------------------------------------------------------------

@@ -43,8 +43,18 @@ bool prefill_split_enabled() {
   return env == nullptr || env[0] != '0';
 }
 
+// HTC_CUDA_THREE_CTAS=1 (read per call; off by default, not yet measured): the row kernels' builds
+// for three CTAs per SM (RowCfg::kThree: 12 warps per SM instead of 8, at most 168 registers, fewer
+// stages at D = 128), where one exists for the call's dtype and head dim and three fit the device's
+// shared memory per SM (sm_90's 228 KB; never sm_80's 164 KB). The same computation either way: the
+// same plan, tiles and order of operations. The benchmark times it against the default.
+bool three_ctas_requested() {
+  const char* env = std::getenv("HTC_CUDA_THREE_CTAS");
+  return env != nullptr && env[0] == '1';
+}
+
 struct DeviceInfo {
-  int major = 0, minor = 0, sms = 0, smem_optin = 0;
+  int major = 0, minor = 0, sms = 0, smem_optin = 0, smem_per_sm = 0, smem_reserved = 0;
 };
 
 // Per-device properties, read once (cudaDeviceGetAttribute is cheap, but decode steps count µs).
@@ -60,6 +70,8 @@ const DeviceInfo& device_info(int dev) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev));
     have[dev] = true;
   }
   return cache[dev];
@@ -215,6 +227,26 @@ void launch(Kernel kernel, int64_t grid, int threads, size_t smem, const Problem
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// star_row_kernel<C> over `ctas` CTAs per output-column split (the grid is ctas * C::kOSplit).
+template <class C>
+void launch_row(int64_t ctas, const Problem& pr, cudaStream_t stream) {
+  static uint64_t smem_set = 0;
+  static std::mutex mu;
+  launch(star_cuda::star_row_kernel<C>, ctas * C::kOSplit, C::kThreads, C::kSmemBytes, pr, stream, smem_set, mu);
+}
+
+// The default build Cfg, or its three-CTA build Three where asked for and where it fits (above).
+template <class Cfg, class Three>
+void launch_row_or_three(int64_t ctas, const Problem& pr, cudaStream_t stream) {
+  if constexpr (Three::kThree) {
+    static_assert(Three::BQ == Cfg::BQ && Three::kOSplit == Cfg::kOSplit && Three::BK == Cfg::BK, "same grid");
+    const size_t per_cta = Three::kSmemBytes + static_cast<size_t>(pr.info->smem_reserved);
+    if (three_ctas_requested() && 3 * per_cta <= static_cast<size_t>(pr.info->smem_per_sm))
+      return launch_row<Three>(ctas, pr, stream);
+  }
+  launch_row<Cfg>(ctas, pr, stream);
+}
+
 std::tuple<at::Tensor, at::Tensor> star_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                        const at::Tensor& v_in, const at::Tensor& kinds,
                                                        const at::Tensor& groups, const at::Tensor& plan,
@@ -257,11 +289,9 @@ std::tuple<at::Tensor, at::Tensor> star_attention_cuda(const at::Tensor& q_in, c
   dispatch(pr.q.scalar_type(), pr.D, softcap, [&](auto elt_c, auto dim_c, auto cap_c) {
     constexpr Elt E = decltype(elt_c)::value;
     constexpr int Dim = decltype(dim_c)::value;
-    using Cfg = star_cuda::FwdCfg<E, Dim, decltype(cap_c)::value>;
-    static uint64_t smem_set = 0;
-    static std::mutex mu;
-    launch(star_cuda::star_row_kernel<Cfg>, ctas * n_split * Cfg::kOSplit, Cfg::kThreads, Cfg::kSmemBytes, pr, stream,
-           smem_set, mu);
+    constexpr bool kCap = decltype(cap_c)::value;
+    launch_row_or_three<star_cuda::FwdCfg<E, Dim, kCap>, star_cuda::FwdCfg<E, Dim, kCap, true>>(ctas * n_split, pr,
+                                                                                                 stream);
     if (n_split > 1) {
       const int64_t n = pr.B * pr.Hq * pr.Sq * (Dim / 4);
       star_cuda::star_combine_kernel<E, Dim><<<static_cast<unsigned>(ceil_div(n, 256)), 256, 0, stream>>>(p);
@@ -303,15 +333,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> star_attention_backward_cuda(
   dispatch(pr.q.scalar_type(), pr.D, softcap, [&](auto elt_c, auto dim_c, auto cap_c) {
     constexpr Elt E = decltype(elt_c)::value;
     constexpr int Dim = decltype(dim_c)::value;
-    using Dq = star_cuda::DqCfg<E, Dim, decltype(cap_c)::value>;
-    using Dkv = star_cuda::DkvCfg<E, Dim, decltype(cap_c)::value>;
+    constexpr bool kCap = decltype(cap_c)::value;
+    using Dq = star_cuda::DqCfg<E, Dim, kCap>;
+    using Dkv = star_cuda::DkvCfg<E, Dim, kCap>;
     const int64_t rows = pr.B * pr.Hq * pr.Sq;
     star_cuda::star_delta_kernel<E, Dim><<<static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    static uint64_t smem_dq = 0, smem_kv = 0;
+    launch_row_or_three<Dq, star_cuda::DqCfg<E, Dim, kCap, true>>(pr.B * pr.Hq * ceil_div(pr.Sq, Dq::BQ), pr, stream);
+    static uint64_t smem_kv = 0;
     static std::mutex mu;
-    launch(star_cuda::star_row_kernel<Dq>, pr.B * pr.Hq * ceil_div(pr.Sq, Dq::BQ) * Dq::kOSplit, Dq::kThreads,
-           Dq::kSmemBytes, pr, stream, smem_dq, mu);
     launch(star_cuda::star_key_kernel<Dkv>, pr.B * pr.Hkv * p.n_kt, Dkv::kThreads, Dkv::kSmemBytes, pr, stream,
            smem_kv, mu);
   });

@@ -575,10 +575,15 @@ HTC_DEV void zero_nonfinite_rows(typename EltT<E>::Store* s, int rows, int8_t* b
 
 // kOSplit > 1: that many CTAs per row tile, each accumulating D / kOSplit output columns (scores are
 // formed over the full D by each): halves the accumulator registers where they would not fit.
-template <Elt E, int D_, int BK_, int kWarps_, bool kDq_, int kOSplit_ = 1, bool kCap_ = false>
+// kThree: the build for three CTAs per SM in sm_90's 228 KB of shared memory (three_ctas_built says
+// which exist; the host launches one only when HTC_CUDA_THREE_CTAS=1 asks for it and the device holds
+// three): at most 168 registers (65536 / 384), so less unrolling where registers need it
+// (star_row_block), and fewer pipeline stages where shared memory does (kStages).
+template <Elt E, int D_, int BK_, int kWarps_, bool kDq_, int kOSplit_ = 1, bool kCap_ = false, bool kThree_ = false>
 struct RowCfg {
   static constexpr Elt kElt = E;
   static constexpr bool kCap = kCap_;  // logit soft-capping
+  static constexpr bool kThree = kThree_;
   using Store = typename EltT<E>::Store;
   static constexpr int kTerms = EltT<E>::kTerms;
   static constexpr bool kDq = kDq_;
@@ -589,12 +594,15 @@ struct RowCfg {
   // of 8) without a spill (ptxas, sm_80 / sm_90: 16-bit 167 / 167, fp32 160 / 167; unbounded the
   // 16-bit one drifted to 173 on 2026-11-24, the fp32 one uses 197 on sm_90): 12 warps per SM instead
   // of 8. D = 80 / 96 spill at 168; elsewhere shared memory allows 2 at most.
-  static constexpr int kMinBlocks = (!kDq_ && D_ <= 64) ? 3 : 1;
-  // A plan tile of BK keys is streamed as kSub items of BKI keys through kStages = 2 kSub stages: the
-  // shared memory of two whole tiles, but with 16-bit tiles in halves three copies are in flight
-  // during a body instead of one (a visual query tile of LLaVA: all four of its items before its
-  // first wait). fp32 tiles (16 keys) are not split (an MMA takes 16 keys).
-  static constexpr int kSub = E == Elt::kF32 ? 1 : 2, BKI = BK_ / kSub, kStages = 2 * kSub;
+  static constexpr int kMinBlocks = (kThree_ || (!kDq_ && D_ <= 64)) ? 3 : 1;
+  // The shared memory kMinBlocks CTAs must fit in (with the 1 KB the driver reserves per CTA).
+  static constexpr size_t kSmemPerSm = (kThree_ ? 228 : 164) * size_t{1024};
+  // A plan tile of BK keys is streamed as kSub items of BKI keys through 2 kSub stages: the shared
+  // memory of two whole tiles, but with 16-bit tiles in halves three copies are in flight during a
+  // body instead of one (a visual query tile of LLaVA: all four of its items before its first wait).
+  // fp32 tiles (16 keys) are not split (an MMA takes 16 keys). kThree builds take as many stages as
+  // let three CTAs fit (bf16 D = 128: 3 in the forward, 2 in dq).
+  static constexpr int kSub = E == Elt::kF32 ? 1 : 2, BKI = BK_ / kSub;
   // Keys per compute sub-block: the whole item in the forward; at most 32 (16 at D >= 128) for dq,
   // whose scores and dP are live together.
   static constexpr int KS = !kDq_ ? BKI : (D_ >= 128 ? 16 : (BKI < 32 ? BKI : 32));
@@ -609,6 +617,12 @@ struct RowCfg {
   static constexpr size_t kTileBytes = size_t{BKI} * kLd * sizeof(Store);  // K or V of one item
   // Layout: Q | dO (dq only) | K0 V0 | .. | K[NS-1] V[NS-1] | key kinds [NS][BKI] | key groups
   // [NS][BKI] | key positions [NS][BKI] | key source rows [NS][BKI] | bad [BKI] | list | counts
+  static constexpr size_t smem_bytes(int ns) {
+    return (kQBytes * (kDq ? 2 : 1) + 2 * ns * kTileBytes + 13 * ns * BKI + BKI + 15) / 16 * 16 +
+           (kListWindow + 16) * sizeof(int);
+  }
+  static constexpr bool fits(int ns) { return kMinBlocks * (smem_bytes(ns) + 1024) <= kSmemPerSm; }
+  static constexpr int kStages = !kThree_ || fits(2 * kSub) ? 2 * kSub : fits(3) ? 3 : 2;
   static constexpr size_t kOffDo = kQBytes;
   static constexpr size_t kOffK = kQBytes * (kDq ? 2 : 1);
   static constexpr size_t kOffMeta = kOffK + 2 * kStages * kTileBytes;
@@ -619,8 +633,8 @@ struct RowCfg {
   static constexpr size_t kOffList = (kOffBad + BKI + 15) / 16 * 16;
   static constexpr size_t kOffCounts = kOffList + kListWindow * sizeof(int);
   static constexpr size_t kSmemBytes = kOffCounts + 16 * sizeof(int);
-  // kMinBlocks CTAs (with the 1 KB the driver reserves per CTA) within sm_80's 164 KB per SM.
-  static_assert(kMinBlocks * (kSmemBytes + 1024) <= 164 * 1024, "kMinBlocks CTAs do not fit an SM's shared memory");
+  static_assert(kSmemBytes == smem_bytes(kStages), "shared memory layout");
+  static_assert(fits(kStages), "kMinBlocks CTAs do not fit an SM's shared memory");
 };
 
 // Head dims and key-tile sizes the CUDA kernels are built for (the Python backend mirrors this table:
@@ -632,11 +646,19 @@ constexpr int fwd_block_k(Elt e, int d) {
 constexpr bool supported_head_dim(int d) { return d == 64 || d == 80 || d == 96 || d == 128 || d == 256; }
 // fp32 at D = 256: output columns in two halves (128 accumulators and three-term operands exceed 255
 // registers); the dQ kernel also keeps Q and dO tiles of 32 rows (two warps) to fit sm_80's 163 KB.
-template <Elt E, int D, bool kCap = false>
-using FwdCfg = RowCfg<E, D, fwd_block_k(E, D), 4, false, (E == Elt::kF32 && D > 128) ? 2 : 1, kCap>;
-template <Elt E, int D, bool kCap = false>
+// The kThree builds that exist (ptxas, sm_80 and sm_90: spill-free at 168 registers with the unrolling
+// star_row_block gives them). Not fp32 (three-term operands: 240-255 registers), not D = 256; the D = 64
+// forward is built for three CTAs anyway, the dq kernel at D = 96 spills 8-16 B at 168 registers.
+constexpr bool three_ctas_built(Elt e, int d, bool dq) {
+  return e != Elt::kF32 && (dq ? (d == 64 || d == 80 || d == 128) : (d == 80 || d == 96 || d == 128));
+}
+// kThree asks for the three-CTA build; where none exists (three_ctas_built) it is the default one.
+template <Elt E, int D, bool kCap = false, bool kThree = false>
+using FwdCfg = RowCfg<E, D, fwd_block_k(E, D), 4, false, (E == Elt::kF32 && D > 128) ? 2 : 1, kCap,
+                      kThree && three_ctas_built(E, D, false)>;
+template <Elt E, int D, bool kCap = false, bool kThree = false>
 using DqCfg = RowCfg<E, D, fwd_block_k(E, D), (E == Elt::kF32 && D > 128) ? 2 : 4, true,
-                     (E == Elt::kF32 && D > 128) ? 2 : 1, kCap>;
+                     (E == Elt::kF32 && D > 128) ? 2 : 1, kCap, kThree && three_ctas_built(E, D, true)>;
 
 template <class C>
 HTC_DEV void star_row_block(const StarParams& p, unsigned char* smem, int tid, int64_t bid) {
@@ -648,11 +670,19 @@ HTC_DEV void star_row_block(const StarParams& p, unsigned char* smem, int tid, i
   // Unrolling limits where registers are tight (fp32 carries every operand as three bf16 terms). The
   // 16-bit forward at D = 128 unrolls its QK^T loop 4 times, not 8: 252 -> 205 registers on sm_80
   // (ptxas; the full unroll spilled once the key panel added its gathers).
+  // The kThree builds (168 registers) unroll less: the forward's QK^T loop not at all at D = 128 and
+  // twice at D = 96, dq's twice from D = 80, and dq at D = 128 splits its DIAG dot and update loops
+  // like the large-D kernels (ptxas: the least unrolling without a spill on sm_80 and sm_90).
   [[maybe_unused]] constexpr int kUnrollK =
-      E == Elt::kF32 ? 1 : (D >= 256 || (kDq && D >= 128)) ? 2 : D >= 128 ? 4 : D / 16;
+      E == Elt::kF32                             ? 1
+      : (D >= 256 || (kDq && D >= 128))          ? 2
+      : C::kThree                                ? (kDq ? (D >= 80 ? 2 : D / 16) : (D >= 128 ? 1 : D >= 96 ? 2 : D / 16))
+      : D >= 128                                 ? 4
+                                                 : D / 16;
   constexpr bool kTight = E == Elt::kF32 && D >= 256;  // the most registers: 128 accumulators, 3 terms
-  [[maybe_unused]] constexpr int kUnrollDot = kTight ? 2 : (D >= 256 || E == Elt::kF32) ? 4 : NF_FULL;
-  constexpr int kFence = kTight ? 4 : (D >= 256 || E == Elt::kF32) ? 8 : 0;
+  constexpr bool kWide = D >= 256 || E == Elt::kF32 || (C::kThree && kDq && D >= 128);
+  [[maybe_unused]] constexpr int kUnrollDot = kTight ? 2 : kWide ? 4 : NF_FULL;
+  constexpr int kFence = kTight ? 4 : kWide ? 8 : 0;
   constexpr int kFenceProd = kTight ? 1 : E == Elt::kF32 ? 2 : (D >= 256 ? 4 : 0);  // second product's loop
   const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
 

@@ -15,7 +15,7 @@ template __global__ void htc::mgvq::mgvq_lookup_kernel<0, true>(const float*, co
     const float*, int, int64_t, int, int64_t, int, const float*, int64_t*, float*);
 
 // Every star_attention kernel the extension launches (star_attention_cuda.cu dispatches the same set),
-// without and with soft-capping.
+// without and with soft-capping, and the three-CTA builds of the row kernels (three_ctas_built).
 namespace htc::star_cuda {
 #define HTC_STAR_KERNELS(E, D)                                                  \
   template __global__ void star_row_kernel<FwdCfg<E, D>>(const StarParams);        \
@@ -31,4 +31,13 @@ namespace htc::star_cuda {
 HTC_STAR_ALL_D(Elt::kF32)
 HTC_STAR_ALL_D(Elt::kBF16)
 HTC_STAR_ALL_D(Elt::kF16)
+#define HTC_STAR_THREE(E, D, CFG)                                                            \
+  static_assert(CFG<E, D, false, true>::kThree, "no three-CTA build of this kernel");     \
+  template __global__ void star_row_kernel<CFG<E, D, false, true>>(const StarParams); \
+  template __global__ void star_row_kernel<CFG<E, D, true, true>>(const StarParams);
+#define HTC_STAR_THREE_ALL(E)                                                                   \
+  HTC_STAR_THREE(E, 80, FwdCfg) HTC_STAR_THREE(E, 96, FwdCfg) HTC_STAR_THREE(E, 128, FwdCfg) \
+  HTC_STAR_THREE(E, 64, DqCfg) HTC_STAR_THREE(E, 80, DqCfg) HTC_STAR_THREE(E, 128, DqCfg)
+HTC_STAR_THREE_ALL(Elt::kBF16)
+HTC_STAR_THREE_ALL(Elt::kF16)
 }  // namespace htc::star_cuda

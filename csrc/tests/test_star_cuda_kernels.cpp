@@ -269,6 +269,7 @@ struct Case {
   float scale = 0.125f;
   float softcap = 0.f;    // > 0: the kernels with kCap, scores s -> c tanh(s / c)
   bool panel = false;     // plan in the TEXT/VOCO key panel order (star_mask.h KeyMap)
+  bool three = false;     // the row kernels' three-CTA builds (RowCfg::kThree; the default where none)
   uint64_t seed = 1;
 };
 
@@ -330,11 +331,11 @@ void fill(const Case& c, std::mt19937& rng, Tensors<E>& t) {
 // float64 gradients of sum(dO . O) + sum(grad_lse . lse). grad_out and grad_lse are NaN on PAD rows.
 // Rows attending a poisoned key, and keys such rows attend, are not compared (their gradients are
 // legitimately NaN); everything else must be finite and close.
-template <Elt E, int D, bool kCap>
+template <Elt E, int D, bool kCap, bool kThree>
 void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const std::vector<char>& poisoned,
                     sc::StarParams p, const std::vector<typename EltT<E>::Store>& out, const std::vector<float>& lse) {
   using Store = typename EltT<E>::Store;
-  using Dq = sc::DqCfg<E, D, kCap>;
+  using Dq = sc::DqCfg<E, D, kCap, kThree>;
   using Dkv = sc::DkvCfg<E, D, kCap>;
   std::mt19937 rng(static_cast<uint32_t>(c.seed * 31 + 7));
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -472,11 +473,11 @@ void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const s
   compare("dv", dv, rdv, t.v_s, c.Hkv, c.Skv, kskip, kzero);
 }
 
-template <Elt E, int D, bool kCap>
+template <Elt E, int D, bool kCap, bool kThree = false>
 void run_case(const Case& c) {
   using Store = typename EltT<E>::Store;
   constexpr int BK = sc::fwd_block_k(E, D);
-  using Cfg = sc::FwdCfg<E, D, kCap>;
+  using Cfg = sc::FwdCfg<E, D, kCap, kThree>;
   std::mt19937 rng(static_cast<uint32_t>(c.seed));
   Layout L;
   for (int bl = 0; bl < c.plan_batch; ++bl) {
@@ -671,7 +672,7 @@ void run_case(const Case& c) {
               rel <= tol && lse_err <= (E == Elt::kF32 ? 5e-6 : 1e-3) ? "" : "  <-- FAIL");
   EXPECT(rel <= tol, "%s: relative error %g > %g", c.name.c_str(), rel, tol);
   EXPECT(lse_err <= (E == Elt::kF32 ? 5e-6 : 1e-3), "%s: lse error %g", c.name.c_str(), lse_err);
-  if (c.backward) check_backward<E, D, kCap>(c, L, t, poisoned, p, out, lse);
+  if (c.backward) check_backward<E, D, kCap, kThree>(c, L, t, poisoned, p, out, lse);
 }
 
 // Capped kernels are emulated at D = 64, 128, 256 only (the capping code does not depend on D, the
@@ -679,6 +680,18 @@ void run_case(const Case& c) {
 template <Elt E>
 void run_dim(int D, const Case& c) {
   const bool cap = c.softcap > 0;
+  if (c.three) {  // 16-bit, uncapped (the builds differ from the capped ones only in kCap)
+    if constexpr (E != Elt::kF32) {
+      switch (D) {
+        case 64: return run_case<E, 64, false, true>(c);
+        case 80: return run_case<E, 80, false, true>(c);
+        case 96: return run_case<E, 96, false, true>(c);
+        case 128: return run_case<E, 128, false, true>(c);
+        default: break;
+      }
+    }
+    std::abort();
+  }
   switch (D) {
     case 64: return cap ? run_case<E, 64, true>(c) : run_case<E, 64, false>(c);
     case 80: return cap ? std::abort() : run_case<E, 80, false>(c);
@@ -792,6 +805,36 @@ void test_forward_kernels() {
       c.name = std::string(elt_name(e)) + " D=" + std::to_string(c.D) + " prefill split S=" + std::to_string(c.Skv) +
                (c.panel ? " key panel" : "") + (c.topology ? " group" : " star");
       run(e, c);
+    }
+  // The row kernels' three-CTA builds (fewer pipeline stages than items per tile at D = 128: 3 in the
+  // forward, 2 in dq; less unrolling): prefill and decode with split-K, GQA, both topologies, poisoned
+  // masked keys/values, the key panel, strided inputs; forward and backward.
+  static_assert(sc::FwdCfg<Elt::kBF16, 128, false, true>::kStages == 3 && sc::DqCfg<Elt::kBF16, 128, false, true>::kStages == 2,
+                "the cases below are meant to run 3- and 2-stage pipelines of half tiles");
+  for (Elt e : {Elt::kBF16, Elt::kF16})
+    for (int d : {64, 80, 96, 128}) {
+      if (kQuick && d != 128) continue;
+      for (int variant = 0; variant < 2; ++variant) {
+        Case c;
+        c.D = d;
+        c.seed = 2100 + d + variant + 10 * static_cast<int>(e);
+        c.B = 2;
+        c.Hq = 4;
+        c.Hkv = 2;
+        c.Skv = 210 + 37 * variant;
+        c.Sq = variant ? 5 : c.Skv;
+        c.plan_batch = 2;
+        c.topology = (d / 16 + variant) % 2;
+        c.n_split = variant ? 3 : 1;
+        c.poison = true;
+        c.strided = d == 96;
+        c.panel = variant == 0 && d >= 96;
+        c.three = true;
+        c.scale = 1.f / std::sqrt(static_cast<float>(d));
+        c.name = std::string(elt_name(e)) + " D=" + std::to_string(d) + " three CTAs Sq=" + std::to_string(c.Sq) +
+                 "/" + std::to_string(c.Skv) + (c.panel ? " key panel" : "") + (c.topology ? " group" : " star");
+        run(e, c);
+      }
     }
   // Soft-capping (the kCap kernels): scores of standard deviation 4 against caps of 2 and 4, so that
   // many are capped hard; prefill and decode with split-K, both topologies, GQA, poisoned masked keys/values.
