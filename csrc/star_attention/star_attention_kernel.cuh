@@ -593,7 +593,8 @@ struct RowCfg {
   // D = 64, whose 38-49 KB of shared memory allow 3 and whose registers fit 168 (65536 / 384, in units
   // of 8) without a spill (ptxas, sm_80 / sm_90: 16-bit 167 / 167, fp32 160 / 167; unbounded the
   // 16-bit one drifted to 173 on 2026-11-24, the fp32 one uses 197 on sm_90): 12 warps per SM instead
-  // of 8. D = 80 / 96 spill at 168; elsewhere shared memory allows 2 at most.
+  // of 8. From D = 80 three need more shared memory than sm_80's 164 KB (and at D = 96 this unrolling
+  // spills at 168), so those default builds allow 2; their kThree builds (below) allow 3 on sm_90.
   static constexpr int kMinBlocks = (kThree_ || (!kDq_ && D_ <= 64)) ? 3 : 1;
   // The shared memory kMinBlocks CTAs must fit in (with the 1 KB the driver reserves per CTA).
   static constexpr size_t kSmemPerSm = (kThree_ ? 228 : 164) * size_t{1024};
@@ -672,7 +673,7 @@ HTC_DEV void star_row_block(const StarParams& p, unsigned char* smem, int tid, i
   // (ptxas; the full unroll spilled once the key panel added its gathers).
   // The kThree builds (168 registers) unroll less: the forward's QK^T loop not at all at D = 128 and
   // twice at D = 96, dq's twice from D = 80, and dq at D = 128 splits its DIAG dot and update loops
-  // like the large-D kernels (ptxas: the least unrolling without a spill on sm_80 and sm_90).
+  // like the large-D kernels (ptxas: the most unrolling tried that spills on neither sm_80 nor sm_90).
   [[maybe_unused]] constexpr int kUnrollK =
       E == Elt::kF32                             ? 1
       : (D >= 256 || (kDq && D >= 128))          ? 2
