@@ -202,8 +202,8 @@ if [ "$SANITIZE" = 1 ]; then
   # compute-sanitizer's memcheck, racecheck (shared-memory hazards: the kernels' barriers) and synccheck
   # on CUDA tests that reach every kernel and path: forward, delta, dQ, dK/dV at three dtypes and head
   # dims, decode with split-K and the combine, prefill split-K of long tiles, the key panel, non-finite
-  # keys (the exact fix-up), two runs bit for bit, the three-CTA builds (HTC_CUDA_THREE_CTAS). Only kernels whose mangled name holds "star" are
-  # instrumented (torch's are not).
+  # keys (the exact fix-up), two runs bit for bit, the three-CTA builds (HTC_CUDA_THREE_CTAS). Only
+  # kernels whose mangled name holds "star" are instrumented (torch's are not).
   banner "3/7 compute-sanitizer"
   SAN=$(command -v compute-sanitizer ||
     find /usr/local/cuda*/bin /opt/nvidia -name compute-sanitizer -type f 2>/dev/null | sort | tail -n1)
