@@ -214,25 +214,25 @@ Problem prepare(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, 
   return pr;
 }
 
-// Launches `kernel` with its dynamic shared memory (raising the per-kernel limit once per device).
-template <class Kernel>
-void launch(Kernel kernel, int64_t grid, int threads, size_t smem, const Problem& pr, cudaStream_t stream,
-            uint64_t& smem_set, std::mutex& mu) {
+// Launches kKernel with its dynamic shared memory, raising the kernel's limit once per device (each
+// kernel its own record, so every launch site goes through here).
+template <auto kKernel>
+void launch(int64_t grid, int threads, size_t smem, const Problem& pr, cudaStream_t stream) {
+  static uint64_t smem_set = 0;
+  static std::mutex mu;
   TORCH_CHECK(grid <= std::numeric_limits<int32_t>::max(), "star_attention (CUDA): grid too large (", grid, ")");
   {
     std::lock_guard<std::mutex> lock(mu);
-    set_smem(kernel, smem, *pr.info, pr.dev, smem_set);
+    set_smem(kKernel, smem, *pr.info, pr.dev, smem_set);
   }
-  kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(pr.p);
+  kKernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(pr.p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // star_row_kernel<C> over `ctas` CTAs per output-column split (the grid is ctas * C::kOSplit).
 template <class C>
 void launch_row(int64_t ctas, const Problem& pr, cudaStream_t stream) {
-  static uint64_t smem_set = 0;
-  static std::mutex mu;
-  launch(star_cuda::star_row_kernel<C>, ctas * C::kOSplit, C::kThreads, C::kSmemBytes, pr, stream, smem_set, mu);
+  launch<star_cuda::star_row_kernel<C>>(ctas * C::kOSplit, C::kThreads, C::kSmemBytes, pr, stream);
 }
 
 // The default build Cfg, or its three-CTA build Three where asked for and where it fits (above).
@@ -294,8 +294,7 @@ std::tuple<at::Tensor, at::Tensor> star_attention_cuda(const at::Tensor& q_in, c
                                                                                                  stream);
     if (n_split > 1) {
       const int64_t n = pr.B * pr.Hq * pr.Sq * (Dim / 4);
-      star_cuda::star_combine_kernel<E, Dim><<<static_cast<unsigned>(ceil_div(n, 256)), 256, 0, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch<star_cuda::star_combine_kernel<E, Dim>>(ceil_div(n, 256), 256, 0, pr, stream);
     }
   });
   return {out, lse};
@@ -337,13 +336,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> star_attention_backward_cuda(
     using Dq = star_cuda::DqCfg<E, Dim, kCap>;
     using Dkv = star_cuda::DkvCfg<E, Dim, kCap>;
     const int64_t rows = pr.B * pr.Hq * pr.Sq;
-    star_cuda::star_delta_kernel<E, Dim><<<static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<star_cuda::star_delta_kernel<E, Dim>>(ceil_div(rows, 8), 256, 0, pr, stream);
     launch_row_or_three<Dq, star_cuda::DqCfg<E, Dim, kCap, true>>(pr.B * pr.Hq * ceil_div(pr.Sq, Dq::BQ), pr, stream);
-    static uint64_t smem_kv = 0;
-    static std::mutex mu;
-    launch(star_cuda::star_key_kernel<Dkv>, pr.B * pr.Hkv * p.n_kt, Dkv::kThreads, Dkv::kSmemBytes, pr, stream,
-           smem_kv, mu);
+    launch<star_cuda::star_key_kernel<Dkv>>(pr.B * pr.Hkv * p.n_kt, Dkv::kThreads, Dkv::kSmemBytes, pr, stream);
   });
   return {dq, dk, dv};
 }

@@ -17,6 +17,21 @@ template __global__ void htc::mgvq::mgvq_lookup_kernel<0, true>(const float*, co
 // Every star_attention kernel the extension launches (star_attention_cuda.cu dispatches the same set),
 // without and with soft-capping, and the three-CTA builds of the row kernels (three_ctas_built).
 namespace htc::star_cuda {
+// The three-CTA builds are exactly those three_ctas_built names: elsewhere CFG<E, D, kCap, true> is the
+// default type, instantiated explicitly below, so a kThree build is referenced (implicitly
+// instantiated) only where it exists.
+template <class C>
+void reference_three_ctas() {
+  if constexpr (C::kThree) {
+    static void (*volatile sink)(const StarParams);
+    sink = star_row_kernel<C>;
+  }
+}
+template <Elt E, int D>
+void reference_three_ctas_all() {
+  reference_three_ctas<FwdCfg<E, D, false, true>>(), reference_three_ctas<FwdCfg<E, D, true, true>>();
+  reference_three_ctas<DqCfg<E, D, false, true>>(), reference_three_ctas<DqCfg<E, D, true, true>>();
+}
 #define HTC_STAR_KERNELS(E, D)                                                  \
   template __global__ void star_row_kernel<FwdCfg<E, D>>(const StarParams);        \
   template __global__ void star_combine_kernel<E, D>(const StarParams);            \
@@ -25,19 +40,11 @@ namespace htc::star_cuda {
   template __global__ void star_key_kernel<DkvCfg<E, D>>(const StarParams);        \
   template __global__ void star_row_kernel<FwdCfg<E, D, true>>(const StarParams);  \
   template __global__ void star_row_kernel<DqCfg<E, D, true>>(const StarParams);   \
-  template __global__ void star_key_kernel<DkvCfg<E, D, true>>(const StarParams);
+  template __global__ void star_key_kernel<DkvCfg<E, D, true>>(const StarParams);  \
+  template void reference_three_ctas_all<E, D>();
 #define HTC_STAR_ALL_D(E) \
   HTC_STAR_KERNELS(E, 64) HTC_STAR_KERNELS(E, 80) HTC_STAR_KERNELS(E, 96) HTC_STAR_KERNELS(E, 128) HTC_STAR_KERNELS(E, 256)
 HTC_STAR_ALL_D(Elt::kF32)
 HTC_STAR_ALL_D(Elt::kBF16)
 HTC_STAR_ALL_D(Elt::kF16)
-#define HTC_STAR_THREE(E, D, CFG)                                                            \
-  static_assert(CFG<E, D, false, true>::kThree, "no three-CTA build of this kernel");     \
-  template __global__ void star_row_kernel<CFG<E, D, false, true>>(const StarParams); \
-  template __global__ void star_row_kernel<CFG<E, D, true, true>>(const StarParams);
-#define HTC_STAR_THREE_ALL(E)                                                                   \
-  HTC_STAR_THREE(E, 80, FwdCfg) HTC_STAR_THREE(E, 96, FwdCfg) HTC_STAR_THREE(E, 128, FwdCfg) \
-  HTC_STAR_THREE(E, 64, DqCfg) HTC_STAR_THREE(E, 80, DqCfg) HTC_STAR_THREE(E, 128, DqCfg)
-HTC_STAR_THREE_ALL(Elt::kBF16)
-HTC_STAR_THREE_ALL(Elt::kF16)
 }  // namespace htc::star_cuda

@@ -712,48 +712,41 @@ void run(Elt e, const Case& c) {
 
 const char* elt_name(Elt e) { return e == Elt::kF32 ? "fp32" : e == Elt::kBF16 ? "bf16" : "fp16"; }
 
+float inv_sqrt(int d) { return 1.f / std::sqrt(static_cast<float>(d)); }
+
+// Runs case c under a name that says what it is: dtype, head dim, what the block tests, and the
+// shape options that vary between cases.
+void run_named(Elt e, const char* what, Case c) {
+  c.name = std::string(elt_name(e)) + " D=" + std::to_string(c.D) + " " + what + " Sq=" + std::to_string(c.Sq) +
+           "/" + std::to_string(c.Skv) + (c.topology ? " group" : " star") + (c.strided ? " strided" : "") +
+           (c.panel ? " panel" : "") + (c.n_split > 1 ? " split=" + std::to_string(c.n_split) : "") +
+           (c.poison ? " poison" : "");
+  run(e, c);
+}
+
 void test_forward_kernels() {
   const Elt elts[] = {Elt::kBF16, Elt::kF16, Elt::kF32};
-  const int dims[] = {64, 80, 96, 128, 256};
+  // Prefill, every dtype and head dim: GQA 2:1 (1:1 at D = 96), both topologies, strided inputs.
   int n = 0;
   for (Elt e : elts)
-    for (int d : dims) {
+    for (int d : {64, 80, 96, 128, 256}) {
       if (kQuick && d != 64 && d != 80) continue;
-      Case c;
-      c.D = d;
-      c.seed = 100 + n++;
-      c.B = 2;
-      c.Hq = 2;
-      c.Hkv = d == 96 ? 2 : 1;  // GQA 2:1 except at d = 96
-      c.Skv = c.Sq = 100 + 37 * (n % 3);
-      c.plan_batch = 2;
-      c.topology = n % 2;
-      c.strided = n % 3 == 1;
-      c.scale = 1.f / std::sqrt(static_cast<float>(d));
-      c.name = std::string(elt_name(e)) + " D=" + std::to_string(d) + (c.topology ? " group" : " star") +
-               (c.strided ? " strided" : "") + " S=" + std::to_string(c.Skv);
-      run(e, c);
+      const int i = ++n, s = 100 + 37 * (i % 3);
+      run_named(e, "prefill", {.B = 2, .Hq = 2, .Hkv = d == 96 ? 2 : 1, .Sq = s, .Skv = s, .D = d, .plan_batch = 2,
+                               .topology = i % 2, .strided = i % 3 == 1, .scale = inv_sqrt(d),
+                               .seed = static_cast<uint64_t>(99 + i)});
     }
   // Decode (bottom-right aligned) with and without split-K; poisoned masked keys/values.
   for (Elt e : elts) {
     if (kQuick && e == Elt::kF32) continue;
     for (int variant = 0; variant < 4; ++variant) {
-      Case c;
-      c.D = variant % 2 ? 128 : 64;
-      c.seed = 500 + variant + 10 * static_cast<int>(e);
-      c.B = 2;
-      c.Hq = 4;
-      c.Hkv = 2;
-      c.Skv = 150 + 23 * variant;
-      c.Sq = variant == 0 ? 1 : variant == 1 ? 3 : variant == 2 ? 70 : c.Skv;
-      c.plan_batch = variant == 3 ? 1 : 2;
-      c.topology = variant % 2;
-      c.n_split = variant <= 1 ? 3 : (variant == 2 ? 2 : 1);
-      c.poison = true;
-      c.scale = variant == 3 ? 0.3f : 1.f / std::sqrt(static_cast<float>(c.D));
-      c.name = std::string(elt_name(e)) + " decode Sq=" + std::to_string(c.Sq) + "/" + std::to_string(c.Skv) +
-               " split=" + std::to_string(c.n_split) + " poison";
-      run(e, c);
+      const int d = variant % 2 ? 128 : 64, skv = 150 + 23 * variant;
+      run_named(e, "decode", {.B = 2, .Hq = 4, .Hkv = 2,
+                              .Sq = variant == 0 ? 1 : variant == 1 ? 3 : variant == 2 ? 70 : skv, .Skv = skv,
+                              .D = d, .plan_batch = variant == 3 ? 1 : 2, .topology = variant % 2,
+                              .n_split = variant <= 1 ? 3 : (variant == 2 ? 2 : 1), .poison = true,
+                              .scale = variant == 3 ? 0.3f : inv_sqrt(d),
+                              .seed = static_cast<uint64_t>(500 + variant + 10 * static_cast<int>(e))});
     }
   }
   // The TEXT/VOCO key panel order (several images per sample): prefill and decode with split-K, both
@@ -762,24 +755,12 @@ void test_forward_kernels() {
     for (int d : {64, 128}) {
       if (kQuick && (d != 64 || e == Elt::kF32)) continue;
       for (int variant = 0; variant < 3; ++variant) {
-        Case c;
-        c.D = d;
-        c.seed = 1300 + d + variant + 10 * static_cast<int>(e);
-        c.B = 2;
-        c.Hq = 4;
-        c.Hkv = 2;
-        c.Skv = 190 + 29 * variant;
-        c.Sq = variant == 1 ? 3 : variant == 2 ? 70 : c.Skv;
-        c.plan_batch = 2;
-        c.topology = variant % 2;
-        c.n_split = variant == 1 ? 3 : 1;
-        c.poison = true;
-        c.strided = variant == 2;
-        c.panel = true;
-        c.scale = 1.f / std::sqrt(static_cast<float>(d));
-        c.name = std::string(elt_name(e)) + " D=" + std::to_string(d) + " key panel Sq=" + std::to_string(c.Sq) +
-                 "/" + std::to_string(c.Skv) + (c.topology ? " group" : " star");
-        run(e, c);
+        const int skv = 190 + 29 * variant;
+        run_named(e, "key panel", {.B = 2, .Hq = 4, .Hkv = 2, .Sq = variant == 1 ? 3 : variant == 2 ? 70 : skv,
+                                   .Skv = skv, .D = d, .plan_batch = 2, .topology = variant % 2,
+                                   .n_split = variant == 1 ? 3 : 1, .strided = variant == 2, .poison = true,
+                                   .scale = inv_sqrt(d), .panel = true,
+                                   .seed = static_cast<uint64_t>(1300 + d + variant + 10 * static_cast<int>(e))});
       }
     }
   // Prefill split-K of the long query tiles only (split_min > 1): tiles of one part are written by their
@@ -788,23 +769,12 @@ void test_forward_kernels() {
   for (Elt e : elts)
     for (int variant = 0; variant < 2; ++variant) {
       if (kQuick && e == Elt::kF32) continue;
-      Case c;
-      c.D = variant ? 128 : 64;
-      c.seed = 1700 + variant + 10 * static_cast<int>(e);
-      c.B = 2;
-      c.Hq = 4;
-      c.Hkv = 2;
-      c.Skv = c.Sq = 300 + 41 * variant;
-      c.plan_batch = 2;
-      c.topology = variant;
-      c.n_split = 4;
-      c.split_min = e == Elt::kF32 ? 8 : 2;  // fp32's key tiles are 16 keys, not 64
-      c.poison = true;
-      c.panel = variant == 1;
-      c.scale = 1.f / std::sqrt(static_cast<float>(c.D));
-      c.name = std::string(elt_name(e)) + " D=" + std::to_string(c.D) + " prefill split S=" + std::to_string(c.Skv) +
-               (c.panel ? " key panel" : "") + (c.topology ? " group" : " star");
-      run(e, c);
+      const int d = variant ? 128 : 64, s = 300 + 41 * variant;
+      run_named(e, "prefill split", {.B = 2, .Hq = 4, .Hkv = 2, .Sq = s, .Skv = s, .D = d, .plan_batch = 2,
+                                     .topology = variant, .n_split = 4,
+                                     .split_min = e == Elt::kF32 ? 8 : 2,  // fp32's key tiles are 16 keys
+                                     .poison = true, .scale = inv_sqrt(d), .panel = variant == 1,
+                                     .seed = static_cast<uint64_t>(1700 + variant + 10 * static_cast<int>(e))});
     }
   // The row kernels' three-CTA builds (fewer pipeline stages than items per tile at D = 128: 3 in the
   // forward, 2 in dq; less unrolling): prefill and decode with split-K, GQA, both topologies, poisoned
@@ -815,51 +785,28 @@ void test_forward_kernels() {
     for (int d : {64, 80, 96, 128}) {
       if (kQuick && d != 128) continue;
       for (int variant = 0; variant < 2; ++variant) {
-        Case c;
-        c.D = d;
-        c.seed = 2100 + d + variant + 10 * static_cast<int>(e);
-        c.B = 2;
-        c.Hq = 4;
-        c.Hkv = 2;
-        c.Skv = 210 + 37 * variant;
-        c.Sq = variant ? 5 : c.Skv;
-        c.plan_batch = 2;
-        c.topology = (d / 16 + variant) % 2;
-        c.n_split = variant ? 3 : 1;
-        c.poison = true;
-        c.strided = d == 96;
-        c.panel = variant == 0 && d >= 96;
-        c.three = true;
-        c.scale = 1.f / std::sqrt(static_cast<float>(d));
-        c.name = std::string(elt_name(e)) + " D=" + std::to_string(d) + " three CTAs Sq=" + std::to_string(c.Sq) +
-                 "/" + std::to_string(c.Skv) + (c.panel ? " key panel" : "") + (c.topology ? " group" : " star");
-        run(e, c);
+        const int skv = 210 + 37 * variant;
+        run_named(e, "three CTAs", {.B = 2, .Hq = 4, .Hkv = 2, .Sq = variant ? 5 : skv, .Skv = skv, .D = d,
+                                    .plan_batch = 2, .topology = (d / 16 + variant) % 2, .n_split = variant ? 3 : 1,
+                                    .strided = d == 96, .poison = true, .scale = inv_sqrt(d),
+                                    .panel = variant == 0 && d >= 96, .three = true,
+                                    .seed = static_cast<uint64_t>(2100 + d + variant + 10 * static_cast<int>(e))});
       }
     }
   // Soft-capping (the kCap kernels): scores of standard deviation 4 against caps of 2 and 4, so that
-  // many are capped hard; prefill and decode with split-K, both topologies, GQA, poisoned masked keys/values.
+  // many are capped hard; prefill and decode with split-K, both topologies, GQA, poisoned masked keys/values
+  // (prefill: many rows stay checked; decode: every row and key checked).
   for (Elt e : elts)
     for (int d : {64, 128, 256}) {
       if (kQuick && d != 64) continue;
       for (int variant = 0; variant < 2; ++variant) {
-        Case c;
-        c.D = d;
-        c.seed = 900 + d + variant + 10 * static_cast<int>(e);
-        c.B = 2;
-        c.Hq = 2;
-        c.Hkv = variant ? 1 : 2;
-        c.Skv = 110 + 31 * variant;
-        c.Sq = variant ? 2 : c.Skv;
-        c.plan_batch = 2;
-        c.topology = variant;
-        c.n_split = variant ? 3 : 1;
-        c.poison = variant == 0;  // prefill: many rows stay checked; decode: every row and key checked
-        c.strided = d == 128;
-        c.scale = 4.f / std::sqrt(static_cast<float>(d));  // scores of standard deviation 4
-        c.softcap = variant ? 4.f : 2.f;
-        c.name = std::string(elt_name(e)) + " D=" + std::to_string(d) + " softcap=" + std::to_string(c.softcap).substr(0, 3) +
-                 " Sq=" + std::to_string(c.Sq) + "/" + std::to_string(c.Skv) + (c.n_split > 1 ? " split" : "");
-        run(e, c);
+        const int skv = 110 + 31 * variant;
+        const float sd4 = 4.f / std::sqrt(static_cast<float>(d));  // scores of standard deviation 4
+        run_named(e, variant ? "softcap=4" : "softcap=2",
+                  {.B = 2, .Hq = 2, .Hkv = variant ? 1 : 2, .Sq = variant ? 2 : skv, .Skv = skv, .D = d,
+                   .plan_batch = 2, .topology = variant, .n_split = variant ? 3 : 1, .strided = d == 128,
+                   .poison = variant == 0, .scale = sd4, .softcap = variant ? 4.f : 2.f,
+                   .seed = static_cast<uint64_t>(900 + d + variant + 10 * static_cast<int>(e))});
       }
     }
 }
