@@ -934,3 +934,178 @@ def test_star_static_cache_compacts_once_and_decodes_plainly(monkeypatch):
     assert int(cache.get_seq_length()) == seen
     assert torch.equal(cache.valid_lengths(), seen - (kinds == V).sum(1))
     assert cache.layers[0].keys.shape[2] == ids.shape[1]  # the buffer was never reallocated
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoders beyond plain attention layers, and attention arguments htc_star does not compute
+# --------------------------------------------------------------------------------------------------
+
+
+def _lfm2():  # a hybrid decoder: a convolution layer, then an attention layer
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    types = ["conv", "full_attention"]
+    cfg = _tiny_config(Lfm2Config, num_key_value_heads=2, layer_types=types, **_TOKEN_IDS)
+    return Lfm2ForCausalLM(cfg).eval()
+
+
+def test_hybrid_decoder_generate_compacts_its_attention_layers():
+    """LFM2 (convolution + attention layers): enable_star_attention's StarCache holds transformers'
+    own state for the convolution layer and drops finished images from the attention layer."""
+    model = _lfm2()
+    ids, mask, kinds = _inputs(LAYOUTS["right_pad"][1:])  # one sample, no padding
+    steps = 4
+    expected = _dense_greedy(model, ids, mask, kinds, steps)
+    hk.hf.enable_star_attention(model)
+    out = model.generate(
+        ids, htc_kinds=kinds, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True
+    )
+    assert torch.equal(out.sequences, expected)
+    cache = out.past_key_values
+    assert isinstance(cache, hk.hf.StarCache)
+    assert not isinstance(cache.layers[0], hk.hf.cache.StarLayer)
+    assert isinstance(cache.layers[1], hk.hf.cache.StarLayer)
+    seen = ids.shape[1] + steps - 1
+    assert cache.get_seq_length() == seen
+    assert torch.equal(cache.valid_lengths(), seen - (kinds == V).sum(1))  # the first attention layer
+    with pytest.raises(ValueError, match="layer 0 is a"):
+        cache.valid_lengths(0)
+
+
+def test_star_cache_refuses_layer_types_it_cannot_hold():
+    cfg = _tiny_config(LlamaConfig, **_TOKEN_IDS)
+    cfg.layer_types = ["full_attention", "hybrid"]
+    with pytest.raises(NotImplementedError, match="layer 1 is of type 'hybrid'"):
+        hk.hf.StarCache(config=cfg)
+
+
+@pytest.mark.parametrize("implementation", ["dynamic", "hybrid", "static"])
+def test_generation_config_cache_implementation(implementation):
+    """A generation config naming a cache: "dynamic" and the deprecated "hybrid" get a StarCache
+    (compacted); "static" gets transformers' static cache (nothing dropped). Tokens are exact."""
+    model = _llama()
+    ids, mask, kinds = _inputs(LAYOUTS["left_pad"])
+    steps = 4
+    expected = _dense_greedy(model, ids, mask, kinds, steps)
+    model.generation_config.cache_implementation = implementation
+    hk.hf.enable_star_attention(model)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        htc_kinds=kinds,
+        max_new_tokens=steps,
+        do_sample=False,
+        return_dict_in_generate=True,
+    )
+    assert torch.equal(out.sequences, expected)
+    assert isinstance(out.past_key_values, hk.hf.StarCache) == (implementation != "static")
+
+
+def _gpt_oss():  # attention sinks (s_aux)
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    cfg = _tiny_config(
+        GptOssConfig,
+        intermediate_size=32,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        layer_types=["full_attention", "full_attention"],
+        **_TOKEN_IDS,
+    )
+    model = GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0, 3)
+    return model
+
+
+def test_attention_sinks_are_refused(attention_calls):
+    """GPT-OSS passes its sinks as s_aux: they change every row's softmax (checked here against
+    the model's eager attention), so htc_star refuses them instead of attending without."""
+    model = _gpt_oss()
+    ids = torch.randint(2, VOCAB, (1, 10))
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        with_sinks = model(ids).logits
+        for layer in model.model.layers:
+            layer.self_attn.sinks.fill_(-1e4)
+        without = model(ids).logits
+        assert _rel(with_sinks, without) > 0.01  # the case is one the refusal matters for
+        model.set_attn_implementation("htc_star")
+        with pytest.raises(NotImplementedError, match="attention sinks"):
+            model(ids)
+    assert attention_calls == []
+
+
+@pytest.mark.parametrize("name", ["position_bias", "cu_seq_lens_q", "cu_seq_lens_k", "sinks"])
+def test_attention_arguments_htc_star_does_not_compute_are_refused(name, attention_calls):
+    """Arguments other models pass to their attention function (an additive position bias,
+    flash-attention's packed-sequence offsets, sinks) are refused, not dropped."""
+
+    class Attn(torch.nn.Module):
+        is_causal = True
+        layer_idx = 0
+
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    value = {
+        "position_bias": torch.randn(1, 2, 6, 6),
+        "cu_seq_lens_q": torch.tensor([0, 3, 6], dtype=torch.int32),
+        "cu_seq_lens_k": torch.tensor([0, 3, 6], dtype=torch.int32),
+        "sinks": torch.randn(2),
+    }[name]
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    with pytest.raises(NotImplementedError, match=name):
+        hkhf.attention.star_attention_forward(Attn(), q, k, v, mask, **{name: value})
+    assert attention_calls == []
+    hkhf.attention.star_attention_forward(Attn(), q, k, v, mask, **{name: None})  # None: nothing asked
+
+
+def test_packed_sequences_refusal_says_unpack(attention_calls):
+    model = _llama()
+    model.set_attn_implementation("htc_star")
+    ids = torch.randint(2, VOCAB, (1, 8))
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])  # two sequences packed in one row
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="unpack them into a padded batch"):
+        model(ids, position_ids=position_ids, use_cache=False)  # transformers detects packing without a cache
+    assert attention_calls == []
+
+
+def test_cross_layer_kv_sharing_is_refused(attention_calls):
+    """Gemma 4's last layers reuse earlier layers' keys and values (kv_sharing_modes "reuse")."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    cfg = Gemma4TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        global_head_dim=8,
+        layer_types=["full_attention"] * 4,
+        num_kv_shared_layers=2,
+        vocab_size_per_layer_input=VOCAB,
+        hidden_size_per_layer_input=8,
+        **_TOKEN_IDS,
+    )
+    model = Gemma4ForCausalLM(cfg).eval()
+    model.set_attn_implementation("htc_star")
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="share keys and values across layers"):
+        model(torch.randint(3, VOCAB, (1, 7)))
+    assert attention_calls == []
+
+
+def test_attention_dropout_in_training_is_refused(attention_calls):
+    model = _llama(attention_dropout=0.1)
+    ids, mask, kinds = _inputs(LAYOUTS["left_pad"])
+    model.set_attn_implementation("htc_star")
+    model(ids, attention_mask=mask, htc_kinds=kinds)  # eval: no dropout, runs
+    assert attention_calls
+    attention_calls.clear()
+    model.train()
+    with pytest.raises(NotImplementedError, match="attention dropout"):
+        model(ids, attention_mask=mask, htc_kinds=kinds)
+    assert attention_calls == []

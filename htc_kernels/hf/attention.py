@@ -246,7 +246,11 @@ _MASK_REFUSALS = (
         "a bidirectional prefix (prefix-LM, e.g. PaliGemma's token_type_ids/block_sequence_ids); "
         "the star mask is defined on causal attention only",
     ),
-    ("packed_sequence", "packed sequences (position_ids restarting inside a row); pass a 2-D attention_mask"),
+    (
+        "packed_sequence",
+        "packed sequences (position_ids restarting inside a row); unpack them into a padded batch (one "
+        "sequence per row, with a 2-D attention_mask)",
+    ),
     ("chunked", "chunked attention (e.g. Llama 4); star attention supports full causal attention only"),
 )
 
@@ -289,8 +293,14 @@ def star_attention_mask(
     for part, reason in _MASK_REFUSALS:
         if any(part in p for p in parts):
             raise NotImplementedError(f"htc_star: this model asked for {reason}")
+    config = kwargs.get("config")
+    if "reuse" in (getattr(config, "kv_sharing_modes", None) or ()):
+        raise NotImplementedError(
+            "htc_star: this model's layers share keys and values across layers (kv_sharing_modes "
+            "'reuse', e.g. Gemma 4's num_kv_shared_layers); htc_star's cache compaction and masks are "
+            "per layer"
+        )
     if any("sliding_window" in p for p in parts):
-        config = kwargs.get("config")
         window = getattr(config, "sliding_window", None) if config is not None else None
         if window is None or length > window:
             raise NotImplementedError(
@@ -320,6 +330,26 @@ def _check_kwargs(kwargs) -> None:
         raise ValueError(
             f"htc_star: unknown keyword argument(s) {unknown}; expected some of {list(HTC_KWARGS)}"
         )
+
+
+# Attention kwargs some models pass that change the scores or the rows they mix, and that the star
+# kernel does not compute: (name, what it is, whether the bidirectional encoder path's SDPA applies it).
+_UNSUPPORTED_KWARGS = (
+    ("s_aux", "attention sinks (s_aux, e.g. GPT-OSS)", False),
+    ("sinks", "attention sinks (sinks)", False),
+    ("position_bias", "an additive position bias on the scores (position_bias)", True),
+    ("cu_seq_lens_q", "packed sequences (cu_seq_lens_q)", False),
+    ("cu_seq_lens_k", "packed sequences (cu_seq_lens_k)", False),
+)
+
+
+def _refuse_unsupported(kwargs, encoder: bool) -> None:
+    for name, what, sdpa_has_it in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None and not (encoder and sdpa_has_it):
+            raise NotImplementedError(
+                f"htc_star: this model's attention asks for {what}, which htc_star does not compute; "
+                "use an attention implementation that does (e.g. 'eager')"
+            )
 
 
 @torch.compiler.disable
@@ -357,10 +387,12 @@ def star_attention_forward(
                 "prefix-LM text model); the star mask is defined on causal attention only"
             )
         # A bidirectional encoder (e.g. the vision tower) under "htc_star": its own SDPA attention.
+        _refuse_unsupported(kwargs, encoder=True)
         kwargs = {k: v for k, v in kwargs.items() if k not in HTC_KWARGS}
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+    _refuse_unsupported(kwargs, encoder=False)
     if attention_mask is not None and (
         not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2
     ):
@@ -432,7 +464,9 @@ def _language_model_impl(model) -> str | dict:
 def enable_star_attention(model, backend: str | None = None):
     """Switch ``model``'s language model to ``"htc_star"``; ``model.generate(..., htc_kinds=k)``
     then accepts ``htc_*`` kwargs and compacts the cache (it passes a fresh :class:`StarCache`
-    unless the call gives ``past_key_values`` or ``use_cache=False``). Only this instance is
+    unless the call gives ``past_key_values``, ``cache_implementation`` or ``use_cache=False``,
+    or the generation config names a cache other than ``"dynamic"``: then transformers builds
+    that cache, the attention stays exact and nothing is dropped). Only this instance is
     changed (instance attributes ``generate`` and ``_validate_model_kwargs``, one forward pre-hook,
     and its attention implementation). Returns ``model``.
 
@@ -469,8 +503,15 @@ def enable_star_attention(model, backend: str | None = None):
                 kwargs["htc_backend"] = model._htc_star_backend
             no_cache = kwargs.get("use_cache", True) is False
             own_cache = kwargs.get("past_key_values") is not None or "cache_implementation" in kwargs
-            if not own_cache and not no_cache:
-                kwargs["past_key_values"] = StarCache()
+            # The generation config's cache: none, "dynamic" (what StarCache is) and the deprecated
+            # "hybrid" (transformers drops it) get a StarCache; any other (static, offloaded,
+            # quantized) is built by transformers as asked: exact attention, nothing dropped.
+            gen_config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+            implementation = getattr(gen_config, "cache_implementation", None)
+            if not own_cache and not no_cache and implementation in (None, "dynamic", "hybrid"):
+                kwargs["past_key_values"] = StarCache(config=model.config)
+                if implementation == "dynamic":
+                    kwargs["cache_implementation"] = None  # transformers refuses both a cache and a name
             outer = getattr(_STATE, "generating", False)
             _STATE.generating = no_cache
             try:

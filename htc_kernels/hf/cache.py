@@ -12,7 +12,14 @@ from __future__ import annotations
 import threading
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticLayer
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    Cache,
+    DynamicCache,
+    DynamicLayer,
+    StaticLayer,
+    get_layer_types_and_kwargs,
+)
 
 from htc_kernels.layout import StarLayout, TokenKind
 
@@ -253,6 +260,28 @@ class StarLayer(DynamicLayer):
             self.slots = self.slots[indices]
 
 
+# Cache layer types (transformers' ``layer_types``) StarCache keeps as transformers builds them: they
+# hold no keys and values (a recurrent or convolution state, or nothing).
+_STATE_LAYER_TYPES = ("conv", "linear_attention", "dummy")
+
+
+def _star_layers(config) -> list:
+    """The layers of a :class:`StarCache` for ``config`` (see its ``config`` argument)."""
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    layers = []
+    for i, (kind, kw) in enumerate(zip(layer_types, layer_kwargs)):
+        if kind in ("full_attention", "sliding_attention"):
+            layers.append(StarLayer())
+        elif kind in _STATE_LAYER_TYPES:
+            layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw))
+        else:
+            raise NotImplementedError(
+                f"StarCache: layer {i} is of type {kind!r}, whose cache htc_star cannot hold; supported: "
+                f"full_attention and sliding_attention layers, beside {', '.join(_STATE_LAYER_TYPES)} layers"
+            )
+    return layers
+
+
 def _update_and_hand_off(cache, base, key_states, value_states, layer_idx, *args, **kwargs):
     """``base.update`` (the transformers cache class), then leave the step for the attention call."""
     stale = getattr(_HANDOFF, "step", None)
@@ -282,21 +311,29 @@ class StarCache(DynamicCache):
     were processed, and so was the token after them, or ``htc_kinds`` says what follows). Each
     sample then holds the non-VISUAL slots (samples with fewer are left-filled with PAD slots up to
     the longest). ``get_seq_length()`` stays the number of tokens seen, so position ids remain
-    absolute. With another attention implementation nothing is dropped. Every layer is a full
-    (growing) layer; a sliding-window model is exact while the tokens seen fit its window, and
-    refused beyond (the rule lives in the mask function).
+    absolute. With another attention implementation nothing is dropped. Every attention layer is
+    a full (growing) :class:`StarLayer`; a sliding-window model is exact while the tokens seen fit
+    its window, and refused beyond (the rule lives in the mask function).
 
     Args:
         kinds, groups, topology: optional layout of the prompt, used when a forward gets no
             ``htc_kinds`` (so ``model.generate(ids, past_key_values=StarCache(kinds=kinds))`` works
             without ``enable_star_attention``). A forward's ``htc_kinds`` takes precedence.
-        config: accepted for ``DynamicCache`` compatibility; unused.
+        config: the model config, for models whose decoder mixes attention with other layers
+            (convolutions, linear attention, layers without a cache, e.g. LFM2, Qwen3.5): those get
+            transformers' own cache layers (as ``DynamicCache(config=...)`` builds them), every
+            attention layer a :class:`StarLayer`. Without it every layer is a :class:`StarLayer`.
+            Layer types whose cache holds more than keys and values (``"hybrid"``,
+            ``"indexed_attention"``, ...) are refused.
     """
 
     def __init__(self, kinds=None, groups=None, topology: str = "star", config=None, **kwargs):
         if kwargs:
             raise TypeError(f"StarCache: unexpected arguments {sorted(kwargs)}")
-        Cache.__init__(self, layer_class_to_replicate=StarLayer)
+        if config is None:
+            Cache.__init__(self, layer_class_to_replicate=StarLayer)
+        else:
+            Cache.__init__(self, layers=_star_layers(config))
         if kinds is not None:
             StarLayout(kinds, groups, topology)  # validate early
         self.kinds = kinds
@@ -349,13 +386,26 @@ class StarCache(DynamicCache):
             cache.layers.append(layer)
         return cache
 
-    def stored_length(self, layer_idx: int = 0) -> int:
-        """Slots held by layer ``layer_idx`` (``get_seq_length()`` is the number of tokens seen)."""
-        return self.layers[layer_idx].stored_length if layer_idx < len(self.layers) else 0
-
-    def valid_lengths(self, layer_idx: int = 0) -> torch.Tensor | None:
-        """Per sample, the number of non-filler slots held by ``layer_idx`` (``[B]``)."""
+    def _star_layer(self, layer_idx: int | None) -> StarLayer | None:
+        """Layer ``layer_idx``, or with ``None`` the first attention layer (``None`` if none yet)."""
+        if layer_idx is None:
+            return next((layer for layer in self.layers if isinstance(layer, StarLayer)), None)
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        if layer is not None and not isinstance(layer, StarLayer):
+            name = type(layer).__name__
+            raise ValueError(f"StarCache: layer {layer_idx} is a {name}, not an attention layer")
+        return layer
+
+    def stored_length(self, layer_idx: int | None = None) -> int:
+        """Slots held by layer ``layer_idx`` (default: the first attention layer;
+        ``get_seq_length()`` is the number of tokens seen)."""
+        layer = self._star_layer(layer_idx)
+        return 0 if layer is None else layer.stored_length
+
+    def valid_lengths(self, layer_idx: int | None = None) -> torch.Tensor | None:
+        """Per sample, the number of non-filler slots held by ``layer_idx`` (default: the first
+        attention layer) (``[B]``)."""
+        layer = self._star_layer(layer_idx)
         if layer is None or not layer.is_initialized:
             return None
         if layer.slots is None:
@@ -368,7 +418,7 @@ class StarCache(DynamicCache):
             layer.keys.numel() * layer.keys.element_size()
             + layer.values.numel() * layer.values.element_size()
             for layer in self.layers
-            if getattr(layer, "is_initialized", False)
+            if isinstance(layer, StarLayer) and layer.is_initialized
         )
 
 
@@ -500,14 +550,18 @@ def compact_cache(
     if isinstance(past_key_values, StarCache):
         cache = past_key_values
     else:
+        state_types = tuple(DYNAMIC_LAYER_TYPE_MAPPING[t] for t in _STATE_LAYER_TYPES)
         for layer in past_key_values.layers:
-            if type(layer) is not DynamicLayer:
+            if type(layer) is not DynamicLayer and type(layer) not in state_types:
                 raise NotImplementedError(
                     f"compact_cache: cannot compact a {type(layer).__name__} (only DynamicCache's "
                     "DynamicLayer and StarCache: a static or sliding-window buffer cannot drop slots)"
                 )
         cache = StarCache(kinds, groups, topology)
         for layer in past_key_values.layers:
+            if type(layer) in state_types:  # no keys: kept as it is
+                cache.layers.append(layer)
+                continue
             new = StarLayer()
             if layer.is_initialized:
                 new.lazy_initialization(layer.keys, layer.values)
@@ -515,7 +569,7 @@ def compact_cache(
                 new.cumulative_length = layer.get_seq_length()
             cache.layers.append(new)
     for layer in cache.layers:
-        if not layer.is_initialized or layer.stored_length == 0:
+        if not isinstance(layer, StarLayer) or not layer.is_initialized or layer.stored_length == 0:
             continue
         p = layer.cumulative_length
         b = layer.keys.shape[0]
