@@ -977,6 +977,8 @@ def test_star_cache_refuses_layer_types_it_cannot_hold():
     cfg.layer_types = ["full_attention", "hybrid"]
     with pytest.raises(NotImplementedError, match="layer 1 is of type 'hybrid'"):
         hk.hf.StarCache(config=cfg)
+    with pytest.raises(NotImplementedError, match=r"\['conv'\] layers"):
+        hk.hf.StarStaticCache(_lfm2().config, max_cache_len=8)
 
 
 @pytest.mark.parametrize("implementation", ["dynamic", "hybrid", "static"])

@@ -360,6 +360,8 @@ class StarCache(DynamicCache):
         """
         if len(keys) != len(values) or not keys:
             raise ValueError("StarCache.from_slots: one keys and one values tensor per layer")
+        if "config" in kwargs:
+            raise TypeError("StarCache.from_slots: the layers are the given tensors; no config")
         cache = cls(**kwargs)
         for k, v in zip(keys, values):
             if k.dim() != 4 or k.shape[:3] != v.shape[:3]:
@@ -512,6 +514,13 @@ class StarStaticCache(Cache):
     is_compileable = True
 
     def __init__(self, config, max_cache_len: int, kinds=None, groups=None, topology: str = "star"):
+        layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        other = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+        if other:
+            raise NotImplementedError(
+                f"StarStaticCache: the decoder has {other} layers; a StarStaticCache holds attention "
+                "layers only (use StarCache(config=model.config), which keeps their state)"
+            )
         n_layers = config.get_text_config(decoder=True).num_hidden_layers
         super().__init__(layers=[StarStaticLayer(max_cache_len) for _ in range(n_layers)])
         if kinds is not None:
