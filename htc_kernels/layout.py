@@ -81,8 +81,8 @@ def orphan_voco(kinds: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
 
 
 def _versions(*tensors: torch.Tensor) -> tuple:
-    """In-place modification counters (None for inference tensors, which do not keep one)."""
-    return tuple(None if t.is_inference() else t._version for t in tensors)
+    """In-place modification counters (a layout's own tensors are never inference tensors)."""
+    return tuple(t._version for t in tensors)
 
 
 def _check_int_tensor(name: str, t) -> None:
@@ -132,8 +132,11 @@ class StarLayout:
         if kinds.dim() == 1:
             kinds = kinds.unsqueeze(0)
             groups = groups.unsqueeze(0) if groups is not None and groups.dim() == 1 else groups
-        if kinds.dim() != 2 or kinds.shape[1] == 0:
-            raise ValueError(f"StarLayout: kinds must be [B, S] or [S] with S >= 1, got {tuple(kinds.shape)}")
+        if kinds.dim() != 2 or kinds.shape[0] == 0 or kinds.shape[1] == 0:
+            raise ValueError(
+                f"StarLayout: kinds must be [B, S] or [S] with B, S >= 1, got {tuple(kinds.shape)} "
+                "(a layout of batch 1 serves inputs of any batch, B = 0 included)"
+            )
         bad = (kinds < 0) | (kinds > TokenKind.PAD)
         if bool(bad.any()):
             b, p = (int(x) for x in bad.nonzero()[0])
@@ -179,6 +182,10 @@ class StarLayout:
                 f"StarLayout: VOCO token at position {p} of sample {b} has no VISUAL {what} before it "
                 "(a <voco> token compresses the image that precedes it)"
             )
+        if kinds.is_inference() or groups.is_inference():
+            # Inference tensors keep no version counter: check_unmodified could not see an edit.
+            with torch.inference_mode(False):
+                kinds, groups = kinds.clone(), groups.clone()
         self.kinds = kinds
         self.groups = groups
         # The key panel's decision and size, fixed here (where the layout already synchronises) so that

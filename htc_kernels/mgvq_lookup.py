@@ -135,7 +135,15 @@ def mgvq_lookup_backward_reference(grad_codes, z, codebook, indices, normalize):
     acc = torch.zeros(g * k, d, dtype=torch.float32, device=z.device)
     acc.index_add_(0, flat, gc.reshape(-1, d))
     acc = acc.view(g, k, d)
-    grad_cb = _normalize_vjp(codebook.float(), acc) if normalize else acc
+    if normalize:
+        # Rows holding NaN/Inf are never selected: their gradient is 0 (not 0 * Inf), also in a
+        # double backward (the vjp sees them as zero rows).
+        cbf = codebook.float()
+        finite = torch.isfinite(cbf).all(-1, keepdim=True)
+        safe = torch.where(finite, cbf, torch.zeros_like(cbf))
+        grad_cb = torch.where(finite, _normalize_vjp(safe, acc), torch.zeros_like(acc))
+    else:
+        grad_cb = acc
     return grad_z.reshape(z.shape).to(z.dtype), grad_cb.to(codebook.dtype)
 
 
@@ -159,8 +167,8 @@ def mgvq_lookup_reference(
     # No overflow for any finite input: cosine is scale-invariant (_unit scales each vector), and
     # squared L2 is invariant under a common scale of z and the group's codes (per token-group here).
     zn = _unit(z) if normalize else z
-    cbn = _unit(codebook) if normalize else codebook
     with torch.no_grad():
+        cbn = _unit(codebook) if normalize else codebook
         if normalize:
             scores = torch.einsum("...gd,gkd->...gk", zn, cbn)
         else:
@@ -172,7 +180,10 @@ def mgvq_lookup_reference(
         indices = torch.where((scores == float("-inf")).all(-1), -1, scores.argmax(-1))
         if bool((indices < 0).any()):
             _raise_no_code(z, codebook, indices)
-    sel = cbn[torch.arange(g, device=z.device), indices]
+    # Normalised after the gather: only selected rows carry a gradient (a NaN/Inf row is never
+    # selected and gets 0, not 0 * Inf).
+    sel = codebook[torch.arange(g, device=z.device), indices]
+    sel = _unit(sel) if normalize else sel
     codes = sel + (zn - zn.detach())  # value exactly sel; gradient straight-through to z
     return codes, indices
 
@@ -305,7 +316,9 @@ def _mgvq_backward(ctx, grad_codes, grad_indices):
         and (z.device.type == "cpu" or (z.device.type == "cuda" and EXT_CUDA))
         and z.dtype in KERNEL_DTYPES
     )
-    if use_op:
+    # A double backward (create_graph=True runs this with grad enabled) needs a differentiable
+    # backward: the op has no autograd of its own, so the PyTorch one computes it.
+    if use_op and not torch.is_grad_enabled():
         grad_z, grad_cb = torch.ops.htc.mgvq_lookup_backward(grad_codes, z, codebook, indices, ctx.normalize)
     else:
         grad_z, grad_cb = mgvq_lookup_backward_reference(grad_codes, z, codebook, indices, ctx.normalize)

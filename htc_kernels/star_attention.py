@@ -7,6 +7,7 @@ once per op (DESIGN.md §3–4).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -62,6 +63,7 @@ def _check_star_inputs(q, k, v, layout) -> None:
         raise ValueError(
             f"star_attention: layout on {layout.device} but q on {q.device}; use layout.to(q.device)"
         )
+    layout.check_unmodified()  # every call: backends may reuse plans cached from the old values
 
 
 class _ReferenceStar(Backend):
@@ -287,7 +289,17 @@ def star_attention(
         softcap = check_softcap(softcap)
     except ValueError as exc:
         raise ValueError(f"star_attention: {exc}") from None
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        scale = float(scale)
+    else:
+        # A tensor's gradient would be dropped (the kernels take a float); bool and str would
+        # silently mean something else.
+        raise ValueError(
+            f"star_attention: scale must be None or a real number, got {type(scale).__name__}; pass "
+            "float(scale) (a learnable scale: star_attention_reference differentiates through it)"
+        )
     order = _STAR_GPU_ORDER if q.device.type == "cuda" else _STAR_CPU_ORDER
     be = select("star_attention", order, backend, q, k, v, layout, softcap)
     return be(q, k, v, layout, scale, softcap)

@@ -314,6 +314,21 @@ def test_layout_tensors_modified_in_place_are_an_error():
         hk.star_mask(layout)
 
 
+def test_layout_built_in_inference_mode_still_sees_edits():
+    """Inference tensors keep no version counter: the layout's own copies are normal tensors."""
+    with torch.inference_mode():
+        layout = hk.StarLayout(llava_kinds(3, 70, 1, 5))
+        layout.plan(layout.seq_len, 16, 16)
+        layout.kinds[0, 10] = T
+        with pytest.raises(ValueError, match="modified in place"):
+            layout.plan(layout.seq_len, 16, 16)
+
+
+def test_empty_batch_layout_is_refused_with_a_hint():
+    with pytest.raises(ValueError, match="a layout of batch 1 serves inputs of any batch"):
+        hk.StarLayout(torch.zeros(0, 5, dtype=torch.long))
+
+
 @pytest.mark.parametrize(
     "groups, match",
     [

@@ -406,6 +406,56 @@ def test_non_finite_codebook_rows_are_never_selected_and_all_bad_raises(backend,
     assert bool((idx[:, 0] != 3).all())
 
 
+@pytest.mark.parametrize("backend", [*kernel_backends(), "reference"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_unselected_non_finite_rows_get_zero_gradient(backend, normalize):
+    """A NaN/Inf codebook row is never selected, so its gradient is 0 (a NaN there would poison
+    gradient clipping for every parameter)."""
+    z = torch.randn(9, 2, 4)
+    cb = torch.randn(2, 20, 4)
+    cb[0, 3, 1], cb[1, 7, 0] = float("inf"), float("nan")
+    cb.requires_grad_()
+    codes, idx = hk.mgvq_lookup(z, cb, normalize=normalize, backend=backend)
+    codes.sum().backward()
+    assert bool(torch.isfinite(cb.grad).all())
+    assert float(cb.grad[0, 3].abs().sum()) == 0 and float(cb.grad[1, 7].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("backend", [*kernel_backends(), "reference"])
+def test_one_dimensional_cosine_ties_break_to_lowest_index(backend):
+    """d = 1: every code of a sign has cosine exactly 1 with a latent of that sign, so the tie rule
+    decides; unit codes must come out exactly +-1 (one rounding, as F.normalize), not 0.99999994."""
+    g = torch.Generator().manual_seed(0)
+    cb = torch.randn(3, 129, 1, generator=g)
+    z = torch.randn(65, 3, 1, generator=g)
+    codes, idx = hk.mgvq_lookup(z, cb, normalize=True, backend=backend)
+    first = torch.stack([(cb[:, :, 0] > 0).int().argmax(1), (cb[:, :, 0] < 0).int().argmax(1)], 1)  # [3, 2]
+    want = first[torch.arange(3), (z[..., 0] < 0).long()]
+    assert torch.equal(idx, want)
+    assert torch.equal(codes.abs(), torch.ones_like(codes))
+
+
+@pytest.mark.parametrize("backend", [*kernel_backends(), "reference"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_double_backward_matches_the_reference(backend, normalize):
+    """A gradient penalty differentiates the backward: the kernels' backward op has no autograd, so
+    it must not be used then (its second-order terms would silently vanish)."""
+    z0 = torch.randn(5, 2, 4) * 2
+    cb0 = torch.randn(2, 9, 4)
+
+    def penalty(be):
+        z, cb = z0.clone().requires_grad_(), cb0.clone().requires_grad_()
+        codes, _ = hk.mgvq_lookup(z, cb, normalize=normalize, backend=be)
+        gz, gc = torch.autograd.grad(codes.pow(2).sum(), (z, cb), create_graph=True)  # 2 codes upstream
+        (gz.pow(2).sum() + gc.pow(2).sum()).backward()
+        return z.grad, cb.grad
+
+    got, want = penalty(backend), penalty("reference")
+    for a, b in zip(got, want):
+        assert a is not None and float(b.abs().sum()) > 0  # not vacuous
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif(not _ext.available(), reason="no extension")
 def test_backward_op_checks_the_indices_shape():
     z = torch.randn(3, 2, 4)

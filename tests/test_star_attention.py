@@ -472,6 +472,10 @@ def bad_inputs():
     )
     yield "layout batch 2", (q, k, v, hk.StarLayout(llava_kinds(2, 3, 1, 2).expand(2, -1))), {}
     yield "and v", (q, k, v[..., :8], layout), {}
+    # A tensor scale's gradient would be dropped; True / "0.5" would mean something else.
+    yield "scale must be None or a real number, got Tensor", (q, k, v, layout), {"scale": torch.tensor(0.5)}
+    yield "scale must be None or a real number, got bool", (q, k, v, layout), {"scale": True}
+    yield "scale must be None or a real number, got str", (q, k, v, layout), {"scale": "0.5"}
 
 
 @pytest.mark.parametrize("case", list(bad_inputs()), ids=lambda c: c[0])
@@ -479,6 +483,35 @@ def test_bad_inputs(case):
     match, args, kwargs = case
     with pytest.raises(ValueError, match=match):
         hk.star_attention(*args, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_layout_edited_after_a_call_is_refused_on_the_next(backend):
+    """Backends cache plans per layout: an in-place edit after a call must not reach the kernel
+    through the old plan."""
+    layout = hk.StarLayout(llava_kinds(2, 3, 1, 2))
+    q, k, v = make_qkv(
+        1, 2, 2, 8, 8, 16, torch.float32, device=TRITON_DEVICE if backend == "triton" else "cpu"
+    )
+    layout = layout.to(q.device)
+    hk.star_attention(q, k, v, layout, backend=backend)
+    layout.kinds[0, :2] = P
+    with pytest.raises(ValueError, match="modified in place"):
+        hk.star_attention(q, k, v, layout, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_empty_batch_forward_and_backward(backend):
+    """B = 0 (a batch-1 layout serves it): empty outputs and gradients, no crash."""
+    if backend == "cuda" and not torch.cuda.is_available():
+        pytest.skip(NO_GPU)
+    device = TRITON_DEVICE if backend in ("triton", "cuda") else "cpu"
+    layout = hk.StarLayout(llava_kinds(2, 3, 1, 2)).to(device)
+    q, k, v = (x.requires_grad_() for x in make_qkv(0, 4, 2, 8, 8, 64, torch.float32, device=device))
+    out = hk.star_attention(q, k, v, layout, backend=backend)
+    assert out.shape == (0, 4, 8, 64)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
 
 
 def test_layout_on_other_device_is_rejected():

@@ -86,9 +86,9 @@ inline void pack_codebook(const float* cb, int G, int64_t K, int d, bool normali
       const float* c = cb + (g * K + k) * d;
       float* out = rowmajor + (g * K + k) * d;
       if (normalize) {
-        const float inv = inv_norm(c, d);
+        const UnitScale u = unit_scale(c, d);
         for (int j = 0; j < d; ++j) {
-          out[j] = c[j] * inv;
+          out[j] = unit_elem(c[j], u);
           blk[j * kW + l] = out[j];
         }
       } else {
@@ -209,8 +209,8 @@ inline int64_t lookup(const float* z, int64_t N, int G, int64_t K, int d, bool n
         const float* src = z + ((n0 + t) * G + g) * d;
         float* dst = zt.data() + t * d;
         if (normalize) {
-          const float inv = inv_norm(src, d);
-          for (int j = 0; j < d; ++j) dst[j] = src[j] * inv;
+          const UnitScale u = unit_scale(src, d);
+          for (int j = 0; j < d; ++j) dst[j] = unit_elem(src[j], u);
         } else {
           bool ok = true;  // finite and within the overflow-free range (NaN compares false)
           for (int j = 0; j < d; ++j) {

@@ -18,8 +18,8 @@ __global__ void mgvq_prepare_kernel(const float* __restrict__ cb, int64_t GK, in
   if (r >= GK) return;
   const float* c = cb + r * d;
   if (normalize) {
-    const float inv = inv_norm(c, d);
-    for (int j = 0; j < d; ++j) prep[r * d + j] = c[j] * inv;
+    const UnitScale u = unit_scale(c, d);
+    for (int j = 0; j < d; ++j) prep[r * d + j] = unit_elem(c[j], u);
   } else {
     const float s = pow2_scale(gmax[r / K]);
     float ss = 0.f;
@@ -58,22 +58,24 @@ __global__ void __launch_bounds__(kLookupThreads)
   // thread's shared slot. An L2 token that is not finite or out of range becomes NaN: no code wins.
   float zr[D > 0 ? D : 1];
   float* zs = smem + kTileK * R + threadIdx.x * d;
-  float inv = 1.f;
+  // Cosine: unit_elem with u; squared L2: z_j * u.s (u.s the group's scale, NaN for a bad token).
+  UnitScale u{1.f, 1.f, false};
   if (active) {
     if (Norm) {
-      inv = inv_norm(zp, d);
+      u = unit_scale(zp, d);
     } else {
-      inv = pow2_scale(gmax[g]);
+      u.s = pow2_scale(gmax[g]);
       const float limit = l2_token_limit(d);
       for (int j = 0; j < d; ++j)
-        if (!(fabsf(zp[j] * inv) <= limit)) inv = __int_as_float(0x7fc00000);
+        if (!(fabsf(zp[j] * u.s) <= limit)) u.s = __int_as_float(0x7fc00000);
     }
   }
+  auto prep_z = [&](int j) { return !active ? 0.f : Norm ? unit_elem(zp[j], u) : zp[j] * u.s; };
   if (D > 0) {
 #pragma unroll
-    for (int j = 0; j < (D > 0 ? D : 1); ++j) zr[j] = active ? zp[j] * inv : 0.f;
+    for (int j = 0; j < (D > 0 ? D : 1); ++j) zr[j] = prep_z(j);
   } else {
-    for (int j = 0; j < d; ++j) zs[j] = active ? zp[j] * inv : 0.f;
+    for (int j = 0; j < d; ++j) zs[j] = prep_z(j);
   }
   const float* zt = D > 0 ? zr : zs;
   float best = -__int_as_float(0x7f800000);

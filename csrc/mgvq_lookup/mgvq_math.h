@@ -87,6 +87,25 @@ HTC_HD float inv_norm(const float* v, int d, bool* clamped = nullptr) {
   return c ? 1.0f / kNormEps : s * (1.0f / n_s);
 }
 
+// v / max(|v|, eps) for one vector, element by element, as the reference (htc_kernels/mgvq_lookup.py
+// _unit) and F.normalize compute it: (v_j s) / (s |v|), one rounding per element (v_j s is exact), so
+// a vector along an axis comes out exactly +-1 (d = 1: every code is +-1 and the lowest-index tie rule
+// decides) and every backend prepares the same bits. v_j * inv_norm(v) would round twice.
+struct UnitScale {
+  float s, n_s;  // n_s = s |v|
+  bool clamped;  // |v| <= eps: v / eps
+};
+HTC_HD UnitScale unit_scale(const float* v, int d) {
+  UnitScale u;
+  u.s = pow2_scale(max_abs(v, d));
+  float ss = 0.f;
+  for (int j = 0; j < d; ++j) ss = fmaf(v[j] * u.s, v[j] * u.s, ss);
+  u.n_s = sqrtf(ss);
+  u.clamped = !(u.n_s > kNormEps * u.s);
+  return u;
+}
+HTC_HD float unit_elem(float v_j, const UnitScale& u) { return u.clamped ? v_j / kNormEps : (v_j * u.s) / u.n_s; }
+
 // Squared L2: tokens scaled by their group's s (pow2_scale of the group's largest finite |c_j|) must
 // stay within this bound, so that |<z, 2c>| + |c|^2 <= 4 d limit + 4 d < FLT_MAX (scaled codes < 2).
 HTC_HD float l2_token_limit(int d) { return FLT_MAX / (8.0f * (static_cast<float>(d) + 1.0f)); }
@@ -112,7 +131,14 @@ HTC_HD float score_l2(const float* z, const float* c2, float neg_c_sq, int d) {
 }
 
 // Backward of y = v * inv_norm(v) for one vector: dv = inv * (dy - y * <y, dy>) (clamped: inv*dy).
+// A vector holding NaN/Inf (a codebook row, never selected: dy = 0) gets dv = 0, not 0 * Inf.
 HTC_HD void normalize_backward(const float* v, const float* dy, int d, float* dv) {
+  bool finite = true;
+  for (int j = 0; j < d; ++j) finite &= fabsf(v[j]) <= FLT_MAX;
+  if (!finite) {
+    for (int j = 0; j < d; ++j) dv[j] = 0.f;
+    return;
+  }
   bool clamped = false;
   const float inv = inv_norm(v, d, &clamped);
   float ydy = 0.f;

@@ -73,6 +73,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> star_attention_backward_cpu(
   auto dq = new_output(q.sizes(), q.options());
   auto dk = new_output(k.sizes(), k.options());
   auto dv = new_output(v.sizes(), v.options());
+  // No query (B, Hq or Sq is 0): no gradient reaches the keys; the kernel's work split assumes a task.
+  if (dq.numel() == 0) return {dq, dk.zero_(), dv.zero_()};
   cpu_kernels().star_backward[softcap > 0](dout, q, k, v, out, lse_c, grad_lse_c, kinds_c, groups_c, plan_c,
                                            block_q, block_k, topology, scale, softcap, dq, dk, dv);
   return {dq, dk, dv};

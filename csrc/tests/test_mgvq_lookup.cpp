@@ -28,10 +28,10 @@ static void brute(const std::vector<float>& z, const std::vector<float>& cb, int
   for (int64_t n = 0; n < N; ++n)
     for (int g = 0; g < G; ++g) {
       const float* zp = &z[(n * G + g) * d];
-      const float inv = normalize ? inv_norm(zp, d) : scale[g];
+      const UnitScale u = unit_scale(zp, d);
       bool ok = true;
       for (int j = 0; j < d; ++j) {
-        zt[j] = zp[j] * inv;
+        zt[j] = normalize ? unit_elem(zp[j], u) : zp[j] * scale[g];
         ok &= normalize || std::fabs(zt[j]) <= l2_token_limit(d);
       }
       float bv = -INFINITY;
@@ -40,8 +40,8 @@ static void brute(const std::vector<float>& z, const std::vector<float>& cb, int
         const float* cp = &cb[(g * K + k) * d];
         float s;
         if (normalize) {
-          const float ci = inv_norm(cp, d);
-          for (int j = 0; j < d; ++j) c[j] = cp[j] * ci;
+          const UnitScale uc = unit_scale(cp, d);
+          for (int j = 0; j < d; ++j) c[j] = unit_elem(cp[j], uc);
           s = score_cos(zt.data(), c.data(), d);
         } else {
           float cs = 0.f;

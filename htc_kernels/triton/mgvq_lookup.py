@@ -66,8 +66,9 @@ def _mgvq_lookup_kernel(
         zs = z * s[:, None]
         n_s = tl.sqrt(tl.sum(zs * zs, axis=1))
         clamped = ~(n_s > 1e-12 * s)
-        inv = tl.where(clamped, 1e12, s / tl.where(clamped, 1.0, n_s))
-        z = z * inv[:, None]
+        # (z_j s) / (s |z|): one rounding per element, as the reference's _unit (z_j * (s / n_s)
+        # would round twice)
+        z = tl.where(clamped[:, None], z / 1e-12, zs / tl.where(clamped, 1.0, n_s)[:, None])
         token_ok = n_mask
     else:
         z = z * tl.load(gscale_ptr + g)
