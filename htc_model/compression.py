@@ -71,8 +71,10 @@ class CompressedImages:
         idx = torch.as_tensor(indices, dtype=torch.long, device=self.voco_keys[0].device).flatten()
         if idx.numel() == 0 or int(idx.min()) < -len(self) or int(idx.max()) >= len(self):
             raise ValueError(
-                f"CompressedImages.select: indices must lie in [0, {len(self)}), got {idx.tolist()}"
+                f"CompressedImages.select: indices must lie in [-{len(self)}, {len(self)}), "
+                f"got {idx.tolist()}"
             )
+        idx = idx % len(self)  # negative indices count from the end, as in prompt()
         return CompressedImages(
             self.prefix_keys,
             self.prefix_values,

@@ -139,6 +139,15 @@ class HTCConfig(PreTrainedConfig):
             bad(f"discrete_projector_hidden_size must be >= 1, got {self.discrete_projector_hidden_size}")
         if self.image_token_id == self.voco_token_id:
             bad(f"image_token_id and voco_token_id must differ, both are {self.image_token_id}")
+        layers = self.vision_config.num_hidden_layers  # hidden_states: the embeddings, then each layer
+        if (
+            not isinstance(self.vision_feature_layer, int)
+            or not -(layers + 1) <= self.vision_feature_layer <= layers
+        ):
+            bad(
+                f"vision_feature_layer must index the vision tower's {layers + 1} hidden states "
+                f"([{-(layers + 1)}, {layers}]), got {self.vision_feature_layer!r}"
+            )
         if self.vision_feature_select_strategy not in ("default", "full"):
             strategy = self.vision_feature_select_strategy
             bad(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")

@@ -129,6 +129,13 @@ class HTCForConditionalGeneration(PreTrainedModel):
             self.quantizer = None
             self.discrete_projector = None
         self.voco_embeddings = nn.Parameter(torch.empty(config.num_voco_tokens, hidden))
+        asked = getattr(config.text_config, "_attn_implementation_internal", None)
+        if asked is not None and asked not in hkhf.attention.STAR_IMPLEMENTATIONS:
+            raise ValueError(
+                f"HTC: attn_implementation {asked!r} was asked for the language model, which always attends "
+                "under the star mask ('htc_star'); choose the vision tower's only, e.g. "
+                "attn_implementation={'vision_config': 'sdpa'}"
+            )
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
         hkhf.enable_star_attention(self.language_model)
@@ -181,6 +188,9 @@ class HTCForConditionalGeneration(PreTrainedModel):
                 f"HTC: pixel_values must be [N, 3, {size}, {size}] (CLIP-normalised images), got "
                 f"{tuple(pixel_values.shape)}"
             )
+        if self.discrete_projector is None:  # the MGVQ branch checks the range itself (to_mgvq_pixels)
+            qcfg = self.config.quantizer_config
+            to_mgvq_pixels(pixel_values, source="clip", mean=qcfg.image_mean, std=qcfg.image_std)
 
     # The three stages below are separate so that latency_breakdown can time them (paper Table 11).
     def _vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -558,6 +568,8 @@ class HTCForConditionalGeneration(PreTrainedModel):
         """
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
             raise ValueError("HTC.compress: pixel_values must be [N, 3, H, W]")
+        if pixel_values.shape[0] == 0:
+            raise ValueError("HTC.compress: pixel_values holds no image (N = 0)")
         self._check_attention("compress")
         n = pixel_values.shape[0]
         device = self.voco_embeddings.device
@@ -651,6 +663,19 @@ class HTCForConditionalGeneration(PreTrainedModel):
             raise ValueError(f"HTC.generate: {bad} are computed by the model; do not pass them")
         self._check_attention("generate")
         lm = self.language_model
+        # The language model sees a longer prompt (visual and <voco> tokens, or the compressed
+        # positions): lengths counted from the caller's input_ids become counts of new tokens.
+        for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+            if kwargs.get(total) is not None:
+                if kwargs.get(new) is not None:
+                    raise ValueError(f"HTC.generate: pass {total} or {new}, not both")
+                count = int(kwargs.pop(total)) - input_ids.shape[-1]
+                if total == "max_length" and count < 1:
+                    raise ValueError(
+                        f"HTC.generate: max_length={count + input_ids.shape[-1]} leaves no new token after "
+                        f"the {input_ids.shape[-1]} of input_ids"
+                    )
+                kwargs[new] = max(count, 0)
         if compressed is None:
             x = self._expand(input_ids, attention_mask, pixel_values)
             # Ids for generate's bookkeeping only (embeddings come from inputs_embeds): text ids, and the
@@ -668,6 +693,16 @@ class HTCForConditionalGeneration(PreTrainedModel):
                 )
             compressed._check(self.config, lm.dtype, ids.shape[0])
             compressed = compressed.to(device=ids.device)
+            # The question continues the compressed prompt: its tokens must end the row (left padding).
+            ids, mask = _left_align(ids, mask, self._pad_id())
+            # generate repeats each sample for beams / returned sequences but not a given cache.
+            gen = kwargs.get("generation_config") or lm.generation_config
+            expand = max(
+                int(kwargs.get("num_beams", gen.num_beams) or 1),
+                int(kwargs.get("num_return_sequences", gen.num_return_sequences) or 1),
+            )
+            if expand > 1:
+                compressed = compressed.select(torch.arange(ids.shape[0]).repeat_interleave(expand))
             b, past = ids.shape[0], compressed.seq_length
             # The compressed positions as generate sees them: the prefix ids, then the pad id.
             head = ids.new_full((b, past), self._pad_id())
@@ -680,7 +715,9 @@ class HTCForConditionalGeneration(PreTrainedModel):
                 **kwargs,
             )
         sequences = out.sequences if isinstance(out, ModelOutput) else out
-        sequences = torch.cat([input_ids, sequences[:, prompt.shape[1] :]], 1)
+        per_sample = sequences.shape[0] // input_ids.shape[0]  # num_return_sequences
+        given = input_ids.repeat_interleave(per_sample, 0)
+        sequences = torch.cat([given, sequences[:, prompt.shape[1] :]], 1)
         if isinstance(out, ModelOutput):
             out.sequences = sequences
             return out
@@ -706,6 +743,20 @@ def _check_ids(input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.T
                 f"HTC: {name} must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}"
             )
     return input_ids.long(), attention_mask.long()
+
+
+def _left_align(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids``/``mask`` ``[B, S]`` with each row's tokens moved to its end (one contiguous run per
+    row, as :func:`_span` checks)."""
+    spans = [_span(row) for row in mask]
+    width = ids.shape[1]
+    if all(hi == width for _, hi in spans):
+        return ids, mask
+    out_ids, out_mask = torch.full_like(ids, pad_id), torch.zeros_like(mask)
+    for b, (lo, hi) in enumerate(spans):
+        out_ids[b, width - (hi - lo) :] = ids[b, lo:hi]
+        out_mask[b, width - (hi - lo) :] = 1
+    return out_ids, out_mask
 
 
 def _span(valid_row: torch.Tensor) -> tuple[int, int]:

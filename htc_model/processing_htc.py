@@ -52,8 +52,17 @@ class HTCProcessor(ProcessorMixin):
             raise ValueError(
                 f"HTCProcessor: the text contains {self.voco_token}; the model inserts the <voco> tokens"
             )
+        per_sample = [t.count(self.image_token) for t in texts]
+        nested = isinstance(images, (list, tuple)) and any(isinstance(i, (list, tuple)) for i in images)
+        if nested:  # a list per sample: each sample's list must match that sample's image tokens
+            given = [len(_flatten(i)) for i in images]
+            if given != per_sample:
+                raise ValueError(
+                    f"HTCProcessor: per sample the text has {per_sample} {self.image_token} token(s) but "
+                    f"{given} image(s) were given; give each sample the images of its own text"
+                )
         flat = _flatten(images)
-        n_tokens = sum(t.count(self.image_token) for t in texts)
+        n_tokens = sum(per_sample)
         if n_tokens != len(flat):
             raise ValueError(
                 f"HTCProcessor: the text has {n_tokens} {self.image_token} token(s) but {len(flat)} image(s) "

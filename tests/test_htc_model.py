@@ -139,6 +139,7 @@ def test_default_config_is_the_paper_model():
         (dict(num_discrete_tokens=-1), "num_discrete_tokens"),
         (dict(voco_token_id=IMG), "must differ"),
         (dict(quantizer_config={"mgvq": "f99"}), "MGVQ"),
+        (dict(vision_feature_layer=7), "vision_feature_layer must index"),
     ],
 )
 def test_bad_config_is_a_value_error(bad, match):
@@ -497,6 +498,42 @@ def test_compress_once_ask_many_equals_one_shot(tmp_path):
     assert torch.equal(out[:, questions.shape[1] :], same[:, ids.shape[1] :])
 
 
+def test_compressed_right_padded_questions_and_returned_sequences():
+    """Questions padded on the right continue the compressed prompt like left-padded ones; beams,
+    sampled sequences per sample and max_length counted from the caller's input_ids."""
+    model = _tiny_no_eos()
+    px = _pixels(model.config, 2)
+    compressed = model.compress(px, prefix_ids=PREFIX)
+    questions, qmask = QUESTIONS  # row 1 left-padded
+    right = torch.stack([questions[0], questions[1].roll(-1)]), torch.stack([qmask[0], qmask[1].roll(-1)])
+    left = model.generate(
+        questions, attention_mask=qmask, compressed=compressed, max_new_tokens=5, do_sample=False
+    )
+    out = model.generate(
+        *right[:1], attention_mask=right[1], compressed=compressed, max_new_tokens=5, do_sample=False
+    )
+    assert torch.equal(out[:, :3], right[0]) and torch.equal(out[:, 3:], left[:, 3:])
+    with pytest.raises(ValueError, match="padding inside"):
+        hole = torch.tensor([[1, 1, 1], [1, 0, 1]])
+        model.generate(questions, attention_mask=hole, compressed=compressed, max_new_tokens=2)
+    # beams and several sequences per sample: the compressed images repeated like generate's inputs
+    ids, mask = _one_shot_prompt(questions, qmask)
+    kw = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False)
+    one_shot = model.generate(ids, pixel_values=px, attention_mask=mask, **kw)
+    beams = model.generate(questions, attention_mask=qmask, compressed=compressed, **kw)
+    assert one_shot.shape == (4, ids.shape[1] + 4) and torch.equal(
+        one_shot[:, : ids.shape[1]], ids.repeat_interleave(2, 0)
+    )
+    assert torch.equal(beams[:, 3:], one_shot[:, ids.shape[1] :])
+    # max_length counts the caller's tokens, not the expanded prompt's
+    out = model.generate(
+        ids, pixel_values=px, attention_mask=mask, max_length=ids.shape[1] + 3, do_sample=False
+    )
+    assert out.shape[1] == ids.shape[1] + 3
+    with pytest.raises(ValueError, match="leaves no new token"):
+        model.generate(ids, pixel_values=px, attention_mask=mask, max_length=ids.shape[1])
+
+
 def _kv_bytes_per_token(text_config, itemsize):
     heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
     head_dim = (
@@ -539,6 +576,31 @@ def test_generate_bad_inputs():
         model.generate(questions, compressed=compressed, htc_kinds=questions)
     with pytest.raises(ValueError, match="1-D"):
         model.compress(px, prefix_ids=PREFIX[None])
+    with pytest.raises(ValueError, match="no image"):
+        model.compress(px[:0])
+    assert torch.equal(compressed.select([-1]).voco_keys[0], compressed.select([1]).voco_keys[0])
+
+
+def test_continuous_only_model_refuses_unnormalised_pixels():
+    model = _model(num_discrete_tokens=0)
+    ids, mask, _ = _batch()
+    px = _pixels(model.config, 4)
+    with torch.no_grad(), pytest.raises(ValueError, match="source='clip'"):
+        model(ids, pixel_values=px * 10, attention_mask=mask)
+    with pytest.raises(ValueError, match="source='clip'"):
+        model.compress(px[:1] * 10)
+
+
+def test_another_attention_implementation_at_construction_is_refused(tmp_path):
+    _model().save_pretrained(tmp_path)
+    for asked in ("eager", {"text_config": "sdpa"}):
+        with pytest.raises(ValueError, match="always attends under the star mask"):
+            HTCForConditionalGeneration.from_pretrained(tmp_path, attn_implementation=asked)
+    model = HTCForConditionalGeneration.from_pretrained(
+        tmp_path, attn_implementation={"vision_config": "eager"}
+    )
+    assert model.language_model.config._attn_implementation == "htc_star"
+    assert model.vision_tower.config._attn_implementation == "eager"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -640,6 +702,9 @@ def test_processor_adds_tokens_and_feeds_the_model(tmp_path):
         proc(text=["<image> <image>", "<image>"], images=images[:2])
     with pytest.raises(ValueError, match="inserts the <voco>"):
         proc(text=["<image> <voco>"], images=images[:1])
+    with pytest.raises(ValueError, match=r"per sample the text has \[2, 1\]"):  # same total, regrouped
+        proc(text=["<image> <image> what", "<image> ?"], images=[images[:1], images[1:]])
+    proc(text=["<image> <image> what", "<image> ?"], images=[images[:2], images[2:]])
     proc.save_pretrained(tmp_path)
     back = type(proc).from_pretrained(tmp_path)
     assert (back.image_token_id, back.voco_token_id) == (proc.image_token_id, proc.voco_token_id)
