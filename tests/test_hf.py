@@ -1111,3 +1111,26 @@ def test_attention_dropout_in_training_is_refused(attention_calls):
     with pytest.raises(NotImplementedError, match="attention dropout"):
         model(ids, attention_mask=mask, htc_kinds=kinds)
     assert attention_calls == []
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(num_beams=3, num_return_sequences=2, do_sample=False),
+        dict(do_sample=True, num_return_sequences=3),
+    ],
+    ids=["beams", "sampled"],
+)
+def test_beams_and_several_sequences_with_compaction(kw):
+    """generate repeats each sample (and htc_kinds) per beam / sequence and reorders the cache: the
+    compacted StarCache gives the tokens of recomputing the whole sequence each step."""
+    model = hk.hf.enable_star_attention(_qwen2())
+    ids, mask, kinds = _inputs(LAYOUTS["left_pad"])
+    outs = []
+    for extra in ({}, {"use_cache": False}):
+        torch.manual_seed(1)
+        outs.append(
+            model.generate(ids, attention_mask=mask, htc_kinds=kinds, max_new_tokens=6, **kw, **extra)
+        )
+    assert outs[0].shape[0] == 2 * kw["num_return_sequences"]
+    assert torch.equal(outs[0], outs[1])
