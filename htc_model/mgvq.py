@@ -40,6 +40,7 @@ import dataclasses
 import logging
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -667,8 +668,11 @@ def to_mgvq_pixels(
         mean, std: per-channel CLIP normalisation (``source="clip"`` only).
         dtype: output float dtype.
 
-    The values are checked against the declared source (1e-3 slack, then clamped to ``[-1, 1]``);
-    a mismatch raises ``ValueError`` naming the observed range and the source it looks like. Note
+    The values are checked against the declared source (1e-3 slack, then clamped to ``[-1, 1]``):
+    values outside the source's range raise ``ValueError`` naming the observed range and the source
+    they look like. Mix-ups that stay inside the range cannot all be told apart: ``[-1, 1]`` or
+    ``[0, 1]`` floats declared ``"clip"`` pass; ``[0, 1]`` floats declared ``"uint8"`` pass with a
+    warning. Note
     that resizing must happen before (MGVQ needs H, W divisible by its down-sampling factor; HTC
     uses the same 336x336 crop as CLIP).
     """
@@ -676,10 +680,12 @@ def to_mgvq_pixels(
         raise ValueError(f"to_mgvq_pixels: images must be a torch.Tensor, got {type(images).__name__}")
     if images.dim() == 3:
         images = images.unsqueeze(0)
-    if images.dim() != 4 or images.shape[1] != 3:
-        hint = " (channels last? use images.permute(0, 3, 1, 2))" if images.shape[-1] == 3 else ""
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
+        channels_last = images.dim() > 0 and images.shape[-1] == 3
+        hint = " (channels last? use images.permute(0, 3, 1, 2))" if channels_last else ""
         raise ValueError(
-            f"to_mgvq_pixels: expected RGB [B, 3, H, W] or [3, H, W], got shape {tuple(images.shape)}{hint}"
+            f"to_mgvq_pixels: expected RGB [B, 3, H, W] (B >= 1) or [3, H, W], got shape "
+            f"{tuple(images.shape)}{hint}"
         )
     if source is None:
         if images.dtype != torch.uint8:
@@ -712,6 +718,14 @@ def to_mgvq_pixels(
     if not torch.isfinite(unit).all():
         raise ValueError("to_mgvq_pixels: images contain NaN/Inf")
     lo, hi = (float(v) for v in torch.aminmax(unit))
+    if source == "uint8" and images.dtype != torch.uint8 and 0 < float(x.amax()) <= 1 + RANGE_TOL:
+        # Within range, so not an error, but 8-bit values that never exceed 1 are a black image:
+        # far more likely [0, 1] floats declared as "uint8".
+        warnings.warn(
+            "to_mgvq_pixels: source='uint8' but every value is <= 1 (the image maps to [0, 1/255]); "
+            "if these are [0, 1] floats use source='unit'",
+            stacklevel=2,
+        )
     if lo < -RANGE_TOL or hi > 1 + RANGE_TOL:
         raw_lo, raw_hi = (float(v) for v in torch.aminmax(x))
         raise ValueError(
@@ -1005,9 +1019,10 @@ class MGVQTokenizer(nn.Module):
             try:
                 fcfg = MGVQConfig.parse(file_config)
             except ValueError as exc:
-                if cfg is None:
-                    raise ValueError(f"MGVQTokenizer.from_pretrained: {path!r}: its config: {exc}") from exc
-                fcfg = None  # the caller named the config; an unreadable file config is not needed
+                # Even with config= given: the file's config may ask for what this module does not
+                # implement and that adds no weight (an activation, a shortcut), so the strict key
+                # check could not catch it.
+                raise ValueError(f"MGVQTokenizer.from_pretrained: {path!r}: its config: {exc}") from exc
             if cfg is not None and fcfg is not None and not cfg.same_encoder(fcfg):
                 raise ValueError(
                     f"MGVQTokenizer.from_pretrained: config {cfg.to_string()!r} differs from the file's "

@@ -275,6 +275,12 @@ def test_from_pretrained_safetensors_and_config_conflicts(tmp_path, tiny):
         MGVQTokenizer.from_pretrained(
             MGVQ_FIXTURE, config=config.replace("codebook_size=256", "codebook_size=512")
         )
+    # A file config asking for what this module does not implement (and that adds no weight) is
+    # refused even when config= names a readable one.
+    save_file(weights, tmp_path / "relu.safetensors", metadata={"config": config + " encoder.out_act=relu"})
+    for named in (None, config):
+        with pytest.raises(ValueError, match="its config: .*out_act"):
+            MGVQTokenizer.from_pretrained(tmp_path / "relu.safetensors", config=named)
     with pytest.raises(ValueError, match="is a directory"):
         MGVQTokenizer.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no such file"):
@@ -461,6 +467,12 @@ def test_to_mgvq_pixels_refuses_mismatches():
         to_mgvq_pixels((u * 255).to(torch.uint8).permute(0, 2, 3, 1))
     with pytest.raises(ValueError, match="source must be"):
         to_mgvq_pixels(u, source="imagenet")
+    with pytest.raises(ValueError, match=r"B >= 1"):
+        to_mgvq_pixels(torch.zeros(0, 3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="expected RGB"):
+        to_mgvq_pixels(torch.tensor(1.0), source="unit")
+    with pytest.warns(UserWarning, match="use source='unit'"):  # in range, but a black 8-bit image
+        to_mgvq_pixels(u, source="uint8")
 
 
 # --------------------------------------------------------------------------------------------------
