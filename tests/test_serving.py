@@ -38,7 +38,7 @@ from transformers import LlamaForCausalLM  # noqa: E402
 
 import htc_kernels.hf as hkhf  # noqa: E402
 from htc_model import HTCConfig, HTCForConditionalGeneration  # noqa: E402
-from htc_model.serving import kv_format  # noqa: E402
+from htc_model.serving import export, kv_format  # noqa: E402
 from htc_model.serving.export import rotate_keys, save_language_model  # noqa: E402
 from htc_model.serving.kv_format import LoadPlanner, head_range, read_info, request_inputs  # noqa: E402
 
@@ -204,9 +204,18 @@ def test_export_metadata_and_request_inputs(tmp_path):
     assert a.kv_hash != b.kv_hash  # the cache salt tells the two images apart
     c.export_for_vllm(tmp_path / "a2.safetensors", model, index=0)
     assert read_info(tmp_path / "a2.safetensors").kv_hash == a.kv_hash  # and is deterministic
+    assert a.weights_hash == export.weights_fingerprint(model.language_model) == b.weights_hash
+    other = _model()  # the same config, other weights: a fine-tune, another seed
+    with torch.no_grad():
+        other.language_model.get_submodule("model.layers.0.self_attn.k_proj").weight.mul_(1.5)
+    assert export.weights_fingerprint(other.language_model) != a.weights_hash
+    save_language_model(model, tmp_path / "lm")  # what vLLM serves carries the same fingerprint
+    saved = json.loads((tmp_path / "lm" / "config.json").read_text())
+    assert saved[kv_format.WEIGHTS_KEY] == a.weights_hash
+    assert not hasattr(model.language_model.config, kv_format.WEIGHTS_KEY)
     r = request_inputs(tmp_path / "a.safetensors", [9, 10])
     assert r["prompt_token_ids"] == [a.placeholder_id] * a.num_tokens + [9, 10]
-    assert r["cache_salt"] == a.kv_hash
+    assert r["cache_salt"] == "htc-kv:" + a.kv_hash
     assert r["kv_transfer_params"] == {"htc_kv_path": str((tmp_path / "a.safetensors").resolve())}
     with pytest.raises(ValueError, match="at least one token"):
         request_inputs(tmp_path / "a.safetensors", [])
@@ -282,6 +291,7 @@ def test_load_planner(tmp_path):
         head_dim=32,
         dtype="float32",
         config_hash=info.config_hash,
+        weights_hash=info.weights_hash,
         block_size=4,
     )
     params, ids, salt = r["kv_transfer_params"], r["prompt_token_ids"], r["cache_salt"]
@@ -293,6 +303,10 @@ def test_load_planner(tmp_path):
     (load,) = planner.take()
     assert (load.start, load.end, load.slots) == (0, n, [12, 13, 14, 15, 36][:n])
     assert planner.take() == []
+    # the worker loads the file the scheduler checked, or nothing
+    kv_format.verify_load(read_info(path).to_metadata(), load)
+    with pytest.raises(ValueError, match="replaced after the request was placed"):
+        kv_format.verify_load({**read_info(path).to_metadata(), "kv_hash": "0" * 64}, load)
     # preempted (blocks freed), placed again with a 4-token prefix-cache hit: the rest is reloaded
     assert planner.match("a", params, ids, salt, False, 4) == n - 4
     planner.allocated("a", [3, 5], n - 4)
@@ -310,15 +324,37 @@ def test_load_planner(tmp_path):
         "cache_salt": (params, ids, None, False),
         "prompt_logprobs": (params, ids, salt, True),
         "does not exist": ({"htc_kv_path": str(tmp_path / "none")}, ids, salt, False),
+        # beam search drops kv_transfer_params but keeps the salt: refused, not computed as text
+        "carries no kv_transfer_params": (None, ids, salt, False),
+        "is not 'htc-kv:'": (params, ids, info.kv_hash, False),
     }
     for match, args in refusals.items():
         with pytest.raises(ValueError, match=match):
             planner.match("b", *args, 0)
+    with pytest.raises(ValueError, match="LoRA adapter"):
+        planner.match("b", params, ids, salt, False, 0, lora=True)
     other = LoadPlanner(
-        num_layers=3, num_kv_heads=2, head_dim=32, dtype="bfloat16", config_hash="x", block_size=4
+        num_layers=3,
+        num_kv_heads=2,
+        head_dim=32,
+        dtype="bfloat16",
+        config_hash="x",
+        weights_hash="y",
+        block_size=4,
     )
-    with pytest.raises(ValueError, match="num_layers 2.*dtype 'float32'.*config_hash"):
+    with pytest.raises(ValueError, match="num_layers 2.*dtype 'float32'.*config_hash.*weights_hash"):
         other.match("b", params, ids, salt, False, 0)
+    unknown = LoadPlanner(
+        num_layers=2,
+        num_kv_heads=2,
+        head_dim=32,
+        dtype="float32",
+        config_hash=info.config_hash,
+        weights_hash=None,
+        block_size=4,
+    )
+    with pytest.raises(ValueError, match="config.json has no 'htc_weights_fingerprint'"):
+        unknown.match("b", params, ids, salt, False, 0)
     planner.match("c", params, ids, salt, False, 0)
     with pytest.raises(RuntimeError, match="partial load"):
         planner.allocated("c", [1, 2], n - 1)
@@ -524,7 +560,7 @@ def served(tmp_path_factory):
 
 # Requests about img0 made unservable, each in one way (the connector's scheduler side says why).
 _REFUSALS = {
-    "refused_salt": lambda r, files: {**r, "cache_salt": read_info(files["img1"]).kv_hash},
+    "refused_salt": lambda r, files: {**r, "cache_salt": "htc-kv:" + read_info(files["img1"]).kv_hash},
     "refused_prompt": lambda r, files: {**r, "prompt_token_ids": [5] + r["prompt_token_ids"][1:]},
     "refused_file": lambda r, files: {**r, "kv_transfer_params": {"htc_kv_path": f"{files['img0']}.gone"}},
     "refused_load": lambda r, files: {**r, "kv_transfer_params": {"htc_kv_path": str(files["broken"])}},
@@ -652,7 +688,9 @@ def test_vllm_openai_server_equals_hf(tmp_path):
     question = [9, 10, 11]
     r = request_inputs(path, question)
     assert body["prompt"] == r["prompt_token_ids"], (body["prompt"], r["prompt_token_ids"])
-    assert body["cache_salt"] == "<kv_hash>" and set(body["kv_transfer_params"]) == {"htc_kv_path"}, body
+    assert body["cache_salt"] == "htc-kv:<kv_hash>" and set(body["kv_transfer_params"]) == {"htc_kv_path"}, (
+        body
+    )
     body = {**body, "cache_salt": r["cache_salt"], "kv_transfer_params": r["kv_transfer_params"]}
 
     port = _free_port()

@@ -20,9 +20,9 @@ import os
 import torch
 
 from ..compression import CompressedPrompt
-from .kv_format import KVFileInfo, config_fingerprint
+from .kv_format import WEIGHTS_KEY, KVFileInfo, config_fingerprint
 
-__all__ = ["EXACT_ROPE_TYPES", "export_for_vllm", "rotate_keys", "save_language_model"]
+__all__ = ["EXACT_ROPE_TYPES", "export_for_vllm", "rotate_keys", "save_language_model", "weights_fingerprint"]
 
 EXACT_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # Text models whose attention applies RoPE as transformers' LLaMA does (rotate_half over the whole head)
@@ -77,6 +77,31 @@ def rotate_keys(keys: torch.Tensor, shift: int, inv_freq: torch.Tensor) -> torch
     half = k.shape[-1] // 2
     rotated_half = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
     return (k * angle.cos() + rotated_half * angle.sin()).to(keys.dtype)
+
+
+_SAMPLE = 1 << 16  # elements hashed per tensor
+
+
+def weights_fingerprint(lm) -> str:
+    """sha256 (16 hex digits) of a language model's parameters and buffers: every name, shape and
+    dtype, and an evenly strided sample of up to 65,536 elements of each tensor (a checkpoint read
+    once, not 14 GB hashed per export). Tells a file's model from another with the same config (a
+    fine-tune, another seed); cached on ``lm`` until a tensor changes."""
+    tensors = sorted(lm.state_dict(keep_vars=True).items())
+    key = tuple((name, t.data_ptr(), t._version) for name, t in tensors)
+    cached = getattr(lm, "_htc_weights_fingerprint", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in tensors:
+            digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+            flat = t.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // _SAMPLE)].to("cpu").contiguous()
+            digest.update(sample.view(torch.uint8).numpy().tobytes())
+    value = digest.hexdigest()[:16]
+    lm._htc_weights_fingerprint = (key, value)
+    return value
 
 
 def export_for_vllm(prompt: CompressedPrompt, path: str | os.PathLike, model) -> KVFileInfo:
@@ -134,24 +159,36 @@ def export_for_vllm(prompt: CompressedPrompt, path: str | os.PathLike, model) ->
         rope_type=rope_type,
         model=str(getattr(model.config, "name_or_path", "") or ""),
         config_hash=config_fingerprint(text.to_dict()),
+        weights_hash=weights_fingerprint(lm),
         kv_hash=digest.hexdigest(),
         placeholder_id=getattr(text, "pad_token_id", None) or 0,
         hf_question_position=prompt.seq_length,
     )
     from safetensors.torch import save_file
 
-    save_file(tensors, os.fspath(path), metadata=info.to_metadata())
+    # Written beside, then moved into place: a reader sees the old file or the new one, never a mix.
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata=info.to_metadata())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return info
 
 
 def save_language_model(model, directory: str | os.PathLike) -> None:
     """Save ``model``'s language model as a plain transformers checkpoint that vLLM loads (its own
     architecture, e.g. ``LlamaForCausalLM``; the star attention is not needed there: once images are
-    compressed every query attends causally)."""
+    compressed every query attends causally). Its ``config.json`` carries the weights' fingerprint
+    (``htc_weights_fingerprint``), which the connector compares with each file's."""
     lm = model.language_model
     impl = lm.config._attn_implementation
     lm.config._attn_implementation = "sdpa"  # not "htc_star": vLLM's transformers does not know it
+    setattr(lm.config, WEIGHTS_KEY, weights_fingerprint(lm))
     try:
         lm.save_pretrained(os.fspath(directory))
     finally:
         lm.config._attn_implementation = impl
+        delattr(lm.config, WEIGHTS_KEY)

@@ -8,12 +8,16 @@ One file per request prompt (written by :func:`htc_model.serving.export.export_f
   ``n`` slots the prompt keeps (text and ``<voco>``; the images' visual tokens are gone), keys
   re-rotated by the dropped positions so that a question at vLLM's position ``n`` sees them at the
   distances it had after the one-shot prompt (:mod:`htc_model.serving.export`);
-* string metadata (:class:`KVFileInfo`): ``num_tokens`` (n), the model's shape and a fingerprint of
-  its text config, ``dtype``, ``rope_type``, ``kv_hash`` (a hash of every stored tensor: the cache
-  salt that keeps one image's KV from ever being reused for another's prompt), ``placeholder_id``.
+* string metadata (:class:`KVFileInfo`): ``num_tokens`` (n), the model's shape, a fingerprint of
+  its text config and one of its language model's weights (``weights_hash``: the served checkpoint's
+  ``config.json`` carries the same, written by :func:`htc_model.serving.export.save_language_model`),
+  ``dtype``, ``rope_type``, ``kv_hash`` (a hash of every stored tensor: the cache salt that keeps one
+  image's KV from ever being reused for another's prompt), ``placeholder_id``.
 
 The request vLLM serves is ``n`` placeholder ids followed by the question (at least one token), with
-``cache_salt = kv_hash`` and ``kv_transfer_params = {"htc_kv_path": path}`` (:func:`request_inputs`).
+``cache_salt = "htc-kv:" + kv_hash`` and ``kv_transfer_params = {"htc_kv_path": path}``
+(:func:`request_inputs`). The salt's prefix marks the request as one of ours even where vLLM drops
+the ``kv_transfer_params`` (beam search): the connector then refuses it.
 """
 
 from __future__ import annotations
@@ -29,15 +33,21 @@ __all__ = [
     "LoadPlanner",
     "PARAMS_KEY",
     "KVFileInfo",
+    "SALT_PREFIX",
+    "WEIGHTS_KEY",
     "config_fingerprint",
     "head_range",
     "read_info",
     "request_inputs",
     "slot_mapping",
+    "verify_load",
 ]
 
-FORMAT = "htc-vllm-kv/1"
+FORMAT = "htc-vllm-kv/2"
 PARAMS_KEY = "htc_kv_path"  # the key of kv_transfer_params that names a request's file
+SALT_PREFIX = "htc-kv:"  # cache_salt = SALT_PREFIX + kv_hash
+# The served checkpoint's config.json key holding its weights' fingerprint (save_language_model).
+WEIGHTS_KEY = "htc_weights_fingerprint"
 
 # The text-config fields that decide what a KV slot means; one function on both sides (HF's config
 # in our venv, vLLM's hf_config in its own), so a file is only ever loaded into the model it was made for.
@@ -66,7 +76,8 @@ class KVFileInfo:
     rope_type: str
     model: str  # name_or_path of the model that compressed the images (informative)
     config_hash: str  # config_fingerprint() of its text config
-    kv_hash: str  # sha256 of the tensors: the request's cache_salt
+    weights_hash: str  # export.weights_fingerprint() of its language model
+    kv_hash: str  # sha256 of the tensors: the request's cache_salt (after SALT_PREFIX)
     placeholder_id: int  # the token id of the n placeholder prompt tokens
     hf_question_position: int  # where the question started in the one-shot HF prompt (informative)
 
@@ -116,7 +127,7 @@ def config_fingerprint(config_dict: dict) -> str:
 def request_inputs(path: str | os.PathLike, question_ids: list[int]) -> dict:
     """What one vLLM request about the compressed prompt in ``path`` needs.
 
-    Returns ``{"prompt_token_ids": [placeholder] * n + question_ids, "cache_salt": kv_hash,
+    Returns ``{"prompt_token_ids": [placeholder] * n + question_ids, "cache_salt": SALT_PREFIX + kv_hash,
     "kv_transfer_params": {"htc_kv_path": abspath}}``: the first two make a ``TokensPrompt`` (or the
     ``prompt`` / ``cache_salt`` fields of a ``/v1/completions`` body), the third goes into
     ``SamplingParams(extra_args={"kv_transfer_params": ...})`` (or the body's ``kv_transfer_params``).
@@ -130,7 +141,7 @@ def request_inputs(path: str | os.PathLike, question_ids: list[int]) -> dict:
     info = read_info(path)
     return {
         "prompt_token_ids": [info.placeholder_id] * info.num_tokens + question_ids,
-        "cache_salt": info.kv_hash,
+        "cache_salt": SALT_PREFIX + info.kv_hash,
         "kv_transfer_params": {PARAMS_KEY: os.path.abspath(path)},
     }
 
@@ -165,13 +176,24 @@ def slot_mapping(block_ids: list[int], block_size: int, start: int, end: int) ->
 @dataclass(frozen=True)
 class KVLoad:
     """One load the worker side performs: tokens ``[start, end)`` of the file at ``path`` into the
-    paged-cache ``slots`` (``end - start`` of them)."""
+    paged-cache ``slots`` (``end - start`` of them). ``kv_hash``: the file the scheduler checked."""
 
     request_id: str
     path: str
     start: int
     end: int
     slots: list[int]
+    kv_hash: str
+
+
+def verify_load(metadata: dict[str, str], load: KVLoad) -> None:
+    """ValueError unless the file the worker opened (its ``metadata``) is the one the scheduler checked:
+    a file replaced in between would put another image's KV under this one's cache salt."""
+    if metadata.get("kv_hash") != load.kv_hash:
+        raise ValueError(
+            f"the file's kv_hash is {metadata.get('kv_hash')!r}, the scheduler checked {load.kv_hash!r}: "
+            "it was replaced after the request was placed"
+        )
 
 
 class LoadPlanner:
@@ -198,6 +220,7 @@ class LoadPlanner:
         head_dim: int,
         dtype: str,
         config_hash: str,
+        weights_hash: str | None,
         block_size: int,
     ):
         self._model = {
@@ -206,9 +229,10 @@ class LoadPlanner:
             "head_dim": head_dim,
             "dtype": dtype,
             "config_hash": config_hash,
+            "weights_hash": weights_hash,
         }
         self._block_size = block_size
-        self._matched: dict[str, tuple[str, int, int]] = {}  # request -> (path, start, end)
+        self._matched: dict[str, tuple[str, int, int, str]] = {}  # request -> (path, start, end, kv_hash)
         self._pending: list[KVLoad] = []
         self._refusing: dict[str, str] = {}  # request -> why, until vLLM allocated its claim
         self._refused: list[str] = []  # claimed, not yet handed to the workers
@@ -237,11 +261,19 @@ class LoadPlanner:
         cache_salt: str | None,
         skip_prefix_cache: bool,
         num_computed: int,
+        lora: bool = False,
     ) -> int:
         """Tokens of the request to load beyond its ``num_computed`` (the scheduler's block-aligned
         prefix-cache hit); 0 for a plain request. ValueError for a request that cannot be served
-        exactly (checked each time it is placed: cheap, the file's header only)."""
+        exactly (checked each time it is placed: cheap, the file's header only). ``lora``: the request
+        runs a LoRA adapter."""
         if not params or PARAMS_KEY not in params:
+            if cache_salt is not None and str(cache_salt).startswith(SALT_PREFIX):
+                raise ValueError(
+                    f"htc connector: request {request_id!r} refused: its cache_salt names a compressed file "
+                    f"but it carries no kv_transfer_params[{PARAMS_KEY!r}] (vLLM drops them in beam search): "
+                    "its placeholders would be computed as text"
+                )
             return 0
         path = str(params[PARAMS_KEY])
         try:
@@ -252,8 +284,15 @@ class LoadPlanner:
         problems = [
             f"{k} {getattr(info, k)!r}, the served model's is {v!r}"
             for k, v in self._model.items()
-            if getattr(info, k) != v
+            if getattr(info, k) != v and v is not None
         ]
+        if self._model["weights_hash"] is None:
+            problems.append(
+                f"the served checkpoint's config.json has no {WEIGHTS_KEY!r}: serve the directory that "
+                "htc_model.serving.save_language_model wrote for the model that compressed the images"
+            )
+        if lora:
+            problems.append("the request runs a LoRA adapter: other K/V weights than the file was made with")
         if len(prompt_token_ids) <= n:
             problems.append(
                 f"the prompt has {len(prompt_token_ids)} tokens: it must be the file's {n} placeholders "
@@ -261,10 +300,10 @@ class LoadPlanner:
             )
         elif any(t != info.placeholder_id for t in prompt_token_ids[:n]):
             problems.append(f"the prompt's first {n} tokens must be the placeholder id {info.placeholder_id}")
-        if cache_salt != info.kv_hash:
+        if cache_salt != SALT_PREFIX + info.kv_hash:
             problems.append(
-                f"cache_salt {cache_salt!r} is not the file's kv_hash {info.kv_hash!r} (without it vLLM's "
-                "prefix cache could give this prompt another image's KV)"
+                f"cache_salt {cache_salt!r} is not {SALT_PREFIX!r} + the file's kv_hash {info.kv_hash!r} "
+                "(without it vLLM's prefix cache could give this prompt another image's KV)"
             )
         if skip_prefix_cache:
             problems.append(
@@ -277,7 +316,7 @@ class LoadPlanner:
         if num_computed >= n:
             self._matched.pop(request_id, None)
             return 0
-        self._matched[request_id] = (path, num_computed, n)
+        self._matched[request_id] = (path, num_computed, n, info.kv_hash)
         return n - num_computed
 
     def allocated(self, request_id: str, block_ids: list[int], num_external: int) -> bool:
@@ -296,14 +335,14 @@ class LoadPlanner:
             # num_external == 0 after a match: the scheduler's own prefix cache holds those tokens
             # (a hit ending inside a block that covers the file); nothing to load.
             return False
-        path, start, end = matched
+        path, start, end, kv_hash = matched
         if start + num_external != end:
             raise RuntimeError(
                 f"htc connector: request {request_id!r}: the scheduler accepted {num_external} tokens "
                 f"to load, the file has [{start}, {end}) left; a partial load would leave placeholders"
             )
         slots = slot_mapping(block_ids, self._block_size, start, end)
-        self._pending.append(KVLoad(request_id, path, start, end, slots))
+        self._pending.append(KVLoad(request_id, path, start, end, slots, kv_hash))
         self.loads[request_id] = self.loads.get(request_id, 0) + 1
         return True
 

@@ -28,14 +28,17 @@ The repository root must be importable (``PYTHONPATH``) and the files readable b
 
 Policies: a preempted request reloads its file when it is placed again (never recomputes
 placeholders). A request that cannot be served exactly (a missing or unreadable file, model or dtype
-mismatch, prompt not of the file's form, wrong cache_salt) is refused alone: the connector claims its
-prompt as an asynchronous load that its workers report failed, so vLLM computes none of it and
-finishes it with ``finish_reason="error"`` (the reason is logged, ERROR, under ``vllm.htc_connector``);
-the engine and the other requests go on. A file that fails when the worker loads it (removed or
-changed since the scheduler read its header: a tensor missing, of another shape or dtype) fails its
-request the same way: the worker writes nothing of it and reports its blocks invalid. A request with
-``prompt_logprobs`` skips connectors altogether in vLLM, so there is no claim to fail: start vLLM with
-``--logits-processors htc_model.serving.vllm_connector:HTCRequestCheck`` to refuse it at admission
+mismatch, weights other than the file's (``save_language_model`` writes their fingerprint into the
+served ``config.json``), a LoRA adapter, prompt not of the file's form, wrong cache_salt, or an
+``htc-kv:`` cache_salt without ``kv_transfer_params``, as beam search sends) is refused alone: the
+connector claims its prompt as an asynchronous load that its workers report failed, so vLLM
+computes none of it and finishes it with ``finish_reason="error"`` (the reason is logged, ERROR,
+under ``vllm.htc_connector``); the engine and the other requests go on. A file that fails when the
+worker loads it (removed or replaced since the scheduler read its header: another kv_hash, a tensor
+missing, of another shape or dtype) fails its request the same way: the worker writes nothing of it
+and reports its blocks invalid. A request with ``prompt_logprobs`` skips connectors altogether in
+vLLM, so there is no claim to fail: start vLLM with ``--logits-processors
+htc_model.serving.vllm_connector:HTCRequestCheck`` to refuse it at admission
 (:class:`HTCRequestCheck`); without it such a request raises in the engine, which stops (rather than
 compute its placeholders as text).
 ``kv_load_failure_policy`` must stay ``"fail"`` (the default; ``"recompute"`` is refused at start-up:
@@ -62,7 +65,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.sample.logits_processor.interface import LogitsProcessor as _LogitsProcessorV1
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as _LogitsProcessorV2
 
-from .kv_format import PARAMS_KEY, KVLoad, LoadPlanner, config_fingerprint, head_range
+from .kv_format import (
+    PARAMS_KEY,
+    WEIGHTS_KEY,
+    KVLoad,
+    LoadPlanner,
+    config_fingerprint,
+    head_range,
+    verify_load,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -170,6 +181,7 @@ class HTCKVConnector(KVConnectorBase_V1):
             head_dim=model.get_head_size(),
             dtype=_torch_dtype_name(model.dtype),
             config_hash=config_fingerprint(model.hf_text_config.to_dict()),
+            weights_hash=model.hf_text_config.to_dict().get(WEIGHTS_KEY),
             block_size=vllm_config.cache_config.block_size,
         )
         self._kv_caches: dict[str, torch.Tensor] = {}
@@ -188,6 +200,7 @@ class HTCKVConnector(KVConnectorBase_V1):
                 request.cache_salt,
                 bool(request.skip_reading_prefix_cache),
                 num_computed_tokens,
+                lora=getattr(request, "lora_request", None) is not None,
             )
         except ValueError as e:
             if request.skip_reading_prefix_cache:
@@ -266,6 +279,7 @@ class HTCKVConnector(KVConnectorBase_V1):
         want = (load.end - load.start, hi - lo, self._planner.head_dim)
         layers = {}
         with safe_open(load.path, framework="pt") as f:
+            verify_load(f.metadata() or {}, load)  # the file the scheduler checked, in this same open
             for name in self._kv_caches:
                 found = _LAYER_INDEX.search(f".{name}")
                 if found is None:
