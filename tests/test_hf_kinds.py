@@ -55,6 +55,7 @@ IDEFICS3 = dict(
     image_break_token_id=ROW_COL,
     image_end_token_id=FAKE,
     image_last_tile_token_id=GLOBAL,
+    image_filler_token_id=NL,
 )
 QWEN2_VL = dict(image_token_id=IMG, image_start_token_id=START, image_end_token_id=STOP)
 
@@ -110,6 +111,24 @@ def test_llava_runs_are_images():
     assert kinds.tolist() == [T, V, V, C, T, V, C, T]
     assert groups.tolist() == [-1, 0, 0, 0, -1, 1, 1, -1]
     assert kinds.dtype == groups.dtype == torch.long
+
+
+def test_llava_images_back_to_back_split_by_image_seq_length():
+    """LLaVA-1.5 writes each image as image_seq_length placeholders and nothing else: two images
+    written back to back are one run, which the length splits (the config's preset gives it)."""
+    tokens = image_tokens(LlavaConfig(image_token_id=IMG, image_seq_length=2))
+    ids, _ = hk.hf.insert_voco_tokens(
+        torch.tensor([[5, IMG, IMG, IMG, IMG, 6]]), **tokens, voco_token_id=VOCO
+    )
+    assert ids[0].tolist() == [5, IMG, IMG, VOCO, IMG, IMG, VOCO, 6]
+    kinds, groups = _layout(ids[0].tolist(), **tokens, num_voco=1)
+    assert groups.tolist() == [-1, 0, 0, 0, 1, 1, 1, -1]
+    with pytest.raises(ValueError, match="voco_token_id must be one id"):
+        hk.hf.insert_voco_tokens(ids, image_token_id=IMG, voco_token_id=[VOCO, VOCO + 1])
+    with pytest.raises(ValueError, match="is one of the image token ids"):
+        hk.hf.insert_voco_tokens(ids, image_token_id=IMG, voco_token_id=torch.tensor(IMG))
+    with pytest.raises(ValueError, match="num_voco must be None or an int >= 1"):
+        _layout(ids[0].tolist(), **tokens, num_voco=1.9)
 
 
 def test_pixtral_rows_are_one_image():
@@ -170,8 +189,37 @@ def test_padding_is_skipped_and_batches_are_per_sample():
 BAD = {
     "break_outside_image": ([5, BRK, 6], PIXTRAL, "token 61 at position 1 of sample 0 is outside any image"),
     "end_outside_image": ([5, END, 6], PIXTRAL, "outside any image"),
-    "image_with_no_end": ([5, IMG, IMG, BRK, IMG, 6, 7], PIXTRAL, "opened at position 1 .* no end token"),
-    "tiles_with_no_global": ([5, *_idefics3_image(1, 2, 2)[:8], 6], IDEFICS3, "no end token"),
+    "image_with_no_end": (
+        [5, IMG, IMG, BRK, IMG, 6, 7],
+        PIXTRAL,
+        "inside the image opened at position 1 .*cut short",
+    ),
+    "image_with_no_end_at_the_end": (
+        [5, IMG, IMG, BRK, IMG],
+        PIXTRAL,
+        "opened at position 1 .* no end token",
+    ),
+    "tiles_with_no_global": ([5, *_idefics3_image(1, 2, 2)[:8], 6], IDEFICS3, "inside the image.*cut short"),
+    # text written inside an image (Qwen2-VL, Idefics3) is not made VISUAL
+    "text_inside_wrapper": (
+        [5, START, 6, 7, IMG, IMG, STOP, VOCO],
+        QWEN2_VL,
+        "token 6 at position 2 .* inside",
+    ),
+    "text_between_tiles": (
+        [5, FAKE, 6, 7, 8, FAKE, GLOBAL, IMG, IMG, FAKE, VOCO, 9],
+        IDEFICS3,
+        "token 6 at position 2 .* inside",
+    ),
+    # one id, one role (start = end is Idefics3's, and allowed)
+    "break_is_end": ([5, IMG, END, VOCO], {**PIXTRAL, "image_break_token_id": END}, "share the id"),
+    "filler_is_break": ([5, IMG, END, VOCO], {**PIXTRAL, "image_filler_token_id": BRK}, "share the id"),
+    # LLaVA-1.5: images of image_seq_length placeholders, back to back
+    "llava_run_not_a_multiple": (
+        [5, IMG, IMG, IMG, VOCO],
+        dict(image_token_id=IMG, image_seq_length=2),
+        "3 tokens, not a multiple of image_seq_length=2",
+    ),
     "two_last_tiles": (
         [FAKE, GLOBAL, IMG, GLOBAL, IMG, FAKE],
         IDEFICS3,
@@ -246,7 +294,7 @@ def _processor(name: str, **attrs):
 
 
 def test_image_tokens_from_configs():
-    assert image_tokens(LlavaConfig(image_token_id=IMG)) == {"image_token_id": IMG}
+    assert image_tokens(LlavaConfig(image_token_id=IMG)) == {"image_token_id": IMG, "image_seq_length": 576}
     qwen = Qwen2VLConfig(
         image_token_id=IMG, video_token_id=58, vision_start_token_id=START, vision_end_token_id=STOP
     )
@@ -278,6 +326,7 @@ def test_image_tokens_from_processors():
         "image_break_token_id": list(range(4, 40)),
         "image_end_token_id": 2,
         "image_last_tile_token_id": 3,
+        "image_filler_token_id": [0],  # this word-level stand-in writes "\n" as <unk>
     }
     pixtral = _processor(
         "PixtralProcessor",

@@ -23,6 +23,13 @@ one. So the functions here parse images with a small grammar given by token ids:
   ``<fake_token_around_image>``). When given, every image must end with one.
 * ``image_last_tile_token_id``: a marker before the last tile (``<global-img>``): the image ends at
   the first end token after that tile's placeholders (before it, end tokens separate tiles).
+* ``image_filler_token_id``: other tokens the processor writes inside an image (Idefics3's newlines
+  between tile rows). With end tokens given, any token inside an image that has no role here is an
+  error (text inside an image would otherwise become VISUAL).
+* ``image_seq_length``: placeholders per image when every image has the same count and no wrapper
+  (LLaVA-1.5: 576): a run of ``k * image_seq_length`` placeholders is ``k`` images (two images written
+  back to back); any other run length is an error. Without it (and without end tokens) a run is one
+  image, whatever its length (LLaVA-NeXT: write text between images, or pass the groups yourself).
 
 An image spans from its opening token to its end token (or, without end tokens, to the end of its
 placeholders and break tokens), and **every token in the span is VISUAL**, wrappers, breaks, tile
@@ -69,12 +76,32 @@ class _ImageGrammar:
         start, brk, end, last = (set(_as_id_list(roles.get(r), r, fn)) for r in _ROLES)
         self.start, self.end, self.last_tile = start, end, last
         self.inside_only = brk | last  # may occur only inside an image
+        self.filler = set(_as_id_list(roles.get("image_filler_token_id"), "image_filler_token_id", fn))
+        length = roles.get("image_seq_length")
+        if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
+            raise ValueError(f"{fn}: image_seq_length must be an int >= 1, got {length!r}")
+        if length is not None and (start or brk or end or last):
+            raise ValueError(f"{fn}: image_seq_length is for images that are one run of placeholders only")
+        self.seq_length = length
         if last and not end:
             raise ValueError(f"{fn}: image_last_tile_token_id needs image_end_token_id (what ends the image)")
-        for name, ids in zip(_ROLES, (start, brk, end, last)):
+        named = dict(zip(_ROLES, (start, brk, end, last)))
+        named["image_filler_token_id"] = self.filler
+        for name, ids in named.items():
             if ids & self.image:
                 raise ValueError(f"{fn}: {name} overlaps image_token_id {sorted(ids & self.image)}")
-        self.all_ids = self.image | start | brk | end | last
+        # One id, one role; the only exception: a token that both opens and closes (Idefics3's
+        # <fake_token_around_image>, which also separates tiles).
+        names = list(named)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                both = named[a] & named[b]
+                if both and {a, b} != {"image_start_token_id", "image_end_token_id"}:
+                    raise ValueError(
+                        f"{fn}: {a} and {b} share the id(s) {sorted(both)}; each id has one role"
+                    )
+        self.all_ids = self.image | start | brk | end | last | self.filler
+        self.voco: set[int] = set()  # <voco> ids: inside an image they get their own error (the caller's)
 
     def spans(self, toks: list[int], pos: list[int], b: int) -> list[tuple[int, int]]:
         """Images of one sample as ``(first, last)`` indices into ``toks`` (inclusive), in order.
@@ -102,6 +129,12 @@ class _ImageGrammar:
                         "arguments against the processor's expansion"
                     )
                 continue
+            if self.end and t not in self.all_ids and t not in self.voco:
+                raise ValueError(
+                    f"{self.fn}: token {t} at {where(i)} is inside the image opened at {where(open_at)} "
+                    "but is none of its tokens (text inside an image, or an image cut short?); if the "
+                    "processor writes it inside images, pass it as image_filler_token_id"
+                )
             if t in self.image:
                 seen_content = True
                 content_after_last = content_after_last or seen_last
@@ -135,12 +168,23 @@ class _ImageGrammar:
         return spans
 
     def _close_without_end(self, spans, first, last, seen_content, where) -> None:
-        """Without end tokens an image ends with its last placeholder or break token."""
+        """Without end tokens an image ends with its last placeholder or break token; with
+        ``image_seq_length`` a run of several images' placeholders is split into them."""
         if not seen_content:
             raise ValueError(
                 f"{self.fn}: the image opened at {where(first)} has no image token ({sorted(self.image)})"
             )
-        spans.append((first, last))
+        n = self.seq_length
+        if n is None:
+            spans.append((first, last))
+            return
+        length = last + 1 - first
+        if length % n:
+            raise ValueError(
+                f"{self.fn}: the placeholder run at {where(first)} has {length} tokens, not a multiple of "
+                f"image_seq_length={n}: an image cut short, or images of other sizes"
+            )
+        spans.extend((i, i + n - 1) for i in range(first, last + 1, n))
 
 
 def _batch(input_ids, attention_mask, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,6 +233,8 @@ def kinds_from_input_ids(
     image_break_token_id: int | Sequence[int] | None = None,
     image_end_token_id: int | Sequence[int] | None = None,
     image_last_tile_token_id: int | Sequence[int] | None = None,
+    image_filler_token_id: int | Sequence[int] | None = None,
+    image_seq_length: int | None = None,
     return_groups: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``htc_kinds`` (and ``htc_groups``) for ``input_ids`` in which every image is already expanded.
@@ -201,11 +247,12 @@ def kinds_from_input_ids(
         num_voco: if given, every image must be followed by exactly this many ``<voco>`` tokens and
             every ``<voco>`` run have this length (a ``ValueError`` says where not).
         attention_mask: optional ``[B, S]``; zeros become PAD (and are skipped when parsing images).
-        image_start_token_id, image_break_token_id, image_end_token_id, image_last_tile_token_id:
-            the image wrapper tokens of the model family (see the module docstring;
-            :func:`image_tokens` gives them for a transformers config or processor). Without them
-            each maximal run of ``image_token_id`` is one image, which is right for LLaVA-style
-            models and wrong for tiled or row-split images.
+        image_start_token_id, image_break_token_id, image_end_token_id, image_last_tile_token_id,
+        image_filler_token_id, image_seq_length:
+            the image grammar of the model family (see the module docstring; :func:`image_tokens`
+            gives it for a transformers config or processor). Without them each maximal run of
+            ``image_token_id`` is one image, which is right for LLaVA-style models whose images are
+            separated by text and wrong for tiled or row-split images.
         return_groups: also return the groups (one group per image, numbered 0, 1, ... in each sample;
             ``<voco>`` tokens take the group of the image before them; -1 elsewhere).
 
@@ -219,6 +266,8 @@ def kinds_from_input_ids(
     and a ``ValueError`` asks for ``return_groups=True``.
     """
     fn = "kinds_from_input_ids"
+    if num_voco is not None and (not isinstance(num_voco, int) or isinstance(num_voco, bool) or num_voco < 1):
+        raise ValueError(f"{fn}: num_voco must be None or an int >= 1, got {num_voco!r}")
     ids, mask = _batch(input_ids, attention_mask, fn)
     grammar = _ImageGrammar(
         fn,
@@ -227,12 +276,15 @@ def kinds_from_input_ids(
         image_break_token_id=image_break_token_id,
         image_end_token_id=image_end_token_id,
         image_last_tile_token_id=image_last_tile_token_id,
+        image_filler_token_id=image_filler_token_id,
+        image_seq_length=image_seq_length,
     )
     voco_ids = set(_as_id_list(voco_token_id, "voco_token_id", fn))
     if voco_ids & grammar.all_ids:
         raise ValueError(
             f"{fn}: voco_token_id overlaps the image token ids {sorted(voco_ids & grammar.all_ids)}"
         )
+    grammar.voco = voco_ids
     kinds = torch.full(ids.shape, int(TokenKind.PAD), dtype=torch.long)
     groups = torch.full(ids.shape, -1, dtype=torch.long)
     for b, (toks, pos) in enumerate(_rows(ids, mask)):
@@ -322,6 +374,8 @@ def insert_voco_tokens(
     image_break_token_id: int | Sequence[int] | None = None,
     image_end_token_id: int | Sequence[int] | None = None,
     image_last_tile_token_id: int | Sequence[int] | None = None,
+    image_filler_token_id: int | Sequence[int] | None = None,
+    image_seq_length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Insert ``num_voco`` copies of ``voco_token_id`` after every image (after its end token).
 
@@ -343,7 +397,13 @@ def insert_voco_tokens(
         image_break_token_id=image_break_token_id,
         image_end_token_id=image_end_token_id,
         image_last_tile_token_id=image_last_tile_token_id,
+        image_filler_token_id=image_filler_token_id,
+        image_seq_length=image_seq_length,
     )
+    voco = _as_id_list(voco_token_id, "voco_token_id", fn)
+    if len(voco) != 1:
+        raise ValueError(f"{fn}: voco_token_id must be one id, got {voco}")
+    voco_token_id = voco[0]
     if voco_token_id in grammar.all_ids:
         raise ValueError(f"{fn}: voco_token_id {voco_token_id} is one of the image token ids")
     rows = []
@@ -403,6 +463,11 @@ def image_tokens(source) -> dict[str, int | list[int]]:
             f"image_tokens: a {model_type} config does not name the tokens around its images; pass the "
             f"processor ({_PROCESSOR_ONLY_CONFIGS[model_type]}) or the image_*_token_id arguments"
         )
+    if model_type == "llava":  # every image is image_seq_length placeholders (576 for LLaVA-1.5)
+        return {
+            "image_token_id": int(source.image_token_id),
+            "image_seq_length": int(source.image_seq_length),
+        }
     if model_type in _RUN_CONFIGS:
         return {"image_token_id": int(source.image_token_id)}
     if model_type in _WRAPPED_CONFIGS:
@@ -428,7 +493,12 @@ def _from_processor(processor, tokenizer) -> dict[str, int | list[int]]:
             raise ValueError(f"image_tokens: the {name} tokenizer has no token {token!r}")
         return int(i)
 
-    if name in ("LlavaProcessor", "LlavaNextProcessor"):
+    if name == "LlavaProcessor":
+        return {
+            "image_token_id": int(processor.image_token_id),
+            "image_seq_length": int(processor.image_seq_length),
+        }
+    if name == "LlavaNextProcessor":  # per-image counts vary (anyres): images must not touch
         return {"image_token_id": int(processor.image_token_id)}
     if name in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor"):
         return {
@@ -449,6 +519,11 @@ def _from_processor(processor, tokenizer) -> dict[str, int | list[int]]:
         # still part of it, they just cannot be checked for occurring outside one.
         markers = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
         known = [tokenizer.convert_tokens_to_ids(m) for m in markers]
+        # The processor also writes newlines between tile rows, and the pieces of unknown markers.
+        pieces = ["\n", "\n\n"] + [
+            m for m, i in zip(markers, known) if i is None or i == tokenizer.unk_token_id
+        ]
+        filler = {int(t) for text in pieces for t in tokenizer(text, add_special_tokens=False)["input_ids"]}
         return {
             "image_token_id": token_id(processor.image_token),
             "image_start_token_id": fake,
@@ -458,6 +533,8 @@ def _from_processor(processor, tokenizer) -> dict[str, int | list[int]]:
             or None,
             "image_end_token_id": fake,
             "image_last_tile_token_id": token_id(glob),
+            "image_filler_token_id": sorted(filler - {fake, token_id(glob), token_id(processor.image_token)})
+            or None,
         }
     raise ValueError(
         f"image_tokens: no preset for {name}; supported processors: LlavaProcessor, LlavaNextProcessor, "
