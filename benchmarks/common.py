@@ -53,7 +53,8 @@ def machine_rates(threads: int | None = None) -> dict:
     """Measured peak-ish rates of this machine, with ``threads`` torch threads (default: current).
 
     - ``sgemm_gflops``: fp32 ``torch.mm`` of 2048×2048 matrices, best of 5 (2·n³ FLOPs).
-    - ``bf16_gemm_gflops``: the same in bf16 (used for the floor of bf16 cases).
+    - ``bf16_gemm_gflops``: the same in bf16 (a 16-bit case's floor takes the faster of the two:
+      a kernel may convert to fp32 tiles, so torch's bf16 GEMM rate alone is not a floor).
     - ``copy_gbps``: ``copy_`` of a 256 MiB fp32 tensor, best of 5, counting bytes read + written
       (so a floor's byte count is "bytes read + bytes written" too).
 
@@ -77,9 +78,13 @@ def machine_rates(threads: int | None = None) -> dict:
 
 def floor_ms(flops: float, nbytes: float, dtype: torch.dtype = torch.float32, rates=None) -> float:
     """Roofline floor in ms: ``max(flops / gemm_rate, nbytes / copy_rate)`` with this machine's
-    measured rates (bf16/fp16 FLOPs at the bf16 GEMM rate, everything else at the sgemm rate)."""
+    measured rates. FLOPs at the sgemm rate; bf16/fp16 FLOPs at the faster of the bf16 GEMM and
+    sgemm rates (a 16-bit kernel may compute in fp32 tiles: where torch's bf16 GEMM is slower than
+    its sgemm, as on CPUs without AVX512-BF16/AMX, the bf16 rate alone would be no floor)."""
     rates = rates or machine_rates()
-    gemm = rates["bf16_gemm_gflops"] if dtype in (torch.bfloat16, torch.float16) else rates["sgemm_gflops"]
+    gemm = rates["sgemm_gflops"]
+    if dtype in (torch.bfloat16, torch.float16):
+        gemm = max(gemm, rates["bf16_gemm_gflops"])
     return max(flops / (gemm * 1e9), nbytes / (rates["copy_gbps"] * 1e9)) * 1e3
 
 
@@ -258,9 +263,23 @@ def wall_ms(fn: Callable[[], object]) -> Callable[[], float]:
     return round_ms
 
 
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖x − ref‖ / ‖ref‖ in float64 (inf if x has a NaN)."""
+def rel_err(x: torch.Tensor, ref: torch.Tensor, kinds: torch.Tensor | None = None) -> float:
+    """‖x − ref‖ / ‖ref‖ in float64 (inf if x has a NaN).
+
+    With ``kinds`` (``[B or 1, S]`` token kinds of x's dim 2, e.g. ``layout.kinds``): the largest such
+    error over the rows of each kind (TEXT, VISUAL, VOCO, PAD), so that a wrong row of a rare kind
+    (one ``<voco>`` row of 680) is not diluted by the others; a kind whose reference rows are all zero
+    (PAD) must be zero too.
+    """
     x64, r64 = x.detach().double(), ref.detach().double()
     if not torch.isfinite(x64).all():
         return math.inf
-    return float((x64 - r64).norm() / r64.norm().clamp_min(1e-300))
+    if kinds is None:
+        return float((x64 - r64).norm() / r64.norm().clamp_min(1e-300))
+    k = kinds.to(x64.device).long()[:, None, :, None]  # [B or 1, 1, S, 1] over [B, H, S, D]
+    worst = 0.0
+    for kind in k.unique().tolist():
+        rows = (k == kind).expand_as(x64)
+        diff, norm = float((x64 - r64)[rows].norm()), float(r64[rows].norm())
+        worst = max(worst, diff / norm if norm > 0 else (math.inf if diff > 0 else 0.0))
+    return worst

@@ -160,12 +160,13 @@ def reference64(case: str, with_grad: bool):
 @functools.cache
 def tolerances(case: str, dtype_name: str, with_grad: bool) -> tuple[float, ...]:
     """DESIGN §6: fp32 1e-4 relative; bf16: 2× the error of the same dense PyTorch math done in
-    bf16, plus a 1e-3 floor (per output: out, dq, dk, dv)."""
+    bf16, plus a 1e-3 floor (per output: out, dq, dk, dv; errors per kind of row, common.rel_err)."""
     n = 4 if with_grad else 1
     if dtype_name == "fp32":
         return (1e-4,) * n
     low = _ref_fwd_bwd(case, DTYPES[dtype_name], with_grad)
-    return tuple(2 * common.rel_err(x, r) + 1e-3 for x, r in zip(low, reference64(case, with_grad)))
+    kinds = layout_of(case).kinds
+    return tuple(2 * common.rel_err(x, r, kinds) + 1e-3 for x, r in zip(low, reference64(case, with_grad)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,9 +349,13 @@ def _matrix():
         for dtype_name in DTYPES:
             for mode in MODES:
                 for prov in PROVIDERS:
+                    marks = ()
                     if prov == "eager" and mode == "fwdbwd" and case != "llava" and not FULL:
-                        continue  # the slowest peer by far; HTC_BENCH_FULL=1 runs it
-                    yield pytest.param(case, dtype_name, mode, prov, id=f"{case}-{dtype_name}-{mode}-{prov}")
+                        # the slowest peer by far: a recorded skip (the report lists it), not a gap
+                        marks = pytest.mark.skip(reason="eager forward+backward: only with HTC_BENCH_FULL=1")
+                    yield pytest.param(
+                        case, dtype_name, mode, prov, id=f"{case}-{dtype_name}-{mode}-{prov}", marks=marks
+                    )
 
 
 def _timed_call(fn, q, k, v, dout, mode):
@@ -372,7 +377,7 @@ def _check(provider, case, dtype_name, mode, fn, q, k, v, dout):
     errs = {}
     for name, x, r, tol in zip(("out", "dq", "dk", "dv"), got, refs, tols):
         assert x.shape == r.shape and x.dtype == q.dtype, f"{provider}: {name} {x.shape} {x.dtype}"
-        errs[name] = common.rel_err(x, r)
+        errs[name] = common.rel_err(x, r, layout_of(case).kinds)  # per kind of row (query or key)
         assert errs[name] <= tol, (
             f"{provider} is wrong on {case} {dtype_name} {mode}: {name} relative error "
             f"{errs[name]:.3g} > {tol:.3g}"
