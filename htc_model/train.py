@@ -180,8 +180,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Traine
 def answer_accuracy(
     model, processor, data_path: str, image_folder: str | None = None, system: str = "", batch_size: int = 32
 ) -> float:
-    """The fraction of a LLaVA-format file's records whose greedy answer to the first question equals
-    the first reference answer, token for token (batched, left-padded prompts)."""
+    """The fraction of a LLaVA-format file's records whose greedy answer to the first question begins
+    with the first reference answer, token for token (a prefix match: what the model writes after the
+    reference's tokens, an end of sequence or more, is not checked; batched, left-padded prompts)."""
     dataset = LLaVADataset(data_path, processor, image_folder, system)
     tokenizer, pad = processor.tokenizer, processor.tokenizer.pad_token_id
     model.eval()
