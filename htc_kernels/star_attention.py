@@ -334,6 +334,16 @@ def _register_star_ops() -> None:
 
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, kinds, groups, plan, panel = ctx.saved_tensors
+        # create_graph=True runs this with grad enabled: the kernels' gradients are not themselves
+        # differentiable (PyTorch would only warn and give a zero second derivative).
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (grad_out, grad_lse, q, k, v)
+        ):
+            raise RuntimeError(
+                "star_attention: double backward (create_graph=True) is not supported by the cpu/cuda "
+                "kernels, whose gradients are first-order only; use backend='reference' for higher-order "
+                "gradients"
+            )
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         # The kernel forms delta_i = dO_i . O_i - grad_lse_i itself (FlashAttention-2, plus the gradient

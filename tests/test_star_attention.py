@@ -514,6 +514,22 @@ def test_empty_batch_forward_and_backward(backend):
     assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
 
 
+@needs_ext
+def test_double_backward_is_refused_not_zero():
+    """The kernels' gradients are first-order only: a second derivative through them would silently
+    be zero (PyTorch only warns), so create_graph=True is refused; the reference differentiates."""
+    layout = hk.StarLayout(llava_kinds(2, 3, 1, 2))
+    q, k, v = (x.requires_grad_() for x in make_qkv(1, 2, 2, 8, 8, 16, torch.float32))
+    out = hk.star_attention(q, k, v, layout, backend="reference")
+    (g,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    (g2,) = torch.autograd.grad(g.pow(2).sum(), k)
+    assert float(g2.abs().sum()) > 0  # the case has a second derivative
+    out = hk.star_attention(q, k, v, layout, backend="cpu")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    hk.star_attention(q, k, v, layout, backend="cpu").sum().backward()  # first order as before
+
+
 def test_layout_on_other_device_is_rejected():
     if not torch.cuda.is_available():
         pytest.skip("needs a second device")
