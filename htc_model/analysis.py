@@ -33,7 +33,7 @@ def _probe_attention(module, query, key, value, attention_mask, scaling=None, dr
         module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
     )
     if probe is not None:
-        probe(module, query, key, scaling)
+        probe(module, query, key, scaling, kwargs.get("softcap"))
     return out
 
 
@@ -69,7 +69,7 @@ class _VocoProbe:
         self.num_voco = num_voco
         self.layers: list[torch.Tensor] = []
 
-    def __call__(self, module, query, key, scaling) -> None:
+    def __call__(self, module, query, key, scaling, softcap=None) -> None:
         # query [B, Hq, S, D], key [B, Hkv, S, D] (prefill without a cache: S = the whole sequence)
         hq, hkv, d = query.shape[1], key.shape[1], query.shape[3]
         scale = d**-0.5 if scaling is None else scaling
@@ -78,8 +78,10 @@ class _VocoProbe:
             rows = self.rows_i[self.rows_b == b]
             q = query[b, :, rows].float().view(hkv, hq // hkv, rows.numel(), d)
             # GQA: query head h reads key head h // (Hq / Hkv), as transformers' repeat_kv does.
-            s = torch.einsum("kgrd,ksd->rkgs", q, key[b].float()).flatten(1, 2)  # [r, Hq, S]
-            scores.append(s * scale)
+            s = torch.einsum("kgrd,ksd->rkgs", q, key[b].float()).flatten(1, 2) * scale  # [r, Hq, S]
+            if softcap is not None:  # the model's soft-capping (Gemma2), as the attention applies it
+                s = softcap * torch.tanh(s / softcap)
+            scores.append(s)
         probs = torch.cat(scores).masked_fill(~self.allowed[:, None], float("-inf")).softmax(-1)
         visual = probs.gather(2, self.columns[:, None].expand(-1, hq, -1))  # [R, Hq, num_visual]
         n, v = self.num_images, self.num_voco

@@ -8,6 +8,7 @@ continues at ``prefix + visual + voco``, exactly where it would in the one-shot 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -17,7 +18,25 @@ import htc_kernels.hf as hkhf
 
 __all__ = ["CompressedImages", "CompressedPrompt"]
 
-_FORMAT = "htc-compressed-images/1"
+_FORMAT = "htc-compressed-images/2"
+
+
+def model_fingerprint(model) -> str:
+    """What decides the compressed KV besides the shapes: the HTC model's weights (a sampled hash,
+    cached) and the settings that change the computation without changing a shape."""
+    from .serving.kv_format import weights_fingerprint
+
+    cfg = model.config
+    settings = (
+        cfg.topology,
+        cfg.fusion,
+        cfg.num_discrete_tokens,
+        cfg.vision_feature_layer,
+        cfg.vision_feature_select_strategy,
+        cfg.continuous_projector,
+    )
+    text = f"{settings}|{weights_fingerprint(model)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -34,6 +53,8 @@ class CompressedImages:
         prefix_ids: ``[P]`` int64, the prefix tokens (kept for ``generate``'s bookkeeping).
         num_visual_tokens: visual positions each image occupied (580): the question's positions
             start at ``P + num_visual_tokens + n_voco``.
+        model: :func:`model_fingerprint` of the model that compressed them (``generate`` refuses
+            them on another model: the same shapes with other weights or settings).
     """
 
     prefix_keys: list[torch.Tensor]
@@ -42,6 +63,7 @@ class CompressedImages:
     voco_values: list[torch.Tensor]
     prefix_ids: torch.Tensor
     num_visual_tokens: int
+    model: str = ""
 
     def __len__(self) -> int:
         return self.voco_keys[0].shape[0]
@@ -68,7 +90,13 @@ class CompressedImages:
     def select(self, indices) -> CompressedImages:
         """The images at ``indices`` (a list or 1-D tensor; repeats allowed: two questions about one
         image in one batch)."""
-        idx = torch.as_tensor(indices, dtype=torch.long, device=self.voco_keys[0].device).flatten()
+        idx = torch.as_tensor(indices, device=self.voco_keys[0].device).flatten()
+        if idx.dtype == torch.bool or idx.dtype.is_floating_point or idx.dtype.is_complex:
+            raise ValueError(
+                f"CompressedImages.select: indices must be integers, got {idx.dtype} (a boolean mask: "
+                "pass mask.nonzero().flatten())"
+            )
+        idx = idx.long()
         if idx.numel() == 0 or int(idx.min()) < -len(self) or int(idx.max()) >= len(self):
             raise ValueError(
                 f"CompressedImages.select: indices must lie in [-{len(self)}, {len(self)}), "
@@ -82,6 +110,7 @@ class CompressedImages:
             [v.index_select(0, idx) for v in self.voco_values],
             self.prefix_ids,
             self.num_visual_tokens,
+            self.model,
         )
 
     def to(self, device=None, dtype=None) -> CompressedImages:
@@ -95,6 +124,7 @@ class CompressedImages:
             move(self.voco_values),
             self.prefix_ids.to(device=device),
             self.num_visual_tokens,
+            self.model,
         )
 
     # ---- files ----
@@ -110,6 +140,7 @@ class CompressedImages:
             "format": _FORMAT,
             "num_layers": str(self.num_layers),
             "num_visual_tokens": str(self.num_visual_tokens),
+            "model": self.model,
         }
         save_file(tensors, os.fspath(path), metadata=meta)
 
@@ -135,6 +166,7 @@ class CompressedImages:
                 **lists,
                 prefix_ids=f.get_tensor("prefix_ids"),
                 num_visual_tokens=int(meta["num_visual_tokens"]),
+                model=meta.get("model", ""),
             )
 
     def prompt(self, index: int = 0) -> CompressedPrompt:
@@ -167,8 +199,9 @@ class CompressedImages:
         return export_for_vllm(self.prompt(index), path, model)
 
     # ---- what generate() needs ----
-    def _check(self, config, lm_dtype, batch: int) -> None:
-        """ValueError unless these images fit a model of ``config`` and a batch of ``batch`` questions."""
+    def _check(self, config, lm_dtype, batch: int, model: str | None = None) -> None:
+        """ValueError unless these images fit a model of ``config`` (``model``: its
+        :func:`model_fingerprint`) and a batch of ``batch`` questions."""
         text = config.text_config
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -187,6 +220,11 @@ class CompressedImages:
         if self.num_visual_tokens != config.num_visual_tokens:
             problems.append(
                 f"{self.num_visual_tokens} visual tokens per image, the model's {config.num_visual_tokens}"
+            )
+        if model is not None and self.model != model:
+            problems.append(
+                f"compressed by another model (fingerprint {self.model!r}, this model's {model!r}: other "
+                "weights, topology, fusion or vision features); compress them with this model"
             )
         if k.dtype != lm_dtype:
             problems.append(f"dtype {k.dtype}, the model runs in {lm_dtype} (use .to(dtype=...))")

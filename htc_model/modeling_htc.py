@@ -23,7 +23,7 @@ from transformers.utils import ModelOutput
 import htc_kernels.hf as hkhf
 from htc_kernels.layout import TokenKind
 
-from .compression import CompressedImages, CompressedPrompt
+from .compression import CompressedImages, CompressedPrompt, model_fingerprint
 from .configuration_htc import HTCConfig
 from .mgvq import MGVQTokenizer, to_mgvq_pixels
 
@@ -602,6 +602,7 @@ class HTCForConditionalGeneration(PreTrainedModel):
             voco_values=[layer.values[:, :, voco].clone() for layer in cache.layers],
             prefix_ids=prefix_ids,
             num_visual_tokens=self.config.num_visual_tokens,
+            model=model_fingerprint(self),
         )
 
     @torch.no_grad()
@@ -691,7 +692,7 @@ class HTCForConditionalGeneration(PreTrainedModel):
                     "HTC.generate(compressed=...): input_ids are the text after the compressed image; they "
                     "cannot hold <image> or <voco> tokens"
                 )
-            compressed._check(self.config, lm.dtype, ids.shape[0])
+            compressed._check(self.config, lm.dtype, ids.shape[0], model_fingerprint(self))
             compressed = compressed.to(device=ids.device)
             # The question continues the compressed prompt: its tokens must end the row (left padding).
             ids, mask = _left_align(ids, mask, self._pad_id())

@@ -760,6 +760,57 @@ def test_voco_attention_equals_dense_eager_rows(overrides):
     assert model.language_model.config._attn_implementation == "htc_star"
 
 
+def test_voco_attention_applies_the_models_softcap():
+    """Gemma2 soft-caps its attention scores: the probe's probabilities are the capped ones (eager)."""
+    text = dict(
+        model_type="gemma2",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        attn_logit_softcapping=0.5,
+        final_logit_softcapping=None,
+        sliding_window=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = _model(text_config=text)
+    with torch.no_grad():  # scores large enough for a cap of 0.5 to matter
+        for layer in model.language_model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30)
+            layer.self_attn.k_proj.weight.mul_(30)
+    ids = torch.tensor([[1, 5, IMG, 7]])
+    px = _pixels(model.config, 1)
+    att = model.voco_attention(px, ids)
+    with torch.no_grad():
+        ref = _eager_voco_rows(model, model._expand(ids, None, px), "star")
+    torch.testing.assert_close(att, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_compressed_images_are_refused_by_another_model(tmp_path):
+    """Same shapes, other weights or settings: the compressed KV is not this model's."""
+    model = _model()
+    px = _pixels(model.config, 2)
+    compressed = model.compress(px, prefix_ids=PREFIX)
+    compressed.save(tmp_path / "c.safetensors")
+    loaded = type(compressed).load(tmp_path / "c.safetensors")
+    questions, qmask = QUESTIONS
+    model.generate(questions, attention_mask=qmask, compressed=loaded, max_new_tokens=1)  # its own: fine
+    retrained = _model()  # the same seed: the same weights, until one changes
+    with torch.no_grad():
+        retrained.voco_embeddings.add_(1e-3)
+    for other in (retrained, _model(topology="group")):
+        with pytest.raises(ValueError, match="compressed by another model"):
+            other.generate(questions, attention_mask=qmask, compressed=loaded, max_new_tokens=1)
+    with pytest.raises(ValueError, match="indices must be integers"):
+        compressed.select(torch.tensor([True, False]))
+
+
 def test_voco_attention_images_alone_and_bad_inputs():
     model = _model()
     px = _pixels(model.config, 3)

@@ -20,7 +20,7 @@ import os
 import torch
 
 from ..compression import CompressedPrompt
-from .kv_format import WEIGHTS_KEY, KVFileInfo, config_fingerprint
+from .kv_format import WEIGHTS_KEY, KVFileInfo, config_fingerprint, weights_fingerprint
 
 __all__ = ["EXACT_ROPE_TYPES", "export_for_vllm", "rotate_keys", "save_language_model", "weights_fingerprint"]
 
@@ -77,31 +77,6 @@ def rotate_keys(keys: torch.Tensor, shift: int, inv_freq: torch.Tensor) -> torch
     half = k.shape[-1] // 2
     rotated_half = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
     return (k * angle.cos() + rotated_half * angle.sin()).to(keys.dtype)
-
-
-_SAMPLE = 1 << 16  # elements hashed per tensor
-
-
-def weights_fingerprint(lm) -> str:
-    """sha256 (16 hex digits) of a language model's parameters and buffers: every name, shape and
-    dtype, and an evenly strided sample of up to 65,536 elements of each tensor (a checkpoint read
-    once, not 14 GB hashed per export). Tells a file's model from another with the same config (a
-    fine-tune, another seed); cached on ``lm`` until a tensor changes."""
-    tensors = sorted(lm.state_dict(keep_vars=True).items())
-    key = tuple((name, t.data_ptr(), t._version) for name, t in tensors)
-    cached = getattr(lm, "_htc_weights_fingerprint", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, t in tensors:
-            digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-            flat = t.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // _SAMPLE)].to("cpu").contiguous()
-            digest.update(sample.view(torch.uint8).numpy().tobytes())
-    value = digest.hexdigest()[:16]
-    lm._htc_weights_fingerprint = (key, value)
-    return value
 
 
 def export_for_vllm(prompt: CompressedPrompt, path: str | os.PathLike, model) -> KVFileInfo:

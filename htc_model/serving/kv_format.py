@@ -41,6 +41,7 @@ __all__ = [
     "request_inputs",
     "slot_mapping",
     "verify_load",
+    "weights_fingerprint",
 ]
 
 FORMAT = "htc-vllm-kv/2"
@@ -367,3 +368,30 @@ class LoadPlanner:
         self._refusing.pop(request_id, None)
         self._matched.pop(request_id, None)
         self.loads.pop(request_id, None)
+
+
+_SAMPLE = 1 << 16  # elements hashed per tensor
+
+
+def weights_fingerprint(lm) -> str:
+    """sha256 (16 hex digits) of a module's parameters and buffers (a language model's, or a whole
+    HTC model's): every name, shape and dtype, and an evenly strided sample of up to 65,536 elements
+    of each tensor (a checkpoint read once, not 14 GB hashed per export). Tells a file's model from
+    another with the same config (a fine-tune, another seed); cached on ``lm`` until a tensor changes."""
+    import torch
+
+    tensors = sorted(lm.state_dict(keep_vars=True).items())
+    key = tuple((name, t.data_ptr(), t._version) for name, t in tensors)
+    cached = getattr(lm, "_htc_weights_fingerprint", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in tensors:
+            digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+            flat = t.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // _SAMPLE)].to("cpu").contiguous()
+            digest.update(sample.view(torch.uint8).numpy().tobytes())
+    value = digest.hexdigest()[:16]
+    lm._htc_weights_fingerprint = (key, value)
+    return value
