@@ -37,23 +37,30 @@ def prompt_ids(tokenizer, human: str, system: str = "") -> list[int]:
     return bos + _pieces(tokenizer, f"{system} USER: {human} ASSISTANT:".lstrip())
 
 
-def conversation_ids(tokenizer, conversations: list[dict], system: str = "", record_id="?") -> tuple:
-    """``(input_ids, labels)``, lists of int: the conversation in the Vicuna-v1 template, labels
-    -100 except on the gpt values and their ``</s>``. Raises ValueError on a malformed conversation."""
-    if not conversations or len(conversations) % 2:
-        raise ValueError(
-            f"record {record_id!r}: conversations must be human/gpt pairs, got {len(conversations)}"
-        )
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token (needed to end each answer)")
-    ids: list[int] = []
-    labels: list[int] = []
+def _check_turns(conversations, record_id) -> None:
+    """ValueError unless ``conversations`` are human/gpt pairs, in that order, each with a string value."""
+    if not isinstance(conversations, list) or not conversations or len(conversations) % 2:
+        n = len(conversations) if isinstance(conversations, list) else type(conversations).__name__
+        raise ValueError(f"record {record_id!r}: conversations must be human/gpt pairs, got {n}")
     for turn, (human, gpt) in enumerate(zip(conversations[::2], conversations[1::2])):
         roles = (human.get("from"), gpt.get("from"))
         if roles != ("human", "gpt"):
             raise ValueError(
                 f"record {record_id!r}: turn {turn} has roles {roles}, expected ('human', 'gpt')"
             )
+        if not isinstance(human.get("value"), str) or not isinstance(gpt.get("value"), str):
+            raise ValueError(f"record {record_id!r}: turn {turn} has a value that is not a string")
+
+
+def conversation_ids(tokenizer, conversations: list[dict], system: str = "", record_id="?") -> tuple:
+    """``(input_ids, labels)``, lists of int: the conversation in the Vicuna-v1 template, labels
+    -100 except on the gpt values and their ``</s>``. Raises ValueError on a malformed conversation."""
+    _check_turns(conversations, record_id)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token (needed to end each answer)")
+    ids: list[int] = []
+    labels: list[int] = []
+    for turn, (human, gpt) in enumerate(zip(conversations[::2], conversations[1::2])):
         if turn == 0:
             prompt = prompt_ids(tokenizer, human["value"], system)
         else:
@@ -102,6 +109,13 @@ class LLaVADataset(torch.utils.data.Dataset):
                 f"record {rid!r}: {n_tokens} {token} token(s) in the conversation but "
                 f"{len(self._images(record))} image(s); write one {token} per image"
             )
+        voco = getattr(self.processor, "voco_token", None)
+        if voco and any(voco in str(turn.get("value", "")) for turn in conversations):
+            raise ValueError(f"record {rid!r}: the conversation contains {voco}; the model inserts them")
+        _check_turns(conversations, rid)  # as __getitem__ will read them, without tokenizing
+        for path in self._images(record):
+            if not os.path.isfile(os.path.join(self.image_folder, path)):
+                raise ValueError(f"record {rid!r}: image {path!r} not found under {self.image_folder!r}")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -133,6 +147,13 @@ class DataCollator:
     concatenates the images (row-major, as the model reads them)."""
 
     pad_token_id: int
+
+    def __post_init__(self):
+        if not isinstance(self.pad_token_id, int) or isinstance(self.pad_token_id, bool):
+            raise ValueError(
+                f"DataCollator: pad_token_id must be an int, got {self.pad_token_id!r} (a tokenizer without "
+                "a pad token: set tokenizer.pad_token first)"
+            )
 
     def __call__(self, items: list[dict]) -> dict:
         length = max(item["input_ids"].numel() for item in items)

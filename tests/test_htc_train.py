@@ -100,6 +100,19 @@ def test_dataset_and_collator(data, tmp_path):
     bad.write_text(json.dumps(records))
     with pytest.raises(ValueError, match="'000003': 1 <image> token"):
         LLaVADataset(str(bad), proc, image_folder=os.path.dirname(train))
+    # ... and so are swapped roles, a missing image and a <voco> in the text (not at the first batch)
+    for edit, match in (
+        (lambda r: r["conversations"].reverse(), "roles"),
+        (lambda r: r.update(image="missing.png"), "not found"),
+        (lambda r: r["conversations"][1].update(value="a <voco>"), "inserts them"),
+    ):
+        records = json.loads(open(train).read())
+        edit(records[2])
+        bad.write_text(json.dumps(records))
+        with pytest.raises(ValueError, match=match):
+            LLaVADataset(str(bad), proc, image_folder=os.path.dirname(train))
+    with pytest.raises(ValueError, match="set tokenizer.pad_token"):
+        DataCollator(None)
 
 
 # --------------------------------------------------------------------------------------------------
