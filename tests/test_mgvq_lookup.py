@@ -468,6 +468,9 @@ def test_backward_op_checks_the_indices_shape():
         torch.ops.htc.mgvq_lookup_backward(g, z, cb, idx.T.contiguous(), True)
     with pytest.raises(ValueError, match="indices must be int64"):
         torch.ops.htc.mgvq_lookup_backward(g, z, cb, idx.int(), True)
+    for bad in (g.to(torch.complex64), g.long(), g.double()):  # would be read as another dtype
+        with pytest.raises(ValueError, match="grad_codes has dtype"):
+            torch.ops.htc.mgvq_lookup_backward(bad, z, cb, idx, True)
 
 
 def test_unsupported_float_dtype_is_a_value_error():

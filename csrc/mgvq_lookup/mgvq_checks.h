@@ -35,6 +35,8 @@ inline void check_mgvq_backward_args(const char* op, const at::Tensor& grad_code
   check_mgvq_args(op, z, codebook);
   TORCH_CHECK_VALUE(grad_codes.sizes() == z.sizes(), op, ": grad_codes ", grad_codes.sizes(),
                     " must have z's shape ", z.sizes());
+  TORCH_CHECK_VALUE(grad_codes.scalar_type() == z.scalar_type(), op, ": grad_codes has dtype ",
+                    grad_codes.scalar_type(), ", z ", z.scalar_type(), " (the gradient of the codes is in their dtype)");
   const auto want = z.sizes().slice(0, z.dim() - 1);
   TORCH_CHECK_VALUE(indices.scalar_type() == at::kLong && indices.sizes() == want, op,
                     ": indices must be int64 of shape z.shape[:-1] = ", want, ", got ",
