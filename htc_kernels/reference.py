@@ -85,6 +85,25 @@ def check_softcap(softcap) -> float | None:
     return softcap
 
 
+def check_scale(scale, head_dim: int) -> float:
+    """``scale`` as a float (None: ``1 / sqrt(head_dim)``); ValueError for anything but None or a
+    finite real number within float32's range (a tensor's gradient would be dropped: the kernels take
+    a float; bool and str would silently mean something else)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    ok = isinstance(scale, numbers.Real) and not isinstance(scale, bool)
+    if ok:
+        scale = float(scale)
+        ok = math.isfinite(scale) and abs(scale) <= _F32_MAX
+    if not ok:
+        raise ValueError(
+            f"scale must be None or a finite real number (within float32's range), got {scale!r} "
+            f"({type(scale).__name__}); pass float(scale) (a learnable scale: star_attention_reference "
+            "differentiates through it)"
+        )
+    return scale
+
+
 _F32_TINY = torch.finfo(torch.float32).tiny
 _F32_MAX = torch.finfo(torch.float32).max
 

@@ -6,17 +6,12 @@ once per op (DESIGN.md §3–4).
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
 from htc_kernels import _ext
 from htc_kernels.backends import KERNEL_DTYPES, Backend, compiled_reasons, select, triton_reasons
 from htc_kernels.layout import StarLayout
-from htc_kernels.reference import check_softcap, star_attention_reference
-
-_F32_MAX = torch.finfo(torch.float32).max
+from htc_kernels.reference import check_scale, check_softcap, star_attention_reference
 
 _STAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -289,25 +284,9 @@ def star_attention(
     _check_star_inputs(q, k, v, layout)
     try:
         softcap = check_softcap(softcap)
+        scale = check_scale(scale, q.shape[-1])
     except ValueError as exc:
         raise ValueError(f"star_attention: {exc}") from None
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    elif (
-        isinstance(scale, numbers.Real)
-        and not isinstance(scale, bool)
-        and math.isfinite(float(scale))
-        and abs(float(scale)) <= _F32_MAX
-    ):
-        scale = float(scale)
-    else:
-        # A tensor's gradient would be dropped (the kernels take a float); bool and str would
-        # silently mean something else.
-        raise ValueError(
-            f"star_attention: scale must be None or a finite real number (within float32's range), got "
-            f"{scale!r} ({type(scale).__name__}); pass float(scale) (a learnable scale: "
-            "star_attention_reference differentiates through it)"
-        )
     order = _STAR_GPU_ORDER if q.device.type == "cuda" else _STAR_CPU_ORDER
     be = select("star_attention", order, backend, q, k, v, layout, softcap)
     return be(q, k, v, layout, scale, softcap)

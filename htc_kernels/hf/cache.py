@@ -260,6 +260,8 @@ class StarLayer(DynamicLayer):
             self.slots = self.slots[indices]
 
 
+# transformers' ``layer_types`` whose keys and values a StarLayer / StarStaticLayer holds.
+_ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 # Cache layer types (transformers' ``layer_types``) StarCache keeps as transformers builds them: they
 # hold no keys and values (a recurrent or convolution state, or nothing).
 _STATE_LAYER_TYPES = ("conv", "linear_attention", "dummy")
@@ -270,7 +272,7 @@ def _star_layers(config) -> list:
     layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
     layers = []
     for i, (kind, kw) in enumerate(zip(layer_types, layer_kwargs)):
-        if kind in ("full_attention", "sliding_attention"):
+        if kind in _ATTENTION_LAYER_TYPES:
             layers.append(StarLayer())
         elif kind in _STATE_LAYER_TYPES:
             layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw))
@@ -515,7 +517,7 @@ class StarStaticCache(Cache):
 
     def __init__(self, config, max_cache_len: int, kinds=None, groups=None, topology: str = "star"):
         layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-        other = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+        other = sorted({t for t in layer_types if t not in _ATTENTION_LAYER_TYPES})
         if other:
             raise NotImplementedError(
                 f"StarStaticCache: the decoder has {other} layers; a StarStaticCache holds attention "
