@@ -15,7 +15,8 @@ TORCH_LIBRARY(htc, m) {
   m.def("star_plan(Tensor kinds, Tensor groups, int q_len, int block_q, int block_k, int topology,"
         " Tensor? panel=None) -> Tensor");
   // q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] (last dim contiguous) -> out [B, Hq, Sq, D] (q's dtype),
-  // lse [B, Hq, Sq] float32 (log-sum-exp of the scaled scores; -inf on PAD rows). `plan` must be
+  // lse [B, Hq, Sq] float32 (log-sum-exp of the scaled scores; -inf on PAD rows, whose
+  // output is 0, and on live rows whose every allowed score is -inf, whose output is NaN). `plan` must be
   // star_plan's for these kinds/groups/block sizes/topology (shapes are checked, tile kinds are trusted;
   // a value outside TileKind is evaluated element-wise). Masked keys/values and PAD rows are never read
   // into a result (DESIGN.md §2). softcap c > 0: each score s = scale * q.k becomes c * tanh(s / c)

@@ -947,36 +947,69 @@ def test_masked_means_never_read(backend, dtype):
         ).all()
 
 
-@needs_triton
-def test_triton_attended_non_finite_values_propagate():
-    """The other half of the contract: a NaN/Inf a query does attend reaches its output with IEEE
-    semantics (the kernels zero non-finite values only for the pairs that are masked)."""
-    layout = hk.StarLayout(llava_kinds(prefix=5, visual=50, voco=1, suffix=9)).to(TRITON_DEVICE)
+def _non_finite_case(case, d):
+    """(layout, q, k, v) float32 with NaN/Inf in keys or values that some queries attend (PAD rows on
+    both sides). "values": NaN, +inf and -inf values (outputs NaN, +inf, -inf). "keys": q[..., 0] > 0
+    and keys whose first element is -inf: every allowed score of the prefix rows and of one visual row
+    is -inf (softmax 0/0), the other rows see such keys next to finite ones (p = 0); plus a NaN key."""
+    kinds = llava_kinds(prefix=5, visual=50, voco=1, suffix=9)
+    kinds = torch.cat([torch.tensor([P, P]), kinds, torch.tensor([P])])
+    layout = hk.StarLayout(kinds)
     s = layout.seq_len
-    q, k, v = make_qkv(1, 1, 1, s, s, 16, torch.float32, device=TRITON_DEVICE)
-    v = v.clone()
-    v[0, 0, 5 + 50 + 1 + 2, 3] = float("nan")  # a suffix text key: only the rows after it see it
-    v[0, 0, 5 + 20, 5] = float("inf")  # a visual key: its own row and the <voco> row see it
-    v[0, 0, 2, 5] = float("-inf")  # a prefix key seen by every later row: -inf, or NaN where +inf meets it
-    v[0, 0, 5 + 30, 7] = float("-inf")  # another visual key, alone: -inf in its row and the <voco> row
-    out = hk.star_attention(q, k, v, layout, backend="triton")[0, 0].double()
-    allowed = hk.star_mask(layout)[0]
-    scores = (q[0, 0].double() @ k[0, 0].double().T / 4).masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(scores, -1)
-    want = torch.where(allowed[..., None], p[..., None] * v[0, 0].double()[None], 0).sum(1)  # [S, D]
-    for pattern in (torch.isnan, torch.isposinf, torch.isneginf):
-        assert torch.equal(pattern(out), pattern(want)), pattern.__name__
-    assert torch.isnan(want).sum() > 2 and torch.isinf(want).sum() > 2  # the case covers all three
-    finite = torch.isfinite(want)
-    assert rel(out[finite], want[finite]) < 1e-5
-    # dq of the rows that see a NaN key is NaN; of the others, finite
-    qg, kg = q.clone().requires_grad_(), k.clone()
-    kg[0, 0, 5 + 50 + 1 + 2, 0] = float("nan")
-    kg.requires_grad_()
-    hk.star_attention(qg, kg, v.nan_to_num(0, 0, 0), layout, backend="triton").sum().backward()
-    sees = allowed[:, 5 + 50 + 1 + 2]
-    assert torch.isnan(qg.grad[0, 0, sees]).all()
-    assert torch.isfinite(qg.grad[0, 0, ~sees]).all()
+    q, k, v = make_qkv(1, 2, 1, s, s, d, torch.float32)
+    text, vis, suffix = 2, 2 + 5, 2 + 5 + 50 + 1  # first prefix, visual and suffix positions
+    if case == "values":
+        v[0, 0, suffix + 2, 3] = float("nan")  # a suffix text key: only the rows after it see it
+        v[0, 0, vis + 20, 5] = float("inf")  # a visual key: its own row and the <voco> row see it
+        v[0, 0, text + 2, 6] = float("-inf")  # a prefix key, seen by every later row
+        v[0, 0, suffix + 5, 5] = float("-inf")  # -inf in the suffix rows after it (none sees the +inf)
+        v[0, 0, vis + 30, 7] = float("-inf")  # another visual key, alone: -inf in its row and the <voco> row
+    else:
+        q[..., 0] = q[..., 0].abs() + 0.5
+        k[0, 0, text : text + 5, 0] = float("-inf")  # the whole prefix
+        k[0, 0, vis + 20, 0] = float("-inf")  # row vis + 20 (star: prefix + itself) sees only -inf
+        k[0, 0, suffix + 4, 1] = float("nan")
+    return layout, q, k, v
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter: inf * 0
+@pytest.mark.parametrize("case", ["values", "keys"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attended_non_finite_inputs_propagate(backend, dtype, case):
+    """The other half of the contract: a NaN/Inf a query does attend reaches its output and every
+    gradient with IEEE semantics, as in the reference's float64 autograd: the same NaN, +inf and -inf
+    elements, the finite ones close. A live row whose every allowed score is -inf outputs NaN (0/0),
+    never the zeros of a PAD row, and its gradients are NaN; PAD rows stay exactly zero."""
+    d = 64 if backend == "cuda" else 16
+    layout, q, k, v = _non_finite_case(case, d)
+    dev = device_of(backend)
+    g = torch.randn_like(q)
+    x = [t.to(dev, dtype).requires_grad_() for t in (q, k, v)]
+    out = hk.star_attention(*x, layout.to(dev), backend=backend)
+    out.backward(g.to(dev, dtype))
+    x64 = [t.detach().to("cpu", torch.float64).requires_grad_() for t in x]
+    want = hk.star_attention_reference(*x64, layout)
+    want.backward(g.double())
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    pairs = zip(("out", "dq", "dk", "dv"), (out, *(t.grad for t in x)), (want, *(t.grad for t in x64)))
+    for name, ours, exact in pairs:
+        ours = ours.detach().cpu().double()
+        for pattern in (torch.isnan, torch.isposinf, torch.isneginf):
+            diff = (pattern(ours) != pattern(exact)).nonzero()[:4].tolist()
+            assert not diff, f"{name}: {pattern.__name__} differs at {diff}"
+        finite = torch.isfinite(exact)
+        assert rel(ours[finite], exact[finite]) < tol, name
+    rows = torch.isnan(want[0, 0]).all(-1)
+    empty_live = torch.zeros_like(rows)
+    if case == "keys":  # the rows whose allowed scores are all -inf are there, and NaN
+        empty_live[2:7] = True
+        empty_live[7 + 20] = True
+        assert rows[empty_live].all()
+    else:  # and the values case has all three patterns
+        assert all(f(want).sum() > 2 for f in (torch.isnan, torch.isposinf, torch.isneginf))
+    pad = layout.kinds[0] == P
+    assert (out.detach()[:, :, pad] == 0).all() and (x[0].grad[:, :, pad] == 0).all()
 
 
 @pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU")

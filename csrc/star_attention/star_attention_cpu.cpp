@@ -32,6 +32,33 @@ void check_no_panel(const char* op, const std::optional<at::Tensor>& panel) {
               "plan built without one");
 }
 
+// Live query rows whose lse is not finite: every allowed score was -inf (the forward output NaN, by
+// tile::row_inv) or one was NaN/+inf. The softmax of such a row is NaN at each pair it may attend, so
+// the reference's autograd gives NaN for its dq row and for the dk and dv rows of each key it may
+// attend; the kernel, which reads a non-finite lse as a row with nothing to attend, skipped it. Rare
+// (poisoned inputs only): one scan of lse, then the rows it finds are filled from the mask rule.
+void nan_gradients_of_non_finite_rows(const at::Tensor& lse, const at::Tensor& kinds, const at::Tensor& groups,
+                                      int64_t topology, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  const auto bad = lse.isfinite().logical_not();  // [B, Hq, Sq]; PAD rows (lse -inf) told apart below
+  if (!bad.any().item<bool>()) return;
+  const int64_t Sq = dq.size(2), Skv = dk.size(2), group = dq.size(1) / dk.size(1), q_off = Skv - Sq;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const auto rows = bad.nonzero();  // [n, 3]: b, h, query index
+  const auto r = rows.accessor<int64_t, 2>();
+  for (int64_t n = 0; n < rows.size(0); ++n) {
+    const int64_t b = r[n][0], h = r[n][1], i = r[n][2] + q_off, bl = kinds.size(0) == 1 ? 0 : b;
+    const int8_t* kin = kinds.data_ptr<int8_t>() + bl * Skv;
+    const int32_t* grp = groups.data_ptr<int32_t>() + bl * Skv;
+    if (kin[i] == kPad) continue;
+    dq[b][h][i - q_off].fill_(nan);
+    for (int64_t j = 0; j <= i; ++j)
+      if (star_allowed(i, j, kin[i], grp[i], kin[j], grp[j], static_cast<int>(topology))) {
+        dk[b][h / group][j].fill_(nan);
+        dv[b][h / group][j].fill_(nan);
+      }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> star_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                       const at::Tensor& v_in, const at::Tensor& kinds,
                                                       const at::Tensor& groups, const at::Tensor& plan,
@@ -77,6 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> star_attention_backward_cpu(
   if (dq.numel() == 0) return {dq, dk.zero_(), dv.zero_()};
   cpu_kernels().star_backward[softcap > 0](dout, q, k, v, out, lse_c, grad_lse_c, kinds_c, groups_c, plan_c,
                                            block_q, block_k, topology, scale, softcap, dq, dk, dv);
+  nan_gradients_of_non_finite_rows(lse_c, kinds_c, groups_c, topology, dq, dk, dv);
   return {dq, dk, dv};
 }
 

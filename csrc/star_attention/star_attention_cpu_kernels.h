@@ -738,10 +738,11 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
       T* oh = op + ((b * g.Hq + h) * g.Sq + rows.r0) * g.D;
       float* lh = lp + (b * g.Hq + h) * g.Sq + rows.r0;
       for (int64_t i = 0; i < rows.m; ++i) {
-        const bool empty = rows.kind[i] == kPad || l_i[i] == 0.f;
-        // Zeros by select, not acc * 0: a row with nothing to attend outputs 0 whatever acc holds.
+        const bool live = rows.kind[i] != kPad, empty = !live || l_i[i] == 0.f;
+        // Zeros by select, not acc * 0: a row with nothing to attend outputs 0 whatever acc holds (a PAD
+        // row; a live one, whose allowed scores were all -inf, gets 0 * NaN = NaN: tile::row_inv).
         if (empty) std::fill(acc.begin() + i * Dp, acc.begin() + (i + 1) * Dp, 0.f);
-        const float inv = empty ? 0.f : 1.f / l_i[i];
+        const float inv = tile::row_inv(l_i[i], live);
         store_row(oh + i * g.D, acc.data() + i * Dp, g.D, inv);
         lh[i] = empty ? kNegInf : m_i[i] + std::log(l_i[i]);
       }

@@ -1098,9 +1098,8 @@ HTC_UNROLL
 HTC_UNROLL
     for (int hh = 0; hh < 2; ++hh) {
       const float l = quad_sum(l_run[hh]);
-      const bool ok = alive[hh] && l > 0.f;
-      inv[hh] = ok ? 1.f / l : 0.f;
-      lse[hh] = ok ? tile::row_lse(m_run[hh], l) : tile::neg_inf();
+      inv[hh] = tile::row_inv(l, alive[hh]);  // NaN: a live row whose allowed scores were all -inf
+      lse[hh] = alive[hh] ? tile::row_lse(m_run[hh], l) : tile::neg_inf();
     }
   } else {
     inv[0] = inv[1] = p.scale;  // dQ = scale * sum_j dS_ij k_j

@@ -6,7 +6,9 @@
 //  - the three-term bf16 split of fp32 values used to run fp32 attention on bf16 tensor cores;
 //  - logit soft-capping of a score and its derivative.
 // Rows that have seen no allowed key keep m = -inf and exponentiate against 0, so they stay exactly 0
-// (never -inf - -inf = NaN); their lse is -inf (PAD rows, DESIGN.md §2).
+// (never -inf - -inf = NaN); their lse is -inf. Finished, such a row is a PAD row (output 0, DESIGN.md
+// §2) or a live row whose every allowed score was -inf (an attended key holding an infinity): its
+// softmax is 0/0 and its output NaN, as the reference's (row_inv).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -42,9 +44,18 @@ HTC_HD RowStep row_step(float m_old, float tile_max) {
 // -inf for a row that attended nothing.
 HTC_HD float row_lse(float m, float l) { return l > 0.f ? (m + log2f(l)) * kLn2 : neg_inf(); }
 
+// The factor a finished row's accumulator is multiplied by: 1 / l. A row with l = 0 attended nothing:
+// 0 for a PAD row (the caller also zeroes its accumulator by select), NaN for a live row (every
+// allowed score was -inf; zeros would pass an infinity in the inputs off as a valid output).
+HTC_HD float row_inv(float l, bool live) {
+  return !live ? 0.f : l > 0.f ? 1.f / l : __builtin_nanf("");
+}
+
 // Split-K combine. Partial k of a row covers a disjoint set of keys and reports its normalised output
-// o_k and its natural-log lse_k (-inf and o_k = 0 when it saw no allowed key). Returns the row's lse;
-// the combined output is sum_k weight(lse_k, lse) * o_k, summed in k order (deterministic).
+// o_k and its natural-log lse_k (-inf when it saw no allowed key; o_k is then the row's empty output,
+// 0 or NaN by row_inv). Returns the row's lse; the combined output is sum_k weight(lse_k, lse) * o_k,
+// summed in k order (deterministic), skipping weights of 0. When no part saw an allowed key (lse -inf)
+// every weight is 1 and the sum is the empty output again: 0 on PAD rows, NaN on live ones.
 HTC_HD float combine_lse(const float* lse, int64_t stride, int n) {
   float mx = neg_inf();
   for (int k = 0; k < n; ++k) mx = fmaxf(mx, lse[k * stride]);
@@ -54,7 +65,7 @@ HTC_HD float combine_lse(const float* lse, int64_t stride, int n) {
   return mx + logf(sum);
 }
 HTC_HD float combine_weight(float lse_k, float lse_total) {
-  return lse_total == neg_inf() ? 0.f : expf(lse_k - lse_total);
+  return lse_total == neg_inf() ? 1.f : expf(lse_k - lse_total);
 }
 
 // Logit soft-capping (Gemma2): a score s (already scaled) becomes c * tanh(s / c), and

@@ -28,7 +28,8 @@ What the kernels compile to on sm_80/sm_90 (pipelining, registers, spills) is re
 by :mod:`htc_kernels.triton._codegen`.
 
 Forward: FlashAttention-2 online softmax in base 2 with fp32 statistics and accumulator; writes out
-(q's dtype) and lse (float32, natural log, -inf on PAD rows). Its work items are the query tiles of
+(q's dtype) and lse (float32, natural log, -inf on rows with nothing to attend: PAD rows output 0,
+live rows whose every allowed score is -inf NaN). Its work items are the query tiles of
 every (batch, query head), tile index fastest; a program takes one (``TileConfig.persist`` 0: q
 loaded once, before the loop) or, persistent (``persist`` programs per SM, :func:`_work_split`), a
 run of consecutive ones with near-equal visit counts (split on the device by
@@ -311,10 +312,11 @@ def _fwd_store(acc, l_i, m_i, live_q, O, LSE, b, h, rows, row_in, sob, soh, sos,
                BLOCK_D: tl.constexpr):  # fmt: skip
     """Store one query tile's output (q's dtype) and lse (float32, natural log; PAD rows: 0 and -inf)
     from the online-softmax state; returns 1 (int32) if a live row holds NaN/Inf (the note above
-    _star_fwd_kernel), else 0."""
-    empty = l_i == 0.0  # PAD rows (every live row attends at least its own position)
+    _star_fwd_kernel), else 0. A live row that attended nothing (l = 0: every allowed score was -inf,
+    an attended key holding an infinity) outputs NaN, the reference's 0/0, not a PAD row's zeros."""
+    empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
+    out = tl.where(empty[:, None], tl.where(live_q, float("nan"), 0.0)[:, None], acc / l_safe[:, None])
     dd = tl.arange(0, BLOCK_D)
     o_ptrs = O + b * sob + h * soh + rows.to(tl.int64)[:, None] * sos + dd[None, :] * sod
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_in[:, None] & (dd < D)[None, :])
@@ -1050,9 +1052,10 @@ def star_attention_triton(
     """Forward. q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` (fp32/bf16/fp16, any strides), kinds
     int8 / groups int32 ``[Bp, Skv]``, tile lists of the plan for (Sq, block_q, block_k) from
     :func:`tile_lists` -> out ``[B, Hq, Sq, D]`` (q's dtype), lse ``[B, Hq, Sq]`` float32 (natural
-    log of the (capped) scores; -inf on PAD rows). k_tiles/k_steps are unused here (the backward
-    reads them). softcap c > 0: scores ``s`` become ``c * tanh(s / c)``; 0: no capping. panel: int32
-    ``[Bp, P]`` (:meth:`StarLayout.key_panel`) when the tile lists are of a key-panel plan, else None."""
+    log of the (capped) scores; -inf on PAD rows and on live rows whose output is NaN: _fwd_store).
+    k_tiles/k_steps are unused here (the backward reads them). softcap c > 0: scores ``s`` become
+    ``c * tanh(s / c)``; 0: no capping. panel: int32 ``[Bp, P]`` (:meth:`StarLayout.key_panel`) when
+    the tile lists are of a key-panel plan, else None."""
     lists = (q_tiles, q_steps, k_tiles, k_steps)
     _check_args(q, k, v, kinds, groups, *lists, block_q, block_k, topology, softcap, panel)
     kinds, groups, q_tiles, q_steps = (t.contiguous() for t in (kinds, groups, q_tiles, q_steps))
