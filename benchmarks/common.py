@@ -235,20 +235,24 @@ def time_once(fn: Callable[[], object]) -> float:
 def paired_ratio(
     htc_ms: Callable[[], float], peer_ms: Callable[[], float], pairs: int = 30, warmup: int = 2
 ) -> dict:
-    """The peer's round time over htc's, one round each in alternation (which goes first alternates
-    too), so both see the same machine state: drift between two separately timed rows on these
-    shared VMs is larger than the few-percent targets read from it. Each callable runs one round
-    and returns its time in ms. Returns ``{"ratio": median of the per-pair ratios, "pairs": n}``
-    (the form of ``extra_info["paired"][peer]``, read by report.py's ``"paired": true`` targets)."""
+    """The peer's round time over htc's, rounds in strict alternation (htc, peer, htc, ..., htc), so
+    both see the same machine state: drift between two separately timed rows on these shared VMs is
+    larger than the few-percent targets read from it. Each peer round is compared with the mean of
+    the htc rounds either side of it (a linear drift cancels), and every round follows one of the
+    other callable: a round that followed its own (as when the order alternates within pairs) runs
+    warm (its threads still spinning, its data in cache) where the other runs cold, which splits the
+    ratios into two clusters and leaves their median anywhere between (0.86 against 1.00 between two
+    builds in child processes, 2026-11-24). Each callable runs one round and returns its time in ms.
+    Returns ``{"ratio": median of the per-pair ratios, "pairs": n}`` (the form of
+    ``extra_info["paired"][peer]``, read by report.py's ``"paired": true`` targets)."""
     for _ in range(warmup):
         htc_ms(), peer_ms()
+    h = [htc_ms()]
     ratios = []
-    for i in range(pairs):
-        if i % 2:
-            p, h = peer_ms(), htc_ms()
-        else:
-            h, p = htc_ms(), peer_ms()
-        ratios.append(p / h)
+    for _ in range(pairs):
+        p = peer_ms()
+        h.append(htc_ms())
+        ratios.append(2 * p / (h[-2] + h[-1]))
     return {"ratio": statistics.median(ratios), "pairs": pairs}
 
 
