@@ -241,8 +241,8 @@ def paired_ratio(
     the htc rounds either side of it (a linear drift cancels), and every round follows one of the
     other callable: a round that followed its own (as when the order alternates within pairs) runs
     warm (its threads still spinning, its data in cache) where the other runs cold, which splits the
-    ratios into two clusters and leaves their median anywhere between (0.86 against 1.00 between two
-    builds in child processes, 2026-11-24). Each callable runs one round and returns its time in ms.
+    ratios into two clusters and leaves their median anywhere between (0.82 to 1.13 for two builds in
+    child processes that run at 1.00, 2026-11-24). Each callable runs one round and returns its time in ms.
     Returns ``{"ratio": median of the per-pair ratios, "pairs": n}`` (the form of
     ``extra_info["paired"][peer]``, read by report.py's ``"paired": true`` targets)."""
     for _ in range(warmup):
