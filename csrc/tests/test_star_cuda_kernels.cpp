@@ -273,6 +273,7 @@ struct Case {
   float softcap = 0.f;    // > 0: the kernels with kCap, scores s -> c tanh(s / c)
   bool panel = false;     // plan in the TEXT/VOCO key panel order (star_mask.h KeyMap)
   bool three = false;     // the row kernels' three-CTA builds (RowCfg::kThree; the default where none)
+  bool empty_live = false;  // each sample's first live row sees only -inf scores (run_case)
   uint64_t seed = 1;
 };
 
@@ -336,7 +337,8 @@ void fill(const Case& c, std::mt19937& rng, Tensors<E>& t) {
 // legitimately NaN); everything else must be finite and close.
 template <Elt E, int D, bool kCap, bool kThree>
 void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const std::vector<char>& poisoned,
-                    sc::StarParams p, const std::vector<typename EltT<E>::Store>& out, const std::vector<float>& lse) {
+                    const std::vector<int>& empty_key, sc::StarParams p,
+                    const std::vector<typename EltT<E>::Store>& out, const std::vector<float>& lse) {
   using Store = typename EltT<E>::Store;
   using Dq = sc::DqCfg<E, D, kCap, kThree>;
   using Dkv = sc::DkvCfg<E, D, kCap>;
@@ -387,7 +389,7 @@ void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const s
   auto K = [&](int b, int h, int j, int d) { return double(sc::to_f<E>(t.k[b * t.k_s[0] + h * t.k_s[1] + j * t.k_s[2] + d])); };
   auto V = [&](int b, int h, int j, int d) { return double(sc::to_f<E>(t.v[b * t.v_s[0] + h * t.v_s[1] + j * t.v_s[2] + d])); };
   std::vector<double> rdq(t.q.size(), 0.0), rdk(t.k.size(), 0.0), rdv(t.v.size(), 0.0);
-  std::vector<char> bad_row(rows, 0), bad_key(static_cast<size_t>(c.B) * c.Skv, 0);
+  std::vector<char> bad_row(rows, 0), bad_key(static_cast<size_t>(c.B) * c.Skv, 0), sees_inf(rows, 0);
   for (int b = 0; b < c.B; ++b)
     for (int j = 0; j < c.Skv; ++j) bad_key[static_cast<size_t>(b) * c.Skv + j] = poisoned[static_cast<size_t>(b) * c.Skv + j];
   for (int b = 0; b < c.B; ++b)
@@ -402,12 +404,13 @@ void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const s
         for (int j = 0; j < c.Skv; ++j) {
           if (!allowed_at(L, c, b, i, j)) continue;
           bad |= poisoned[static_cast<size_t>(b) * c.Skv + j] != 0;
+          sees_inf[row] |= j == empty_key[b];
           double a = 0;
           for (int d = 0; d < D; ++d) a += Q(b, h, i, d) * K(b, hk, j, d);
           s[j] = ref_score(c, a, &dcap[j]);
           mx = std::max(mx, s[j]);
         }
-        if (bad) {
+        if (bad || mx == -INFINITY) {  // mx -inf: the row empty_key's (softmax 0/0, checked below)
           bad_row[row] = 1;
           for (int j = 0; j < c.Skv; ++j)
             if (allowed_at(L, c, b, i, j)) bad_key[static_cast<size_t>(b) * c.Skv + j] = 1;
@@ -467,13 +470,40 @@ void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const s
     const int bl = c.plan_batch == 1 ? 0 : b;
     return L.kinds[static_cast<size_t>(bl) * c.Skv + j] == htc::kPad;
   };
+  // A row that sees empty_key's -inf next to finite scores gets p = 0 and dS = 0 there, and dq's element
+  // 0 is 0 * -inf = NaN (IEEE, as the Python reference's autograd): not compared, checked below.
   compare("dq", dq, rdq, t.q_s, c.Hq, c.Sq,
-          [&](int b, int h, int i) { return bad_row[(static_cast<int64_t>(b) * c.Hq + h) * c.Sq + i] != 0; },
+          [&](int b, int h, int i) {
+            const int64_t row = (static_cast<int64_t>(b) * c.Hq + h) * c.Sq + i;
+            return bad_row[row] != 0 || sees_inf[row] != 0;
+          },
           [&](int b, int, int i) { return row_pad(b, i); });
   auto kskip = [&](int b, int, int j) { return bad_key[static_cast<size_t>(b) * c.Skv + j] != 0; };
   auto kzero = [&](int b, int, int j) { return key_pad(b, j); };
   compare("dk", dk, rdk, t.k_s, c.Hkv, c.Skv, kskip, kzero);
   compare("dv", dv, rdv, t.v_s, c.Hkv, c.Skv, kskip, kzero);
+  // empty_key's row (every allowed score -inf): its softmax is NaN, so its dq row and the dk, dv rows of
+  // the one key it attends are NaN throughout; the other rows that see the key: NaN in dq's element 0.
+  int wrong = 0;
+  for (int b = 0; b < c.B; ++b) {
+    if (empty_key[b] < 0) continue;
+    const int j = empty_key[b];
+    for (int h = 0; h < c.Hq; ++h)
+      for (int i = 0; i < c.Sq; ++i) {
+        const int64_t row = (static_cast<int64_t>(b) * c.Hq + h) * c.Sq + i;
+        if (!sees_inf[row]) continue;
+        const Store* g = dq.data() + row * D;
+        const bool own = i + c.Skv - c.Sq == j;
+        for (int d = 0; d < D; ++d) wrong += (own || d == 0) != std::isnan(sc::to_f<E>(g[d]));
+      }
+    for (int hk = 0; hk < c.Hkv; ++hk)
+      for (int d = 0; d < D; ++d) {
+        const int64_t at = ((static_cast<int64_t>(b) * c.Hkv + hk) * c.Skv + j) * D + d;
+        wrong += !std::isnan(sc::to_f<E>(dk[at])) + !std::isnan(sc::to_f<E>(dv[at]));
+      }
+  }
+  EXPECT(wrong == 0, "%s: %d gradient entries of the empty live row / its key not NaN as IEEE gives", c.name.c_str(),
+         wrong);
 }
 
 template <Elt E, int D, bool kCap, bool kThree = false>
@@ -517,6 +547,28 @@ void run_case(const Case& c) {
             }
         }
       }
+  }
+
+  // c.empty_live: each sample's first live position, a row that attends only itself, sees only -inf:
+  // q[..., 0] > 0 on every row and that key's element 0 = -inf. Its output must be NaN (the softmax's
+  // 0/0, as the Python reference), never a PAD row's zeros; the later rows see the key next to finite
+  // scores (p = 0) and stay finite and compared.
+  std::vector<int> empty_key(c.B, -1);
+  if (c.empty_live) {
+    for (int b = 0; b < c.B; ++b) {
+      const int bl = c.plan_batch == 1 ? 0 : b;
+      int j = 0;
+      while (j < c.Skv && L.kinds[static_cast<size_t>(bl) * c.Skv + j] == htc::kPad) ++j;
+      if (j == c.Skv || j < c.Skv - c.Sq) continue;  // no live row, or not among the queries
+      empty_key[b] = j;
+      for (int hk = 0; hk < c.Hkv; ++hk) t.k[b * t.k_s[0] + hk * t.k_s[1] + j * t.k_s[2]] = sc::from_f<E>(-INFINITY);
+      for (int h = 0; h < c.Hq; ++h)
+        for (int i = 0; i < c.Sq; ++i) {
+          auto& x = t.q[b * t.q_s[0] + h * t.q_s[1] + i * t.q_s[2]];
+          x = sc::from_f<E>(std::fabs(sc::to_f<E>(x)) + 0.5f);
+        }
+    }
+    EXPECT(empty_key[0] >= 0, "%s: no empty live row made", c.name.c_str());
   }
 
   // Plan with the kernel's tile sizes; with c.panel in the key panel's order (each sample's TEXT/VOCO
@@ -643,6 +695,7 @@ void run_case(const Case& c) {
         }
         for (int d = 0; d < D && l > 0; ++d) cap_effect2 += std::pow(o[d] / l - o_plain[d] / l_plain, 2);
         const double ref_lse = l > 0 ? mx + std::log(l) : -INFINITY;
+        const bool pad_row = L.kinds[static_cast<size_t>(c.plan_batch == 1 ? 0 : b) * c.Skv + i + c.Skv - c.Sq] == htc::kPad;
         if (l == 0) {
           EXPECT(lse[row] == -INFINITY, "%s: empty row %lld lse %g", c.name.c_str(), static_cast<long long>(row), lse[row]);
         } else {
@@ -651,9 +704,9 @@ void run_case(const Case& c) {
         for (int d = 0; d < D; ++d) {
           const double want = l > 0 ? o[d] / l : 0.0;
           const double got = sc::to_f<E>(out[row * D + d]);
-          if (l == 0) {
-            EXPECT(got == 0.0, "%s: empty/PAD row %lld col %d = %g (want exact 0)", c.name.c_str(),
-                   static_cast<long long>(row), d, got);
+          if (l == 0) {  // a PAD row: exact 0; a live row whose allowed scores are all -inf: NaN (0/0)
+            EXPECT(pad_row ? got == 0.0 : std::isnan(got), "%s: empty %s row %lld col %d = %g", c.name.c_str(),
+                   pad_row ? "PAD" : "live", static_cast<long long>(row), d, got);
             continue;
           }
           if (!std::isfinite(got)) {
@@ -675,7 +728,7 @@ void run_case(const Case& c) {
               rel <= tol && lse_err <= (E == Elt::kF32 ? 5e-6 : 1e-3) ? "" : "  <-- FAIL");
   EXPECT(rel <= tol, "%s: relative error %g > %g", c.name.c_str(), rel, tol);
   EXPECT(lse_err <= (E == Elt::kF32 ? 5e-6 : 1e-3), "%s: lse error %g", c.name.c_str(), lse_err);
-  if (c.backward) check_backward<E, D, kCap, kThree>(c, L, t, poisoned, p, out, lse);
+  if (c.backward) check_backward<E, D, kCap, kThree>(c, L, t, poisoned, empty_key, p, out, lse);
 }
 
 // Capped kernels are emulated at D = 64, 128, 256 only (the capping code does not depend on D, the
@@ -795,6 +848,17 @@ void test_forward_kernels() {
                                     .panel = variant == 0 && d >= 96, .three = true,
                                     .seed = static_cast<uint64_t>(2100 + d + variant + 10 * static_cast<int>(e))});
       }
+    }
+  // A live row whose every allowed score is -inf (each sample's first live row, run_case): NaN output
+  // and gradients, as the Python reference gives; the rows that also see its -inf key stay finite.
+  // 16-bit only: fp32's three-term split of an infinite K element makes NaN terms (inf - inf), so an
+  // attended infinite key turns its rows' scores NaN where IEEE gives +-inf (CUDA_NOTES.md, known gaps).
+  for (Elt e : {Elt::kBF16, Elt::kF16})
+    for (int variant = 0; variant < 2; ++variant) {
+      const int d = variant ? 128 : 64, s = 120 + 17 * variant;
+      run_named(e, "empty live row", {.B = 2, .Hq = 2, .Hkv = 1, .Sq = s, .Skv = s, .D = d, .plan_batch = 2,
+                                      .topology = variant, .scale = inv_sqrt(d), .empty_live = true,
+                                      .seed = static_cast<uint64_t>(2500 + variant + 10 * static_cast<int>(e))});
     }
   // Soft-capping (the kCap kernels): scores of standard deviation 4 against caps of 2 and 4, so that
   // many are capped hard; prefill and decode with split-K, both topologies, GQA, poisoned masked keys/values
