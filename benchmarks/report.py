@@ -165,9 +165,11 @@ def rates_line(mi: dict) -> str | None:
     rates = mi.get("htc_rates")
     if not rates:
         return None
+    mkl, onednn = rates.get("sgemm_mkl_gflops"), rates.get("sgemm_onednn_gflops")
+    both = f" (faster of torch.mm {mkl:.0f}, oneDNN {onednn:.0f})" if mkl and onednn else ""
     return (
         f"measured rates ({rates.get('threads')} threads): "
-        f"sgemm {rates['sgemm_gflops']:.0f} GFLOP/s, "
+        f"sgemm {rates['sgemm_gflops']:.0f} GFLOP/s{both}, "
         f"bf16 GEMM {rates['bf16_gemm_gflops']:.0f} GFLOP/s, "
         f"copy {rates['copy_gbps']:.1f} GB/s (read+write)"
     )
