@@ -295,6 +295,11 @@ struct Layout {
   std::vector<int32_t> groups;  // [plan_batch, Skv]
 };
 
+// The kind of sample b's key position j (the layout has one sample, or one per sample).
+int8_t kind_at(const Layout& L, const Case& c, int b, int64_t j) {
+  return L.kinds[static_cast<size_t>(c.plan_batch == 1 ? 0 : b) * c.Skv + j];
+}
+
 bool allowed_at(const Layout& L, const Case& c, int b, int64_t qi, int64_t j) {
   const int bl = c.plan_batch == 1 ? 0 : b;
   const int8_t* k = L.kinds.data() + static_cast<size_t>(bl) * c.Skv;
@@ -345,10 +350,7 @@ void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const s
   std::mt19937 rng(static_cast<uint32_t>(c.seed * 31 + 7));
   std::normal_distribution<float> nd(0.f, 1.f);
   const int64_t rows = static_cast<int64_t>(c.B) * c.Hq * c.Sq;
-  auto row_pad = [&](int b, int i) {
-    const int bl = c.plan_batch == 1 ? 0 : b;
-    return L.kinds[static_cast<size_t>(bl) * c.Skv + i + c.Skv - c.Sq] == htc::kPad;
-  };
+  auto row_pad = [&](int b, int i) { return kind_at(L, c, b, i + c.Skv - c.Sq) == htc::kPad; };
   std::vector<Store> dout(static_cast<size_t>(rows) * D);
   std::vector<float> glse(rows), delta(rows, NAN);
   for (int b = 0; b < c.B; ++b)
@@ -466,10 +468,7 @@ void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const s
     EXPECT(nonzero == 0, "%s %s: %d non-zero entries on PAD rows/keys", c.name.c_str(), what, nonzero);
     EXPECT(rel <= tol, "%s %s: relative error %g > %g", c.name.c_str(), what, rel, tol);
   };
-  auto key_pad = [&](int b, int j) {
-    const int bl = c.plan_batch == 1 ? 0 : b;
-    return L.kinds[static_cast<size_t>(bl) * c.Skv + j] == htc::kPad;
-  };
+  auto key_pad = [&](int b, int j) { return kind_at(L, c, b, j) == htc::kPad; };
   // A row that sees empty_key's -inf next to finite scores gets p = 0 and dS = 0 there, and dq's element
   // 0 is 0 * -inf = NaN (IEEE, as the Python reference's autograd): not compared, checked below.
   compare("dq", dq, rdq, t.q_s, c.Hq, c.Sq,
@@ -556,9 +555,8 @@ void run_case(const Case& c) {
   std::vector<int> empty_key(c.B, -1);
   if (c.empty_live) {
     for (int b = 0; b < c.B; ++b) {
-      const int bl = c.plan_batch == 1 ? 0 : b;
       int j = 0;
-      while (j < c.Skv && L.kinds[static_cast<size_t>(bl) * c.Skv + j] == htc::kPad) ++j;
+      while (j < c.Skv && kind_at(L, c, b, j) == htc::kPad) ++j;
       if (j == c.Skv || j < c.Skv - c.Sq) continue;  // no live row, or not among the queries
       empty_key[b] = j;
       for (int hk = 0; hk < c.Hkv; ++hk) t.k[b * t.k_s[0] + hk * t.k_s[1] + j * t.k_s[2]] = sc::from_f<E>(-INFINITY);
@@ -695,7 +693,7 @@ void run_case(const Case& c) {
         }
         for (int d = 0; d < D && l > 0; ++d) cap_effect2 += std::pow(o[d] / l - o_plain[d] / l_plain, 2);
         const double ref_lse = l > 0 ? mx + std::log(l) : -INFINITY;
-        const bool pad_row = L.kinds[static_cast<size_t>(c.plan_batch == 1 ? 0 : b) * c.Skv + i + c.Skv - c.Sq] == htc::kPad;
+        const bool pad_row = kind_at(L, c, b, i + c.Skv - c.Sq) == htc::kPad;
         if (l == 0) {
           EXPECT(lse[row] == -INFINITY, "%s: empty row %lld lse %g", c.name.c_str(), static_cast<long long>(row), lse[row]);
         } else {
