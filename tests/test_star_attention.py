@@ -973,24 +973,15 @@ def _non_finite_case(case, d):
     return layout, q, k, v, [*range(text, text + 5), vis + 20]
 
 
-# CUDA fp32 runs on bf16 tensor cores as three-term splits: an infinite K element splits into NaN terms
-# (csrc/star_attention/CUDA_NOTES.md, known limits; the emulator shows it).
-_CUDA_FP32_INF_KEYS = pytest.mark.xfail(
-    strict=True, reason="cuda fp32: an attended infinite key gives NaN scores (three-term split)"
-)
-
-
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter: inf * 0
 @pytest.mark.parametrize("case", ["values", "keys"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_attended_non_finite_inputs_propagate(backend, dtype, case, request):
+def test_attended_non_finite_inputs_propagate(backend, dtype, case):
     """The other half of the contract: a NaN/Inf a query does attend reaches its output and every
     gradient with IEEE semantics, as in the reference's float64 autograd: the same NaN, +inf and -inf
     elements, the finite ones close. A live row whose every allowed score is -inf outputs NaN (0/0),
     never the zeros of a PAD row, and its gradients are NaN; PAD rows stay exactly zero."""
-    if (backend, dtype, case) == ("cuda", torch.float32, "keys"):
-        request.applymarker(_CUDA_FP32_INF_KEYS)
     d = 64 if backend == "cuda" else 16
     layout, q, k, v, empty_rows = _non_finite_case(case, d)
     dev = device_of(backend)

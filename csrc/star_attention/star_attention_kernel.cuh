@@ -20,6 +20,9 @@
 //    load, and in CAUSAL/MASKED tiles a V row holding Inf/NaN is zeroed in shared memory before the
 //    P V product (0 * NaN would leak into every row) and added back exactly, from global memory, only
 //    to the rows allowed to attend it;
+//  - fp32 (three bf16 terms per operand): the split of an infinity has NaN terms (inf - inf), so no
+//    Inf/NaN input may enter an MMA: V rows are zeroed and added back as above in every tile kind,
+//    and the scores of K rows holding one are recomputed in IEEE fp32 (quad_dot), here and in dQ, dK/dV;
 //  - split-K (decode, small B*H; prefill at small grids, its long query tiles only): a tile with
 //    `parts` = split_parts(...) > 1 is computed by that many CTAs, each taking a contiguous share of
 //    the tile list (balanced by count) and writing a normalised fp32 partial and its lse;
@@ -284,6 +287,34 @@ HTC_DEV float quad_max(float x) {
   x = fmaxf(x, simt::shfl_xor(x, 1));
   x = fmaxf(x, simt::shfl_xor(x, 2));
   return x;
+}
+
+// a . b of two shared rows of D elements in IEEE fp32, a quad of lanes (t = lane % 4) summing the
+// columns 8n + 2t, 8n + 2t + 1 and the quad adding them up: the scores of fp32 keys holding an Inf/NaN,
+// which the three-term split (mma_terms) turns into NaN (inf - inf terms) where IEEE gives +-inf.
+template <Elt E, int D>
+HTC_DEV float quad_dot(const typename EltT<E>::Store* a, const typename EltT<E>::Store* b, int t) {
+  float part = 0.f;
+  HTC_UNROLL_N(4)
+  for (int n = 0; n < D / 8; ++n) {
+    const int col = n * 8 + 2 * t;
+    part += to_f<E>(a[col]) * to_f<E>(b[col]) + to_f<E>(a[col + 1]) * to_f<E>(b[col + 1]);
+  }
+  return quad_sum(part);
+}
+
+// Where ok, stores x as element (row hh, column col) of the lane's score fragments s[n][e4] (C layout:
+// the lane of t = (col % 8) / 2 holds it, in fragment col / 8); other lanes keep theirs. Selected per
+// fragment, never indexed at run time (a run-time index would move s to local memory).
+template <int NF>
+HTC_DEV void set_score(float (&s)[NF][4], int hh, int col, int t, bool ok, float x) {
+  const bool lane_has = ok && t == ((col & 7) >> 1);
+HTC_UNROLL
+  for (int n = 0; n < NF; ++n) {
+    const bool mine = lane_has && n == (col >> 3);
+    if (col & 1) s[n][2 * hh + 1] = mine ? x : s[n][2 * hh + 1];
+    else s[n][2 * hh] = mine ? x : s[n][2 * hh];
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -556,16 +587,23 @@ HTC_DEV bool my_rows_nonfinite(const typename EltT<E>::Store* s, int rows, int t
   return bad;
 }
 
-// Zeroes the rows of a shared [rows][LD] tile that hold an Inf/NaN and flags them in bad[] (threads
-// 0..rows-1, one row each). The MMA would otherwise spread 0 * NaN over every output row.
-template <Elt E, int D, int LD>
-HTC_DEV void zero_nonfinite_rows(typename EltT<E>::Store* s, int rows, int8_t* bad, int tid) {
-  constexpr int kChunk = 16 / static_cast<int>(sizeof(typename EltT<E>::Store)), kRowChunks = D / kChunk;
-  if (tid >= rows) return;
+// Inf/NaN in a shared row of D elements?
+template <Elt E, int D>
+HTC_DEV bool row_nonfinite(const typename EltT<E>::Store* row) {
+  constexpr int kChunk = 16 / static_cast<int>(sizeof(typename EltT<E>::Store));
   bool b = false;
-  for (int cc = 0; cc < kRowChunks; ++cc) b |= nonfinite16<E>(simt::load16(s + tid * LD + cc * kChunk));
+  for (int cc = 0; cc < D / kChunk; ++cc) b |= nonfinite16<E>(simt::load16(row + cc * kChunk));
+  return b;
+}
+
+// Flags the rows of a shared [rows][LD] tile that hold an Inf/NaN in bad[] (threads 0..rows-1, one row
+// each) and, when zero, zeroes them: the MMA would otherwise spread 0 * NaN over every output row.
+template <Elt E, int D, int LD>
+HTC_DEV void flag_nonfinite_rows(typename EltT<E>::Store* s, int rows, int8_t* bad, int tid, bool zero) {
+  if (tid >= rows) return;
+  const bool b = row_nonfinite<E, D>(s + tid * LD);
   bad[tid] = b;
-  if (b)
+  if (zero && b)
     for (int d = 0; d < D; ++d) s[tid * LD + d] = from_f<E>(0.f);
 }
 
@@ -617,9 +655,10 @@ struct RowCfg {
   static constexpr size_t kQBytes = size_t{BQ} * kLd * sizeof(Store);
   static constexpr size_t kTileBytes = size_t{BKI} * kLd * sizeof(Store);  // K or V of one item
   // Layout: Q | dO (dq only) | K0 V0 | .. | K[NS-1] V[NS-1] | key kinds [NS][BKI] | key groups
-  // [NS][BKI] | key positions [NS][BKI] | key source rows [NS][BKI] | bad [BKI] | list | counts
+  // [NS][BKI] | key positions [NS][BKI] | key source rows [NS][BKI] | bad [BKI] (the item's non-finite
+  // rows of V, forward, or K, dq) | bad K [BKI] (fp32: keys whose scores are recomputed) | list | counts
   static constexpr size_t smem_bytes(int ns) {
-    return (kQBytes * (kDq ? 2 : 1) + 2 * ns * kTileBytes + 13 * ns * BKI + BKI + 15) / 16 * 16 +
+    return (kQBytes * (kDq ? 2 : 1) + 2 * ns * kTileBytes + 13 * ns * BKI + 2 * BKI + 15) / 16 * 16 +
            (kListWindow + 16) * sizeof(int);
   }
   static constexpr bool fits(int ns) { return kMinBlocks * (smem_bytes(ns) + 1024) <= kSmemPerSm; }
@@ -631,7 +670,8 @@ struct RowCfg {
   static constexpr size_t kOffKeyPos = kOffGroups + kStages * BKI * sizeof(int32_t);
   static constexpr size_t kOffSrc = kOffKeyPos + kStages * BKI * sizeof(int32_t);
   static constexpr size_t kOffBad = kOffSrc + kStages * BKI * sizeof(int32_t);
-  static constexpr size_t kOffList = (kOffBad + BKI + 15) / 16 * 16;
+  static constexpr size_t kOffBadK = kOffBad + BKI;
+  static constexpr size_t kOffList = (kOffBadK + BKI + 15) / 16 * 16;
   static constexpr size_t kOffCounts = kOffList + kListWindow * sizeof(int);
   static constexpr size_t kSmemBytes = kOffCounts + 16 * sizeof(int);
   static_assert(kSmemBytes == smem_bytes(kStages), "shared memory layout");
@@ -718,6 +758,7 @@ HTC_DEV void star_row_block(const StarParams& p, unsigned char* smem, int tid, i
   int32_t* sKeyPos = reinterpret_cast<int32_t*>(smem + C::kOffKeyPos);
   int32_t* sSrc = reinterpret_cast<int32_t*>(smem + C::kOffSrc);
   int8_t* sBad = reinterpret_cast<int8_t*>(smem + C::kOffBad);
+  [[maybe_unused]] int8_t* sBadK = reinterpret_cast<int8_t*>(smem + C::kOffBadK);
   int* sList = reinterpret_cast<int*>(smem + C::kOffList);
   int* sCounts = reinterpret_cast<int*>(smem + C::kOffCounts);
 
@@ -827,10 +868,16 @@ HTC_UNROLL
   };
   // Tiles where some row may not attend some key can meet non-finite values that must stay unread:
   // V in the forward's P V, K in the dq's dS K (scores are masked by select, which needs nothing).
+  // fp32 looks at them in every tensor-core tile, and at K in the forward too: the three-term split of
+  // an infinity has NaN terms (inf - inf), so an attended one must not enter an MMA either; such rows
+  // are zeroed and added back exactly, and K's scores recomputed in IEEE fp32 (body).
   auto check = [&](int entry, int /*sub*/, int st) {
     const int kind = entry & 7;
-    if (kind != kCausal && kind != kMasked) return false;
-    return my_rows_nonfinite<E, NT, D, LD>(kDq ? sK(st) : sV(st), BKI, tid);
+    const bool split = E == Elt::kF32 && kind != kDiag;
+    bool bad = false;
+    if (kind == kCausal || kind == kMasked || split) bad = my_rows_nonfinite<E, NT, D, LD>(kDq ? sK(st) : sV(st), BKI, tid);
+    if (!kDq && split) bad |= my_rows_nonfinite<E, NT, D, LD>(sK(st), BKI, tid);
+    return bad;
   };
 
   auto body = [&](int entry, int sub, int st, int any_bad) {
@@ -843,8 +890,9 @@ HTC_UNROLL
     const int8_t* tKind = sKind + st * BKI;
     const int32_t* tGrp = sGrp + st * BKI;
     const int32_t* tKeyPos = sKeyPos + st * BKI;
-    if (!kDq && any_bad) {
-      zero_nonfinite_rows<E, D, LD>(tV, BKI, sBad, tid);
+    if (any_bad && (!kDq || E == Elt::kF32)) {
+      if (!kDq) flag_nonfinite_rows<E, D, LD>(tV, BKI, sBad, tid, true);
+      if constexpr (E == Elt::kF32) flag_nonfinite_rows<E, D, LD>(tK, BKI, sBadK, tid, false);
       simt::sync_block();
     }
 
@@ -976,6 +1024,18 @@ HTC_UNROLL
             }
           }
         }
+        if constexpr (E == Elt::kF32) {
+          // The scores of keys holding an Inf/NaN (sBadK: block-uniform), in IEEE fp32: a quad of lanes
+          // per row, kept by the lane that holds the column.
+          if (any_bad) {
+            for (int jl = 0; jl < KS; ++jl) {
+              if (!sBadK[c0 + jl]) continue;
+HTC_UNROLL
+              for (int hh = 0; hh < 2; ++hh)
+                set_score(s, hh, jl, t, true, quad_dot<E, D>(sQ + (warp * 16 + g + 8 * hh) * LD, tK + (c0 + jl) * LD, t));
+            }
+          }
+        }
         if constexpr (kDq) {
           // dS = P (dP - delta), P = exp2(s - lse2); masked pairs are 0 by select.
 HTC_UNROLL
@@ -1028,7 +1088,7 @@ HTC_UNROLL
       Store* tR = kDq ? tK : tV;
       if (kDq && any_bad) {
         simt::sync_block();
-        zero_nonfinite_rows<E, D, LD>(tK + c0 * LD, KS, sBad + c0, tid);
+        flag_nonfinite_rows<E, D, LD>(tK + c0 * LD, KS, sBad + c0, tid, true);
         simt::sync_block();
       }
       if (!active) continue;
@@ -1271,6 +1331,9 @@ HTC_UNROLL
   for (int n = 0; n < NF_D; ++n)
 HTC_UNROLL
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+  // fp32 (check, body): -1 until the first item; then 0, or bit 0 (a key of the tile holds an Inf/NaN:
+  // block-uniform) with bits 1, 2 (this lane's keys hh = 0, 1 do).
+  [[maybe_unused]] int k_nonfinite = -1;
 
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
     const Store* qg = static_cast<const Store*>(p.q) + b * p.q_sb + h * p.q_sh;
@@ -1322,9 +1385,23 @@ HTC_UNROLL
       const int64_t stride[2] = {p.q_ss, p.do_ss};
       copy_rows<NT, D, LD>(dst, src, stride, i0, QS, tid, live);
     };
-    auto check = [](int, int, int) { return false; };
+    // fp32: do this tile's keys hold an Inf/NaN? Asked once, at the CTA's first item (K has landed
+    // with it): their scores are then recomputed in IEEE fp32 (body), the three-term split of an
+    // infinity having NaN terms.
+    auto check = [&](int, int, int) {
+      return E == Elt::kF32 && k_nonfinite < 0 && my_rows_nonfinite<E, NT, D, LD>(sK, BK, tid);
+    };
 
-    auto body = [&](int entry, int sub, int st, int) {
+    auto body = [&](int entry, int sub, int st, int any) {
+      if constexpr (E == Elt::kF32) {
+        if (k_nonfinite < 0) {
+          k_nonfinite = 0;
+          if (any)
+HTC_UNROLL
+            for (int hh = 0; hh < 2; ++hh)
+              k_nonfinite |= (1 | (row_nonfinite<E, D>(sK + (kgrp * 16 + g + 8 * hh) * LD) ? 2 << hh : 0));
+        }
+      }
       const int kind = entry & 7, i0 = (entry >> 3) * 64 + sub * QS;
       if (i0 >= p.Sq) return;  // a sub-tile past the last query row
       const Store* tQ = sQ(st);
@@ -1412,6 +1489,16 @@ HTC_UNROLL
           load_b_nk<E>(b0, b1, tDo, LD, np * 16, kk * 16, lane);
           mma_terms<E>(dp[2 * np], av, b0);
           mma_terms<E>(dp[2 * np + 1], av, b1);
+        }
+      }
+      if constexpr (E == Elt::kF32) {
+        // The scores of this lane's keys holding an Inf/NaN, in IEEE fp32 (a quad of lanes per key).
+        if (k_nonfinite > 0) {
+          for (int il = 0; il < QS; ++il)
+HTC_UNROLL
+            for (int hh = 0; hh < 2; ++hh)
+              set_score(s, hh, il, t, (k_nonfinite & (2 << hh)) != 0,
+                        quad_dot<E, D>(sK + (kgrp * 16 + g + 8 * hh) * LD, tQ + il * LD, t));
         }
       }
       // P^T and dS^T (masked pairs: 0 by select, so NaN/Inf in masked scores goes nowhere).

@@ -241,16 +241,17 @@ void test_online_softmax_and_combine() {
 // ------------------------------------------------------------------------------------------------
 // 2. Kernels on the emulator
 
-// A random sample: text, images (VISUAL run + VOCO run), text between, padding on one side.
+// A random sample: text (at least text_prefix tokens first), images (VISUAL run + VOCO run), text
+// between, padding on one side.
 void random_layout(std::mt19937& rng, int min_len, std::vector<int8_t>& kinds, std::vector<int32_t>& groups,
-                   bool left_pad, int pad) {
+                   bool left_pad, int pad, int text_prefix) {
   kinds.clear();
   groups.clear();
   auto push = [&](int8_t k, int32_t g, int n) {
     for (int i = 0; i < n; ++i) kinds.push_back(k), groups.push_back(g);
   };
   if (left_pad) push(htc::kPad, -1, pad);
-  push(htc::kText, -1, static_cast<int>(rng() % 10));
+  push(htc::kText, -1, text_prefix + static_cast<int>(rng() % 10));
   const int n_img = 1 + static_cast<int>(rng() % 3);
   for (int g = 0; g < n_img; ++g) {
     push(htc::kVisual, g, 1 + static_cast<int>(rng() % 80));
@@ -274,6 +275,8 @@ struct Case {
   bool panel = false;     // plan in the TEXT/VOCO key panel order (star_mask.h KeyMap)
   bool three = false;     // the row kernels' three-CTA builds (RowCfg::kThree; the default where none)
   bool empty_live = false;  // each sample's first live row sees only -inf scores (run_case)
+  bool inf_value = false;   // +inf in a text key's value that later rows attend (run_case)
+  int text_prefix = 0;      // the layout's first text run has at least this many tokens
   uint64_t seed = 1;
 };
 
@@ -342,7 +345,7 @@ void fill(const Case& c, std::mt19937& rng, Tensors<E>& t) {
 // legitimately NaN); everything else must be finite and close.
 template <Elt E, int D, bool kCap, bool kThree>
 void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const std::vector<char>& poisoned,
-                    const std::vector<int>& empty_key, sc::StarParams p,
+                    const std::vector<int>& empty_key, const std::vector<char>& inf_key, sc::StarParams p,
                     const std::vector<typename EltT<E>::Store>& out, const std::vector<float>& lse) {
   using Store = typename EltT<E>::Store;
   using Dq = sc::DqCfg<E, D, kCap, kThree>;
@@ -406,7 +409,7 @@ void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const s
         for (int j = 0; j < c.Skv; ++j) {
           if (!allowed_at(L, c, b, i, j)) continue;
           bad |= poisoned[static_cast<size_t>(b) * c.Skv + j] != 0;
-          sees_inf[row] |= j == empty_key[b];
+          sees_inf[row] |= inf_key[static_cast<size_t>(b) * c.Skv + j] != 0;
           double a = 0;
           for (int d = 0; d < D; ++d) a += Q(b, h, i, d) * K(b, hk, j, d);
           s[j] = ref_score(c, a, &dcap[j]);
@@ -469,7 +472,7 @@ void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const s
     EXPECT(rel <= tol, "%s %s: relative error %g > %g", c.name.c_str(), what, rel, tol);
   };
   auto key_pad = [&](int b, int j) { return kind_at(L, c, b, j) == htc::kPad; };
-  // A row that sees empty_key's -inf next to finite scores gets p = 0 and dS = 0 there, and dq's element
+  // A row that sees an inf_key's -inf next to finite scores gets p = 0 and dS = 0 there, and dq's element
   // 0 is 0 * -inf = NaN (IEEE, as the Python reference's autograd): not compared, checked below.
   compare("dq", dq, rdq, t.q_s, c.Hq, c.Sq,
           [&](int b, int h, int i) {
@@ -482,11 +485,20 @@ void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const s
   compare("dk", dk, rdk, t.k_s, c.Hkv, c.Skv, kskip, kzero);
   compare("dv", dv, rdv, t.v_s, c.Hkv, c.Skv, kskip, kzero);
   // empty_key's row (every allowed score -inf): its softmax is NaN, so its dq row and the dk, dv rows of
-  // the one key it attends are NaN throughout; the other rows that see the key: NaN in dq's element 0.
+  // the one key it attends are NaN throughout; the other rows that see an inf_key: NaN in dq's element
+  // 0. The other inf_key's dk, dv rows: exact zeros.
   int wrong = 0;
   for (int b = 0; b < c.B; ++b) {
     if (empty_key[b] < 0) continue;
     const int j = empty_key[b];
+    for (int x = 0; x < c.Skv; ++x) {
+      if (x == j || !inf_key[static_cast<size_t>(b) * c.Skv + x]) continue;
+      for (int hk = 0; hk < c.Hkv; ++hk)
+        for (int d = 0; d < D; ++d) {
+          const int64_t at = ((static_cast<int64_t>(b) * c.Hkv + hk) * c.Skv + x) * D + d;
+          wrong += (sc::to_f<E>(dk[at]) != 0.f) + (sc::to_f<E>(dv[at]) != 0.f);
+        }
+    }
     for (int h = 0; h < c.Hq; ++h)
       for (int i = 0; i < c.Sq; ++i) {
         const int64_t row = (static_cast<int64_t>(b) * c.Hq + h) * c.Sq + i;
@@ -501,7 +513,7 @@ void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const s
         wrong += !std::isnan(sc::to_f<E>(dk[at])) + !std::isnan(sc::to_f<E>(dv[at]));
       }
   }
-  EXPECT(wrong == 0, "%s: %d gradient entries of the empty live row / its key not NaN as IEEE gives", c.name.c_str(),
+  EXPECT(wrong == 0, "%s: %d gradient entries of the -inf keys and their rows not as IEEE gives", c.name.c_str(),
          wrong);
 }
 
@@ -515,7 +527,7 @@ void run_case(const Case& c) {
   for (int bl = 0; bl < c.plan_batch; ++bl) {
     std::vector<int8_t> k;
     std::vector<int32_t> g;
-    random_layout(rng, c.Skv, k, g, bl % 2 == 1, static_cast<int>(rng() % 7));
+    random_layout(rng, c.Skv, k, g, bl % 2 == 1, static_cast<int>(rng() % 7), c.text_prefix);
     k.resize(c.Skv, htc::kText);  // keep the requested length (a cut image is still a valid layout)
     g.resize(c.Skv, -1);
     L.kinds.insert(L.kinds.end(), k.begin(), k.end());
@@ -551,15 +563,33 @@ void run_case(const Case& c) {
   // c.empty_live: each sample's first live position, a row that attends only itself, sees only -inf:
   // q[..., 0] > 0 on every row and that key's element 0 = -inf. Its output must be NaN (the softmax's
   // 0/0, as the Python reference), never a PAD row's zeros; the later rows see the key next to finite
-  // scores (p = 0) and stay finite and compared.
+  // scores (p = 0) and stay finite and compared. A second -inf key (inf_key) from a third of the way
+  // in, seen by other rows too, none of them empty: its dK/dV rows are exact zeros (every p is 0), so
+  // its scores must be -inf in all three kernels; fp32's three-term split of -inf has NaN terms
+  // (star_attention_kernel.cuh, quad_dot).
   std::vector<int> empty_key(c.B, -1);
+  std::vector<char> inf_key(static_cast<size_t>(c.B) * c.Skv, 0);
   if (c.empty_live) {
     for (int b = 0; b < c.B; ++b) {
       int j = 0;
       while (j < c.Skv && kind_at(L, c, b, j) == htc::kPad) ++j;
       if (j == c.Skv || j < c.Skv - c.Sq) continue;  // no live row, or not among the queries
       empty_key[b] = j;
-      for (int hk = 0; hk < c.Hkv; ++hk) t.k[b * t.k_s[0] + hk * t.k_s[1] + j * t.k_s[2]] = sc::from_f<E>(-INFINITY);
+      int j2 = -1;
+      for (int x = c.Skv / 3; x < c.Skv && j2 < 0; ++x) {
+        const int64_t qx = x - (c.Skv - c.Sq);
+        if (x == j || qx < 0 || kind_at(L, c, b, x) == htc::kPad) continue;
+        int seen_by = 0, finite_keys = 0;
+        for (int64_t i = 0; i < c.Sq; ++i) seen_by += i != qx && allowed_at(L, c, b, i, x);
+        for (int y = 0; y < c.Skv; ++y) finite_keys += y != x && y != j && allowed_at(L, c, b, qx, y);
+        if (seen_by > 0 && finite_keys > 0) j2 = x;
+      }
+      EXPECT(j2 >= 0, "%s: no second -inf key found", c.name.c_str());
+      for (int x : {j, j2}) {
+        if (x < 0) continue;
+        inf_key[static_cast<size_t>(b) * c.Skv + x] = 1;
+        for (int hk = 0; hk < c.Hkv; ++hk) t.k[b * t.k_s[0] + hk * t.k_s[1] + x * t.k_s[2]] = sc::from_f<E>(-INFINITY);
+      }
       for (int h = 0; h < c.Hq; ++h)
         for (int i = 0; i < c.Sq; ++i) {
           auto& x = t.q[b * t.q_s[0] + h * t.q_s[1] + i * t.q_s[2]];
@@ -567,6 +597,22 @@ void run_case(const Case& c) {
         }
     }
     EXPECT(empty_key[0] >= 0, "%s: no empty live row made", c.name.c_str());
+  }
+
+  // c.inf_value: +inf in element 1 of the value of sample b's text key at position 20 + its padding
+  // (inside the text prefix of c.text_prefix >= 30 tokens): every later live row attends it with a
+  // finite score, so its output's element 1 is +inf (IEEE) and the rest finite. fp32's three-term split
+  // of an infinity has NaN terms: such V rows are added back exactly in every tile kind, FULL ones
+  // included (checked below that the plan has one).
+  std::vector<int> inf_value_key(c.B, -1);
+  if (c.inf_value) {
+    for (int b = 0; b < c.B; ++b) {
+      int j = 20;
+      while (j < c.Skv && kind_at(L, c, b, j - 20) == htc::kPad) ++j;
+      EXPECT(j < c.Skv && kind_at(L, c, b, j) == htc::kText, "%s: position %d is not text", c.name.c_str(), j);
+      inf_value_key[b] = j;
+      for (int hk = 0; hk < c.Hkv; ++hk) t.v[b * t.v_s[0] + hk * t.v_s[1] + j * t.v_s[2] + 1] = sc::from_f<E>(INFINITY);
+    }
   }
 
   // Plan with the kernel's tile sizes; with c.panel in the key panel's order (each sample's TEXT/VOCO
@@ -594,6 +640,13 @@ void run_case(const Case& c) {
                          c.Skv, c.Sq, 64, BK, c.topology, plan.data() + static_cast<size_t>(bl) * n_qt * n_kt,
                          htc::KeyMap{c.panel ? panel.data() + static_cast<size_t>(bl) * panel_len : nullptr, panel_len, c.Skv});
 
+  if (c.inf_value && E == Elt::kF32 && !c.panel) {  // the case reaches a FULL tile holding the +inf
+    int full = 0;
+    for (int b = 0; b < c.plan_batch; ++b)
+      for (int qt = 0; qt < n_qt; ++qt)
+        full += plan[(static_cast<size_t>(b) * n_qt + qt) * n_kt + inf_value_key[b] / BK] == htc::kFull;
+    EXPECT(full > 0, "%s: no FULL tile holds the +inf value", c.name.c_str());
+  }
   const int64_t rows = static_cast<int64_t>(c.B) * c.Hq * c.Sq;
   std::vector<Store> out(static_cast<size_t>(rows) * D, sc::from_f<E>(NAN));
   std::vector<float> lse(rows, NAN), o_part, lse_part;
@@ -707,6 +760,11 @@ void run_case(const Case& c) {
                    pad_row ? "PAD" : "live", static_cast<long long>(row), d, got);
             continue;
           }
+          if (std::isinf(want)) {  // c.inf_value's element: IEEE's infinity, never NaN
+            EXPECT(got == want, "%s: row %lld col %d = %g, IEEE gives %g", c.name.c_str(), static_cast<long long>(row), d,
+                   got, want);
+            continue;
+          }
           if (!std::isfinite(got)) {
             EXPECT(false, "%s: non-finite output row %lld col %d", c.name.c_str(), static_cast<long long>(row), d);
             return;
@@ -726,7 +784,7 @@ void run_case(const Case& c) {
               rel <= tol && lse_err <= (E == Elt::kF32 ? 5e-6 : 1e-3) ? "" : "  <-- FAIL");
   EXPECT(rel <= tol, "%s: relative error %g > %g", c.name.c_str(), rel, tol);
   EXPECT(lse_err <= (E == Elt::kF32 ? 5e-6 : 1e-3), "%s: lse error %g", c.name.c_str(), lse_err);
-  if (c.backward) check_backward<E, D, kCap, kThree>(c, L, t, poisoned, empty_key, p, out, lse);
+  if (c.backward) check_backward<E, D, kCap, kThree>(c, L, t, poisoned, empty_key, inf_key, p, out, lse);
 }
 
 // Capped kernels are emulated at D = 64, 128, 256 only (the capping code does not depend on D, the
@@ -848,15 +906,25 @@ void test_forward_kernels() {
       }
     }
   // A live row whose every allowed score is -inf (each sample's first live row, run_case): NaN output
-  // and gradients, as the Python reference gives; the rows that also see its -inf key stay finite.
-  // 16-bit only: fp32's three-term split of an infinite K element makes NaN terms (inf - inf), so an
-  // attended infinite key turns its rows' scores NaN where IEEE gives +-inf (CUDA_NOTES.md, known gaps).
-  for (Elt e : {Elt::kBF16, Elt::kF16})
+  // and gradients, as the Python reference gives; the rows that also see its -inf key, or a second
+  // one, stay finite.
+  for (Elt e : elts)
     for (int variant = 0; variant < 2; ++variant) {
       const int d = variant ? 128 : 64, s = 120 + 17 * variant;
       run_named(e, "empty live row", {.B = 2, .Hq = 2, .Hkv = 1, .Sq = s, .Skv = s, .D = d, .plan_batch = 2,
                                       .topology = variant, .scale = inv_sqrt(d), .empty_live = true,
                                       .seed = static_cast<uint64_t>(2500 + variant + 10 * static_cast<int>(e))});
+    }
+  // An attended +inf value (forward only: the gradients of rows that see it are non-finite), in the
+  // long text prefix: fp32 meets it in FULL tiles too. Prefill and decode with split-K.
+  for (Elt e : elts)
+    for (int variant = 0; variant < 2; ++variant) {
+      const int d = variant ? 128 : 64, s = 140 + 9 * variant;
+      run_named(e, "attended inf value",
+                {.B = 2, .Hq = 2, .Hkv = 1, .Sq = variant ? 3 : s, .Skv = s, .D = d, .plan_batch = 2,
+                 .topology = variant, .n_split = variant ? 3 : 1, .backward = false, .scale = inv_sqrt(d),
+                 .inf_value = true, .text_prefix = 40,
+                 .seed = static_cast<uint64_t>(2600 + variant + 10 * static_cast<int>(e))});
     }
   // Soft-capping (the kCap kernels): scores of standard deviation 4 against caps of 2 and 4, so that
   // many are capped hard; prefill and decode with split-K, both topologies, GQA, poisoned masked keys/values
