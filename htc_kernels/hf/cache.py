@@ -284,28 +284,42 @@ def _star_layers(config) -> list:
     return layers
 
 
-def _update_and_hand_off(cache, base, key_states, value_states, layer_idx, *args, **kwargs):
-    """``base.update`` (the transformers cache class), then leave the step for the attention call."""
-    stale = getattr(_HANDOFF, "step", None)
-    if stale is not None and stale.cache is cache:
-        # The previous layer's attention never took its step: not "htc_star" (e.g. "sdpa"), which
-        # would attend causally over every kept key, ignoring the star mask and the compaction.
-        _HANDOFF.step = None
-        raise RuntimeError(
-            f"htc_star: {type(cache).__name__} layer {stale.layer_idx} was updated but its attention did "
-            "not read the update: the model's attention implementation is not 'htc_star'. Use "
-            "attn_implementation='htc_star' (hk.hf.enable_star_attention(model)) with a StarCache, or a "
-            "DynamicCache with other implementations"
-        )
-    p_before = cache.layers[layer_idx].seen_tokens() if layer_idx < len(cache.layers) else 0
-    keys, values = base.update(cache, key_states, value_states, layer_idx, *args, **kwargs)
-    layer = cache.layers[layer_idx]
-    written = getattr(layer, "write_pos", None)
-    _HANDOFF.step = _StarStep(cache, layer, layer_idx, p_before, keys, written)
-    return keys, values
+class _StarCacheBase:
+    """What :class:`StarCache` and :class:`StarStaticCache` share: the layout they carry (``kinds``,
+    ``groups``, ``topology``: validated at construction, ``None`` when the forward passes it) and an
+    ``update`` that stores the tokens as their transformers base class does, then leaves the step for
+    the attention call (``_HANDOFF``)."""
+
+    def _set_layout(self, kinds, groups, topology: str) -> None:
+        if kinds is not None:
+            StarLayout(kinds, groups, topology)  # validate early
+        self.kinds = kinds
+        self.groups = groups
+        self.topology = topology
+
+    @torch.compiler.disable
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        stale = getattr(_HANDOFF, "step", None)
+        if stale is not None and stale.cache is self:
+            # The previous layer's attention never took its step: not "htc_star" (e.g. "sdpa"), which
+            # would attend causally over every kept key, ignoring the star mask and the compaction.
+            _HANDOFF.step = None
+            raise RuntimeError(
+                f"htc_star: {type(self).__name__} layer {stale.layer_idx} was updated but its attention did "
+                "not read the update: the model's attention implementation is not 'htc_star'. Use "
+                "attn_implementation='htc_star' (hk.hf.enable_star_attention(model)) with a StarCache, or a "
+                "DynamicCache with other implementations"
+            )
+        p_before = self.layers[layer_idx].seen_tokens() if layer_idx < len(self.layers) else 0
+        # The transformers class after this one in the MRO (DynamicCache, or Cache for the static one).
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        written = getattr(layer, "write_pos", None)
+        _HANDOFF.step = _StarStep(self, layer, layer_idx, p_before, keys, written)
+        return keys, values
 
 
-class StarCache(DynamicCache):
+class StarCache(_StarCacheBase, DynamicCache):
     """A ``DynamicCache`` that drops the VISUAL keys/values no later token can attend (DESIGN §2).
 
     Use it with ``attn_implementation="htc_star"``: after each layer's attention the attention
@@ -336,15 +350,7 @@ class StarCache(DynamicCache):
             Cache.__init__(self, layer_class_to_replicate=StarLayer)
         else:
             Cache.__init__(self, layers=_star_layers(config))
-        if kinds is not None:
-            StarLayout(kinds, groups, topology)  # validate early
-        self.kinds = kinds
-        self.groups = groups
-        self.topology = topology
-
-    @torch.compiler.disable
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return _update_and_hand_off(self, DynamicCache, key_states, value_states, layer_idx, *args, **kwargs)
+        self._set_layout(kinds, groups, topology)
 
     @classmethod
     def from_slots(
@@ -500,7 +506,7 @@ class StarStaticLayer(StaticLayer):
             self.slots = self.slots.index_select(0, beam_idx.to(self.slots.device))
 
 
-class StarStaticCache(Cache):
+class StarStaticCache(_StarCacheBase, Cache):
     """A static (preallocated, compile-friendly) cache that drops finished images like
     :class:`StarCache`: after prefill the kept slots move to the front of the buffer once, and
     decoding writes after them, so ``max_cache_len`` only needs to hold the kept tokens plus the
@@ -524,16 +530,8 @@ class StarStaticCache(Cache):
                 "layers only (use StarCache(config=model.config), which keeps their state)"
             )
         n_layers = config.get_text_config(decoder=True).num_hidden_layers
-        super().__init__(layers=[StarStaticLayer(max_cache_len) for _ in range(n_layers)])
-        if kinds is not None:
-            StarLayout(kinds, groups, topology)  # validate early
-        self.kinds = kinds
-        self.groups = groups
-        self.topology = topology
-
-    @torch.compiler.disable
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return _update_and_hand_off(self, Cache, key_states, value_states, layer_idx, *args, **kwargs)
+        Cache.__init__(self, layers=[StarStaticLayer(max_cache_len) for _ in range(n_layers)])
+        self._set_layout(kinds, groups, topology)
 
     def valid_lengths(self, layer_idx: int = 0) -> torch.Tensor | None:
         """Per sample, the number of slots holding a token in layer ``layer_idx`` (``[B]``)."""
