@@ -908,7 +908,9 @@ def test_triton_both_work_splits(case, persist):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_means_never_read(backend, dtype):
     """DESIGN.md §2: a query's output and every gradient are independent of the keys/values it may
-    not attend (NaN/Inf included) and of grad_out at PAD rows."""
+    not attend (NaN/Inf included) and of grad_out at PAD rows; and, the other way round, a key's
+    gradients are independent of the q and grad_out rows of the queries that may not attend it (a live
+    row holding NaN/Inf shares the dK/dV products of its tiles with the keys it does not see)."""
     dev = device_of(backend)
     layout, poison, clean_rows, clean_keys = _poison_case(dev)
     b, s = layout.kinds.shape
@@ -916,6 +918,12 @@ def test_masked_means_never_read(backend, dtype):
     q, k, v = make_qkv(b, 2, 1, s, s, d, dtype, device=dev)
     g = torch.randn(b, 2, s, d).to(dev, dtype)
     pad_rows = layout.kinds == P
+    live_row = torch.zeros_like(pad_rows)
+    # The second sample's first suffix row: it attends the text prefix, the <voco> and itself, and shares
+    # its CAUSAL tile with the later suffix keys, which the rows after it attend.
+    live_row[1, int(pad_rows[1].sum()) + 3 + 30 + 1] = True
+    seen_by_live = (hk.star_mask(layout) & live_row[:, :, None]).any(1)  # [B, S]: the keys it attends
+    assert seen_by_live.sum() == 5
 
     def run(q, k, v, g):
         q, k, v = [x.detach().requires_grad_() for x in (q, k, v)]
@@ -932,16 +940,19 @@ def test_masked_means_never_read(backend, dtype):
     clean = run(q, k, v, g)
     for value in (float("nan"), float("inf")):
         kp, vp = poisoned(k, poison, value), poisoned(v, poison, -value)
-        qp, gp = poisoned(q, pad_rows, value), poisoned(g, pad_rows, value)
+        qp, gp = poisoned(q, pad_rows | live_row, value), poisoned(g, pad_rows | live_row, value)
         dirty = run(qp, kp, vp, gp)
-        rows = clean_rows[:, None, :, None].expand_as(q)
-        keys = clean_keys[:, None, :, None].expand_as(k)
+        rows = (clean_rows & ~live_row)[:, None, :, None].expand_as(q)
+        keys = (clean_keys & ~seen_by_live)[:, None, :, None].expand_as(k)
         failures = [
             name
             for name, a, c, sel in zip(("out", "dq", "dk", "dv"), dirty, clean, (rows, rows, keys, keys))
             if not torch.equal(a[sel], c[sel])
         ]
         assert not failures, f"{value}: {failures} changed where nothing poisoned is attended"
+        # and the keys the poisoned live row does attend get its NaN (NaN scores: NaN P and dS), all of them
+        seen = seen_by_live[:, None, :, None].expand_as(k)
+        assert all(x[seen].isnan().all() for x in dirty[2:]), value
         assert (dirty[0].transpose(1, 2)[pad_rows] == 0).all() and (
             dirty[1].transpose(1, 2)[pad_rows] == 0
         ).all()
@@ -952,7 +963,8 @@ def _non_finite_case(case, d):
     (PAD rows on both sides). "values": NaN, +inf and -inf values (outputs NaN, +inf, -inf). "keys":
     q[..., 0] > 0 and keys whose first element is -inf: every allowed score of the prefix rows and of
     one visual row (``empty_rows``, positions) is -inf (softmax 0/0), the other rows see such keys next
-    to finite ones (p = 0); plus a NaN key. ``empty_rows`` is empty for "values"."""
+    to finite ones (p = 0); a +inf key (+inf scores: NaN softmax, NaN lse); plus a NaN key.
+    ``empty_rows`` is empty for "values"."""
     kinds = llava_kinds(prefix=5, visual=50, voco=1, suffix=9)
     kinds = torch.cat([torch.tensor([P, P]), kinds, torch.tensor([P])])
     layout = hk.StarLayout(kinds)
@@ -969,6 +981,7 @@ def _non_finite_case(case, d):
     q[..., 0] = q[..., 0].abs() + 0.5
     k[0, 0, text : text + 5, 0] = float("-inf")  # the whole prefix
     k[0, 0, vis + 20, 0] = float("-inf")  # row vis + 20 (star: prefix + itself) sees only -inf
+    k[0, 0, vis + 30, 0] = float("inf")  # +inf scores: its own row and the <voco> row are NaN (lse NaN)
     k[0, 0, suffix + 4, 1] = float("nan")
     return layout, q, k, v, [*range(text, text + 5), vis + 20]
 

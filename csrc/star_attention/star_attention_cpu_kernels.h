@@ -388,6 +388,20 @@ inline void gemm_except_bad(const Geometry& g, float* C, const float* W, const u
   }
 }
 
+// The key side of the same hazard, in the backward's dK += dSᵀ q and dV += Pᵀ dO: a live q or dO row
+// holding an Inf/NaN (bad[i]) is multiplied by the zeros of every key it may not attend. Such rows enter
+// those GEMMs as zeros; then C[j][:] += W[j][i] r_i (rows: row-major [BQp][Dp]) adds them, in fp32, to
+// the keys j of the span they may attend: mask[j * BQp + i] (from the span's first key), or every key of
+// a FULL span (mask null).
+inline void add_bad_rows(const Geometry& g, float* C, const float* W, const uint8_t* mask, const Span& sp, int64_t nj,
+                         const uint8_t* bad, const float* rows) {
+  for (int64_t i = sp.ilo; i < sp.ihi; ++i) {
+    if (!bad[i]) continue;
+    for (int64_t j = 0; j < nj; ++j)
+      if (!mask || mask[j * g.BQp + i]) axpby(C + j * g.Dp, 1.f, W[j * g.BQp + i], rows + i * g.Dp, g.Dp);
+  }
+}
+
 // Rows [k0, k0+nk) of one head of K or V as fp32 rows of stride *ld: the tensor itself when it is
 // fp32 with D a multiple of the vector width, else converted into `buf` (zero padded to Dp).
 template <typename T>
@@ -521,12 +535,14 @@ inline void pv_bf16(const Geometry& g, float* acc, const float* sT, const Span& 
 }
 
 // rP[ip][:] = pair(r_{ilo+2ip}, r_{ilo+2ip+1}) for the tile's rows [ilo, ihi) of q or dO (raw bf16 rows; PAD
-// rows and the odd row past ihi: zeros): the B operand of keys_bf16.
+// rows, rows flagged in bad (when not null: add_bad_rows) and the odd row past ihi: zeros): the B operand of
+// keys_bf16.
 inline void row_pairs(const c10::BFloat16* base, int64_t stride, const Geometry& g, const Rows& rows, int64_t ilo,
-                      int64_t ihi, uint32_t* rP) {
+                      int64_t ihi, const uint8_t* bad, uint32_t* rP) {
   auto row = [&](int64_t i) -> const uint16_t* {  // null: a zero row
-    return i >= ihi || rows.kind[i] == kPad ? nullptr
-                                            : reinterpret_cast<const uint16_t*>(base + (rows.r0 + i) * stride);
+    return i >= ihi || rows.kind[i] == kPad || (bad && bad[i])
+               ? nullptr
+               : reinterpret_cast<const uint16_t*>(base + (rows.r0 + i) * stride);
   };
   for (int64_t ip = 0; ilo + 2 * ip < ihi; ++ip)
     cpu::pack_pairs(rP + ip * g.Dp, row(ilo + 2 * ip), row(ilo + 2 * ip + 1), g.D, g.Dp);
@@ -793,6 +809,11 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
     std::vector<float> sT(g.bk * BQp), dpT(g.bk * BQp), kbuf(g.bk * Dp), vbuf(g.bk * Dp);
     std::vector<float> dkv_own(splits == 1 ? 2 * part_size : 0), dq_acc(g.Sq * Dp);
     std::vector<float> lse_i(BQp), delta_i(BQp), o_row(Dp), bad_row(Dp), q_raw(kBf16 ? Dp : 0);
+    // Tiles with a live q or dO row holding an Inf/NaN (add_bad_rows): the flags, and (filled only for
+    // such tiles) the q and dO tiles with those rows zeroed for the fp32 GEMMs, or the raw q rows (bf16
+    // tiles: q_safe).
+    std::vector<uint8_t> row_bad(BQp);
+    std::vector<float> q_safe, do_safe;
     // bf16 tiles: q and dO tiles in pairs along D (S, dP; pair_rows: before the transpose) and along rows
     // (dK, dV: of the rows [packed_lo, packed_hi)), P or dS in bf16 (dV, dK), dS and K in pairs along keys
     // (dQ), K and V rows with a zero after an odd D.
@@ -833,6 +854,27 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
           rows.fill(g, kin, grp, qt);
           load_tile(qh, q.stride(2), g, rows, g.scale, q_row.data(), kBf16 ? nullptr : qT.data());
           load_tile(doh, dout.stride(2), g, rows, 1.f, do_row.data(), kBf16 ? nullptr : doT.data());
+          bool tile_bad = false;
+          for (int64_t i = 0; i < BQp; ++i) {
+            row_bad[i] = i < rows.m && rows.kind[i] != kPad &&
+                         !(row_is_finite(q_row.data() + i * Dp, g.D) && row_is_finite(do_row.data() + i * Dp, g.D));
+            tile_bad |= row_bad[i] != 0;
+          }
+          if (tile_bad) {  // rare: the unscaled q rows (bf16 tiles) or the zeroed copies (fp32 GEMMs)
+            if constexpr (kBf16) {
+              q_safe.resize(BQp * Dp);
+              load_tile(qh, q.stride(2), g, rows, 1.f, q_safe.data(), nullptr);
+            } else {
+              q_safe = q_row;
+              do_safe = do_row;
+              for (int64_t i = 0; i < rows.m; ++i)
+                if (row_bad[i]) {
+                  std::fill(q_safe.begin() + i * Dp, q_safe.begin() + (i + 1) * Dp, 0.f);
+                  std::fill(do_safe.begin() + i * Dp, do_safe.begin() + (i + 1) * Dp, 0.f);
+                }
+            }
+          }
+          const uint8_t* bad = tile_bad ? row_bad.data() : nullptr;
           if constexpr (kBf16) {
             load_tile_pairs(qh, q.stride(2), g, rows, pair_rows.data(), qP.data());
             load_tile_pairs(doh, dout.stride(2), g, rows, pair_rows.data(), doP.data());
@@ -923,25 +965,36 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
             }
             // dv_j += sum_i p_ji do_i ; dk_j += sum_i ds_ji (scale q_i) ; dq_i += sum_j ds_ji k_j
             // The dq GEMM multiplies K rows by dS = 0 at masked pairs, so in partial tiles they must be finite
-            // (the dv and dk GEMMs multiply by zeros only rows of dO and q: PAD rows are loaded as zeros).
+            // (the dv and dk GEMMs multiply by zeros only rows of dO and q: PAD rows are loaded as zeros, and
+            // live rows holding an Inf/NaN are zeroed for them and added back: add_bad_rows).
             const bool k_ok = !sp.partial || k_finite.all_finite(kh, k.stride(2), g.D, j0, nj);
             if constexpr (kBf16) {
               if (sp.ilo != packed_lo || sp.ihi != packed_hi) {  // the tile's spans are mostly the same
-                row_pairs(doh, dout.stride(2), g, rows, sp.ilo, sp.ihi, doPi.data());
-                row_pairs(qh, q.stride(2), g, rows, sp.ilo, sp.ihi, qPi.data());
+                row_pairs(doh, dout.stride(2), g, rows, sp.ilo, sp.ihi, bad, doPi.data());
+                row_pairs(qh, q.stride(2), g, rows, sp.ilo, sp.ihi, bad, qPi.data());
                 packed_lo = sp.ilo;
                 packed_hi = sp.ihi;
               }
               keys_bf16<kTiles>(g, dv_acc + j0 * Dp, sT.data(), sp, nj, doPi.data(), wb.data());
               keys_bf16<kTiles>(g, dk_acc + j0 * Dp, dpT.data(), sp, nj, qPi.data(), wb.data());
+              if (bad) {  // dk_acc in units of the raw q
+                add_bad_rows(g, dv_acc + j0 * Dp, sT.data(), tmask, sp, nj, bad, do_row.data());
+                add_bad_rows(g, dk_acc + j0 * Dp, dpT.data(), tmask, sp, nj, bad, q_safe.data());
+              }
               pv_bf16<kTiles>(g, dq_tile, dpT.data(), sp, kh, k.stride(2), j0, nj, dsP.data(), kP.data(),
                                 k_ok ? nullptr : &k_finite, tmask, bad_row.data());
               continue;
             }
             const float* p_rows = sT.data() + sp.ilo;
             const float* ds_rows = dpT.data() + sp.ilo;
-            gemm(dv_acc + j0 * Dp, Dp, p_rows, BQp, 1, do_row.data() + sp.ilo * Dp, Dp, nj, Dp, mi, true);
-            gemm(dk_acc + j0 * Dp, Dp, ds_rows, BQp, 1, q_row.data() + sp.ilo * Dp, Dp, nj, Dp, mi, true);
+            gemm(dv_acc + j0 * Dp, Dp, p_rows, BQp, 1, (bad ? do_safe : do_row).data() + sp.ilo * Dp, Dp, nj, Dp, mi,
+                 true);
+            gemm(dk_acc + j0 * Dp, Dp, ds_rows, BQp, 1, (bad ? q_safe : q_row).data() + sp.ilo * Dp, Dp, nj, Dp, mi,
+                 true);
+            if (bad) {
+              add_bad_rows(g, dv_acc + j0 * Dp, sT.data(), tmask, sp, nj, bad, do_row.data());
+              add_bad_rows(g, dk_acc + j0 * Dp, dpT.data(), tmask, sp, nj, bad, q_row.data());
+            }
             if (k_ok)
               gemm(dq_tile + sp.ilo * Dp, Dp, ds_rows, 1, BQp, kt_rows, ldk, mi, Dp, nj, true);
             else

@@ -36,7 +36,9 @@
 //  - star_key_block: per (batch, kv head, key tile), over the GQA group's heads and the plan column's
 //    query tiles in a fixed order: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q.
 //  DIAG tiles take the row-wise path in both. Non-finite K rows in dQ's dS K product are handled like
-//  V rows in the forward (zeroed, exact contribution added back to the rows that may attend them).
+//  V rows in the forward (zeroed, exact contribution added back to the rows that may attend them), and
+//  live Q/dO rows holding an Inf/NaN in dK/dV's products likewise (zeroed, kept out of the MMAs, their
+//  pairs with the keys that may see them recomputed on CUDA cores).
 //
 // Soft-capping (softcap c > 0: scores s -> c tanh(s / c) before the mask) is the kCap parameter of the
 // configurations (FwdCfg, DqCfg, DkvCfg): the uncapped kernels are compiled without it. The backward
@@ -317,6 +319,41 @@ HTC_UNROLL
   }
 }
 
+// The elements (rows g and g + 8 of this lane, column col) of C fragments s[n][e4], fetched from the lane
+// that holds them (t = (col % 8) / 2, fragment col / 8): every fragment's candidate is shuffled and the
+// fragment selected after the shuffle (selecting by a run-time index first would move s to local memory).
+template <int NF>
+HTC_DEV void column_of(const float (&s)[NF][4], int col, int lane, float (&out)[2]) {
+  const int owner = (lane & ~3) | ((col & 7) >> 1);
+  out[0] = out[1] = 0.f;
+HTC_UNROLL
+  for (int n = 0; n < NF; ++n) {
+    const float x0 = simt::shfl_idx((col & 1) ? s[n][1] : s[n][0], owner);
+    const float x1 = simt::shfl_idx((col & 1) ? s[n][3] : s[n][2], owner);
+    out[0] = n == (col >> 3) ? x0 : out[0];
+    out[1] = n == (col >> 3) ? x1 : out[1];
+  }
+}
+
+// acc[n][.] += w[hh] r[col0 + 8 n + 2 t (+1)] for this lane's rows hh = 0, 1 where ok[hh] (C layout): the
+// exact contribution of a row that entered an MMA as zeros. Selected, not multiplied: a row that may not
+// see it adds exactly 0. Control flow stays warp-uniform (the fences: every kFence columns, so that the
+// row's loads are not all hoisted into registers at once).
+template <Elt E, int kFence = 8, int NF>
+HTC_DEV void add_row(float (&acc)[NF][4], const float (&w)[2], const bool (&ok)[2], const typename EltT<E>::Store* r,
+                     int col0, int t) {
+HTC_UNROLL
+  for (int n = 0; n < NF; ++n) {
+    const int col = col0 + n * 8 + 2 * t;
+    const float v0 = to_f<E>(r[col]), v1 = to_f<E>(r[col + 1]);
+    acc[n][0] += ok[0] ? w[0] * v0 : 0.f;
+    acc[n][1] += ok[0] ? w[0] * v1 : 0.f;
+    acc[n][2] += ok[1] ? w[1] * v0 : 0.f;
+    acc[n][3] += ok[1] ? w[1] * v1 : 0.f;
+    fence_every<kFence>(n);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Plan compaction: the non-SKIP entries of a plan row (forward: stride 1) or column (backward: stride
 // n_kt), as entries (index << 3) | kind in shared memory. Kinds other than FULL/CAUSAL/DIAG are
@@ -592,19 +629,26 @@ template <Elt E, int D>
 HTC_DEV bool row_nonfinite(const typename EltT<E>::Store* row) {
   constexpr int kChunk = 16 / static_cast<int>(sizeof(typename EltT<E>::Store));
   bool b = false;
+  // One chunk at a time: callers run it beside every accumulator of their kernel (rare paths).
+  HTC_UNROLL_N(1)
   for (int cc = 0; cc < D / kChunk; ++cc) b |= nonfinite16<E>(simt::load16(row + cc * kChunk));
   return b;
 }
 
-// Flags the rows of a shared [rows][LD] tile that hold an Inf/NaN in bad[] (threads 0..rows-1, one row
-// each) and, when zero, zeroes them: the MMA would otherwise spread 0 * NaN over every output row.
-template <Elt E, int D, int LD>
-HTC_DEV void flag_nonfinite_rows(typename EltT<E>::Store* s, int rows, int8_t* bad, int tid, bool zero) {
+// Flags in bad[] the rows of N shared [rows][LD] tiles sharing their rows (K or V; Q and dO) where any of
+// them holds an Inf/NaN (threads 0..rows-1, one row each) and, when zero, zeroes that row of every tile:
+// the MMA would otherwise spread 0 * NaN over every output row.
+template <Elt E, int D, int LD, int N>
+HTC_DEV void flag_nonfinite_rows(typename EltT<E>::Store* const (&s)[N], int rows, int8_t* bad, int tid, bool zero) {
   if (tid >= rows) return;
-  const bool b = row_nonfinite<E, D>(s + tid * LD);
+  bool b = false;
+HTC_UNROLL
+  for (int k = 0; k < N; ++k) b |= row_nonfinite<E, D>(s[k] + tid * LD);
   bad[tid] = b;
   if (zero && b)
-    for (int d = 0; d < D; ++d) s[tid * LD + d] = from_f<E>(0.f);
+HTC_UNROLL
+    for (int k = 0; k < N; ++k)
+      for (int d = 0; d < D; ++d) s[k][tid * LD + d] = from_f<E>(0.f);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -891,8 +935,8 @@ HTC_UNROLL
     const int32_t* tGrp = sGrp + st * BKI;
     const int32_t* tKeyPos = sKeyPos + st * BKI;
     if (any_bad && (!kDq || E == Elt::kF32)) {
-      if (!kDq) flag_nonfinite_rows<E, D, LD>(tV, BKI, sBad, tid, true);
-      if constexpr (E == Elt::kF32) flag_nonfinite_rows<E, D, LD>(tK, BKI, sBadK, tid, false);
+      if (!kDq) flag_nonfinite_rows<E, D, LD>({tV}, BKI, sBad, tid, true);
+      if constexpr (E == Elt::kF32) flag_nonfinite_rows<E, D, LD>({tK}, BKI, sBadK, tid, false);
       simt::sync_block();
     }
 
@@ -1088,7 +1132,7 @@ HTC_UNROLL
       Store* tR = kDq ? tK : tV;
       if (kDq && any_bad) {
         simt::sync_block();
-        flag_nonfinite_rows<E, D, LD>(tK + c0 * LD, KS, sBad + c0, tid, true);
+        flag_nonfinite_rows<E, D, LD>({tK + c0 * LD}, KS, sBad + c0, tid, true);
         simt::sync_block();
       }
       if (!active) continue;
@@ -1101,32 +1145,10 @@ HTC_UNROLL
         for (int jl = 0; jl < KS && c0 + jl < nk; ++jl) {
           const int j = c0 + jl;
           if (!sBad[j]) continue;
-          // The coefficient of (row, j) is held by lane (g, (jl%8)/2) in fragment jl/8. Shuffle every
-          // fragment's candidate and select after the shuffle: selecting a register by a run-time
-          // index first would move s[][] to local memory.
-          float pj[2] = {0.f, 0.f};
-          const int owner = (lane & ~3) | ((jl & 7) >> 1);
-HTC_UNROLL
-          for (int n = 0; n < NF_S; ++n) {
-            const float q0 = simt::shfl_idx((jl & 1) ? s[n][1] : s[n][0], owner);
-            const float q1 = simt::shfl_idx((jl & 1) ? s[n][3] : s[n][2], owner);
-            pj[0] = n == (jl >> 3) ? q0 : pj[0];
-            pj[1] = n == (jl >> 3) ? q1 : pj[1];
-          }
-          const Store* row = rg + static_cast<int64_t>(tKeyPos[j]) * rs;
-          // Select, not multiply: a row that may not attend j adds exactly 0. Control flow stays
-          // warp-uniform (for the fences below).
-          const bool ok0 = allowed(0, j), ok1 = allowed(1, j);
-HTC_UNROLL
-          for (int n = 0; n < NF_O; ++n) {
-            const int col = o0 + n * 8 + 2 * t;
-            const float v0 = to_f<E>(row[col]), v1 = to_f<E>(row[col + 1]);
-            acc[n][0] += ok0 ? pj[0] * v0 : 0.f;
-            acc[n][1] += ok0 ? pj[0] * v1 : 0.f;
-            acc[n][2] += ok1 ? pj[1] * v0 : 0.f;
-            acc[n][3] += ok1 ? pj[1] * v1 : 0.f;
-            fence_every<8>(n);
-          }
+          float pj[2];
+          column_of(s, jl, lane, pj);  // the coefficients of (this lane's rows, j)
+          const bool ok[2] = {allowed(0, j), allowed(1, j)};
+          add_row<E>(acc, pj, ok, rg + static_cast<int64_t>(tKeyPos[j]) * rs, o0, t);
         }
       }
 
@@ -1234,10 +1256,10 @@ struct KeyCfg {
   static constexpr size_t kKeyBytes = size_t{BK} * kLd * sizeof(Store);
   static constexpr size_t kSubBytes = size_t{QS} * kLd * sizeof(Store);
   // Layout: K | V | (Q0 dO0) .. (Q[NS-1] dO[NS-1]) | row meta [NS][QS]: pos, group, lse2, delta (4 B
-  // each), kind (1 B) | list | counts
+  // each), kind (1 B) | bad [QS] (the item's live Q/dO rows holding an Inf/NaN) | list | counts
   static constexpr size_t kOffSub = 2 * kKeyBytes;
   static constexpr size_t smem_bytes(int ns) {
-    return (2 * kKeyBytes + 2 * ns * kSubBytes + 17 * ns * QS + 15) / 16 * 16 + (kListWindow + 16) * sizeof(int);
+    return (2 * kKeyBytes + 2 * ns * kSubBytes + 17 * ns * QS + QS + 15) / 16 * 16 + (kListWindow + 16) * sizeof(int);
   }
   // Pipeline stages of query sub-tiles: as many as fit (at most 4) while two CTAs still fit sm_80's
   // 164 KB per SM (the registers allow two): a sub-tile is 16 or 32 rows, its body short beside a
@@ -1247,7 +1269,8 @@ struct KeyCfg {
       smem_bytes(4) + 1024 <= 82 * 1024 ? 4 : (smem_bytes(3) + 1024 <= 82 * 1024 ? 3 : 2);
   static constexpr size_t kOffMeta = kOffSub + 2 * kStages * kSubBytes;
   static constexpr size_t kOffKind = kOffMeta + 4 * kStages * QS * 4;
-  static constexpr size_t kOffList = (kOffKind + kStages * QS + 15) / 16 * 16;
+  static constexpr size_t kOffBad = kOffKind + kStages * QS;
+  static constexpr size_t kOffList = (kOffBad + QS + 15) / 16 * 16;
   static constexpr size_t kOffCounts = kOffList + kListWindow * sizeof(int);
   static constexpr size_t kSmemBytes = kOffCounts + 16 * sizeof(int);
   static_assert(kSmemBytes == smem_bytes(kStages), "shared memory layout");
@@ -1291,6 +1314,7 @@ HTC_DEV void star_key_block(const StarParams& p, unsigned char* smem, int tid, i
   float* mLse2 = reinterpret_cast<float*>(mGrp + NS * QS);         // [NS][QS]
   float* mDelta = mLse2 + NS * QS;                                 // [NS][QS]
   int8_t* mKind = reinterpret_cast<int8_t*>(smem + C::kOffKind);   // [NS][QS]
+  int8_t* sBad = reinterpret_cast<int8_t*>(smem + C::kOffBad);     // [QS]
   int* sList = reinterpret_cast<int*>(smem + C::kOffList);
   int* sCounts = reinterpret_cast<int*>(smem + C::kOffCounts);
 
@@ -1385,21 +1409,27 @@ HTC_UNROLL
       const int64_t stride[2] = {p.q_ss, p.do_ss};
       copy_rows<NT, D, LD>(dst, src, stride, i0, QS, tid, live);
     };
-    // fp32: do this tile's keys hold an Inf/NaN? Asked once, at the CTA's first item (K has landed
-    // with it): their scores are then recomputed in IEEE fp32 (body), the three-term split of an
-    // infinity having NaN terms.
-    auto check = [&](int, int, int) {
-      return E == Elt::kF32 && k_nonfinite < 0 && my_rows_nonfinite<E, NT, D, LD>(sK, BK, tid);
+    // CAUSAL/MASKED items: do their Q or dO rows hold an Inf/NaN (zeroed and added back in body)? And
+    // fp32: do this tile's keys? Asked once, at the CTA's first item (K has landed with it): their
+    // scores are then recomputed in IEEE fp32 (body), the three-term split of an infinity having NaN
+    // terms.
+    auto check = [&](int entry, int, int st) {
+      const int kind = entry & 7;
+      bool bad = E == Elt::kF32 && k_nonfinite < 0 && my_rows_nonfinite<E, NT, D, LD>(sK, BK, tid);
+      if (kind != kFull && kind != kDiag)
+        bad |= my_rows_nonfinite<E, NT, D, LD>(sQ(st), QS, tid) || my_rows_nonfinite<E, NT, D, LD>(sDo(st), QS, tid);
+      return bad;
     };
 
     auto body = [&](int entry, int sub, int st, int any) {
       if constexpr (E == Elt::kF32) {
-        if (k_nonfinite < 0) {
-          k_nonfinite = 0;
+        if (k_nonfinite < 0) {  // `any` may also be the Q/dO rows': the block decides on its keys alone
+          int mine = 0;
           if (any)
 HTC_UNROLL
             for (int hh = 0; hh < 2; ++hh)
-              k_nonfinite |= (1 | (row_nonfinite<E, D>(sK + (kgrp * 16 + g + 8 * hh) * LD) ? 2 << hh : 0));
+              mine |= row_nonfinite<E, D>(sK + (kgrp * 16 + g + 8 * hh) * LD) ? 2 << hh : 0;
+          k_nonfinite = mine | (any && simt::sync_block_or(mine != 0) ? 1 : 0);
         }
       }
       const int kind = entry & 7, i0 = (entry >> 3) * 64 + sub * QS;
@@ -1465,77 +1495,119 @@ HTC_UNROLL
         return kalive[hh] &
                star_allowed_flat<int>(tPos[col], kpos[hh], tKind[col], tGrp[col], kkind[hh], kgr[hh], p.topology);
       };
+      auto allowed = [&](int hh, int col) {
+        return kind == kFull ? full_ok(hh, col) : kind == kCausal ? causal_ok(hh, col) : masked_ok(hh, col);
+      };
       unsigned bits = tile_mask_bits<NF_Q>(kind, 0, t, full_ok, causal_ok, masked_ok);
+      // An item whose Q or dO rows may hold an Inf/NaN (check; CAUSAL/MASKED items only). dV += P^T dO and
+      // dK += dS^T Q multiply every row of the item by the zeros of the keys it may not attend, and
+      // 0 * Inf/NaN = NaN: such a row is zeroed before any warp reads it, kept out of every MMA (its
+      // columns of P^T and dS^T selected to 0), and its pairs with the keys that may see it are computed
+      // on CUDA cores afterwards (add_bad_rows), exactly. Rare: non-finite activations or gradients.
+      const bool fix = any && kind != kFull;
+      if (fix) {
+        flag_nonfinite_rows<E, D, LD>({sQ(st), sDo(st)}, QS, sBad, tid, true);
+        simt::sync_block();
+        unsigned out = 0;
+HTC_UNROLL
+        for (int n = 0; n < NF_Q; ++n)
+HTC_UNROLL
+          for (int e4 = 0; e4 < 4; ++e4) out |= (sBad[n * 8 + 2 * t + (e4 & 1)] ? 1u : 0u) << (n * 4 + e4);
+        bits &= ~out;
+      }
       simt::opaque(bits);  // one register across the MMAs, not its ingredients (spills otherwise)
-      if (!simt::any_warp(bits != 0)) return;
 
-      // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys (full D).
-      float s[NF_Q][4], dp[NF_Q][4];
+      if (simt::any_warp(bits != 0)) {  // does any key of this warp see these rows?
+        // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys (full D).
+        float s[NF_Q][4], dp[NF_Q][4];
 HTC_UNROLL
-      for (int n = 0; n < NF_Q; ++n)
+        for (int n = 0; n < NF_Q; ++n)
 HTC_UNROLL
-        for (int e4 = 0; e4 < 4; ++e4) s[n][e4] = dp[n][e4] = 0.f;
-      HTC_UNROLL_N(kUnrollK)
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t ak[T][4], av[T][4];
-        load_a<E>(ak, sK, LD, kgrp * 16, kk * 16, lane);
-        load_a<E>(av, sV, LD, kgrp * 16, kk * 16, lane);
+          for (int e4 = 0; e4 < 4; ++e4) s[n][e4] = dp[n][e4] = 0.f;
+        HTC_UNROLL_N(kUnrollK)
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t ak[T][4], av[T][4];
+          load_a<E>(ak, sK, LD, kgrp * 16, kk * 16, lane);
+          load_a<E>(av, sV, LD, kgrp * 16, kk * 16, lane);
 HTC_UNROLL
-        for (int np = 0; np < NF_Q / 2; ++np) {
-          uint32_t b0[T][2], b1[T][2];
-          load_b_nk<E>(b0, b1, tQ, LD, np * 16, kk * 16, lane);
-          mma_terms<E>(s[2 * np], ak, b0);
-          mma_terms<E>(s[2 * np + 1], ak, b1);
-          load_b_nk<E>(b0, b1, tDo, LD, np * 16, kk * 16, lane);
-          mma_terms<E>(dp[2 * np], av, b0);
-          mma_terms<E>(dp[2 * np + 1], av, b1);
+          for (int np = 0; np < NF_Q / 2; ++np) {
+            uint32_t b0[T][2], b1[T][2];
+            load_b_nk<E>(b0, b1, tQ, LD, np * 16, kk * 16, lane);
+            mma_terms<E>(s[2 * np], ak, b0);
+            mma_terms<E>(s[2 * np + 1], ak, b1);
+            load_b_nk<E>(b0, b1, tDo, LD, np * 16, kk * 16, lane);
+            mma_terms<E>(dp[2 * np], av, b0);
+            mma_terms<E>(dp[2 * np + 1], av, b1);
+          }
+        }
+        if constexpr (E == Elt::kF32) {
+          // The scores of this lane's keys holding an Inf/NaN, in IEEE fp32 (a quad of lanes per key).
+          if (k_nonfinite > 0) {
+            for (int il = 0; il < QS; ++il)
+HTC_UNROLL
+              for (int hh = 0; hh < 2; ++hh)
+                set_score(s, hh, il, t, (k_nonfinite & (2 << hh)) != 0,
+                          quad_dot<E, D>(sK + (kgrp * 16 + g + 8 * hh) * LD, tQ + il * LD, t));
+          }
+        }
+        // P^T and dS^T (masked pairs: 0 by select, so NaN/Inf in masked scores goes nowhere).
+HTC_UNROLL
+        for (int n = 0; n < NF_Q; ++n)
+HTC_UNROLL
+          for (int e4 = 0; e4 < 4; ++e4) {
+            const int col = n * 8 + 2 * t + (e4 & 1);
+            const tile::Capped sc = score_log2<C::kCap>(p, s[n][e4]);
+            const float pr = exp2f(sc.s - tLse2[col]);
+            const bool a = ((bits >> (n * 4 + e4)) & 1u) != 0;
+            s[n][e4] = a ? pr : 0.f;
+            dp[n][e4] = a ? pr * (dp[n][e4] - tDelta[col]) * sc.ds : 0.f;
+          }
+        // dV += P^T dO, dK += dS^T Q on this warp's slice of D.
+HTC_UNROLL
+        for (int kk = 0; kk < QS / 16; ++kk) {
+          uint32_t ap[T][4], as[T][4];
+          pack_a_from_c<E>(ap, s[2 * kk], s[2 * kk + 1]);
+          pack_a_from_c<E>(as, dp[2 * kk], dp[2 * kk + 1]);
+HTC_UNROLL
+          for (int np = 0; np < NF_D / 2; ++np) {
+            uint32_t b0[T][2], b1[T][2];
+            load_b_kn<E>(b0, b1, tDo, LD, kk * 16, d0 + np * 16, lane);
+            mma_terms<E>(dv[2 * np], ap, b0);
+            mma_terms<E>(dv[2 * np + 1], ap, b1);
+            load_b_kn<E>(b0, b1, tQ, LD, kk * 16, d0 + np * 16, lane);
+            mma_terms<E>(dk[2 * np], as, b0);
+            mma_terms<E>(dk[2 * np + 1], as, b1);
+            fence_every<kFenceProd>(np);
+          }
+          if constexpr (NF_D % 2 == 1) {  // an odd number of 8-column fragments in the slice
+            uint32_t b0[T][2];
+            load_b_kn1<E>(b0, tDo, LD, kk * 16, d0 + (NF_D - 1) * 8, lane);
+            mma_terms<E>(dv[NF_D - 1], ap, b0);
+            load_b_kn1<E>(b0, tQ, LD, kk * 16, d0 + (NF_D - 1) * 8, lane);
+            mma_terms<E>(dk[NF_D - 1], as, b0);
+          }
         }
       }
-      if constexpr (E == Elt::kF32) {
-        // The scores of this lane's keys holding an Inf/NaN, in IEEE fp32 (a quad of lanes per key).
-        if (k_nonfinite > 0) {
-          for (int il = 0; il < QS; ++il)
+      if (fix) {
+        // add_bad_rows: each zeroed row's P^T and dS^T with this lane's keys, recomputed from its raw q
+        // and dO (global memory) in fp32 (a quad of lanes per key), added where the key may see the row.
+        HTC_UNROLL_N(1)
+        for (int il = 0; il < QS; ++il) {
+          if (!sBad[il]) continue;  // block-uniform
+          const Store* qrow = qg + static_cast<int64_t>(i0 + il) * p.q_ss;
+          const Store* dorow = dog + static_cast<int64_t>(i0 + il) * p.do_ss;
+          float pr[2], ds[2];
+          bool ok[2];
 HTC_UNROLL
-            for (int hh = 0; hh < 2; ++hh)
-              set_score(s, hh, il, t, (k_nonfinite & (2 << hh)) != 0,
-                        quad_dot<E, D>(sK + (kgrp * 16 + g + 8 * hh) * LD, tQ + il * LD, t));
-        }
-      }
-      // P^T and dS^T (masked pairs: 0 by select, so NaN/Inf in masked scores goes nowhere).
-HTC_UNROLL
-      for (int n = 0; n < NF_Q; ++n)
-HTC_UNROLL
-        for (int e4 = 0; e4 < 4; ++e4) {
-          const int col = n * 8 + 2 * t + (e4 & 1);
-          const tile::Capped sc = score_log2<C::kCap>(p, s[n][e4]);
-          const float pr = exp2f(sc.s - tLse2[col]);
-          const bool a = ((bits >> (n * 4 + e4)) & 1u) != 0;
-          s[n][e4] = a ? pr : 0.f;
-          dp[n][e4] = a ? pr * (dp[n][e4] - tDelta[col]) * sc.ds : 0.f;
-        }
-      // dV += P^T dO, dK += dS^T Q on this warp's slice of D.
-HTC_UNROLL
-      for (int kk = 0; kk < QS / 16; ++kk) {
-        uint32_t ap[T][4], as[T][4];
-        pack_a_from_c<E>(ap, s[2 * kk], s[2 * kk + 1]);
-        pack_a_from_c<E>(as, dp[2 * kk], dp[2 * kk + 1]);
-HTC_UNROLL
-        for (int np = 0; np < NF_D / 2; ++np) {
-          uint32_t b0[T][2], b1[T][2];
-          load_b_kn<E>(b0, b1, tDo, LD, kk * 16, d0 + np * 16, lane);
-          mma_terms<E>(dv[2 * np], ap, b0);
-          mma_terms<E>(dv[2 * np + 1], ap, b1);
-          load_b_kn<E>(b0, b1, tQ, LD, kk * 16, d0 + np * 16, lane);
-          mma_terms<E>(dk[2 * np], as, b0);
-          mma_terms<E>(dk[2 * np + 1], as, b1);
-          fence_every<kFenceProd>(np);
-        }
-        if constexpr (NF_D % 2 == 1) {  // an odd number of 8-column fragments in the slice
-          uint32_t b0[T][2];
-          load_b_kn1<E>(b0, tDo, LD, kk * 16, d0 + (NF_D - 1) * 8, lane);
-          mma_terms<E>(dv[NF_D - 1], ap, b0);
-          load_b_kn1<E>(b0, tQ, LD, kk * 16, d0 + (NF_D - 1) * 8, lane);
-          mma_terms<E>(dk[NF_D - 1], as, b0);
+          for (int hh = 0; hh < 2; ++hh) {
+            const int r = kgrp * 16 + g + 8 * hh;
+            const tile::Capped sc = score_log2<C::kCap>(p, quad_dot<E, D>(sK + r * LD, qrow, t));
+            pr[hh] = exp2f(sc.s - tLse2[il]);
+            ds[hh] = pr[hh] * (quad_dot<E, D>(sV + r * LD, dorow, t) - tDelta[il]) * sc.ds;
+            ok[hh] = allowed(hh, il);
+          }
+          add_row<E, 1>(dv, pr, ok, dorow, d0, t);
+          add_row<E, 1>(dk, ds, ok, qrow, d0, t);
         }
       }
     };

@@ -41,8 +41,9 @@ HTC_HD RowStep row_step(float m_old, float tile_max) {
 }
 
 // Natural-log log-sum-exp of a finished row (max m in the log2 domain, sum l of exp2(s - m));
-// -inf for a row that attended nothing.
-HTC_HD float row_lse(float m, float l) { return l > 0.f ? (m + log2f(l)) * kLn2 : neg_inf(); }
+// -inf for a row that attended nothing, NaN for one whose l is NaN (a NaN or +inf score: +inf - +inf),
+// as the reference's softmax, so that the backward's p = exp(s - lse) is NaN there too.
+HTC_HD float row_lse(float m, float l) { return l == 0.f ? neg_inf() : (m + log2f(l)) * kLn2; }
 
 // The factor a finished row's accumulator is multiplied by: 1 / l. A row with l = 0 attended nothing:
 // 0 for a PAD row (the caller also zeroes its accumulator by select), NaN for a live row (every
@@ -56,9 +57,15 @@ HTC_HD float row_inv(float l, bool live) {
 // 0 or NaN by row_inv). Returns the row's lse; the combined output is sum_k weight(lse_k, lse) * o_k,
 // summed in k order (deterministic), skipping weights of 0. When no part saw an allowed key (lse -inf)
 // every weight is 1 and the sum is the empty output again: 0 on PAD rows, NaN on live ones.
+// A NaN part (row_lse) makes the row's lse NaN, whatever the other parts saw (fmaxf would drop it).
 HTC_HD float combine_lse(const float* lse, int64_t stride, int n) {
   float mx = neg_inf();
-  for (int k = 0; k < n; ++k) mx = fmaxf(mx, lse[k * stride]);
+  bool nan = false;
+  for (int k = 0; k < n; ++k) {
+    mx = fmaxf(mx, lse[k * stride]);
+    nan |= lse[k * stride] != lse[k * stride];
+  }
+  if (nan) return __builtin_nanf("");
   if (mx == neg_inf()) return neg_inf();
   float sum = 0.f;
   for (int k = 0; k < n; ++k) sum += expf(lse[k * stride] - mx);

@@ -234,6 +234,18 @@ void test_online_softmax_and_combine() {
   }
   EXPECT(worst_o < 1e-4 && worst_l < 1e-5, "online softmax: out %g lse %g", worst_o, worst_l);
   EXPECT(worst_co < 1e-4 && worst_cl < 1e-5, "split-K combine: out %g lse %g", worst_co, worst_cl);
+  // A +inf (or NaN) score: the step's p = exp2(inf - inf) makes l NaN; lse is NaN, as the reference's
+  // softmax (never the -inf of a row that attended nothing, which would make the backward's p infinite),
+  // and a NaN part makes the combined lse NaN whatever the others saw.
+  {
+    const float inf = __builtin_huge_valf();
+    const auto u = htc::tile::row_step(htc::tile::neg_inf(), inf);
+    const float l = exp2f(inf - u.ref) + exp2f(1.f - u.ref);
+    const float parts[3] = {htc::tile::neg_inf(), htc::tile::row_lse(u.m_new, l), 0.5f};
+    EXPECT(std::isnan(htc::tile::row_lse(u.m_new, l)) && htc::tile::row_lse(1.f, 0.f) == htc::tile::neg_inf() &&
+               std::isnan(htc::tile::combine_lse(parts, 1, 2)) && std::isnan(htc::tile::combine_lse(parts, 1, 3)),
+           "row_lse / combine_lse of a row with a +inf score");
+  }
   std::printf("online softmax: out %.2g lse %.2g; combine: out %.2g lse %.2g (relative)\n", worst_o, worst_l,
               worst_co, worst_cl);
 }
@@ -276,6 +288,7 @@ struct Case {
   bool three = false;     // the row kernels' three-CTA builds (RowCfg::kThree; the default where none)
   bool empty_live = false;  // each sample's first live row sees only -inf scores (run_case)
   bool inf_value = false;   // +inf in a text key's value that later rows attend (run_case)
+  bool poison_row = false;  // a live row per sample with +inf in q and NaN in grad_out (run_case)
   int text_prefix = 0;      // the layout's first text run has at least this many tokens
   uint64_t seed = 1;
 };
@@ -345,7 +358,8 @@ void fill(const Case& c, std::mt19937& rng, Tensors<E>& t) {
 // legitimately NaN); everything else must be finite and close.
 template <Elt E, int D, bool kCap, bool kThree>
 void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const std::vector<char>& poisoned,
-                    const std::vector<int>& empty_key, const std::vector<char>& inf_key, sc::StarParams p,
+                    const std::vector<int>& empty_key, const std::vector<char>& inf_key,
+                    const std::vector<int>& bad_query, sc::StarParams p,
                     const std::vector<typename EltT<E>::Store>& out, const std::vector<float>& lse) {
   using Store = typename EltT<E>::Store;
   using Dq = sc::DqCfg<E, D, kCap, kThree>;
@@ -363,6 +377,7 @@ void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const s
         const bool pad = row_pad(b, i);
         glse[row] = pad ? NAN : 0.5f * nd(rng);
         for (int d = 0; d < D; ++d) dout[row * D + d] = sc::from_f<E>(pad ? NAN : nd(rng));
+        if (i == bad_query[b]) dout[row * D + 1] = sc::from_f<E>(NAN);
       }
   std::vector<Store> dq(t.q.size(), sc::from_f<E>(NAN)), dk(t.k.size(), sc::from_f<E>(NAN)),
       dv(t.v.size(), sc::from_f<E>(NAN));
@@ -415,6 +430,7 @@ void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const s
           s[j] = ref_score(c, a, &dcap[j]);
           mx = std::max(mx, s[j]);
         }
+        bad |= i == bad_query[b];
         if (bad || mx == -INFINITY) {  // mx -inf: the row empty_key's (softmax 0/0, checked below)
           bad_row[row] = 1;
           for (int j = 0; j < c.Skv; ++j)
@@ -515,6 +531,23 @@ void check_backward(const Case& c, const Layout& L, const Tensors<E>& t, const s
   }
   EXPECT(wrong == 0, "%s: %d gradient entries of the -inf keys and their rows not as IEEE gives", c.name.c_str(),
          wrong);
+  // bad_query's row (+inf in q: NaN scores, so NaN P and dS with every key it attends): those keys' dk and
+  // dv are NaN throughout, through the exact path that keeps the row out of the MMAs.
+  int not_nan = 0, seen = 0;
+  for (int b = 0; b < c.B; ++b) {
+    if (bad_query[b] < 0) continue;
+    for (int j = 0; j < c.Skv; ++j) {
+      if (!allowed_at(L, c, b, bad_query[b], j)) continue;
+      ++seen;
+      for (int hk = 0; hk < c.Hkv; ++hk)
+        for (int d = 0; d < D; ++d) {
+          const int64_t at = ((static_cast<int64_t>(b) * c.Hkv + hk) * c.Skv + j) * D + d;
+          not_nan += !std::isnan(sc::to_f<E>(dk[at])) + !std::isnan(sc::to_f<E>(dv[at]));
+        }
+    }
+  }
+  EXPECT(not_nan == 0 && (seen > 0) == c.poison_row, "%s: %d dK/dV entries of the keys the +inf row attends not NaN",
+         c.name.c_str(), not_nan);
 }
 
 template <Elt E, int D, bool kCap, bool kThree = false>
@@ -612,6 +645,24 @@ void run_case(const Case& c) {
       EXPECT(j < c.Skv && kind_at(L, c, b, j) == htc::kText, "%s: position %d is not text", c.name.c_str(), j);
       inf_value_key[b] = j;
       for (int hk = 0; hk < c.Hkv; ++hk) t.v[b * t.v_s[0] + hk * t.v_s[1] + j * t.v_s[2] + 1] = sc::from_f<E>(INFINITY);
+    }
+  }
+
+  // c.poison_row: the query two before each sample's last live position holds +inf in q (and NaN in
+  // grad_out: check_backward); the two keys after it are masked for it (causal) and attended by their own
+  // rows, in its tile. Its output, its gradients and the dK/dV rows of the keys it attends are not
+  // compared; every other key's must stay finite and exact: in dK += dS^T Q and dV += P^T dO the row
+  // meets those keys' zeros (0 * Inf = NaN) unless it is kept out of the products.
+  std::vector<int> bad_query(c.B, -1);
+  if (c.poison_row) {
+    for (int b = 0; b < c.B; ++b) {
+      int last = c.Skv - 1;
+      while (last >= 0 && kind_at(L, c, b, last) == htc::kPad) --last;
+      const int i = last - 2 - (c.Skv - c.Sq);
+      EXPECT(i >= 0 && kind_at(L, c, b, last - 2) != htc::kPad && !allowed_at(L, c, b, i, last),
+             "%s: no row to poison", c.name.c_str());
+      bad_query[b] = i;
+      for (int h = 0; h < c.Hq; ++h) t.q[b * t.q_s[0] + h * t.q_s[1] + i * t.q_s[2]] = sc::from_f<E>(INFINITY);
     }
   }
 
@@ -716,7 +767,7 @@ void run_case(const Case& c) {
         double mx = -INFINITY, mx_plain = -INFINITY;
         for (int j = 0; j < c.Skv; ++j) {
           if (!allowed_at(L, c, b, i, j)) continue;
-          attends_poison |= poisoned[static_cast<size_t>(b) * c.Skv + j] != 0;
+          attends_poison |= poisoned[static_cast<size_t>(b) * c.Skv + j] != 0 || i == bad_query[b];
           double acc = 0;
           for (int d = 0; d < D; ++d)
             acc += double(sc::to_f<E>(t.q[b * t.q_s[0] + h * t.q_s[1] + i * t.q_s[2] + d])) *
@@ -784,7 +835,7 @@ void run_case(const Case& c) {
               rel <= tol && lse_err <= (E == Elt::kF32 ? 5e-6 : 1e-3) ? "" : "  <-- FAIL");
   EXPECT(rel <= tol, "%s: relative error %g > %g", c.name.c_str(), rel, tol);
   EXPECT(lse_err <= (E == Elt::kF32 ? 5e-6 : 1e-3), "%s: lse error %g", c.name.c_str(), lse_err);
-  if (c.backward) check_backward<E, D, kCap, kThree>(c, L, t, poisoned, empty_key, inf_key, p, out, lse);
+  if (c.backward) check_backward<E, D, kCap, kThree>(c, L, t, poisoned, empty_key, inf_key, bad_query, p, out, lse);
 }
 
 // Capped kernels are emulated at D = 64, 128, 256 only (the capping code does not depend on D, the
@@ -925,6 +976,15 @@ void test_forward_kernels() {
                  .topology = variant, .n_split = variant ? 3 : 1, .backward = false, .scale = inv_sqrt(d),
                  .inf_value = true, .text_prefix = 40,
                  .seed = static_cast<uint64_t>(2600 + variant + 10 * static_cast<int>(e))});
+    }
+  // A live row holding +inf in q and NaN in grad_out: the keys it may not attend keep finite, exact dK/dV.
+  // Prefill, both topologies, GQA.
+  for (Elt e : elts)
+    for (int variant = 0; variant < 2; ++variant) {
+      const int d = variant ? 128 : 64, s = 130 + 11 * variant;
+      run_named(e, "poisoned live row", {.B = 2, .Hq = 2, .Hkv = 1, .Sq = s, .Skv = s, .D = d, .plan_batch = 2,
+                                         .topology = variant, .scale = inv_sqrt(d), .poison_row = true,
+                                         .seed = static_cast<uint64_t>(2700 + variant + 10 * static_cast<int>(e))});
     }
   // Soft-capping (the kCap kernels): scores of standard deviation 4 against caps of 2 and 4, so that
   // many are capped hard; prefill and decode with split-K, both topologies, GQA, poisoned masked keys/values
