@@ -809,11 +809,11 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
     std::vector<float> sT(g.bk * BQp), dpT(g.bk * BQp), kbuf(g.bk * Dp), vbuf(g.bk * Dp);
     std::vector<float> dkv_own(splits == 1 ? 2 * part_size : 0), dq_acc(g.Sq * Dp);
     std::vector<float> lse_i(BQp), delta_i(BQp), o_row(Dp), bad_row(Dp), q_raw(kBf16 ? Dp : 0);
-    // Tiles with a live q or dO row holding an Inf/NaN (add_bad_rows): the flags, and (filled only for
-    // such tiles) the q and dO tiles with those rows zeroed for the fp32 GEMMs, or the raw q rows (bf16
-    // tiles: q_safe).
-    std::vector<uint8_t> row_bad(BQp);
-    std::vector<float> q_safe, do_safe;
+    // Tiles with a live q or dO row holding an Inf/NaN (add_bad_rows): the rows' flags (not to be
+    // confused with bad_row, a row buffer), and, filled only for such tiles, the q and dO tiles with
+    // those rows zeroed for the fp32 GEMMs, or (bf16 tiles) the unscaled q rows the add-back reads.
+    std::vector<uint8_t> qdo_bad(BQp);
+    std::vector<float> q_zeroed, do_zeroed, q_unscaled;
     // bf16 tiles: q and dO tiles in pairs along D (S, dP; pair_rows: before the transpose) and along rows
     // (dK, dV: of the rows [packed_lo, packed_hi)), P or dS in bf16 (dV, dK), dS and K in pairs along keys
     // (dQ), K and V rows with a zero after an odd D.
@@ -856,25 +856,25 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
           load_tile(doh, dout.stride(2), g, rows, 1.f, do_row.data(), kBf16 ? nullptr : doT.data());
           bool tile_bad = false;
           for (int64_t i = 0; i < BQp; ++i) {
-            row_bad[i] = i < rows.m && rows.kind[i] != kPad &&
+            qdo_bad[i] = i < rows.m && rows.kind[i] != kPad &&
                          !(row_is_finite(q_row.data() + i * Dp, g.D) && row_is_finite(do_row.data() + i * Dp, g.D));
-            tile_bad |= row_bad[i] != 0;
+            tile_bad |= qdo_bad[i] != 0;
           }
           if (tile_bad) {  // rare: the unscaled q rows (bf16 tiles) or the zeroed copies (fp32 GEMMs)
             if constexpr (kBf16) {
-              q_safe.resize(BQp * Dp);
-              load_tile(qh, q.stride(2), g, rows, 1.f, q_safe.data(), nullptr);
+              q_unscaled.resize(BQp * Dp);
+              load_tile(qh, q.stride(2), g, rows, 1.f, q_unscaled.data(), nullptr);
             } else {
-              q_safe = q_row;
-              do_safe = do_row;
+              q_zeroed = q_row;
+              do_zeroed = do_row;
               for (int64_t i = 0; i < rows.m; ++i)
-                if (row_bad[i]) {
-                  std::fill(q_safe.begin() + i * Dp, q_safe.begin() + (i + 1) * Dp, 0.f);
-                  std::fill(do_safe.begin() + i * Dp, do_safe.begin() + (i + 1) * Dp, 0.f);
+                if (qdo_bad[i]) {
+                  std::fill(q_zeroed.begin() + i * Dp, q_zeroed.begin() + (i + 1) * Dp, 0.f);
+                  std::fill(do_zeroed.begin() + i * Dp, do_zeroed.begin() + (i + 1) * Dp, 0.f);
                 }
             }
           }
-          const uint8_t* bad = tile_bad ? row_bad.data() : nullptr;
+          const uint8_t* bad = tile_bad ? qdo_bad.data() : nullptr;
           if constexpr (kBf16) {
             load_tile_pairs(qh, q.stride(2), g, rows, pair_rows.data(), qP.data());
             load_tile_pairs(doh, dout.stride(2), g, rows, pair_rows.data(), doP.data());
@@ -979,7 +979,7 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
               keys_bf16<kTiles>(g, dk_acc + j0 * Dp, dpT.data(), sp, nj, qPi.data(), wb.data());
               if (bad) {  // dk_acc in units of the raw q
                 add_bad_rows(g, dv_acc + j0 * Dp, sT.data(), tmask, sp, nj, bad, do_row.data());
-                add_bad_rows(g, dk_acc + j0 * Dp, dpT.data(), tmask, sp, nj, bad, q_safe.data());
+                add_bad_rows(g, dk_acc + j0 * Dp, dpT.data(), tmask, sp, nj, bad, q_unscaled.data());
               }
               pv_bf16<kTiles>(g, dq_tile, dpT.data(), sp, kh, k.stride(2), j0, nj, dsP.data(), kP.data(),
                                 k_ok ? nullptr : &k_finite, tmask, bad_row.data());
@@ -987,9 +987,9 @@ void backward_impl(const Geometry& g, const at::Tensor& dout, const at::Tensor& 
             }
             const float* p_rows = sT.data() + sp.ilo;
             const float* ds_rows = dpT.data() + sp.ilo;
-            gemm(dv_acc + j0 * Dp, Dp, p_rows, BQp, 1, (bad ? do_safe : do_row).data() + sp.ilo * Dp, Dp, nj, Dp, mi,
+            gemm(dv_acc + j0 * Dp, Dp, p_rows, BQp, 1, (bad ? do_zeroed : do_row).data() + sp.ilo * Dp, Dp, nj, Dp, mi,
                  true);
-            gemm(dk_acc + j0 * Dp, Dp, ds_rows, BQp, 1, (bad ? q_safe : q_row).data() + sp.ilo * Dp, Dp, nj, Dp, mi,
+            gemm(dk_acc + j0 * Dp, Dp, ds_rows, BQp, 1, (bad ? q_zeroed : q_row).data() + sp.ilo * Dp, Dp, nj, Dp, mi,
                  true);
             if (bad) {
               add_bad_rows(g, dv_acc + j0 * Dp, sT.data(), tmask, sp, nj, bad, do_row.data());

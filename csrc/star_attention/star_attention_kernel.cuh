@@ -1503,7 +1503,7 @@ HTC_UNROLL
       // dK += dS^T Q multiply every row of the item by the zeros of the keys it may not attend, and
       // 0 * Inf/NaN = NaN: such a row is zeroed before any warp reads it, kept out of every MMA (its
       // columns of P^T and dS^T selected to 0), and its pairs with the keys that may see it are computed
-      // on CUDA cores afterwards (add_bad_rows), exactly. Rare: non-finite activations or gradients.
+      // on CUDA cores afterwards (below), exactly. Rare: non-finite activations or gradients.
       const bool fix = any && kind != kFull;
       if (fix) {
         flag_nonfinite_rows<E, D, LD>({sQ(st), sDo(st)}, QS, sBad, tid, true);
@@ -1589,7 +1589,7 @@ HTC_UNROLL
         }
       }
       if (fix) {
-        // add_bad_rows: each zeroed row's P^T and dS^T with this lane's keys, recomputed from its raw q
+        // Each zeroed row's P^T and dS^T with this lane's keys, recomputed from its raw q
         // and dO (global memory) in fp32 (a quad of lanes per key), added where the key may see the row.
         HTC_UNROLL_N(1)
         for (int il = 0; il < QS; ++il) {
