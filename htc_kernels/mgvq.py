@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from htc_kernels.mgvq_lookup import mgvq_lookup
+from htc_kernels.mgvq_lookup import _unit, mgvq_lookup
 
 
 class QuantizerOutput(NamedTuple):
@@ -108,10 +108,12 @@ class GroupedQuantizer(nn.Module):
         zg = tokens.reshape(b, n, self.groups, self.dim)
         cb = self.codebook()
         codes, indices = mgvq_lookup(zg, cb.detach(), normalize=self.l2_norm, backend=self.backend)
-        zn = F.normalize(zg, dim=-1) if self.l2_norm else zg
+        # _unit, not F.normalize: the same values, but |z| is formed without overflow (F.normalize
+        # gives zero vectors past |z| ~ 1e19 in float32, and the losses would measure those).
+        zn = _unit(zg) if self.l2_norm else zg
         sel = cb[torch.arange(self.groups, device=cb.device), indices]  # [B, N, G, d], grad -> cb
         if self.l2_norm:
-            sel = F.normalize(sel, dim=-1)
+            sel = _unit(sel)
         codebook_loss = F.mse_loss(sel, zn.detach())
         commitment_loss = self.beta * F.mse_loss(codes.detach(), zn)
         quant = codes.reshape(b, n, self.channels)

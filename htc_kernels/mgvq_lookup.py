@@ -170,7 +170,9 @@ def mgvq_lookup_reference(
     with torch.no_grad():
         cbn = _unit(codebook) if normalize else codebook
         if normalize:
-            scores = torch.einsum("...gd,gkd->...gk", zn, cbn)
+            # Products summed per code, not a GEMM: a GEMM may round equal codes differently by
+            # their place in it, and then argmax no longer finds the lowest of equal scores.
+            scores = (zn.unsqueeze(-2) * cbn).sum(-1)
         else:
             finite = torch.isfinite(codebook).all(-1, keepdim=True)
             cmax = torch.where(finite, codebook.abs(), torch.zeros_like(codebook)).amax(dim=(1, 2))  # [G]
@@ -282,17 +284,19 @@ def mgvq_lookup(
 
     Returns:
         ``codes [..., G, d]`` (z's dtype), ``indices [..., G]`` int64 (into the group's K codes).
-        Ties break to the lowest index. Gradient: straight-through from codes to z (through z's
-        normalisation when ``normalize``) and to the selected codebook rows (index-add, through the
-        codes' normalisation).
+        Ties (equal computed scores) break to the lowest index; distances equal in exact arithmetic
+        can round apart (DESIGN §6 asks index equality only beyond rounding). Gradient:
+        straight-through from codes to z (through z's normalisation when ``normalize``) and to the
+        selected codebook rows (index-add, through the codes' normalisation).
 
     No overflow for any finite input: squares are formed after an exact power-of-two scaling (per
     vector for cosine, per group of codes and its tokens for squared L2).
 
-    Errors (ValueError, every backend; on a GPU this costs one host sync per call): NaN/Inf in z; a
-    group whose codes are all NaN/Inf; squared L2 only, a token whose magnitude against its group's
-    codes would overflow float32 even after scaling (|z| ~ 1e37 / d times the codes'), with the fix
-    in the message. A codebook row holding NaN/Inf is never selected.
+    Errors (ValueError; on a GPU this costs one host sync per call): NaN/Inf in z and a group whose
+    codes are all NaN/Inf (every backend); squared L2 on the kernels (cpu/triton/cuda), a token whose
+    magnitude against its group's codes would overflow float32 even after scaling (|z| ~ 1e37 / d
+    times the codes'), with the fix in the message (the reference scales per token and group, and
+    computes it). A codebook row holding NaN/Inf is never selected.
     """
     _check_mgvq_inputs(z, codebook, normalize)
     order = _MGVQ_GPU_ORDER if z.device.type == "cuda" else _MGVQ_CPU_ORDER

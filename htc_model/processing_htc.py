@@ -47,7 +47,12 @@ class HTCProcessor(ProcessorMixin):
         default). The number of ``<image>`` tokens must equal the number of images."""
         if text is None:
             raise ValueError("HTCProcessor: text is required (put one <image> where each image goes)")
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError(
+                "HTCProcessor: text must be a string or a non-empty list of strings, one per sample; "
+                f"got {type(text).__name__}" + (f" of {[type(t).__name__ for t in texts]}" if texts else "")
+            )
         if any(self.voco_token in t for t in texts):
             raise ValueError(
                 f"HTCProcessor: the text contains {self.voco_token}; the model inserts the <voco> tokens"
@@ -70,6 +75,15 @@ class HTCProcessor(ProcessorMixin):
             )
         text_kwargs.setdefault("padding", True)
         data = dict(self.tokenizer(texts, return_tensors=return_tensors, **text_kwargs))
+        # Counted again in the ids: truncation (or a tokenizer that splits the token) can lose an
+        # <image> whose image would then have no place in the sequence.
+        kept = [sum(int(t) == self.image_token_id for t in row) for row in data["input_ids"]]
+        if kept != per_sample:
+            raise ValueError(
+                f"HTCProcessor: the text has {per_sample} {self.image_token} token(s) per sample but the "
+                f"tokenized ids keep {kept} (truncation cut them, or the tokenizer split the token); "
+                "raise max_length or shorten the text"
+            )
         if flat:
             data["pixel_values"] = self.image_processor(flat, return_tensors=return_tensors)["pixel_values"]
         return BatchFeature(data=data, tensor_type=return_tensors)

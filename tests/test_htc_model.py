@@ -705,6 +705,11 @@ def test_processor_adds_tokens_and_feeds_the_model(tmp_path):
     with pytest.raises(ValueError, match=r"per sample the text has \[2, 1\]"):  # same total, regrouped
         proc(text=["<image> <image> what", "<image> ?"], images=[images[:1], images[1:]])
     proc(text=["<image> <image> what", "<image> ?"], images=[images[:2], images[2:]])
+    with pytest.raises(ValueError, match=r"ids keep \[0\] \(truncation"):  # the image's place was cut
+        proc(text=["what colour is it ? <image>"], images=images[:1], truncation=True, max_length=3)
+    for bad in ([], [5], 5):
+        with pytest.raises(ValueError, match="text must be a string or a non-empty list of strings"):
+            proc(text=bad)
     proc.save_pretrained(tmp_path)
     back = type(proc).from_pretrained(tmp_path)
     assert (back.image_token_id, back.voco_token_id) == (proc.image_token_id, proc.voco_token_id)

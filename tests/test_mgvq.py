@@ -94,6 +94,19 @@ def test_losses_and_gradients_match_mgvq(l2_norm):
     torch.testing.assert_close(q.embedding.weight.grad.double(), emb.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_l2_norm_losses_hold_for_huge_latents():
+    """Cosine mode is scale-invariant, losses included: at 2^66 (~7e19) F.normalize's float32 norm
+    overflows and its unit latents were zero vectors, so the losses measured |code|^2."""
+    q = hk.GroupedQuantizer(groups=2, codes_per_group=16, dim=4, l2_norm=True, usage_history=8)
+    torch.nn.init.normal_(q.embedding.weight)
+    z = torch.randn(2, 8, 3, 3)
+    small, huge = q(z), q(z * 2.0**66)  # a power of two: the scaled latents are exact
+    assert torch.equal(small.indices, huge.indices)
+    assert torch.equal(small.quant, huge.quant)
+    torch.testing.assert_close(huge.codebook_loss, small.codebook_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(huge.commitment_loss, small.commitment_loss, rtol=1e-6, atol=0)
+
+
 def test_bad_inputs():
     q = hk.GroupedQuantizer(groups=2, codes_per_group=4, dim=4, usage_history=8)
     with pytest.raises(ValueError, match="channels, expected groups\\*dim = 8"):

@@ -156,6 +156,13 @@ def test_ties_break_to_lowest_index(backend, normalize):
     z = v.clone().expand(3, G, d).clone()  # exact hit: score 1 (cosine) or distance 0 (L2)
     _, idx = hk.mgvq_lookup(z, cb, normalize=normalize, backend=backend)
     assert (idx == 5).all(), idx
+    # Latents near the copies, not on them: their scores are rounded, and must round alike (the
+    # reference's cosine was a GEMM, which rounded equal codes by their place in it).
+    later = torch.tensor([6, 21, 130, 199])
+    for dtype in (torch.float32, torch.float64) if backend == "reference" else (torch.float32,):
+        zn = (v + 0.05 * torch.randn(256, G, d)).to(dtype)
+        _, idx = hk.mgvq_lookup(zn, cb.to(dtype), normalize=normalize, backend=backend)
+        assert not torch.isin(idx, later).any(), idx[torch.isin(idx, later)]
     # Only the later copies remain: the lowest of them wins.
     cb[:, 5] = -v
     _, idx = hk.mgvq_lookup(z, cb, normalize=normalize, backend=backend)
