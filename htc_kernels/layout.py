@@ -21,6 +21,12 @@ class TokenKind(enum.IntEnum):
     PAD = 3
 
 
+# Plain ints for tensor expressions: torch.compile (torch 2.14's dynamo) traces a comparison of a
+# tensor made inside the graph with an IntEnum member (`kinds.long() == TokenKind.VISUAL`) as the
+# Python constant False, silently (its tensor rich-compare takes only tensors, SymInts and constants).
+_TEXT, _VISUAL, _VOCO, _PAD = (int(k) for k in TokenKind)
+
+
 class TileKind(enum.IntEnum):
     """What a kernel does for one (query tile, key tile) pair; mirrors csrc/star_attention/star_mask.h."""
 
@@ -39,7 +45,7 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 def _visual_run_starts(kinds: torch.Tensor) -> torch.Tensor:
     """``[B, S]`` bool: the first token of each maximal VISUAL run."""
-    visual = kinds == TokenKind.VISUAL
+    visual = kinds == _VISUAL
     starts = visual.clone()
     starts[:, 1:] &= ~visual[:, :-1]
     return starts
@@ -49,7 +55,7 @@ def _default_groups(kinds: torch.Tensor) -> torch.Tensor:
     """Each maximal VISUAL run is a new group 0, 1, ...; a VOCO run joins the last VISUAL run before it.
     TEXT/PAD get -1; VOCO with no image before it gets -1 (rejected by validation)."""
     run_index = torch.cumsum(_visual_run_starts(kinds).to(torch.int32), dim=1) - 1
-    has_group = (kinds == TokenKind.VISUAL) | (kinds == TokenKind.VOCO)
+    has_group = (kinds == _VISUAL) | (kinds == _VOCO)
     return torch.where(has_group, run_index, torch.full_like(run_index, -1)).to(torch.int32)
 
 
@@ -59,10 +65,10 @@ def orphan_voco(kinds: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     ``kinds``/``groups`` are ``[B, S]`` integer tensors. Such a VOCO token sees no image: StarLayout
     rejects it. O(B*S), plus O(S) per VOCO token whose image is not the last one before it.
     """
-    voco = kinds == TokenKind.VOCO
+    voco = kinds == _VOCO
     if not bool(voco.any()):
         return voco
-    visual = kinds == TokenKind.VISUAL
+    visual = kinds == _VISUAL
     pos = torch.arange(kinds.shape[1], device=kinds.device).expand_as(kinds)
     # Usually a VOCO token's image is the last VISUAL token before it: one cummax settles those.
     last = torch.where(visual, pos, -1).cummax(dim=1).values
@@ -137,18 +143,18 @@ class StarLayout:
                 f"StarLayout: kinds must be [B, S] or [S] with B, S >= 1, got {tuple(kinds.shape)} "
                 "(a layout of batch 1 serves inputs of any batch, B = 0 included)"
             )
-        bad = (kinds < 0) | (kinds > TokenKind.PAD)
+        bad = (kinds < 0) | (kinds > _PAD)
         if bool(bad.any()):
             b, p = (int(x) for x in bad.nonzero()[0])
             raise ValueError(f"StarLayout: kinds[{b}, {p}] = {int(kinds[b, p])} is not a TokenKind (0..3)")
         # Owned copies: the caller's tensor (possibly already int8) may be edited after validation.
         kinds = kinds.contiguous().to(torch.int8, copy=True)
-        has_group = (kinds == TokenKind.VISUAL) | (kinds == TokenKind.VOCO)
+        has_group = (kinds == _VISUAL) | (kinds == _VOCO)
         explicit = groups is not None
         if not explicit:
             groups = _default_groups(kinds)
             # By construction a VOCO token's default group is the last VISUAL run before it, or -1.
-            orphan = (kinds == TokenKind.VOCO) & (groups < 0)
+            orphan = (kinds == _VOCO) & (groups < 0)
         else:
             if groups.shape != kinds.shape:
                 raise ValueError(
@@ -193,7 +199,7 @@ class StarLayout:
         # >= 2 images in a sample: without it every visual query tile visits one mostly masked key tile
         # per earlier image (its <voco> and the text after it); LLaVA's one image gains nothing (30 tile
         # visits -> 31; 16 images 1798 -> 697, csrc/star_attention/CUDA_NOTES.md).
-        text_voco = (kinds == TokenKind.TEXT) | (kinds == TokenKind.VOCO)
+        text_voco = (kinds == _TEXT) | (kinds == _VOCO)
         count = text_voco.sum(1, keepdim=True)
         runs, panel_keys = torch.stack([_visual_run_starts(kinds).sum(1), count[:, 0]]).amax(1).tolist()
         self.uses_key_panel = runs >= 2 and panel_keys > 0
@@ -299,14 +305,14 @@ def _allowed(kinds: torch.Tensor, groups: torch.Tensor, q_len: int, topology_id:
     kq, gq = kinds[:, s - q_len :, None].long(), groups[:, s - q_len :, None]
     kk, gk = kinds[:, None, :].long(), groups[:, None, :]
     causal = (pos_k[None, :] <= pos_q[:, None])[None]
-    not_pad = (kq != TokenKind.PAD) & (kk != TokenKind.PAD)
+    not_pad = (kq != _PAD) & (kk != _PAD)
     same_group = gq == gk
     if topology_id == TOPOLOGIES["star"]:
         visual_visual = (pos_k[None, :] == pos_q[:, None])[None]
     else:
         visual_visual = same_group
-    key_visual = kk == TokenKind.VISUAL
-    visual_ok = torch.where(kq == TokenKind.VISUAL, visual_visual, (kq == TokenKind.VOCO) & same_group)
+    key_visual = kk == _VISUAL
+    visual_ok = torch.where(kq == _VISUAL, visual_visual, (kq == _VOCO) & same_group)
     return causal & not_pad & torch.where(key_visual, visual_ok, torch.ones_like(visual_ok))
 
 
@@ -320,7 +326,7 @@ def _plan_from_mask(kinds, groups, q_len, block_q, block_k, topology_id, panel=N
     if panel is not None:  # mapped keys: the panel's positions, then the sequence with TEXT/VOCO holes
         n_panel = panel.shape[1]
         filled = panel >= 0
-        holes = (kinds == TokenKind.TEXT) | (kinds == TokenKind.VOCO)
+        holes = (kinds == _TEXT) | (kinds == _VOCO)
         from_panel = allowed.gather(2, panel.long().clamp(min=0)[:, None, :].expand(b, sq, -1))
         allowed = torch.cat([from_panel & filled[:, None, :], allowed & ~holes[:, None, :]], dim=2)
         no_pos = torch.full_like(pos_k[:, :1], 2**62)
@@ -342,11 +348,11 @@ def _plan_from_mask(kinds, groups, q_len, block_q, block_k, topology_id, panel=N
     causal_eq = ((a == tiles(causal)) | ~valid).all(-1)
     diag_only = (~a | tiles(diag)).all(-1)
     diag_only[:, :, : n_panel // block_k] = False  # a panel tile is never DIAG (star_mask.h)
-    plan = torch.full(any_.shape, TileKind.MASKED, dtype=torch.uint8, device=kinds.device)
-    plan[diag_only] = TileKind.DIAG
-    plan[causal_eq] = TileKind.CAUSAL
-    plan[all_] = TileKind.FULL
-    plan[~any_] = TileKind.SKIP
+    plan = torch.full(any_.shape, int(TileKind.MASKED), dtype=torch.uint8, device=kinds.device)
+    plan[diag_only] = int(TileKind.DIAG)
+    plan[causal_eq] = int(TileKind.CAUSAL)
+    plan[all_] = int(TileKind.FULL)
+    plan[~any_] = int(TileKind.SKIP)
     return plan
 
 

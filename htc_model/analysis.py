@@ -21,7 +21,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
 import htc_kernels.hf as hkhf
-from htc_kernels.layout import TokenKind
+from htc_kernels.layout import _PAD, _VISUAL, _VOCO
 
 _PROBE_IMPLEMENTATION = "htc_star_probe"
 
@@ -49,7 +49,7 @@ class _VocoProbe:
     ``<voco>``; ``kinds`` / ``groups`` ``[B, S]`` describe the expanded sequence."""
 
     def __init__(self, kinds: torch.Tensor, groups: torch.Tensor, num_voco: int, num_visual: int):
-        voco = (kinds == TokenKind.VOCO).nonzero()  # [R, 2] (b, i), row-major: image by image
+        voco = (kinds == _VOCO).nonzero()  # [R, 2] (b, i), row-major: image by image
         self.rows_b, self.rows_i = voco[:, 0], voco[:, 1]
         self.num_images = voco.shape[0] // num_voco
         s = kinds.shape[1]
@@ -57,11 +57,9 @@ class _VocoProbe:
         own = groups[self.rows_b, self.rows_i]  # [R]
         j = torch.arange(s, device=kinds.device)
         # DESIGN.md §2 for a VOCO query: causal, no PAD key, a VISUAL key only of its own image.
-        visual = b_kinds == TokenKind.VISUAL
+        visual = b_kinds == _VISUAL
         self.allowed = (
-            (j[None] <= self.rows_i[:, None])
-            & (b_kinds != TokenKind.PAD)
-            & (~visual | (b_groups == own[:, None]))
+            (j[None] <= self.rows_i[:, None]) & (b_kinds != _PAD) & (~visual | (b_groups == own[:, None]))
         )
         # Its image's VISUAL positions, in order ([anchors; patches] with fusion="pre").
         own_visual = visual & (b_groups == own[:, None])
@@ -100,7 +98,7 @@ def voco_attention(model, pixel_values, input_ids=None, attention_mask=None) -> 
         n = pixel_values.shape[0]
         input_ids = torch.full((n, 1), cfg.image_token_id, dtype=torch.long, device=pixel_values.device)
     x = model._expand(input_ids, attention_mask, pixel_values)
-    if not bool((x.kinds == TokenKind.VOCO).any()):
+    if not bool((x.kinds == _VOCO).any()):
         raise ValueError("HTC.voco_attention: the input holds no image (no <image> token in input_ids)")
     probe = _VocoProbe(x.kinds, x.groups, cfg.num_voco_tokens, cfg.num_visual_tokens)
     lm = model.language_model

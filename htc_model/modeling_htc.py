@@ -21,7 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 import htc_kernels.hf as hkhf
-from htc_kernels.layout import TokenKind
+from htc_kernels.layout import _TEXT, _VISUAL
 
 from .compression import CompressedImages, CompressedPrompt, model_fingerprint
 from .configuration_htc import HTCConfig
@@ -626,7 +626,7 @@ class HTCForConditionalGeneration(PreTrainedModel):
         self._check_attention("compress_prompt")
         x = self._expand(input_ids[None].to(self.voco_embeddings.device), None, pixel_values)
         cache = self._prefill(x)
-        keep = (x.kinds[0] != TokenKind.VISUAL).nonzero().flatten()
+        keep = (x.kinds[0] != _VISUAL).nonzero().flatten()
         return CompressedPrompt(
             keys=[layer.keys[0].index_select(1, keep) for layer in cache.layers],
             values=[layer.values[0].index_select(1, keep) for layer in cache.layers],
@@ -681,7 +681,7 @@ class HTCForConditionalGeneration(PreTrainedModel):
             x = self._expand(input_ids, attention_mask, pixel_values)
             # Ids for generate's bookkeeping only (embeddings come from inputs_embeds): text ids, and the
             # pad id at visual/<voco> positions, whose ids may lie beyond the LM's vocabulary.
-            prompt = x.input_ids.masked_fill(x.kinds != TokenKind.TEXT, self._pad_id())
+            prompt = x.input_ids.masked_fill(x.kinds != _TEXT, self._pad_id())
             out = lm.generate(input_ids=prompt, **self._lm_inputs(x, positions=False), **kwargs)
         else:
             if pixel_values is not None:

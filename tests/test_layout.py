@@ -387,3 +387,19 @@ def test_layout_to_meta_is_a_value_error():
     layout = hk.StarLayout(torch.tensor([T, V, C]))
     with pytest.raises(ValueError, match="meta device"):
         layout.to("meta")
+
+
+def test_layout_math_traces_under_torch_compile():
+    """torch 2.14's dynamo traces ``tensor == IntEnum`` as the constant False when the tensor is made
+    in the graph: star_mask, the group inference and the extension-free plan crashed under
+    torch.compile (elsewhere such a comparison would be silently wrong); the library compares plain ints."""
+    from htc_kernels.layout import _default_groups
+
+    lay = hk.StarLayout(torch.tensor([[P, T, V, V, V, C, T, V, V, C, T, T]]), topology="group")
+    mask = torch.compile(lambda: hk.star_mask(lay, 5), backend="eager", fullgraph=True)
+    assert torch.equal(mask(), hk.star_mask(lay, 5))
+    plan = torch.compile(_plan_from_mask, backend="eager", fullgraph=True)
+    args = (lay.kinds, lay.groups, 12, 4, 4, lay.topology_id)
+    assert torch.equal(plan(*args), _plan_from_mask(*args))
+    groups = torch.compile(lambda k: _default_groups(k.long()), backend="eager", fullgraph=True)
+    assert torch.equal(groups(lay.kinds), _default_groups(lay.kinds.long()))

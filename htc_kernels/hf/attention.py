@@ -20,7 +20,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-from htc_kernels.layout import StarLayout, TokenKind, orphan_voco
+from htc_kernels.layout import _PAD, _TEXT, _VISUAL, StarLayout, orphan_voco
 from htc_kernels.star_attention import star_attention
 
 from .cache import StarCache, StarStaticCache, _compaction, _droppable, _full_layout, _take_step
@@ -90,7 +90,7 @@ def _pad_free(kinds: torch.Tensor | None) -> bool:
     version = None if kinds.is_inference() else kinds._version
     if entry is not None and entry[0]() is kinds and entry[1] == version:
         return entry[2]
-    free = not bool((kinds == TokenKind.PAD).any())
+    free = not bool((kinds == _PAD).any())
     _PAD_FREE[id(kinds)] = (weakref.ref(kinds), version, free)
     while len(_PAD_FREE) > _MEMO_SIZE:
         _PAD_FREE.popitem(last=False)
@@ -107,7 +107,7 @@ def _plain_context(padding, kinds, slots, b, sq, skv, length, key_len) -> _Forwa
     if kinds is not None:
         s0 = min(kinds.shape[1], length)
         valid = valid.clone()
-        valid[:, :s0] &= kinds.expand(b, -1)[:, :s0] != TokenKind.PAD
+        valid[:, :s0] &= kinds.expand(b, -1)[:, :s0] != _PAD
     device = valid.device
     kpos = torch.arange(skv, device=device).expand(b, skv) if slots is None else slots
     key_valid = (kpos >= 0) & valid.gather(1, kpos.clamp(min=0))
@@ -180,18 +180,18 @@ def _context(query, key, padding, kinds, groups, topology, step, softcap) -> _Fo
     else:
         safe = slots.clamp(min=0)
         filler = slots < 0
-        k = torch.where(filler, torch.full_like(safe, int(TokenKind.PAD)), full.kinds.long().gather(1, safe))
+        k = torch.where(filler, torch.full_like(safe, _PAD), full.kinds.long().gather(1, safe))
         g = torch.where(filler, torch.full_like(safe, -1), full.groups.long().gather(1, safe))
         # Compaction dropped the images of processed <voco> tokens. Without its image's VISUAL keys a
         # VOCO token attends exactly what a TEXT token does, as query and as key (DESIGN.md §2), and
         # StarLayout rejects a VOCO token without its image, so those become TEXT.
-        k = torch.where(orphan_voco(k, g), torch.full_like(k, int(TokenKind.TEXT)), k)
+        k = torch.where(orphan_voco(k, g), torch.full_like(k, _TEXT), k)
         layout = StarLayout(k, g.to(torch.int32), topology)
     compaction = None
     if step is not None:
         if slots is None:
             slots = torch.arange(skv, device=device).expand(b, skv)
-        visual = full.kinds == TokenKind.VISUAL
+        visual = full.kinds == _VISUAL
         compaction = _compaction(slots, _droppable(full.kinds, full.groups, length), visual)
     return _ForwardContext(layout=layout, key_len=key_len, compaction=compaction)
 

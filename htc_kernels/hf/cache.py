@@ -21,7 +21,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-from htc_kernels.layout import StarLayout, TokenKind
+from htc_kernels.layout import _PAD, _TEXT, _VISUAL, _VOCO, StarLayout
 
 _HANDOFF = threading.local()
 
@@ -43,7 +43,7 @@ def _droppable(kinds: torch.Tensor, groups: torch.Tensor, processed: int) -> tor
     image without VOCO tokens is never dropped (it costs memory, never exactness).
     """
     b, s = kinds.shape
-    visual = kinds == TokenKind.VISUAL
+    visual = kinds == _VISUAL
     if not bool(visual.any()):
         return torch.zeros_like(visual)
     g = groups.long().clamp(min=0)
@@ -52,7 +52,7 @@ def _droppable(kinds: torch.Tensor, groups: torch.Tensor, processed: int) -> tor
     pos = torch.arange(s, device=kinds.device).expand(b, s)
     last = torch.full((b, n_groups), -1, dtype=torch.long, device=kinds.device)
     last = last.scatter_reduce(1, g, torch.where(member, pos, -1), reduce="amax")
-    voco = (member & (kinds == TokenKind.VOCO)).long()
+    voco = (member & (kinds == _VOCO)).long()
     has_voco = torch.zeros_like(last).scatter_reduce(1, g, voco, reduce="amax") > 0
     finished = has_voco & (last < processed) & (last + 1 < max(s, processed))
     return visual & finished.gather(1, g)
@@ -112,7 +112,7 @@ def _full_layout(kinds, groups, topology, padding_mask, batch, length, device) -
     total = max(s0, length)
     kinds = kinds.to(torch.int8).expand(batch, -1)
     if total > s0:
-        kinds = torch.cat([kinds, kinds.new_full((batch, total - s0), int(TokenKind.TEXT))], dim=1)
+        kinds = torch.cat([kinds, kinds.new_full((batch, total - s0), _TEXT)], dim=1)
     if groups is not None:
         if not isinstance(groups, torch.Tensor) or groups.shape[-1] != s0:
             raise ValueError("htc_star: htc_groups must have the shape of htc_kinds")
@@ -123,7 +123,7 @@ def _full_layout(kinds, groups, topology, padding_mask, batch, length, device) -
         pad = ~padding_mask.to(device=device, dtype=torch.bool).expand(batch, -1)
         if pad.shape[1] < total:
             pad = torch.nn.functional.pad(pad, (0, total - pad.shape[1]), value=False)
-        kinds = torch.where(pad[:, :total], torch.full_like(kinds, int(TokenKind.PAD)), kinds)
+        kinds = torch.where(pad[:, :total], torch.full_like(kinds, _PAD), kinds)
     return StarLayout(kinds, groups, topology)
 
 
@@ -586,6 +586,6 @@ def compact_cache(
         slots = layer.slots
         if slots is None:
             slots = torch.arange(p, device=layer.keys.device).expand(b, p)
-        visual = full.kinds == TokenKind.VISUAL
+        visual = full.kinds == _VISUAL
         layer.compact(_compaction(slots, _droppable(full.kinds, full.groups, p), visual))
     return cache

@@ -47,7 +47,7 @@ from collections.abc import Sequence
 
 import torch
 
-from htc_kernels.layout import StarLayout, TokenKind, _default_groups
+from htc_kernels.layout import _PAD, _TEXT, _VISUAL, _VOCO, StarLayout, _default_groups
 
 _ROLES = ("image_start_token_id", "image_break_token_id", "image_end_token_id", "image_last_tile_token_id")
 
@@ -285,7 +285,7 @@ def kinds_from_input_ids(
             f"{fn}: voco_token_id overlaps the image token ids {sorted(voco_ids & grammar.all_ids)}"
         )
     grammar.voco = voco_ids
-    kinds = torch.full(ids.shape, int(TokenKind.PAD), dtype=torch.long)
+    kinds = torch.full(ids.shape, _PAD, dtype=torch.long)
     groups = torch.full(ids.shape, -1, dtype=torch.long)
     for b, (toks, pos) in enumerate(_rows(ids, mask)):
         k_row, g_row = _layout_row(grammar, voco_ids, num_voco, toks, pos, b)
@@ -295,7 +295,7 @@ def kinds_from_input_ids(
     if return_groups:
         StarLayout(kinds, groups)  # validates
     else:
-        merged = (kinds == TokenKind.VISUAL) & (_default_groups(kinds) != groups)
+        merged = (kinds == _VISUAL) & (_default_groups(kinds) != groups)
         if bool(merged.any()):
             b, p = (int(x) for x in merged.nonzero()[0])
             raise ValueError(
@@ -311,15 +311,15 @@ def kinds_from_input_ids(
 def _layout_row(grammar, voco_ids, num_voco, toks, pos, b) -> tuple[list[int], list[int]]:
     """Kinds and groups of one sample's non-PAD tokens."""
     fn = grammar.fn
-    kinds = [int(TokenKind.TEXT)] * len(toks)
+    kinds = [_TEXT] * len(toks)
     groups = [-1] * len(toks)
     spans = grammar.spans(toks, pos, b)
     for g, (first, last) in enumerate(spans):
-        kinds[first : last + 1] = [int(TokenKind.VISUAL)] * (last + 1 - first)
+        kinds[first : last + 1] = [_VISUAL] * (last + 1 - first)
         groups[first : last + 1] = [g] * (last + 1 - first)
     image = -1  # the last image that ended before the current token
     for i, t in enumerate(toks):
-        if kinds[i] == TokenKind.VISUAL:
+        if kinds[i] == _VISUAL:
             if t in voco_ids:
                 raise ValueError(
                     f"{fn}: <voco> token at position {pos[i]} of sample {b} is inside an image; "
@@ -332,7 +332,7 @@ def _layout_row(grammar, voco_ids, num_voco, toks, pos, b) -> tuple[list[int], l
                     f"{fn}: <voco> token at position {pos[i]} of sample {b} has no VISUAL run before it "
                     "(a <voco> token compresses the image that precedes it)"
                 )
-            kinds[i], groups[i] = int(TokenKind.VOCO), image
+            kinds[i], groups[i] = _VOCO, image
     if num_voco is not None:
         _check_num_voco(kinds, spans, int(num_voco), pos, b, fn)
     return kinds, groups
@@ -341,11 +341,11 @@ def _layout_row(grammar, voco_ids, num_voco, toks, pos, b) -> tuple[list[int], l
 def _check_num_voco(kinds, spans, num_voco, pos, b, fn) -> None:
     i = 0
     while i < len(kinds):
-        if kinds[i] != TokenKind.VOCO:
+        if kinds[i] != _VOCO:
             i += 1
             continue
         j = i
-        while j < len(kinds) and kinds[j] == TokenKind.VOCO:
+        while j < len(kinds) and kinds[j] == _VOCO:
             j += 1
         if j - i != num_voco:
             raise ValueError(
@@ -354,7 +354,7 @@ def _check_num_voco(kinds, spans, num_voco, pos, b, fn) -> None:
             )
         i = j
     for first, last in spans:
-        if last + 1 >= len(kinds) or kinds[last + 1] != TokenKind.VOCO:
+        if last + 1 >= len(kinds) or kinds[last + 1] != _VOCO:
             raise ValueError(
                 f"{fn}: the image at position {pos[first]} of sample {b} is not followed by "
                 f"{num_voco} <voco> token(s); use insert_voco_tokens(...) to add them"
