@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from htc_kernels import _ext
 
@@ -36,12 +37,37 @@ def compiled_reasons(t: torch.Tensor, device_type: str) -> list[str]:
 
 
 class Backend:
-    """One implementation of one kernel family."""
+    """One implementation of one kernel family. ``any_autodiff``: it differentiates in every mode
+    (the references: plain torch ops); the kernels' ops have torch.autograd (reverse mode) only."""
 
     name: str = ""
+    any_autodiff: bool = False
 
     def not_supported_reasons(self, *args, **kwargs) -> list[str]:
         raise NotImplementedError
+
+    def reasons(self, *args, **kwargs) -> list[str]:
+        """``not_supported_reasons``, plus the autodiff modes the backend lacks: through an op with
+        reverse-mode autograd only, a forward-mode tangent comes out zero or missing, silently."""
+        why = self.not_supported_reasons(*args, **kwargs)
+        return why if self.any_autodiff else [*why, *_autodiff_reasons(args)]
+
+
+def _autodiff_reasons(args) -> list[str]:
+    if torch.compiler.is_compiling():
+        return []
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if any(fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        return [
+            "forward-mode AD (torch.func.jvp, torch.autograd.forward_ad): the kernel has reverse-mode "
+            "gradients only (backend='reference' differentiates in both modes)"
+        ]
+    if any(torch._C._functorch.is_gradtrackingtensor(t) for t in tensors):
+        return [
+            "torch.func.grad / vjp / jacrev: the kernel's op has torch.autograd gradients only "
+            "(torch.autograd.grad and .backward() work; backend='reference' supports torch.func)"
+        ]
+    return []
 
 
 def triton_reasons(device) -> list[str]:
@@ -66,7 +92,7 @@ def select(family: str, backends: Sequence[Backend], name: str, *args, **kwargs)
     if name == "auto":
         reasons = {}
         for be in backends:
-            why = be.not_supported_reasons(*args, **kwargs)
+            why = be.reasons(*args, **kwargs)
             if not why:
                 return be
             reasons[be.name] = why
@@ -74,11 +100,9 @@ def select(family: str, backends: Sequence[Backend], name: str, *args, **kwargs)
     chosen = next((be for be in backends if be.name == name), None)
     if chosen is None:
         raise ValueError(f"{family}: backend {name!r} is not implemented for this op")
-    why = chosen.not_supported_reasons(*args, **kwargs)
+    why = chosen.reasons(*args, **kwargs)
     if why:
-        usable = [
-            be.name for be in backends if be is not chosen and not be.not_supported_reasons(*args, **kwargs)
-        ]
+        usable = [be.name for be in backends if be is not chosen and not be.reasons(*args, **kwargs)]
         raise ValueError(
             f"{family}: backend {name!r} cannot run this call: {'; '.join(why)}. "
             f"Backends that can: {usable or 'none'}"

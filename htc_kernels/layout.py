@@ -120,11 +120,13 @@ class StarLayout:
             (visual tokens see their whole image, the "full graph" ablation).
 
     Attributes: ``kinds`` int8 ``[B, S]``, ``groups`` int32 ``[B, S]`` (both contiguous, on the
-    device of the input), ``topology`` (str), ``topology_id`` (int), ``batch_size``, ``seq_len``,
-    ``uses_key_panel`` (bool: some sample holds >= 2 images, so the Triton and CUDA backends plan in
-    :meth:`key_panel` order; set it False to keep the plain order, e.g. to compare).
-    The layout owns copies of ``kinds``/``groups`` (the caller's tensors may change afterwards);
-    modifying ``layout.kinds`` or ``layout.groups`` in place is an error the next time it is used.
+    device of the input; read-only), ``topology`` (str), ``topology_id`` (int), ``batch_size``,
+    ``seq_len``, ``uses_key_panel`` (bool: some sample holds >= 2 images, so the Triton and CUDA
+    backends plan in :meth:`key_panel` order; set it False to keep the plain order, e.g. to compare).
+    A layout is immutable: it validates, plans and computes with copies of its own that nothing else
+    references (the caller's tensors may change afterwards). ``layout.kinds``/``layout.groups`` are
+    copies for reading; editing one in place changes nothing and is an error at the layout's next
+    use in eager code (torch.compile cannot see the edit; it computes the layout as built).
     """
 
     def __init__(self, kinds: torch.Tensor, groups: torch.Tensor | None = None, topology: str = "star"):
@@ -189,11 +191,15 @@ class StarLayout:
                 "(a <voco> token compresses the image that precedes it)"
             )
         if kinds.is_inference() or groups.is_inference():
-            # Inference tensors keep no version counter: check_unmodified could not see an edit.
+            # Inference tensors cannot be saved for backward: a layout built under inference_mode
+            # would fail a later training step (and they keep no version counter for check_unmodified).
             with torch.inference_mode(False):
                 kinds, groups = kinds.clone(), groups.clone()
-        self.kinds = kinds
-        self.groups = groups
+        # The tensors everything computes with (private), and the copies users read (check_unmodified
+        # watches those for in-place edits: with their own storage, an edit can never reach a plan).
+        self._kinds, self._groups = kinds, groups
+        with torch.inference_mode(False):
+            self._readable = (kinds.clone(), groups.clone())
         # The key panel's decision and size, fixed here (where the layout already synchronises) so that
         # key_panel() is a few torch ops with known shapes (torch.compile traces it). Worth it with
         # >= 2 images in a sample: without it every visual query tile visits one mostly masked key tile
@@ -209,25 +215,37 @@ class StarLayout:
         rank = torch.arange(panel_keys, device=kinds.device)
         self._panel = torch.where(rank < count, order, -1).to(torch.int32)
         self._panels: dict[int, torch.Tensor] = {}
-        self._versions = _versions(kinds, groups)
+        self._versions = _versions(*self._readable)
         self.topology = topology
         self.topology_id = TOPOLOGIES[topology]
         self.batch_size, self.seq_len = kinds.shape
         self._plans: dict[tuple, torch.Tensor] = {}
 
     @property
+    def kinds(self) -> torch.Tensor:
+        """int8 ``[B, S]`` token kinds (a copy: editing it changes nothing; see the class docstring)."""
+        return self._readable[0]
+
+    @property
+    def groups(self) -> torch.Tensor:
+        """int32 ``[B, S]`` groups, -1 at TEXT/PAD (a copy, like :attr:`kinds`)."""
+        return self._readable[1]
+
+    @property
     def device(self) -> torch.device:
-        return self.kinds.device
+        return self._kinds.device
 
     def check_unmodified(self) -> None:
-        """ValueError if ``kinds``/``groups`` were modified in place since validation (the cached plans
-        and the validation would be stale). Eager only: under torch.compile the layout is a constant."""
+        """ValueError if ``layout.kinds``/``layout.groups`` were edited in place: the layout never
+        computes with them (it has its own copies), and a user who edits them expects it to. Eager
+        only (the version counters are not traceable)."""
         if torch.compiler.is_compiling():
             return
-        if _versions(self.kinds, self.groups) != self._versions:
+        if _versions(*self._readable) != self._versions:
             raise ValueError(
-                "StarLayout: layout.kinds or layout.groups was modified in place after validation; "
-                "build a new StarLayout from the new kinds/groups"
+                "StarLayout: layout.kinds or layout.groups was modified in place; a layout is immutable "
+                "(it computes with its own validated copies): build a new StarLayout from the new "
+                "kinds/groups"
             )
 
     def to(self, device) -> StarLayout:
@@ -236,7 +254,7 @@ class StarLayout:
         device = torch.device(device)
         if device == self.device:
             return self
-        return StarLayout(self.kinds.to(device), self.groups.to(device), self.topology)
+        return StarLayout(self._kinds.to(device), self._groups.to(device), self.topology)
 
     def key_panel(self, block_k: int) -> torch.Tensor:
         """The TEXT/VOCO key panel: int32 ``[B, P]``, each sample's TEXT and VOCO positions in
@@ -249,7 +267,7 @@ class StarLayout:
         when :attr:`uses_key_panel`; the CPU kernel reads the plain order.
         """
         cached = self._panels.get(block_k)
-        if cached is None:
+        if not _cache_hit(cached):
             pad = -self._panel.shape[1] % block_k
             cached = torch.nn.functional.pad(self._panel, (0, pad), value=-1).contiguous()
             self._panels[block_k] = cached
@@ -278,14 +296,25 @@ class StarLayout:
         self.check_unmodified()
         key = (q_len, block_q, block_k, bool(panel))
         cached = self._plans.get(key)
-        if cached is None:
+        if not _cache_hit(cached):
             key_panel = self.key_panel(block_k) if panel else None
-            cached = build_plan(self.kinds, self.groups, q_len, block_q, block_k, self.topology_id, key_panel)
+            cached = build_plan(
+                self._kinds, self._groups, q_len, block_q, block_k, self.topology_id, key_panel
+            )
             self._plans[key] = cached
         return cached
 
     def __repr__(self) -> str:
         return f"StarLayout(batch={self.batch_size}, seq_len={self.seq_len}, topology={self.topology!r})"
+
+
+def _cache_hit(cached: torch.Tensor | None) -> bool:
+    """Whether a tensor a layout cached can serve this call. One made under inference_mode is an
+    inference tensor, which autograd cannot save: outside inference mode it is built again (and
+    replaces the cached one, which inference calls can use as well)."""
+    if cached is None:
+        return False
+    return torch.compiler.is_compiling() or not cached.is_inference() or torch.is_inference_mode_enabled()
 
 
 def build_plan(
@@ -362,4 +391,4 @@ def star_mask(layout: StarLayout, q_len: int | None = None) -> torch.Tensor:
     if not 1 <= q_len <= layout.seq_len:
         raise ValueError(f"star_mask: q_len {q_len} must be in [1, {layout.seq_len}]")
     layout.check_unmodified()
-    return _allowed(layout.kinds, layout.groups, q_len, layout.topology_id)
+    return _allowed(layout._kinds, layout._groups, q_len, layout.topology_id)

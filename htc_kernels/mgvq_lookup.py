@@ -192,6 +192,7 @@ def mgvq_lookup_reference(
 
 class _ReferenceMgvq(Backend):
     name = "reference"
+    any_autodiff = True
 
     def not_supported_reasons(self, z, codebook, normalize):
         return []
@@ -287,7 +288,9 @@ def mgvq_lookup(
         Ties (equal computed scores) break to the lowest index; distances equal in exact arithmetic
         can round apart (DESIGN §6 asks index equality only beyond rounding). Gradient:
         straight-through from codes to z (through z's normalisation when ``normalize``) and to the
-        selected codebook rows (index-add, through the codes' normalisation).
+        selected codebook rows (index-add, through the codes' normalisation); the kernels through
+        torch.autograd only (forward-mode AD and torch.func.grad/jvp: the reference, which ``"auto"``
+        then takes).
 
     No overflow for any finite input: squares are formed after an exact power-of-two scaling (per
     vector for cosine, per group of codes and its tokens for squared L2).

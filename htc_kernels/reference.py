@@ -9,6 +9,63 @@ import torch
 
 from htc_kernels.layout import StarLayout, star_mask
 
+STAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_star_inputs(q, k, v, layout) -> None:
+    """ValueError unless q/k/v and the layout make a call of star_attention (or its reference): dense
+    4-D tensors of one dtype and device, GQA heads, a layout of the keys on q's device."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"star_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided or t.is_nested:
+            raise ValueError(
+                f"star_attention: {name} must be a dense (strided) tensor, got layout {t.layout}"
+                + (" (nested)" if t.is_nested else "")
+                + "; pad the sequences and describe the padding with PAD kinds"
+            )
+        if t.dim() != 4:
+            raise ValueError(f"star_attention: {name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}")
+        if t.dtype not in STAR_DTYPES:
+            raise ValueError(
+                f"star_attention: {name} has dtype {t.dtype}; supported: float32, bfloat16, float16 "
+                "(and float64 on backend='reference'); cast q, k, v first (e.g. q.to(torch.bfloat16))"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"star_attention: dtypes differ: q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"star_attention: devices differ: q {q.device}, k {k.device}, v {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"star_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must match")
+    b, hq, sq, d = q.shape
+    if d == 0:
+        raise ValueError(f"star_attention: head dim D must be >= 1, got q {tuple(q.shape)}")
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(
+            f"star_attention: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head dim"
+        )
+    hkv, skv = k.shape[1], k.shape[2]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"star_attention: query heads {hq} not divisible by key/value heads {hkv}")
+    if not isinstance(layout, StarLayout):
+        raise ValueError(f"star_attention: layout must be a StarLayout, got {type(layout).__name__}")
+    if layout.seq_len != skv:
+        raise ValueError(
+            f"star_attention: layout describes {layout.seq_len} keys but k has Skv={skv} "
+            "(kinds must cover the whole key sequence)"
+        )
+    if layout.batch_size not in (1, b):
+        raise ValueError(f"star_attention: layout batch {layout.batch_size} != B={b} (or 1)")
+    if not 1 <= sq <= skv:
+        raise ValueError(
+            f"star_attention: need 1 <= Sq ({sq}) <= Skv ({skv}) (decode is bottom-right aligned)"
+        )
+    if layout.device != q.device:
+        raise ValueError(
+            f"star_attention: layout on {layout.device} but q on {q.device}; use layout.to(q.device)"
+        )
+    layout.check_unmodified()  # every call: backends may reuse plans cached from the old values
+
 
 def star_attention_reference(
     q: torch.Tensor,
@@ -20,8 +77,9 @@ def star_attention_reference(
 ) -> torch.Tensor:
     """Attention under the star mask, materialising the ``[B, Hq, Sq, Skv]`` scores.
 
-    q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` (any floating dtype; computed in that dtype) ->
-    ``[B, Hq, Sq, D]``. PAD query rows are exactly zero with zero gradient. Differentiable.
+    q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` (float32/bfloat16/float16/float64; computed in that
+    dtype, autocast or not; checked as star_attention checks them) -> ``[B, Hq, Sq, D]``. PAD query
+    rows are exactly zero with zero gradient. Differentiable (forward and reverse mode, any order).
 
     Scores are ``s = scale * q.k`` (scale default ``1/sqrt(D)``); with ``softcap=c`` (a finite float
     > 0; None: no capping) each becomes ``c * tanh(s / c)`` before the mask and softmax (Gemma2's
@@ -33,6 +91,13 @@ def star_attention_reference(
     them as zeros and non-finite K/V rows as zeros; the exact contribution of such a key is added back
     column by column, read only at the query rows the mask allows (rare: only poisoned inputs).
     """
+    check_star_inputs(q, k, v, layout)
+    # Autocast off: the oracle computes in q's dtype, as the kernels do (their ops are not autocast).
+    with torch.autocast(q.device.type, enabled=False):
+        return _dense_star_attention(q, k, v, layout, scale, softcap)
+
+
+def _dense_star_attention(q, k, v, layout, scale, softcap):
     b, hq, sq, d = q.shape
     hkv = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale

@@ -10,61 +10,13 @@ import torch
 
 from htc_kernels import _ext
 from htc_kernels.backends import KERNEL_DTYPES, Backend, compiled_reasons, select, triton_reasons
-from htc_kernels.layout import StarLayout
-from htc_kernels.reference import check_scale, check_softcap, star_attention_reference
-
-_STAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _check_star_inputs(q, k, v, layout) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"star_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"star_attention: {name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}")
-        if t.dtype not in _STAR_DTYPES:
-            raise ValueError(
-                f"star_attention: {name} has dtype {t.dtype}; supported: float32, bfloat16, float16 "
-                "(and float64 on backend='reference'); cast q, k, v first (e.g. q.to(torch.bfloat16))"
-            )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"star_attention: dtypes differ: q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"star_attention: devices differ: q {q.device}, k {k.device}, v {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"star_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must match")
-    b, hq, sq, d = q.shape
-    if d == 0:
-        raise ValueError(f"star_attention: head dim D must be >= 1, got q {tuple(q.shape)}")
-    if k.shape[0] != b or k.shape[3] != d:
-        raise ValueError(
-            f"star_attention: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head dim"
-        )
-    hkv, skv = k.shape[1], k.shape[2]
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"star_attention: query heads {hq} not divisible by key/value heads {hkv}")
-    if not isinstance(layout, StarLayout):
-        raise ValueError(f"star_attention: layout must be a StarLayout, got {type(layout).__name__}")
-    if layout.seq_len != skv:
-        raise ValueError(
-            f"star_attention: layout describes {layout.seq_len} keys but k has Skv={skv} "
-            "(kinds must cover the whole key sequence)"
-        )
-    if layout.batch_size not in (1, b):
-        raise ValueError(f"star_attention: layout batch {layout.batch_size} != B={b} (or 1)")
-    if not 1 <= sq <= skv:
-        raise ValueError(
-            f"star_attention: need 1 <= Sq ({sq}) <= Skv ({skv}) (decode is bottom-right aligned)"
-        )
-    if layout.device != q.device:
-        raise ValueError(
-            f"star_attention: layout on {layout.device} but q on {q.device}; use layout.to(q.device)"
-        )
-    layout.check_unmodified()  # every call: backends may reuse plans cached from the old values
+from htc_kernels.layout import StarLayout, _cache_hit
+from htc_kernels.reference import check_scale, check_softcap, check_star_inputs, star_attention_reference
 
 
 class _ReferenceStar(Backend):
     name = "reference"
+    any_autodiff = True
 
     def not_supported_reasons(self, q, k, v, layout, softcap):
         return []
@@ -89,8 +41,8 @@ class _CpuStar(Backend):
             q,
             k,
             v,
-            layout.kinds,
-            layout.groups,
+            layout._kinds,
+            layout._groups,
             plan,
             self.block_q,
             self.block_k,
@@ -136,8 +88,8 @@ class _TritonStar(Backend):
             q,
             k,
             v,
-            layout.kinds,
-            layout.groups,
+            layout._kinds,
+            layout._groups,
             *lists,
             cfg.block_q,
             cfg.block_k,
@@ -191,8 +143,8 @@ class _CudaStar(Backend):
             q,
             k,
             v,
-            layout.kinds,
-            layout.groups,
+            layout._kinds,
+            layout._groups,
             plan,
             self.block_q,
             block_k,
@@ -232,7 +184,7 @@ def _triton_tile_lists(layout: StarLayout, q_len: int, block_q: int, block_k: in
         layout._triton_tile_lists = cache
     key = (q_len, block_q, block_k, panel)
     lists = cache.get(key)
-    if lists is None:
+    if lists is None or not _cache_hit(lists[0]):  # built under inference_mode, called for training
         lists = _triton_star().tile_lists(layout.plan(q_len, block_q, block_k, panel=panel))
         cache[key] = lists
     return lists
@@ -279,9 +231,11 @@ def star_attention(
         backend: ``"auto" | "reference" | "cpu" | "triton" | "cuda"``.
 
     Returns:
-        ``[B, Hq, Sq, D]`` in q's dtype; PAD query rows are zero. Differentiable in q, k, v.
+        ``[B, Hq, Sq, D]`` in q's dtype; PAD query rows are zero. Differentiable in q, k, v: the kernels
+        through torch.autograd (reverse mode); forward-mode AD and torch.func.grad/jvp need the
+        reference (``"auto"`` takes it then; an explicit kernel backend refuses).
     """
-    _check_star_inputs(q, k, v, layout)
+    check_star_inputs(q, k, v, layout)
     try:
         softcap = check_softcap(softcap)
         scale = check_scale(scale, q.shape[-1])

@@ -314,6 +314,21 @@ def test_layout_tensors_modified_in_place_are_an_error():
         hk.star_mask(layout)
 
 
+def test_layout_is_immutable():
+    """The layout computes with private copies: its attributes cannot be reassigned, and edits that
+    no version counter sees (``.data``, numpy) never reach a mask or a plan."""
+    layout = hk.StarLayout(llava_kinds(3, 70, 1, 5))
+    mask, plan = hk.star_mask(layout), layout.plan(layout.seq_len, 16, 16).clone()
+    for name in ("kinds", "groups"):
+        with pytest.raises(AttributeError):
+            setattr(layout, name, torch.zeros_like(getattr(layout, name)))
+    layout.kinds.data[0, 10:40] = T
+    layout.groups.numpy()[0, :] = 0
+    assert torch.equal(hk.star_mask(layout), mask)
+    layout._plans.clear()  # built again: from the layout's own copies
+    assert torch.equal(layout.plan(layout.seq_len, 16, 16), plan)
+
+
 def test_layout_built_in_inference_mode_still_sees_edits():
     """Inference tensors keep no version counter: the layout's own copies are normal tensors."""
     with torch.inference_mode():

@@ -485,3 +485,15 @@ def test_unsupported_float_dtype_is_a_value_error():
     cb = torch.randn(2, 8, 4).to(torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="float8_e4m3fn.*float32, bfloat16, float16"):
         hk.mgvq_lookup(z, cb)
+
+
+@pytest.mark.skipif(not _ext.available(), reason="no extension")
+def test_forward_mode_ad_takes_the_reference_or_is_refused():
+    """The kernels' ops have reverse-mode autograd only (a jvp through them came out zero): "auto"
+    takes the reference under torch.func.jvp, an explicit kernel backend refuses."""
+    z, cb, t = torch.randn(5, 2, 4), torch.randn(2, 7, 4), torch.randn(5, 2, 4)
+    want = torch.func.jvp(lambda z: hk.mgvq_lookup_reference(z, cb)[0], (z,), (t,))[1]
+    got = torch.func.jvp(lambda z: hk.mgvq_lookup(z, cb)[0], (z,), (t,))[1]
+    assert float(want.norm()) > 0 and torch.allclose(got, want)
+    with pytest.raises(ValueError, match="forward-mode AD"):
+        torch.func.jvp(lambda z: hk.mgvq_lookup(z, cb, backend="cpu")[0], (z,), (t,))

@@ -517,6 +517,88 @@ def test_empty_batch_forward_and_backward(backend):
 
 
 @needs_ext
+def test_compiled_call_computes_the_layout_as_built():
+    """torch.compile cannot see an in-place edit of layout.kinds (the check is eager-only); the
+    compiled call keeps computing the layout as built, never a mix of the edit and the old plan."""
+    layout = hk.StarLayout(torch.tensor([V] * 40 + [C] + [T] * 7))
+    q, k, v = make_qkv(1, 2, 2, 48, 48, 16, torch.float32)
+    f = torch.compile(
+        lambda q, k, v: hk.star_attention(q, k, v, layout, backend="cpu"), backend="aot_eager", fullgraph=True
+    )
+    expected = hk.star_attention_reference(q.double(), k.double(), v.double(), layout)
+    assert rel(f(q, k, v), expected) < 1e-5
+    layout.kinds[0, :41] = T
+    assert rel(f(q, k, v), expected) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_layout_first_used_under_inference_mode_then_trained(backend):
+    """Plans (and Triton's tile lists) cached under inference_mode are inference tensors, which
+    autograd cannot save: a training step after a generation step gets plans of its own."""
+    if backend == "cuda" and not torch.cuda.is_available():
+        pytest.skip(NO_GPU)
+    device = TRITON_DEVICE if backend in ("triton", "cuda") else "cpu"
+    layout = hk.StarLayout(llava_kinds(2, 3, 1, 2)).to(device)
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 64, torch.float32, device=device)
+    with torch.inference_mode():
+        hk.star_attention(q, k, v, layout, backend=backend)
+    q.requires_grad_()
+    hk.star_attention(q, k, v, layout, backend=backend).sum().backward()
+    q64 = q.detach().double().requires_grad_()
+    hk.star_attention_reference(q64, k.double(), v.double(), layout).sum().backward()
+    assert rel(q.grad, q64.grad) < 1e-4
+    with torch.inference_mode():  # and the plans built for training serve inference again
+        hk.star_attention(q, k, v, layout, backend=backend)
+
+
+@needs_ext
+def test_forward_mode_ad_and_torch_func_take_the_reference_or_are_refused():
+    """The kernels' ops have reverse-mode autograd only: through them a forward-mode tangent came out
+    zero (torch.func.jvp) or None (forward_ad), silently. "auto" takes the reference then; an
+    explicit kernel backend refuses, saying why."""
+    import torch.autograd.forward_ad as fwAD
+
+    layout = hk.StarLayout(llava_kinds(2, 3, 1, 2))
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16, torch.float32)
+    t = torch.randn_like(q)
+    q64, k64, v64 = (x.double() for x in (q, k, v))
+    want = torch.func.jvp(lambda q: hk.star_attention_reference(q, k64, v64, layout), (q64,), (t.double(),))[
+        1
+    ]
+    got = torch.func.jvp(lambda q: hk.star_attention(q, k, v, layout), (q,), (t,))[1]
+    assert float(want.norm()) > 0 and rel(got, want) < 1e-5
+    with pytest.raises(ValueError, match="forward-mode AD .* Backends that can: \\['reference'\\]"):
+        torch.func.jvp(lambda q: hk.star_attention(q, k, v, layout, backend="cpu"), (q,), (t,))
+    with fwAD.dual_level(), pytest.raises(ValueError, match="forward-mode AD"):
+        hk.star_attention(q, k, fwAD.make_dual(v, torch.randn_like(v)), layout, backend="cpu")
+    want = torch.func.grad(lambda q: hk.star_attention_reference(q, k64, v64, layout).pow(2).sum())(q64)
+    got = torch.func.grad(lambda q: hk.star_attention(q, k, v, layout).pow(2).sum())(q)
+    assert rel(got, want) < 1e-5
+    with pytest.raises(ValueError, match="torch.func.grad"):
+        torch.func.grad(lambda q: hk.star_attention(q, k, v, layout, backend="cpu").sum())(q)
+    out = hk.star_attention(q.requires_grad_(), k, v, layout)  # torch.autograd: the kernel, as before
+    assert "htc_star_attention" in type(out.grad_fn).__name__
+
+
+def test_reference_checks_its_inputs_and_ignores_autocast():
+    """The oracle is public: it refuses what star_attention refuses (Hq=1 over Hkv=2 returned an empty
+    tensor; batch 2 over 1 broadcast), and computes in q's dtype under autocast, as the kernels do."""
+    layout = hk.StarLayout(llava_kinds(2, 3, 1, 2))
+    q, k, v = make_qkv(1, 1, 2, 8, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="not divisible"):
+        hk.star_attention_reference(q, k, v, layout)
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="disagree on batch"):
+        hk.star_attention_reference(torch.cat([q, q]), k, v, layout)
+    with pytest.raises(ValueError, match="dense \\(strided\\)"):
+        hk.star_attention(q, k.to_sparse(), v, layout)
+    want = hk.star_attention_reference(q, k, v, layout)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = hk.star_attention(q, k, v, layout, backend="reference")
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@needs_ext
 def test_double_backward_is_refused_not_zero():
     """The kernels' gradients are first-order only: a second derivative through them would silently
     be zero (PyTorch only warns), so create_graph=True is refused; the reference differentiates."""
