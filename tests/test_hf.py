@@ -468,6 +468,11 @@ BAD_INPUTS = {
     ),
     "other_device": (lambda k: k.to("meta"), "htc_kinds is on meta"),
     "bad_batch": (lambda k: torch.cat([k, k, k]), r"htc_kinds must be \[B, S\]"),
+    # Cast before validation, these were truncated (1.6 -> VISUAL) or wrapped (257 -> VISUAL).
+    "float_kinds": (lambda k: k.float() + 0.6 * (k == V), "must be an integer tensor"),
+    "wrapping_kinds": (lambda k: k + 256 * (k == V), "257 is not a TokenKind"),
+    # Padding comes from attention_mask: a PAD kind at a kept token dropped that token silently.
+    "pad_at_a_token": (lambda k: torch.cat([k[:, :-1], torch.full_like(k[:, :1], P)], 1), "is PAD but"),
 }
 
 
@@ -1110,6 +1115,52 @@ def test_attention_dropout_in_training_is_refused(attention_calls):
     model.train()
     with pytest.raises(NotImplementedError, match="attention dropout"):
         model(ids, attention_mask=mask, htc_kinds=kinds)
+    assert attention_calls == []
+
+
+def test_generate_takes_one_dimensional_and_batch_one_kinds_per_sample():
+    """generate repeats htc_kinds along dim 0 per beam: a 1-D [S] tensor had its positions
+    interleaved (silently, with a cache), and a [1, S] one over B > 1 met B * beams rows. Both are
+    made [B, S] first."""
+    model = hk.hf.enable_star_attention(_qwen2())
+    kinds = torch.tensor(LAYOUTS["left_pad"][1])
+    ids = torch.randint(2, VOCAB, (2, kinds.shape[0]))
+    mask = torch.ones_like(ids)
+    kw = dict(attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False)
+    want = model.generate(ids, htc_kinds=kinds.expand(2, -1), **kw)
+    for given in (kinds, kinds[None]):
+        assert torch.equal(model.generate(ids, htc_kinds=given, **kw), want)
+
+
+def test_window_of_a_layer_given_a_mask_dict_is_enforced():
+    """A per-layer-type mask dict skips the mask function, where the window rule lived: the layer's
+    sliding_window kwarg is checked in the attention function too (the window was dropped)."""
+    cfg = _tiny_config(
+        Qwen2Config, use_sliding_window=True, sliding_window=8, max_window_layers=1, **_TOKEN_IDS
+    )
+    model = Qwen2ForCausalLM(cfg).eval()
+    model.set_attn_implementation("htc_star")
+    ids = torch.randint(2, VOCAB, (1, 12))
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="sliding window"):
+        model(ids, attention_mask={"full_attention": mask, "sliding_attention": mask})
+    with torch.no_grad():  # inside the window: exact, as the plain path
+        got = model(
+            ids[:, :8], attention_mask={"full_attention": mask[:, :8], "sliding_attention": mask[:, :8]}
+        )
+        assert torch.equal(got.logits, model(ids[:, :8], attention_mask=mask[:, :8]).logits)
+
+
+def test_topology_and_backend_values_are_checked_without_kinds(attention_calls):
+    model = _llama()
+    model.set_attn_implementation("htc_star")
+    ids, mask, _ = _inputs(LAYOUTS["left_pad"])
+    for kw, match in (
+        (dict(htc_topology="stars"), "htc_topology='stars'"),
+        (dict(htc_backend="gpu"), "htc_backend"),
+    ):
+        with torch.no_grad(), pytest.raises(ValueError, match=match):
+            model(ids, attention_mask=mask, **kw)
     assert attention_calls == []
 
 

@@ -593,6 +593,15 @@ def test_qwen2_vl_generate_with_wrapped_images_and_inserted_voco():
         )
     keep = mask.bool()
     assert _rel(out.logits[keep], ref[keep]) <= 1e-4
+    # The whole model under htc_star (docs/hf.md "Other ways in"): the model passes the htc_* kwargs
+    # on to its vision tower, whose patches are a sequence htc_kinds does not describe: SDPA there.
+    model.set_attn_implementation("htc_star")
+    with torch.no_grad():
+        whole = model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, htc_kinds=kinds, htc_groups=groups, **images
+        )
+    assert torch.equal(whole.logits, out.logits)
+    hk.hf.enable_star_attention(model)
     gen = model.generate(
         input_ids=ids,
         attention_mask=mask,

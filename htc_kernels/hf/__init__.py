@@ -20,7 +20,8 @@ How the pieces fit (transformers 5.x):
 * ``htc_kinds`` (``[B, S]`` :class:`~htc_kernels.TokenKind` of the prompt; optional
   ``htc_groups``, ``htc_topology``, ``htc_backend``; any other ``htc_*`` is an error) is a forward
   kwarg; models built on ``AttentionInterface`` forward it unchanged to every attention call.
-  Positions after the prompt (generated tokens) are TEXT. ``kinds_from_input_ids(...,
+  Positions after the prompt (generated tokens) are TEXT. Padding comes from the 2-D
+  ``attention_mask`` (a PAD kind at a token it keeps is an error). ``kinds_from_input_ids(...,
   return_groups=True)`` gives ``htc_kinds`` and ``htc_groups`` (one group per image, also for
   tiled and row-split images: Idefics3/SmolVLM, Pixtral/Mistral3); ``image_tokens(config or
   processor)`` gives its arguments for known families.

@@ -20,7 +20,8 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-from htc_kernels.layout import _PAD, _TEXT, _VISUAL, StarLayout, orphan_voco
+from htc_kernels.backends import BACKEND_NAMES
+from htc_kernels.layout import _PAD, _TEXT, _VISUAL, TOPOLOGIES, StarLayout, orphan_voco
 from htc_kernels.star_attention import star_attention
 
 from .cache import StarCache, StarStaticCache, _compaction, _droppable, _full_layout, _take_step
@@ -124,16 +125,31 @@ def _plain_context(padding, kinds, slots, b, sq, skv, length, key_len) -> _Forwa
     )
 
 
+def _tokens_seen(step, padding, sq: int, skv: int) -> int:
+    """Positions seen once this forward's queries are in: a cache's count before them plus Sq, else
+    the 2-D padding mask's length (htc_star's mask function makes it exactly that), else the keys'."""
+    if step is not None:
+        return step.p_before + sq
+    return padding.shape[1] if padding is not None else skv
+
+
+def _refuse_beyond_window(window, length: int) -> None:
+    if window is None or length > window:
+        raise NotImplementedError(
+            f"htc_star: {length} tokens exceed the model's sliding window ({window}); star "
+            "attention is exact only while the window covers every token seen"
+        )
+
+
 def _context(query, key, padding, kinds, groups, topology, step, softcap) -> _ForwardContext:
     """The context of this forward (see :class:`_ForwardContext`); raises on inconsistent inputs."""
     b, sq, skv = query.shape[0], query.shape[2], key.shape[2]
     device = query.device
     key_len = None
+    length = _tokens_seen(step, padding, sq, skv)
     if step is not None:
         p_before = step.p_before
-        length = p_before + sq
     else:
-        length = padding.shape[1] if padding is not None else skv
         p_before = length - sq
         slots = None
         if skv > length:  # a preallocated (static) buffer: slot i is position i, written up to length
@@ -270,9 +286,10 @@ def star_attention_mask(
     forward. ``L = q_offset + q_length``: with a static cache that is shorter than the buffer the
     mask would otherwise span, and the attention function slices the keys to it.
 
-    Sliding windows: exact while ``L`` fits the window, refused beyond (the one place this rule is
-    enforced). Bidirectional masks (a vision encoder running under ``"htc_star"``) get SDPA's mask,
-    and the attention function runs SDPA for them (encoders only; a decoder layer is refused).
+    Sliding windows: exact while ``L`` fits the window, refused beyond (here, and in the attention
+    function for a layer that passes ``sliding_window`` with a mask this function did not make).
+    Bidirectional masks (a vision encoder running under ``"htc_star"``) get SDPA's mask, and the
+    attention function runs SDPA for them (encoders only; a decoder layer is refused).
     Any other mask (prefix-LM, packed sequences, chunked attention, custom overlays) is refused.
     """
     parts = _mask_parts(mask_function)
@@ -301,12 +318,7 @@ def star_attention_mask(
             "per layer"
         )
     if any("sliding_window" in p for p in parts):
-        window = getattr(config, "sliding_window", None) if config is not None else None
-        if window is None or length > window:
-            raise NotImplementedError(
-                f"htc_star: {length} tokens exceed the model's sliding window ({window}); star "
-                "attention is exact only while the window covers every token seen"
-            )
+        _refuse_beyond_window(getattr(config, "sliding_window", None) if config is not None else None, length)
     known = {"causal_mask_function", "padding_mask_function"}
     unknown = sorted(p for p in parts if "sliding_window" not in p and p.split(".")[0] not in known)
     unknown = [p for p in unknown if not p.startswith(("and_masks", "or_masks"))]
@@ -330,6 +342,10 @@ def _check_kwargs(kwargs) -> None:
         raise ValueError(
             f"htc_star: unknown keyword argument(s) {unknown}; expected some of {list(HTC_KWARGS)}"
         )
+    for name, allowed in (("htc_topology", tuple(TOPOLOGIES)), ("htc_backend", BACKEND_NAMES)):
+        value = kwargs.get(name)
+        if value is not None and value not in allowed:
+            raise ValueError(f"htc_star: {name}={value!r}; expected one of {allowed}")
 
 
 # Attention kwargs some models pass that change the scores or the rows they mix, and that the star
@@ -377,10 +393,15 @@ def star_attention_forward(
     step = _take_step(key, module)
     is_causal = kwargs.get("is_causal")
     if is_causal is False or (is_causal is None and not getattr(module, "is_causal", True)):
+        # A decoder layer, a cache, or htc_kinds describing this very sequence: a bidirectional text
+        # model. Not htc_kinds of another sequence: some VLMs (Qwen2-VL) pass the text forward's
+        # kwargs on to their vision tower, whose patches are a sequence of their own.
+        kinds = kwargs.get("htc_kinds")
         if (
             getattr(module, "layer_idx", None) is not None
             or step is not None
-            or kwargs.get("htc_kinds") is not None
+            or (isinstance(kinds, torch.Tensor) and kinds.shape[-1] == key.shape[2])
+            or (kinds is not None and not isinstance(kinds, torch.Tensor))
         ):
             raise NotImplementedError(
                 f"htc_star: {type(module).__name__} attends bidirectionally (is_causal=False, e.g. a "
@@ -428,6 +449,9 @@ def star_attention_forward(
     if ctx is None:
         ctx = _context(query, key, attention_mask, kinds, groups, topology, step, softcap)
         _memo_put(attention_mask, memo_key, ctx)
+    window = kwargs.get("sliding_window")
+    if window is not None:  # per layer (Gemma alternates), and a mask dict skips the mask function
+        _refuse_beyond_window(window, _tokens_seen(step, attention_mask, query.shape[2], key.shape[2]))
     if ctx.key_len is not None:
         key, value = key[:, :, : ctx.key_len], value[:, :, : ctx.key_len]
     if ctx.layout is None:
@@ -499,6 +523,7 @@ def enable_star_attention(model, backend: str | None = None):
             if kinds is not None:
                 ids = kwargs.get("input_ids", args[0] if args else None)
                 _validate_generate_kinds(kinds, ids, kwargs.get("htc_groups"), kwargs.get("htc_topology"))
+                kwargs.update(_per_sample(kwargs, ids))
             if model._htc_star_backend is not None and "htc_backend" not in kwargs:
                 kwargs["htc_backend"] = model._htc_star_backend
             no_cache = kwargs.get("use_cache", True) is False
@@ -550,6 +575,22 @@ def _check_implementation(model, kwargs) -> None:
             "would ignore them and attend causally; call hk.hf.enable_star_attention(model) (or "
             "set_attn_implementation back to 'htc_star') first"
         )
+
+
+def _per_sample(kwargs, input_ids) -> dict:
+    """htc_kinds / htc_groups as ``[B, S]``: generate repeats batch tensors per beam and returned
+    sequence along dim 0, which would interleave the positions of a 1-D ``[S]`` tensor and leave a
+    batch-1 one for B > 1 at the wrong batch."""
+    rows = next(
+        (t.shape[0] for t in (input_ids, kwargs.get("inputs_embeds")) if isinstance(t, torch.Tensor)), 1
+    )
+    out = {}
+    for name in ("htc_kinds", "htc_groups"):
+        t = kwargs.get(name)
+        if isinstance(t, torch.Tensor):
+            t = t.reshape(1, -1) if t.dim() == 1 else t
+            out[name] = t.expand(rows, -1) if t.shape[0] == 1 else t
+    return out
 
 
 def _validate_generate_kinds(kinds, input_ids, groups, topology) -> None:

@@ -21,7 +21,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-from htc_kernels.layout import _PAD, _TEXT, _VISUAL, _VOCO, StarLayout
+from htc_kernels.layout import _PAD, _TEXT, _VISUAL, _VOCO, StarLayout, _check_int_tensor
 
 _HANDOFF = threading.local()
 
@@ -106,24 +106,39 @@ def _full_layout(kinds, groups, topology, padding_mask, batch, length, device) -
         groups = groups[None] if isinstance(groups, torch.Tensor) and groups.dim() == 1 else groups
     if kinds.dim() != 2 or kinds.shape[0] not in (1, batch):
         raise ValueError(
-            f"htc_star: htc_kinds must be [B, S] with B = {batch} (or 1), got {tuple(kinds.shape)}"
+            f"htc_star: htc_kinds must be [B, S] with B = {batch} (or 1), got {tuple(kinds.shape)} "
+            "(beam search and num_return_sequences multiply the batch: generate expands htc_kinds "
+            "after enable_star_attention; the kinds of a StarCache(kinds=...) must be given expanded, "
+            "e.g. kinds.repeat_interleave(num_beams, dim=0))"
         )
+    # Validated before any cast: a cast to int8/int32 would truncate floats and wrap 257 to VISUAL.
+    _check_int_tensor("htc_kinds", kinds)
     s0 = kinds.shape[1]
     total = max(s0, length)
-    kinds = kinds.to(torch.int8).expand(batch, -1)
+    kinds = kinds.long().expand(batch, -1)
     if total > s0:
         kinds = torch.cat([kinds, kinds.new_full((batch, total - s0), _TEXT)], dim=1)
     if groups is not None:
         if not isinstance(groups, torch.Tensor) or groups.shape[-1] != s0:
             raise ValueError("htc_star: htc_groups must have the shape of htc_kinds")
-        groups = groups.to(torch.int32).expand(batch, -1)
+        _check_int_tensor("htc_groups", groups)
+        groups = groups.long().expand(batch, -1)
         if total > s0:
             groups = torch.cat([groups, groups.new_full((batch, total - s0), -1)], dim=1)
     if padding_mask is not None:
         pad = ~padding_mask.to(device=device, dtype=torch.bool).expand(batch, -1)
         if pad.shape[1] < total:
             pad = torch.nn.functional.pad(pad, (0, total - pad.shape[1]), value=False)
-        kinds = torch.where(pad[:, :total], torch.full_like(kinds, _PAD), kinds)
+        pad = pad[:, :total]
+        # Padding comes from attention_mask; a PAD kind at a token it keeps would drop that token.
+        conflict = (kinds == _PAD) & ~pad
+        if bool(conflict.any()):
+            b, p = (int(x) for x in conflict.nonzero()[0])
+            raise ValueError(
+                f"htc_star: htc_kinds[{b}, {p}] is PAD but attention_mask keeps that token; padding "
+                "comes from attention_mask (make the two agree, or mark the token's kind)"
+            )
+        kinds = torch.where(pad, torch.full_like(kinds, _PAD), kinds)
     return StarLayout(kinds, groups, topology)
 
 
