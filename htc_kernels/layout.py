@@ -388,6 +388,8 @@ def _plan_from_mask(kinds, groups, q_len, block_q, block_k, topology_id, panel=N
 def star_mask(layout: StarLayout, q_len: int | None = None) -> torch.Tensor:
     """Dense mask ``[B, Sq, Skv]`` bool, True = may attend (for tests and debugging: O(S²) memory)."""
     q_len = layout.seq_len if q_len is None else q_len
+    if not isinstance(q_len, int) or isinstance(q_len, bool):
+        raise ValueError(f"star_mask: q_len must be an int or None, got {type(q_len).__name__}")
     if not 1 <= q_len <= layout.seq_len:
         raise ValueError(f"star_mask: q_len {q_len} must be in [1, {layout.seq_len}]")
     layout.check_unmodified()

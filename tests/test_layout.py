@@ -285,6 +285,9 @@ def test_plan_rejects_non_int_sizes():
     for args in [(8.0, 4, 4), (8, True, 4), (8, 4, "4")]:
         with pytest.raises(ValueError, match="must be an int"):
             layout.plan(*args)
+    for q_len in (True, 2.5):  # True was taken as q_len = 1
+        with pytest.raises(ValueError, match="q_len must be an int or None"):
+            hk.star_mask(layout, q_len)
 
 
 def test_layout_owns_copies_of_its_tensors():

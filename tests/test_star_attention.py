@@ -634,6 +634,9 @@ def test_op_level_checks_raise_not_crash():
     for softcap in (-1.0, float("nan"), float("inf"), 1e-40):
         with pytest.raises(RuntimeError, match="softcap must be 0 .no capping. or a positive normal float32"):
             torch.ops.htc.star_attention(q, k, v, layout.kinds, layout.groups, plan, 64, 64, 0, 0.25, softcap)
+    for scale in (float("nan"), float("-inf"), 1e300):  # every output was NaN
+        with pytest.raises(RuntimeError, match="scale must be a finite float32"):
+            torch.ops.htc.star_attention(q, k, v, layout.kinds, layout.groups, plan, 64, 64, 0, scale, 0.0)
 
 
 @needs_ext
@@ -672,6 +675,9 @@ def test_triton_op_checks_raise_not_crash():
     for softcap in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="softcap"):
             torch.ops.htc.star_attention_triton(*base, *lists, block_q, block_k, topology, 0.25, softcap)
+    for scale in (float("nan"), float("-inf"), 1e300):
+        with pytest.raises(ValueError, match="scale must be a finite float32"):
+            torch.ops.htc.star_attention_triton(*base, *lists, block_q, block_k, topology, scale, 0.0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> star_attention_cpu(const at::Tensor& q_in, co
                                                       const std::optional<at::Tensor>& panel) {
   check_attention_args(q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology, panel);
   check_no_panel("star_attention", panel);
-  check_softcap("star_attention", softcap);
+  check_scalars("star_attention", scale, softcap);
   check_kinds_values("star_attention", kinds);
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const auto kinds_c = kinds.contiguous();
@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> star_attention_backward_cpu(
     int64_t block_k, int64_t topology, double scale, double softcap, const std::optional<at::Tensor>& panel) {
   check_attention_args(q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology, panel);
   check_no_panel("star_attention_backward", panel);
-  check_softcap("star_attention_backward", softcap);
+  check_scalars("star_attention_backward", scale, softcap);
   check_backward_args(dout_in, q_in, out_in, lse, grad_lse);
   check_kinds_values("star_attention_backward", kinds);
   const auto q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);

@@ -166,7 +166,7 @@ Problem prepare(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, 
                 int64_t block_k, int64_t topology, double scale, double softcap,
                 const std::optional<at::Tensor>& panel) {
   check_attention_args(q_in, k_in, v_in, kinds, groups, plan, block_q, block_k, topology, panel);
-  check_softcap(op, softcap);
+  check_scalars(op, scale, softcap);
   TORCH_CHECK(q_in.is_cuda(), op, " (CUDA): tensors are on ", q_in.device());
   Problem pr;
   pr.dev = q_in.get_device();

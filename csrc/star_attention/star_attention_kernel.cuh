@@ -1147,7 +1147,7 @@ HTC_UNROLL
           if (!sBad[j]) continue;
           float pj[2];
           column_of(s, jl, lane, pj);  // the coefficients of (this lane's rows, j)
-          const bool ok[2] = {allowed(0, j), allowed(1, j)};
+          const bool ok[2] = {allowed(0, j) != 0, allowed(1, j) != 0};
           add_row<E>(acc, pj, ok, rg + static_cast<int64_t>(tKeyPos[j]) * rs, o0, t);
         }
       }

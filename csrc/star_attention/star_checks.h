@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -73,9 +74,12 @@ inline void check_panel_values(const at::Tensor& panel, const at::Tensor& kinds)
   }
 }
 
+// scale: a finite float32 (the kernels take it as one: NaN, inf or 1e300 made every output NaN).
 // softcap: 0 (no capping) or a cap c > 0 that is a normal float32 (scores become c * tanh(s / c); the
 // kernels use 1/c, which must be finite).
-inline void check_softcap(const char* op, double softcap) {
+inline void check_scalars(const char* op, double scale, double softcap) {
+  TORCH_CHECK(std::abs(scale) <= std::numeric_limits<float>::max(), op,
+              ": scale must be a finite float32, got ", scale);
   TORCH_CHECK(softcap == 0.0 || (softcap >= std::numeric_limits<float>::min() &&
                                  softcap <= std::numeric_limits<float>::max()),
               op, ": softcap must be 0 (no capping) or a positive normal float32 (",

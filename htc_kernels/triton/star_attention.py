@@ -931,10 +931,10 @@ def _new_output(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _check_args(
-    q, k, v, kinds, groups, q_tiles, q_steps, k_tiles, k_steps, block_q, block_k, topology, softcap, panel
-):
-    """Shape/dtype checks of a raw op call (the public function has validated already): ValueError."""
+def _check_args(q, k, v, kinds, groups, q_tiles, q_steps, k_tiles, k_steps, block_q, block_k, *scalars):
+    """Shape/dtype checks of a raw op call (the public function has validated already): ValueError.
+    ``scalars``: topology, scale, softcap, panel."""
+    topology, scale, softcap, panel = scalars
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
         raise ValueError("star_attention_triton: q, k, v must be 4-D [B, H, S, D] with k.shape == v.shape")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -981,6 +981,8 @@ def _check_args(
             )
     if topology not in (0, 1):
         raise ValueError(f"star_attention_triton: topology must be 0 (star) or 1 (group), got {topology}")
+    if not abs(scale) <= _F32_MAX:  # NaN too: the kernels take a float32 (every output would be NaN)
+        raise ValueError(f"star_attention_triton: scale must be a finite float32, got {scale}")
     if not (softcap == 0.0 or _F32_TINY <= softcap <= _F32_MAX):  # NaN fails both
         raise ValueError(
             "star_attention_triton: softcap must be 0 (no capping) or a positive normal float32, "
@@ -1057,7 +1059,7 @@ def star_attention_triton(
     ``c * tanh(s / c)``; 0: no capping. panel: int32 ``[Bp, P]`` (:meth:`StarLayout.key_panel`) when
     the tile lists are of a key-panel plan, else None."""
     lists = (q_tiles, q_steps, k_tiles, k_steps)
-    _check_args(q, k, v, kinds, groups, *lists, block_q, block_k, topology, softcap, panel)
+    _check_args(q, k, v, kinds, groups, *lists, block_q, block_k, topology, scale, softcap, panel)
     kinds, groups, q_tiles, q_steps = (t.contiguous() for t in (kinds, groups, q_tiles, q_steps))
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
@@ -1119,7 +1121,7 @@ def star_attention_triton_backward(
     softcap and panel the forward's -> dq, dk, dv (shapes and dtypes of q, k, v). Deterministic: no
     atomics."""
     lists = (q_tiles, q_steps, k_tiles, k_steps)
-    _check_args(q, k, v, kinds, groups, *lists, block_q, block_k, topology, softcap, panel)
+    _check_args(q, k, v, kinds, groups, *lists, block_q, block_k, topology, scale, softcap, panel)
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     if dout.shape != q.shape or out.shape != q.shape or lse.shape != (b, hq, sq):
