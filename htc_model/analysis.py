@@ -323,8 +323,13 @@ def latency_breakdown(
         ("warmup", warmup, 0),
         ("repeats", repeats, 1),
     ):
-        if not isinstance(value, int) or value < least:
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ValueError(f"HTC.latency_breakdown: {name} must be an int >= {least}, got {value!r}")
+    if pixel_values is None or (isinstance(pixel_values, torch.Tensor) and pixel_values.shape[0] == 0):
+        raise ValueError(
+            "HTC.latency_breakdown: it times the image encoders too; pass pixel_values [N >= 1, 3, H, W] "
+            "(text-only prompts have no breakdown to take)"
+        )
     device = model.voco_embeddings.device
     cuda = device.type == "cuda"
     if parallel_encoders is None:

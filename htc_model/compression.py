@@ -23,8 +23,9 @@ _FORMAT = "htc-compressed-images/2"
 
 def model_fingerprint(model) -> str:
     """What decides the compressed KV besides the shapes: the HTC model's weights (a sampled hash,
-    cached) and the settings that change the computation without changing a shape."""
-    from .serving.kv_format import weights_fingerprint
+    cached), the settings that change the computation without changing a shape, and the text
+    config's fields that fix the KV's meaning (RoPE, norm epsilon: the vLLM file's config hash)."""
+    from .serving.kv_format import config_fingerprint, weights_fingerprint
 
     cfg = model.config
     settings = (
@@ -34,6 +35,7 @@ def model_fingerprint(model) -> str:
         cfg.vision_feature_layer,
         cfg.vision_feature_select_strategy,
         cfg.continuous_projector,
+        config_fingerprint(cfg.text_config.to_dict()),
     )
     text = f"{settings}|{weights_fingerprint(model)}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -188,6 +190,7 @@ class CompressedImages:
             ],
             positions=positions,
             seq_length=self.seq_length,
+            model=self.model,
         )
 
     def export_for_vllm(self, path: str | os.PathLike, model, index: int = 0):
@@ -227,7 +230,9 @@ class CompressedImages:
                 "weights, topology, fusion or vision features); compress them with this model"
             )
         if k.dtype != lm_dtype:
-            problems.append(f"dtype {k.dtype}, the model runs in {lm_dtype} (use .to(dtype=...))")
+            problems.append(
+                f"dtype {k.dtype}, the model runs in {lm_dtype} (compress with the model in its dtype)"
+            )
         if len(self) != batch:
             problems.append(
                 f"{len(self)} image(s) for {batch} question(s) (one image per question; .select([...]) "
@@ -273,12 +278,15 @@ class CompressedPrompt:
         positions: ``[n]`` int64, strictly increasing: each kept slot's position in the one-shot
             prompt (the dropped visual tokens leave gaps).
         seq_length: the one-shot prompt's length: the position of the first token after it.
+        model: :func:`model_fingerprint` of the model that compressed it (``export_for_vllm`` refuses
+            another model); empty for a prompt built by hand (then unchecked).
     """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     positions: torch.Tensor
     seq_length: int
+    model: str = ""
 
     @property
     def num_tokens(self) -> int:

@@ -632,6 +632,7 @@ class HTCForConditionalGeneration(PreTrainedModel):
             values=[layer.values[0].index_select(1, keep) for layer in cache.layers],
             positions=x.position_ids[0, keep].clone(),
             seq_length=x.input_ids.shape[1],
+            model=model_fingerprint(self),
         )
 
     @torch.no_grad()
@@ -693,11 +694,16 @@ class HTCForConditionalGeneration(PreTrainedModel):
                     "cannot hold <image> or <voco> tokens"
                 )
             compressed._check(self.config, lm.dtype, ids.shape[0], model_fingerprint(self))
+            gen = kwargs.get("generation_config") or lm.generation_config
+            if kwargs.get("use_cache", gen.use_cache) is False:
+                raise ValueError(
+                    "HTC.generate(compressed=...): the images live only in the compressed cache; "
+                    "use_cache=False would recompute the prompt without them (drop use_cache=False)"
+                )
             compressed = compressed.to(device=ids.device)
             # The question continues the compressed prompt: its tokens must end the row (left padding).
             ids, mask = _left_align(ids, mask, self._pad_id())
             # generate repeats each sample for beams / returned sequences but not a given cache.
-            gen = kwargs.get("generation_config") or lm.generation_config
             expand = max(
                 int(kwargs.get("num_beams", gen.num_beams) or 1),
                 int(kwargs.get("num_return_sequences", gen.num_return_sequences) or 1),

@@ -814,6 +814,28 @@ def test_compressed_images_are_refused_by_another_model(tmp_path):
             other.generate(questions, attention_mask=qmask, compressed=loaded, max_new_tokens=1)
     with pytest.raises(ValueError, match="indices must be integers"):
         compressed.select(torch.tensor([True, False]))
+    # Changes no version counter sees: a .data write (fused optimizers step the same way) kept the
+    # cached weights fingerprint, and the old images were accepted.
+    with torch.no_grad():
+        model.language_model.model.layers[0].self_attn.k_proj.weight.data.mul_(1.5)
+    with pytest.raises(ValueError, match="compressed by another model"):
+        model.generate(questions, attention_mask=qmask, compressed=loaded, max_new_tokens=1)
+    # The text config's KV settings (same weights, same shapes): the norm epsilon.
+    eps = _model(text_config={**HTCConfig.tiny().text_config.to_dict(), "rms_norm_eps": 0.5})
+    with pytest.raises(ValueError, match="compressed by another model"):
+        eps.generate(questions, attention_mask=qmask, compressed=compressed, max_new_tokens=1)
+
+
+def test_compressed_generate_refuses_use_cache_false():
+    """The images live only in the compressed cache: without a cache every step after the first re-read
+    the placeholder ids standing for them as text (other tokens, silently)."""
+    model = _model()
+    compressed = model.compress(_pixels(model.config, 2), prefix_ids=PREFIX)
+    questions, qmask = QUESTIONS
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model.generate(
+            questions, attention_mask=qmask, compressed=compressed, max_new_tokens=3, use_cache=False
+        )
 
 
 def test_voco_attention_images_alone_and_bad_inputs():
@@ -884,9 +906,13 @@ def test_latency_breakdown(monkeypatch):
         (dict(repeats=0), "repeats"),
         (dict(parallel_encoders=True), "CUDA streams"),
         (dict(input_ids=torch.tensor([[1, IMG, 5, IMG]])), "pixel_values has 1"),
+        (dict(decode_tokens=True), "decode_tokens"),  # was taken as 1
+        (dict(pixel_values=None, input_ids=torch.tensor([[1, 5]])), "pass pixel_values"),  # AttributeError
+        (dict(pixel_values=torch.zeros(0, 3, 32, 32)), "pass pixel_values"),  # a reshape error
     ],
 )
 def test_latency_breakdown_bad_inputs(kw, match):
     model = _model()
+    kw = {"pixel_values": _pixels(model.config, 1), **kw}
     with pytest.raises(ValueError, match=match):
-        model.latency_breakdown(_pixels(model.config, 1), **kw)
+        model.latency_breakdown(**kw)

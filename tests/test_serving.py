@@ -262,7 +262,30 @@ def test_export_refuses_wrong_model(tmp_path):
         c.export_for_vllm(tmp_path / "x.safetensors", _model(num_key_value_heads=4))
     with pytest.raises(ValueError, match=r"in torch.float32, got .*float64"):
         c.to(dtype=torch.float64).export_for_vllm(tmp_path / "x.safetensors", model)
+    other = _model()  # the same shapes, another k_proj: its file would have carried other's hash
+    with torch.no_grad():
+        other.language_model.model.layers[0].self_attn.k_proj.weight.add_(1e-3)
+    for prompt in (
+        c.prompt(0),
+        model.compress_prompt(torch.tensor([*PREFIX, IMG]), _pixels(model.config, 1)),
+    ):
+        with pytest.raises(ValueError, match="compressed by another model"):
+            prompt.export_for_vllm(tmp_path / "x.safetensors", other)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_file_missing_a_metadata_field_is_a_value_error(tmp_path):
+    """The connector refuses a request on a ValueError; a KeyError would reach vLLM's scheduler."""
+    model = _model()
+    c = model.compress(_pixels(model.config, 1), prefix_ids=torch.tensor(PREFIX))
+    path = tmp_path / "x.safetensors"
+    c.export_for_vllm(path, model)
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    del meta["hf_question_position"]
+    save_file(tensors, tmp_path / "y.safetensors", metadata=meta)
+    with pytest.raises(ValueError, match=r"metadata lacks \['hf_question_position'\]"):
+        read_info(tmp_path / "y.safetensors")
 
 
 def test_head_range():

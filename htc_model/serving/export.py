@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from ..compression import CompressedPrompt
+from ..compression import CompressedPrompt, model_fingerprint
 from .kv_format import WEIGHTS_KEY, KVFileInfo, config_fingerprint, weights_fingerprint
 
 __all__ = ["EXACT_ROPE_TYPES", "export_for_vllm", "rotate_keys", "save_language_model", "weights_fingerprint"]
@@ -113,6 +113,12 @@ def export_for_vllm(prompt: CompressedPrompt, path: str | os.PathLike, model) ->
         problems.append("positions must be [n], n >= 1, non-negative and strictly increasing")
     elif int(pos[-1]) >= prompt.seq_length:
         problems.append(f"positions reach {int(pos[-1])}, beyond seq_length {prompt.seq_length}")
+    mine = model_fingerprint(model)
+    if prompt.model and prompt.model != mine:
+        problems.append(
+            f"compressed by another model (fingerprint {prompt.model!r}, this model's {mine!r}: other "
+            "weights, settings or dtype); export with the model that compressed it"
+        )
     if problems:
         raise ValueError("export_for_vllm: this prompt does not fit the model: " + "; ".join(problems))
 

@@ -95,7 +95,15 @@ class KVFileInfo:
                 "from htc_model.serving.export_for_vllm)"
             )
         kinds = cls.__dataclass_fields__
-        return cls(**{k: (int(meta[k]) if kinds[k].type == "int" else meta[k]) for k in kinds})
+        missing = [k for k in kinds if k not in meta]
+        if missing:  # a ValueError refuses the one request (vLLM's scheduler would not survive a KeyError)
+            raise ValueError(
+                f"htc vLLM KV file{where}: metadata lacks {missing} (a damaged or hand-edited file)"
+            )
+        try:
+            return cls(**{k: (int(meta[k]) if kinds[k].type == "int" else meta[k]) for k in kinds})
+        except ValueError as e:
+            raise ValueError(f"htc vLLM KV file{where}: bad metadata ({e})") from None
 
 
 def read_info(path: str | os.PathLike) -> KVFileInfo:
@@ -377,11 +385,15 @@ def weights_fingerprint(lm) -> str:
     """sha256 (16 hex digits) of a module's parameters and buffers (a language model's, or a whole
     HTC model's): every name, shape and dtype, and an evenly strided sample of up to 65,536 elements
     of each tensor (a checkpoint read once, not 14 GB hashed per export). Tells a file's model from
-    another with the same config (a fine-tune, another seed); cached on ``lm`` until a tensor changes."""
+    another with the same config (a fine-tune, another seed); cached on ``lm`` until a tensor changes:
+    its storage, its version counter, or one of 16 sampled elements (fused optimizers and ``.data``
+    writes change values without bumping the version; a write missing both the counter and the
+    samples stays unseen, as it would by the sampled hash itself)."""
     import torch
 
     tensors = sorted(lm.state_dict(keep_vars=True).items())
-    key = tuple((name, t.data_ptr(), t._version) for name, t in tensors)
+    with torch.no_grad():
+        key = tuple((name, t.data_ptr(), t._version, _sample_bytes(t, 16)) for name, t in tensors)
     cached = getattr(lm, "_htc_weights_fingerprint", None)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -389,9 +401,16 @@ def weights_fingerprint(lm) -> str:
     with torch.no_grad():
         for name, t in tensors:
             digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-            flat = t.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // _SAMPLE)].to("cpu").contiguous()
-            digest.update(sample.view(torch.uint8).numpy().tobytes())
+            digest.update(_sample_bytes(t, _SAMPLE))
     value = digest.hexdigest()[:16]
     lm._htc_weights_fingerprint = (key, value)
     return value
+
+
+def _sample_bytes(t, count: int) -> bytes:
+    """The bytes of an evenly strided sample of at most ``count`` elements of ``t`` (on the host)."""
+    import torch
+
+    flat = t.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // count)].to("cpu").contiguous()
+    return sample.view(torch.uint8).numpy().tobytes()
