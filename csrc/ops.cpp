@@ -3,9 +3,18 @@
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include <array>
 #include <string>
+#include <vector>
 
 #include "common/cpu_dispatch.h"
+
+#if defined(HTC_WITH_CUDA)
+namespace htc {
+std::vector<std::array<int64_t, 6>> star_cuda_smem_table();  // star_attention_cuda.cu
+std::vector<std::array<int64_t, 3>> mgvq_cuda_smem_table();  // mgvq_lookup_cuda.cu
+}  // namespace htc
+#endif
 
 TORCH_LIBRARY(htc, m) {
   // kinds [B, Skv] int8 (TokenKind), groups [B, Skv] int32 -> plan [B, ceil(q_len/block_q),
@@ -68,6 +77,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["openmp"] = false;
 #endif
     info["compiler"] = std::string(__VERSION__);
+    return info;
+  });
+  // Shared memory per block of the CUDA kernels (empty without CUDA), read once at import by the backend
+  // selection: "star" rows {dtype, head dim, softcap, forward, dQ, dK/dV}, "mgvq" rows {d, normalize, bytes}.
+  m.def("cuda_smem", []() {
+    pybind11::dict info;
+    pybind11::list star, mgvq;
+#if defined(HTC_WITH_CUDA)
+    for (const auto& r : htc::star_cuda_smem_table()) star.append(pybind11::make_tuple(r[0], r[1], r[2], r[3], r[4], r[5]));
+    for (const auto& r : htc::mgvq_cuda_smem_table()) mgvq.append(pybind11::make_tuple(r[0], r[1], r[2]));
+#endif
+    info["star"] = star;
+    info["mgvq"] = mgvq;
     return info;
   });
   // The CPU kernel variant in use (decided here, at load: HTC_CPU_ISA is read once), or why none is.

@@ -32,6 +32,8 @@ else:
             raise ImportError(f"stale build: ops {missing} missing from htc_kernels._C")
         if not hasattr(_C, "cpu_isa"):
             raise ImportError("stale build: htc_kernels._C predates the CPU ISA dispatch (no cpu_isa)")
+        if not hasattr(_C, "cuda_smem"):
+            raise ImportError("stale build: htc_kernels._C predates cuda_smem")
     except Exception as exc:  # noqa: BLE001 (any import failure must degrade, not crash)
         _C = None
         LOAD_ERROR = f"{type(exc).__name__}: {exc}"
@@ -52,6 +54,19 @@ def available() -> bool:
 
 def build_info() -> dict:
     return dict(_C.build_info()) if _C is not None else {}
+
+
+def cuda_smem() -> dict:
+    """Shared memory per block of the CUDA kernels: ``"star"`` ``{(dtype, D, softcap): (forward, dq,
+    dkdv)}`` (dtype 0 fp32, 1 bf16, 2 fp16; softcap 0/1), ``"mgvq"`` ``{(d, normalize): bytes}``; both
+    empty without CUDA. A pybind call: read it once, at import (it breaks torch.compile's tracing)."""
+    if _C is None:
+        return {"star": {}, "mgvq": {}}
+    info = _C.cuda_smem()
+    return {
+        "star": {tuple(r[:3]): tuple(r[3:]) for r in info["star"]},
+        "mgvq": {(r[0], bool(r[1])): r[2] for r in info["mgvq"]},
+    }
 
 
 def cpu_isa() -> dict:

@@ -19,6 +19,50 @@ from htc_kernels import _ext
 BACKEND_NAMES = ("auto", "reference", "cpu", "triton", "cuda")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EXT_CUDA = bool(_ext.build_info().get("cuda"))  # read once: pybind calls break torch.compile
+EXT_CUDA_ARCHS = _ext.build_info().get("cuda_archs", "") if EXT_CUDA else ""
+
+
+def parse_cuda_archs(spec: str) -> tuple[tuple[int, int, bool], ...] | None:
+    """TORCH_CUDA_ARCH_LIST entries ("8.0;9.0", "8.6+PTX", "9.0a") -> (major, minor, with PTX);
+    None if an entry is not a number (an arch name: then the launch itself says)."""
+    out = []
+    for item in spec.replace(",", ";").replace(" ", ";").split(";"):
+        if not item:
+            continue
+        ptx = item.endswith("+PTX")
+        major, _, minor = item.removesuffix("+PTX").rstrip("af").partition(".")
+        if not (major.isdigit() and (minor or "0").isdigit()):
+            return None
+        out.append((int(major), int(minor or 0), ptx))
+    return tuple(out)
+
+
+def runs_on(capability: tuple[int, int], archs: tuple[tuple[int, int, bool], ...] | None) -> bool:
+    """Whether code built for ``archs`` runs on a GPU of ``capability``: machine code of its major
+    and a minor no higher (sm_80 runs on sm_86/89, not on sm_90, sm_100 or sm_120), or PTX of an arch
+    no newer (JIT-compiled by the driver)."""
+    if archs is None:
+        return True
+    return any(
+        (a_major == capability[0] and a_minor <= capability[1])
+        or (ptx and (a_major, a_minor) <= tuple(capability))
+        for a_major, a_minor, ptx in archs
+    )
+
+
+_EXT_ARCHS = parse_cuda_archs(EXT_CUDA_ARCHS)
+
+
+def compiled_runs_on(device: torch.device) -> bool:
+    """Whether the loaded extension has kernels for ``device`` (a CUDA device: built with CUDA, for
+    its architecture)."""
+    if not _ext.available():
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda" or not EXT_CUDA:
+        return False
+    return runs_on(torch.cuda.get_device_capability(device), _EXT_ARCHS)
 
 
 def compiled_reasons(t: torch.Tensor, device_type: str) -> list[str]:
@@ -28,6 +72,12 @@ def compiled_reasons(t: torch.Tensor, device_type: str) -> list[str]:
         reasons.append(f"the compiled extension is not loaded ({_ext.LOAD_ERROR})")
     elif device_type == "cuda" and not EXT_CUDA:
         reasons.append("the extension was built without CUDA")
+    elif device_type == "cuda" and t.device.type == "cuda" and not compiled_runs_on(t.device):
+        major, minor = torch.cuda.get_device_capability(t.device)
+        reasons.append(
+            f"the extension's CUDA kernels were built for {EXT_CUDA_ARCHS!r}, which cannot run on compute "
+            f'capability {major}.{minor} (rebuild with TORCH_CUDA_ARCH_LIST="{major}.{minor}")'
+        )
     if t.device.type != device_type:
         where = "the CPU" if device_type == "cpu" else "a CUDA device"
         reasons.append(f"tensors are on {t.device}, not {where}")

@@ -12,6 +12,7 @@ import enum
 import torch
 
 from htc_kernels import _ext
+from htc_kernels.backends import compiled_runs_on
 
 
 class TokenKind(enum.IntEnum):
@@ -320,10 +321,16 @@ def _cache_hit(cached: torch.Tensor | None) -> bool:
 def build_plan(
     kinds, groups, q_len: int, block_q: int, block_k: int, topology_id: int, panel=None
 ) -> torch.Tensor:
-    """The block plan via the compiled op, or the dense mask when the extension is unavailable."""
-    if _ext.available():
-        return torch.ops.htc.star_plan(kinds, groups, q_len, block_q, block_k, topology_id, panel)
-    return _plan_from_mask(kinds, groups, q_len, block_q, block_k, topology_id, panel)
+    """The block plan via the compiled op, or the dense mask when the extension is unavailable. On a
+    GPU the extension has no kernel for (built without CUDA, or for other architectures), the CPU
+    op's plan, moved there: the same tiles (the Triton backend still runs)."""
+    args = (q_len, block_q, block_k, topology_id)
+    if not _ext.available():
+        return _plan_from_mask(kinds, groups, *args, panel)
+    if compiled_runs_on(kinds.device):
+        return torch.ops.htc.star_plan(kinds, groups, *args, panel)
+    cpu_panel = None if panel is None else panel.cpu()
+    return torch.ops.htc.star_plan(kinds.cpu(), groups.cpu(), *args, cpu_panel).to(kinds.device)
 
 
 def _allowed(kinds: torch.Tensor, groups: torch.Tensor, q_len: int, topology_id: int) -> torch.Tensor:

@@ -11,7 +11,14 @@ import math
 import torch
 
 from htc_kernels import _ext
-from htc_kernels.backends import EXT_CUDA, KERNEL_DTYPES, Backend, compiled_reasons, select, triton_reasons
+from htc_kernels.backends import (
+    KERNEL_DTYPES,
+    Backend,
+    compiled_reasons,
+    compiled_runs_on,
+    select,
+    triton_reasons,
+)
 
 _MGVQ_NORM_EPS = 1e-12  # torch.nn.functional.normalize's clamp (MGVQ's l2norm)
 _MGVQ_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -213,13 +220,27 @@ class _CpuMgvq(Backend):
         return torch.ops.htc.mgvq_lookup(z, codebook, normalize)
 
 
+_CUDA_SMEM = _ext.cuda_smem()["mgvq"]  # {(d, normalize): bytes per block}, read once (a pybind call)
+
+
 class _CudaMgvq(_CpuMgvq):
     """The CUDA kernel (csrc/mgvq_lookup/mgvq_lookup_cuda.cu)."""
 
     name = "cuda"
 
     def not_supported_reasons(self, z, codebook, normalize):
-        return compiled_reasons(z, "cuda")
+        reasons = compiled_reasons(z, "cuda")
+        d = codebook.shape[-1]
+        if d > 200:
+            reasons.append(f"d = {d} > 200 (the CUDA kernel's limit)")
+        elif z.device.type == "cuda" and torch.cuda.is_available():
+            need = _CUDA_SMEM.get((d, bool(normalize)))
+            optin = torch.cuda.get_device_properties(z.device).shared_memory_per_block_optin
+            if need is not None and need > optin:
+                reasons.append(
+                    f"d = {d} needs {need} B of shared memory per block, this GPU offers {optin} B"
+                )
+        return reasons
 
 
 class _TritonMgvq(Backend):
@@ -318,11 +339,7 @@ def _mgvq_backward(ctx, grad_codes, grad_indices):
     z, codebook, indices = ctx.saved_tensors
     if grad_codes is None:
         grad_codes = torch.zeros_like(z)
-    use_op = (
-        _ext.available()
-        and (z.device.type == "cpu" or (z.device.type == "cuda" and EXT_CUDA))
-        and z.dtype in KERNEL_DTYPES
-    )
+    use_op = compiled_runs_on(z.device) and z.dtype in KERNEL_DTYPES
     # A double backward (create_graph=True runs this with grad enabled) needs a differentiable
     # backward: the op has no autograd of its own, so the PyTorch one computes it.
     if use_op and not torch.is_grad_enabled():

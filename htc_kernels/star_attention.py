@@ -132,6 +132,10 @@ class _CudaStar(Backend):
                 reasons.append(
                     f"GPU compute capability {major}.{minor} < 8.0 (the kernel needs sm_80+ tensor cores)"
                 )
+            need = _CUDA_SMEM.get((_CUDA_ELT.get(q.dtype), d, int(softcap is not None)))
+            training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            optin = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+            reasons += _smem_reasons(need, training, optin)
         return reasons
 
     def __call__(self, q, k, v, layout, scale, softcap):
@@ -154,6 +158,26 @@ class _CudaStar(Backend):
             panel,
         )
         return out
+
+
+# Shared memory per block of the CUDA kernels (forward, dQ, dK/dV) by (dtype, D, softcap): 99 KB parts
+# (sm_86/89/120) cannot run some (bf16 D=128's dQ needs 105 KB), so the choice is made before the
+# forward, not by a refusal in the middle of a training step's backward. Read once (a pybind call).
+_CUDA_SMEM = _ext.cuda_smem()["star"]
+_CUDA_ELT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _smem_reasons(need: tuple[int, int, int] | None, training: bool, optin: int) -> list[str]:
+    """Why the CUDA kernels of one build (``need``: bytes for forward, dQ, dK/dV) cannot run on a GPU
+    offering ``optin`` bytes per block; the backward's count when inputs require grad."""
+    if need is None:
+        return []
+    kernels = zip(("forward", "dQ", "dK/dV"), need if training else need[:1])
+    over = [f"{name} {size} B" for name, size in kernels if size > optin]
+    if not over:
+        return []
+    used = ", ".join(over)
+    return [f"the CUDA kernels need more shared memory per block ({used}) than this GPU offers ({optin} B)"]
 
 
 _TRITON_STAR = None

@@ -1155,6 +1155,61 @@ def test_cuda_backend_refuses_cpu_tensors_and_says_why():
         hk.star_attention(q, k, v, layout, backend="cuda")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_contiguous_inputs_at_a_misaligned_offset(backend):
+    """Contiguous views at an odd storage offset (``buf[1:].view(...)``): the CUDA glue copied only
+    non-contiguous inputs, so its 16-byte cp.async copies would meet a misaligned base (a fault)."""
+    layout = hk.StarLayout(llava_kinds(2, 3, 1, 2)).to(device_of(backend))  # S = 8
+    shape = (1, 2, 8, 64)
+
+    def shifted():
+        x = torch.randn(1 + math.prod(shape), device=device_of(backend))[1:].view(shape)
+        assert x.is_contiguous() and x.data_ptr() % 16
+        return x
+
+    q, k, v, grad = shifted(), shifted(), shifted(), shifted()
+    for x in (q, k, v):
+        x.requires_grad_()
+    out = hk.star_attention(q, k, v, layout, backend=backend)
+    got = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    r = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = hk.star_attention_reference(*r, layout)
+    want = (ref, *torch.autograd.grad(ref, r, grad.double()))
+    for a, b in zip(got, want):
+        assert rel(a, b) < 1e-4
+
+
+def test_cuda_arch_rule():
+    """Which builds run on which GPU: machine code of the same major and a minor no higher, or PTX of
+    an arch no newer. The default build (8.0;9.0) has no kernel for sm_100/sm_120 or sm_7x."""
+    from htc_kernels.backends import parse_cuda_archs, runs_on
+
+    archs = parse_cuda_archs("8.0;9.0")
+    caps = [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0), (7, 5)]
+    assert [runs_on(c, archs) for c in caps] == [True] * 4 + [False] * 3
+    assert runs_on((12, 0), parse_cuda_archs("8.0;9.0+PTX"))
+    assert not runs_on((8, 9), parse_cuda_archs("9.0+PTX"))
+    assert runs_on((9, 0), parse_cuda_archs("9.0a")) and not runs_on((10, 0), parse_cuda_archs("9.0a"))
+    assert parse_cuda_archs("Ampere") is None and runs_on((12, 0), None)  # unknown: the launch says
+
+
+@pytest.mark.skipif(not _ext.build_info().get("cuda"), reason="the extension was built without CUDA")
+def test_cuda_shared_memory_is_decided_before_the_forward():
+    """GPUs with 99 KB per block (sm_86/89/120) cannot run bf16 D=128's dQ kernel: the backend says so
+    before a forward whose inputs require grad ("auto" then takes Triton), not in the backward."""
+    from htc_kernels.mgvq_lookup import _CUDA_SMEM as MGVQ_SMEM
+    from htc_kernels.star_attention import _CUDA_SMEM, _smem_reasons
+
+    consumer, a100, h100 = 99 * 1024, 163 * 1024, 227 * 1024
+    need = _CUDA_SMEM[(1, 128, 0)]  # bf16, D = 128, no softcap: forward, dQ, dK/dV
+    assert need[0] <= consumer < need[1]
+    assert _smem_reasons(need, training=False, optin=consumer) == []
+    assert "dQ" in _smem_reasons(need, training=True, optin=consumer)[0]
+    assert _smem_reasons(need, training=True, optin=h100) == []
+    assert len(_CUDA_SMEM) == 3 * 5 * 2  # every dtype, head dim and softcap build
+    assert MGVQ_SMEM[(4, True)] <= consumer and MGVQ_SMEM[(150, True)] > a100
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", CUDA_HEAD_DIMS)

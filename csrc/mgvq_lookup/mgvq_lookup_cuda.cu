@@ -6,7 +6,9 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <array>
 #include <tuple>
+#include <vector>
 
 #include "mgvq_lookup/mgvq_checks.h"
 #include "mgvq_lookup/mgvq_lookup_kernel.cuh"
@@ -18,12 +20,26 @@ constexpr int kThreads = 256;
 
 inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
+bool specialised(int64_t d) { return d == 4 || d == 8 || d == 16 || d == 32; }
+
+// Dynamic shared memory of the lookup kernel: a tile of kTileK prepared codes (d floats, + |c|^2 for
+// squared L2) and, for d without a specialised build, each thread's token.
+size_t lookup_smem_bytes(int64_t d, bool normalize) {
+  const int64_t R = normalize ? d : d + 1;
+  return sizeof(float) * static_cast<size_t>(mgvq::kTileK * R + (specialised(d) ? 0 : mgvq::kLookupThreads * d));
+}
+
 template <int D, bool Norm>
 void launch_lookup(const float* z, const float* prep, const float* code_src, int code_stride,
                    int64_t N, int G, int64_t K, int d, const float* gmax, int64_t* idx, float* codes,
                    cudaStream_t stream) {
-  const int R = Norm ? d : d + 1;
-  const size_t smem = sizeof(float) * (size_t(mgvq::kTileK) * R + (D > 0 ? 0 : mgvq::kLookupThreads * d));
+  const size_t smem = lookup_smem_bytes(d, Norm);
+  int dev = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TORCH_CHECK_VALUE(smem <= static_cast<size_t>(optin), "mgvq_lookup (CUDA kernel): d = ", d, " needs ", smem,
+                    " bytes of shared memory per block, this GPU offers ", optin,
+                    "; use backend='triton' or 'reference'");
   auto kernel = mgvq::mgvq_lookup_kernel<D, Norm>;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -56,7 +72,8 @@ std::tuple<at::Tensor, at::Tensor> mgvq_lookup_cuda(const at::Tensor& z, const a
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t G = codebook.size(0), K = codebook.size(1), d = codebook.size(2);
   const int64_t N = z.numel() / (G * d);
-  // The kernel keeps a tile of kTileK codes x (d + 1) floats in shared memory (<= 227 KB).
+  // The kernel keeps a tile of kTileK codes x (d + 1) floats in shared memory (lookup_smem_bytes: what
+  // fits depends on the GPU, checked at launch); d <= 200 bounds the tile's index arithmetic.
   TORCH_CHECK_VALUE(d <= 200, "mgvq_lookup (CUDA kernel): d = ", d, " > 200 not supported");
   const auto zf = z.to(at::kFloat).contiguous();
   const auto cbf = codebook.to(at::kFloat).contiguous();
@@ -104,6 +121,13 @@ std::tuple<at::Tensor, at::Tensor> mgvq_lookup_backward_cuda(const at::Tensor& g
   const auto zf = z.to(at::kFloat).contiguous();
   const auto cbf = codebook.to(at::kFloat).contiguous();
   const auto idx = indices.contiguous();
+  // The kernel adds into the codebook rows the indices name: out of [0, K) would write out of bounds
+  // (the CPU op checks the same; autograd passes the forward's indices, a raw op call anything).
+  if (idx.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(idx);
+    TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < K,
+                      "mgvq_lookup_backward: indices out of range [0, ", K, ")");
+  }
   auto grad_z = at::empty(z.sizes(), zf.options());
   auto acc = at::zeros({G, K, d}, cbf.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -124,6 +148,16 @@ std::tuple<at::Tensor, at::Tensor> mgvq_lookup_backward_cuda(const at::Tensor& g
 }
 
 }  // namespace
+
+// The lookup kernel's shared memory per block for d = 1..200, cosine then squared L2 ({d, normalize,
+// bytes}), for the backend selection (htc_kernels/mgvq_lookup.py, _CudaMgvq).
+std::vector<std::array<int64_t, 3>> mgvq_cuda_smem_table() {
+  std::vector<std::array<int64_t, 3>> rows;
+  for (int64_t d = 1; d <= 200; ++d)
+    for (const bool normalize : {true, false})
+      rows.push_back({d, normalize, static_cast<int64_t>(lookup_smem_bytes(d, normalize))});
+  return rows;
+}
 
 TORCH_LIBRARY_IMPL(htc, CUDA, m) {
   m.impl("mgvq_lookup", &mgvq_lookup_cuda);

@@ -13,12 +13,14 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <array>
 #include <cstdlib>
 #include <limits>
 #include <mutex>
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "star_attention/star_attention_kernel.cuh"
 #include "star_attention/star_checks.h"
@@ -94,7 +96,13 @@ bool vector_readable(const at::Tensor& t) {
     if (t.size(d) > 1 && (t.stride(d) * t.element_size()) % 16 != 0) return false;
   return true;
 }
-at::Tensor readable(const at::Tensor& t) { return vector_readable(t) ? t : t.contiguous(); }
+at::Tensor readable(const at::Tensor& t) {
+  if (vector_readable(t)) return t;
+  at::Tensor c = t.contiguous();
+  // contiguous() returns t itself when t is contiguous at a misaligned base (a view at an odd storage
+  // offset, e.g. x[1:].view(...)): a fresh allocation is aligned (the caching allocator's 512 B).
+  return vector_readable(c) ? c : t.clone(at::MemoryFormat::Contiguous);
+}
 
 Elt elt_of(at::ScalarType s) {
   switch (s) {
@@ -344,6 +352,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> star_attention_backward_cuda(
 }
 
 }  // namespace
+
+// Shared memory per block of the default builds, for the backend selection (htc_kernels/star_attention.py,
+// _CudaStar): one row {dtype (Elt: 0 fp32, 1 bf16, 2 fp16), head dim, softcap (0/1), forward, dQ, dK/dV}
+// per build. Parts with 99 KB per block (sm_86/89/120) cannot run some of them (e.g. bf16 D=128 dQ).
+std::vector<std::array<int64_t, 6>> star_cuda_smem_table() {
+  std::vector<std::array<int64_t, 6>> rows;
+  for (const auto s : {at::kFloat, at::kBFloat16, at::kHalf})
+    for (const int64_t d : {64, 80, 96, 128, 256})
+      for (const double cap : {0.0, 1.0})
+        dispatch(s, d, cap, [&](auto elt_c, auto dim_c, auto cap_c) {
+          constexpr Elt E = decltype(elt_c)::value;
+          constexpr int Dim = decltype(dim_c)::value;
+          constexpr bool kCap = decltype(cap_c)::value;
+          rows.push_back({static_cast<int64_t>(E), Dim, kCap, star_cuda::FwdCfg<E, Dim, kCap>::kSmemBytes,
+                          star_cuda::DqCfg<E, Dim, kCap>::kSmemBytes, star_cuda::DkvCfg<E, Dim, kCap>::kSmemBytes});
+        });
+  return rows;
+}
 
 TORCH_LIBRARY_IMPL(htc, CUDA, m) {
   m.impl("star_attention", &star_attention_cuda);
