@@ -65,6 +65,12 @@ def compiled_runs_on(device: torch.device) -> bool:
     return runs_on(torch.cuda.get_device_capability(device), _EXT_ARCHS)
 
 
+def smem_optin(device: torch.device) -> int | None:
+    """A CUDA device's shared memory per block with opt-in; None where this torch does not report it
+    (then the kernels' launch checks it: a clear error, but after the backend was chosen)."""
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+
+
 def compiled_reasons(t: torch.Tensor, device_type: str) -> list[str]:
     """Why the compiled (C++/CUDA) kernel for `device_type` cannot take tensor `t` ([] if it can)."""
     reasons = []

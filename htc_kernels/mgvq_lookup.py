@@ -17,6 +17,7 @@ from htc_kernels.backends import (
     compiled_reasons,
     compiled_runs_on,
     select,
+    smem_optin,
     triton_reasons,
 )
 
@@ -230,13 +231,15 @@ class _CudaMgvq(_CpuMgvq):
 
     def not_supported_reasons(self, z, codebook, normalize):
         reasons = compiled_reasons(z, "cuda")
-        d = codebook.shape[-1]
+        g, _, d = codebook.shape
+        if g > 65535:
+            reasons.append(f"G = {g} groups > 65535 (the CUDA kernel's grid)")
         if d > 200:
             reasons.append(f"d = {d} > 200 (the CUDA kernel's limit)")
         elif z.device.type == "cuda" and torch.cuda.is_available():
             need = _CUDA_SMEM.get((d, bool(normalize)))
-            optin = torch.cuda.get_device_properties(z.device).shared_memory_per_block_optin
-            if need is not None and need > optin:
+            optin = smem_optin(z.device)
+            if need is not None and optin is not None and need > optin:
                 reasons.append(
                     f"d = {d} needs {need} B of shared memory per block, this GPU offers {optin} B"
                 )
@@ -254,6 +257,8 @@ class _TritonMgvq(Backend):
             reasons.append(f"the Triton kernel failed to register ({_TRITON_MGVQ_ERROR})")
         if z.dtype not in KERNEL_DTYPES:
             reasons.append(f"dtype {z.dtype} not supported (float32, bfloat16, float16)")
+        if z.device.type == "cuda" and codebook.shape[0] > 65535:
+            reasons.append(f"G = {codebook.shape[0]} groups > 65535 (the kernel's grid)")
         return reasons
 
     def __call__(self, z, codebook, normalize):

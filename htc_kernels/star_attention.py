@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from htc_kernels import _ext
-from htc_kernels.backends import KERNEL_DTYPES, Backend, compiled_reasons, select, triton_reasons
+from htc_kernels.backends import KERNEL_DTYPES, Backend, compiled_reasons, select, smem_optin, triton_reasons
 from htc_kernels.layout import StarLayout, _cache_hit
 from htc_kernels.reference import check_scale, check_softcap, check_star_inputs, star_attention_reference
 
@@ -134,8 +134,7 @@ class _CudaStar(Backend):
                 )
             need = _CUDA_SMEM.get((_CUDA_ELT.get(q.dtype), d, int(softcap is not None)))
             training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-            optin = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
-            reasons += _smem_reasons(need, training, optin)
+            reasons += _smem_reasons(need, training, smem_optin(q.device))
         return reasons
 
     def __call__(self, q, k, v, layout, scale, softcap):
@@ -167,10 +166,10 @@ _CUDA_SMEM = _ext.cuda_smem()["star"]
 _CUDA_ELT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def _smem_reasons(need: tuple[int, int, int] | None, training: bool, optin: int) -> list[str]:
+def _smem_reasons(need: tuple[int, int, int] | None, training: bool, optin: int | None) -> list[str]:
     """Why the CUDA kernels of one build (``need``: bytes for forward, dQ, dK/dV) cannot run on a GPU
     offering ``optin`` bytes per block; the backward's count when inputs require grad."""
-    if need is None:
+    if need is None or optin is None:
         return []
     kernels = zip(("forward", "dQ", "dK/dV"), need if training else need[:1])
     over = [f"{name} {size} B" for name, size in kernels if size > optin]

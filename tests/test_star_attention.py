@@ -1206,6 +1206,7 @@ def test_cuda_shared_memory_is_decided_before_the_forward():
     assert _smem_reasons(need, training=False, optin=consumer) == []
     assert "dQ" in _smem_reasons(need, training=True, optin=consumer)[0]
     assert _smem_reasons(need, training=True, optin=h100) == []
+    assert _smem_reasons(need, training=True, optin=None) == []  # a torch that does not report it
     assert len(_CUDA_SMEM) == 3 * 5 * 2  # every dtype, head dim and softcap build
     assert MGVQ_SMEM[(4, True)] <= consumer and MGVQ_SMEM[(150, True)] > a100
 

@@ -75,6 +75,7 @@ std::tuple<at::Tensor, at::Tensor> mgvq_lookup_cuda(const at::Tensor& z, const a
   // The kernel keeps a tile of kTileK codes x (d + 1) floats in shared memory (lookup_smem_bytes: what
   // fits depends on the GPU, checked at launch); d <= 200 bounds the tile's index arithmetic.
   TORCH_CHECK_VALUE(d <= 200, "mgvq_lookup (CUDA kernel): d = ", d, " > 200 not supported");
+  TORCH_CHECK_VALUE(G <= 65535, "mgvq_lookup (CUDA kernel): G = ", G, " groups > 65535 (a grid dimension)");
   const auto zf = z.to(at::kFloat).contiguous();
   const auto cbf = codebook.to(at::kFloat).contiguous();
   const int R = normalize ? int(d) : int(d) + 1;
