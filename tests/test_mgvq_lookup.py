@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import htc_kernels as hk
 from htc_kernels import _ext
 from htc_kernels.backends import triton_reasons
-from tests.children import interpreter_child, run_interpreted
+from tests.children import interpreter_child, run_interpreted, run_python
 
 try:
     import triton  # noqa: F401
@@ -497,3 +497,29 @@ def test_forward_mode_ad_takes_the_reference_or_is_refused():
     assert float(want.norm()) > 0 and torch.allclose(got, want)
     with pytest.raises(ValueError, match="forward-mode AD"):
         torch.func.jvp(lambda z: hk.mgvq_lookup(z, cb, backend="cpu")[0], (z,), (t,))
+
+
+def test_triton_kernel_compiles_for_sm80_and_sm90():
+    """The interpreter runs the kernel without type-checking it; a GPU compiles it. Cosine mode failed
+    to compile on every Triton (a name bound before the tile loop and rebound inside it with another
+    shape is a loop-carried variable): the GPU's cosine lookups on backend="triton" would fail."""
+    pytest.importorskip("triton")
+    code = (
+        "import triton\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton.compiler import ASTSource\n"
+        "from htc_kernels.triton import mgvq_lookup as tm\n"
+        "sig = dict(z_ptr='*bf16', cb_ptr='*fp32', cbsq_ptr='*fp32', gscale_ptr='*fp32', src_ptr='*fp32',\n"
+        "           codes_ptr='*fp32', idx_ptr='*i64', N='i32', G='i32', K='i32', D='i32', limit='fp32')\n"
+        "for normalize in (True, False):\n"
+        "    for d in (4, 5):\n"
+        "        block_n, block_k, block_d = tm.tile_sizes(d)\n"
+        "        consts = dict(NORMALIZE=normalize, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d)\n"
+        "        full = {**sig, **{k: 'constexpr' for k in consts}}\n"
+        "        for arch in (80, 90):\n"
+        "            src = ASTSource(fn=tm._mgvq_lookup_kernel, signature=full, constexprs=consts)\n"
+        "            triton.compile(src, target=GPUTarget('cuda', arch, 32))\n"
+        "print('ok')\n"
+    )
+    out = run_python(code, TRITON_INTERPRET="0")
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -61,11 +61,13 @@ def _mgvq_lookup_kernel(
     z_off = (offs_n[:, None] * G + g) * D + offs_d[None, :]
     z = tl.load(z_ptr + z_off, mask=nd_mask, other=0.0).to(tl.float32)
     if NORMALIZE:
-        # |z| = |s z| / s without overflow (s: power of two); v / max(|v|, eps) as F.normalize.
-        s = _pow2_scale(tl.max(tl.abs(z), axis=1))
-        zs = z * s[:, None]
+        # |z| = |sc z| / sc without overflow (sc: power of two); v / max(|v|, eps) as F.normalize.
+        # Not named s: the tile loop's scores are s, and a name bound before a loop is loop-carried
+        # (its shape may not change inside: the compiler refuses, the interpreter does not check).
+        sc = _pow2_scale(tl.max(tl.abs(z), axis=1))
+        zs = z * sc[:, None]
         n_s = tl.sqrt(tl.sum(zs * zs, axis=1))
-        clamped = ~(n_s > 1e-12 * s)
+        clamped = ~(n_s > 1e-12 * sc)
         # (z_j s) / (s |z|): one rounding per element, as the reference's _unit (z_j * (s / n_s)
         # would round twice)
         z = tl.where(clamped[:, None], z / 1e-12, zs / tl.where(clamped, 1.0, n_s)[:, None])
