@@ -232,6 +232,11 @@ BAD = {
     "voco_is_an_image_id": ([5, IMG, END], dict(PIXTRAL, image_break_token_id=VOCO), "overlaps"),
     "last_tile_without_end": ([5, IMG], dict(image_token_id=IMG, image_last_tile_token_id=GLOBAL), "needs"),
     "role_overlaps_image": ([5, IMG], dict(image_token_id=IMG, image_end_token_id=IMG), "overlaps"),
+    # an image cut at its start: its placeholders were taken for an image
+    "qwen_image_without_start": ([5, IMG, IMG, STOP, VOCO, 6], QWEN2_VL, "outside any image: images open"),
+    # ids that int() would coerce: "63" was the ids 6 and 3, 63.7 was 63
+    "string_id": ([5, 6, 3, IMG], dict(image_token_id=str(IMG)), "got the string"),
+    "float_id": ([5, IMG], dict(image_token_id=[IMG + 0.7]), "integer token ids"),
 }
 
 
@@ -240,6 +245,39 @@ def test_inconsistent_input_is_a_value_error(case):
     ids, tokens, match = BAD[case]
     with pytest.raises(ValueError, match=match):
         hk.hf.kinds_from_input_ids(torch.tensor(ids), voco_token_id=VOCO, **tokens)
+
+
+def test_attention_mask_values_and_insert_refusals():
+    """An additive mask (0 / -inf) read as keep/drop swapped padding and tokens; <voco> inserted twice
+    doubled silently; a tokenizer without a pad token gave a raw TypeError."""
+    ids = torch.tensor([[5, IMG, IMG, VOCO, 6]])
+    additive = torch.tensor([[float("-inf"), 0.0, 0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="attention_mask must hold 0 .padding. and 1"):
+        hk.hf.kinds_from_input_ids(ids, image_token_id=IMG, voco_token_id=VOCO, attention_mask=additive)
+    with pytest.raises(ValueError, match="already holds voco_token_id"):
+        hk.hf.insert_voco_tokens(ids, image_token_id=IMG, voco_token_id=VOCO)
+    with pytest.raises(ValueError, match="pad_token_id is None"):
+        hk.hf.insert_voco_tokens(ids[:, :3], image_token_id=IMG, voco_token_id=VOCO, pad_token_id=None)
+    empty, mask = hk.hf.insert_voco_tokens(
+        torch.zeros(0, 3, dtype=torch.long), image_token_id=IMG, voco_token_id=VOCO
+    )
+    assert empty.shape[0] == mask.shape[0] == 0
+
+
+def test_image_tokens_from_a_real_llava_processor():
+    """transformers 5's LlavaProcessor has no image_seq_length (it counts each image's placeholders from
+    the crop size): the preset read it and crashed."""
+    pytest.importorskip("PIL")
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    proc = LlavaProcessor(
+        image_processor=CLIPImageProcessor(),  # crop 224
+        tokenizer=_tokenizer(["<image>"]),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    assert image_tokens(proc) == {"image_token_id": 1, "image_seq_length": (224 // 14) ** 2}
 
 
 def test_num_voco_counts_per_image():

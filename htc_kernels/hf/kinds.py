@@ -43,6 +43,7 @@ each image is one contiguous VISUAL span, followed by its ``<voco>`` tokens.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -52,13 +53,29 @@ from htc_kernels.layout import _PAD, _TEXT, _VISUAL, _VOCO, StarLayout, _default
 _ROLES = ("image_start_token_id", "image_break_token_id", "image_end_token_id", "image_last_tile_token_id")
 
 
+def _as_id(i, name: str, fn: str) -> int:
+    """One token id; ValueError for anything int() would coerce (63.7, True, a float tensor)."""
+    integral = isinstance(i, numbers.Integral) and not isinstance(i, bool)
+    if isinstance(i, torch.Tensor):
+        integral = i.dim() == 0 and not (
+            i.dtype.is_floating_point or i.dtype.is_complex or i.dtype == torch.bool
+        )
+    if not integral:
+        raise ValueError(f"{fn}: {name} must hold integer token ids, got {i!r}")
+    return int(i)
+
+
 def _as_id_list(ids, name: str, fn: str = "kinds_from_input_ids") -> list[int]:
     if ids is None:
         return []
-    if isinstance(ids, int) or (isinstance(ids, torch.Tensor) and ids.dim() == 0):
-        return [int(ids)]
+    if isinstance(ids, (str, bytes)):  # a Sequence, of characters: "63" would be the ids 6 and 3
+        raise ValueError(
+            f"{fn}: {name} must be token ids, got the string {ids!r} (tokenizer.convert_tokens_to_ids)"
+        )
+    if isinstance(ids, numbers.Number) or (isinstance(ids, torch.Tensor) and ids.dim() == 0):
+        return [_as_id(ids, name, fn)]
     if isinstance(ids, (Sequence, torch.Tensor)):
-        out = [int(i) for i in ids]
+        out = [_as_id(i, name, fn) for i in ids]
         if not out:
             raise ValueError(f"{fn}: {name} is empty")
         return out
@@ -120,6 +137,11 @@ class _ImageGrammar:
                 self._close_without_end(spans, open_at, i - 1, seen_content, where)
                 open_at = None
             if open_at is None:
+                if t in self.image and self.start:
+                    raise ValueError(
+                        f"{self.fn}: image token {t} at {where(i)} is outside any image: images open with "
+                        f"{sorted(self.start)} (an image cut at its start?)"
+                    )
                 if t in self.image or t in self.start:
                     open_at, seen_content, seen_last, content_after_last = i, t in self.image, False, False
                 elif t in self.end or t in self.inside_only:
@@ -212,6 +234,9 @@ def _batch(input_ids, attention_mask, fn: str) -> tuple[torch.Tensor, torch.Tens
             f"{fn}: attention_mask {tuple(attention_mask.shape)} must have the shape of "
             f"input_ids {tuple(input_ids.shape)}"
         )
+    if not bool(((mask == 0) | (mask == 1)).all()):  # an additive mask (0 / -inf) would read backwards
+        bad = sorted({float(x) for x in mask.unique()} - {0.0, 1.0})[:4]
+        raise ValueError(f"{fn}: attention_mask must hold 0 (padding) and 1 (token), got {bad}")
     return ids, mask
 
 
@@ -387,8 +412,11 @@ def insert_voco_tokens(
     fn = "insert_voco_tokens"
     if padding_side not in ("left", "right"):
         raise ValueError(f"{fn}: padding_side must be 'left' or 'right', got {padding_side!r}")
-    if not isinstance(num_voco, int) or num_voco < 1:
+    if not isinstance(num_voco, int) or isinstance(num_voco, bool) or num_voco < 1:
         raise ValueError(f"{fn}: num_voco must be an int >= 1, got {num_voco!r}")
+    if pad_token_id is None:
+        raise ValueError(f"{fn}: pad_token_id is None (a tokenizer without a pad token?); pass an id")
+    pad_token_id = _as_id(pad_token_id, "pad_token_id", fn)
     ids, mask = _batch(input_ids, attention_mask, fn)
     grammar = _ImageGrammar(
         fn,
@@ -408,6 +436,11 @@ def insert_voco_tokens(
         raise ValueError(f"{fn}: voco_token_id {voco_token_id} is one of the image token ids")
     rows = []
     for b, (toks, pos) in enumerate(_rows(ids, mask)):
+        if voco_token_id in toks:  # inserting again would double the image's <voco> tokens
+            raise ValueError(
+                f"{fn}: sample {b} already holds voco_token_id {voco_token_id} at position "
+                f"{pos[toks.index(voco_token_id)]}; insert <voco> tokens once"
+            )
         ends = {last for _, last in grammar.spans(toks, pos, b)}
         out = []
         for i, t in enumerate(toks):
@@ -415,7 +448,7 @@ def insert_voco_tokens(
             if i in ends:
                 out.extend([voco_token_id] * num_voco)
         rows.append(out)
-    length = max(len(r) for r in rows)
+    length = max((len(r) for r in rows), default=0)
     new_ids = torch.full((len(rows), length), pad_token_id, dtype=ids.dtype, device=ids.device)
     new_mask = torch.zeros((len(rows), length), dtype=mask.dtype, device=ids.device)
     for b, r in enumerate(rows):
@@ -494,10 +527,16 @@ def _from_processor(processor, tokenizer) -> dict[str, int | list[int]]:
         return int(i)
 
     if name == "LlavaProcessor":
-        return {
-            "image_token_id": int(processor.image_token_id),
-            "image_seq_length": int(processor.image_seq_length),
-        }
+        length = getattr(processor, "image_seq_length", None)
+        if length is None and getattr(processor, "patch_size", None):
+            # transformers 5 counts each image's placeholders from the crop size (fixed for LLaVA)
+            length = processor._get_num_multimodal_tokens(image_sizes=[[1, 1]]).num_image_tokens[0]
+        if length is None:
+            raise ValueError(
+                "image_tokens: this LlavaProcessor has neither image_seq_length nor patch_size; pass "
+                "image_token_id and image_seq_length (placeholders per image) yourself"
+            )
+        return {"image_token_id": int(processor.image_token_id), "image_seq_length": int(length)}
     if name == "LlavaNextProcessor":  # per-image counts vary (anyres): images must not touch
         return {"image_token_id": int(processor.image_token_id)}
     if name in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor"):
