@@ -11,7 +11,7 @@ def info() -> dict:
     import torch
 
     from htc_kernels import _ext
-    from htc_kernels.backends import triton_reasons
+    from htc_kernels.backends import compiled_runs_on, smem_optin, triton_reasons
 
     try:
         import triton
@@ -22,14 +22,18 @@ def info() -> dict:
     build = _ext.build_info()
     isa = _ext.cpu_isa()
     cuda_ok = torch.cuda.is_available()
+    cuda = "no: " + ("no CUDA device" if build.get("cuda") else "extension built without CUDA")
+    if build.get("cuda") and cuda_ok:
+        dev = torch.device("cuda", 0)
+        major, minor = torch.cuda.get_device_capability(dev)
+        if not compiled_runs_on(dev):
+            cuda = f"no: built for {build.get('cuda_archs')!r}, this GPU is {major}.{minor}"
+        else:
+            cuda = "yes" + cuda_smem_limits(_ext.cuda_smem()["star"], smem_optin(dev))
     backends = {
         "reference": "yes",
         "cpu": "yes" if _ext.available() else f"no: {_ext.LOAD_ERROR}",
-        "cuda": (
-            "yes"
-            if (build.get("cuda") and cuda_ok)
-            else "no: " + ("no CUDA device" if build.get("cuda") else "extension built without CUDA")
-        ),
+        "cuda": cuda,
         "triton": "; ".join(triton_reasons(torch.device("cuda" if cuda_ok else "cpu"))) or "yes",
     }
     if backends["triton"] != "yes":
@@ -58,6 +62,28 @@ def info() -> dict:
         "threads": torch.get_num_threads(),
         "backends": backends,
     }
+
+
+def cuda_smem_limits(table: dict, optin: int | None) -> str:
+    """What a GPU offering ``optin`` bytes of shared memory per block cannot run of the CUDA star
+    kernels (``table``: ``_ext.cuda_smem()["star"]``), as a suffix for the backends line ("" if all)."""
+    if optin is None:
+        return ""
+    names = {0: "fp32", 1: "bf16", 2: "fp16"}
+    fwd, bwd = set(), set()
+    for (elt, d, _cap), (f, dq, dkdv) in table.items():
+        if f > optin:
+            fwd.add(f"{names[elt]} D={d}")
+        elif max(dq, dkdv) > optin:
+            bwd.add(f"{names[elt]} D={d}")
+    parts = [f"{', '.join(sorted(fwd))} (forward)"] * bool(fwd) + [
+        f"{', '.join(sorted(bwd))} (backward)"
+    ] * bool(bwd)
+    return (
+        f", except {'; '.join(parts)}: {optin} B of shared memory per block (Triton runs those)"
+        if parts
+        else ""
+    )
 
 
 def _main(argv: list[str]) -> None:

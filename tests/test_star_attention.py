@@ -1209,6 +1209,11 @@ def test_cuda_shared_memory_is_decided_before_the_forward():
     assert _smem_reasons(need, training=True, optin=None) == []  # a torch that does not report it
     assert len(_CUDA_SMEM) == 3 * 5 * 2  # every dtype, head dim and softcap build
     assert MGVQ_SMEM[(4, True)] <= consumer and MGVQ_SMEM[(150, True)] > a100
+    from htc_kernels._info import cuda_smem_limits  # what `python -m htc_kernels.info` says there
+
+    said = cuda_smem_limits(_CUDA_SMEM, consumer)
+    assert "bf16 D=256" in said.split("(forward)")[0] and "bf16 D=128" in said.split("(forward)")[1]
+    assert cuda_smem_limits(_CUDA_SMEM, a100) == cuda_smem_limits(_CUDA_SMEM, None) == ""
 
 
 @needs_gpu
