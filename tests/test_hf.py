@@ -717,6 +717,35 @@ def test_generate_without_cache_matches_dense():
         model(torch.cat([ids, ids[:, :1]], 1), htc_kinds=kinds)
 
 
+def test_cache_refuses_what_it_cannot_compute_exactly():
+    """(1) An image's <voco> tokens split by text: with the kinds seen so far a chunk ended the image's
+    <voco> run and dropped it, and the later <voco> ran as TEXT (7e-2 rel. error): refused. A single
+    prefill is exact. (2) A forward without htc_kinds on a cache still holding VISUAL keys attended
+    them as text (2e-1): refused. (3) Another batch size, and cropping a StarStaticCache: clear errors."""
+    model = _llama()
+    model.set_attn_implementation("htc_star")
+    kinds = torch.tensor([[T, V, V, V, C, T, T, C, T, T]])  # the second C is the image's (groups 0)
+    ids, mask = torch.randint(2, VOCAB, kinds.shape), torch.ones_like(kinds)
+    with torch.no_grad():
+        ref = _dense_logits(model, ids, mask, kinds)
+        model.set_attn_implementation("htc_star")
+        one = model(ids, attention_mask=mask, htc_kinds=kinds, past_key_values=hk.hf.StarCache()).logits
+        assert _rel(one, ref) <= 1e-4
+        cache = hk.hf.StarCache()
+        model(ids[:, :7], attention_mask=mask[:, :7], htc_kinds=kinds[:, :7], past_key_values=cache)
+        with pytest.raises(ValueError, match="<voco> token at position 7 .* already dropped"):
+            model(ids[:, 7:], attention_mask=mask, htc_kinds=kinds, past_key_values=cache)
+        cache = hk.hf.StarCache()  # (2): the prompt ends with <voco>: the image stays until the next token
+        model(ids[:, :5], attention_mask=mask[:, :5], htc_kinds=kinds[:, :5], past_key_values=cache)
+        with pytest.raises(ValueError, match="still holds image .VISUAL. keys"):
+            model(ids[:, 5:6], attention_mask=mask[:, :6], past_key_values=cache)
+        with pytest.raises(ValueError, match="holds a batch of 1 but the forward has 2 rows"):
+            model(ids[:, 5:6].expand(2, -1), htc_kinds=kinds[:, :6].expand(2, -1), past_key_values=cache)
+    static = hk.hf.StarStaticCache(config=model.config, max_cache_len=16)
+    with pytest.raises(NotImplementedError, match="cropping"):
+        static.crop(2)
+
+
 @pytest.mark.parametrize("how", ["enable", "compact_cache"])
 @pytest.mark.parametrize("cut", [4, 5])  # inside the image; inside its <voco> run
 def test_chunked_prefill_keeps_images_until_their_voco(how, cut):

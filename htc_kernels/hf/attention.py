@@ -166,6 +166,12 @@ def _context(query, key, padding, kinds, groups, topology, step, softcap) -> _Fo
             raise ValueError(f"htc_star: htc_kinds must be a torch.Tensor, got {type(kinds).__name__}")
         _check_kinds_length(kinds.shape[-1], p_before, length, step is not None or p_before > 0)
     s0 = 0 if kinds is None else kinds.shape[-1]
+    if kinds is None and step is not None and not step.layer.visual_free:
+        raise ValueError(
+            "htc_star: this cache still holds image (VISUAL) keys, which a forward without htc_kinds "
+            "would attend as text; pass the htc_kinds of the whole sequence so far (or use "
+            "StarCache(kinds=...), which carries them)"
+        )
     visual_free = kinds is None or (step is not None and step.layer.visual_free)
     if softcap is None and p_before >= s0 and visual_free and padding is not None:
         k = None if kinds is None else (kinds[None] if kinds.dim() == 1 else kinds)
@@ -199,9 +205,21 @@ def _context(query, key, padding, kinds, groups, topology, step, softcap) -> _Fo
         k = torch.where(filler, torch.full_like(safe, _PAD), full.kinds.long().gather(1, safe))
         g = torch.where(filler, torch.full_like(safe, -1), full.groups.long().gather(1, safe))
         # Compaction dropped the images of processed <voco> tokens. Without its image's VISUAL keys a
-        # VOCO token attends exactly what a TEXT token does, as query and as key (DESIGN.md §2), and
-        # StarLayout rejects a VOCO token without its image, so those become TEXT.
-        k = torch.where(orphan_voco(k, g), torch.full_like(k, _TEXT), k)
+        # VOCO key attends exactly what a TEXT key does (DESIGN.md §2), and StarLayout rejects a VOCO
+        # token without its image, so those become TEXT. Not a VOCO *query* of this forward: its image
+        # was dropped after an earlier chunk or turn whose kinds ended the image's <voco> run (a group's
+        # <voco> tokens split by text), and as TEXT it would not see the image it compresses.
+        orphan = orphan_voco(k, g)
+        late = orphan & (slots >= p_before)
+        if bool(late.any()):
+            row, col = (int(x) for x in late.nonzero()[0])
+            raise ValueError(
+                f"htc_star: the <voco> token at position {int(slots[row, col])} of sample {row} compresses "
+                "an image whose visual keys this cache already dropped (its <voco> tokens are not one run "
+                "after it, and an earlier chunk or turn ended them); pass the whole prompt's htc_kinds at "
+                "every chunk, or keep an image's <voco> tokens together"
+            )
+        k = torch.where(orphan, torch.full_like(k, _TEXT), k)
         layout = StarLayout(k, g.to(torch.int32), topology)
     compaction = None
     if step is not None:

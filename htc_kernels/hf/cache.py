@@ -182,18 +182,28 @@ def _take_step(key: torch.Tensor, module) -> _StarStep | None:
     return step
 
 
+def _check_batch(layer, key_states) -> None:
+    """A cache filled for one batch size, then fed another (reset() first): a clear error, not torch's."""
+    if layer.is_initialized and layer.keys.numel() and key_states.shape[0] != layer.keys.shape[0]:
+        raise ValueError(
+            f"StarCache: this cache holds a batch of {layer.keys.shape[0]} but the forward has "
+            f"{key_states.shape[0]} rows; reset() it (or use a new cache) for another batch"
+        )
+
+
 class StarLayer(DynamicLayer):
     """A ``DynamicLayer`` that can drop slots. ``get_seq_length()`` is the number of tokens seen
     (absolute), ``stored_length`` the number of slots held; ``slots`` (``[B, stored_length]`` int64,
     -1 = filler) maps slots to absolute positions once anything was dropped (``None`` before).
-    ``visual_free``: known to hold no VISUAL key (set by compaction; ``False`` = unknown)."""
+    ``visual_free``: holds no VISUAL key (empty, or so compaction found; VISUAL keys enter only
+    through a forward with kinds, which compacts)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.cumulative_length = 0
         self._slots: torch.Tensor | None = None
         self._tail = 0  # slots appended after _slots: the positions just before cumulative_length
-        self.visual_free = False
+        self.visual_free = True
         self.filler_free = True  # no filler slot (appended tokens never are)
 
     @property
@@ -212,6 +222,7 @@ class StarLayer(DynamicLayer):
         self._slots, self._tail = value, 0
 
     def update(self, key_states, value_states, *args, **kwargs):
+        _check_batch(self, key_states)
         keys, values = super().update(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
         if self._slots is not None:
@@ -256,7 +267,7 @@ class StarLayer(DynamicLayer):
         super().reset()
         self.cumulative_length = 0
         self.slots = None
-        self.visual_free = False
+        self.visual_free = True
         self.filler_free = True
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -461,7 +472,7 @@ class StarStaticLayer(StaticLayer):
         self.write_pos = 0
         self.seen = 0
         self.slots: torch.Tensor | None = None
-        self.visual_free = False
+        self.visual_free = True
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -470,6 +481,7 @@ class StarStaticLayer(StaticLayer):
         )
 
     def update(self, key_states, value_states, *args, **kwargs):
+        _check_batch(self, key_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
@@ -508,12 +520,18 @@ class StarStaticLayer(StaticLayer):
         self.slots[:, n:] = -1
         self.write_pos = n
 
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "StarStaticCache: cropping (assisted or prompt-lookup decoding) is not supported; use a "
+            "StarCache, which crops until it compacts"
+        )
+
     def reset(self) -> None:
         super().reset()
         self.write_pos = self.seen = 0
         if self.slots is not None:
             self.slots.fill_(-1)
-        self.visual_free = False
+        self.visual_free = True
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
