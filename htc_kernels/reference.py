@@ -64,7 +64,7 @@ def check_star_inputs(q, k, v, layout) -> None:
         raise ValueError(
             f"star_attention: layout on {layout.device} but q on {q.device}; use layout.to(q.device)"
         )
-    layout.check_unmodified()  # every call: backends may reuse plans cached from the old values
+    layout.check_unmodified()  # every call: an edited layout.kinds would otherwise change nothing, silently
 
 
 def star_attention_reference(

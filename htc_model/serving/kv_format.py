@@ -393,24 +393,38 @@ def weights_fingerprint(lm) -> str:
 
     tensors = sorted(lm.state_dict(keep_vars=True).items())
     with torch.no_grad():
-        key = tuple((name, t.data_ptr(), t._version, _sample_bytes(t, 16)) for name, t in tensors)
+        probes = _sample_bytes([t for _, t in tensors], 16)
+    key = tuple((name, t.data_ptr(), t._version, pr) for (name, t), pr in zip(tensors, probes))
     cached = getattr(lm, "_htc_weights_fingerprint", None)
     if cached is not None and cached[0] == key:
         return cached[1]
     digest = hashlib.sha256()
     with torch.no_grad():
-        for name, t in tensors:
-            digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-            digest.update(_sample_bytes(t, _SAMPLE))
+        samples = _sample_bytes([t for _, t in tensors], _SAMPLE)
+    for (name, t), sample in zip(tensors, samples):
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(sample)
     value = digest.hexdigest()[:16]
     lm._htc_weights_fingerprint = (key, value)
     return value
 
 
-def _sample_bytes(t, count: int) -> bytes:
-    """The bytes of an evenly strided sample of at most ``count`` elements of ``t`` (on the host)."""
+def _sample_bytes(tensors, count: int) -> list[bytes]:
+    """Per tensor, the bytes of an evenly strided sample of at most ``count`` of its elements, copied
+    to the host in one transfer per device (not one per tensor: a decoder has hundreds, and the probe
+    runs on every generate(compressed=...))."""
     import torch
 
-    flat = t.detach().reshape(-1)
-    sample = flat[:: max(1, flat.numel() // count)].to("cpu").contiguous()
-    return sample.view(torch.uint8).numpy().tobytes()
+    samples = []
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        samples.append(flat[:: max(1, flat.numel() // count)].contiguous().view(torch.uint8))
+    out: list[bytes] = [b""] * len(samples)
+    for device in {s.device for s in samples}:
+        index = [i for i, s in enumerate(samples) if s.device == device]
+        host = torch.cat([samples[i] for i in index]).cpu().numpy().tobytes()
+        start = 0
+        for i in index:
+            out[i] = host[start : start + samples[i].numel()]
+            start += samples[i].numel()
+    return out
